@@ -1,0 +1,117 @@
+"""Follower lists for fan-out, cached per worker and invalidated across workers.
+
+Every change to a user's followers bumps ``gv:{user}`` in Redis (see ``fanout.processor``). Before
+using cached lists for a batch, the worker reads the current versions of all the batch's actors in
+one round trip and reloads the lists whose version moved, so a follow applied by another worker is
+seen by the next batch. Lists are read from Cassandra in pages; cached lists are tuples of the
+strings the driver returned (no per-follower objects are built per activity).
+
+Large accounts (hybrid fan-out): an account with more than ``fanout_limit`` followers is marked
+*big* — in Cassandra (durable) and in the Redis set ``big-accounts`` (what every process reads) —
+and from then on is never fanned out on write: :meth:`FollowerCache.get_many` returns ``None`` for
+it, without reading more than ``fanout_limit + 1`` followers. The mark is sticky: activities that
+were merged at read time must stay visible, so an account never goes back to fan-out on write.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+import redis
+
+from feed import keys
+from feed.graph_cassandra import CassandraFollowGraph
+from feed.history_cassandra import CassandraHistory
+
+__all__ = ["BIG_SENTINEL", "FollowerCache"]
+
+#: Member kept in ``big-accounts`` so that "no big account" and "Redis lost the set" differ.
+BIG_SENTINEL = ""
+
+
+class FollowerCache:
+    def __init__(
+        self,
+        graph: CassandraFollowGraph,
+        client: redis.Redis,
+        *,
+        history: CassandraHistory | None = None,
+        fanout_limit: int = 0,
+        max_entries: int = 2_000_000,
+    ) -> None:
+        self._graph = graph
+        self._redis = client
+        self._history = history
+        self._limit = fanout_limit
+        self._max = max_entries
+        self._size = 0
+        self._lists: OrderedDict[str, tuple[bytes | None, tuple[str, ...]]] = OrderedDict()
+
+    def get_many(self, users: Sequence[str]) -> dict[str, tuple[str, ...] | None]:
+        """Current followers of each user; ``None`` for big accounts (merged at read time)."""
+        if not users:
+            return {}
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.mget([keys.graph_version(u) for u in users])
+        if self._limit:
+            pipe.smismember(keys.big_accounts, list(users))
+            pipe.scard(keys.big_accounts)
+        results = pipe.execute()
+        versions = results[0]
+        big = [bool(b) for b in results[1]] if self._limit else [False] * len(users)
+        if self._limit and results[2] == 0:
+            big = self._restore_big(users)
+        out: dict[str, tuple[str, ...] | None] = {}
+        for user, version, is_big in zip(users, versions, big, strict=True):
+            if is_big:
+                out[user] = None
+                continue
+            cached = self._lists.get(user)
+            if cached is not None and cached[0] == version:
+                self._lists.move_to_end(user)
+                out[user] = cached[1]
+                continue
+            followers = self._load(user)
+            if followers is None:
+                self.mark_big(user)
+            else:
+                self._store(user, version, followers)
+            out[user] = followers
+        return out
+
+    def mark_big(self, user: str) -> None:
+        if self._history is not None:
+            self._history.mark_big(user)
+        self._redis.sadd(keys.big_accounts, BIG_SENTINEL, user)
+        self.invalidate([user])
+
+    def _restore_big(self, users: Sequence[str]) -> list[bool]:
+        """Redis lost ``big-accounts`` (restart): reload it from Cassandra."""
+        known = self._history.big_accounts() if self._history is not None else set()
+        self._redis.sadd(keys.big_accounts, BIG_SENTINEL, *known)
+        return [u in known for u in users]
+
+    def _load(self, user: str) -> tuple[str, ...] | None:
+        followers: list[str] = []
+        for page in self._graph.followers(user):
+            followers.extend(page)
+            if self._limit and len(followers) > self._limit:
+                return None
+        return tuple(followers)
+
+    def invalidate(self, users: Iterable[str]) -> None:
+        for user in users:
+            entry = self._lists.pop(user, None)
+            if entry is not None:
+                self._size -= len(entry[1])
+
+    def _store(self, user: str, version: bytes | None, followers: tuple[str, ...]) -> None:
+        self.invalidate([user])
+        if len(followers) > self._max:
+            return
+        self._lists[user] = (version, followers)
+        self._size += len(followers)
+        while self._size > self._max and self._lists:
+            _, (_, evicted) = self._lists.popitem(last=False)
+            self._size -= len(evicted)

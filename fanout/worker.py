@@ -1,0 +1,359 @@
+"""The fan-out worker: a Kafka consumer group member applying batches to the stores.
+
+Delivery guarantee: at least once, end to end. Offsets are committed only after every Redis and
+Cassandra write for the batch succeeded and every DLQ record is in the broker; every write is
+idempotent, so a replay after a crash changes nothing a user can see.
+
+Failure handling:
+* undecodable records go to the DLQ at once, and the worker carries on;
+* a store outage (connection errors, timeouts) pauses consumption and retries the batch with
+  exponential backoff and jitter, indefinitely, keeping the group membership: the backlog stays in
+  Kafka and drains when the store returns;
+* any other error is retried ``fanout_attempts`` times; then the batch is applied record by record
+  and the records that still fail go to the DLQ with their attempt count.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis
+from cassandra import OperationTimedOut, Unavailable, WriteTimeout
+from cassandra.cluster import NoHostAvailable
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+
+from fanout.dlq import DeadLetters
+from fanout.followers import FollowerCache
+from fanout.metrics import WorkerMetrics
+from fanout.processor import BatchStats, Processor
+from feed.kafka import consumer_config, producer_config
+from feed.lag import measure_lag
+from feed.logging import get_logger
+from feed.settings import Settings
+from feed.stores import CassandraFollowGraph, CassandraHistory, open_cassandra
+from feed.timeline_redis import RedisTimelines
+from schemas.activity import Activity, decode_activity
+from schemas.errors import ValidationError
+from schemas.follow import FollowEvent, decode_follow_event
+
+__all__ = ["STORE_ERRORS", "Worker", "build_worker"]
+
+log = get_logger("fanout")
+
+#: Errors that mean "a store is unreachable right now": retry forever, never DLQ.
+STORE_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.OutOfMemoryError,  # a full Redis is an outage, not a poison record
+    NoHostAvailable,
+    OperationTimedOut,
+    WriteTimeout,
+    Unavailable,
+    ConnectionError,
+    TimeoutError,
+)
+_MAX_BACKOFF_S = 15.0
+
+
+class _Stopping(Exception):
+    """SIGTERM arrived while a batch was being retried: leave it uncommitted (it is replayed)."""
+_LAG_EVERY_S = 5.0
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        consumer: Consumer,
+        processor: Processor,
+        dead_letters: DeadLetters,
+        metrics: WorkerMetrics,
+    ) -> None:
+        self._settings = settings
+        self._consumer = consumer
+        self._processor = processor
+        self._dlq = dead_letters
+        self._metrics = metrics
+        self._stop = threading.Event()
+        self._assignment: set[tuple[str, int]] = set()
+        self._last_lag = 0.0
+        self.batches = 0
+        self.healthy = True
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the loop to finish the batch in hand, commit, and leave the group."""
+        self._stop.set()
+
+    @property
+    def assignment(self) -> set[tuple[str, int]]:
+        return set(self._assignment)
+
+    def run(self) -> None:
+        s = self._settings
+        self._consumer.subscribe(
+            [s.topic_activities, s.topic_follows],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
+        log.info(
+            "worker started", group=s.kafka_group, topics=[s.topic_activities, s.topic_follows]
+        )
+        try:
+            while not self._stop.is_set():
+                messages = self._consumer.consume(num_messages=s.fanout_batch, timeout=0.2)
+                if messages:
+                    try:
+                        self._handle(messages)
+                    except _Stopping:
+                        log.warning("stopped during retries: the batch stays uncommitted")
+                        break
+                self._maybe_report_lag()
+        finally:
+            log.info("worker stopping: leaving the group")
+            try:
+                self._consumer.close()
+            finally:
+                self._processor.close()
+            log.info("worker stopped", batches=self.batches)
+
+    def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        self._assignment |= {(p.topic, p.partition) for p in partitions}
+        self._metrics.assigned.set(len(self._assignment))
+        log.info("partitions assigned", partitions=_names(partitions))
+
+    def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        self._assignment -= {(p.topic, p.partition) for p in partitions}
+        self._metrics.assigned.set(len(self._assignment))
+        log.info("partitions revoked", partitions=_names(partitions))
+
+    # --- one batch ---------------------------------------------------------------------------
+    def _handle(self, messages: Sequence[Any]) -> None:
+        started = time.perf_counter()
+        s = self._settings
+        events: list[tuple[int, Activity | FollowEvent]] = []
+        offsets: dict[tuple[str, int], int] = {}
+        first: dict[tuple[str, int], int] = {}
+        dlq = 0
+        for index, message in enumerate(messages):
+            error = message.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    self._metrics.errors.labels(kind="kafka").inc()
+                    log.warning("consume error", error=str(error))
+                continue
+            topic = message.topic()
+            offsets[(topic, message.partition())] = message.offset() + 1
+            first.setdefault((topic, message.partition()), message.offset())
+            self._metrics.consumed.labels(topic=topic).inc()
+            try:
+                if topic == s.topic_follows:
+                    events.append((index, decode_follow_event(message.value() or b"")))
+                else:
+                    events.append((index, decode_activity(message.value() or b"")))
+            except ValidationError as exc:
+                dlq += 1
+                self._dead_letter(message, exc.code, exc.message, exc.field, 1)
+        stats = self._apply(messages, events)
+        for index, rejected in stats.rejected:
+            dlq += 1
+            self._dead_letter(messages[index], rejected.code, str(rejected), "", 1)
+        self._dlq.flush()
+        self._commit(offsets)
+        elapsed = time.perf_counter() - started
+        self.batches += 1
+        m = self._metrics
+        m.batch_size.observe(len(messages))
+        m.batch_seconds.observe(elapsed)
+        m.inserts.inc(stats.inserted)
+        m.history_rows.inc(stats.history_rows)
+        m.pushed.inc(stats.pushed)
+        m.store_seconds.labels(store="redis").observe(stats.redis_s)
+        m.store_seconds.labels(store="cassandra").observe(stats.cassandra_s)
+        log.info(
+            "batch applied",
+            records=len(messages),
+            activities=stats.activities,
+            deletes=stats.deletes,
+            follows=stats.follows,
+            inserted=stats.inserted,
+            pushed=stats.pushed,
+            history_rows=stats.history_rows,
+            dlq=dlq,
+            ms=round(elapsed * 1000, 1),
+            offsets={f"{t}/{p}": [first[(t, p)], o - 1] for (t, p), o in offsets.items()},
+        )
+
+    def _apply(
+        self, messages: Sequence[Any], events: list[tuple[int, Activity | FollowEvent]]
+    ) -> BatchStats:
+        attempt = 0
+        while True:
+            try:
+                return self._processor.apply(events)
+            except STORE_ERRORS as exc:
+                attempt += 1
+                self._metrics.errors.labels(kind="store_unavailable").inc()
+                self._back_off(attempt, exc)
+            except Exception as exc:
+                attempt += 1
+                self._metrics.errors.labels(kind=type(exc).__name__).inc()
+                if attempt < self._settings.fanout_attempts:
+                    self._back_off(attempt, exc)
+                    continue
+                log.exception("batch keeps failing: applying record by record")
+                return self._apply_one_by_one(messages, events)
+
+    def _apply_one_by_one(
+        self, messages: Sequence[Any], events: list[tuple[int, Activity | FollowEvent]]
+    ) -> BatchStats:
+        total = BatchStats()
+        for index, event in events:
+            attempt = 0
+            while True:
+                try:
+                    stats = self._processor.apply([(index, event)])
+                except STORE_ERRORS as exc:
+                    attempt += 1
+                    self._back_off(attempt, exc)
+                    continue
+                except Exception as exc:
+                    attempt += 1
+                    if attempt < self._settings.fanout_attempts:
+                        self._back_off(attempt, exc)
+                        continue
+                    self._dead_letter(messages[index], "processing_failed", repr(exc), "", attempt)
+                    break
+                _merge(total, stats)
+                break
+        return total
+
+    def _back_off(self, attempt: int, exc: BaseException) -> None:
+        if self._stop.is_set():
+            raise _Stopping from exc
+        delay = min(_MAX_BACKOFF_S, 0.1 * 2 ** min(attempt, 10)) * random.uniform(0.5, 1.0)
+        log.warning(
+            "store call failed; pausing consumption",
+            attempt=attempt,
+            error=type(exc).__name__,
+            detail=str(exc)[:300],
+            retry_in_s=round(delay, 2),
+        )
+        assignment = self._consumer.assignment()
+        if assignment:
+            self._consumer.pause(assignment)
+        deadline = time.monotonic() + delay
+        try:
+            # Keep polling while paused so the group membership stays alive.
+            while time.monotonic() < deadline and not self._stop.is_set():
+                self._consumer.consume(num_messages=1, timeout=min(0.5, delay))
+        finally:
+            assignment = self._consumer.assignment()
+            if assignment:
+                self._consumer.resume(assignment)
+
+    def _dead_letter(self, message: Any, code: str, reason: str, field: str, attempts: int) -> None:
+        self._metrics.dlq.labels(reason=code).inc()
+        log.warning(
+            "record sent to the dead-letter topic",
+            code=code,
+            reason=reason[:300],
+            field=field,
+            partition=message.partition(),
+            offset=message.offset(),
+            topic=message.topic(),
+        )
+        self._dlq.send(message, code=code, reason=reason, field=field, attempts=attempts)
+
+    def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        if not offsets:
+            return
+        try:
+            self._consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                asynchronous=False,
+            )
+        except KafkaException as exc:
+            # A rebalance took the partitions: the new owner replays, which is idempotent.
+            self._metrics.errors.labels(kind="commit").inc()
+            log.warning("offset commit failed", error=str(exc))
+
+    def _maybe_report_lag(self) -> None:
+        now = time.monotonic()
+        if now - self._last_lag < _LAG_EVERY_S:
+            return
+        self._last_lag = now
+        s = self._settings
+        try:
+            lag = measure_lag(
+                s.kafka_bootstrap,
+                s.kafka_group,
+                [s.topic_activities, s.topic_follows],
+                timeout=2.0,
+                consumer=self._consumer,
+            )
+        except KafkaException as exc:
+            log.warning("lag measurement failed", error=str(exc))
+            return
+        for row in lag.partitions:
+            if row.lag is not None:
+                self._metrics.lag.labels(topic=row.topic, partition=str(row.partition)).set(row.lag)
+        self._metrics.lag_sum.set(lag.total)
+
+
+def _merge(total: BatchStats, stats: BatchStats) -> None:
+    for name in ("activities", "deletes", "follows", "inserted", "pushed", "history_rows"):
+        setattr(total, name, getattr(total, name) + getattr(stats, name))
+    total.rejected.extend(stats.rejected)
+
+
+def _names(partitions: list[TopicPartition]) -> list[str]:
+    return [f"{p.topic}/{p.partition}" for p in partitions]
+
+
+def build_worker(settings: Settings, metrics: WorkerMetrics | None = None) -> Worker:
+    """Open the stores and the Kafka clients named by ``settings``."""
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, health_check_interval=30)
+    session = open_cassandra(settings)
+    graph = CassandraFollowGraph(session, settings.cassandra_keyspace)
+    history = CassandraHistory(session, settings.cassandra_keyspace)
+    timelines = RedisTimelines(
+        client,
+        timeline_max=settings.timeline_max,
+        stream_history=settings.stream_history,
+        body_ttl_s=settings.body_ttl_days * 86_400,
+        only_active=settings.active_days > 0,
+    )
+    processor = Processor(
+        timelines=timelines,
+        history=history,
+        graph=graph,
+        followers=FollowerCache(
+            graph, client, history=history, fanout_limit=settings.fanout_limit
+        ),
+        history_timelines=settings.fanout_history,
+        follow_backfill=settings.follow_backfill,
+        tombstone_ttl_s=settings.body_ttl_days * 86_400,
+    )
+    consumer = Consumer(consumer_config(settings))
+    dead_letters = DeadLetters(Producer(producer_config(settings)), settings.topic_dlq)
+    return Worker(
+        settings,
+        consumer=consumer,
+        processor=processor,
+        dead_letters=dead_letters,
+        metrics=metrics or WorkerMetrics(),
+    )
+
+
+def install_signal_handlers(stop: Callable[[], None]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop())

@@ -1,0 +1,266 @@
+"""The ``feed`` command. The only module that reads ``os.environ`` (into :class:`Settings`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import msgspec
+
+from feed.settings import Settings, SettingsError
+
+__all__ = ["main"]
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env(os.environ)
+    except SettingsError as exc:
+        print(f"feed: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _logging(settings: Settings) -> None:
+    from feed.logging import configure
+
+    configure(settings.log_level, settings.log_format)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from cassandra.cluster import NoHostAvailable
+
+    from feed.kafka import create_topics
+    from feed.stores import create_schema, open_cassandra
+
+    settings = _settings()
+    _logging(settings)
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            created = create_topics(settings, timeout=10)
+            session = open_cassandra(settings, keyspace=False)
+            break
+        except (NoHostAvailable, OSError, Exception) as exc:
+            if time.monotonic() > deadline:
+                print(f"feed migrate: dependencies not reachable: {exc}", file=sys.stderr)
+                return 1
+            time.sleep(1)
+    try:
+        create_schema(session, settings.cassandra_keyspace, settings.cassandra_replication_factor)
+    finally:
+        session.cluster.shutdown()
+    print(f"topics created: {', '.join(created) or 'none (all present)'}")
+    print(f"cassandra keyspace {settings.cassandra_keyspace!r}: schema up to date")
+    return 0
+
+
+def cmd_fanout(_args: argparse.Namespace) -> int:
+    import redis
+    from confluent_kafka.admin import AdminClient
+
+    from fanout.http import serve_worker_http
+    from fanout.metrics import WorkerMetrics
+    from fanout.worker import build_worker, install_signal_handlers
+    from feed.logging import get_logger
+
+    settings = _settings()
+    _logging(settings)
+    metrics = WorkerMetrics()
+    worker = build_worker(settings, metrics)
+    probe = redis.Redis.from_url(settings.redis_url, socket_timeout=2)
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    session = worker._processor._history.session
+
+    server = serve_worker_http(
+        settings.worker_metrics_host,
+        settings.worker_metrics_port,
+        metrics.registry,
+        {
+            "redis": lambda: bool(probe.ping()),
+            "cassandra": lambda: (
+                session.execute("SELECT now() FROM system.local", timeout=2) is not None
+            ),
+            "kafka": lambda: bool(admin.list_topics(timeout=2).topics),
+        },
+    )
+    get_logger("fanout").info("worker http", port=server.server_address[1])
+    install_signal_handlers(worker.stop)
+    worker.run()
+    server.shutdown()
+    session.cluster.shutdown()
+    return 0
+
+
+def cmd_gateway(_args: argparse.Namespace) -> int:
+    from gateway.server import run
+
+    settings = _settings()
+    try:
+        settings.require_gateway()
+    except SettingsError as exc:
+        print(f"feed: configuration error: {exc}", file=sys.stderr)
+        return 2
+    _logging(settings)
+    run(settings)
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from gateway.auth import mint_token
+
+    settings = _settings()
+    try:
+        secret = settings.require_jwt()
+    except SettingsError as exc:
+        print(f"feed: configuration error: {exc}", file=sys.stderr)
+        return 2
+    print(mint_token(secret, args.user, args.ttl))
+    return 0
+
+
+def cmd_lag(args: argparse.Namespace) -> int:
+    from feed.lag import desired_replicas, measure_lag
+
+    settings = _settings()
+    _logging(settings)
+    topics = [settings.topic_activities, settings.topic_follows]
+    while True:
+        lag = measure_lag(settings.kafka_bootstrap, settings.kafka_group, topics)
+        if args.json:
+            sys.stdout.write(msgspec.json.encode(lag).decode() + "\n")
+            return 0
+        partitions = len(lag.partitions)
+        replicas = desired_replicas(
+            lag.total, partitions, lag_threshold=args.lag_threshold, max_replicas=args.max_replicas
+        )
+        lines = [
+            f"group {lag.group}",
+            f"{'TOPIC':<28}{'PART':>5}{'COMMITTED':>12}{'HIGH':>12}{'LAG':>10}",
+        ]
+        for row in lag.partitions:
+            committed = "-" if row.committed is None else str(row.committed)
+            lagged = "-" if row.lag is None else str(row.lag)
+            lines.append(
+                f"{row.topic:<28}{row.partition:>5}{committed:>12}{row.high:>12}{lagged:>10}"
+            )
+        lines.append(f"{'TOTAL':<57}{lag.total:>10}")
+        lines.append(
+            f"KEDA would run {replicas} worker(s) (lag threshold {args.lag_threshold}, "
+            f"max {args.max_replicas})"
+        )
+        if args.watch:
+            sys.stdout.write("\x1b[2J\x1b[H")
+        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.flush()
+        if not args.watch:
+            return 0
+        time.sleep(args.interval)
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from fanout.dlq import read_dead_letters, replay_dead_letters
+
+    settings = _settings()
+    _logging(settings)
+    if args.action == "replay":
+        replayed = replay_dead_letters(
+            settings.kafka_bootstrap,
+            settings.topic_dlq,
+            group=settings.kafka_group + "-dlq-replay",
+            limit=args.limit,
+            code=args.code,
+        )
+        print(f"replayed {len(replayed)} record(s) to their origin topics")
+        return 0
+    records, consumer = read_dead_letters(
+        settings.kafka_bootstrap, settings.topic_dlq, group=None, limit=args.limit
+    )
+    consumer.close()
+    for record in records:
+        if args.code is not None and record.headers.get("feed.error") != args.code:
+            continue
+        if args.json:
+            sys.stdout.write(msgspec.json.encode(record.as_dict()).decode() + "\n")
+        else:
+            h = record.headers
+            print(
+                f"{record.partition}/{record.offset} {h.get('feed.error')} "
+                f"field={h.get('feed.error.field') or '-'} attempts={h.get('feed.attempts')} "
+                f"from={h.get('feed.origin.topic')}/{h.get('feed.origin.partition')}/"
+                f"{h.get('feed.origin.offset')}: {h.get('feed.error.message')}"
+            )
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from feed.dev import run_dev
+
+    return run_dev(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from feed.bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="feed", description="Real-time activity feed backend.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("migrate", help="create the Kafka topics and the Cassandra schema")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for dependencies")
+    p.set_defaults(func=cmd_migrate)
+
+    sub.add_parser("fanout", help="run a fan-out worker").set_defaults(func=cmd_fanout)
+    sub.add_parser("gateway", help="run a WebSocket/HTTP gateway").set_defaults(func=cmd_gateway)
+
+    p = sub.add_parser("token", help="mint a development JWT for a user")
+    p.add_argument("user")
+    p.add_argument("--ttl", type=int, default=86_400, help="lifetime in seconds")
+    p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("lag", help="consumer lag of the fan-out group")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--watch", action="store_true", help="refresh the table")
+    p.add_argument("--interval", type=float, default=2.0)
+    p.add_argument("--lag-threshold", type=int, default=1000)
+    p.add_argument("--max-replicas", type=int, default=16)
+    p.set_defaults(func=cmd_lag)
+
+    p = sub.add_parser("dlq", help="list or replay dead-lettered records")
+    p.add_argument("action", choices=["list", "replay"])
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--code", default=None, help="only records with this feed.error code")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_dlq)
+
+    p = sub.add_parser("dev", help="the whole local stack with demo traffic and a live page")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--rate", type=float, default=5.0, help="demo activities per second")
+    p.add_argument("--port", type=int, default=8080, help="gateway port (0 = any free port)")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--duration", type=float, default=0.0, help="stop after N seconds (0 = never)")
+    p.set_defaults(func=cmd_dev)
+
+    p = sub.add_parser("bench", help="benchmarks (see docs/benchmarks.md)")
+    p.add_argument(
+        "scenario", nargs="?", default="all", choices=["fanout", "e2e", "gateway", "all"]
+    )
+    p.add_argument("--quick", action="store_true", help="one-minute smoke run")
+    p.add_argument("--model", action="store_true", help="print the capacity model and exit")
+    p.add_argument("--out", default="bench/results")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

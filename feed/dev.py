@@ -1,0 +1,226 @@
+"""``feed dev``: the whole stack on one machine, with a demo follow graph and live traffic.
+
+Starts Redis, the Kafka-protocol broker and Cassandra (``infra``), runs ``feed migrate``, starts
+``--workers`` fan-out workers and one gateway as child processes, publishes a demo graph and then
+activities at ``--rate`` per second. Prints the stack's ``FEED_*`` settings (one ``NAME=value`` per
+line), the page URL and a development token. Ctrl-C (or SIGTERM) stops everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+
+import msgspec
+from confluent_kafka import Producer
+
+from feed.settings import Settings
+
+__all__ = ["DEMO_USERS", "demo_follows", "run_dev"]
+
+DEMO_USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
+_VERBS = ["Create", "Like", "Share", "Comment", "Follow"]
+_OBJECTS = ["post", "photo", "video", "article", "comment"]
+
+
+def demo_follows() -> list[tuple[str, str]]:
+    """A small deterministic graph: each user follows the next three users."""
+    pairs = []
+    for i, follower in enumerate(DEMO_USERS):
+        for step in (1, 2, 3):
+            pairs.append((follower, DEMO_USERS[(i + step) % len(DEMO_USERS)]))
+    return pairs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _wait_http(url: str, deadline_s: float) -> bool:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def _metric(url: str, name: str) -> float:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            text = response.read().decode()
+    except OSError:
+        return 0.0
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def run_dev(args: argparse.Namespace) -> int:
+    from infra import LocalStack
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="feed-dev-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    logs = workdir / "logs"
+    logs.mkdir(exist_ok=True)
+    port = args.port if args.port and _port_free(args.port) else _free_port()
+    stop = {"now": False}
+
+    def request_stop(*_: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    children: list[subprocess.Popen[bytes]] = []
+    print(f"starting Redis, Kafka-protocol broker and Cassandra in {workdir} ...", file=sys.stderr)
+    with LocalStack(workdir / "stack") as stack:
+        env = dict(os.environ)
+        env.update(stack.env())
+        env.setdefault("FEED_JWT_SECRET", "dev-only-secret-" + "x" * 32)
+        env.setdefault("FEED_INGEST_TOKEN", "dev-ingest-token-0123456789")
+        env["FEED_GATEWAY_PORT"] = str(port)
+        env["FEED_DEV_MODE"] = "true"
+        env.setdefault("FEED_LOG_FORMAT", "json")
+        settings = Settings.from_env(env)
+        subprocess.run(
+            [sys.executable, "-m", "feed.cli", "migrate"],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        metrics_urls = []
+        try:
+            for n in range(max(1, args.workers)):
+                worker_env = dict(env, FEED_WORKER_METRICS_PORT=str(_free_port()))
+                metrics_urls.append(
+                    f"http://127.0.0.1:{worker_env['FEED_WORKER_METRICS_PORT']}/metrics"
+                )
+                children.append(_spawn(["fanout"], worker_env, logs / f"fanout-{n}.log"))
+            children.append(_spawn(["gateway"], env, logs / "gateway.log"))
+            url = f"http://127.0.0.1:{port}/"
+            if not _wait_http(url + "healthz", 60):
+                print(f"gateway did not start; see {logs / 'gateway.log'}", file=sys.stderr)
+                return 1
+            for name in (
+                "FEED_KAFKA_BOOTSTRAP",
+                "FEED_REDIS_URL",
+                "FEED_CASSANDRA_HOSTS",
+                "FEED_CASSANDRA_PORT",
+                "FEED_CASSANDRA_KEYSPACE",
+                "FEED_CASSANDRA_PROTOCOL_VERSION",
+                "FEED_JWT_SECRET",
+                "FEED_INGEST_TOKEN",
+                "FEED_GATEWAY_HOST",
+                "FEED_GATEWAY_PORT",
+                "FEED_KAFKA_GROUP",
+            ):
+                value = env.get(name) or settings.env().get(name, "")
+                print(f"{name}={value}")
+            from gateway.auth import mint_token
+
+            assert settings.jwt_secret is not None  # set above
+            print(f"page: {url}")
+            print(f"token (alice): {mint_token(settings.jwt_secret, 'alice', 86_400)}")
+            print(f"logs: {logs}", flush=True)
+            _demo_traffic(settings, args, metrics_urls, stop)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            print("stopping ...", file=sys.stderr)
+            for child in children:
+                if child.poll() is None:
+                    child.send_signal(signal.SIGTERM)
+            for child in children:
+                try:
+                    child.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+    print("stopped.", file=sys.stderr)
+    return 0
+
+
+def _spawn(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    handle = log.open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "feed.cli", *command],
+        env=env,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _demo_traffic(
+    settings: Settings, args: argparse.Namespace, metrics_urls: list[str], stop: dict[str, bool]
+) -> None:
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 5})
+    encoder = msgspec.json.Encoder()
+    now = datetime.now(UTC).isoformat()
+    for follower, followee in demo_follows():
+        event = {"type": "follow", "follower": follower, "followee": followee, "at": now}
+        producer.produce(settings.topic_follows, key=follower.encode(), value=encoder.encode(event))
+    producer.flush(10)
+    rng = random.Random()
+    interval = 1.0 / max(0.1, args.rate)
+    started = time.monotonic()
+    next_report = started + 10
+    sent = 0
+    last_inserts = 0.0
+    last_time = started
+    last_sent = 0
+    while not stop["now"]:
+        if args.duration and time.monotonic() - started > args.duration:
+            break
+        actor = rng.choice(DEMO_USERS)
+        verb = rng.choice(_VERBS)
+        activity = {
+            "id": f"demo-{int(time.time() * 1000)}-{sent}",
+            "type": verb,
+            "actor": actor,
+            "object": f"{rng.choice(_OBJECTS)}:{rng.randrange(1000)}",
+            "published": datetime.now(UTC).isoformat(),
+        }
+        producer.produce(
+            settings.topic_activities, key=actor.encode(), value=encoder.encode(activity)
+        )
+        producer.poll(0)
+        sent += 1
+        now_m = time.monotonic()
+        if now_m >= next_report:
+            inserts = sum(_metric(u, "feed_timeline_inserts_total") for u in metrics_urls)
+            span = now_m - last_time
+            print(
+                f"[dev] published {sent} activities ({(sent - last_sent) / span:.1f}/s); "
+                f"fan-out {(inserts - last_inserts) / span:.1f} timeline inserts/s",
+                file=sys.stderr,
+                flush=True,
+            )
+            last_inserts, last_time, last_sent = inserts, now_m, sent
+            next_report = now_m + 10
+        time.sleep(interval)
+    producer.flush(10)

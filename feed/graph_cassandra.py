@@ -1,0 +1,93 @@
+"""The follow graph in Cassandra, both directions, read in pages.
+
+Guarantees:
+
+* **Bounded memory.** :meth:`followers` yields pages (``page_size`` rows), so an account with a
+  million followers never has to fit in memory at once.
+* **Order by event time.** A follow is written, and an unfollow deleted, with the event's ``at`` as
+  the Cassandra write timestamp: the later event wins whatever order the events are applied in,
+  and replays are idempotent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+
+from cassandra.cluster import Session
+from cassandra.concurrent import execute_concurrent
+
+__all__ = ["CassandraFollowGraph"]
+
+
+def _micros(at: datetime) -> int:
+    return int(at.timestamp() * 1_000_000)
+
+
+class CassandraFollowGraph:
+    def __init__(self, session: Session, keyspace: str, *, page_size: int = 5000) -> None:
+        self._session = session
+        self._page_size = page_size
+        ks = keyspace
+        prepare = session.prepare
+        self._add_follower = prepare(
+            f"INSERT INTO {ks}.followers (user_id, follower) VALUES (?, ?) USING TIMESTAMP ?"
+        )
+        self._add_following = prepare(
+            f"INSERT INTO {ks}.following (user_id, followee) VALUES (?, ?) USING TIMESTAMP ?"
+        )
+        self._del_follower = prepare(
+            f"DELETE FROM {ks}.followers USING TIMESTAMP ? WHERE user_id = ? AND follower = ?"
+        )
+        self._del_following = prepare(
+            f"DELETE FROM {ks}.following USING TIMESTAMP ? WHERE user_id = ? AND followee = ?"
+        )
+        self._followers = prepare(f"SELECT follower FROM {ks}.followers WHERE user_id = ?")
+        self._following = prepare(f"SELECT followee FROM {ks}.following WHERE user_id = ?")
+        self._is_following = prepare(
+            f"SELECT followee FROM {ks}.following WHERE user_id = ? AND followee = ?"
+        )
+
+    def follow(self, follower: str, followee: str, at: datetime) -> None:
+        ts = _micros(at)
+        execute_concurrent(
+            self._session,
+            [
+                (self._add_follower, (followee, follower, ts)),
+                (self._add_following, (follower, followee, ts)),
+            ],
+            raise_on_first_error=True,
+        )
+
+    def unfollow(self, follower: str, followee: str, at: datetime) -> None:
+        ts = _micros(at)
+        execute_concurrent(
+            self._session,
+            [
+                (self._del_follower, (ts, followee, follower)),
+                (self._del_following, (ts, follower, followee)),
+            ],
+            raise_on_first_error=True,
+        )
+
+    def is_following(self, follower: str, followee: str) -> bool:
+        return self._session.execute(self._is_following, (follower, followee)).one() is not None
+
+    def followers(self, user: str) -> Iterator[list[str]]:
+        """The user's followers, a page at a time."""
+        yield from self._pages(self._followers, user)
+
+    def following(self, user: str) -> Iterator[list[str]]:
+        """Whom the user follows, a page at a time."""
+        yield from self._pages(self._following, user)
+
+    def _pages(self, statement: object, user: str) -> Iterator[list[str]]:
+        statement.fetch_size = self._page_size  # type: ignore[attr-defined]
+        result = self._session.execute(statement, (user,))
+        while True:
+            rows = result.current_rows
+            if rows:
+                yield [row[0] for row in rows]
+            if not result.has_more_pages:
+                return
+            result.fetch_next_page()

@@ -1,0 +1,146 @@
+"""Kafka plumbing: topic creation, consumer/producer configuration, an asyncio-friendly producer.
+
+Guarantees: producers use ``acks=all`` with idempotence, so a produce that reports success is
+durable in the broker; the fan-out group commits offsets only after applying records (see
+``fanout.worker``). A group with no committed offsets starts from the earliest record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from feed.settings import Settings
+
+__all__ = [
+    "AsyncProducer",
+    "KafkaUnavailable",
+    "consumer_config",
+    "create_topics",
+    "producer_config",
+]
+
+
+class KafkaUnavailable(RuntimeError):
+    """The broker did not accept a record in time."""
+
+
+def producer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "acks": "all",
+        "enable.idempotence": True,
+        "linger.ms": 2,
+        "compression.type": "none",
+        "message.timeout.ms": 30_000,
+    }
+    config.update(extra)
+    return config
+
+
+def consumer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "group.id": settings.kafka_group,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": settings.kafka_session_timeout_ms,
+        "heartbeat.interval.ms": settings.kafka_heartbeat_ms,
+        "partition.assignment.strategy": "cooperative-sticky",
+        "fetch.wait.max.ms": 50,
+    }
+    config.update(extra)
+    return config
+
+
+def create_topics(settings: Settings, *, timeout: float = 30.0) -> list[str]:
+    """Create the contract's topics if missing. Returns the names created now. Idempotent."""
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    wanted = [settings.topic_activities, settings.topic_follows, settings.topic_dlq]
+    new = [
+        NewTopic(
+            name,
+            num_partitions=settings.kafka_partitions,
+            replication_factor=settings.kafka_replication_factor,
+        )
+        for name in wanted
+        if name not in existing
+    ]
+    if not new:
+        return []
+    created = []
+    for name, future in admin.create_topics(new, operation_timeout=timeout).items():
+        try:
+            future.result(timeout=timeout)
+            created.append(name)
+        except KafkaException as exc:
+            error = exc.args[0]
+            if isinstance(error, KafkaError) and error.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                continue
+            raise
+    return created
+
+
+class AsyncProducer:
+    """A confluent-kafka producer whose deliveries are awaited from asyncio.
+
+    One background thread polls for delivery reports and resolves the futures on their loop.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self._producer = Producer(config)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="kafka-producer-poll", daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self._producer.poll(0.05)
+
+    async def send_many(
+        self, topic: str, records: Iterable[tuple[bytes, bytes]], *, timeout: float = 30.0
+    ) -> int:
+        """Produce (key, value) records and wait until the broker has all of them."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[None]] = []
+
+        def report(future: asyncio.Future[None]) -> Any:
+            def on_delivery(err: KafkaError | None, _msg: Any) -> None:
+                def settle() -> None:
+                    if future.done():
+                        return
+                    if err is None:
+                        future.set_result(None)
+                    else:
+                        future.set_exception(KafkaUnavailable(str(err)))
+
+                loop.call_soon_threadsafe(settle)
+
+            return on_delivery
+
+        for key, value in records:
+            future: asyncio.Future[None] = loop.create_future()
+            futures.append(future)
+            while True:
+                try:
+                    self._producer.produce(topic, value=value, key=key, on_delivery=report(future))
+                    break
+                except BufferError:
+                    await asyncio.sleep(0.01)
+        try:
+            await asyncio.wait_for(asyncio.gather(*futures), timeout)
+        except TimeoutError:
+            raise KafkaUnavailable("timed out waiting for the broker") from None
+        return len(futures)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._producer.flush(timeout)
+        self._stop.set()
+        self._thread.join(timeout=2)

@@ -1,0 +1,87 @@
+"""Redis key and channel names.
+
+Every per-user key carries the user id as a Redis Cluster hash tag (``{uid}``), so all of one
+user's keys live in one slot and the per-user scripts stay slot-local.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CONTROL_FOLLOWING",
+    "active",
+    "actor_channel",
+    "big_accounts",
+    "body",
+    "channel",
+    "deliveries",
+    "following_version",
+    "graph_version",
+    "outbox",
+    "presence",
+    "rebuilding",
+    "timeline",
+]
+
+
+def timeline(user: str) -> str:
+    """Sorted set: the user's hot timeline (members are order keys, scores all 0)."""
+    return f"tl:{{{user}}}"
+
+
+def presence(user: str) -> str:
+    """Hash ``e`` (epoch) / ``s`` (last seq): exists while the user is connected or resumable."""
+    return f"on:{{{user}}}"
+
+
+def deliveries(user: str) -> str:
+    """Stream of the user's recent frames, ids ``<seq>-0``: what a resume replays."""
+    return f"dl:{{{user}}}"
+
+
+def channel(user: str) -> str:
+    """Pub/Sub channel carrying the user's frames to the gateways where the user is connected."""
+    return f"u:{{{user}}}"
+
+
+def body(activity_id: str) -> str:
+    """String: an activity's canonical JSON, stored once however many timelines hold it."""
+    return f"a:{activity_id}"
+
+
+def graph_version(user: str) -> str:
+    """Counter bumped on every change of the user's followers (invalidates follower caches)."""
+    return f"gv:{{{user}}}"
+
+
+def active(user: str) -> str:
+    """Exists (with a TTL of ``FEED_ACTIVE_DAYS``) while the user is active: only active users'
+    timelines are kept in Redis; the others are written to Cassandra only."""
+    return f"seen:{{{user}}}"
+
+
+def rebuilding(user: str) -> str:
+    """Exists while the user's Redis timeline is being rebuilt from Cassandra (reads bypass it)."""
+    return f"rb:{{{user}}}"
+
+
+def following_version(user: str) -> str:
+    """Counter bumped on every change of whom the user follows (invalidates merge caches)."""
+    return f"fv:{{{user}}}"
+
+
+def outbox(user: str) -> str:
+    """Sorted set: the newest activities of a large account (read-time merge source)."""
+    return f"ob:{{{user}}}"
+
+
+def actor_channel(user: str) -> str:
+    """Pub/Sub channel of a large account's new activities, for gateways with followers online."""
+    return f"ac:{{{user}}}"
+
+
+#: Published on a user's channel when whom they follow changed. Gateways act on it (re-read which
+#: actor channels to follow) and never forward it to clients: it carries no delivery cursor.
+CONTROL_FOLLOWING = b'{"type":"_following"}'
+
+#: Set of the accounts fanned out at read time (more than FEED_FANOUT_LIMIT followers). Sticky.
+big_accounts = "big-accounts"

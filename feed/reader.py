@@ -1,0 +1,159 @@
+"""Reading a timeline: the hot part from Redis, continuing into Cassandra history.
+
+A page is read from Redis first; if Redis runs out before ``limit`` items (the timeline is capped
+at ``timeline_max``), the rest of the page comes from Cassandra strictly after the last order key
+seen, so paging crosses the boundary with no gap and no repeat. Bodies missing from Redis (expired)
+are read from Cassandra and cached again; an entry whose body is gone everywhere (a deleted
+activity) is skipped.
+
+Hot and cold users (``FEED_ACTIVE_DAYS``): only users seen recently have a Redis timeline; fan-out
+writes the others to Cassandra only. A read or a connect marks the user active; the first one after
+a quiet period rebuilds the Redis timeline from Cassandra. The rebuild is single-flight (one
+builder across all gateways, by an atomic Redis marker; one task per process), and while it runs
+reads are served from Cassandra: no error, no empty feed.
+
+Large accounts (``FEED_FANOUT_LIMIT``): their activities are not fanned out on write. A page is
+the merge of the user's own timeline page and, for each large account the user follows, that
+account's outbox page (Redis, then Cassandra) — all in the same order and cut at the same cursor,
+so paging stays gap-free and repeat-free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+
+import msgspec
+
+from feed.cursor import decode_position, encode_position
+from feed.graph_cassandra import CassandraFollowGraph
+from feed.history_cassandra import CassandraHistory
+from feed.logging import get_logger
+from feed.timeline_redis import AsyncRedisTimelines
+from schemas.http import FeedItem, FeedPage
+
+__all__ = ["FeedReader"]
+
+log = get_logger("reader")
+_HOT, _REBUILD, _BUILDING = 0, 1, 2
+_FOLLOWING_CACHE = 10_000
+
+
+def _aid(member: str) -> str:
+    return member.partition(":")[2]
+
+
+class FeedReader:
+    def __init__(
+        self,
+        timelines: AsyncRedisTimelines,
+        history: CassandraHistory | None,
+        *,
+        body_ttl_s: int,
+        active_ttl_s: int = 0,
+        timeline_max: int = 800,
+        graph: CassandraFollowGraph | None = None,
+    ) -> None:
+        self._timelines = timelines
+        self._history = history
+        self._graph = graph
+        self._ttl = body_ttl_s
+        self._active_ttl = active_ttl_s
+        self._max = timeline_max
+        self._rebuilds: dict[str, asyncio.Task[None]] = {}
+        self._following: OrderedDict[str, tuple[bytes | None, tuple[str, ...]]] = OrderedDict()
+
+    # --- activity and rebuilds ---------------------------------------------------------------
+    async def touch(self, user: str) -> bool:
+        """Mark ``user`` active (call on every read and connect). True if Redis can serve them."""
+        if self._active_ttl <= 0 or self._history is None:
+            return True
+        state = await self._timelines.touch(user, self._active_ttl)
+        if state == _REBUILD and user not in self._rebuilds:
+            task = asyncio.create_task(self._rebuild(user))
+            self._rebuilds[user] = task
+            task.add_done_callback(lambda _t: self._rebuilds.pop(user, None))
+        return state == _HOT
+
+    async def wait_rebuilds(self) -> None:
+        """Wait for this process's rebuilds in flight (tests, shutdown)."""
+        if self._rebuilds:
+            await asyncio.gather(*self._rebuilds.values(), return_exceptions=True)
+
+    async def _rebuild(self, user: str) -> None:
+        assert self._history is not None
+        members = await asyncio.to_thread(self._history.page_timeline, user, None, self._max)
+        bodies = await asyncio.to_thread(self._history.bodies, [_aid(m) for m in members])
+        await self._timelines.rebuild(
+            user, members, bodies, timeline_max=self._max, body_ttl_s=self._ttl
+        )
+        log.info("timeline rebuilt from history", user_id=user, entries=len(members))
+
+    # --- large accounts ----------------------------------------------------------------------
+    async def big_followees(self, user: str) -> list[str]:
+        """The large accounts ``user`` follows (merged at read time, pushed via actor channels)."""
+        if self._graph is None:
+            return []
+        version, big_count = await self._timelines.big_state(user)
+        if big_count <= 1:  # only the sentinel (or nothing): no large account anywhere
+            return []
+        cached = self._following.get(user)
+        if cached is not None and cached[0] == version:
+            following = cached[1]
+            self._following.move_to_end(user)
+        else:
+            graph = self._graph
+            pages = await asyncio.to_thread(lambda: [f for p in graph.following(user) for f in p])
+            following = tuple(pages)
+            self._following[user] = (version, following)
+            while len(self._following) > _FOLLOWING_CACHE:
+                self._following.popitem(last=False)
+        return await self._timelines.big_among(following)
+
+    # --- pages -------------------------------------------------------------------------------
+    async def page(self, user: str, cursor: str | None, limit: int) -> FeedPage:
+        """One page of ``user``'s timeline, newest first. Raises CursorError on a bad cursor."""
+        before = decode_position(cursor) if cursor else None
+        members, bodies = await self._timeline_page(user, before, limit)
+        big = await self.big_followees(user)
+        if big:
+            merged = set(members)
+            pages = await self._timelines.outbox_pages(big, before, limit)
+            for actor, part in pages.items():
+                if len(part) < limit and self._history is not None:
+                    after = part[-1] if part else before
+                    part = part + await asyncio.to_thread(
+                        self._history.outbox, actor, limit - len(part), after
+                    )
+                merged.update(part)
+            members = sorted(merged, reverse=True)[:limit]
+            wanted = [m for m in members if _aid(m) not in bodies]
+            bodies.update({_aid(m): b for m, b in (await self._timelines.bodies(wanted)).items()})
+        missing = [_aid(m) for m in members if _aid(m) not in bodies]
+        if missing and self._history is not None:
+            fetched = await asyncio.to_thread(self._history.bodies, missing)
+            bodies.update(fetched)
+            await self._timelines.cache_bodies(fetched, self._ttl)
+        items = [
+            FeedItem(cursor=encode_position(m), activity=msgspec.Raw(bodies[_aid(m)]))
+            for m in members
+            if _aid(m) in bodies
+        ]
+        next_cursor = encode_position(members[-1]) if len(members) >= limit else None
+        return FeedPage(items=items, next=next_cursor)
+
+    async def _timeline_page(
+        self, user: str, before: str | None, limit: int
+    ) -> tuple[list[str], dict[str, bytes]]:
+        members: list[str] = []
+        bodies: dict[str, bytes] = {}
+        if await self.touch(user):
+            hot = await self._timelines.page(user, before, limit)
+            members = list(hot.members)
+            bodies = {_aid(m): b for m, b in hot.bodies.items()}
+        if len(members) < limit and self._history is not None:
+            after = members[-1] if members else before
+            members += await asyncio.to_thread(
+                self._history.page_timeline, user, after, limit - len(members)
+            )
+        return members, bodies

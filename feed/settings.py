@@ -1,0 +1,275 @@
+"""Typed settings, read once from the ``FEED_*`` environment.
+
+Only the entry points (``feed.cli``) read ``os.environ``; everything below receives a
+:class:`Settings`. A bad or missing value raises :class:`SettingsError` naming the variable.
+Secrets are wrapped in :class:`Secret`, whose ``repr``/``str`` never show the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+__all__ = ["Secret", "Settings", "SettingsError"]
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """A FEED_* variable is missing or invalid. The message names it (never its secret value)."""
+
+
+class Secret:
+    """A string that never prints. Compare with :meth:`matches` (constant time)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def matches(self, candidate: str) -> bool:
+        return hmac.compare_digest(self._value.encode(), candidate.encode())
+
+    def __len__(self) -> int:
+        return len(self._value.encode())
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and self.matches(other._value)
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def _int(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"must be a whole number between {lo} and {hi}") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi}")
+        return value
+
+    return parse
+
+
+def _float(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"must be a number between {lo} and {hi}") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi}")
+        return value
+
+    return parse
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("must be true or false")
+
+
+def _list(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _nonempty(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("must not be empty")
+    return raw.strip()
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return raw
+
+    return parse
+
+
+def _redis_url(raw: str) -> str:
+    if not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must be a redis:// or rediss:// URL")
+    return raw
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every setting of every process. Names are ``FEED_`` + the upper-cased field name."""
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    cassandra_hosts: tuple[str, ...] = ("127.0.0.1",)
+    cassandra_port: int = 9042
+    cassandra_keyspace: str = "feed"
+    cassandra_protocol_version: int | None = None
+    cassandra_replication_factor: int = 1
+    jwt_secret: Secret | None = None
+    jwt_leeway_s: int = 30
+    ingest_token: Secret | None = None
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8080
+    timeline_max: int = 800
+    follow_backfill: int = 200
+    kafka_group: str = "feed-fanout"
+    kafka_partitions: int = 4
+    kafka_replication_factor: int = 1
+    topic_activities: str = "feed.activities"
+    topic_follows: str = "feed.follows"
+    topic_dlq: str = "feed.activities.dlq"
+    kafka_session_timeout_ms: int = 10_000
+    kafka_heartbeat_ms: int = 1_000
+    fanout_batch: int = 500
+    fanout_history: bool = True
+    fanout_attempts: int = 5
+    fanout_limit: int = 10_000
+    active_days: int = 7
+    worker_metrics_port: int = 9100
+    worker_metrics_host: str = "127.0.0.1"
+    body_ttl_days: int = 14
+    stream_history: int = 1000
+    resume_window_s: int = 300
+    send_queue_bytes: int = 1 << 20
+    allowed_origins: tuple[str, ...] = ()
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
+    drain_s: float = 10.0
+    log_level: str = "info"
+    log_format: str = "auto"
+    dev_mode: bool = False
+
+    # --- reading -----------------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        """Read every ``FEED_*`` variable; unknown ``FEED_*`` names are ignored."""
+        parsers: dict[str, Callable[[str], Any]] = {
+            "kafka_bootstrap": _nonempty,
+            "redis_url": _redis_url,
+            "cassandra_hosts": lambda raw: _list(raw) or _fail("must list at least one host"),
+            "cassandra_port": _int(1, 65535),
+            "cassandra_keyspace": _identifier,
+            "cassandra_protocol_version": _optional(_int(1, 66)),
+            "cassandra_replication_factor": _int(1, 9),
+            "jwt_secret": _jwt_secret,
+            "jwt_leeway_s": _int(0, 600),
+            "ingest_token": _ingest_token,
+            "gateway_host": _nonempty,
+            "gateway_port": _int(0, 65535),
+            "timeline_max": _int(1, 100_000),
+            "follow_backfill": _int(0, 10_000),
+            "kafka_group": _nonempty,
+            "kafka_partitions": _int(1, 10_000),
+            "kafka_replication_factor": _int(1, 9),
+            "topic_activities": _nonempty,
+            "topic_follows": _nonempty,
+            "topic_dlq": _nonempty,
+            "kafka_session_timeout_ms": _int(1_000, 600_000),
+            "kafka_heartbeat_ms": _int(100, 60_000),
+            "fanout_batch": _int(1, 100_000),
+            "fanout_history": _bool,
+            "fanout_attempts": _int(1, 100),
+            "fanout_limit": _int(0, 1_000_000_000),
+            "active_days": _int(0, 3650),
+            "worker_metrics_port": _int(0, 65535),
+            "worker_metrics_host": _nonempty,
+            "body_ttl_days": _int(1, 3650),
+            "stream_history": _int(10, 1_000_000),
+            "resume_window_s": _int(10, 86_400 * 7),
+            "send_queue_bytes": _int(1024, 1 << 30),
+            "allowed_origins": _list,
+            "ping_interval_s": _float(0.5, 3600),
+            "ping_timeout_s": _float(0.5, 3600),
+            "drain_s": _float(0, 600),
+            "log_level": _choice("debug", "info", "warning", "error"),
+            "log_format": _choice("auto", "json", "console"),
+            "dev_mode": _bool,
+        }
+        values: dict[str, Any] = {}
+        for name, parse in parsers.items():
+            var = "FEED_" + name.upper()
+            raw = environ.get(var)
+            if raw is None:
+                continue
+            try:
+                values[name] = parse(raw)
+            except (ValueError, TypeError) as exc:
+                shown = "" if name in _SECRET_FIELDS else f" (got {raw!r})"
+                raise SettingsError(f"{var}: {exc}{shown}") from None
+        return cls(**values)
+
+    def env(self) -> dict[str, str]:
+        """The settings as ``FEED_*`` variables (secrets included: for child processes only)."""
+        out: dict[str, str] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is None:
+                continue
+            if isinstance(value, Secret):
+                value = value.reveal()
+            elif isinstance(value, tuple):
+                value = ",".join(value)
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            out["FEED_" + field.name.upper()] = str(value)
+        return out
+
+    # --- requirements of each process ----------------------------------------------------------
+    def require_gateway(self) -> None:
+        if self.jwt_secret is None:
+            raise SettingsError("FEED_JWT_SECRET: required by the gateway (at least 32 bytes)")
+        if self.ingest_token is None:
+            raise SettingsError("FEED_INGEST_TOKEN: required by the gateway for HTTP ingest")
+
+    def require_jwt(self) -> Secret:
+        if self.jwt_secret is None:
+            raise SettingsError("FEED_JWT_SECRET: required (at least 32 bytes)")
+        return self.jwt_secret
+
+
+_SECRET_FIELDS = {"jwt_secret", "ingest_token"}
+
+
+def _fail(message: str) -> Any:
+    raise ValueError(message)
+
+
+def _optional(parse: Callable[[str], T]) -> Callable[[str], T | None]:
+    def inner(raw: str) -> T | None:
+        return None if raw.strip() == "" else parse(raw)
+
+    return inner
+
+
+def _identifier(raw: str) -> str:
+    if not raw.isidentifier() or len(raw) > 48:
+        raise ValueError("must be a CQL identifier (letters, digits, underscore; at most 48)")
+    return raw
+
+
+def _jwt_secret(raw: str) -> Secret:
+    if len(raw.encode()) < 32:
+        raise ValueError("must be at least 32 bytes (RFC 7518 for HS256)")
+    return Secret(raw)
+
+
+def _ingest_token(raw: str) -> Secret:
+    if len(raw.encode()) < 16:
+        raise ValueError("must be at least 16 bytes")
+    return Secret(raw)

@@ -1,0 +1,77 @@
+"""Opening the stores from settings, and the Cassandra schema (``feed migrate``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
+from cassandra.policies import RoundRobinPolicy
+
+from feed.graph_cassandra import CassandraFollowGraph
+from feed.history_cassandra import CassandraHistory
+from feed.settings import Settings
+
+__all__ = [
+    "CassandraFollowGraph",
+    "CassandraHistory",
+    "create_schema",
+    "open_cassandra",
+    "schema_statements",
+]
+
+
+def open_cassandra(settings: Settings, *, keyspace: bool = True, timeout: float = 10.0) -> Session:
+    """Connect to the cluster named by the settings (blocking)."""
+    kwargs: dict[str, Any] = {
+        "contact_points": list(settings.cassandra_hosts),
+        "port": settings.cassandra_port,
+        "execution_profiles": {
+            EXEC_PROFILE_DEFAULT: ExecutionProfile(
+                load_balancing_policy=RoundRobinPolicy(), request_timeout=20.0
+            )
+        },
+        "connect_timeout": timeout,
+        "control_connection_timeout": timeout,
+    }
+    if settings.cassandra_protocol_version is not None:
+        kwargs["protocol_version"] = settings.cassandra_protocol_version
+    cluster = Cluster(**kwargs)
+    session = cluster.connect(settings.cassandra_keyspace if keyspace else None)
+    return session
+
+
+def schema_statements(keyspace: str, replication_factor: int = 1) -> list[str]:
+    """The CQL that ``feed migrate`` runs: every statement is ``IF NOT EXISTS``."""
+    ks = keyspace
+    return [
+        f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = "
+        f"{{'class': 'SimpleStrategy', 'replication_factor': {replication_factor}}}",
+        # Each activity once: the canonical JSON body.
+        f"CREATE TABLE IF NOT EXISTS {ks}.activities ("
+        " id text PRIMARY KEY, actor text, ts bigint, body blob)",
+        # A user's own activities, newest first (follow backfill, read-time merge).
+        f"CREATE TABLE IF NOT EXISTS {ks}.outbox ("
+        " actor text, ts bigint, id text, PRIMARY KEY ((actor), ts, id))"
+        " WITH CLUSTERING ORDER BY (ts DESC, id DESC)",
+        # Durable per-user timeline, same order as the Redis sorted set.
+        f"CREATE TABLE IF NOT EXISTS {ks}.timeline ("
+        " user_id text, ts bigint, id text, actor text, PRIMARY KEY ((user_id), ts, id))"
+        " WITH CLUSTERING ORDER BY (ts DESC, id DESC)",
+        # Who an activity reached (so a Delete reaches exactly those timelines).
+        f"CREATE TABLE IF NOT EXISTS {ks}.recipients ("
+        " id text, user_id text, PRIMARY KEY ((id), user_id))",
+        # The follow graph in both directions. Writes carry the event time as their timestamp,
+        # so follow/unfollow of one pair resolve by event time whatever the processing order.
+        f"CREATE TABLE IF NOT EXISTS {ks}.followers ("
+        " user_id text, follower text, PRIMARY KEY ((user_id), follower))",
+        f"CREATE TABLE IF NOT EXISTS {ks}.following ("
+        " user_id text, followee text, PRIMARY KEY ((user_id), followee))",
+        # Accounts over FEED_FANOUT_LIMIT followers: merged at read time. Sticky.
+        f"CREATE TABLE IF NOT EXISTS {ks}.big_accounts (user_id text PRIMARY KEY)",
+    ]
+
+
+def create_schema(session: Session, keyspace: str, replication_factor: int = 1) -> None:
+    """Create the keyspace and tables if missing. Safe to run any number of times."""
+    for statement in schema_statements(keyspace, replication_factor):
+        session.execute(statement, timeout=60)

@@ -1,0 +1,465 @@
+"""Hot timelines in Redis, and the per-user delivery stream that makes resume gap-free.
+
+Guarantees (what callers may rely on):
+
+* **Idempotent.** A timeline is a sorted set of order keys (``feed.cursor.order_key``); inserting
+  the same activity again is a no-op and does not push again. Bodies are stored once per activity
+  (``a:<id>``, with a TTL), not once per follower.
+* **Capped.** Each timeline keeps the newest ``timeline_max`` entries; older ones live in Cassandra.
+* **Atomic per call.** Each script call inserts (or removes) a group of entries, trims, and
+  for every *online* recipient (one with a presence hash, see
+  :meth:`AsyncRedisPresence.attach`) assigns the next delivery ``seq``, appends the frame
+  to the user's delivery stream and publishes it on the
+  user's channel — all in one step, so a frame's ``seq`` order is the order it reached the
+  timeline, and a resume that reads the stream after subscribing sees no gap.
+* **At-most-once Pub/Sub.** Publishing is fire-and-forget; a gateway that misses a message notices
+  the ``seq`` gap and reads the delivery stream (bounded to ``stream_history`` frames).
+* Offline users cost one ZADD, one ZCARD and one HGET per insert: no publish, no stream.
+
+Not cluster-safe as written: the scripts build per-user keys from arguments. Shard by user id on
+the client side to scale Redis out (docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import msgspec
+import redis
+import redis.asyncio as aioredis
+
+from feed import keys
+
+__all__ = [
+    "AsyncRedisPresence",
+    "AsyncRedisTimelines",
+    "Insert",
+    "Presence",
+    "RedisTimelines",
+    "Removal",
+    "TimelinePage",
+]
+
+# Shared Lua: deliver one frame to an online user (seq, stream, publish).
+_DELIVER = """
+local function deliver(uid, frame_head, frame_tail, hist)
+  local on = 'on:{' .. uid .. '}'
+  local ep = redis.call('HGET', on, 'e')
+  if not ep then return 0 end
+  local seq = redis.call('HINCRBY', on, 's', 1)
+  local frame = frame_head .. ep .. '.' .. seq .. frame_tail
+  redis.call('XADD', 'dl:{' .. uid .. '}', 'MAXLEN', '~', hist, seq .. '-0', 'f', frame)
+  redis.call('PUBLISH', 'u:{' .. uid .. '}', frame)
+  return 1
+end
+"""
+
+# ARGV: max, hist, ttl, only_active, then groups of: member, body_key, body, n, uid1..uidn
+_FANOUT = (
+    _DELIVER
+    + """
+local max = tonumber(ARGV[1])
+local hist = ARGV[2]
+local ttl = ARGV[3]
+local only_active = ARGV[4] == '1'
+local head = '{"type":"activity","cursor":"'
+local i = 5
+local inserted, pushed = 0, 0
+while i <= #ARGV do
+  local member, bkey, body, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  redis.call('SET', bkey, body, 'EX', ttl)
+  local tail = '","activity":' .. body .. '}'
+  for j = i + 4, i + 3 + n do
+    local uid = ARGV[j]
+    local tl = 'tl:{' .. uid .. '}'
+    if only_active and redis.call('EXISTS', 'seen:{' .. uid .. '}') == 0 then
+      -- inactive user: Cassandra only; the timeline is rebuilt on the next read or connect
+    elseif redis.call('ZADD', tl, 0, member) == 1 then
+      inserted = inserted + 1
+      if redis.call('ZCARD', tl) > max then
+        redis.call('ZREMRANGEBYRANK', tl, 0, -(max + 1))
+      end
+      pushed = pushed + deliver(uid, head, tail, hist)
+    end
+  end
+  i = i + 4 + n
+end
+return {inserted, pushed}
+"""
+)
+
+# ARGV: hist, then groups of: member, id_json, n, uid1..uidn
+_REMOVE = (
+    _DELIVER
+    + """
+local hist = ARGV[1]
+local head = '{"type":"removed","cursor":"'
+local i = 2
+local removed, pushed = 0, 0
+while i <= #ARGV do
+  local member, id_json, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local tail = '","id":' .. id_json .. '}'
+  for j = i + 3, i + 2 + n do
+    local uid = ARGV[j]
+    if redis.call('ZREM', 'tl:{' .. uid .. '}', member) == 1 then
+      removed = removed + 1
+      pushed = pushed + deliver(uid, head, tail, hist)
+    end
+  end
+  i = i + 3 + n
+end
+return {removed, pushed}
+"""
+)
+
+# Large accounts: their own capped outbox, announced on the actor channel (once per activity).
+# ARGV: max, ttl, then groups of: actor, member, body_key, body
+_OUTBOX_ADD = """
+local max = tonumber(ARGV[1])
+local ttl = ARGV[2]
+local added = 0
+for i = 3, #ARGV, 4 do
+  local actor, member, bkey, body = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  redis.call('SET', bkey, body, 'EX', ttl)
+  local ob = 'ob:{' .. actor .. '}'
+  if redis.call('ZADD', ob, 0, member) == 1 then
+    added = added + 1
+    if redis.call('ZCARD', ob) > max then redis.call('ZREMRANGEBYRANK', ob, 0, -(max + 1)) end
+    redis.call('PUBLISH', 'ac:{' .. actor .. '}', '+' .. member .. '\\n' .. body)
+  end
+end
+return added
+"""
+
+# ARGV: groups of: actor, member
+_OUTBOX_REMOVE = """
+local removed = 0
+for i = 1, #ARGV, 2 do
+  local actor, member = ARGV[i], ARGV[i + 1]
+  if redis.call('ZREM', 'ob:{' .. actor .. '}', member) == 1 then
+    removed = removed + 1
+    redis.call('PUBLISH', 'ac:{' .. actor .. '}', '-' .. member)
+  end
+end
+return removed
+"""
+
+# ARGV: uid, active_ttl -> 0 hot, 1 became active (caller rebuilds), 2 rebuild in progress
+_TOUCH = """
+local seen = 'seen:{' .. ARGV[1] .. '}'
+local rb = 'rb:{' .. ARGV[1] .. '}'
+if redis.call('SET', seen, '1', 'EX', ARGV[2], 'NX') then
+  redis.call('SET', rb, '1', 'EX', 60)
+  return 1
+end
+redis.call('EXPIRE', seen, ARGV[2])
+if redis.call('EXISTS', rb) == 1 then return 2 end
+return 0
+"""
+
+# ARGV: uid, new_epoch, ttl -> {epoch, seq}
+_ATTACH = """
+local on = 'on:{' .. ARGV[1] .. '}'
+local dl = 'dl:{' .. ARGV[1] .. '}'
+local ep = redis.call('HGET', on, 'e')
+if not ep then
+  redis.call('DEL', dl)
+  redis.call('HSET', on, 'e', ARGV[2], 's', 0)
+  ep = ARGV[2]
+end
+redis.call('EXPIRE', on, ARGV[3])
+redis.call('EXPIRE', dl, ARGV[3])
+return {ep, redis.call('HGET', on, 's')}
+"""
+
+#: Most arguments sent in one script call (keeps each call's Redis pause short).
+_MAX_ARGS = 8192
+_json = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True, slots=True)
+class Insert:
+    """One activity to insert into the timelines of ``users``."""
+
+    member: str
+    activity_id: str
+    body: bytes
+    users: Sequence[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Removal:
+    """One activity to remove from the timelines of ``users``."""
+
+    member: str
+    activity_id: str
+    users: Sequence[str]
+
+
+@dataclass(frozen=True, slots=True)
+class TimelinePage:
+    members: list[str]
+    bodies: dict[str, bytes]
+
+
+def _chunks(
+    head: list[str | int | bytes], groups: Iterable[tuple[list[str | int | bytes], Sequence[str]]]
+) -> list[list[str | int | bytes]]:
+    """Split groups (fixed part, users) into argument lists of at most ``_MAX_ARGS`` items."""
+    calls: list[list[str | int | bytes]] = []
+    current = list(head)
+    for fixed, users in groups:
+        start = 0
+        while start < len(users) or (start == 0 and not users):
+            room = max(1, _MAX_ARGS - len(current) - len(fixed) - 1)
+            part = users[start : start + room]
+            if not part:
+                break
+            current.extend(fixed)
+            current.append(len(part))
+            current.extend(part)
+            start += len(part)
+            if len(current) >= _MAX_ARGS:
+                calls.append(current)
+                current = list(head)
+    if len(current) > len(head):
+        calls.append(current)
+    return calls
+
+
+def _id_json(activity_id: str) -> bytes:
+    return _json.encode(activity_id)
+
+
+class RedisTimelines:
+    """Synchronous writer and reader (the fan-out worker's side)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        timeline_max: int,
+        stream_history: int,
+        body_ttl_s: int,
+        only_active: bool = False,
+    ) -> None:
+        self._redis = client
+        self._max = timeline_max
+        self._hist = stream_history
+        self._ttl = body_ttl_s
+        self._only_active = "1" if only_active else "0"
+        self._fanout = client.register_script(_FANOUT)
+        self._remove = client.register_script(_REMOVE)
+        self._outbox_add = client.register_script(_OUTBOX_ADD)
+        self._outbox_remove = client.register_script(_OUTBOX_REMOVE)
+
+    @property
+    def client(self) -> redis.Redis:
+        return self._redis
+
+    def insert(self, inserts: Sequence[Insert]) -> tuple[int, int]:
+        """Insert each activity into its users' timelines. Returns (inserted, pushed).
+
+        With ``only_active``, users without an ``active`` marker are skipped (Cassandra only).
+        """
+        calls = _chunks(
+            [self._max, self._hist, self._ttl, self._only_active],
+            (([i.member, keys.body(i.activity_id), i.body], i.users) for i in inserts if i.users),
+        )
+        return self._run(self._fanout, calls)
+
+    def remove(self, removals: Sequence[Removal]) -> tuple[int, int]:
+        """Remove activities from users' timelines. Returns (removed, pushed)."""
+        calls = _chunks(
+            [self._hist],
+            (([r.member, _id_json(r.activity_id)], r.users) for r in removals if r.users),
+        )
+        return self._run(self._remove, calls)
+
+    def _run(
+        self, script: redis.commands.core.Script, calls: list[list[str | int | bytes]]
+    ) -> tuple[int, int]:
+        if not calls:
+            return 0, 0
+        if len(calls) == 1:
+            results = [script(args=calls[0])]
+        else:
+            pipe = self._redis.pipeline(transaction=False)
+            for args in calls:
+                script(args=args, client=pipe)
+            results = pipe.execute()
+        return sum(int(r[0]) for r in results), sum(int(r[1]) for r in results)
+
+    def add_to_outboxes(self, items: Sequence[tuple[str, Insert]]) -> int:
+        """Large accounts' (actor, activity): capped outbox + actor-channel announcement."""
+        if not items:
+            return 0
+        args: list[str | int | bytes] = [self._max, self._ttl]
+        for actor, item in items:
+            args += [actor, item.member, keys.body(item.activity_id), item.body]
+        return int(self._outbox_add(args=args))
+
+    def remove_from_outbox(self, actor: str, member: str) -> int:
+        return int(self._outbox_remove(args=[actor, member]))
+
+    def delete_bodies(self, activity_ids: Iterable[str]) -> None:
+        names = [keys.body(a) for a in activity_ids]
+        if names:
+            self._redis.delete(*names)
+
+    def page(self, user: str, before: str | None, limit: int) -> TimelinePage:
+        members = _decode_all(
+            self._redis.zrevrangebylex(
+                keys.timeline(user), f"({before}" if before else "+", "-", start=0, num=limit
+            )
+        )
+        return TimelinePage(members, _bodies(members, self._redis.mget(_body_keys(members))))
+
+    def size(self, user: str) -> int:
+        return int(self._redis.zcard(keys.timeline(user)))
+
+
+class AsyncRedisTimelines:
+    """Asynchronous reader (the gateway's side)."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._redis = client
+        self._touch = client.register_script(_TOUCH)
+
+    async def page(self, user: str, before: str | None, limit: int) -> TimelinePage:
+        members = _decode_all(
+            await self._redis.zrevrangebylex(
+                keys.timeline(user), f"({before}" if before else "+", "-", start=0, num=limit
+            )
+        )
+        if not members:
+            return TimelinePage([], {})
+        return TimelinePage(members, _bodies(members, await self._redis.mget(_body_keys(members))))
+
+    async def touch(self, user: str, active_ttl_s: int) -> int:
+        """Mark the user active. 0: hot; 1: just became active (rebuild now); 2: rebuilding."""
+        return int(await self._touch(args=[user, active_ttl_s]))
+
+    async def rebuild(
+        self,
+        user: str,
+        members: list[str],
+        bodies: dict[str, bytes],
+        *,
+        timeline_max: int,
+        body_ttl_s: int,
+    ) -> None:
+        """Load a timeline read from Cassandra into Redis and end the rebuild."""
+        pipe = self._redis.pipeline(transaction=False)
+        if members:
+            pipe.zadd(keys.timeline(user), dict.fromkeys(members, 0))
+            pipe.zremrangebyrank(keys.timeline(user), 0, -(timeline_max + 1))
+        for activity_id, body in bodies.items():
+            pipe.set(keys.body(activity_id), body, ex=body_ttl_s)
+        pipe.delete(keys.rebuilding(user))
+        await pipe.execute()
+
+    async def big_state(self, user: str) -> tuple[bytes | None, int]:
+        """(following version of ``user``, size of the big-accounts set) in one round trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.get(keys.following_version(user))
+        pipe.scard(keys.big_accounts)
+        version, size = await pipe.execute()
+        return version, int(size)
+
+    async def big_among(self, users: Sequence[str]) -> list[str]:
+        if not users:
+            return []
+        flags = await self._redis.smismember(keys.big_accounts, list(users))
+        return [u for u, flag in zip(users, flags, strict=True) if flag]
+
+    async def outbox_pages(
+        self, actors: Sequence[str], before: str | None, limit: int
+    ) -> dict[str, list[str]]:
+        """Each large account's newest order keys older than ``before`` (Redis part only)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for actor in actors:
+            pipe.zrevrangebylex(
+                keys.outbox(actor), f"({before}" if before else "+", "-", start=0, num=limit
+            )
+        results = await pipe.execute()
+        return {a: _decode_all(r) for a, r in zip(actors, results, strict=True)}
+
+    async def bodies(self, members: list[str]) -> dict[str, bytes]:
+        if not members:
+            return {}
+        return _bodies(members, await self._redis.mget(_body_keys(members)))
+
+    async def cache_bodies(self, bodies: dict[str, bytes], ttl_s: int) -> None:
+        if not bodies:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for activity_id, body in bodies.items():
+            pipe.set(keys.body(activity_id), body, ex=ttl_s)
+        await pipe.execute()
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    epoch: str
+    seq: int
+
+
+class AsyncRedisPresence:
+    """Presence and delivery stream of connected users (the gateway's side)."""
+
+    def __init__(self, client: aioredis.Redis, *, ttl_s: int) -> None:
+        self._redis = client
+        self._ttl = ttl_s
+        self._attach = client.register_script(_ATTACH)
+
+    async def attach(self, user: str) -> Presence:
+        """Mark the user online (or keep them so) and return the stream's epoch and last seq."""
+        epoch, seq = await self._attach(args=[user, _new_epoch(), self._ttl])
+        return Presence(_text(epoch), int(seq))
+
+    async def refresh(self, users: Iterable[str]) -> None:
+        """Extend presence of locally connected users (called periodically)."""
+        pipe = self._redis.pipeline(transaction=False)
+        count = 0
+        for user in users:
+            pipe.expire(keys.presence(user), self._ttl)
+            pipe.expire(keys.deliveries(user), self._ttl)
+            count += 1
+        if count:
+            await pipe.execute()
+
+    async def frames_after(self, user: str, seq: int, limit: int) -> list[tuple[int, bytes]]:
+        """Frames with delivery seq > ``seq``, oldest first, at most ``limit``."""
+        entries = await self._redis.xrange(
+            keys.deliveries(user), min=f"({seq}-0", max="+", count=limit
+        )
+        return [(int(_text(eid).split("-", 1)[0]), fields[b"f"]) for eid, fields in entries]
+
+    async def oldest_seq(self, user: str) -> int | None:
+        entries = await self._redis.xrange(keys.deliveries(user), count=1)
+        if not entries:
+            return None
+        return int(_text(entries[0][0]).split("-", 1)[0])
+
+
+def _new_epoch() -> str:
+    return secrets.token_hex(4)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _decode_all(values: list[bytes]) -> list[str]:
+    return [v.decode() for v in values]
+
+
+def _body_keys(members: list[str]) -> list[str]:
+    return [keys.body(m.partition(":")[2]) for m in members]
+
+
+def _bodies(members: list[str], raw: list[bytes | None]) -> dict[str, bytes]:
+    return {m: b for m, b in zip(members, raw, strict=True) if b is not None}

@@ -1,0 +1,1004 @@
+"""The gateway's ASGI app: HTTP API, the ``/v1/stream`` WebSocket and the lifespan that opens
+their resources.
+
+:func:`create_app` builds a Starlette app. Collaborators not passed in are opened by the lifespan
+from the settings (Redis, the Kafka producer, Cassandra) and closed by it; collaborators passed in
+are used as they are and left open. Handlers reach them through ``app.state.gateway``
+(:class:`Gateway`).
+
+The WebSocket endpoint is a thin adapter (:class:`StreamConnection`) around the sans-I/O
+:class:`gateway.session.Session` and the process-wide :class:`gateway.hub.Hub`. Every HTTP error
+is produced in one place, :func:`_error_response`, as ``{"error": {"code", "message", "field"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import re
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import msgspec
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from feed.cursor import CursorError
+from feed.kafka import AsyncProducer, KafkaUnavailable, producer_config
+from feed.reader import FeedReader
+from feed.settings import Settings
+from feed.timeline_redis import AsyncRedisPresence, AsyncRedisTimelines
+from gateway.auth import (
+    AuthError,
+    UserClaims,
+    bearer_token,
+    ingest_authorized,
+    mint_token,
+    verify_user_token,
+)
+from gateway.hub import Hub, HubUnavailable
+from gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from gateway.session import CLOSE_FORBIDDEN, CLOSE_TOO_SLOW, CLOSE_UNAUTHORIZED, Session
+from schemas import (
+    Accepted,
+    ErrorBody,
+    ErrorDetail,
+    FollowEvent,
+    ValidationError,
+    decode_activities,
+    decode_follow_request,
+    encode_activity,
+)
+
+__all__ = ["Gateway", "GatewayError", "Producer", "StreamConnection", "create_app"]
+
+log = structlog.get_logger("gateway")
+
+#: Largest HTTP ingest body (activities); follow bodies are far smaller.
+MAX_INGEST_BODY = 1 << 20
+MAX_FOLLOW_BODY = 4096
+#: ``limit`` of ``GET /v1/feed``.
+DEFAULT_LIMIT, MAX_LIMIT = 50, 200
+#: Frames per delivery-stream read while replaying or filling a gap.
+HISTORY_PAGE = 100
+#: How long an ``Idempotency-Key`` is remembered, and how long a request may hold it unfinished.
+IDEMPOTENCY_TTL_S = 24 * 3600
+IDEMPOTENCY_PENDING_TTL_S = 120
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+_USER_ID = re.compile(r"^[^\s\x00-\x1f\x7f]{1,128}$")
+#: WebSocket close codes used here besides the session's.
+_CLOSE_TRY_AGAIN = 1013
+#: Bound on waiting for a close frame to be written to a client that may not be reading.
+_CLOSE_TIMEOUT_S = 5.0
+_QUIET_ROUTES = {"/healthz", "/readyz", "/metrics"}
+_STATIC = Path(__file__).resolve().parent / "static"
+_REDIS_ERRORS = (RedisError, OSError)
+
+_json = msgspec.json.Encoder()
+T = TypeVar("T")
+
+
+class Producer(Protocol):
+    """What ingest needs from a Kafka producer (``feed.kafka.AsyncProducer``)."""
+
+    async def send_many(
+        self, topic: str, records: Iterable[tuple[bytes, bytes]], *, timeout: float = 30.0
+    ) -> int: ...
+
+
+# --- errors: produced in one place ------------------------------------------------------------
+class GatewayError(Exception):
+    """An HTTP error response: status, machine-readable code, message, the field concerned."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        field: str = "",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.headers = headers or {}
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    422: "unprocessable",
+    429: "throttled",
+}
+
+
+def _as_gateway_error(exc: Exception) -> GatewayError:
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, ValidationError):
+        return GatewayError(400, exc.code, exc.message, field=exc.field)
+    if isinstance(exc, CursorError):
+        return GatewayError(400, "invalid_cursor", str(exc), field="cursor")
+    if isinstance(exc, AuthError):
+        return GatewayError(
+            401, "unauthorized", exc.message, headers={"WWW-Authenticate": "Bearer"}
+        )
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        return GatewayError(
+            503, "unavailable", "a store is unreachable; retry later", headers={"Retry-After": "2"}
+        )
+    if isinstance(exc, HTTPException):
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        return GatewayError(
+            exc.status_code, code, str(exc.detail), headers=dict(exc.headers or {})
+        )
+    return GatewayError(500, "internal", "internal server error")
+
+
+async def _error_response(conn: HTTPConnection, exc: Exception) -> Response:
+    error = _as_gateway_error(exc)
+    if error.status >= 500:
+        log.error("request_failed", path=conn.url.path, exc_info=exc)
+    body = ErrorBody(ErrorDetail(code=error.code, message=error.message, field=error.field))
+    return _JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+class _JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return _json.encode(content)
+
+
+# --- resources ---------------------------------------------------------------------------------
+class Gateway:
+    """The resources of one gateway app, opened by the lifespan (``app.state.gateway``)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        redis_client: aioredis.Redis | None,
+        reader: FeedReader | None,
+        producer: Producer | None,
+        cassandra_session: Any,
+        metrics: GatewayMetrics,
+        dev_mode: bool,
+        hold_live_s: float,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.dev_mode = dev_mode
+        self.hold_live_s = hold_live_s
+        self._redis = redis_client
+        self._reader = reader
+        self._producer = producer
+        self.cassandra = cassandra_session
+        self._owns_redis = redis_client is None
+        self._owns_producer = producer is None
+        self._owns_cassandra = False
+        #: Cassandra is a dependency when this app reads history itself or was given a session.
+        self.uses_cassandra = cassandra_session is not None or (
+            reader is None and settings.fanout_history
+        )
+        self._hub: Hub | None = None
+        self._presence: AsyncRedisPresence | None = None
+        self._timelines: AsyncRedisTimelines | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+
+    # Handlers only run between open() and close(), so these are always set there.
+    @property
+    def redis(self) -> aioredis.Redis:
+        return _opened(self._redis)
+
+    @property
+    def hub(self) -> Hub:
+        return _opened(self._hub)
+
+    @property
+    def presence(self) -> AsyncRedisPresence:
+        return _opened(self._presence)
+
+    @property
+    def reader(self) -> FeedReader:
+        return _opened(self._reader)
+
+    @property
+    def producer(self) -> Producer:
+        return _opened(self._producer)
+
+    async def open(self) -> None:
+        s = self.settings
+        if self._redis is None:
+            self._redis = aioredis.Redis.from_url(
+                s.redis_url, socket_connect_timeout=5, socket_timeout=10, socket_keepalive=True
+            )
+        self._timelines = AsyncRedisTimelines(self._redis)
+        self._presence = AsyncRedisPresence(self._redis, ttl_s=s.resume_window_s)
+        self._hub = Hub(
+            self._redis, self._presence, refresh_interval_s=max(1.0, s.resume_window_s / 3)
+        )
+        await self._hub.start()
+        if self._producer is None:
+            self._producer = AsyncProducer(producer_config(s))
+        if self._reader is None:
+            history = None
+            if self.cassandra is not None:
+                history = await asyncio.to_thread(_history, self.cassandra, s.cassandra_keyspace)
+            self._reader = self._make_reader(history)
+            if self.uses_cassandra and self.cassandra is None:
+                self._tasks.append(asyncio.create_task(self._connect_cassandra()))
+        log.info(
+            "gateway_started",
+            redis_owned=self._owns_redis,
+            producer_owned=self._owns_producer,
+            cassandra=self.uses_cassandra,
+            dev_mode=self.dev_mode,
+        )
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._hub is not None:
+            await self._hub.stop()
+        if self._owns_producer and isinstance(self._producer, AsyncProducer):
+            await asyncio.to_thread(self._producer.close, min(5.0, self.settings.drain_s))
+        if self._owns_cassandra and self.cassandra is not None:
+            await asyncio.to_thread(self.cassandra.cluster.shutdown)
+        if self._owns_redis and self._redis is not None:
+            await self._redis.aclose()
+        log.info("gateway_stopped")
+
+    def _make_reader(self, history: Any) -> FeedReader:
+        from feed.graph_cassandra import CassandraFollowGraph
+
+        s = self.settings
+        graph = None
+        if history is not None:
+            graph = CassandraFollowGraph(history.session, s.cassandra_keyspace)
+        return FeedReader(
+            _opened(self._timelines),
+            history,
+            body_ttl_s=s.body_ttl_days * 86_400,
+            active_ttl_s=s.active_days * 86_400,
+            timeline_max=s.timeline_max,
+            graph=graph,
+        )
+
+    async def _connect_cassandra(self) -> None:
+        """Connect in the background (start-up does not wait for Cassandra); retry until it works.
+
+        Until then ``GET /readyz`` reports Cassandra down and pages stop at the hot tier.
+        """
+        delay = 1.0
+        while not self._closing:
+            try:
+                session, history = await _in_daemon_thread(
+                    self._open_cassandra, on_orphan=lambda opened: opened[0].cluster.shutdown()
+                )
+            except Exception as exc:
+                log.warning("cassandra_unavailable", error=str(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            self.cassandra = session
+            self._owns_cassandra = True
+            self._reader = self._make_reader(history)
+            log.info("cassandra_connected")
+            return
+
+    def _open_cassandra(self) -> tuple[Any, Any]:
+        from feed.stores import open_cassandra  # the driver is slow to import; only when needed
+
+        session = open_cassandra(self.settings)
+        try:
+            return session, _history(session, self.settings.cassandra_keyspace)
+        except BaseException:
+            session.cluster.shutdown()
+            raise
+
+    async def readiness(self) -> dict[str, dict[str, Any]]:
+        """Check every dependency (bounded in time); one entry per dependency."""
+        checks: dict[str, Callable[[], Any]] = {"redis": self._check_redis}
+        probe = _kafka_probe(self._producer)
+        if probe is not None:
+            checks["kafka"] = lambda: asyncio.to_thread(probe, timeout=2.0)
+        if self.uses_cassandra:
+            checks["cassandra"] = self._check_cassandra
+        names = list(checks)
+        results = await asyncio.gather(
+            *(_timed(checks[name]) for name in names), return_exceptions=False
+        )
+        out = dict(zip(names, results, strict=True))
+        out["pubsub"] = {"ok": self.hub.connected}
+        return out
+
+    async def _check_redis(self) -> None:
+        await self.redis.ping()
+
+    async def _check_cassandra(self) -> None:
+        session = self.cassandra
+        if session is None:
+            raise RuntimeError("not connected yet")
+        await asyncio.to_thread(session.execute, "SELECT now() FROM system.local", timeout=2.0)
+
+
+def _opened(value: T | None) -> T:
+    if value is None:
+        raise RuntimeError("the gateway's resources are not open (lifespan not running)")
+    return value
+
+
+def _history(session: Any, keyspace: str) -> Any:
+    from feed.history_cassandra import CassandraHistory
+
+    return CassandraHistory(session, keyspace)
+
+
+def _kafka_probe(producer: Any) -> Callable[..., Any] | None:
+    probe = getattr(producer, "list_topics", None)
+    if probe is None:
+        # feed.kafka.AsyncProducer wraps a confluent-kafka Producer, which answers metadata.
+        probe = getattr(getattr(producer, "_producer", None), "list_topics", None)
+    return probe if callable(probe) else None
+
+
+async def _timed(check: Callable[[], Any]) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(check(), 3.0)
+    except Exception as exc:
+        return {"ok": False, "error": str(exc)[:200] or type(exc).__name__}
+    return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
+
+
+async def _in_daemon_thread(
+    fn: Callable[[], T], *, on_orphan: Callable[[T], Any] | None = None
+) -> T:
+    """Run blocking ``fn`` in a daemon thread (it must not hold the process open at exit).
+
+    If the caller was cancelled or the loop is gone when ``fn`` returns, ``on_orphan`` releases
+    the result (off the event loop).
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():  # the caller gave up (cancelled): release what it would have used
+            if error is None and on_orphan is not None:
+                threading.Thread(target=on_orphan, args=(result,), daemon=True).start()
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def target() -> None:
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = fn()
+        except BaseException as exc:
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is gone: nobody will use the result
+            if error is None and on_orphan is not None:
+                on_orphan(result)
+
+    threading.Thread(target=target, name="gateway-open-cassandra", daemon=True).start()
+    return await future
+
+
+# --- HTTP handlers ------------------------------------------------------------------------------
+def _gateway(conn: HTTPConnection) -> Gateway:
+    gateway: Gateway = conn.app.state.gateway
+    return gateway
+
+
+def _user(request: Request) -> UserClaims:
+    gateway = _gateway(request)
+    token = bearer_token(request.headers)
+    if token is None:
+        raise AuthError("missing", "an `Authorization: Bearer <token>` header is required")
+    return verify_user_token(
+        token, gateway.settings.require_jwt(), leeway_s=gateway.settings.jwt_leeway_s
+    )
+
+
+def _require_ingest(request: Request) -> None:
+    if not ingest_authorized(request.headers, _gateway(request).settings.ingest_token):
+        raise AuthError("ingest", "the ingest token is missing or wrong")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise GatewayError(
+            413, "too_large", f"body of {declared} bytes exceeds the limit of {limit} bytes"
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise GatewayError(413, "too_large", f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _limit(raw: str | None) -> int:
+    if raw is None or raw == "":
+        return DEFAULT_LIMIT
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise GatewayError(
+            400, "out_of_range", f"must be a whole number from 1 to {MAX_LIMIT}", field="limit"
+        )
+    return int(raw)
+
+
+async def healthz(_request: Request) -> Response:
+    return _JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    checks = await _gateway(request).readiness()
+    ready = all(check["ok"] for check in checks.values())
+    return _JSONResponse(
+        {"ready": ready, "dependencies": checks}, status_code=200 if ready else 503
+    )
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    gateway = _gateway(request)
+    gateway.metrics.pubsub_connected.set(1 if gateway.hub.connected else 0)
+    return Response(gateway.metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def feed_page(request: Request) -> Response:
+    claims = _user(request)
+    limit = _limit(request.query_params.get("limit"))
+    cursor = request.query_params.get("cursor") or None
+    page = await _gateway(request).reader.page(claims.user, cursor, limit)
+    return _JSONResponse(page)
+
+
+async def ingest_activities(request: Request) -> Response:
+    _require_ingest(request)
+    gateway = _gateway(request)
+    body = await _read_body(request, MAX_INGEST_BODY)
+    activities = decode_activities(body)
+    key = request.headers.get("idempotency-key")
+    idempotency = None
+    if key is not None:
+        idempotency = _Idempotency(gateway.redis, key, body)
+        stored = await idempotency.begin()
+        if stored is not None:
+            status, content = stored
+            return Response(
+                content,
+                status_code=status,
+                media_type="application/json",
+                headers={"Idempotent-Replayed": "true"},
+            )
+    records = [(a.actor.encode(), encode_activity(a)) for a in activities]
+    try:
+        await _produce(gateway, gateway.settings.topic_activities, records)
+    except GatewayError:
+        if idempotency is not None:
+            await idempotency.abandon()
+        raise
+    content = _json.encode(Accepted(accepted=len(activities)))
+    if idempotency is not None:
+        await idempotency.finish(202, content)
+    gateway.metrics.ingest_activities.inc(len(activities))
+    return Response(content, status_code=202, media_type="application/json")
+
+
+async def follow(request: Request) -> Response:
+    _require_ingest(request)
+    gateway = _gateway(request)
+    body = await _read_body(request, MAX_FOLLOW_BODY)
+    wanted = decode_follow_request(body)
+    event = FollowEvent(
+        type="follow" if request.method == "POST" else "unfollow",
+        follower=wanted.follower,
+        followee=wanted.followee,
+        at=datetime.now(UTC),
+    )
+    await _produce(
+        gateway, gateway.settings.topic_follows, [(wanted.follower.encode(), _json.encode(event))]
+    )
+    return _JSONResponse(Accepted(accepted=1), status_code=202)
+
+
+async def _produce(gateway: Gateway, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+    try:
+        await gateway.producer.send_many(topic, records, timeout=15.0)
+    except (KafkaUnavailable, TimeoutError, OSError) as exc:
+        log.warning("produce_failed", topic=topic, records=len(records), error=str(exc))
+        raise GatewayError(
+            503,
+            "kafka_unavailable",
+            "the event log did not accept the records; retry later",
+            headers={"Retry-After": "2"},
+        ) from None
+
+
+async def dev_token(request: Request) -> Response:
+    user = request.query_params.get("user", "")
+    if not _USER_ID.match(user):
+        raise GatewayError(400, "invalid", "a user id (1-128 printable characters)", field="user")
+    ttl = 86_400
+    token = mint_token(_gateway(request).settings.require_jwt(), user, ttl)
+    return _JSONResponse({"user": user, "token": token, "expires_in": ttl})
+
+
+_PAGE: bytes | None = None
+
+
+async def page(_request: Request) -> Response:
+    global _PAGE
+    if _PAGE is None:
+        _PAGE = await asyncio.to_thread((_STATIC / "index.html").read_bytes)
+    return Response(_PAGE, media_type="text/html; charset=utf-8")
+
+
+class _Idempotency:
+    """``Idempotency-Key`` for ingest: key -> (sha256 of body, response), kept 24 h in Redis.
+
+    ``begin`` claims the key with SET NX (a pending marker with a short TTL, so a crashed request
+    does not block its retries for a day); a later request with the same key and body gets the
+    stored response and produces nothing; with another body it gets 422; while the first request
+    is still producing, 409.
+    """
+
+    def __init__(self, client: aioredis.Redis, key: str, body: bytes) -> None:
+        if not _IDEMPOTENCY_KEY.match(key):
+            raise GatewayError(
+                400,
+                "invalid",
+                "must be 1-255 printable ASCII characters without spaces",
+                field="Idempotency-Key",
+            )
+        self._redis = client
+        self._name = "idem:" + hashlib.sha256(key.encode()).hexdigest()
+        self._digest = hashlib.sha256(body).hexdigest()
+
+    async def begin(self) -> tuple[int, bytes] | None:
+        pending = _json.encode({"h": self._digest, "s": 0, "b": ""})
+        for _ in range(3):
+            if await self._redis.set(self._name, pending, nx=True, ex=IDEMPOTENCY_PENDING_TTL_S):
+                return None
+            raw = await self._redis.get(self._name)
+            if raw is None:
+                continue  # expired between the two calls: claim it again
+            stored = msgspec.json.decode(raw)
+            if stored.get("h") != self._digest:
+                raise GatewayError(
+                    422,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was used with a different body",
+                    field="Idempotency-Key",
+                )
+            if not stored.get("s"):
+                raise GatewayError(
+                    409,
+                    "idempotency_in_progress",
+                    "a request with this Idempotency-Key is still being processed",
+                    field="Idempotency-Key",
+                    headers={"Retry-After": "1"},
+                )
+            return int(stored["s"]), str(stored["b"]).encode()
+        raise GatewayError(409, "idempotency_in_progress", "retry", field="Idempotency-Key")
+
+    async def finish(self, status: int, content: bytes) -> None:
+        value = _json.encode({"h": self._digest, "s": status, "b": content.decode()})
+        await self._redis.set(self._name, value, ex=IDEMPOTENCY_TTL_S)
+
+    async def abandon(self) -> None:
+        with contextlib.suppress(*_REDIS_ERRORS):
+            await self._redis.delete(self._name)
+
+
+# --- WebSocket ---------------------------------------------------------------------------------
+async def stream(websocket: WebSocket) -> None:
+    gateway = _gateway(websocket)
+    settings = gateway.settings
+    conn_id = secrets.token_hex(6)
+    with structlog.contextvars.bound_contextvars(conn_id=conn_id):
+        await websocket.accept()
+        origin = websocket.headers.get("origin")
+        if settings.allowed_origins and origin is not None and (
+            origin not in settings.allowed_origins
+        ):
+            log.info("ws_rejected", reason="origin", origin=origin[:200])
+            await _close_quietly(websocket, CLOSE_FORBIDDEN, "origin not allowed")
+            gateway.metrics.closes.labels(str(CLOSE_FORBIDDEN)).inc()
+            return
+        token = bearer_token(websocket.headers) or websocket.query_params.get("token") or ""
+        try:
+            claims = verify_user_token(
+                token, settings.require_jwt(), leeway_s=settings.jwt_leeway_s
+            )
+        except AuthError as exc:
+            log.info("ws_rejected", reason=exc.reason)
+            await _close_quietly(websocket, CLOSE_UNAUTHORIZED, exc.message)
+            gateway.metrics.closes.labels(str(CLOSE_UNAUTHORIZED)).inc()
+            return
+        with structlog.contextvars.bound_contextvars(user_id=claims.user):
+            await StreamConnection(websocket, claims, gateway).run()
+
+
+async def _close_quietly(websocket: WebSocket, code: int, reason: str) -> None:
+    with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect, TimeoutError):
+        await asyncio.wait_for(websocket.close(code, reason), _CLOSE_TIMEOUT_S)
+
+
+class StreamConnection:
+    """Adapter between one WebSocket, its :class:`Session` and the :class:`Hub`.
+
+    Three things run: the hub's callbacks (:meth:`deliver`, :meth:`check_gap`, :meth:`shutdown`,
+    synchronous), a reader loop feeding client frames to the session, and a pump that performs
+    the session's history reads and writes its frames. Whoever notices that the session closed
+    ends the others; :meth:`run` then writes the close frame.
+    """
+
+    def __init__(self, websocket: WebSocket, claims: UserClaims, gateway: Gateway) -> None:
+        self._ws = websocket
+        self._claims = claims
+        self._gateway = gateway
+        self._session: Session | None = None
+        self._early: list[bytes] = []
+        self._early_gap = False
+        self._going_away = False
+        self._wake = asyncio.Event()
+        self._pump_task: asyncio.Task[None] | None = None
+        self._pending_since: float | None = None
+        self._client_code: int | None = None
+        self._pushed = 0
+
+    @property
+    def user(self) -> str:
+        return self._claims.user
+
+    # --- hub callbacks ---------------------------------------------------------------------------
+    def deliver(self, frame: bytes) -> None:
+        session = self._session
+        if session is None:
+            self._early.append(frame)
+            return
+        session.receive_live(frame)
+        self._mark_pending()
+        self._after_event()
+
+    def check_gap(self) -> None:
+        if self._session is None:
+            self._early_gap = True
+            return
+        self._session.check_gap()
+        self._after_event()
+
+    def shutdown(self) -> None:
+        self._going_away = True
+        if self._session is not None:
+            self._session.shutdown()
+            self._after_event()
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    async def run(self) -> None:
+        gateway = self._gateway
+        started = time.monotonic()
+        try:
+            await gateway.hub.register(self)
+        except HubUnavailable:
+            log.warning("ws_rejected", reason="pubsub_unavailable")
+            await _close_quietly(self._ws, _CLOSE_TRY_AGAIN, "try again later")
+            return
+        session: Session | None = None
+        gateway.metrics.connections.inc()
+        try:
+            try:
+                presence = await gateway.presence.attach(self.user)
+                # A connected user is active: fan-out writes their Redis timeline (and a user
+                # back from a quiet period gets it rebuilt from history, single-flight).
+                await gateway.reader.touch(self.user)
+            except _REDIS_ERRORS as exc:
+                log.warning("ws_rejected", reason="redis_unavailable", error=str(exc))
+                await _close_quietly(self._ws, _CLOSE_TRY_AGAIN, "try again later")
+                return
+            session = self._start_session(presence.epoch, presence.seq)
+            await self._serve(session)
+        finally:
+            gateway.metrics.connections.dec()
+            await gateway.hub.unregister(self)
+            self._log_summary(session, time.monotonic() - started)
+
+    def _start_session(self, epoch: str, seq: int) -> Session:
+        settings = self._gateway.settings
+        hold = self._gateway.hold_live_s
+        session = Session(
+            self.user,
+            epoch,
+            seq,
+            max_queue_bytes=settings.send_queue_bytes,
+            hold_live=hold > 0,
+        )
+        self._session = session
+        for frame in self._early:
+            session.receive_live(frame)
+        self._early.clear()
+        if self._early_gap:
+            session.check_gap()
+        if self._going_away:
+            session.shutdown()
+        return session
+
+    async def _serve(self, session: Session) -> None:
+        loop = asyncio.get_running_loop()
+        timers = []
+        if self._gateway.hold_live_s > 0:
+            timers.append(loop.call_later(self._gateway.hold_live_s, self._end_hold))
+        expires_in = (
+            self._claims.expires_at + self._gateway.settings.jwt_leeway_s - time.time()
+        )
+        timers.append(loop.call_later(max(0.0, expires_in), self._expire))
+        reader = asyncio.create_task(self._read_loop(session), name="ws-read")
+        self._pump_task = pump = asyncio.create_task(self._pump(session), name="ws-pump")
+        self._wake.set()
+        try:
+            await asyncio.wait({reader, pump}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for timer in timers:
+                timer.cancel()
+            for task in (reader, pump):
+                task.cancel()
+            for task in (reader, pump):
+                try:
+                    await task
+                except (asyncio.CancelledError, WebSocketDisconnect, OSError):
+                    pass
+                except Exception:
+                    log.exception("ws_task_failed", task=task.get_name())
+        close = session.close_code()
+        if close is not None and self._client_code is None:
+            code, reason = close
+            if code == CLOSE_TOO_SLOW:
+                self._gateway.metrics.slow_client_closes.inc()
+            self._gateway.metrics.closes.labels(str(code)).inc()
+            await _close_quietly(self._ws, code, reason)
+
+    def _end_hold(self) -> None:
+        if self._session is not None:
+            self._session.start_live()
+            self._after_event()
+
+    def _expire(self) -> None:
+        if self._session is not None:
+            self._session.token_expired()
+            self._after_event()
+
+    def _after_event(self) -> None:
+        session = self._session
+        if session is not None and session.closed and self._pump_task is not None:
+            # A pump blocked on a slow socket must not delay the close.
+            self._pump_task.cancel()
+        self._wake.set()
+
+    def _mark_pending(self) -> None:
+        if self._pending_since is None:
+            self._pending_since = time.perf_counter()
+
+    async def _read_loop(self, session: Session) -> None:
+        while not session.closed:
+            message = await self._ws.receive()
+            kind = message["type"]
+            if kind == "websocket.disconnect":
+                self._client_code = int(message.get("code") or 1005)
+                return
+            if kind != "websocket.receive":
+                continue
+            text = message.get("text")
+            if text is not None:
+                session.receive_text(text, now=time.monotonic())
+            else:
+                session.receive_bytes(message.get("bytes") or b"")
+            self._after_event()
+
+    async def _pump(self, session: Session) -> None:
+        presence = self._gateway.presence
+        metrics = self._gateway.metrics
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if session.closed:
+                return
+            after = session.history_request()
+            if after is not None:
+                try:
+                    oldest = await presence.oldest_seq(self.user)
+                    frames = await presence.frames_after(self.user, after, HISTORY_PAGE)
+                except _REDIS_ERRORS as exc:
+                    log.warning("history_read_failed", error=str(exc))
+                    session.history_failed()
+                    await asyncio.sleep(0.5)  # back off before the next attempt
+                    self._wake.set()
+                    continue
+                session.receive_history(frames, oldest)
+                self._mark_pending()
+                self._wake.set()
+            frames_out = session.frames_to_send()
+            if not frames_out:
+                continue
+            since = self._pending_since
+            self._pending_since = None
+            for frame in frames_out:
+                await self._ws.send_text(frame.decode())
+                session.frame_sent(len(frame))
+                self._pushed += 1
+                metrics.messages_pushed.inc()
+                if since is not None:
+                    metrics.push_latency.observe(time.perf_counter() - since)
+            self._wake.set()  # a withheld history request may be due now
+
+    def _log_summary(self, session: Session | None, duration_s: float) -> None:
+        fields: dict[str, Any] = {
+            "duration_s": round(duration_s, 3),
+            "pushed": self._pushed,
+            "client_close_code": self._client_code,
+        }
+        if session is not None:
+            close = session.close_code()
+            fields.update(
+                close_code=close[0] if close else None,
+                close_reason=close[1] if close else None,
+                replayed=session.replayed,
+                duplicates=session.duplicates,
+                gaps=session.gaps,
+                resets=session.resets,
+            )
+            if session.resets:
+                self._gateway.metrics.resets.inc(session.resets)
+        log.info("ws_connection", **fields)
+
+
+# --- middleware -------------------------------------------------------------------------------
+class _AccessLog:
+    """One log line and one ``feed_gateway_http_requests_total`` sample per HTTP request.
+
+    Logs the path only: query strings may carry tokens.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.http_requests.labels(template, str(status)).inc()
+            emit = log.debug if template in _QUIET_ROUTES and status < 500 else log.info
+            emit(
+                "http_request",
+                method=scope["method"],
+                path=scope["path"],
+                route=template,
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            )
+
+
+# --- the app ----------------------------------------------------------------------------------
+def create_app(
+    settings: Settings,
+    *,
+    redis: aioredis.Redis | None = None,
+    reader: FeedReader | None = None,
+    producer: Producer | None = None,
+    cassandra_session: Any = None,
+    dev_mode: bool = False,
+    metrics: GatewayMetrics | None = None,
+    hold_live_s: float = 1.0,
+) -> Starlette:
+    """Build the gateway app.
+
+    ``redis`` must be a ``redis.asyncio.Redis`` with ``decode_responses=False``. A ``reader``
+    passed in is used as is; without one the lifespan builds a :class:`FeedReader` over Redis and,
+    when ``settings.fanout_history`` is on (or ``cassandra_session`` is given), Cassandra.
+    ``dev_mode`` adds ``GET /dev/token``. ``hold_live_s`` is how long after the welcome live frames
+    wait for a resume before being pushed (see :mod:`gateway.session`); 0 disables the hold.
+    """
+    settings.require_jwt()
+    gateway = Gateway(
+        settings,
+        redis_client=redis,
+        reader=reader,
+        producer=producer,
+        cassandra_session=cassandra_session,
+        metrics=metrics or GatewayMetrics(),
+        dev_mode=dev_mode,
+        hold_live_s=hold_live_s,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        await gateway.open()
+        try:
+            yield
+        finally:
+            await gateway.close()
+
+    routes = [
+        Route("/", page, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/v1/feed", feed_page, methods=["GET"]),
+        Route("/v1/activities", ingest_activities, methods=["POST"]),
+        Route("/v1/follows", follow, methods=["POST", "DELETE"]),
+        WebSocketRoute("/v1/stream", stream),
+    ]
+    if dev_mode:
+        routes.append(Route("/dev/token", dev_token, methods=["GET"]))
+    handlers: dict[Any, Any] = {
+        Exception: _error_response,
+        HTTPException: _error_response,
+        GatewayError: _error_response,
+        ValidationError: _error_response,
+        CursorError: _error_response,
+        AuthError: _error_response,
+        RedisConnectionError: _error_response,
+        RedisTimeoutError: _error_response,
+    }
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers=handlers,
+        middleware=[Middleware(_AccessLog, metrics=gateway.metrics)],
+    )
+    app.state.gateway = gateway
+    return app

@@ -1,0 +1,128 @@
+"""Authentication: user JWTs (HS256 only) and the ingest token.
+
+* A **user token** is a JWT signed with ``FEED_JWT_SECRET`` using HS256 and nothing else: ``none``,
+  other HMAC sizes and every asymmetric algorithm are rejected, so a token cannot choose how it is
+  checked. ``sub`` (the user id) and ``exp`` are required; ``exp``/``nbf``/``iat`` are checked with
+  ``jwt_leeway_s`` of clock skew.
+* The **ingest token** (``FEED_INGEST_TOKEN``) is compared in constant time
+  (:meth:`feed.settings.Secret.matches`).
+* Tokens come from ``Authorization: Bearer <token>``. Only the WebSocket route also accepts
+  ``?token=`` (browsers cannot set headers on a WebSocket); HTTP routes never read it.
+
+Nothing here logs: callers log the *reason* of a failure (:attr:`AuthError.reason`), never a token
+or the secret.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import jwt
+
+from feed.settings import Secret
+
+__all__ = [
+    "ALGORITHM",
+    "AuthError",
+    "UserClaims",
+    "bearer_token",
+    "ingest_authorized",
+    "mint_token",
+    "verify_user_token",
+]
+
+ALGORITHM = "HS256"
+_ALGORITHMS = [ALGORITHM]
+_REQUIRED = ["exp", "sub"]
+#: Same rule as ``schemas.activity.UserId``: printable, no whitespace, at most 128 characters.
+_USER_ID = re.compile(r"^[^\s\x00-\x1f\x7f]{1,128}$")
+#: A bearer token longer than this is not one of ours (and is not worth decoding).
+MAX_TOKEN_CHARS = 4096
+
+
+class AuthError(Exception):
+    """A missing, malformed, expired or forged credential. ``reason`` is safe to log."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class UserClaims:
+    """The verified claims the gateway uses."""
+
+    user: str
+    expires_at: float
+
+
+def _key(secret: Secret | str) -> str:
+    return secret.reveal() if isinstance(secret, Secret) else secret
+
+
+def verify_user_token(token: str, secret: Secret, *, leeway_s: int) -> UserClaims:
+    """Verify a user JWT and return its claims; raise :class:`AuthError` otherwise."""
+    if not token or len(token) > MAX_TOKEN_CHARS:
+        raise AuthError("malformed", "the token is missing or too long")
+    try:
+        claims = jwt.decode(
+            token,
+            _key(secret),
+            algorithms=_ALGORITHMS,
+            options={"require": _REQUIRED},
+            leeway=leeway_s,
+        )
+    except jwt.ExpiredSignatureError:
+        raise AuthError("expired", "the token has expired") from None
+    except jwt.MissingRequiredClaimError as exc:
+        raise AuthError("missing_claim", f"the token has no `{exc.claim}` claim") from None
+    except jwt.InvalidAlgorithmError:
+        raise AuthError("bad_algorithm", f"only {ALGORITHM} tokens are accepted") from None
+    except jwt.InvalidSignatureError:
+        raise AuthError("bad_signature", "the token signature does not verify") from None
+    except jwt.InvalidTokenError:
+        raise AuthError("invalid", "the token is not a valid JWT") from None
+    user = claims.get("sub")
+    if not isinstance(user, str) or not _USER_ID.match(user):
+        raise AuthError("bad_subject", "the `sub` claim is not a valid user id")
+    exp = claims.get("exp")
+    if not isinstance(exp, int | float) or isinstance(exp, bool):
+        raise AuthError("invalid", "the `exp` claim is not a number")
+    return UserClaims(user=user, expires_at=float(exp))
+
+
+def mint_token(secret: Secret | str, user: str, ttl_s: int, *, now: float | None = None) -> str:
+    """A user JWT for ``user`` valid for ``ttl_s`` seconds (``feed token``, dev page, tests)."""
+    if not _USER_ID.match(user):
+        raise ValueError("user id must be 1-128 printable characters without whitespace")
+    if ttl_s <= 0:
+        raise ValueError("ttl_s must be positive")
+    issued = int(time.time() if now is None else now)
+    payload = {"sub": user, "iat": issued, "exp": issued + int(ttl_s)}
+    return jwt.encode(payload, _key(secret), algorithm=ALGORITHM)
+
+
+def bearer_token(headers: Mapping[str, str]) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    value = headers.get("authorization")
+    if not value:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    token = token.strip()
+    return token or None
+
+
+def ingest_authorized(headers: Mapping[str, str], ingest_token: Secret | None) -> bool:
+    """True if the request carries the ingest token (compared in constant time)."""
+    if ingest_token is None:
+        return False
+    token = bearer_token(headers)
+    if token is None or len(token) > MAX_TOKEN_CHARS:
+        return False
+    return ingest_token.matches(token)

@@ -1,0 +1,323 @@
+"""The process-wide registry of local WebSocket connections and their one Pub/Sub connection.
+
+Guarantees (what ``gateway.app`` relies on):
+
+* **Subscribed only where needed.** One Redis Pub/Sub connection per gateway process. A user's
+  channel (``feed.keys.channel``) is SUBSCRIBEd when their first local connection registers and
+  UNSUBSCRIBEd when the last one leaves; there is no pattern subscription.
+* **Confirmed before use.** :meth:`Hub.register` returns only once Redis has confirmed the
+  subscription, so anything published after it returns reaches the connection. The adapter attaches
+  presence (which fixes the welcome cursor) after that: no frame can fall between the two.
+* **Encoded once.** A published message is handed, as the same ``bytes`` object, to every local
+  connection of its user.
+* **At-most-once, with gap detection.** Pub/Sub may lose messages while its connection is down.
+  When the connection is re-established (by this hub, or silently by redis-py), every affected
+  connection is told to :meth:`~LocalConnection.check_gap`: it re-reads its delivery stream after
+  the last frame it delivered. A half-open connection is detected by PINGs on an idle connection.
+* **Presence kept alive.** Every ``refresh_interval_s`` the presence and delivery stream of every
+  locally connected user get their TTL renewed (``AsyncRedisPresence.refresh``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+import redis.exceptions
+import structlog
+
+from feed import keys
+from feed.timeline_redis import AsyncRedisPresence
+
+__all__ = ["Hub", "HubUnavailable", "LocalConnection"]
+
+log = structlog.get_logger("gateway.hub")
+
+#: Users per presence-refresh pipeline (two EXPIREs each).
+_REFRESH_BATCH = 1000
+_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+class HubUnavailable(RuntimeError):
+    """The Pub/Sub connection could not confirm a subscription in time."""
+
+
+class LocalConnection(Protocol):
+    """What the hub needs from one local WebSocket connection. Every method is synchronous."""
+
+    @property
+    def user(self) -> str: ...
+
+    def deliver(self, frame: bytes) -> None:
+        """A frame published on the user's channel."""
+
+    def check_gap(self) -> None:
+        """Live frames may have been lost: compare with the delivery stream."""
+
+    def shutdown(self) -> None:
+        """The process is going away: close with 1001."""
+
+
+class Hub:
+    def __init__(
+        self,
+        redis_client: aioredis.Redis,
+        presence: AsyncRedisPresence,
+        *,
+        refresh_interval_s: float,
+        subscribe_timeout_s: float = 5.0,
+        idle_ping_s: float = 5.0,
+        ping_timeout_s: float = 5.0,
+        reconnect_max_s: float = 5.0,
+    ) -> None:
+        self._redis = redis_client
+        self._presence = presence
+        self._refresh_interval = refresh_interval_s
+        self._subscribe_timeout = subscribe_timeout_s
+        self._idle_ping = idle_ping_s
+        self._ping_timeout = ping_timeout_s
+        self._reconnect_max = reconnect_max_s
+        self._conns: dict[str, set[LocalConnection]] = {}
+        self._channels: dict[bytes, str] = {}  # subscribed (wanted) channel -> user
+        self._pending: dict[bytes, int] = {}  # SUBSCRIBEs sent and not yet confirmed
+        self._confirmed: set[bytes] = set()
+        self._resync: set[bytes] = set()  # confirm -> tell the user's connections to check gaps
+        self._waiters: dict[bytes, list[asyncio.Future[None]]] = {}
+        self._pubsub: Any = None
+        self._connected = asyncio.Event()
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        #: Counters (metrics read them).
+        self.messages = 0
+        self.connects = 0
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the Pub/Sub reader and the presence refresher (returns at once)."""
+        self._tasks = [
+            asyncio.create_task(self._run_pubsub(), name="hub-pubsub"),
+            asyncio.create_task(self._refresh_presence(), name="hub-presence"),
+        ]
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        await self._drop_pubsub()
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(HubUnavailable("the hub stopped"))
+        self._waiters.clear()
+
+    @property
+    def connected(self) -> bool:
+        """True while the Pub/Sub connection is up."""
+        return self._connected.is_set()
+
+    # --- registry --------------------------------------------------------------------------------
+    @property
+    def connection_count(self) -> int:
+        return sum(len(conns) for conns in self._conns.values())
+
+    def users(self) -> list[str]:
+        return list(self._conns)
+
+    def channels(self) -> list[str]:
+        """Channels this hub wants subscribed (one per locally connected user)."""
+        return [channel.decode() for channel in self._channels]
+
+    async def register(self, conn: LocalConnection) -> None:
+        """Add a connection; returns once its user's channel is confirmed subscribed.
+
+        Raises :class:`HubUnavailable` if Redis does not confirm within ``subscribe_timeout_s``
+        (the connection is then unregistered).
+        """
+        user = conn.user
+        channel = keys.channel(user).encode()
+        conns = self._conns.setdefault(user, set())
+        first = not conns
+        conns.add(conn)
+        self._empty.clear()
+        if first:
+            self._channels[channel] = user
+            await self._subscribe([channel])
+        if channel in self._confirmed:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(channel, []).append(waiter)
+        try:
+            await asyncio.wait_for(waiter, self._subscribe_timeout)
+        except (TimeoutError, HubUnavailable):
+            await self.unregister(conn)
+            raise HubUnavailable(f"no subscription confirmed for {user!r}") from None
+
+    async def unregister(self, conn: LocalConnection) -> None:
+        """Remove a connection; the last one of a user unsubscribes its channel."""
+        user = conn.user
+        conns = self._conns.get(user)
+        if conns is None or conn not in conns:
+            return
+        conns.discard(conn)
+        if conns:
+            return
+        del self._conns[user]
+        if not self._conns:
+            self._empty.set()
+        channel = keys.channel(user).encode()
+        self._channels.pop(channel, None)
+        self._confirmed.discard(channel)
+        self._resync.discard(channel)
+        for waiter in self._waiters.pop(channel, []):
+            waiter.cancel()
+        pubsub = self._pubsub
+        if pubsub is not None and self._connected.is_set():
+            try:
+                await pubsub.unsubscribe(channel)
+            except _REDIS_ERRORS as exc:
+                log.warning("pubsub_unsubscribe_failed", error=str(exc))
+
+    async def go_away(self, timeout_s: float) -> bool:
+        """Ask every connection to close with 1001; wait (bounded) until all have left."""
+        for conns in list(self._conns.values()):
+            for conn in list(conns):
+                conn.shutdown()
+        try:
+            await asyncio.wait_for(self._empty.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    # --- Pub/Sub ---------------------------------------------------------------------------------
+    async def _subscribe(self, channels: Iterable[bytes]) -> bool:
+        """Send SUBSCRIBE (confirmations arrive on the reader). False if it could not be sent."""
+        pubsub = self._pubsub
+        batch = list(channels)
+        if pubsub is None or not self._connected.is_set() or not batch:
+            return True  # the reader subscribes every wanted channel when it (re)connects
+        for channel in batch:
+            self._pending[channel] = self._pending.get(channel, 0) + 1
+        try:
+            await pubsub.subscribe(*batch)
+        except _REDIS_ERRORS as exc:
+            for channel in batch:
+                self._pending[channel] = max(0, self._pending.get(channel, 0) - 1)
+            log.warning("pubsub_subscribe_failed", error=str(exc))
+            return False
+        return True
+
+    async def _run_pubsub(self) -> None:
+        backoff = 0.05
+        while not self._stopping:
+            try:
+                await self._connect()
+                backoff = 0.05
+                await self._read()
+            except asyncio.CancelledError:
+                raise
+            except (*_REDIS_ERRORS, redis.exceptions.RedisError) as exc:
+                log.warning("pubsub_connection_lost", error=str(exc), retry_in_s=backoff)
+            self._connected.clear()
+            await self._drop_pubsub()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._reconnect_max)
+
+    async def _connect(self) -> None:
+        pubsub = self._redis.pubsub()
+        self._pubsub = pubsub
+        self._pending.clear()
+        self._confirmed.clear()
+        await pubsub.connect()  # type: ignore[no-untyped-call]
+        self._connected.set()
+        wanted = list(self._channels)
+        # Whatever was published while we were not subscribed is only in the delivery streams.
+        self._resync.update(wanted)
+        self.connects += 1
+        if not await self._subscribe(wanted):
+            raise redis.exceptions.ConnectionError("could not re-subscribe")
+        log.info("pubsub_connected", channels=len(wanted))
+
+    async def _drop_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        self._connected.clear()
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    async def _read(self) -> None:
+        pubsub = self._pubsub
+        loop = asyncio.get_running_loop()
+        last_seen = loop.time()
+        ping_sent: float | None = None
+        while True:
+            message = await pubsub.get_message(timeout=1.0)
+            now = loop.time()
+            if message is None:
+                if ping_sent is not None:
+                    if now - ping_sent > self._ping_timeout:
+                        raise redis.exceptions.TimeoutError("no PONG on the Pub/Sub connection")
+                elif now - last_seen > self._idle_ping:
+                    await pubsub.ping()
+                    ping_sent = now
+                continue
+            last_seen = now
+            kind = message["type"]
+            if kind == "message":
+                self._dispatch(message["channel"], message["data"])
+            elif kind == "subscribe":
+                self._confirm(message["channel"])
+            elif kind == "pong":
+                ping_sent = None
+
+    def _dispatch(self, channel: bytes, frame: bytes) -> None:
+        user = self._channels.get(channel)
+        if user is None:
+            return
+        self.messages += 1
+        for conn in list(self._conns.get(user, ())):
+            try:
+                conn.deliver(frame)
+            except Exception:
+                log.exception("deliver_failed", user_id=user)
+
+    def _confirm(self, channel: bytes) -> None:
+        pending = self._pending.get(channel, 0)
+        if pending > 0:
+            pending -= 1
+            self._pending[channel] = pending
+        else:
+            # Not asked for: redis-py reconnected on its own and re-subscribed. Messages published
+            # in between are lost to us, so the user's connections must check for gaps.
+            self._resync.add(channel)
+        if pending or channel not in self._channels:
+            return
+        self._confirmed.add(channel)
+        for waiter in self._waiters.pop(channel, []):
+            if not waiter.done():
+                waiter.set_result(None)
+        if channel in self._resync:
+            self._resync.discard(channel)
+            user = self._channels[channel]
+            for conn in list(self._conns.get(user, ())):
+                conn.check_gap()
+
+    # --- presence --------------------------------------------------------------------------------
+    async def _refresh_presence(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_interval)
+            users = self.users()
+            for start in range(0, len(users), _REFRESH_BATCH):
+                batch = users[start : start + _REFRESH_BATCH]
+                try:
+                    await self._presence.refresh(batch)
+                except (*_REDIS_ERRORS, redis.exceptions.RedisError) as exc:
+                    log.warning("presence_refresh_failed", users=len(batch), error=str(exc))

@@ -1,0 +1,84 @@
+"""Prometheus metrics of one gateway process, in a registry of their own.
+
+Each :class:`GatewayMetrics` owns a ``CollectorRegistry`` (not the global one), so several apps in
+one process (tests) do not collide and ``GET /metrics`` shows exactly the gateway's series.
+
+``feed_gateway_push_latency_seconds`` measures *queue-to-socket*: from the moment a frame is handed
+to a connection (Pub/Sub message received, or history read answered) until the socket accepted it.
+The frames carry no publish timestamp, so publish-to-socket cannot be derived here; the fan-out's
+own metrics cover the earlier part of the path.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+__all__ = ["CONTENT_TYPE", "GatewayMetrics"]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Gauge(
+            "feed_gateway_connections", "Open WebSocket connections.", registry=r
+        )
+        self.messages_pushed = Counter(
+            "feed_gateway_messages_pushed",
+            "Frames written to WebSocket clients (welcome, activity, removed, reset).",
+            registry=r,
+        )
+        self.push_latency = Histogram(
+            "feed_gateway_push_latency_seconds",
+            "Queue-to-socket latency of pushed frames.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.slow_client_closes = Counter(
+            "feed_gateway_slow_client_closes",
+            "Connections closed with 4008 because their send queue exceeded its bound.",
+            registry=r,
+        )
+        self.closes = Counter(
+            "feed_gateway_closes",
+            "WebSocket connections closed by the server, by close code.",
+            ["code"],
+            registry=r,
+        )
+        self.resets = Counter(
+            "feed_gateway_resets",
+            "Reset frames sent (a resume or gap that could not be served gap-free).",
+            registry=r,
+        )
+        self.http_requests = Counter(
+            "feed_gateway_http_requests",
+            "HTTP requests by route template and status.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.ingest_activities = Counter(
+            "feed_ingest_activities",
+            "Activities accepted over HTTP and produced to Kafka.",
+            registry=r,
+        )
+        self.pubsub_connected = Gauge(
+            "feed_gateway_pubsub_connected",
+            "1 while the Redis Pub/Sub connection is up.",
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

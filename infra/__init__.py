@@ -1,0 +1,27 @@
+"""Development/test infrastructure: real servers as subprocesses, and the local stack."""
+
+from infra.servers import (
+    CassandraServer,
+    KafkaBroker,
+    RedisServer,
+    ServerError,
+    ServerStartError,
+    cassandra_home,
+    free_ports,
+    install_signal_cleanup,
+    stop_all_servers,
+)
+from infra.stack import LocalStack
+
+__all__ = [
+    "CassandraServer",
+    "KafkaBroker",
+    "LocalStack",
+    "RedisServer",
+    "ServerError",
+    "ServerStartError",
+    "cassandra_home",
+    "free_ports",
+    "install_signal_cleanup",
+    "stop_all_servers",
+]

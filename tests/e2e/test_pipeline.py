@@ -1,0 +1,236 @@
+"""End to end: Kafka -> `feed fanout` -> Redis + Cassandra -> `feed gateway` -> WebSocket/HTTP.
+
+The stack's real servers, a fan-out worker and a gateway run as separate processes, exactly as an
+operator runs them. Events are produced straight to Kafka with confluent-kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websockets
+from confluent_kafka import Consumer, Producer
+
+from feed.settings import Settings
+from gateway.auth import mint_token
+from tests.conftest import wait_for
+from tests.procs import FeedProcess, free_port, http_get, metric_value
+
+pytestmark = pytest.mark.e2e
+
+
+class Pipeline:
+    def __init__(self, env: dict[str, str], logdir: Path) -> None:
+        self.env = env
+        self.settings = Settings.from_env(env)
+        self.gateway_url = f"http://127.0.0.1:{env['FEED_GATEWAY_PORT']}"
+        self.metrics_url = f"http://127.0.0.1:{env['FEED_WORKER_METRICS_PORT']}"
+        self.worker = FeedProcess(["fanout"], env, logdir / "fanout.log")
+        self.gateway = FeedProcess(["gateway"], env, logdir / "gateway.log")
+        self.producer = Producer({"bootstrap.servers": self.settings.kafka_bootstrap})
+
+    def produce(self, topic: str, key: str, value: bytes) -> None:
+        self.producer.produce(topic, key=key.encode(), value=value)
+        assert self.producer.flush(10) == 0
+
+    def activity(self, aid: str, actor: str, **extra: Any) -> bytes:
+        body = {
+            "id": aid,
+            "type": "Create",
+            "actor": actor,
+            "object": f"post:{aid}",
+            "published": datetime.now(UTC).isoformat(),
+            **extra,
+        }
+        return json.dumps(body).encode()
+
+    def follow(self, follower: str, followee: str) -> None:
+        event = {
+            "type": "follow",
+            "follower": follower,
+            "followee": followee,
+            "at": datetime.now(UTC).isoformat(),
+        }
+        self.produce(self.settings.topic_follows, follower, json.dumps(event).encode())
+
+    def token(self, user: str) -> str:
+        assert self.settings.jwt_secret is not None
+        return mint_token(self.settings.jwt_secret, user, 600)
+
+    def feed(self, user: str) -> list[dict[str, Any]]:
+        status, body = http_get(
+            f"{self.gateway_url}/v1/feed?limit=200",
+            headers={"Authorization": f"Bearer {self.token(user)}"},
+        )
+        assert status == 200, body
+        return [item["activity"] for item in json.loads(body)["items"]]
+
+    def worker_metric(self, name: str) -> float:
+        status, body = http_get(f"{self.metrics_url}/metrics")
+        return metric_value(body.decode(), name) if status == 200 else 0.0
+
+
+@pytest.fixture(scope="module")
+def pipeline(
+    stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Pipeline]:
+    env = dict(
+        stack_env,
+        FEED_KAFKA_GROUP=f"e2e-{uuid.uuid4().hex[:8]}",
+        FEED_WORKER_METRICS_PORT=str(free_port()),
+        FEED_GATEWAY_PORT=str(free_port()),
+    )
+    p = Pipeline(env, tmp_path_factory.mktemp("e2e"))
+    p.worker.start()
+    p.gateway.start()
+    try:
+        p.worker.wait_http(f"{p.metrics_url}/healthz", timeout=60)
+        p.gateway.wait_http(f"{p.gateway_url}/healthz", timeout=60)
+        # The group join takes a few seconds on this broker (INFRA.md).
+        wait_for(
+            lambda: p.worker_metric("feed_assigned_partitions") > 0,
+            timeout=60,
+            message="worker partition assignment",
+        )
+        yield p
+    finally:
+        p.gateway.stop()
+        p.worker.stop()
+
+
+async def _next_frame(ws: Any, timeout: float) -> dict[str, Any]:
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
+async def _frames_until(
+    ws: Any, predicate: Callable[[dict[str, Any]], bool], timeout: float
+) -> list[dict[str, Any]]:
+    frames: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            pytest.fail(f"no matching frame within {timeout}s; got {frames}")
+        frame = await _next_frame(ws, remaining)
+        frames.append(frame)
+        if predicate(frame):
+            return frames
+
+
+def _has_history_row(pipeline: Pipeline, cassandra: Any, user: str, aid: str) -> bool:
+    ks = pipeline.settings.cassandra_keyspace
+    rows = cassandra.execute(f"SELECT id FROM {ks}.timeline WHERE user_id = %s", (user,))
+    return aid in [row.id for row in rows]
+
+
+async def test_publish_reaches_followers_socket_feed_and_history(
+    pipeline: Pipeline, cassandra: Any, ids: Callable[[str], str]
+) -> None:
+    u1, u2, u3, u4 = (ids(n) for n in ("u1", "u2", "u3", "u4"))
+    s = pipeline.settings
+    pipeline.follow(u2, u1)
+    pipeline.follow(u3, u1)
+    ks = s.cassandra_keyspace
+    wait_for(
+        lambda: (
+            len(
+                list(
+                    cassandra.execute(
+                        f"SELECT follower FROM {ks}.followers WHERE user_id = %s", (u1,)
+                    )
+                )
+            )
+            == 2
+        ),
+        timeout=30,
+        message="follows applied",
+    )
+    ws_url = pipeline.gateway_url.replace("http", "ws") + "/v1/stream"
+    async with websockets.connect(
+        ws_url, additional_headers={"Authorization": f"Bearer {pipeline.token(u2)}"}
+    ) as ws:
+        welcome = await _next_frame(ws, 5)
+        assert welcome["type"] == "welcome" and welcome["user"] == u2
+
+        # 1. An activity by u1 reaches u2's socket within 5 s.
+        a1 = ids("a1")
+        event = pipeline.activity(a1, u1)
+        sent = time.monotonic()
+        pipeline.produce(s.topic_activities, u1, event)
+        frames = await _frames_until(ws, lambda f: f.get("type") == "activity", timeout=5)
+        assert frames[-1]["activity"]["id"] == a1
+        assert time.monotonic() - sent < 5
+
+        # 2. The HTTP feed shows it for u2 and u3 and not for u4.
+        assert [a["id"] for a in pipeline.feed(u2)] == [a1]
+        assert [a["id"] for a in pipeline.feed(u3)] == [a1]
+        assert pipeline.feed(u4) == []
+
+        # 3. Durable history rows exist for u2 and u3.
+        wait_for(
+            lambda: (
+                _has_history_row(pipeline, cassandra, u2, a1)
+                and _has_history_row(pipeline, cassandra, u3, a1)
+            ),
+            timeout=10,
+            message="history rows",
+        )
+
+        # 4. The same event again changes nothing: no second frame, no second entry.
+        pipeline.produce(s.topic_activities, u1, event)
+        marker = ids("marker")
+        pipeline.produce(s.topic_activities, u1, pipeline.activity(marker, u1))
+        frames = await _frames_until(
+            ws, lambda f: f.get("activity", {}).get("id") == marker, timeout=10
+        )
+        assert [f["activity"]["id"] for f in frames if f["type"] == "activity"] == [marker]
+        assert [a["id"] for a in pipeline.feed(u2)] == [marker, a1]
+        assert [a["id"] for a in pipeline.feed(u3)] == [marker, a1]
+
+        # 5. A malformed event lands in the DLQ and the next good event still arrives.
+        bad = b'{"id": "' + ids("bad").encode() + b'", "type": "Create"'
+        pipeline.produce(s.topic_activities, u1, bad)
+        after = ids("after")
+        pipeline.produce(s.topic_activities, u1, pipeline.activity(after, u1))
+        frames = await _frames_until(
+            ws, lambda f: f.get("activity", {}).get("id") == after, timeout=10
+        )
+        assert [f["activity"]["id"] for f in frames if f["type"] == "activity"] == [after]
+
+    dead = _find_dlq_record(s, bad, timeout=20)
+    headers = dict(dead.headers())
+    assert headers["feed.error"] == b"malformed_json"
+    assert headers["feed.origin.topic"] == s.topic_activities.encode()
+    assert int(headers["feed.origin.offset"]) >= 0
+    assert pipeline.worker.alive()
+
+
+def _find_dlq_record(settings: Settings, value: bytes, timeout: float) -> Any:
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": f"dlq-reader-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 500,
+        }
+    )
+    consumer.subscribe([settings.topic_dlq])
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is not None and not message.error() and message.value() == value:
+                return message
+        pytest.fail("malformed record not found in the DLQ")
+    finally:
+        consumer.close()

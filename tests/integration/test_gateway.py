@@ -1,0 +1,843 @@
+"""The gateway over real sockets: uvicorn on port 0, a real redis-server, websockets and httpx.
+
+Frames are published the way the fan-out worker does it (``RedisTimelines.insert``). Kafka is not
+involved: ingest endpoints get a producer that records what it was asked to send (the end-to-end
+tests use the real broker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import structlog
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+from websockets.typing import Origin
+
+from feed.cursor import order_key
+from feed.kafka import KafkaUnavailable
+from feed.settings import Secret, Settings
+from feed.timeline_redis import Insert, RedisTimelines
+from gateway.auth import mint_token
+from gateway.server import GatewayServer, _RedactTokens, build_server
+from schemas import Activity, encode_activity, published_us
+
+JWT_SECRET = "gateway-test-secret-" + "k" * 40
+INGEST_TOKEN = "gateway-ingest-token-0123456789"
+ALLOWED_ORIGIN = "http://allowed.example"
+TIMEOUT = 10.0
+
+
+# --- servers --------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = _free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.2)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            if client.ping():
+                break
+        except redis.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("redis-server did not start")
+            time.sleep(0.05)
+    client.close()
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class RecordingProducer:
+    """Stands in for the Kafka producer at the gateway boundary: records ``send_many`` calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[tuple[bytes, bytes]]]] = []
+        self.fail = False
+        self._lock = threading.Lock()
+
+    async def send_many(
+        self, topic: str, records: Iterable[tuple[bytes, bytes]], *, timeout: float = 30.0
+    ) -> int:
+        batch = list(records)
+        if self.fail:
+            raise KafkaUnavailable("broker unavailable (test)")
+        with self._lock:
+            self.calls.append((topic, batch))
+        return len(batch)
+
+    def list_topics(self, timeout: float | None = None) -> dict[str, Any]:
+        return {}
+
+    def records(self, topic: str) -> list[tuple[bytes, bytes]]:
+        with self._lock:
+            return [r for t, batch in self.calls if t == topic for r in batch]
+
+
+@dataclass
+class Running:
+    server: GatewayServer
+    thread: threading.Thread
+    settings: Settings
+    producer: RecordingProducer
+    base: str = ""
+    ws: str = ""
+    errors: list[BaseException] = field(default_factory=list)
+
+    def stop(self, timeout: float = 15.0) -> float:
+        started = time.monotonic()
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "gateway did not stop"
+        return time.monotonic() - started
+
+
+def _settings(url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "redis_url": url,
+        "jwt_secret": Secret(JWT_SECRET),
+        "ingest_token": Secret(INGEST_TOKEN),
+        "gateway_host": "127.0.0.1",
+        "gateway_port": 0,
+        "fanout_history": False,  # no Cassandra here: pages end at the hot tier
+        "resume_window_s": 60,
+        "allowed_origins": (ALLOWED_ORIGIN,),
+        "ping_interval_s": 5.0,
+        "ping_timeout_s": 5.0,
+        "drain_s": 4.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def _start(settings: Settings, **app_kwargs: Any) -> Running:
+    producer = RecordingProducer()
+    server = build_server(settings, producer=producer, dev_mode=True, **app_kwargs)
+    running = Running(server, threading.Thread(), settings, producer)
+
+    def serve() -> None:
+        try:
+            server.run()
+        except BaseException as exc:  # surfaced by the fixture
+            running.errors.append(exc)
+
+    running.thread = threading.Thread(target=serve, name="gateway-under-test", daemon=True)
+    running.thread.start()
+    deadline = time.monotonic() + TIMEOUT
+    while not (server.started and server.port):
+        if running.errors or not running.thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail(f"gateway did not start: {running.errors}")
+        time.sleep(0.01)
+    running.base = f"http://127.0.0.1:{server.port}"
+    running.ws = f"ws://127.0.0.1:{server.port}/v1/stream"
+    return running
+
+
+@pytest.fixture(scope="session")
+def gw(redis_url: str) -> Iterator[Running]:
+    running = _start(_settings(redis_url))
+    try:
+        yield running
+    finally:
+        running.stop()
+    assert not running.errors
+
+
+@pytest.fixture(scope="session")
+def timelines(redis_url: str) -> Iterator[RedisTimelines]:
+    client = redis.Redis.from_url(redis_url)
+    yield RedisTimelines(client, timeline_max=800, stream_history=1000, body_ttl_s=3600)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def rclient(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+async def http(gw: Running) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=gw.base, timeout=TIMEOUT) as client:
+        yield client
+
+
+# --- helpers --------------------------------------------------------------------------------------
+def uid(name: str = "u") -> str:
+    return f"{name}-{uuid.uuid4().hex[:10]}"
+
+
+def token(user: str, ttl: int = 600) -> str:
+    return mint_token(Secret(JWT_SECRET), user, ttl)
+
+
+def make_activity(actor: str, n: int = 0, **extra: Any) -> Activity:
+    return Activity(
+        id=f"a-{uuid.uuid4().hex[:12]}",
+        type="Create",
+        actor=actor,
+        object=f"post:{n}",
+        published=datetime(2026, 1, 1, 12, 0, n % 60, tzinfo=UTC),
+        **extra,
+    )
+
+
+def publish(timelines: RedisTimelines, users: list[str], activity: Activity) -> None:
+    """Insert into the users' timelines exactly like the fan-out worker (push included)."""
+    timelines.insert(
+        [
+            Insert(
+                member=order_key(published_us(activity), activity.id),
+                activity_id=activity.id,
+                body=encode_activity(activity),
+                users=users,
+            )
+        ]
+    )
+
+
+async def recv(ws: ClientConnection, timeout: float = TIMEOUT) -> dict[str, Any]:
+    raw = await asyncio.wait_for(ws.recv(), timeout)
+    assert isinstance(raw, str), "frames are JSON text"
+    frame: dict[str, Any] = json.loads(raw)
+    return frame
+
+
+async def close_code(ws: ClientConnection, timeout: float = TIMEOUT) -> int | None:
+    """Read until the server closes; return its close code."""
+    with pytest.raises(ConnectionClosed) as info:
+        while True:
+            await asyncio.wait_for(ws.recv(), timeout)
+    return info.value.rcvd.code if info.value.rcvd else None
+
+
+async def eventually(
+    check: Callable[[], Any | Awaitable[Any]], what: str, timeout: float = TIMEOUT
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def seq_of(frame: dict[str, Any]) -> int:
+    return int(frame["cursor"].rpartition(".")[2])
+
+
+def epoch_of(frame: dict[str, Any]) -> str:
+    return str(frame["cursor"].rpartition(".")[0])
+
+
+def channels(client: redis.Redis) -> set[str]:
+    return {c.decode() if isinstance(c, bytes) else c for c in client.pubsub_channels()}
+
+
+async def welcomed(
+    gw: Running, user: str, **kwargs: Any
+) -> tuple[ClientConnection, dict[str, Any]]:
+    ws = await connect(f"{gw.ws}?token={token(user)}", **kwargs)
+    frame = await recv(ws)
+    assert frame["type"] == "welcome"
+    return ws, frame
+
+
+# --- WebSocket: auth ------------------------------------------------------------------------------
+async def test_bad_token_closes_4001(gw: Running) -> None:
+    async with connect(f"{gw.ws}?token=not-a-jwt") as ws:
+        assert await close_code(ws) == 4001
+
+
+async def test_missing_token_closes_4001(gw: Running) -> None:
+    async with connect(gw.ws) as ws:
+        assert await close_code(ws) == 4001
+
+
+async def test_expired_token_closes_4001(gw: Running) -> None:
+    expired = mint_token(Secret(JWT_SECRET), "alice", 1, now=time.time() - 3600)
+    async with connect(f"{gw.ws}?token={expired}") as ws:
+        assert await close_code(ws) == 4001
+
+
+async def test_token_signed_with_another_secret_closes_4001(gw: Running) -> None:
+    forged = mint_token(Secret("x" * 48), "alice", 600)
+    async with connect(f"{gw.ws}?token={forged}") as ws:
+        assert await close_code(ws) == 4001
+
+
+async def test_rejected_token_is_never_logged(gw: Running) -> None:
+    forged = mint_token(Secret("y" * 48), "alice", 600)
+    with structlog.testing.capture_logs() as logs:
+        async with connect(f"{gw.ws}?token={forged}") as ws:
+            assert await close_code(ws) == 4001
+        await eventually(lambda: any(e.get("event") == "ws_rejected" for e in logs), "log")
+    assert forged not in repr(logs)
+    assert JWT_SECRET not in repr(logs)
+
+
+async def test_bearer_header_is_accepted(gw: Running) -> None:
+    user = uid()
+    headers = {"Authorization": f"Bearer {token(user)}"}
+    async with connect(gw.ws, additional_headers=headers) as ws:
+        assert (await recv(ws))["user"] == user
+
+
+async def test_foreign_origin_closes_4003(gw: Running) -> None:
+    async with connect(f"{gw.ws}?token={token(uid())}", origin=Origin("http://evil.example")) as ws:
+        assert await close_code(ws) == 4003
+
+
+async def test_allowed_origin_is_welcome(gw: Running) -> None:
+    async with connect(f"{gw.ws}?token={token(uid())}", origin=Origin(ALLOWED_ORIGIN)) as ws:
+        assert (await recv(ws))["type"] == "welcome"
+
+
+# --- WebSocket: delivery --------------------------------------------------------------------------
+async def test_welcome_comes_first_with_a_stream_cursor(gw: Running) -> None:
+    user = uid()
+    ws, welcome = await welcomed(gw, user)
+    await ws.close()
+    assert welcome["user"] == user
+    assert re.fullmatch(r"[a-z0-9]+\.\d+", welcome["cursor"])
+
+
+async def test_published_frame_reaches_the_socket(gw: Running, timelines: RedisTimelines) -> None:
+    user = uid()
+    ws, welcome = await welcomed(gw, user)
+    activity = make_activity("someone")
+    publish(timelines, [user], activity)
+    frame = await recv(ws)
+    await ws.close()
+    assert frame["type"] == "activity"
+    assert frame["activity"]["id"] == activity.id
+    assert epoch_of(frame) == epoch_of(welcome)
+    assert seq_of(frame) == seq_of(welcome) + 1
+
+
+async def test_removed_frame_reaches_the_socket(gw: Running, timelines: RedisTimelines) -> None:
+    from feed.timeline_redis import Removal
+
+    user = uid()
+    ws, _ = await welcomed(gw, user)
+    activity = make_activity("someone")
+    publish(timelines, [user], activity)
+    assert (await recv(ws))["type"] == "activity"
+    member = order_key(published_us(activity), activity.id)
+    timelines.remove([Removal(member=member, activity_id=activity.id, users=[user])])
+    frame = await recv(ws)
+    await ws.close()
+    assert frame["type"] == "removed"
+    assert frame["id"] == activity.id
+
+
+async def test_both_connections_of_a_user_receive_and_others_do_not(
+    gw: Running, timelines: RedisTimelines
+) -> None:
+    alice, bob = uid("alice"), uid("bob")
+    a1, _ = await welcomed(gw, alice)
+    a2, _ = await welcomed(gw, alice)
+    b1, _ = await welcomed(gw, bob)
+    for_alice = make_activity("carol", 1)
+    publish(timelines, [alice], for_alice)
+    assert (await recv(a1))["activity"]["id"] == for_alice.id
+    assert (await recv(a2))["activity"]["id"] == for_alice.id
+    marker = make_activity("carol", 2)
+    publish(timelines, [bob], marker)
+    # Pub/Sub is ordered: had bob's socket been sent alice's frame, it would come first.
+    assert (await recv(b1))["activity"]["id"] == marker.id
+    for ws in (a1, a2, b1):
+        await ws.close()
+
+
+async def test_subscribes_only_connected_users_and_unsubscribes_after_the_last(
+    gw: Running, rclient: redis.Redis
+) -> None:
+    user = uid()
+    channel = f"u:{{{user}}}"
+    assert channel not in channels(rclient)
+    first, _ = await welcomed(gw, user)
+    assert channel in channels(rclient)  # confirmed before the welcome
+    second, _ = await welcomed(gw, user)
+    await first.close()
+    await asyncio.sleep(0)  # let the server see the close; the check below is deadline-bound
+    assert channel in channels(rclient)
+    await second.close()
+    await eventually(lambda: channel not in channels(rclient), "UNSUBSCRIBE after the last")
+    assert rclient.pubsub_numpat() == 0
+    assert all(c.startswith("u:{") for c in channels(rclient))
+
+
+async def test_resume_after_disconnect_replays_missed_frames(
+    gw: Running, timelines: RedisTimelines
+) -> None:
+    user = uid()
+    ws, welcome = await welcomed(gw, user)
+    seen = []
+    for n in range(2):
+        publish(timelines, [user], make_activity("x", n))
+        seen.append(await recv(ws))
+    await ws.close()
+    missed = [make_activity("x", 10 + n) for n in range(3)]
+    for activity in missed:
+        publish(timelines, [user], activity)
+    ws, welcome2 = await welcomed(gw, user)
+    assert epoch_of(welcome2) == epoch_of(welcome)
+    # A frame published after the welcome and before the resume must come after the replay.
+    newer = make_activity("x", 20)
+    publish(timelines, [user], newer)
+    await ws.send(json.dumps({"type": "resume", "cursor": seen[-1]["cursor"]}))
+    replay = [await recv(ws) for _ in range(4)]
+    later = make_activity("x", 30)
+    publish(timelines, [user], later)
+    last = await recv(ws)
+    await ws.close()
+    ids = [f["activity"]["id"] for f in [*replay, last]]
+    assert ids == [a.id for a in [*missed, newer, later]]
+    numbers = [seq_of(f) for f in [*seen, *replay, last]]
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+
+
+async def test_resume_with_a_foreign_epoch_gets_reset(
+    gw: Running, timelines: RedisTimelines
+) -> None:
+    user = uid()
+    ws, _ = await welcomed(gw, user)
+    await ws.send(json.dumps({"type": "resume", "cursor": "00000000.5"}))
+    assert (await recv(ws)) == {"type": "reset"}
+    activity = make_activity("x")
+    publish(timelines, [user], activity)
+    assert (await recv(ws))["activity"]["id"] == activity.id
+    await ws.close()
+
+
+async def test_frames_lost_while_pubsub_reconnects_are_recovered(
+    gw: Running, timelines: RedisTimelines, rclient: redis.Redis
+) -> None:
+    user = uid()
+    ws, welcome = await welcomed(gw, user)
+    await ws.send(json.dumps({"type": "resume", "cursor": welcome["cursor"]}))  # end the hold
+    rclient.client_kill_filter(_type="pubsub")
+    sent = [make_activity("x", n) for n in range(3)]
+    for activity in sent:
+        publish(timelines, [user], activity)  # some may be published while unsubscribed
+    got = [await recv(ws, timeout=15) for _ in sent]
+    assert [f["activity"]["id"] for f in got] == [a.id for a in sent]
+    after = make_activity("x", 9)
+    publish(timelines, [user], after)
+    assert (await recv(ws, timeout=15))["activity"]["id"] == after.id
+    await ws.close()
+
+
+# --- WebSocket: bad frames ------------------------------------------------------------------------
+async def test_invalid_json_closes_1007(gw: Running) -> None:
+    ws, _ = await welcomed(gw, uid())
+    await ws.send("{not json")
+    assert await close_code(ws) == 1007
+
+
+async def test_unknown_frame_type_closes_1003(gw: Running) -> None:
+    ws, _ = await welcomed(gw, uid())
+    await ws.send(json.dumps({"type": "subscribe", "user": "someone-else"}))
+    assert await close_code(ws) == 1003
+
+
+async def test_frame_over_64k_closes_1009(gw: Running) -> None:
+    ws, _ = await welcomed(gw, uid())
+    await ws.send(json.dumps({"type": "resume", "cursor": "x" * 70_000}))
+    assert await close_code(ws) == 1009
+
+
+# --- HTTP: feed -----------------------------------------------------------------------------------
+async def test_feed_pages_newest_first(
+    http: httpx.AsyncClient, timelines: RedisTimelines
+) -> None:
+    user = uid()
+    activities = [make_activity("x", n) for n in range(5)]
+    for activity in activities:
+        publish(timelines, [user], activity)
+    auth = {"Authorization": f"Bearer {token(user)}"}
+    first = (await http.get("/v1/feed", params={"limit": 3}, headers=auth)).json()
+    assert len(first["items"]) == 3 and first["next"]
+    rest = (
+        await http.get("/v1/feed", params={"limit": 3, "cursor": first["next"]}, headers=auth)
+    ).json()
+    ids = [i["activity"]["id"] for i in first["items"] + rest["items"]]
+    assert ids == [a.id for a in reversed(activities)]
+    assert rest["next"] is None
+
+
+async def test_feed_default_page(http: httpx.AsyncClient) -> None:
+    response = await http.get("/v1/feed", headers={"Authorization": f"Bearer {token(uid())}"})
+    assert response.status_code == 200
+    assert response.json() == {"items": [], "next": None}
+
+
+async def test_feed_without_token_is_401(http: httpx.AsyncClient) -> None:
+    response = await http.get("/v1/feed")
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "unauthorized"
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+async def test_feed_ignores_query_token(http: httpx.AsyncClient) -> None:
+    response = await http.get("/v1/feed", params={"token": token(uid())})
+    assert response.status_code == 401
+
+
+async def test_feed_with_expired_token_is_401(http: httpx.AsyncClient) -> None:
+    expired = mint_token(Secret(JWT_SECRET), "alice", 1, now=time.time() - 3600)
+    response = await http.get("/v1/feed", headers={"Authorization": f"Bearer {expired}"})
+    assert response.status_code == 401
+
+
+@pytest.mark.parametrize("limit", ["0", "201", "abc", "-1", "1.5"])
+async def test_feed_bad_limit_is_400_naming_limit(http: httpx.AsyncClient, limit: str) -> None:
+    response = await http.get(
+        "/v1/feed", params={"limit": limit}, headers={"Authorization": f"Bearer {token(uid())}"}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["field"] == "limit"
+
+
+async def test_feed_bad_cursor_is_400_naming_cursor(http: httpx.AsyncClient) -> None:
+    response = await http.get(
+        "/v1/feed",
+        params={"cursor": "garbage"},
+        headers={"Authorization": f"Bearer {token(uid())}"},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["field"] == "cursor"
+
+
+# --- HTTP: ingest ---------------------------------------------------------------------------------
+INGEST = {"Authorization": f"Bearer {INGEST_TOKEN}"}
+
+
+def body_of(*activities: Activity) -> bytes:
+    encoded = [json.loads(encode_activity(a)) for a in activities]
+    return json.dumps(encoded[0] if len(encoded) == 1 else encoded).encode()
+
+
+async def test_ingest_one_activity(http: httpx.AsyncClient, gw: Running) -> None:
+    activity = make_activity(uid("actor"))
+    response = await http.post("/v1/activities", content=body_of(activity), headers=INGEST)
+    assert response.status_code == 202
+    assert response.json() == {"accepted": 1}
+    records = gw.producer.records(gw.settings.topic_activities)
+    assert (activity.actor.encode(), encode_activity(activity)) in records
+
+
+async def test_ingest_a_batch(http: httpx.AsyncClient, gw: Running) -> None:
+    batch = [make_activity(uid("actor"), n) for n in range(3)]
+    response = await http.post("/v1/activities", content=body_of(*batch), headers=INGEST)
+    assert response.status_code == 202
+    assert response.json() == {"accepted": 3}
+    keys = [k for k, _ in gw.producer.records(gw.settings.topic_activities)]
+    assert all(a.actor.encode() in keys for a in batch)
+
+
+async def test_ingest_without_token_is_401(http: httpx.AsyncClient) -> None:
+    response = await http.post("/v1/activities", content=body_of(make_activity("a")))
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "unauthorized"
+
+
+async def test_ingest_with_wrong_token_is_401(http: httpx.AsyncClient) -> None:
+    response = await http.post(
+        "/v1/activities",
+        content=body_of(make_activity("a")),
+        headers={"Authorization": "Bearer wrong-token-0000000000"},
+    )
+    assert response.status_code == 401
+
+
+async def test_ingest_with_a_user_jwt_is_401(http: httpx.AsyncClient) -> None:
+    response = await http.post(
+        "/v1/activities",
+        content=body_of(make_activity("a")),
+        headers={"Authorization": f"Bearer {token('alice')}"},
+    )
+    assert response.status_code == 401
+
+
+async def test_ingest_missing_field_is_400_naming_it(http: httpx.AsyncClient) -> None:
+    body = json.loads(body_of(make_activity("a")))
+    del body["actor"]
+    response = await http.post("/v1/activities", json=body, headers=INGEST)
+    assert response.status_code == 400
+    assert response.json()["error"]["field"] == "actor"
+
+
+async def test_ingest_bad_item_in_batch_names_its_index(http: httpx.AsyncClient) -> None:
+    items = json.loads(body_of(make_activity("a", 1), make_activity("a", 2)))
+    items[1]["published"] = "yesterday"
+    response = await http.post("/v1/activities", json=items, headers=INGEST)
+    assert response.status_code == 400
+    assert response.json()["error"]["field"] == "[1].published"
+
+
+async def test_ingest_malformed_json_is_400(http: httpx.AsyncClient, gw: Running) -> None:
+    before = len(gw.producer.calls)
+    response = await http.post("/v1/activities", content=b"{nope", headers=INGEST)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "malformed_json"
+    assert len(gw.producer.calls) == before
+
+
+async def test_ingest_body_over_1mib_is_413(http: httpx.AsyncClient) -> None:
+    response = await http.post(
+        "/v1/activities", content=b"[" + b" " * (1 << 20) + b"]", headers=INGEST
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "too_large"
+
+
+async def test_ingest_streamed_body_over_1mib_is_413(http: httpx.AsyncClient) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(20):
+            yield b" " * 65536
+
+    response = await http.post("/v1/activities", content=chunks(), headers=INGEST)
+    assert response.status_code == 413
+
+
+async def test_idempotency_key_makes_a_retry_a_no_op(
+    http: httpx.AsyncClient, gw: Running
+) -> None:
+    activity = make_activity(uid("actor"))
+    headers = {**INGEST, "Idempotency-Key": uid("key")}
+    first = await http.post("/v1/activities", content=body_of(activity), headers=headers)
+    count = len(gw.producer.records(gw.settings.topic_activities))
+    again = await http.post("/v1/activities", content=body_of(activity), headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert first.json() == again.json() == {"accepted": 1}
+    assert len(gw.producer.records(gw.settings.topic_activities)) == count
+
+
+async def test_idempotency_key_with_another_body_is_422(http: httpx.AsyncClient) -> None:
+    headers = {**INGEST, "Idempotency-Key": uid("key")}
+    first = await http.post("/v1/activities", content=body_of(make_activity("a")), headers=headers)
+    other = await http.post("/v1/activities", content=body_of(make_activity("b")), headers=headers)
+    assert first.status_code == 202
+    assert other.status_code == 422
+    assert other.json()["error"]["field"] == "Idempotency-Key"
+
+
+async def test_failed_produce_is_503_and_frees_the_idempotency_key(
+    http: httpx.AsyncClient, gw: Running
+) -> None:
+    activity = make_activity(uid("actor"))
+    headers = {**INGEST, "Idempotency-Key": uid("key")}
+    gw.producer.fail = True
+    try:
+        failed = await http.post("/v1/activities", content=body_of(activity), headers=headers)
+    finally:
+        gw.producer.fail = False
+    assert failed.status_code == 503
+    assert "retry-after" in failed.headers
+    retried = await http.post("/v1/activities", content=body_of(activity), headers=headers)
+    assert retried.status_code == 202
+
+
+async def test_follow_and_unfollow_produce_follow_events(
+    http: httpx.AsyncClient, gw: Running
+) -> None:
+    follower, followee = uid("f"), uid("g")
+    body = {"follower": follower, "followee": followee}
+    assert (await http.post("/v1/follows", json=body, headers=INGEST)).status_code == 202
+    response = await http.request("DELETE", "/v1/follows", json=body, headers=INGEST)
+    assert response.status_code == 202
+    events = [
+        (key, json.loads(value))
+        for key, value in gw.producer.records(gw.settings.topic_follows)
+        if key == follower.encode()
+    ]
+    assert [e["type"] for _, e in events] == ["follow", "unfollow"]
+    assert all(e["followee"] == followee for _, e in events)
+    assert datetime.fromisoformat(events[0][1]["at"]).tzinfo is not None
+
+
+async def test_follow_self_is_400_naming_followee(http: httpx.AsyncClient) -> None:
+    body = {"follower": "same", "followee": "same"}
+    response = await http.post("/v1/follows", json=body, headers=INGEST)
+    assert response.status_code == 400
+    assert response.json()["error"]["field"] == "followee"
+
+
+async def test_follow_missing_field_is_400(http: httpx.AsyncClient) -> None:
+    response = await http.post("/v1/follows", json={"follower": "a"}, headers=INGEST)
+    assert response.status_code == 400
+    assert response.json()["error"]["field"] == "followee"
+
+
+async def test_follow_without_token_is_401(http: httpx.AsyncClient) -> None:
+    response = await http.post("/v1/follows", json={"follower": "a", "followee": "b"})
+    assert response.status_code == 401
+
+
+async def test_follow_body_too_large_is_413(http: httpx.AsyncClient) -> None:
+    response = await http.post("/v1/follows", content=b" " * 10_000, headers=INGEST)
+    assert response.status_code == 413
+
+
+# --- HTTP: operations -----------------------------------------------------------------------------
+async def test_healthz(http: httpx.AsyncClient) -> None:
+    response = await http.get("/healthz")
+    assert response.status_code == 200
+
+
+async def test_readyz_reports_each_dependency(http: httpx.AsyncClient) -> None:
+    response = await http.get("/readyz")
+    body = response.json()
+    assert response.status_code == 200, body
+    assert body["ready"] is True
+    assert body["dependencies"]["redis"]["ok"] is True
+    assert body["dependencies"]["kafka"]["ok"] is True
+    assert "cassandra" not in body["dependencies"]  # not used by this instance
+
+
+async def test_metrics_exposition(http: httpx.AsyncClient, gw: Running) -> None:
+    ws, _ = await welcomed(gw, uid())
+    text = (await http.get("/metrics")).text
+    await ws.close()
+    for name in (
+        "feed_gateway_connections",
+        "feed_gateway_messages_pushed_total",
+        "feed_gateway_push_latency_seconds_bucket",
+        "feed_gateway_slow_client_closes_total",
+        "feed_gateway_http_requests_total",
+        "feed_ingest_activities_total",
+    ):
+        assert name in text
+    assert 'route="/healthz"' in text or 'route="/metrics"' in text
+
+
+async def test_unknown_route_is_a_json_404(http: httpx.AsyncClient) -> None:
+    response = await http.get("/nope")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+
+
+async def test_wrong_method_is_a_json_405(http: httpx.AsyncClient) -> None:
+    response = await http.get("/v1/activities")
+    assert response.status_code == 405
+    assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+async def test_page_is_served(http: httpx.AsyncClient) -> None:
+    response = await http.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert "/v1/stream" in response.text
+
+
+async def test_dev_token_route(http: httpx.AsyncClient, gw: Running) -> None:
+    response = await http.get("/dev/token", params={"user": "alice"})
+    assert response.status_code == 200
+    async with connect(f"{gw.ws}?token={response.json()['token']}") as ws:
+        assert (await recv(ws))["user"] == "alice"
+    bad = await http.get("/dev/token", params={"user": "has space"})
+    assert bad.status_code == 400
+    assert bad.json()["error"]["field"] == "user"
+
+
+def test_uvicorn_log_lines_lose_their_tokens() -> None:
+    record = logging.LogRecord(
+        "uvicorn.error", logging.INFO, __file__, 1, '%s - "WebSocket %s" [accepted]',
+        ("127.0.0.1:5", "/v1/stream?token=abc.def.ghi&x=1"), None,
+    )
+    _RedactTokens().filter(record)
+    assert "abc.def.ghi" not in record.getMessage()
+    assert "token=**********" in record.getMessage()
+
+
+# --- servers of their own: slow clients, shutdown ------------------------------------------------
+async def test_slow_client_is_closed_4008(redis_url: str, timelines: RedisTimelines) -> None:
+    running = _start(_settings(redis_url, send_queue_bytes=256 * 1024), hold_live_s=0)
+    try:
+        user = uid("slow")
+        # max_queue=1: the client stops reading its socket after one unread message.
+        ws, _ = await welcomed(running, user, max_queue=1)
+        registry = running.server.gateway.metrics.registry
+        big = {"blob": "z" * 3000}
+        deadline = time.monotonic() + 30
+        while not registry.get_sample_value("feed_gateway_slow_client_closes_total"):
+            publish(timelines, [user], make_activity("x", extra=big))
+            if time.monotonic() > deadline:
+                pytest.fail("the slow client was never closed")
+            await asyncio.sleep(0)
+        assert await close_code(ws, timeout=15) == 4008
+    finally:
+        running.stop()
+
+
+async def test_shutdown_closes_sockets_with_1001_within_drain(redis_url: str) -> None:
+    running = _start(_settings(redis_url, drain_s=3.0))
+    sockets = [(await welcomed(running, uid()))[0] for _ in range(3)]
+    stopping = asyncio.get_running_loop().run_in_executor(None, running.stop)
+    codes = [await close_code(ws) for ws in sockets]
+    took = await stopping
+    assert codes == [1001, 1001, 1001]
+    assert took < 3.0 + 2.0
+
+
+async def test_redis_down_gateway_stays_up_and_says_so() -> None:
+    dead = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens there
+    running = _start(_settings(dead))
+    try:
+        async with httpx.AsyncClient(base_url=running.base, timeout=TIMEOUT) as client:
+            assert (await client.get("/healthz")).status_code == 200
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["dependencies"]["redis"]["ok"] is False
+            feed = await client.get(
+                "/v1/feed", headers={"Authorization": f"Bearer {token(uid())}"}
+            )
+            assert feed.status_code == 503
+            assert feed.json()["error"]["code"] == "unavailable"
+            assert "retry-after" in feed.headers
+    finally:
+        running.stop()

@@ -1,0 +1,94 @@
+"""CassandraHistory and CassandraFollowGraph against the real Cassandra of the test session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from feed.cursor import order_key
+from feed.graph_cassandra import CassandraFollowGraph
+from feed.history_cassandra import CassandraHistory, HistoryRecord
+
+
+def _record(aid: str, actor: str, ts: int, users: list[str]) -> HistoryRecord:
+    return HistoryRecord(aid, actor, ts, b'{"id":"%s"}' % aid.encode(), users)
+
+
+def test_activities_timelines_and_recipients(
+    cassandra: Any, settings: Any, ids: Callable[[str], str]
+) -> None:
+    history = CassandraHistory(cassandra, settings.cassandra_keyspace)
+    actor, u2, u3, a = ids("u1"), ids("u2"), ids("u3"), ids("a")
+    records = [_record(f"{a}-{n}", actor, 1000 + n, [u2, u3]) for n in range(3)]
+    history.put_activities(records)
+    assert history.put_deliveries(records) == 6
+    history.put_deliveries(records)  # replay overwrites
+    assert history.page_timeline(u2, None, 10) == [
+        order_key(1000 + n, f"{a}-{n}") for n in (2, 1, 0)
+    ]
+    assert history.activity(f"{a}-1") == (actor, 1001, records[1].body)
+    assert sorted(u for page in history.recipients(f"{a}-0") for u in page) == sorted([u2, u3])
+    assert history.outbox(actor, 2) == [order_key(1002, f"{a}-2"), order_key(1001, f"{a}-1")]
+    assert history.bodies([f"{a}-0", "missing"]) == {f"{a}-0": records[0].body}
+
+
+def test_timeline_pages_without_gaps_including_ties(
+    cassandra: Any, settings: Any, ids: Callable[[str], str]
+) -> None:
+    history = CassandraHistory(cassandra, settings.cassandra_keyspace)
+    user, a = ids("u"), ids("a")
+    rows = [(user, 5000 + n // 3, f"{a}-{n:03d}", "x") for n in range(250)]
+    history.write_timeline_rows(rows)
+    expected = sorted((order_key(ts, aid) for _, ts, aid, _ in rows), reverse=True)
+    seen: list[str] = []
+    before = None
+    while True:
+        page = history.page_timeline(user, before, 17)
+        if not page:
+            break
+        seen += page
+        before = page[-1]
+    assert seen == expected
+
+
+def test_remove_and_delete(cassandra: Any, settings: Any, ids: Callable[[str], str]) -> None:
+    history = CassandraHistory(cassandra, settings.cassandra_keyspace)
+    actor, user, a = ids("u1"), ids("u2"), ids("a")
+    record = _record(a, actor, 77, [user])
+    history.put_activities([record])
+    history.put_deliveries([record])
+    history.remove_from_timelines([(user, 77, a)])
+    history.delete_activity(a, actor, 77)
+    assert history.page_timeline(user, None, 10) == []
+    assert history.activity(a) is None
+    assert history.outbox(actor, 10) == []
+    assert list(history.recipients(a)) == []
+
+
+def test_follow_graph_pages(cassandra: Any, settings: Any, ids: Callable[[str], str]) -> None:
+    graph = CassandraFollowGraph(cassandra, settings.cassandra_keyspace, page_size=7)
+    star = ids("star")
+    fans = [ids("fan") + f"-{n:02d}" for n in range(30)]
+    now = datetime.now(UTC)
+    for fan in fans:
+        graph.follow(fan, star, now)
+    pages = list(graph.followers(star))
+    assert len(pages) >= 5 and all(len(p) <= 7 for p in pages)
+    assert sorted(f for p in pages for f in p) == sorted(fans)
+    assert [f for p in graph.following(fans[0]) for f in p] == [star]
+    assert graph.is_following(fans[0], star)
+
+
+def test_follow_and_unfollow_resolve_by_event_time(
+    cassandra: Any, settings: Any, ids: Callable[[str], str]
+) -> None:
+    graph = CassandraFollowGraph(cassandra, settings.cassandra_keyspace)
+    a, b = ids("a"), ids("b")
+    t0 = datetime.now(UTC)
+    # Applied out of order: the unfollow (later) first, then the follow (earlier).
+    graph.unfollow(a, b, t0 + timedelta(seconds=1))
+    graph.follow(a, b, t0)
+    assert not graph.is_following(a, b)
+    graph.follow(a, b, t0 + timedelta(seconds=2))
+    assert graph.is_following(a, b)

@@ -1,0 +1,152 @@
+"""The fan-out Processor on the real Redis and Cassandra (no Kafka: records are handed in)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+import pytest
+
+from fanout.followers import FollowerCache
+from fanout.processor import Processor, RejectedRecord
+from feed.graph_cassandra import CassandraFollowGraph
+from feed.history_cassandra import CassandraHistory
+from feed.timeline_redis import RedisTimelines
+from schemas.activity import Activity, decode_activity
+from schemas.follow import FollowEvent
+
+T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def processor(redis_client: Any, cassandra: Any, settings: Any) -> Iterator[Processor]:
+    graph = CassandraFollowGraph(cassandra, settings.cassandra_keyspace)
+    p = Processor(
+        timelines=RedisTimelines(redis_client, timeline_max=50, stream_history=100, body_ttl_s=600),
+        history=CassandraHistory(cassandra, settings.cassandra_keyspace),
+        graph=graph,
+        followers=FollowerCache(graph, redis_client),
+        follow_backfill=3,
+    )
+    yield p
+    p.close()
+
+
+def act(aid: str, actor: str, minute: int, **extra: Any) -> Activity:
+    body = {
+        "id": aid,
+        "type": "Create",
+        "actor": actor,
+        "object": f"post:{aid}",
+        "published": (T0 + timedelta(minutes=minute)).isoformat(),
+        **extra,
+    }
+    return decode_activity(msgspec.json.encode(body))
+
+
+def delete(aid: str, actor: str, target: str) -> Activity:
+    return act(aid, actor, 999, type="Delete", object=target)
+
+
+def follow(follower: str, followee: str, second: int, kind: str = "follow") -> FollowEvent:
+    return FollowEvent(kind, follower, followee, T0 + timedelta(seconds=second))  # type: ignore[arg-type]
+
+
+def timeline(p: Processor, user: str) -> list[str]:
+    redis_ids = [m.split(":", 1)[1] for m in p._timelines.page(user, None, 1000).members]
+    cassandra_ids = [m.split(":", 1)[1] for m in p._history.page_timeline(user, None, 1000)]
+    assert redis_ids == cassandra_ids, "Redis and Cassandra disagree"
+    return redis_ids
+
+
+def test_fan_out_to_followers_and_to(processor: Processor, ids: Callable[[str], str]) -> None:
+    u1, u2, u3, u4, u9 = (ids(n) for n in ("u1", "u2", "u3", "u4", "u9"))
+    processor.apply([(0, follow(u2, u1, 1)), (1, follow(u3, u1, 2))])
+    stats = processor.apply([(0, act(ids("a"), u1, 1, to=[u9, u2]))])
+    assert stats.inserted == 3 and stats.history_rows == 3
+    assert len(timeline(processor, u2)) == len(timeline(processor, u3)) == 1
+    assert len(timeline(processor, u9)) == 1
+    assert timeline(processor, u4) == []
+
+
+def test_replay_changes_nothing(processor: Processor, ids: Callable[[str], str]) -> None:
+    u1, u2, a = ids("u1"), ids("u2"), ids("a")
+    processor.apply([(0, follow(u2, u1, 1))])
+    first = processor.apply([(0, act(a, u1, 1)), (1, act(a, u1, 1))])
+    again = processor.apply([(0, act(a, u1, 1))])
+    assert first.inserted == 1 and again.inserted == 0 and again.pushed == 0
+    assert timeline(processor, u2) == [a]
+
+
+def test_delete_removes_everywhere_and_stays_deleted(
+    processor: Processor, ids: Callable[[str], str]
+) -> None:
+    u1, u2, u3, a = ids("u1"), ids("u2"), ids("u3"), ids("a")
+    processor.apply([(0, follow(u2, u1, 1)), (1, act(a, u1, 1, to=[u3]))])
+    processor.apply([(0, delete(ids("d"), u1, a))])
+    assert timeline(processor, u2) == [] and timeline(processor, u3) == []
+    assert processor._history.activity(a) is None
+    # A replay of the create after the delete does not resurrect it.
+    processor.apply([(0, act(a, u1, 1))])
+    assert timeline(processor, u2) == []
+
+
+def test_delete_of_someone_elses_activity_is_rejected(
+    processor: Processor, ids: Callable[[str], str]
+) -> None:
+    u1, u2, a = ids("u1"), ids("u2"), ids("a")
+    processor.apply([(0, follow(u2, u1, 1)), (1, act(a, u1, 1))])
+    stats = processor.apply([(5, delete(ids("d"), u2, a))])
+    assert [(i, r.code) for i, r in stats.rejected] == [(5, "forbidden")]
+    assert isinstance(stats.rejected[0][1], RejectedRecord)
+    assert timeline(processor, u2) == [a]
+
+
+def test_follow_backfills_and_unfollow_removes(
+    processor: Processor, ids: Callable[[str], str]
+) -> None:
+    u1, u2 = ids("u1"), ids("u2")
+    posts = [ids(f"a{n}") for n in range(5)]
+    processor.apply([(n, act(aid, u1, n)) for n, aid in enumerate(posts)])
+    processor.apply([(0, follow(u2, u1, 10))])
+    assert timeline(processor, u2) == posts[::-1][:3]  # FEED_FOLLOW_BACKFILL = 3
+    processor.apply([(0, follow(u2, u1, 20, "unfollow"))])
+    assert timeline(processor, u2) == []
+
+
+def test_follow_events_applied_out_of_order(
+    processor: Processor, ids: Callable[[str], str]
+) -> None:
+    u1, u2, a = ids("u1"), ids("u2"), ids("a")
+    processor.apply([(0, act(a, u1, 1))])
+    # The unfollow happened later but is applied first: the follow must not win.
+    processor.apply([(0, follow(u2, u1, 20, "unfollow"))])
+    processor.apply([(0, follow(u2, u1, 10))])
+    assert timeline(processor, u2) == []
+    assert not processor._graph.is_following(u2, u1)
+
+
+def test_follower_cache_sees_follows_from_other_workers(
+    processor: Processor,
+    redis_client: Any,
+    cassandra: Any,
+    settings: Any,
+    ids: Callable[[str], str],
+) -> None:
+    u1, u2, u3 = ids("u1"), ids("u2"), ids("u3")
+    processor.apply([(0, follow(u2, u1, 1)), (1, act(ids("a1"), u1, 1))])
+    # Another worker (its own Processor and cache) applies a follow.
+    graph = CassandraFollowGraph(cassandra, settings.cassandra_keyspace)
+    other = Processor(
+        timelines=RedisTimelines(redis_client, timeline_max=50, stream_history=100, body_ttl_s=60),
+        history=CassandraHistory(cassandra, settings.cassandra_keyspace),
+        graph=graph,
+        followers=FollowerCache(graph, redis_client),
+        follow_backfill=0,
+    )
+    other.apply([(0, follow(u3, u1, 2))])
+    other.close()
+    processor.apply([(0, act(ids("b1"), u1, 2))])
+    assert len(timeline(processor, u3)) == 1

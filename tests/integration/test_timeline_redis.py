@@ -1,0 +1,131 @@
+"""RedisTimelines and AsyncRedisPresence against the real Redis of the test session."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import msgspec
+import redis
+import redis.asyncio as aioredis
+
+from feed import keys
+from feed.cursor import order_key
+from feed.timeline_redis import AsyncRedisPresence, Insert, RedisTimelines, Removal
+
+
+def _timelines(client: redis.Redis, cap: int = 5) -> RedisTimelines:
+    return RedisTimelines(client, timeline_max=cap, stream_history=100, body_ttl_s=600)
+
+
+def _insert(ts: int, aid: str, users: list[str]) -> Insert:
+    return Insert(order_key(ts, aid), aid, msgspec.json.encode({"id": aid}), users)
+
+
+def test_insert_orders_newest_first_and_stores_body_once(
+    redis_client: redis.Redis, ids: Callable[[str], str]
+) -> None:
+    t = _timelines(redis_client, cap=100)
+    u1, u2, a = ids("u1"), ids("u2"), ids("a")
+    inserted, _ = t.insert([_insert(ts, f"{a}-{ts}", [u1, u2]) for ts in (3, 1, 2)])
+    assert inserted == 6
+    page = t.page(u1, None, 10)
+    assert [m.split(":", 1)[1] for m in page.members] == [f"{a}-3", f"{a}-2", f"{a}-1"]
+    assert page.bodies[page.members[0]] == msgspec.json.encode({"id": f"{a}-3"})
+    assert redis_client.exists(keys.body(f"{a}-3")) == 1
+
+
+def test_ties_on_published_are_broken_by_id(
+    redis_client: redis.Redis, ids: Callable[[str], str]
+) -> None:
+    t = _timelines(redis_client, cap=100)
+    user = ids("u")
+    t.insert([_insert(7, aid, [user]) for aid in ("b", "c", "a")])
+    assert [m.split(":", 1)[1] for m in t.page(user, None, 10).members] == ["c", "b", "a"]
+
+
+def test_cap_keeps_newest(redis_client: redis.Redis, ids: Callable[[str], str]) -> None:
+    t = _timelines(redis_client, cap=5)
+    user, a = ids("u"), ids("a")
+    t.insert([_insert(ts, f"{a}-{ts:02d}", [user]) for ts in range(12)])
+    members = t.page(user, None, 100).members
+    assert t.size(user) == 5
+    assert [m.split(":", 1)[1] for m in members] == [f"{a}-{ts:02d}" for ts in range(11, 6, -1)]
+
+
+def test_reinsert_is_idempotent(redis_client: redis.Redis, ids: Callable[[str], str]) -> None:
+    t = _timelines(redis_client, cap=50)
+    user, a = ids("u"), ids("a")
+    first = t.insert([_insert(1, a, [user])])
+    again = t.insert([_insert(1, a, [user])])
+    assert first[0] == 1 and again == (0, 0)
+    assert t.size(user) == 1
+
+
+def test_paging_with_exclusive_cursor(redis_client: redis.Redis, ids: Callable[[str], str]) -> None:
+    t = _timelines(redis_client, cap=100)
+    user, a = ids("u"), ids("a")
+    t.insert([_insert(ts, f"{a}-{ts:02d}", [user]) for ts in range(10)])
+    seen: list[str] = []
+    before = None
+    for _ in range(10):
+        page = t.page(user, before, 3)
+        if not page.members:
+            break
+        seen += page.members
+        before = page.members[-1]
+    assert len(seen) == len(set(seen)) == 10
+    assert seen == sorted(seen, reverse=True)
+
+
+def test_many_recipients_are_split_across_calls(
+    redis_client: redis.Redis, ids: Callable[[str], str]
+) -> None:
+    t = _timelines(redis_client, cap=10)
+    users = [ids("f") + f"-{n}" for n in range(20_000)]
+    inserted, _ = t.insert([_insert(1, ids("a"), users)])
+    assert inserted == 20_000
+    assert all(t.size(u) == 1 for u in users[::997])
+
+
+def test_only_online_users_get_frames_in_sequence(
+    redis_client: redis.Redis,
+    settings,
+    ids: Callable[[str], str],  # type: ignore[no-untyped-def]
+) -> None:
+    online, offline, a = ids("on"), ids("off"), ids("a")
+
+    async def attach() -> tuple[str, int]:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        try:
+            p = await AsyncRedisPresence(client, ttl_s=60).attach(online)
+            return p.epoch, p.seq
+        finally:
+            await client.aclose()
+
+    epoch, seq = asyncio.run(attach())
+    assert seq == 0
+    pubsub = redis_client.pubsub()
+    pubsub.subscribe(keys.channel(online), keys.channel(offline))
+    for _ in range(2):
+        pubsub.get_message(timeout=2)
+    t = _timelines(redis_client, cap=10)
+    inserted, pushed = t.insert([_insert(ts, f"{a}-{ts}", [online, offline]) for ts in (1, 2)])
+    assert (inserted, pushed) == (4, 2)
+    removed, pushed = t.remove([Removal(order_key(1, f"{a}-1"), f"{a}-1", [online, offline])])
+    assert (removed, pushed) == (2, 1)
+    frames = []
+    for _ in range(20):
+        message = pubsub.get_message(timeout=1)
+        if message and message["type"] == "message":
+            frames.append((message["channel"], msgspec.json.decode(message["data"])))
+        if len(frames) == 3:
+            break
+    pubsub.close()
+    assert {channel for channel, _ in frames} == {keys.channel(online).encode()}
+    assert [f["cursor"] for _, f in frames] == [f"{epoch}.1", f"{epoch}.2", f"{epoch}.3"]
+    assert [f["type"] for _, f in frames] == ["activity", "activity", "removed"]
+    assert frames[2][1]["id"] == f"{a}-1"
+    stream = redis_client.xrange(keys.deliveries(online))
+    assert [eid for eid, _ in stream] == [b"1-0", b"2-0", b"3-0"]
+    assert redis_client.exists(keys.deliveries(offline)) == 0

@@ -1,0 +1,66 @@
+"""Cursor and key encoding."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from feed import keys
+from feed.cursor import (
+    CursorError,
+    StreamCursor,
+    decode_position,
+    decode_stream,
+    encode_position,
+    order_key,
+    split_order_key,
+)
+
+ids = st.text(
+    alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Zs", "Zl", "Zp")),
+    min_size=1,
+    max_size=40,
+)
+
+
+@given(st.integers(0, 10**16 - 1), ids)
+def test_position_round_trip(ts: int, activity_id: str) -> None:
+    key = order_key(ts, activity_id)
+    assert decode_position(encode_position(key)) == key
+    assert split_order_key(key) == (ts, activity_id)
+
+
+@given(st.integers(0, 10**15), ids, st.integers(0, 10**15), ids)
+def test_order_keys_sort_like_published_then_id(t1: int, a1: str, t2: int, a2: str) -> None:
+    k1, k2 = order_key(t1, a1), order_key(t2, a2)
+    # Redis compares members as bytes; Cassandra compares (bigint, UTF-8 text).
+    assert (k1.encode() < k2.encode()) == ((t1, a1.encode()) < (t2, a2.encode()))
+
+
+def test_order_key_range() -> None:
+    with pytest.raises(ValueError):
+        order_key(-1, "a")
+    with pytest.raises(ValueError):
+        order_key(10**16, "a")
+
+
+@pytest.mark.parametrize("bad", ["", "x", "p", "p!!!", "pAAAA", "s1.2", "p" + "A" * 500])
+def test_bad_positions(bad: str) -> None:
+    with pytest.raises(CursorError):
+        decode_position(bad)
+
+
+def test_stream_cursor() -> None:
+    assert decode_stream("8f3af4d3.42") == StreamCursor("8f3af4d3", 42)
+    assert str(StreamCursor("ab", 3)) == "ab.3"
+    for bad in ("", "ab", "ab.", ".3", "AB.3", "ab.-1", "ab.3.4", "p" + "x" * 30 + ".1"):
+        with pytest.raises(CursorError):
+            decode_stream(bad)
+
+
+def test_keys_share_a_hash_tag_per_user() -> None:
+    names = [keys.timeline("u1"), keys.presence("u1"), keys.deliveries("u1"), keys.channel("u1")]
+    assert all("{u1}" in n for n in names)
+    assert len(set(names)) == 4
+    assert keys.body("a-1") == "a:a-1"

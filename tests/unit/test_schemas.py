@@ -1,0 +1,160 @@
+"""Schemas: valid input, and each kind of invalid input named by field and limit."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from schemas import (
+    MAX_BATCH,
+    UnknownFrameType,
+    ValidationError,
+    decode_activities,
+    decode_activity,
+    decode_client_frame,
+    decode_follow_event,
+    decode_follow_request,
+    encode_activity,
+    published_us,
+)
+
+GOOD = {
+    "id": "a-123",
+    "type": "Create",
+    "actor": "u1",
+    "object": "post:9",
+    "published": "2026-11-22T10:00:00Z",
+}
+
+
+def enc(value: object) -> bytes:
+    return msgspec.json.encode(value)
+
+
+def error_of(data: bytes) -> ValidationError:
+    with pytest.raises(ValidationError) as info:
+        decode_activity(data)
+    return info.value
+
+
+def test_valid_activity_round_trips() -> None:
+    activity = decode_activity(enc({**GOOD, "target": "group:4", "to": ["u7"], "extra": {"k": 1}}))
+    assert activity.to == ["u7"] and activity.extra == {"k": 1}
+    again = decode_activity(encode_activity(activity))
+    assert again == activity
+
+
+def test_published_accepts_fractions_and_offsets() -> None:
+    a = decode_activity(enc({**GOOD, "published": "2026-11-22T11:00:00.25+01:00"}))
+    b = decode_activity(enc({**GOOD, "published": "2026-11-22T10:00:00.25Z"}))
+    assert published_us(a) == published_us(b)
+    assert published_us(b) % 1_000_000 == 250_000
+
+
+def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
+    assert decode_activity(enc({**GOOD, "future": 1})).id == "a-123"
+
+
+@pytest.mark.parametrize("field", ["id", "type", "actor", "object", "published"])
+def test_missing_required_field_is_named(field: str) -> None:
+    body = {k: v for k, v in GOOD.items() if k != field}
+    err = error_of(enc(body))
+    assert (err.field, err.code) == (field, "missing")
+
+
+@pytest.mark.parametrize(
+    ("field", "limit"), [("id", 128), ("type", 64), ("actor", 128), ("object", 512)]
+)
+def test_length_limits_are_named(field: str, limit: int) -> None:
+    err = error_of(enc({**GOOD, field: "x" * (limit + 1)}))
+    assert (err.field, err.code) == (field, "too_long")
+    assert str(limit) in err.message
+    decode_activity(enc({**GOOD, field: "x" * limit}))
+
+
+def test_wrong_type_is_named() -> None:
+    err = error_of(enc({**GOOD, "actor": 5}))
+    assert (err.field, err.code) == ("actor", "wrong_type")
+
+
+def test_ids_reject_whitespace_and_control_characters() -> None:
+    for bad in ("a b", "a\x00", "", "tab\t"):
+        err = error_of(enc({**GOOD, "actor": bad}))
+        assert err.field == "actor"
+
+
+def test_published_needs_a_timezone_and_a_sane_range() -> None:
+    assert error_of(enc({**GOOD, "published": "2026-11-22T10:00:00"})).field == "published"
+    assert error_of(enc({**GOOD, "published": "yesterday"})).field == "published"
+    err = error_of(enc({**GOOD, "published": "1969-12-31T23:59:59Z"}))
+    assert (err.field, err.code) == ("published", "out_of_range")
+
+
+def test_to_is_limited_to_100_recipients() -> None:
+    err = error_of(enc({**GOOD, "to": [f"u{n}" for n in range(101)]}))
+    assert (err.field, err.code) == ("to", "too_long")
+    assert error_of(enc({**GOOD, "to": ["ok", "bad id"]})).field == "to[1]"
+
+
+def test_extra_is_limited_to_4_kib() -> None:
+    err = error_of(enc({**GOOD, "extra": {"blob": "x" * 5000}}))
+    assert (err.field, err.code) == ("extra", "too_large")
+    assert "4096" in err.message
+
+
+def test_malformed_json_and_oversized_events() -> None:
+    assert error_of(b'{"id": ').code == "malformed_json"
+    assert error_of(b"\xff\xfe").code == "malformed_json"
+    assert error_of(b"[1]").code == "wrong_type"
+    assert error_of(b" " * 40_000).code == "too_large"
+
+
+def test_batches() -> None:
+    assert len(decode_activities(enc([GOOD, {**GOOD, "id": "a-2"}]))) == 2
+    assert len(decode_activities(enc(GOOD))) == 1
+    with pytest.raises(ValidationError) as info:
+        decode_activities(enc([GOOD] * (MAX_BATCH + 1)))
+    assert info.value.code == "too_many" and "500" in info.value.message
+    with pytest.raises(ValidationError) as info:
+        decode_activities(enc([GOOD, {**GOOD, "id": ""}]))
+    assert info.value.field == "[1].id"
+    with pytest.raises(ValidationError):
+        decode_activities(b"[]")
+
+
+def test_follow_events() -> None:
+    event = decode_follow_event(
+        enc({"type": "follow", "follower": "u2", "followee": "u1", "at": "2026-11-22T10:00:00Z"})
+    )
+    assert event.type == "follow"
+    with pytest.raises(ValidationError) as info:
+        decode_follow_event(
+            enc({"type": "block", "follower": "u2", "followee": "u1", "at": "2026-11-22T10:00:00Z"})
+        )
+    assert info.value.field == "type"
+    with pytest.raises(ValidationError) as info:
+        decode_follow_request(enc({"follower": "u1", "followee": "u1"}))
+    assert info.value.field == "followee"
+    with pytest.raises(ValidationError) as info:
+        decode_follow_request(enc({"follower": "u1"}))
+    assert (info.value.field, info.value.code) == ("followee", "missing")
+
+
+def test_client_frames() -> None:
+    assert decode_client_frame(enc({"type": "resume", "cursor": "abc.1"})).cursor == "abc.1"
+    with pytest.raises(UnknownFrameType):
+        decode_client_frame(enc({"type": "subscribe"}))
+    with pytest.raises(ValidationError) as info:
+        decode_client_frame(b"{nope")
+    assert not isinstance(info.value, UnknownFrameType)
+    with pytest.raises(ValidationError) as info:
+        decode_client_frame(enc({"type": "resume"}))
+    assert info.value.field == "cursor"
+    with pytest.raises(ValidationError) as info:
+        decode_client_frame(b" " * (64 * 1024 + 1))
+    assert info.value.code == "too_large"
+
+
+def test_error_as_dict_for_http() -> None:
+    err = error_of(enc({**GOOD, "id": "x" * 200}))
+    assert set(err.as_dict()) == {"code", "message", "field"}

@@ -1,0 +1,87 @@
+"""Settings: defaults from the contract, typed parsing, errors that name the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from feed.settings import Secret, Settings, SettingsError
+
+
+def test_contract_defaults() -> None:
+    s = Settings.from_env({})
+    assert s.kafka_bootstrap == "127.0.0.1:9092"
+    assert s.redis_url == "redis://127.0.0.1:6379/0"
+    assert s.cassandra_hosts == ("127.0.0.1",) and s.cassandra_port == 9042
+    assert s.cassandra_keyspace == "feed" and s.cassandra_protocol_version is None
+    assert (s.gateway_host, s.gateway_port) == ("127.0.0.1", 8080)
+    assert s.timeline_max == 800 and s.follow_backfill == 200
+    assert s.kafka_group == "feed-fanout"
+    assert (s.topic_activities, s.topic_follows, s.topic_dlq) == (
+        "feed.activities",
+        "feed.follows",
+        "feed.activities.dlq",
+    )
+
+
+def test_parsing() -> None:
+    s = Settings.from_env(
+        {
+            "FEED_CASSANDRA_HOSTS": "a, b,c",
+            "FEED_CASSANDRA_PROTOCOL_VERSION": "3",
+            "FEED_TIMELINE_MAX": "10",
+            "FEED_FANOUT_HISTORY": "false",
+            "FEED_ALLOWED_ORIGINS": "https://x.example,https://y.example",
+        }
+    )
+    assert s.cassandra_hosts == ("a", "b", "c")
+    assert s.cassandra_protocol_version == 3
+    assert s.timeline_max == 10 and s.fanout_history is False
+    assert s.allowed_origins == ("https://x.example", "https://y.example")
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("FEED_TIMELINE_MAX", "abc"),
+        ("FEED_TIMELINE_MAX", "0"),
+        ("FEED_CASSANDRA_PORT", "70000"),
+        ("FEED_REDIS_URL", "http://x"),
+        ("FEED_FANOUT_HISTORY", "maybe"),
+        ("FEED_CASSANDRA_KEYSPACE", "bad-name"),
+        ("FEED_CASSANDRA_HOSTS", " , "),
+        ("FEED_LOG_LEVEL", "loud"),
+    ],
+)
+def test_errors_name_the_variable(var: str, value: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({var: value})
+    assert str(info.value).startswith(var + ":")
+
+
+def test_jwt_secret_needs_32_bytes_and_never_prints() -> None:
+    weak = "short-secret-value"
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"FEED_JWT_SECRET": weak})
+    assert "FEED_JWT_SECRET" in str(info.value) and weak not in str(info.value)
+    strong = "k" * 32
+    s = Settings.from_env({"FEED_JWT_SECRET": strong, "FEED_INGEST_TOKEN": "t" * 20})
+    assert strong not in repr(s) and "t" * 20 not in repr(s)
+    assert s.jwt_secret is not None and s.jwt_secret.reveal() == strong
+
+
+def test_gateway_requirements() -> None:
+    with pytest.raises(SettingsError, match="FEED_JWT_SECRET"):
+        Settings.from_env({}).require_gateway()
+    with pytest.raises(SettingsError, match="FEED_INGEST_TOKEN"):
+        Settings.from_env({"FEED_JWT_SECRET": "k" * 32}).require_gateway()
+
+
+def test_secret_compare_is_constant_time_api() -> None:
+    secret = Secret("abc")
+    assert secret.matches("abc") and not secret.matches("abd")
+    assert str(secret) == repr(secret) == "Secret('**********')"
+
+
+def test_env_round_trip() -> None:
+    s = Settings.from_env({"FEED_JWT_SECRET": "k" * 32, "FEED_CASSANDRA_HOSTS": "a,b"})
+    assert Settings.from_env(s.env()) == s
