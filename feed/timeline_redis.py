@@ -327,6 +327,31 @@ class AsyncRedisTimelines:
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
         self._touch = client.register_script(_TOUCH)
+        self._fanout = client.register_script(_FANOUT)
+        self._remove = client.register_script(_REMOVE)
+
+    async def insert_for(
+        self, users: Sequence[str], member: str, body: bytes, *, timeline_max: int,
+        stream_history: int, body_ttl_s: int,
+    ) -> tuple[int, int]:
+        """The fan-out script for one activity and ``users`` (a gateway delivering a large
+        account's activity to its connected followers). Idempotent: the first insert wins and
+        assigns the one delivery ``seq``, however many gateways try."""
+        calls = _chunks(
+            [timeline_max, stream_history, body_ttl_s, "0"],
+            [([member, keys.body(member.partition(":")[2]), body], users)],
+        )
+        results = [await self._fanout(args=args) for args in calls]
+        return sum(int(r[0]) for r in results), sum(int(r[1]) for r in results)
+
+    async def remove_for(
+        self, users: Sequence[str], member: str, *, stream_history: int
+    ) -> tuple[int, int]:
+        calls = _chunks(
+            [stream_history], [([member, _id_json(member.partition(":")[2])], users)]
+        )
+        results = [await self._remove(args=args) for args in calls]
+        return sum(int(r[0]) for r in results), sum(int(r[1]) for r in results)
 
     async def page(self, user: str, before: str | None, limit: int) -> TimelinePage:
         members = _decode_all(

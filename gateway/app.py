@@ -209,6 +209,7 @@ class Gateway:
         self._presence: AsyncRedisPresence | None = None
         self._timelines: AsyncRedisTimelines | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
         self._closing = False
 
     # Handlers only run between open() and close(), so these are always set there.
@@ -243,6 +244,8 @@ class Gateway:
         self._hub = Hub(
             self._redis, self._presence, refresh_interval_s=max(1.0, s.resume_window_s / 3)
         )
+        self._hub.on_actor_message = self._on_actor_message
+        self._hub.on_following_changed = self._on_following_changed
         await self._hub.start()
         if self._producer is None:
             self._producer = AsyncProducer(producer_config(s))
@@ -277,6 +280,47 @@ class Gateway:
         if self._owns_redis and self._redis is not None:
             await self._redis.aclose()
         log.info("gateway_stopped")
+
+    # --- large accounts (hybrid fan-out) -------------------------------------------------------
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _on_actor_message(self, actor: str, users: list[str], message: bytes) -> None:
+        self._spawn(self._apply_actor_message(actor, users, message))
+
+    async def _apply_actor_message(self, actor: str, users: list[str], message: bytes) -> None:
+        """A large account's new (``+member\\nbody``) or deleted (``-member``) activity: insert
+        it into (or remove it from) the connected followers' timelines. The script is
+        idempotent, so when several gateways hold followers the first insert wins and the user's
+        own channel delivers it once, with one delivery seq, to all of their connections."""
+        s = self.settings
+        timelines = _opened(self._timelines)
+        try:
+            if message.startswith(b"+"):
+                member, _, body = message[1:].partition(b"\n")
+                await timelines.insert_for(
+                    users, member.decode(), body, timeline_max=s.timeline_max,
+                    stream_history=s.stream_history, body_ttl_s=s.body_ttl_days * 86_400,
+                )
+            elif message.startswith(b"-"):
+                await timelines.remove_for(
+                    users, message[1:].decode(), stream_history=s.stream_history
+                )
+        except _REDIS_ERRORS as exc:
+            log.warning("actor_delivery_failed", actor=actor, users=len(users), error=str(exc))
+
+    def _on_following_changed(self, user: str) -> None:
+        self._spawn(self.refresh_actors(user))
+
+    async def refresh_actors(self, user: str) -> None:
+        """Subscribe the actor channels of the large accounts ``user`` follows."""
+        try:
+            actors = await self.reader.big_followees(user)
+            await self.hub.follow_actors(user, actors)
+        except Exception as exc:
+            log.warning("actor_channels_failed", error=type(exc).__name__, detail=str(exc)[:200])
 
     def _make_reader(self, history: Any) -> FeedReader:
         from feed.graph_cassandra import CassandraFollowGraph
@@ -732,6 +776,7 @@ class StreamConnection:
                 # A connected user is active: fan-out writes their Redis timeline (and a user
                 # back from a quiet period gets it rebuilt from history, single-flight).
                 await gateway.reader.touch(self.user)
+                await gateway.refresh_actors(self.user)
             except _REDIS_ERRORS as exc:
                 log.warning("ws_rejected", reason="redis_unavailable", error=str(exc))
                 await _close_quietly(self._ws, _CLOSE_TRY_AGAIN, "try again later")

@@ -14,6 +14,14 @@ Guarantees (what ``gateway.app`` relies on):
   When the connection is re-established (by this hub, or silently by redis-py), every affected
   connection is told to :meth:`~LocalConnection.check_gap`: it re-reads its delivery stream after
   the last frame it delivered. A half-open connection is detected by PINGs on an idle connection.
+* **Large accounts' channels, only while needed.** :meth:`Hub.follow_actors` records which large
+  accounts (merged at read time, not fanned out on write) each local user follows; an actor's
+  channel (``feed.keys.actor_channel``) is subscribed while at least one local user follows it,
+  and each message on it is handed once, with the list of local followers, to
+  ``on_actor_message`` (the app inserts it into those users' timelines, which delivers it).
+* **Control frames stay inside.** A frame on a user's channel that starts with ``{"type":"_`` is
+  for the gateway (``feed.keys.CONTROL_FOLLOWING``: whom the user follows changed) and goes to
+  ``on_following_changed``, never to a client.
 * **Presence kept alive.** Every ``refresh_interval_s`` the presence and delivery stream of every
   locally connected user get their TTL renewed (``AsyncRedisPresence.refresh``).
 """
@@ -22,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
@@ -39,6 +47,8 @@ log = structlog.get_logger("gateway.hub")
 #: Users per presence-refresh pipeline (two EXPIREs each).
 _REFRESH_BATCH = 1000
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+_CONTROL_PREFIX = b'{"type":"_'
+
 
 
 class HubUnavailable(RuntimeError):
@@ -92,6 +102,13 @@ class Hub:
         self._empty.set()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._actor_channels: dict[bytes, str] = {}  # subscribed actor channel -> actor
+        self._actor_users: dict[str, set[str]] = {}  # actor -> local users following it
+        self._user_actors: dict[str, set[str]] = {}  # local user -> large accounts followed
+        #: Set by the app: (actor, local followers, message) for actor-channel messages.
+        self.on_actor_message: Callable[[str, list[str], bytes], None] | None = None
+        #: Set by the app: the user's followings changed (re-resolve their actor channels).
+        self.on_following_changed: Callable[[str], None] | None = None
         #: Counters (metrics read them).
         self.messages = 0
         self.connects = 0
@@ -133,8 +150,45 @@ class Hub:
         return list(self._conns)
 
     def channels(self) -> list[str]:
-        """Channels this hub wants subscribed (one per locally connected user)."""
-        return [channel.decode() for channel in self._channels]
+        """Channels this hub wants subscribed (one per locally connected user, one per large
+        account followed by a locally connected user)."""
+        return [c.decode() for c in self._channels] + [c.decode() for c in self._actor_channels]
+
+    async def follow_actors(self, user: str, actors: Iterable[str]) -> None:
+        """Set the large accounts ``user`` follows (no-op once the user has no connection)."""
+        if user not in self._conns:
+            return
+        await self._set_actors(user, set(actors))
+
+    async def _set_actors(self, user: str, wanted: set[str]) -> None:
+        current = self._user_actors.pop(user, set())
+        if wanted:
+            self._user_actors[user] = wanted
+        subscribe: list[bytes] = []
+        unsubscribe: list[bytes] = []
+        for actor in wanted - current:
+            followers = self._actor_users.setdefault(actor, set())
+            if not followers:
+                channel = keys.actor_channel(actor).encode()
+                self._actor_channels[channel] = actor
+                subscribe.append(channel)
+            followers.add(user)
+        for actor in current - wanted:
+            followers = self._actor_users.get(actor, set())
+            followers.discard(user)
+            if not followers:
+                self._actor_users.pop(actor, None)
+                channel = keys.actor_channel(actor).encode()
+                self._actor_channels.pop(channel, None)
+                unsubscribe.append(channel)
+        if subscribe:
+            await self._subscribe(subscribe)
+        pubsub = self._pubsub
+        if unsubscribe and pubsub is not None and self._connected.is_set():
+            try:
+                await pubsub.unsubscribe(*unsubscribe)
+            except _REDIS_ERRORS as exc:
+                log.warning("pubsub_unsubscribe_failed", error=str(exc))
 
     async def register(self, conn: LocalConnection) -> None:
         """Add a connection; returns once its user's channel is confirmed subscribed.
@@ -173,6 +227,7 @@ class Hub:
         del self._conns[user]
         if not self._conns:
             self._empty.set()
+        await self._set_actors(user, set())
         channel = keys.channel(user).encode()
         self._channels.pop(channel, None)
         self._confirmed.discard(channel)
@@ -238,7 +293,7 @@ class Hub:
         self._confirmed.clear()
         await pubsub.connect()  # type: ignore[no-untyped-call]
         self._connected.set()
-        wanted = list(self._channels)
+        wanted = list(self._channels) + list(self._actor_channels)
         # Whatever was published while we were not subscribed is only in the delivery streams.
         self._resync.update(wanted)
         self.connects += 1
@@ -279,8 +334,18 @@ class Hub:
                 ping_sent = None
 
     def _dispatch(self, channel: bytes, frame: bytes) -> None:
+        actor = self._actor_channels.get(channel)
+        if actor is not None:
+            followers = list(self._actor_users.get(actor, ()))
+            if followers and self.on_actor_message is not None:
+                self.on_actor_message(actor, followers, frame)
+            return
         user = self._channels.get(channel)
         if user is None:
+            return
+        if frame.startswith(_CONTROL_PREFIX):
+            if self.on_following_changed is not None:
+                self.on_following_changed(user)
             return
         self.messages += 1
         for conn in list(self._conns.get(user, ())):

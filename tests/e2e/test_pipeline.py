@@ -6,76 +6,21 @@ operator runs them. Events are produced straight to Kafka with confluent-kafka.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
 import websockets
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer
 
 from feed.settings import Settings
-from gateway.auth import mint_token
 from tests.conftest import wait_for
-from tests.procs import FeedProcess, free_port, http_get, metric_value
+from tests.e2e.harness import Pipeline, frames_until, next_frame
+from tests.procs import free_port
 
 pytestmark = pytest.mark.e2e
-
-
-class Pipeline:
-    def __init__(self, env: dict[str, str], logdir: Path) -> None:
-        self.env = env
-        self.settings = Settings.from_env(env)
-        self.gateway_url = f"http://127.0.0.1:{env['FEED_GATEWAY_PORT']}"
-        self.metrics_url = f"http://127.0.0.1:{env['FEED_WORKER_METRICS_PORT']}"
-        self.worker = FeedProcess(["fanout"], env, logdir / "fanout.log")
-        self.gateway = FeedProcess(["gateway"], env, logdir / "gateway.log")
-        self.producer = Producer({"bootstrap.servers": self.settings.kafka_bootstrap})
-
-    def produce(self, topic: str, key: str, value: bytes) -> None:
-        self.producer.produce(topic, key=key.encode(), value=value)
-        assert self.producer.flush(10) == 0
-
-    def activity(self, aid: str, actor: str, **extra: Any) -> bytes:
-        body = {
-            "id": aid,
-            "type": "Create",
-            "actor": actor,
-            "object": f"post:{aid}",
-            "published": datetime.now(UTC).isoformat(),
-            **extra,
-        }
-        return json.dumps(body).encode()
-
-    def follow(self, follower: str, followee: str) -> None:
-        event = {
-            "type": "follow",
-            "follower": follower,
-            "followee": followee,
-            "at": datetime.now(UTC).isoformat(),
-        }
-        self.produce(self.settings.topic_follows, follower, json.dumps(event).encode())
-
-    def token(self, user: str) -> str:
-        assert self.settings.jwt_secret is not None
-        return mint_token(self.settings.jwt_secret, user, 600)
-
-    def feed(self, user: str) -> list[dict[str, Any]]:
-        status, body = http_get(
-            f"{self.gateway_url}/v1/feed?limit=200",
-            headers={"Authorization": f"Bearer {self.token(user)}"},
-        )
-        assert status == 200, body
-        return [item["activity"] for item in json.loads(body)["items"]]
-
-    def worker_metric(self, name: str) -> float:
-        status, body = http_get(f"{self.metrics_url}/metrics")
-        return metric_value(body.decode(), name) if status == 200 else 0.0
 
 
 @pytest.fixture(scope="module")
@@ -104,25 +49,6 @@ def pipeline(
     finally:
         p.gateway.stop()
         p.worker.stop()
-
-
-async def _next_frame(ws: Any, timeout: float) -> dict[str, Any]:
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
-
-
-async def _frames_until(
-    ws: Any, predicate: Callable[[dict[str, Any]], bool], timeout: float
-) -> list[dict[str, Any]]:
-    frames: list[dict[str, Any]] = []
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            pytest.fail(f"no matching frame within {timeout}s; got {frames}")
-        frame = await _next_frame(ws, remaining)
-        frames.append(frame)
-        if predicate(frame):
-            return frames
 
 
 def _has_history_row(pipeline: Pipeline, cassandra: Any, user: str, aid: str) -> bool:
@@ -157,7 +83,7 @@ async def test_publish_reaches_followers_socket_feed_and_history(
     async with websockets.connect(
         ws_url, additional_headers={"Authorization": f"Bearer {pipeline.token(u2)}"}
     ) as ws:
-        welcome = await _next_frame(ws, 5)
+        welcome = await next_frame(ws, 5)
         assert welcome["type"] == "welcome" and welcome["user"] == u2
 
         # 1. An activity by u1 reaches u2's socket within 5 s.
@@ -165,7 +91,7 @@ async def test_publish_reaches_followers_socket_feed_and_history(
         event = pipeline.activity(a1, u1)
         sent = time.monotonic()
         pipeline.produce(s.topic_activities, u1, event)
-        frames = await _frames_until(ws, lambda f: f.get("type") == "activity", timeout=5)
+        frames = await frames_until(ws, lambda f: f.get("type") == "activity", timeout=5)
         assert frames[-1]["activity"]["id"] == a1
         assert time.monotonic() - sent < 5
 
@@ -188,7 +114,7 @@ async def test_publish_reaches_followers_socket_feed_and_history(
         pipeline.produce(s.topic_activities, u1, event)
         marker = ids("marker")
         pipeline.produce(s.topic_activities, u1, pipeline.activity(marker, u1))
-        frames = await _frames_until(
+        frames = await frames_until(
             ws, lambda f: f.get("activity", {}).get("id") == marker, timeout=10
         )
         assert [f["activity"]["id"] for f in frames if f["type"] == "activity"] == [marker]
@@ -200,7 +126,7 @@ async def test_publish_reaches_followers_socket_feed_and_history(
         pipeline.produce(s.topic_activities, u1, bad)
         after = ids("after")
         pipeline.produce(s.topic_activities, u1, pipeline.activity(after, u1))
-        frames = await _frames_until(
+        frames = await frames_until(
             ws, lambda f: f.get("activity", {}).get("id") == after, timeout=10
         )
         assert [f["activity"]["id"] for f in frames if f["type"] == "activity"] == [after]

@@ -1,0 +1,91 @@
+"""Shared pieces of the end-to-end tests: the processes, producing, reading, frames."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Producer
+
+from feed.settings import Settings
+from gateway.auth import mint_token
+from tests.procs import FeedProcess, http_get, metric_value
+
+__all__ = ["Pipeline", "frames_until", "next_frame"]
+
+
+class Pipeline:
+    def __init__(self, env: dict[str, str], logdir: Path) -> None:
+        self.env = env
+        self.settings = Settings.from_env(env)
+        self.gateway_url = f"http://127.0.0.1:{env['FEED_GATEWAY_PORT']}"
+        self.ws_url = self.gateway_url.replace("http", "ws") + "/v1/stream"
+        self.metrics_url = f"http://127.0.0.1:{env['FEED_WORKER_METRICS_PORT']}"
+        self.worker = FeedProcess(["fanout"], env, logdir / "fanout.log")
+        self.gateway = FeedProcess(["gateway"], env, logdir / "gateway.log")
+        self.producer = Producer({"bootstrap.servers": self.settings.kafka_bootstrap})
+
+    def produce(self, topic: str, key: str, value: bytes) -> None:
+        self.producer.produce(topic, key=key.encode(), value=value)
+        assert self.producer.flush(10) == 0
+
+    def activity(self, aid: str, actor: str, **extra: Any) -> bytes:
+        body = {
+            "id": aid,
+            "type": "Create",
+            "actor": actor,
+            "object": f"post:{aid}",
+            "published": datetime.now(UTC).isoformat(),
+            **extra,
+        }
+        return json.dumps(body).encode()
+
+    def follow(self, follower: str, followee: str) -> None:
+        event = {
+            "type": "follow",
+            "follower": follower,
+            "followee": followee,
+            "at": datetime.now(UTC).isoformat(),
+        }
+        self.produce(self.settings.topic_follows, follower, json.dumps(event).encode())
+
+    def token(self, user: str) -> str:
+        assert self.settings.jwt_secret is not None
+        return mint_token(self.settings.jwt_secret, user, 600)
+
+    def feed(self, user: str) -> list[dict[str, Any]]:
+        status, body = http_get(
+            f"{self.gateway_url}/v1/feed?limit=200",
+            headers={"Authorization": f"Bearer {self.token(user)}"},
+        )
+        assert status == 200, body
+        return [item["activity"] for item in json.loads(body)["items"]]
+
+    def worker_metric(self, name: str) -> float:
+        status, body = http_get(f"{self.metrics_url}/metrics")
+        return metric_value(body.decode(), name) if status == 200 else 0.0
+
+
+async def next_frame(ws: Any, timeout: float) -> dict[str, Any]:
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
+async def frames_until(
+    ws: Any, predicate: Callable[[dict[str, Any]], bool], timeout: float
+) -> list[dict[str, Any]]:
+    frames: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            pytest.fail(f"no matching frame within {timeout}s; got {frames}")
+        frame = await next_frame(ws, remaining)
+        frames.append(frame)
+        if predicate(frame):
+            return frames

@@ -1,0 +1,134 @@
+"""Hybrid fan-out end to end: an account over FEED_FANOUT_LIMIT is merged at read time, and its
+connected followers still get its activities live, once, through a per-actor channel that a
+gateway subscribes only while such a follower is connected to it."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import websockets
+
+from feed.kafka import create_topics
+from tests.conftest import wait_for
+from tests.e2e.harness import Pipeline, frames_until, next_frame
+from tests.procs import FeedProcess, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def hybrid(
+    stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Pipeline, str]]:
+    tag = uuid.uuid4().hex[:8]
+    env = dict(
+        stack_env,
+        FEED_TOPIC_ACTIVITIES=f"big-act-{tag}",
+        FEED_TOPIC_FOLLOWS=f"big-fol-{tag}",
+        FEED_TOPIC_DLQ=f"big-dlq-{tag}",
+        FEED_KAFKA_GROUP=f"big-{tag}",
+        FEED_FANOUT_LIMIT="2",
+        FEED_WORKER_METRICS_PORT=str(free_port()),
+        FEED_GATEWAY_PORT=str(free_port()),
+    )
+    logs = tmp_path_factory.mktemp("hybrid")
+    p = Pipeline(env, logs)
+    create_topics(p.settings)
+    second_port = free_port()
+    second = FeedProcess(["gateway"], {**env, "FEED_GATEWAY_PORT": str(second_port)},
+                         logs / "gateway-2.log")
+    p.worker.start()
+    p.gateway.start()
+    second.start()
+    try:
+        p.worker.wait_http(f"{p.metrics_url}/healthz", timeout=60)
+        p.gateway.wait_http(f"{p.gateway_url}/healthz", timeout=60)
+        second.wait_http(f"http://127.0.0.1:{second_port}/healthz", timeout=60)
+        wait_for(lambda: p.worker_metric("feed_assigned_partitions") > 0, timeout=60,
+                 message="worker partition assignment")
+        yield p, f"ws://127.0.0.1:{second_port}/v1/stream"
+    finally:
+        second.stop()
+        p.gateway.stop()
+        p.worker.stop()
+
+
+def _channels(redis_client: Any) -> set[str]:
+    return {c.decode() for c in redis_client.pubsub_channels()}
+
+
+async def test_big_account_is_merged_at_read_time_and_pushed_live_once(
+    hybrid: tuple[Pipeline, str], redis_client: Any, cassandra: Any, ids: Callable[[str], str]
+) -> None:
+    pipeline, second_ws = hybrid
+    s = pipeline.settings
+    star, online, offline, late = ids("star"), ids("online"), ids("offline"), ids("late")
+    for fan in (online, offline, ids("third")):
+        pipeline.follow(fan, star)
+    wait_for(lambda: redis_client.get(f"gv:{{{star}}}") == b"3", timeout=30,
+             message="follows applied")
+    # The star's first activity makes the worker classify it (3 followers > limit 2).
+    first = ids("first")
+    pipeline.produce(s.topic_activities, star, pipeline.activity(first, star))
+    wait_for(lambda: redis_client.sismember("big-accounts", star), timeout=30,
+             message="star marked big")
+    assert [a["id"] for a in pipeline.feed(offline)] == [first]
+
+    headers = {"Authorization": f"Bearer {pipeline.token(online)}"}
+    async with (
+        websockets.connect(pipeline.ws_url, additional_headers=headers) as ws1,
+        websockets.connect(second_ws, additional_headers=headers) as ws2,
+    ):
+        w1, w2 = await next_frame(ws1, 5), await next_frame(ws2, 5)
+        assert w1["type"] == w2["type"] == "welcome"
+        wait_for(lambda: f"ac:{{{star}}}" in _channels(redis_client), timeout=10,
+                 message="actor channel subscribed")
+
+        # A new activity by the big account: live on both sockets, one delivery (same cursor).
+        live = ids("live")
+        pipeline.produce(s.topic_activities, star, pipeline.activity(live, star))
+        f1 = await frames_until(ws1, lambda f: f.get("type") == "activity", timeout=10)
+        f2 = await frames_until(ws2, lambda f: f.get("type") == "activity", timeout=10)
+        assert f1[-1]["activity"]["id"] == f2[-1]["activity"]["id"] == live
+        assert f1[-1]["cursor"] == f2[-1]["cursor"]
+
+        # Not fanned out on write: no timeline rows for the offline follower, yet it is in
+        # their feed (merged from the star's outbox), newest first.
+        rows = cassandra.execute(
+            f"SELECT id FROM {s.cassandra_keyspace}.timeline WHERE user_id = %s", (offline,)
+        )
+        assert [r.id for r in rows] == []
+        assert [a["id"] for a in pipeline.feed(offline)] == [live, first]
+
+        # Deleting it: connected followers get `removed`, and it leaves every feed.
+        delete = json.dumps({"id": ids("del"), "type": "Delete", "actor": star, "object": live,
+                             "published": datetime.now(UTC).isoformat()}).encode()
+        pipeline.produce(s.topic_activities, star, delete)
+        removed = await frames_until(ws1, lambda f: f.get("type") == "removed", timeout=10)
+        assert removed[-1]["id"] == live
+        wait_for(lambda: [a["id"] for a in pipeline.feed(offline)] == [first], timeout=10,
+                 message="deleted activity gone from the merged feed")
+
+        # A user who follows the star while connected starts receiving it live.
+        async with websockets.connect(
+            pipeline.ws_url, additional_headers={"Authorization": f"Bearer {pipeline.token(late)}"}
+        ) as ws3:
+            assert (await next_frame(ws3, 5))["type"] == "welcome"
+            pipeline.follow(late, star)
+            wait_for(lambda: redis_client.get(f"gv:{{{star}}}") == b"4", timeout=30,
+                     message="late follow applied")
+            later = ids("later")
+            wait_for(lambda: f"ac:{{{star}}}" in _channels(redis_client), timeout=10,
+                     message="actor channel still subscribed")
+            pipeline.produce(s.topic_activities, star, pipeline.activity(later, star))
+            got = await frames_until(ws3, lambda f: f.get("type") == "activity", timeout=10)
+            assert got[-1]["activity"]["id"] == later
+
+    # Nobody following the star is connected any more: its channel is dropped.
+    wait_for(lambda: f"ac:{{{star}}}" not in _channels(redis_client), timeout=10,
+             message="actor channel unsubscribed")
