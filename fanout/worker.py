@@ -288,7 +288,7 @@ class Worker:
 
     def _maybe_report_lag(self) -> None:
         now = time.monotonic()
-        if now - self._last_lag < _LAG_EVERY_S:
+        if now - self._last_lag < _LAG_EVERY_S or not self._assignment:
             return
         self._last_lag = now
         s = self._settings

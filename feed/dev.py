@@ -191,6 +191,7 @@ def _demo_traffic(
     next_report = started + 10
     sent = 0
     last_inserts = 0.0
+    last_rows = 0.0
     last_time = started
     last_sent = 0
     while not stop["now"]:
@@ -213,14 +214,16 @@ def _demo_traffic(
         now_m = time.monotonic()
         if now_m >= next_report:
             inserts = sum(_metric(u, "feed_timeline_inserts_total") for u in metrics_urls)
+            rows = sum(_metric(u, "feed_history_rows_total") for u in metrics_urls)
             span = now_m - last_time
             print(
                 f"[dev] published {sent} activities ({(sent - last_sent) / span:.1f}/s); "
-                f"fan-out {(inserts - last_inserts) / span:.1f} timeline inserts/s",
+                f"fan-out {(inserts - last_inserts) / span:.1f} Redis timeline inserts/s "
+                f"(active users), {(rows - last_rows) / span:.1f} history rows/s",
                 file=sys.stderr,
                 flush=True,
             )
-            last_inserts, last_time, last_sent = inserts, now_m, sent
+            last_inserts, last_rows, last_time, last_sent = inserts, rows, now_m, sent
             next_report = now_m + 10
         time.sleep(interval)
     producer.flush(10)

@@ -6,7 +6,10 @@ operator runs them. Events are produced straight to Kafka with confluent-kafka.
 
 from __future__ import annotations
 
+import asyncio
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,7 +21,7 @@ from confluent_kafka import Consumer
 from feed.settings import Settings
 from tests.conftest import wait_for
 from tests.e2e.harness import Pipeline, frames_until, next_frame
-from tests.procs import free_port
+from tests.procs import free_port, http_get
 
 pytestmark = pytest.mark.e2e
 
@@ -160,3 +163,42 @@ def _find_dlq_record(settings: Settings, value: bytes, timeout: float) -> Any:
         pytest.fail("malformed record not found in the DLQ")
     finally:
         consumer.close()
+
+
+async def test_no_secret_ever_reaches_the_logs(
+    pipeline: Pipeline, ids: Callable[[str], str]
+) -> None:
+    """Use every secret the processes know, accepted and rejected, then read their logs."""
+    s = pipeline.settings
+    assert s.jwt_secret is not None and s.ingest_token is not None
+    user = ids("u")
+    token = pipeline.token(user)
+    forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    for bearer in (token, forged):
+        http_get(f"{pipeline.gateway_url}/v1/feed", headers={"Authorization": f"Bearer {bearer}"})
+    http_get(f"{pipeline.gateway_url}/v1/feed?token={token}")
+    for bearer in (s.ingest_token.reveal(), "wrong-ingest-token-xxxxxxxx"):
+        request = urllib.request.Request(
+            f"{pipeline.gateway_url}/v1/activities", data=b"{}", method="POST",
+            headers={"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"},
+        )
+        try:
+            urllib.request.urlopen(request, timeout=5).close()
+        except urllib.error.HTTPError as exc:
+            assert exc.code in (400, 401)
+    for query in (token, forged):
+        try:
+            async with websockets.connect(f"{pipeline.ws_url}?token={query}") as ws:
+                await next_frame(ws, 5)
+        except (websockets.ConnectionClosed, TimeoutError):
+            pass
+    secrets = [s.jwt_secret.reveal(), s.ingest_token.reveal(), token, forged,
+               token.split(".")[2], "wrong-ingest-token-xxxxxxxx"]
+    deadline = time.monotonic() + 2  # let the processes flush their summary lines
+    while time.monotonic() < deadline and "ws_connection" not in pipeline.gateway.log.read_text():
+        await asyncio.sleep(0.05)
+    for proc in (pipeline.worker, pipeline.gateway):
+        text = proc.log.read_text(errors="replace")
+        assert text, f"{proc.command} wrote no log"
+        for secret in secrets:
+            assert secret not in text, f"a secret reached the {proc.command} log"

@@ -94,3 +94,49 @@ async def test_cold_user_is_written_to_history_only_and_rebuilt_on_read(
         assert [msgspec.json.decode(i.activity)["id"] for i in page.items] == posts[::-1]
     finally:
         await client.aclose()
+
+
+async def test_2000_items_with_a_cap_of_800_page_without_gap_or_repeat(
+    redis_client: Any, cassandra: Any, settings: Any, ids: Callable[[str], str]
+) -> None:
+    """The issue's numbers: 2,000 items, Redis holds the newest 800, pages of 50 cross over."""
+    from fanout.followers import FollowerCache
+    from fanout.processor import Processor
+    from feed.graph_cassandra import CassandraFollowGraph
+    from tests.integration.test_processor import act, follow
+
+    reader_user, actor = ids("reader"), ids("actor")
+    graph = CassandraFollowGraph(cassandra, settings.cassandra_keyspace)
+    history = CassandraHistory(cassandra, settings.cassandra_keyspace)
+    processor = Processor(
+        timelines=RedisTimelines(redis_client, timeline_max=800, stream_history=10,
+                                 body_ttl_s=600),
+        history=history, graph=graph, followers=FollowerCache(graph, redis_client),
+        follow_backfill=0,
+    )
+    processor.apply([(0, follow(reader_user, actor, 1))])
+    posts = [ids(f"p{n:04d}") for n in range(2000)]
+    # Batches of 250, published a minute apart per 3 items (ties broken by id), shuffled order.
+    order = list(range(2000))
+    order = order[1::2] + order[::2]
+    for start in range(0, 2000, 250):
+        processor.apply([(n, act(posts[n], actor, n // 3)) for n in order[start : start + 250]])
+    assert redis_client.zcard(f"tl:{{{reader_user}}}") == 800
+    client = aioredis.Redis.from_url(settings.redis_url)
+    reader = FeedReader(AsyncRedisTimelines(client), history, body_ttl_s=600, timeline_max=800)
+    try:
+        seen: list[str] = []
+        cursor = None
+        for _ in range(100):
+            page = await reader.page(reader_user, cursor, 50)
+            seen += [msgspec.json.decode(item.activity)["id"] for item in page.items]
+            cursor = page.next
+            if cursor is None:
+                break
+        expected = [
+            posts[n] for n in sorted(range(2000), key=lambda n: (n // 3, posts[n]), reverse=True)
+        ]
+        assert len(seen) == len(set(seen)) == 2000
+        assert seen == expected
+    finally:
+        await client.aclose()
