@@ -7,6 +7,7 @@ operator runs them. Events are produced straight to Kafka with confluent-kafka.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +22,7 @@ from confluent_kafka import Consumer
 from feed.settings import Settings
 from tests.conftest import wait_for
 from tests.e2e.harness import Pipeline, frames_until, next_frame
-from tests.procs import free_port, http_get
+from tests.procs import free_port, http_get, metric_value
 
 pytestmark = pytest.mark.e2e
 
@@ -202,3 +203,29 @@ async def test_no_secret_ever_reaches_the_logs(
         assert text, f"{proc.command} wrote no log"
         for secret in secrets:
             assert secret not in text, f"a secret reached the {proc.command} log"
+
+
+def test_both_processes_export_their_metrics(pipeline: Pipeline) -> None:
+    """Runs after the pipeline test in this module: the counters reflect that traffic."""
+    status, body = http_get(f"{pipeline.metrics_url}/metrics")
+    assert status == 200
+    worker = body.decode()
+    for name in ("feed_activities_consumed_total", "feed_timeline_inserts_total",
+                 "feed_history_rows_total", "feed_batch_size_count", "feed_batch_seconds_count"):
+        assert metric_value(worker, name) > 0, name
+    assert 'feed_store_call_seconds_count{store="redis"}' in worker
+    assert 'feed_store_call_seconds_count{store="cassandra"}' in worker
+    assert 'feed_dlq_total{reason="malformed_json"}' in worker
+    assert "feed_consumer_lag_sum" in worker and "feed_errors_total" in worker
+    status, body = http_get(f"{pipeline.gateway_url}/metrics")
+    assert status == 200
+    gateway = body.decode()
+    assert metric_value(gateway, "feed_gateway_messages_pushed_total") > 0
+    for name in ("feed_gateway_connections", "feed_gateway_push_latency_seconds_count",
+                 "feed_gateway_slow_client_closes_total", "feed_gateway_http_requests_total"):
+        assert name in gateway, name
+    ready = http_get(f"{pipeline.metrics_url}/readyz")
+    assert ready[0] == 200 and json.loads(ready[1])["checks"] == {
+        "redis": True, "cassandra": True, "kafka": True}
+    status, body = http_get(f"{pipeline.gateway_url}/readyz")
+    assert status == 200, body
