@@ -6,9 +6,12 @@ Guarantees:
   user, so a replayed write overwrites the same row.
 * **Ordered like Redis.** Timelines cluster by ``(ts DESC, id DESC)``, the same order as the Redis
   order keys, so a page can continue from Redis into Cassandra at the same position.
-* **Batched.** Timeline rows go in UNLOGGED batches (one row per follower partition) with bounded
-  concurrency (INFRA.md: ~10x the throughput of single-row inserts). A batch is not atomic across
-  partitions; a failed call is retried as a whole, which is safe because writes are idempotent.
+* **Batched.** Every write goes in UNLOGGED batches (INFRA.md: ~10x the throughput of single-row
+  inserts), bounded in rows and in bytes (under Cassandra's default 50 KiB batch fail threshold),
+  with bounded concurrency. A batch is not atomic across partitions; a failed call is retried as
+  a whole, which is safe because writes are idempotent.
+* **One cell for the recipients.** Who an activity reached is one blob on the activity's row,
+  not a row per follower: fan-out writes one extra cell per activity, and a Delete reads one.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ __all__ = ["CassandraHistory", "HistoryRecord"]
 #: Rows per UNLOGGED batch and batches in flight (INFRA.md measured 50-200 and 32 as good).
 BATCH_ROWS = 100
 CONCURRENCY = 32
+#: Bytes of bound values per batch: below Cassandra's default batch_size_fail_threshold (50 KiB).
+BATCH_BYTES = 40 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,16 +57,16 @@ class CassandraHistory:
         self._put_timeline = prepare(
             f"INSERT INTO {ks}.timeline (user_id, ts, id, actor) VALUES (?, ?, ?, ?)"
         )
-        self._put_recipient = prepare(f"INSERT INTO {ks}.recipients (id, user_id) VALUES (?, ?)")
+        self._put_recipients = prepare(f"UPDATE {ks}.activities SET recipients = ? WHERE id = ?")
         self._del_timeline = prepare(
             f"DELETE FROM {ks}.timeline WHERE user_id = ? AND ts = ? AND id = ?"
         )
         self._del_outbox = prepare(f"DELETE FROM {ks}.outbox WHERE actor = ? AND ts = ? AND id = ?")
         self._del_activity = prepare(f"DELETE FROM {ks}.activities WHERE id = ?")
-        self._del_recipients = prepare(f"DELETE FROM {ks}.recipients WHERE id = ?")
+
         self._get_activity = prepare(f"SELECT actor, ts, body FROM {ks}.activities WHERE id = ?")
         self._get_bodies = prepare(f"SELECT id, body FROM {ks}.activities WHERE id IN ?")
-        self._get_recipients = prepare(f"SELECT user_id FROM {ks}.recipients WHERE id = ?")
+        self._get_recipients = prepare(f"SELECT recipients FROM {ks}.activities WHERE id = ?")
         self._page_first = prepare(f"SELECT ts, id FROM {ks}.timeline WHERE user_id = ? LIMIT ?")
         self._page_after = prepare(
             f"SELECT ts, id FROM {ks}.timeline WHERE user_id = ? AND (ts, id) < (?, ?) LIMIT ?"
@@ -80,50 +85,48 @@ class CassandraHistory:
     # --- writes ------------------------------------------------------------------------------
     def put_activities(self, records: Sequence[HistoryRecord]) -> None:
         """Write the activities and their outbox rows (before followers are read: see fanout)."""
-        statements: list[tuple[object, object]] = []
+        rows: list[tuple[object, tuple[object, ...]]] = []
         for r in records:
-            statements.append((self._put_activity, (r.activity_id, r.actor, r.ts, r.body)))
-            statements.append((self._put_outbox, (r.actor, r.ts, r.activity_id)))
-        self._run(statements)
+            rows.append((self._put_activity, (r.activity_id, r.actor, r.ts, r.body)))
+            rows.append((self._put_outbox, (r.actor, r.ts, r.activity_id)))
+        self._run(_batched(rows)[0])
 
     def put_deliveries(self, records: Sequence[HistoryRecord], *, timelines: bool = True) -> int:
         """Write who each activity reached and (optionally) their timeline rows.
 
         Returns the number of timeline rows written. Raises on the first failed statement.
         """
-        statements: list[tuple[object, object]] = []
-        for r in records:
-            if r.users:
-                # One partition (the activity id): a single mutation however many users.
-                batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+        rows: list[tuple[object, tuple[object, ...]]] = [
+            (self._put_recipients, ("\n".join(r.users).encode(), r.activity_id))
+            for r in records
+            if r.users
+        ]
+        count = 0
+        if timelines:
+            for r in records:
                 for user in r.users:
-                    batch.add(self._put_recipient, (r.activity_id, user))
-                statements.append((batch, None))
-        self._run(statements)
-        if not timelines:
-            return 0
-        return self.write_timeline_rows(
-            (user, r.ts, r.activity_id, r.actor) for r in records for user in r.users
-        )
+                    rows.append((self._put_timeline, (user, r.ts, r.activity_id, r.actor)))
+                count += len(r.users)
+        self._run(_batched(rows)[0])
+        return count
 
     def write_timeline_rows(self, rows: Iterable[tuple[str, int, str, str]]) -> int:
         """Write (user, ts, activity_id, actor) timeline rows in batches."""
-        statements, count = _batched(self._put_timeline, rows)
+        statements, count = _batched((self._put_timeline, row) for row in rows)
         self._run(statements)
         return count
 
     def remove_from_timelines(self, rows: Iterable[tuple[str, int, str]]) -> None:
         """Delete (user, ts, activity_id) timeline rows."""
-        statements, _ = _batched(self._del_timeline, rows)
+        statements, _ = _batched((self._del_timeline, row) for row in rows)
         self._run(statements)
 
     def delete_activity(self, activity_id: str, actor: str, ts: int) -> None:
-        """Remove the activity itself, its outbox row and its recipient list."""
+        """Remove the activity itself (with its recipient list) and its outbox row."""
         self._run(
             [
                 (self._del_outbox, (actor, ts, activity_id)),
                 (self._del_activity, (activity_id,)),
-                (self._del_recipients, (activity_id,)),
             ]
         )
 
@@ -139,11 +142,14 @@ class CassandraHistory:
         row = self._session.execute(self._get_activity, (activity_id,)).one()
         return None if row is None else (row.actor, row.ts, row.body)
 
-    def recipients(self, activity_id: str) -> Iterator[list[str]]:
+    def recipients(self, activity_id: str, page_size: int = 5000) -> Iterator[list[str]]:
         """Users an activity reached, in pages."""
-        yield from _pages(
-            self._session, self._get_recipients, (activity_id,), lambda row: row.user_id
-        )
+        row = self._session.execute(self._get_recipients, (activity_id,)).one()
+        if row is None or not row.recipients:
+            return
+        users = row.recipients.decode().split("\n")
+        for start in range(0, len(users), page_size):
+            yield users[start : start + page_size]
 
     def page_timeline(self, user: str, before: str | None, limit: int) -> list[str]:
         """Order keys of the user's timeline strictly older than ``before``, newest first."""
@@ -179,30 +185,25 @@ class CassandraHistory:
 
 
 def _batched(
-    statement: object, rows: Iterable[tuple[object, ...]]
+    rows: Iterable[tuple[object, tuple[object, ...]]],
 ) -> tuple[list[tuple[object, object]], int]:
-    """Group rows into UNLOGGED batches of ``BATCH_ROWS``."""
+    """Group (prepared statement, values) into UNLOGGED batches of at most ``BATCH_ROWS`` rows and
+    ``BATCH_BYTES`` bytes of values; a row larger than that on its own is sent alone."""
     statements: list[tuple[object, object]] = []
     batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-    count = 0
-    for row in rows:
-        batch.add(statement, row)
+    size = count = 0
+    for statement, values in rows:
+        row_bytes = sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in values)
         count += 1
-        if len(batch) >= BATCH_ROWS:
+        if row_bytes > BATCH_BYTES:
+            statements.append((statement, values))
+            continue
+        if len(batch) and (len(batch) >= BATCH_ROWS or size + row_bytes > BATCH_BYTES):
             statements.append((batch, None))
             batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+            size = 0
+        batch.add(statement, values)
+        size += row_bytes
     if len(batch):
         statements.append((batch, None))
     return statements, count
-
-
-def _pages(session: Session, statement: object, params: tuple[object, ...], pick, size=5000):  # type: ignore[no-untyped-def]
-    statement.fetch_size = size  # type: ignore[attr-defined]
-    result = session.execute(statement, params)
-    while True:
-        rows = result.current_rows
-        if rows:
-            yield [pick(row) for row in rows]
-        if not result.has_more_pages:
-            return
-        result.fetch_next_page()

@@ -46,9 +46,10 @@ def schema_statements(keyspace: str, replication_factor: int = 1) -> list[str]:
     return [
         f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = "
         f"{{'class': 'SimpleStrategy', 'replication_factor': {replication_factor}}}",
-        # Each activity once: the canonical JSON body.
+        # Each activity once: the canonical JSON body, and who it reached (newline-separated user
+        # ids, one cell: a Delete reaches exactly those timelines).
         f"CREATE TABLE IF NOT EXISTS {ks}.activities ("
-        " id text PRIMARY KEY, actor text, ts bigint, body blob)",
+        " id text PRIMARY KEY, actor text, ts bigint, body blob, recipients blob)",
         # A user's own activities, newest first (follow backfill, read-time merge).
         f"CREATE TABLE IF NOT EXISTS {ks}.outbox ("
         " actor text, ts bigint, id text, PRIMARY KEY ((actor), ts, id))"
@@ -57,9 +58,6 @@ def schema_statements(keyspace: str, replication_factor: int = 1) -> list[str]:
         f"CREATE TABLE IF NOT EXISTS {ks}.timeline ("
         " user_id text, ts bigint, id text, actor text, PRIMARY KEY ((user_id), ts, id))"
         " WITH CLUSTERING ORDER BY (ts DESC, id DESC)",
-        # Who an activity reached (so a Delete reaches exactly those timelines).
-        f"CREATE TABLE IF NOT EXISTS {ks}.recipients ("
-        " id text, user_id text, PRIMARY KEY ((id), user_id))",
         # The follow graph in both directions. Writes carry the event time as their timestamp,
         # so follow/unfollow of one pair resolve by event time whatever the processing order.
         f"CREATE TABLE IF NOT EXISTS {ks}.followers ("

@@ -1,0 +1,240 @@
+"""What every scenario shares: the plan (sizes), the running stack, clients, children, results."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from feed.bench.processes import Children
+from feed.settings import Settings
+
+__all__ = ["BenchContext", "Plan", "plan_for"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one run. ``plan_for(quick)`` gives the two presets."""
+
+    quick: bool
+    # graphs
+    uniform_users: int
+    uniform_followers: int
+    skewed_users: int
+    skewed_top: int
+    skewed_exponent: float
+    skewed_min: int
+    skewed_hot_threshold: int
+    skewed_hot_posts: int
+    # fan-out backlogs (activities)
+    backlog: int
+    backlog_skewed: int
+    backlog_history: int
+    # peers (activities timed through add_user_activity)
+    peer_activities_uniform: int
+    peer_activities_skewed: int
+    peer_timeout_s: float
+    peer_install_timeout_s: float
+    # offered-rate sweep: fractions of the measured drain rate, seconds per step
+    sweep_fractions: tuple[float, ...]
+    sweep_step_s: float
+    # ceilings
+    redis_benchmark_requests: int
+    cassandra_ceiling_rows: int
+    # e2e
+    e2e_rate: float
+    e2e_clients: int
+    e2e_seconds: float
+    # sampling
+    sample_interval_s: float
+    drain_timeout_s: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan_for(quick: bool) -> Plan:
+    """The preset for ``--quick`` or a full run; ``FEED_BENCH_BACKLOG=N`` overrides the size of
+    the 1- vs 2-worker backlog (activities) for slower or busier machines."""
+    plan = _preset(quick)
+    backlog = os.environ.get("FEED_BENCH_BACKLOG", "").strip()
+    if backlog:
+        plan = replace(plan, backlog=max(100, int(backlog)))
+    return plan
+
+
+def _preset(quick: bool) -> Plan:
+    if quick:
+        return Plan(
+            quick=True,
+            uniform_users=1_000,
+            uniform_followers=20,
+            skewed_users=5_000,
+            skewed_top=2_000,
+            skewed_exponent=0.62,
+            skewed_min=5,
+            skewed_hot_threshold=1_000,
+            skewed_hot_posts=1,
+            backlog=2_000,
+            backlog_skewed=1_000,
+            backlog_history=1_000,
+            peer_activities_uniform=300,
+            peer_activities_skewed=200,
+            peer_timeout_s=60,
+            peer_install_timeout_s=240,
+            sweep_fractions=(0.5, 1.0, 1.5),
+            sweep_step_s=3.0,
+            redis_benchmark_requests=200_000,
+            cassandra_ceiling_rows=20_000,
+            e2e_rate=50,
+            e2e_clients=50,
+            e2e_seconds=10,
+            sample_interval_s=0.25,
+            drain_timeout_s=60,
+        )
+    return Plan(
+        quick=False,
+        uniform_users=10_000,
+        uniform_followers=100,
+        skewed_users=100_000,
+        skewed_top=50_000,
+        skewed_exponent=0.62,
+        skewed_min=10,
+        skewed_hot_threshold=10_000,
+        skewed_hot_posts=2,
+        backlog=100_000,
+        backlog_skewed=20_000,
+        backlog_history=20_000,
+        peer_activities_uniform=2_000,
+        peer_activities_skewed=1_000,
+        peer_timeout_s=300,
+        peer_install_timeout_s=600,
+        sweep_fractions=(0.25, 0.5, 0.75, 1.0, 1.25),
+        sweep_step_s=10.0,
+        redis_benchmark_requests=2_000_000,
+        cassandra_ceiling_rows=300_000,
+        e2e_rate=500,
+        e2e_clients=1_000,
+        e2e_seconds=30,
+        sample_interval_s=0.5,
+        drain_timeout_s=900,
+    )
+
+
+@dataclass
+class BenchContext:
+    plan: Plan
+    outdir: Path
+    workdir: Path
+    stack: Any
+    settings: Settings
+    env: dict[str, str]
+    children: Children
+    progress: Any
+    console: Any
+    results: dict[str, Any] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    skip_peers: bool = False
+    profile: bool = False
+    #: Scratch shared between scenarios (e.g. which graphs are already loaded).
+    state: dict[str, Any] = field(default_factory=dict)
+    _redis: Any = None
+    _cassandra: Any = None
+    _topics: set[str] = field(default_factory=set)
+
+    # --- clients -----------------------------------------------------------------------------
+    @property
+    def redis(self) -> Any:
+        if self._redis is None:
+            import redis
+
+            self._redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=30)
+        return self._redis
+
+    @property
+    def cassandra(self) -> Any:
+        if self._cassandra is None:
+            from feed.stores import open_cassandra
+
+            self._cassandra = open_cassandra(self.settings)
+        return self._cassandra
+
+    def close(self) -> None:
+        if self._cassandra is not None:
+            self._cassandra.cluster.shutdown()
+            self._cassandra = None
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
+
+    # --- helpers -----------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        self.console.log(message)
+
+    def error(self, where: str, exc: BaseException | str) -> None:
+        text = f"{where}: {exc if isinstance(exc, str) else f'{type(exc).__name__}: {exc}'}"
+        self.errors.append(text)
+        self.console.log(f"[red]{text}")
+
+    def create_topics(self, names: Iterable[str]) -> None:
+        from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+        wanted = [n for n in names if n not in self._topics]
+        if not wanted:
+            return
+        admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap})
+        futures = admin.create_topics(
+            [
+                NewTopic(n, num_partitions=self.settings.kafka_partitions, replication_factor=1)
+                for n in wanted
+            ],
+            operation_timeout=30,
+        )
+        for name, future in futures.items():
+            try:
+                future.result(timeout=30)
+            except Exception as exc:
+                if "exist" not in str(exc).lower():
+                    raise
+            self._topics.add(name)
+
+    def logs_dir(self) -> Path:
+        path = self.outdir / "logs"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @contextmanager
+    def task(self, description: str, total: float | None) -> Iterator[Any]:
+        """A rich progress task for the duration of the block; yields an ``update(n)`` callable."""
+        task_id = self.progress.add_task(description, total=total)
+        started = time.monotonic()
+
+        def update(
+            completed: float | None = None, advance: float | None = None, total: float | None = None
+        ) -> None:
+            kwargs: dict[str, Any] = {}
+            if completed is not None:
+                kwargs["completed"] = completed
+            if advance is not None:
+                kwargs["advance"] = advance
+            if total is not None:
+                kwargs["total"] = total
+            self.progress.update(task_id, **kwargs)
+
+        try:
+            yield update
+        finally:
+            self.progress.update(
+                task_id,
+                description=f"{description} [dim]({time.monotonic() - started:.1f}s)",
+                visible=True,
+            )
+            self.progress.stop_task(task_id)
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}

@@ -1,0 +1,159 @@
+"""The benchmark harness works: ``feed bench fanout --quick`` end to end, and the capacity model.
+
+The smoke run checks the harness, never speed: it asserts that every figure the report is built
+from was measured (positive), that each stands beside its reference as a ratio, and that the
+report and the plots were written. The Stream-Framework peer is skipped here
+(FEED_BENCH_SKIP_PEERS=1) to keep CI fast; its code path runs in every `feed bench` without it.
+The bench starts its own stack (Redis, the Kafka-protocol broker, Cassandra) on free ports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from feed.bench.capacity import ASSUMED, figures_from_results, model
+
+REPO = Path(__file__).resolve().parents[2]
+PLOTS = ("latency.png", "throughput.png", "lag.png", "memory.png")
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "FEED_BENCH_SKIP_PEERS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "feed.cli", "bench", "fanout", "--quick", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
+    assert done.returncode == 0, f"feed bench failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    runs = [p for p in out.iterdir() if (p / "results.json").is_file()]
+    assert len(runs) == 1, f"expected one run folder in {out}: {list(out.iterdir())}"
+    return runs[0], json.loads((runs[0] / "results.json").read_text())
+
+
+@pytest.mark.timeout(200)
+def test_quick_fanout_measures_every_figure_beside_its_reference(
+    quick_run: tuple[Path, dict[str, Any]],
+) -> None:
+    _, results = quick_run
+    assert results["meta"]["quick"] is True
+    assert results["errors"] == [], results["errors"]
+    ceilings = results["ceilings"]
+    assert _positive(ceilings["redis_zadd"]["ops_per_s"])
+    assert "-P 64" in ceilings["redis_zadd"]["command"]
+    assert _positive(ceilings["cassandra_batch"]["rows_per_s"])
+
+    fanout = results["fanout"]
+    assert fanout["status"] == "ok"
+    assert fanout["graphs"]["uniform"]["users"] > 0
+    assert (
+        fanout["graphs"]["skewed"]["max_followers"] > fanout["graphs"]["skewed"]["median_followers"]
+    )
+    phases = fanout["phases"]
+    for name in ("redis_only", "drain_2_workers", "skewed", "history"):
+        phase = phases[name]
+        assert phase["completed"] is True, (name, phase.get("error"))
+        assert _positive(phase["inserts_per_s"]), name
+        assert _positive(phase["activities_per_s"]), name
+        assert _positive(phase["worker_rss_mb"]["max"]), name
+        assert phase["series"]["t"], name
+    assert phases["drain_2_workers"]["workers"] == 2
+    assert _positive(phases["redis_only"]["ratio_to_redis_zadd"])
+    assert _positive(phases["history"]["history_rows_per_s"])
+    assert _positive(phases["history"]["ratio_to_cassandra_batch"])
+    assert _positive(phases["redis_only"]["memory"]["bytes_per_entry"])
+    assert _positive(fanout["drain"]["speedup_2_vs_1"])
+    steps = fanout["sweep"]["steps"]
+    assert steps and all(_positive(s["achieved_inserts_per_s"]) for s in steps)
+
+    # The peer was skipped on purpose; the ratio to it is then absent, not invented.
+    assert results["peers"]["stream_framework"]["status"] == "skipped"
+    assert phases["redis_only"]["ratio_to_stream_framework"] is None
+    names = [t["name"] for t in results["targets"]]
+    assert any("ZADD" in n for n in names) and any("Stream-Framework" in n for n in names)
+
+
+@pytest.mark.timeout(200)
+def test_quick_fanout_writes_the_report_and_plots(quick_run: tuple[Path, dict[str, Any]]) -> None:
+    folder, _ = quick_run
+    report = (folder / "report.md").read_text()
+    assert "redis-benchmark" in report and "ZADD" in report
+    assert "raw UNLOGGED batches" in report
+    assert "x" in report  # ratios are printed as Nx
+    assert "Stream-Framework" in report
+    for name in PLOTS:
+        data = (folder / name).read_bytes()
+        assert data.startswith(b"\x89PNG"), name
+        assert len(data) > 5_000, name
+
+
+def test_capacity_model_defaults_are_twitter_2012() -> None:
+    result = model()
+    load = result["load"]
+    assert load["timeline_writes_per_s_avg"] == pytest.approx(345_000)
+    assert load["timeline_writes_per_s_peak"] == pytest.approx(900_000)
+    assert {c["source"] for c in result["components"]} == {"assumed"}
+    assert result["total_cores"] == sum(c["cores"] for c in result["components"])
+    workers = next(c for c in result["components"] if c["component"] == "fan-out workers")
+    expected = -(-900_000 // int(ASSUMED["worker_inserts_per_core"] * 0.7))
+    assert workers["cores"] == expected
+
+
+def test_capacity_model_uses_measured_figures_and_scales_with_load() -> None:
+    results = {
+        "fanout": {
+            "phases": {
+                "redis_only": {
+                    "cpu": {
+                        "inserts_per_worker_cpu_s": 50_000.0,
+                        "inserts_per_redis_cpu_s": 400_000.0,
+                    },
+                    "memory": {"bytes_per_entry": 90.0},
+                },
+                "history": {"cpu": {"history_rows_per_cassandra_cpu_s": 20_000.0}},
+            }
+        },
+    }
+    figures, sources = figures_from_results(results, label="run X")
+    assert figures["worker_inserts_per_core"] == 50_000.0
+    assert sources["worker_inserts_per_core"].startswith("run X")
+    small = model(
+        rate=100,
+        peak=200,
+        followers=10,
+        reads=1_000,
+        connections=1_000,
+        figures=figures,
+        sources=sources,
+    )
+    big = model(
+        rate=1_000,
+        peak=2_000,
+        followers=10,
+        reads=10_000,
+        connections=10_000,
+        figures=figures,
+        sources=sources,
+    )
+    assert big["total_cores"] > small["total_cores"]
+    worker = next(c for c in big["components"] if c["component"] == "fan-out workers")
+    assert worker["per_core"] == 50_000.0 and worker["source"].startswith("run X")
+    assert big["redis_memory"]["bytes_per_entry"] == 90.0
+    with pytest.raises(ValueError):
+        model(rate=-1)
