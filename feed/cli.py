@@ -253,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="one-minute smoke run")
     p.add_argument("--model", action="store_true", help="print the capacity model and exit")
     p.add_argument("--out", default="bench/results")
+    model = p.add_argument_group("capacity model (--model); defaults: Twitter's 2012 load")
+    model.add_argument("--rate", type=float, help="average activities/s (4600)")
+    model.add_argument("--peak", type=float, help="peak activities/s (12000)")
+    model.add_argument("--followers", type=float, help="mean followers per activity (75)")
+    model.add_argument("--reads", type=float, help="feed reads/s (300000)")
+    model.add_argument("--connections", type=float, help="concurrent WebSocket connections (1M)")
     p.set_defaults(func=cmd_bench)
     return parser
 
