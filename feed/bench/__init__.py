@@ -37,7 +37,7 @@ from typing import Any
 
 __all__ = ["run_bench"]
 
-SCENARIOS = ("fanout", "e2e", "gateway")
+SCENARIOS = ("fanout", "reads", "e2e", "gateway")
 #: Secrets for the bench's own gateway only (127.0.0.1, torn down at the end).
 _BENCH_JWT_SECRET = "bench-only-jwt-secret-" + "b" * 32
 _BENCH_INGEST_TOKEN = "bench-only-ingest-token-0123456789"
@@ -201,6 +201,10 @@ def _run_scenario(ctx: Any, name: str) -> dict[str, Any]:
             from feed.bench import fanout
 
             return fanout.run(ctx)
+        if name == "reads":
+            from feed.bench import reads
+
+            return reads.run(ctx)
         if name == "e2e":
             from feed.bench import e2e
 

@@ -196,6 +196,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         )
         add("")
 
+    reads = results.get("reads")
+    if reads:
+        _reads_section(add, reads)
+
     e2e = results.get("e2e")
     if e2e:
         _e2e_section(add, e2e)
@@ -376,6 +380,49 @@ def _fanout_section(add: Any, fanout: dict[str, Any], results: dict[str, Any]) -
         add("|---:|---|")
         for row in profile["self"][:12]:
             add(f"| {row['share'] * 100:.1f}% | `{row['frame']}` |")
+    add("")
+
+
+def _reads_section(add: Any, reads: dict[str, Any]) -> None:
+    add("## Reads: hot/cold memory and read latency")
+    add("")
+    if reads.get("status") != "ok":
+        add(f"Status: **{reads.get('status')}** — {reads.get('error', '')}")
+        add("")
+        return
+    add(
+        f"{_num(reads.get('users'))} users, 20% active, {_num(reads.get('activities'))} "
+        f"activities, {reads.get('follows_per_user')} follows each (fanned out twice: hot/cold, "
+        "and everyone hot)."
+    )
+    add("")
+    add("| figure | value |")
+    add("|---|---|")
+    rows = (
+        ("Redis timeline bytes per active user (hot/cold)", "redis_bytes_per_active_user", 1),
+        ("Redis timeline bytes per user if everyone were hot", "redis_bytes_per_user_all_hot", 1),
+        ("Redis bytes per timeline entry", "redis_bytes_per_entry", 1),
+        ("activity bodies (stored once, either way), bytes", "redis_body_bytes", 1),
+        ("timeline memory saved by hot/cold", "redis_saving", 100),
+        ("total Redis memory saved (bodies included)", "redis_saving_total", 100),
+    )
+    for label, key, scale in rows:
+        value = reads.get(key)
+        shown = _num(value * scale if value is not None else None, 1 if scale == 100 else 0)
+        add(f"| {label} | {shown}{' %' if scale == 100 else ''} |")
+    add("")
+    add("| read (`FeedReader.page`, limit 50) | p50 ms | p95 ms | p99 ms | max ms | reads |")
+    add("|---|---|---|---|---|---|")
+    for key, label in (
+        ("read_first_page", "first page (Redis)"),
+        ("read_crossing_redis_to_cassandra", "page crossing Redis → Cassandra"),
+        ("read_with_merged_large_accounts", "first page with 5 merged large accounts"),
+    ):
+        p = reads.get(key) or {}
+        add(
+            f"| {label} | {_num(p.get('p50_ms'), 2)} | {_num(p.get('p95_ms'), 2)} | "
+            f"{_num(p.get('p99_ms'), 2)} | {_num(p.get('max_ms'), 2)} | {_num(p.get('samples'))} |"
+        )
     add("")
 
 
