@@ -7,10 +7,21 @@ idempotent, so a replay after a crash changes nothing a user can see.
 Failure handling:
 * undecodable records go to the DLQ at once, and the worker carries on;
 * a store outage (connection errors, timeouts) pauses consumption and retries the batch with
-  exponential backoff and jitter, indefinitely, keeping the group membership: the backlog stays in
-  Kafka and drains when the store returns;
+  exponential backoff and jitter (capped at ``_MAX_BACKOFF_S``), indefinitely, keeping the group
+  membership: the backlog stays in Kafka and drains when the store returns. Nothing is sent to the
+  DLQ because a store is down. While paused the worker keeps polling (heartbeats, rebalances) and
+  keeps reporting its lag; records that a rebalance hands it meanwhile are held, in order, and
+  applied after the batch in hand (never dropped). SIGTERM ends the wait at once and leaves the
+  batch uncommitted (it is replayed). A circuit breaker's half-open probe shortens the wait: at
+  most once a second a cheap ``probe`` (Redis PING with a 1 s timeout, the Cassandra driver's own
+  view of its hosts — no query) is asked; once it has seen the stores down and then up again, the
+  batch is retried at once instead of at the end of a long back-off. A store that stays up but
+  keeps failing (overloaded) gets no early retry;
 * any other error is retried ``fanout_attempts`` times; then the batch is applied record by record
   and the records that still fail go to the DLQ with their attempt count.
+
+``after_apply`` (tests only) is called after a batch is applied and before its offsets are
+committed: the window a crash must not turn into duplicates.
 """
 
 from __future__ import annotations
@@ -23,8 +34,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
-from cassandra import OperationTimedOut, Unavailable, WriteTimeout
+from cassandra import OperationTimedOut, ReadTimeout, Unavailable, WriteTimeout
 from cassandra.cluster import NoHostAvailable
+from cassandra.connection import ConnectionException
+from cassandra.policies import ExponentialReconnectionPolicy
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from fanout.dlq import DeadLetters
@@ -54,16 +67,25 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (
     NoHostAvailable,
     OperationTimedOut,
     WriteTimeout,
+    ReadTimeout,
     Unavailable,
+    ConnectionException,  # the connection closed under a request (a node shutting down)
     ConnectionError,
     TimeoutError,
 )
 _MAX_BACKOFF_S = 15.0
+_PROBE_EVERY_S = 1.0
+_LAG_EVERY_S = 5.0
+#: How the Cassandra driver re-tries a node it saw go down: its default waits up to 10 minutes
+#: between attempts (recovery long after the node is back) and gives up after 64; the worker
+#: retries every 5 s at most (one TCP connect), for as long as the outage lasts.
+_CASSANDRA_RECONNECT = ExponentialReconnectionPolicy(
+    base_delay=0.5, max_delay=5.0, max_attempts=None
+)
 
 
 class _Stopping(Exception):
     """SIGTERM arrived while a batch was being retried: leave it uncommitted (it is replayed)."""
-_LAG_EVERY_S = 5.0
 
 
 class Worker:
@@ -75,6 +97,8 @@ class Worker:
         processor: Processor,
         dead_letters: DeadLetters,
         metrics: WorkerMetrics,
+        after_apply: Callable[[], None] | None = None,
+        probe: Callable[[], bool] | None = None,
     ) -> None:
         self._settings = settings
         self._consumer = consumer
@@ -84,6 +108,12 @@ class Worker:
         self._stop = threading.Event()
         self._assignment: set[tuple[str, int]] = set()
         self._last_lag = 0.0
+        self._after_apply = after_apply
+        self._probe = probe
+        self._seen_down = False  # the probe saw a store down since the last early retry
+        #: Records consumed while paused in a back-off (a rebalance assigned new partitions):
+        #: the next batch, in order.
+        self._held: list[Any] = []
         self.batches = 0
         self.healthy = True
 
@@ -109,7 +139,10 @@ class Worker:
         )
         try:
             while not self._stop.is_set():
-                messages = self._consumer.consume(num_messages=s.fanout_batch, timeout=0.2)
+                if self._held:
+                    messages, self._held = self._held, []
+                else:
+                    messages = self._consumer.consume(num_messages=s.fanout_batch, timeout=0.2)
                 if messages:
                     try:
                         self._handle(messages)
@@ -131,7 +164,10 @@ class Worker:
         log.info("partitions assigned", partitions=_names(partitions))
 
     def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
-        self._assignment -= {(p.topic, p.partition) for p in partitions}
+        gone = {(p.topic, p.partition) for p in partitions}
+        self._assignment -= gone
+        if self._held:  # the new owner consumes them from the committed offset
+            self._held = [m for m in self._held if (m.topic(), m.partition()) not in gone]
         self._metrics.assigned.set(len(self._assignment))
         log.info("partitions revoked", partitions=_names(partitions))
 
@@ -163,10 +199,13 @@ class Worker:
                 dlq += 1
                 self._dead_letter(message, exc.code, exc.message, exc.field, 1)
         stats = self._apply(messages, events)
+        self._seen_down = False
         for index, rejected in stats.rejected:
             dlq += 1
             self._dead_letter(messages[index], rejected.code, str(rejected), "", 1)
         self._dlq.flush()
+        if self._after_apply is not None:
+            self._after_apply()
         self._commit(offsets)
         elapsed = time.perf_counter() - started
         self.batches += 1
@@ -195,7 +234,8 @@ class Worker:
     def _apply(
         self, messages: Sequence[Any], events: list[tuple[int, Activity | FollowEvent]]
     ) -> BatchStats:
-        attempt = 0
+        attempt = 0  # every failed attempt: drives the backoff
+        failures = 0  # failures that are not outages: bounded by fanout_attempts
         while True:
             try:
                 return self._processor.apply(events)
@@ -205,8 +245,9 @@ class Worker:
                 self._back_off(attempt, exc)
             except Exception as exc:
                 attempt += 1
+                failures += 1
                 self._metrics.errors.labels(kind=type(exc).__name__).inc()
-                if attempt < self._settings.fanout_attempts:
+                if failures < self._settings.fanout_attempts:
                     self._back_off(attempt, exc)
                     continue
                 log.exception("batch keeps failing: applying record by record")
@@ -218,25 +259,34 @@ class Worker:
         total = BatchStats()
         for index, event in events:
             attempt = 0
+            failures = 0
             while True:
                 try:
                     stats = self._processor.apply([(index, event)])
                 except STORE_ERRORS as exc:
                     attempt += 1
+                    self._metrics.errors.labels(kind="store_unavailable").inc()
                     self._back_off(attempt, exc)
                     continue
                 except Exception as exc:
                     attempt += 1
-                    if attempt < self._settings.fanout_attempts:
+                    failures += 1
+                    if failures < self._settings.fanout_attempts:
                         self._back_off(attempt, exc)
                         continue
-                    self._dead_letter(messages[index], "processing_failed", repr(exc), "", attempt)
+                    self._dead_letter(messages[index], "processing_failed", repr(exc), "", failures)
                     break
                 _merge(total, stats)
                 break
         return total
 
     def _back_off(self, attempt: int, exc: BaseException) -> None:
+        """Wait before the next attempt: exponential (capped) with jitter, consumption paused.
+
+        The consumer keeps being polled (group membership, rebalances) and the lag keeps being
+        reported. Records the poll returns (partitions newly assigned by a rebalance) are held
+        for the next batch. A stop request ends the wait at once with :class:`_Stopping`.
+        """
         if self._stop.is_set():
             raise _Stopping from exc
         delay = min(_MAX_BACKOFF_S, 0.1 * 2 ** min(attempt, 10)) * random.uniform(0.5, 1.0)
@@ -247,18 +297,42 @@ class Worker:
             detail=str(exc)[:300],
             retry_in_s=round(delay, 2),
         )
-        assignment = self._consumer.assignment()
-        if assignment:
-            self._consumer.pause(assignment)
+        self._pause()
         deadline = time.monotonic() + delay
+        next_probe = time.monotonic() + _PROBE_EVERY_S
         try:
             # Keep polling while paused so the group membership stays alive.
-            while time.monotonic() < deadline and not self._stop.is_set():
-                self._consumer.consume(num_messages=1, timeout=min(0.5, delay))
+            while not self._stop.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                if self._probe is not None and time.monotonic() >= next_probe:
+                    next_probe = time.monotonic() + _PROBE_EVERY_S
+                    if not _safe_probe(self._probe):
+                        self._seen_down = True
+                    elif self._seen_down:
+                        self._seen_down = False
+                        log.info("stores reachable again: retrying now", attempt=attempt)
+                        break
+                polled = self._consumer.consume(
+                    num_messages=self._settings.fanout_batch, timeout=min(0.5, remaining)
+                )
+                if polled:
+                    # A rebalance assigned partitions that were not paused: keep their records.
+                    self._held.extend(polled)
+                    self._pause()
+                self._maybe_report_lag()
         finally:
             assignment = self._consumer.assignment()
             if assignment:
                 self._consumer.resume(assignment)
+        if self._stop.is_set():
+            raise _Stopping from exc
+
+    def _pause(self) -> None:
+        assignment = self._consumer.assignment()
+        if assignment:
+            self._consumer.pause(assignment)
 
     def _dead_letter(self, message: Any, code: str, reason: str, field: str, attempts: int) -> None:
         self._metrics.dlq.labels(reason=code).inc()
@@ -309,6 +383,29 @@ class Worker:
         self._metrics.lag_sum.set(lag.total)
 
 
+def _safe_probe(probe: Callable[[], bool]) -> bool:
+    try:
+        return bool(probe())
+    except Exception:
+        return False
+
+
+def _stores_probe(settings: Settings, cluster: Any) -> Callable[[], bool]:
+    """Cheap reachability check of both stores (see the module doc: the half-open probe)."""
+    client = redis.Redis.from_url(
+        settings.redis_url, socket_timeout=1, socket_connect_timeout=1
+    )
+
+    def probe() -> bool:
+        try:
+            client.ping()
+        except redis.exceptions.RedisError:
+            return False
+        return any(host.is_up for host in cluster.metadata.all_hosts())
+
+    return probe
+
+
 def _merge(total: BatchStats, stats: BatchStats) -> None:
     for name in ("activities", "deletes", "follows", "inserted", "pushed", "history_rows"):
         setattr(total, name, getattr(total, name) + getattr(stats, name))
@@ -319,10 +416,18 @@ def _names(partitions: list[TopicPartition]) -> list[str]:
     return [f"{p.topic}/{p.partition}" for p in partitions]
 
 
-def build_worker(settings: Settings, metrics: WorkerMetrics | None = None) -> Worker:
+def build_worker(
+    settings: Settings,
+    metrics: WorkerMetrics | None = None,
+    *,
+    after_apply: Callable[[], None] | None = None,
+) -> Worker:
     """Open the stores and the Kafka clients named by ``settings``."""
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, health_check_interval=30)
+    client = redis.Redis.from_url(
+        settings.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
+    )
     session = open_cassandra(settings)
+    session.cluster.reconnection_policy = _CASSANDRA_RECONNECT
     graph = CassandraFollowGraph(session, settings.cassandra_keyspace)
     history = CassandraHistory(session, settings.cassandra_keyspace)
     timelines = RedisTimelines(
@@ -351,6 +456,8 @@ def build_worker(settings: Settings, metrics: WorkerMetrics | None = None) -> Wo
         processor=processor,
         dead_letters=dead_letters,
         metrics=metrics or WorkerMetrics(),
+        after_apply=after_apply,
+        probe=_stores_probe(settings, session.cluster),
     )
 
 

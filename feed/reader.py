@@ -6,11 +6,15 @@ seen, so paging crosses the boundary with no gap and no repeat. Bodies missing f
 are read from Cassandra and cached again; an entry whose body is gone everywhere (a deleted
 activity) is skipped.
 
-Hot and cold users (``FEED_ACTIVE_DAYS``): only users seen recently have a Redis timeline; fan-out
-writes the others to Cassandra only. A read or a connect marks the user active; the first one after
-a quiet period rebuilds the Redis timeline from Cassandra. The rebuild is single-flight (one
-builder across all gateways, by an atomic Redis marker; one task per process), and while it runs
-reads are served from Cassandra: no error, no empty feed.
+Hot and cold users (``FEED_ACTIVE_DAYS``): only users seen recently (or online) have a Redis
+timeline; fan-out writes the others to Cassandra only. A read or a connect marks the user active;
+the first one after a quiet period rebuilds the Redis timeline from Cassandra. The rebuild is
+single-flight (one builder across all gateways, by an atomic Redis lease; one task per process),
+and until it has completed reads are served from Cassandra: no error, no empty feed, no gap.
+Redis losing its data (a restart) loses the markers too: the next read or connect starts a new
+rebuild, and a rebuild that was in flight then does not mark the timeline complete (its lease is
+gone); this process rebuilds again with the new lease. A builder that died is taken over once
+its lease expires.
 
 Large accounts (``FEED_FANOUT_LIMIT``): their activities are not fanned out on write. A page is
 the merge of the user's own timeline page and, for each large account the user follows, that
@@ -21,6 +25,7 @@ so paging stays gap-free and repeat-free.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections import OrderedDict
 
 import msgspec
@@ -61,6 +66,7 @@ class FeedReader:
         self._active_ttl = active_ttl_s
         self._max = timeline_max
         self._rebuilds: dict[str, asyncio.Task[None]] = {}
+        self._rebuild_again: dict[str, str] = {}  # user -> newer lease, for the task in flight
         self._following: OrderedDict[str, tuple[bytes | None, tuple[str, ...]]] = OrderedDict()
 
     # --- activity and rebuilds ---------------------------------------------------------------
@@ -68,11 +74,17 @@ class FeedReader:
         """Mark ``user`` active (call on every read and connect). True if Redis can serve them."""
         if self._active_ttl <= 0 or self._history is None:
             return True
-        state = await self._timelines.touch(user, self._active_ttl)
-        if state == _REBUILD and user not in self._rebuilds:
-            task = asyncio.create_task(self._rebuild(user))
-            self._rebuilds[user] = task
-            task.add_done_callback(lambda _t: self._rebuilds.pop(user, None))
+        token = secrets.token_hex(8)
+        state = await self._timelines.touch(user, self._active_ttl, token)
+        if state == _REBUILD:
+            if user in self._rebuilds:
+                # The lease of the rebuild in flight was lost (Redis restarted, or it expired):
+                # that rebuild's data may predate writes Redis skipped. Rebuild again after it.
+                self._rebuild_again[user] = token
+            else:
+                task = asyncio.create_task(self._rebuild(user, token))
+                self._rebuilds[user] = task
+                task.add_done_callback(lambda _t: self._rebuilds.pop(user, None))
         return state == _HOT
 
     async def wait_rebuilds(self) -> None:
@@ -80,14 +92,31 @@ class FeedReader:
         if self._rebuilds:
             await asyncio.gather(*self._rebuilds.values(), return_exceptions=True)
 
-    async def _rebuild(self, user: str) -> None:
+    async def _rebuild(self, user: str, token: str) -> None:
         assert self._history is not None
-        members = await asyncio.to_thread(self._history.page_timeline, user, None, self._max)
-        bodies = await asyncio.to_thread(self._history.bodies, [_aid(m) for m in members])
-        await self._timelines.rebuild(
-            user, members, bodies, timeline_max=self._max, body_ttl_s=self._ttl
-        )
-        log.info("timeline rebuilt from history", user_id=user, entries=len(members))
+        try:
+            while True:
+                members = await asyncio.to_thread(
+                    self._history.page_timeline, user, None, self._max
+                )
+                bodies = await asyncio.to_thread(self._history.bodies, [_aid(m) for m in members])
+                done = await self._timelines.rebuild(
+                    user, members, bodies, timeline_max=self._max, body_ttl_s=self._ttl,
+                    token=token,
+                )
+                log.info(
+                    "timeline rebuilt from history", user_id=user, entries=len(members),
+                    complete=done,
+                )
+                again = self._rebuild_again.pop(user, None)
+                if again is None:
+                    return
+                token = again
+        except Exception as exc:
+            # The lease expires and the next read or connect rebuilds; reads stay on Cassandra.
+            self._rebuild_again.pop(user, None)
+            log.warning("timeline rebuild failed", user_id=user, error=type(exc).__name__,
+                        detail=str(exc)[:200])
 
     # --- large accounts ----------------------------------------------------------------------
     async def big_followees(self, user: str) -> list[str]:

@@ -148,6 +148,12 @@ class Settings:
     resume_window_s: int = 300
     send_queue_bytes: int = 1 << 20
     allowed_origins: tuple[str, ...] = ()
+    ingest_rate: float = 200.0
+    ingest_burst: int = 400
+    connect_rate: float = 1.0
+    connect_burst: int = 10
+    connect_ip_rate: float = 100.0
+    connect_ip_burst: int = 2000
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
     drain_s: float = 10.0
@@ -194,6 +200,12 @@ class Settings:
             "resume_window_s": _int(10, 86_400 * 7),
             "send_queue_bytes": _int(1024, 1 << 30),
             "allowed_origins": _list,
+            "ingest_rate": _float(0, 1_000_000),
+            "ingest_burst": _int(1, 1_000_000),
+            "connect_rate": _float(0, 1_000_000),
+            "connect_burst": _int(1, 1_000_000),
+            "connect_ip_rate": _float(0, 1_000_000),
+            "connect_ip_burst": _int(1, 1_000_000),
             "ping_interval_s": _float(0.5, 3600),
             "ping_timeout_s": _float(0.5, 3600),
             "drain_s": _float(0, 600),

@@ -15,6 +15,10 @@ Guarantees (what callers may rely on):
 * **At-most-once Pub/Sub.** Publishing is fire-and-forget; a gateway that misses a message notices
   the ``seq`` gap and reads the delivery stream (bounded to ``stream_history`` frames).
 * Offline users cost one ZADD, one ZCARD and one HGET per insert: no publish, no stream.
+* **Hot and cold** (``only_active``): users with neither an ``active`` marker (``seen:``) nor a
+  presence hash are skipped (Cassandra only). An online user is always written and pushed to,
+  so a Redis that lost its ``seen:`` markers (restart) does not silence connected clients once
+  the gateway has re-attached their presence (:meth:`AsyncRedisPresence.refresh`, ``gateway.hub``).
 
 Not cluster-safe as written: the scripts build per-user keys from arguments. Shard by user id on
 the client side to scale Redis out (docs/operations.md).
@@ -74,8 +78,10 @@ while i <= #ARGV do
   for j = i + 4, i + 3 + n do
     local uid = ARGV[j]
     local tl = 'tl:{' .. uid .. '}'
-    if only_active and redis.call('EXISTS', 'seen:{' .. uid .. '}') == 0 then
-      -- inactive user: Cassandra only; the timeline is rebuilt on the next read or connect
+    if only_active and redis.call('EXISTS', 'seen:{' .. uid .. '}') == 0
+        and redis.call('EXISTS', 'on:{' .. uid .. '}') == 0 then
+      -- inactive and offline: Cassandra only; the timeline is rebuilt on the next read or connect
+      -- (an online user is always written and pushed to, even if Redis lost their 'seen' marker)
     elseif redis.call('ZADD', tl, 0, member) == 1 then
       inserted = inserted + 1
       if redis.call('ZCARD', tl) > max then
@@ -146,17 +152,36 @@ end
 return removed
 """
 
-# ARGV: uid, active_ttl -> 0 hot, 1 became active (caller rebuilds), 2 rebuild in progress
+# The active marker 'seen:{uid}' is '1' once the user's Redis timeline is complete and 'b' while
+# it is being rebuilt from Cassandra; 'rb:{uid}' is the builder's lease (its token, with a TTL).
+# Fan-out writes Redis as soon as 'seen' exists, so writes during a rebuild are kept; reads trust
+# Redis only when 'seen' is '1'. A builder that vanished (lease expired) is taken over by the next
+# touch; a rebuild whose lease was lost (Redis restarted, lease expired) does not mark the timeline
+# built.
+# ARGV: uid, active_ttl, token -> 0 hot, 1 rebuild now (the caller holds the lease), 2 rebuilding
 _TOUCH = """
 local seen = 'seen:{' .. ARGV[1] .. '}'
 local rb = 'rb:{' .. ARGV[1] .. '}'
-if redis.call('SET', seen, '1', 'EX', ARGV[2], 'NX') then
-  redis.call('SET', rb, '1', 'EX', 60)
+local state = redis.call('GET', seen)
+if not state then
+  redis.call('SET', seen, 'b', 'EX', ARGV[2])
+  redis.call('SET', rb, ARGV[3], 'EX', 60)
   return 1
 end
 redis.call('EXPIRE', seen, ARGV[2])
-if redis.call('EXISTS', rb) == 1 then return 2 end
-return 0
+if state == '1' then return 0 end
+if redis.call('SET', rb, ARGV[3], 'EX', 60, 'NX') then return 1 end
+return 2
+"""
+
+# ARGV: uid, token -> 1 the timeline is marked complete, 0 the lease was lost (nothing marked)
+_REBUILT = """
+local seen = 'seen:{' .. ARGV[1] .. '}'
+local rb = 'rb:{' .. ARGV[1] .. '}'
+if redis.call('GET', rb) ~= ARGV[2] then return 0 end
+redis.call('DEL', rb)
+if redis.call('EXISTS', seen) == 1 then redis.call('SET', seen, '1', 'KEEPTTL') end
+return 1
 """
 
 # ARGV: uid, new_epoch, ttl -> {epoch, seq}
@@ -327,6 +352,7 @@ class AsyncRedisTimelines:
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
         self._touch = client.register_script(_TOUCH)
+        self._rebuilt = client.register_script(_REBUILT)
         self._fanout = client.register_script(_FANOUT)
         self._remove = client.register_script(_REMOVE)
 
@@ -363,9 +389,11 @@ class AsyncRedisTimelines:
             return TimelinePage([], {})
         return TimelinePage(members, _bodies(members, await self._redis.mget(_body_keys(members))))
 
-    async def touch(self, user: str, active_ttl_s: int) -> int:
-        """Mark the user active. 0: hot; 1: just became active (rebuild now); 2: rebuilding."""
-        return int(await self._touch(args=[user, active_ttl_s]))
+    async def touch(self, user: str, active_ttl_s: int, token: str = "1") -> int:
+        """Mark the user active. 0: hot (Redis is complete); 1: rebuild now — the caller holds
+        the rebuild lease ``token`` and must call :meth:`rebuild` with it; 2: being rebuilt
+        (read Cassandra)."""
+        return int(await self._touch(args=[user, active_ttl_s, token]))
 
     async def rebuild(
         self,
@@ -375,16 +403,22 @@ class AsyncRedisTimelines:
         *,
         timeline_max: int,
         body_ttl_s: int,
-    ) -> None:
-        """Load a timeline read from Cassandra into Redis and end the rebuild."""
+        token: str = "1",
+    ) -> bool:
+        """Load a timeline read from Cassandra into Redis and end the rebuild.
+
+        The timeline is marked complete only if the lease ``token`` still holds (False if not:
+        Redis restarted or the lease expired meanwhile; a newer rebuild finishes the job).
+        """
         pipe = self._redis.pipeline(transaction=False)
         if members:
             pipe.zadd(keys.timeline(user), dict.fromkeys(members, 0))
             pipe.zremrangebyrank(keys.timeline(user), 0, -(timeline_max + 1))
         for activity_id, body in bodies.items():
             pipe.set(keys.body(activity_id), body, ex=body_ttl_s)
-        pipe.delete(keys.rebuilding(user))
-        await pipe.execute()
+        await self._rebuilt(args=[user, token], client=pipe)
+        results = await pipe.execute()
+        return bool(results[-1])
 
     async def big_state(self, user: str) -> tuple[bytes | None, int]:
         """(following version of ``user``, size of the big-accounts set) in one round trip."""
@@ -445,16 +479,22 @@ class AsyncRedisPresence:
         epoch, seq = await self._attach(args=[user, _new_epoch(), self._ttl])
         return Presence(_text(epoch), int(seq))
 
-    async def refresh(self, users: Iterable[str]) -> None:
-        """Extend presence of locally connected users (called periodically)."""
+    async def refresh(self, users: Iterable[str]) -> list[str]:
+        """Extend presence of locally connected users (called periodically).
+
+        Returns the users whose presence hash was gone (Redis lost it: restart, eviction): the
+        caller re-attaches them (a new epoch) and tells their connections.
+        """
         pipe = self._redis.pipeline(transaction=False)
-        count = 0
+        names: list[str] = []
         for user in users:
             pipe.expire(keys.presence(user), self._ttl)
             pipe.expire(keys.deliveries(user), self._ttl)
-            count += 1
-        if count:
-            await pipe.execute()
+            names.append(user)
+        if not names:
+            return []
+        results = await pipe.execute()
+        return [user for user, kept in zip(names, results[0::2], strict=True) if not kept]
 
     async def frames_after(self, user: str, seq: int, limit: int) -> list[tuple[int, bytes]]:
         """Frames with delivery seq > ``seq``, oldest first, at most ``limit``."""

@@ -9,6 +9,13 @@ are used as they are and left open. Handlers reach them through ``app.state.gate
 The WebSocket endpoint is a thin adapter (:class:`StreamConnection`) around the sans-I/O
 :class:`gateway.session.Session` and the process-wide :class:`gateway.hub.Hub`. Every HTTP error
 is produced in one place, :func:`_error_response`, as ``{"error": {"code", "message", "field"}}``.
+
+Hostile input: ingest bodies are read chunk by chunk up to a limit (``413`` as soon as a declared
+``Content-Length`` or the bytes received pass it, never buffering more), must be JSON (``415``
+otherwise) and are decoded by :mod:`schemas`, whose one :class:`ValidationError` becomes ``400``
+naming the field. Ingest and WebSocket connects are rate limited by :mod:`gateway.ratelimit`
+(``429`` with ``Retry-After``; close ``4029``). ``GET /openapi.json`` serves the OpenAPI 3.1
+document built by :mod:`gateway.openapi`.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import HTTPConnection, Request
+from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -55,7 +62,21 @@ from gateway.auth import (
 )
 from gateway.hub import Hub, HubUnavailable
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
-from gateway.session import CLOSE_FORBIDDEN, CLOSE_TOO_SLOW, CLOSE_UNAUTHORIZED, Session
+from gateway.openapi import openapi_document
+from gateway.ratelimit import (
+    Limit,
+    RedisRateLimiter,
+    connect_ip_key,
+    connect_user_key,
+    ingest_key,
+)
+from gateway.session import (
+    CLOSE_FORBIDDEN,
+    CLOSE_RATE_LIMITED,
+    CLOSE_TOO_SLOW,
+    CLOSE_UNAUTHORIZED,
+    Session,
+)
 from schemas import (
     Accepted,
     ErrorBody,
@@ -74,6 +95,8 @@ log = structlog.get_logger("gateway")
 #: Largest HTTP ingest body (activities); follow bodies are far smaller.
 MAX_INGEST_BODY = 1 << 20
 MAX_FOLLOW_BODY = 4096
+#: How long a request body may take to arrive (a slow trickle holds a connection and memory).
+BODY_TIMEOUT_S = 30.0
 #: ``limit`` of ``GET /v1/feed``.
 DEFAULT_LIMIT, MAX_LIMIT = 50, 200
 #: Frames per delivery-stream read while replaying or filling a gap.
@@ -87,7 +110,7 @@ _USER_ID = re.compile(r"^[^\s\x00-\x1f\x7f]{1,128}$")
 _CLOSE_TRY_AGAIN = 1013
 #: Bound on waiting for a close frame to be written to a client that may not be reading.
 _CLOSE_TIMEOUT_S = 5.0
-_QUIET_ROUTES = {"/healthz", "/readyz", "/metrics"}
+_QUIET_ROUTES = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
 _STATIC = Path(__file__).resolve().parent / "static"
 _REDIS_ERRORS = (RedisError, OSError)
 
@@ -130,7 +153,9 @@ _HTTP_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "body_timeout",
     413: "too_large",
+    415: "unsupported_media_type",
     422: "unprocessable",
     429: "throttled",
 }
@@ -161,7 +186,17 @@ def _as_gateway_error(exc: Exception) -> GatewayError:
 
 async def _error_response(conn: HTTPConnection, exc: Exception) -> Response:
     error = _as_gateway_error(exc)
-    if error.status >= 500:
+    if error.status == 503:
+        # A dependency is down: expected in operation, one line each, no traceback.
+        log.warning(
+            "request_unavailable", path=conn.url.path, error=f"{type(exc).__name__}: {exc}"[:300]
+        )
+    elif error.status >= 500:
+        import sys as _sys  # DEBUG-TEMP
+        import traceback as _tb  # DEBUG-TEMP
+        with open("/tmp/500.txt", "a") as _f:  # DEBUG-TEMP
+            import structlog._output as _so  # DEBUG-TEMP
+            _f.write(f"{conn.url} {_sys.getrecursionlimit()} {structlog.get_config()} stdout={_so.stdout!r} closed={_so.stdout.closed} sys.stdout={_sys.stdout!r}\n" + "".join(_tb.format_exception(exc))[-6000:] + "\n")  # DEBUG-TEMP
         log.error("request_failed", path=conn.url.path, exc_info=exc)
     body = ErrorBody(ErrorDetail(code=error.code, message=error.message, field=error.field))
     return _JSONResponse(body, status_code=error.status, headers=error.headers)
@@ -208,6 +243,10 @@ class Gateway:
         self._hub: Hub | None = None
         self._presence: AsyncRedisPresence | None = None
         self._timelines: AsyncRedisTimelines | None = None
+        self._limiter: RedisRateLimiter | None = None
+        self.ingest_limit = Limit(settings.ingest_rate, settings.ingest_burst)
+        self.connect_limit = Limit(settings.connect_rate, settings.connect_burst)
+        self.connect_ip_limit = Limit(settings.connect_ip_rate, settings.connect_ip_burst)
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -233,6 +272,10 @@ class Gateway:
     def producer(self) -> Producer:
         return _opened(self._producer)
 
+    @property
+    def limiter(self) -> RedisRateLimiter:
+        return _opened(self._limiter)
+
     async def open(self) -> None:
         s = self.settings
         if self._redis is None:
@@ -240,6 +283,7 @@ class Gateway:
                 s.redis_url, socket_connect_timeout=5, socket_timeout=10, socket_keepalive=True
             )
         self._timelines = AsyncRedisTimelines(self._redis)
+        self._limiter = RedisRateLimiter(self._redis)
         self._presence = AsyncRedisPresence(self._redis, ttl_s=s.resume_window_s)
         self._hub = Hub(
             self._redis, self._presence, refresh_interval_s=max(1.0, s.resume_window_s / 3)
@@ -479,29 +523,87 @@ def _user(request: Request) -> UserClaims:
     )
 
 
-def _require_ingest(request: Request) -> None:
-    if not ingest_authorized(request.headers, _gateway(request).settings.ingest_token):
+async def _require_ingest(request: Request) -> None:
+    """The ingest token is right, and its rate limit not exceeded (429 otherwise)."""
+    gateway = _gateway(request)
+    token = gateway.settings.ingest_token
+    if token is None or not ingest_authorized(request.headers, token):
         raise AuthError("ingest", "the ingest token is missing or wrong")
+    decision = await gateway.limiter.take(ingest_key(token.reveal()), gateway.ingest_limit)
+    if not decision.allowed:
+        wait = decision.retry_after
+        raise GatewayError(
+            429,
+            "throttled",
+            f"over the ingest rate limit of {gateway.ingest_limit.rate:g} requests/s "
+            f"(burst {gateway.ingest_limit.burst}); retry in {wait} s",
+            headers={"Retry-After": str(wait)},
+        )
+
+
+_JSON_MEDIA = re.compile(r"^application/(?:[a-z0-9.+-]+\+)?json$")
+
+
+def _require_json(request: Request) -> None:
+    """The body is declared JSON (``application/json`` or ``+json``, UTF-8), or not declared."""
+    declared = request.headers.get("content-type", "").strip()
+    if not declared:
+        return  # tolerated: the body is parsed as JSON and rejected with 400 if it is not
+    media, _, params = declared.partition(";")
+    media = media.strip().lower()
+    charset = ""
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            charset = value.strip().strip('"').lower()
+    if not _JSON_MEDIA.match(media) or charset not in ("", "utf-8", "utf8"):
+        raise GatewayError(
+            415,
+            "unsupported_media_type",
+            f"the body must be application/json in UTF-8, not {declared[:100]!r}",
+            field="Content-Type",
+        )
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length", "")
+    """The body, read chunk by chunk and never more than ``limit`` bytes of it: a declared
+    ``Content-Length`` over the limit is refused before reading anything, a chunked body as soon
+    as the bytes received pass it; a body still incomplete after ``BODY_TIMEOUT_S`` is 408. An
+    empty body is refused here (400), not by the decoders."""
+    declared = request.headers.get("content-length", "").strip()
     if declared.isdigit() and int(declared) > limit:
         raise GatewayError(
             413, "too_large", f"body of {declared} bytes exceeds the limit of {limit} bytes"
         )
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise GatewayError(413, "too_large", f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise GatewayError(
+                        413, "too_large", f"body exceeds the limit of {limit} bytes"
+                    )
+                chunks.append(chunk)
+    except TimeoutError:
+        raise GatewayError(
+            408, "body_timeout", f"the body did not arrive within {BODY_TIMEOUT_S:g} s"
+        ) from None
+    except ClientDisconnect:
+        # The client went away mid-body: nobody reads the answer, but it must not count (or
+        # log) as a server error.
+        raise GatewayError(
+            400, "incomplete_body", f"the client disconnected after {size} bytes of the body"
+        ) from None
+    body = b"".join(chunks)
+    if not body.strip():
+        raise GatewayError(400, "empty", "the body is empty; send JSON")
+    return body
 
 
 def _limit(raw: str | None) -> int:
-    if raw is None or raw == "":
+    if raw is None:
         return DEFAULT_LIMIT
     if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
         raise GatewayError(
@@ -537,7 +639,8 @@ async def feed_page(request: Request) -> Response:
 
 
 async def ingest_activities(request: Request) -> Response:
-    _require_ingest(request)
+    await _require_ingest(request)
+    _require_json(request)
     gateway = _gateway(request)
     body = await _read_body(request, MAX_INGEST_BODY)
     activities = decode_activities(body)
@@ -569,7 +672,8 @@ async def ingest_activities(request: Request) -> Response:
 
 
 async def follow(request: Request) -> Response:
-    _require_ingest(request)
+    await _require_ingest(request)
+    _require_json(request)
     gateway = _gateway(request)
     body = await _read_body(request, MAX_FOLLOW_BODY)
     wanted = decode_follow_request(body)
@@ -596,6 +700,23 @@ async def _produce(gateway: Gateway, topic: str, records: list[tuple[bytes, byte
             "the event log did not accept the records; retry later",
             headers={"Retry-After": "2"},
         ) from None
+
+
+_OPENAPI: bytes | None = None
+
+
+async def openapi_json(_request: Request) -> Response:
+    global _OPENAPI
+    if _OPENAPI is None:
+        _OPENAPI = _json.encode(
+            openapi_document(
+                ingest_body_limit=MAX_INGEST_BODY,
+                follow_body_limit=MAX_FOLLOW_BODY,
+                max_limit=MAX_LIMIT,
+                default_limit=DEFAULT_LIMIT,
+            )
+        )
+    return Response(_OPENAPI, media_type="application/json")
 
 
 async def dev_token(request: Request) -> Response:
@@ -689,6 +810,12 @@ async def stream(websocket: WebSocket) -> None:
             await _close_quietly(websocket, CLOSE_FORBIDDEN, "origin not allowed")
             gateway.metrics.closes.labels(str(CLOSE_FORBIDDEN)).inc()
             return
+        # Attempts per IP are limited before the token is looked at (bad tokens count too).
+        ip = websocket.client.host if websocket.client else "unknown"
+        if not await _connect_allowed(
+            websocket, connect_ip_key(ip), gateway.connect_ip_limit, "ip"
+        ):
+            return
         token = bearer_token(websocket.headers) or websocket.query_params.get("token") or ""
         try:
             claims = verify_user_token(
@@ -700,7 +827,24 @@ async def stream(websocket: WebSocket) -> None:
             gateway.metrics.closes.labels(str(CLOSE_UNAUTHORIZED)).inc()
             return
         with structlog.contextvars.bound_contextvars(user_id=claims.user):
+            user_key = connect_user_key(claims.user)
+            if not await _connect_allowed(websocket, user_key, gateway.connect_limit, "user"):
+                return
             await StreamConnection(websocket, claims, gateway).run()
+
+
+async def _connect_allowed(websocket: WebSocket, key: str, limit: Limit, per: str) -> bool:
+    """Take a connect token from the bucket ``key``; close with 4029 when there is none."""
+    gateway = _gateway(websocket)
+    decision = await gateway.limiter.take(key, limit)
+    if decision.allowed:
+        return True
+    log.info("ws_rejected", reason="rate_limited", per=per, retry_after_s=decision.retry_after)
+    await _close_quietly(
+        websocket, CLOSE_RATE_LIMITED, f"too many connects; retry in {decision.retry_after} s"
+    )
+    gateway.metrics.closes.labels(str(CLOSE_RATE_LIMITED)).inc()
+    return False
 
 
 async def _close_quietly(websocket: WebSocket, code: int, reason: str) -> None:
@@ -1022,6 +1166,7 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/v1/feed", feed_page, methods=["GET"]),
         Route("/v1/activities", ingest_activities, methods=["POST"]),
         Route("/v1/follows", follow, methods=["POST", "DELETE"]),

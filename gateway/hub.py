@@ -24,6 +24,14 @@ Guarantees (what ``gateway.app`` relies on):
   ``on_following_changed``, never to a client.
 * **Presence kept alive.** Every ``refresh_interval_s`` the presence and delivery stream of every
   locally connected user get their TTL renewed (``AsyncRedisPresence.refresh``).
+* **Presence restored.** Redis may lose presence hashes and delivery streams (a restart empties
+  it). After every Pub/Sub re-subscription, and for every user whose presence a refresh found
+  gone, the hub re-attaches the user's presence (``AsyncRedisPresence.attach``: the same epoch
+  if it survived, a new one if not) *before* telling the connections to check for gaps, and
+  hands each connection a presence frame (``gateway.session.presence_frame``) through
+  :meth:`LocalConnection.deliver`: a session on a lost epoch sends ``reset`` and follows the
+  new one. An online user is written and pushed to again as soon as presence is back (the
+  fan-out script treats presence as activity), even before they read their feed.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import structlog
 
 from feed import keys
 from feed.timeline_redis import AsyncRedisPresence
+from gateway.session import presence_frame
 
 __all__ = ["Hub", "HubUnavailable", "LocalConnection"]
 
@@ -48,7 +57,9 @@ log = structlog.get_logger("gateway.hub")
 _REFRESH_BATCH = 1000
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 _CONTROL_PREFIX = b'{"type":"_'
-
+#: Attempts (and the first pause between them) to re-attach a user's presence.
+_REATTACH_ATTEMPTS = 5
+_REATTACH_PAUSE_S = 0.2
 
 
 class HubUnavailable(RuntimeError):
@@ -62,7 +73,8 @@ class LocalConnection(Protocol):
     def user(self) -> str: ...
 
     def deliver(self, frame: bytes) -> None:
-        """A frame published on the user's channel."""
+        """A frame published on the user's channel, or the hub's presence frame (for the
+        session only, never for the client)."""
 
     def check_gap(self) -> None:
         """Live frames may have been lost: compare with the delivery stream."""
@@ -101,6 +113,8 @@ class Hub:
         self._empty = asyncio.Event()
         self._empty.set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._reattaching: dict[str, asyncio.Task[None]] = {}
+        self._reattach_again: set[str] = set()
         self._stopping = False
         self._actor_channels: dict[bytes, str] = {}  # subscribed actor channel -> actor
         self._actor_users: dict[str, set[str]] = {}  # actor -> local users following it
@@ -129,6 +143,12 @@ class Hub:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        reattaching = list(self._reattaching.values())
+        for task in reattaching:
+            task.cancel()
+        for task in reattaching:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self._drop_pubsub()
         for waiters in self._waiters.values():
             for waiter in waiters:
@@ -371,9 +391,53 @@ class Hub:
                 waiter.set_result(None)
         if channel in self._resync:
             self._resync.discard(channel)
-            user = self._channels[channel]
+            self._reattach(self._channels[channel])
+
+    # --- presence restore ------------------------------------------------------------------------
+    def _reattach(self, user: str) -> None:
+        """Re-attach ``user``'s presence, then tell their connections (see the module doc)."""
+        if self._stopping:
+            return
+        if user in self._reattaching:
+            self._reattach_again.add(user)  # the loss may postdate the attach in flight
+            return
+        task = asyncio.create_task(self._reattach_user(user), name="hub-reattach")
+        self._reattaching[user] = task
+        task.add_done_callback(lambda _t: self._reattaching.pop(user, None))
+
+    async def _reattach_user(self, user: str) -> None:
+        while True:
+            self._reattach_again.discard(user)
+            await self._reattach_once(user)
+            if user not in self._reattach_again:
+                return
+
+    async def _reattach_once(self, user: str) -> None:
+        pause = _REATTACH_PAUSE_S
+        for attempt in range(1, _REATTACH_ATTEMPTS + 1):
+            if user not in self._conns:
+                return
+            try:
+                presence = await self._presence.attach(user)
+            except (*_REDIS_ERRORS, redis.exceptions.RedisError) as exc:
+                log.warning(
+                    "presence_reattach_failed", user_id=user, attempt=attempt, error=str(exc)
+                )
+                await asyncio.sleep(pause)
+                pause *= 2
+                continue
+            frame = presence_frame(presence.epoch, presence.seq)
             for conn in list(self._conns.get(user, ())):
-                conn.check_gap()
+                try:
+                    conn.deliver(frame)
+                except Exception:
+                    log.exception("deliver_failed", user_id=user)
+            break
+        self._check_gaps(user)
+
+    def _check_gaps(self, user: str) -> None:
+        for conn in list(self._conns.get(user, ())):
+            conn.check_gap()
 
     # --- presence --------------------------------------------------------------------------------
     async def _refresh_presence(self) -> None:
@@ -383,6 +447,11 @@ class Hub:
             for start in range(0, len(users), _REFRESH_BATCH):
                 batch = users[start : start + _REFRESH_BATCH]
                 try:
-                    await self._presence.refresh(batch)
+                    lost = await self._presence.refresh(batch)
                 except (*_REDIS_ERRORS, redis.exceptions.RedisError) as exc:
                     log.warning("presence_refresh_failed", users=len(batch), error=str(exc))
+                    continue
+                for user in lost:
+                    if user in self._conns:
+                        log.warning("presence_lost", user_id=user)
+                        self._reattach(user)

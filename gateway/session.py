@@ -32,6 +32,12 @@ The session keeps ``last``, the seq of the last frame it queued for the client, 
   ahead of the stream, or frames already trimmed) the session sends ``{"type": "reset"}`` and
   continues live from the newest position it knows; the client refetches over HTTP.
 
+Lost streams. Redis may lose the delivery stream with the user's presence (a restart): the next
+attach starts a new *epoch*. The session notices it three ways, and each time sends ``reset``
+and follows the new epoch: a live frame of another epoch, a history answer of another epoch, or
+a presence frame (:func:`presence_frame`, handed in through :meth:`~Session.receive_live` by the
+hub after it re-attached the user's presence; never forwarded to the client).
+
 Hold. Until the client's first frame (or :meth:`start_live`, which the adapter calls after a short
 grace period) live frames are held, so that a client that resumes right after the welcome gets its
 replay strictly before any newer live frame.
@@ -65,7 +71,9 @@ __all__ = [
     "CLOSE_TOO_SLOW",
     "CLOSE_UNAUTHORIZED",
     "CLOSE_UNSUPPORTED",
+    "PRESENCE_PREFIX",
     "Session",
+    "presence_frame",
     "stream_position",
 ]
 
@@ -85,6 +93,16 @@ _CURSOR_KEY = b'"cursor":"'
 _CURSOR_WINDOW = 64
 #: Longest ``<epoch>.<seq>`` (16 + 1 + 18 characters, see ``feed.cursor``).
 _CURSOR_MAX = 35
+#: Frames of the gateway itself (never forwarded to a client) start with this.
+_CONTROL_PREFIX = b'{"type":"_'
+#: The user's presence is attached at the given position (see :func:`presence_frame`).
+PRESENCE_PREFIX = b'{"type":"_presence"'
+
+
+def presence_frame(epoch: str, seq: int) -> bytes:
+    """The in-process frame saying "the user's delivery stream is at ``epoch.seq``" (the hub
+    hands it to the user's connections after re-attaching presence)."""
+    return PRESENCE_PREFIX + b',"cursor":"' + f"{epoch}.{seq}".encode() + b'"}'
 
 
 def stream_position(frame: bytes) -> tuple[str, int] | None:
@@ -238,6 +256,10 @@ class Session:
         if self._close is not None:
             return
         position = stream_position(frame)
+        if frame.startswith(_CONTROL_PREFIX):
+            if position is not None and frame.startswith(PRESENCE_PREFIX):
+                self.rebase(*position)
+            return  # the gateway's own frames never reach the client
         if position is None:
             return  # not a stream frame: nothing the contract lets us forward
         epoch, seq = position
@@ -274,6 +296,15 @@ class Session:
             self._stale = False
             self._advance()
             return
+        position = stream_position(frames[0][1]) if frames else None
+        if position is not None and position[0] != self._epoch:
+            # The stream was recreated (Redis lost it): positions of the old epoch mean nothing.
+            # Tell the client, then follow the new stream from the newest frame seen.
+            self._epoch = position[0]
+            self._known = max(seq for seq, _ in frames)
+            self._reset()
+            self._advance()
+            return
         lost = (
             (oldest_available_seq is not None and oldest_available_seq > after + 1)
             or (bool(frames) and frames[0][0] > after + 1)
@@ -304,6 +335,25 @@ class Session:
         self._asked = None
         self._stale = False
         self._wanted = True
+
+    def rebase(self, epoch: str, seq: int) -> None:
+        """The user's presence is attached at ``epoch.seq`` (the hub re-attached it).
+
+        Same epoch: the stream is intact and at least at ``seq``. Another epoch: the stream was
+        recreated (Redis lost it), so positions of the old one mean nothing: send ``reset`` and
+        follow the new stream after ``seq``.
+        """
+        if self._close is not None:
+            return
+        if epoch == self._epoch:
+            if seq > self._known:
+                self._known = seq
+                self._advance()
+            return
+        self._epoch = epoch
+        self._known = seq
+        self._reset()
+        self._advance()
 
     def start_live(self) -> None:
         """The hold after the welcome is over (no resume came): push live frames from now on."""

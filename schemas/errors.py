@@ -12,7 +12,7 @@ import re
 
 import msgspec
 
-__all__ = ["ValidationError", "from_msgspec"]
+__all__ = ["DECODE_ERRORS", "ValidationError", "from_decode_error", "from_msgspec"]
 
 _AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 _MISSING = re.compile(r"^Object missing required field `(?P<name>[^`]+)`")
@@ -29,6 +29,25 @@ class ValidationError(ValueError):
 
     def as_dict(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message, "field": self.field}
+
+
+#: Every exception a msgspec JSON decoder can raise on hostile input: its own errors, RecursionError
+#: (nesting deeper than the interpreter's recursion limit) and UnicodeError (invalid UTF-8 inside a
+#: string; a ``str`` input holding lone surrogates).
+DECODE_ERRORS: tuple[type[Exception], ...] = (msgspec.MsgspecError, RecursionError, UnicodeError)
+
+
+def from_decode_error(exc: Exception, *, prefix: str = "") -> ValidationError:
+    """Translate any of :data:`DECODE_ERRORS` into :class:`ValidationError`."""
+    if isinstance(exc, RecursionError):
+        return ValidationError(prefix, "too_deep", "JSON nesting is too deep")
+    if isinstance(exc, UnicodeError):
+        where = getattr(exc, "start", None)
+        at = f" (offset {where})" if isinstance(where, int) else ""
+        return ValidationError(prefix, "invalid_utf8", f"text is not valid UTF-8{at}")
+    if isinstance(exc, msgspec.MsgspecError):
+        return from_msgspec(exc, prefix=prefix)
+    raise TypeError(f"not a decode error: {type(exc).__name__}") from exc
 
 
 def _path(raw: str) -> str:

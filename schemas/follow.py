@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from schemas.activity import UserId
-from schemas.errors import ValidationError, from_msgspec
+from schemas.errors import DECODE_ERRORS, ValidationError, from_decode_error
 
 __all__ = ["FollowEvent", "FollowRequest", "decode_follow_event", "decode_follow_request"]
 
@@ -40,8 +40,8 @@ def _decode(decoder: msgspec.json.Decoder, data: bytes):  # type: ignore[no-unty
         raise ValidationError("", "too_large", f"body exceeds {MAX_FOLLOW_BYTES} bytes")
     try:
         value = decoder.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise from_msgspec(exc) from None
+    except DECODE_ERRORS as exc:
+        raise from_decode_error(exc) from None
     if value.follower == value.followee:
         raise ValidationError("followee", "invalid", "a user cannot follow themselves")
     return value

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import msgspec
 
-from schemas.errors import ValidationError, from_msgspec
+from schemas.errors import DECODE_ERRORS, ValidationError, from_decode_error
 
 __all__ = [
     "MAX_INBOUND_FRAME",
@@ -75,14 +75,14 @@ def decode_client_frame(data: bytes | str) -> ClientFrame:
         raise ValidationError("", "too_large", f"frame exceeds {MAX_INBOUND_FRAME} bytes")
     try:
         envelope = _envelope.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise from_msgspec(exc) from None
+    except DECODE_ERRORS as exc:
+        raise from_decode_error(exc) from None
     if envelope.type != "resume":
         raise UnknownFrameType("type", "unknown_type", f"unknown frame type {envelope.type!r}")
     try:
         return _client.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise from_msgspec(exc) from None
+    except DECODE_ERRORS as exc:
+        raise from_decode_error(exc) from None
 
 
 def encode_frame(frame: Welcome | ActivityFrame | Removed | Reset) -> bytes:

@@ -1,0 +1,137 @@
+"""Rate limits: token buckets in Redis, shared by every gateway process.
+
+A bucket holds at most ``burst`` tokens and gains ``rate`` tokens per second; a request takes one.
+One Lua script reads, refills and takes, so the check is **atomic**: concurrent requests on any
+number of gateways never take the same token twice. The script uses the Redis server's clock
+(``TIME``), so gateways with skewed clocks agree. Each call touches one key (slot-local in Redis
+Cluster); a bucket key expires once it would be full again, so idle clients cost nothing.
+
+Buckets used by the gateway (settings in ``feed.settings``):
+
+* **HTTP ingest** (``POST /v1/activities``, ``POST``/``DELETE /v1/follows``): one bucket per
+  ingest token, keyed by the token's SHA-256 (never by the token itself), checked after the token
+  is verified; over the limit -> ``429`` with ``Retry-After``.
+* **WebSocket connects**: one bucket per client IP, checked before the token is verified (so
+  floods of bad tokens are limited too), then one per user; over either -> close ``4029``.
+
+If Redis cannot be reached the limiter **fails open** (the request goes on) and logs it: a
+limiter outage must not become an API outage, and the requests that follow need Redis anyway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+__all__ = ["Decision", "Limit", "RedisRateLimiter", "connect_ip_key", "connect_user_key",
+           "ingest_key"]
+
+log = structlog.get_logger("gateway.ratelimit")
+
+# KEYS[1] the bucket (hash: t = tokens, ts = last update, µs of the server clock)
+# ARGV[1] rate (tokens per second, > 0), ARGV[2] burst (tokens, >= 1), ARGV[3] cost
+# Returns {1 if taken else 0, µs until `cost` tokens are available (0 if taken)}.
+_TOKEN_BUCKET = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local state = redis.call('HMGET', KEYS[1], 't', 'ts')
+local tokens = tonumber(state[1])
+local ts = tonumber(state[2])
+if tokens == nil or ts == nil then
+  tokens = burst
+  ts = now
+end
+if now > ts then
+  tokens = math.min(burst, tokens + (now - ts) * rate / 1000000)
+  ts = now
+end
+local taken = 0
+local wait = 0
+if tokens >= cost then
+  tokens = tokens - cost
+  taken = 1
+else
+  wait = math.ceil((cost - tokens) * 1000000 / rate)
+end
+redis.call('HSET', KEYS[1], 't', string.format('%.6f', tokens), 'ts', string.format('%.0f', ts))
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) * 1000 / rate) + 1000)
+return {taken, wait}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """``rate`` tokens per second (0: unlimited), at most ``burst`` at once."""
+
+    rate: float
+    burst: int
+
+    @property
+    def unlimited(self) -> bool:
+        return self.rate <= 0
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    #: Seconds until a token is available again (0 when allowed).
+    retry_after_s: float = 0.0
+
+    @property
+    def retry_after(self) -> int:
+        """Whole seconds for a ``Retry-After`` header: at least 1, rounded up."""
+        return max(1, math.ceil(self.retry_after_s))
+
+
+ALLOWED = Decision(True)
+
+
+def _digest(value: str) -> str:
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def ingest_key(token: str) -> str:
+    """The ingest bucket of a token: its hash, never the token."""
+    return f"rl:ingest:{_digest(token)}"
+
+
+def connect_user_key(user: str) -> str:
+    return f"rl:connect:user:{{{user}}}"
+
+
+def connect_ip_key(ip: str) -> str:
+    return f"rl:connect:ip:{ip[:64]}"
+
+
+class RedisRateLimiter:
+    """Token buckets in Redis (see the module docstring)."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._redis = client
+        self._script = client.register_script(_TOKEN_BUCKET)
+        #: Checks that failed open because Redis was unreachable (tests, logs).
+        self.failed_open = 0
+
+    async def take(self, key: str, limit: Limit, cost: int = 1) -> Decision:
+        """Take ``cost`` tokens from the bucket ``key`` if it has them."""
+        if limit.unlimited:
+            return ALLOWED
+        try:
+            taken, wait_us = await self._script(
+                keys=[key], args=[repr(float(limit.rate)), int(limit.burst), int(cost)]
+            )
+        except (RedisError, OSError) as exc:
+            self.failed_open += 1
+            log.warning("rate_limit_unavailable", bucket=key.rsplit(":", 1)[0], error=str(exc))
+            return ALLOWED
+        if int(taken):
+            return ALLOWED
+        return Decision(False, int(wait_us) / 1_000_000)

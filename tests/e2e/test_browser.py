@@ -1,0 +1,293 @@
+"""The live page in a real browser: real-time delivery that never loses an item.
+
+Headless Chromium (Debian's ``/usr/bin/chromium``, driven by Playwright; no browser download)
+opens the gateway's page as one user, against a real ``feed fanout`` and ``feed gateway``
+(processes, ``FEED_DEV_MODE=true`` so the page gets its token from ``/dev/token``) on the test
+session's Redis, Kafka-protocol broker and Cassandra:
+
+1. an activity produced to Kafka by someone the user follows appears in the page within 2 s;
+2. the gateway is killed (SIGKILL): the page shows it is offline and retries with exponential
+   backoff; activities produced meanwhile reach the user's delivery stream;
+3. a new gateway starts on the same port: the page reconnects, resumes from its last cursor and
+   shows every item exactly once (DOM items counted by activity id; the WebSocket frames the page
+   received are recorded too, so a repeat hidden by the page's own de-duplication still fails).
+
+Every wait has a deadline (polling, never a bare sleep standing in for a condition).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import re
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from feed import keys
+from tests.e2e.harness import Pipeline
+from tests.procs import free_port
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = os.environ.get("FEED_TEST_CHROMIUM", "/usr/bin/chromium")
+# INFRA.md ("Browsers"): without the background-networking flags Chromium floods the closed
+# network with refused connections.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+#: The issue's bound: a published activity is on screen within this many seconds.
+LIVE_BOUND_S = 2.0
+
+# Records what the page's WebSocket does, before any page script runs: when each connection was
+# attempted (backoff), and every frame received (a repeat the page hides still counts here).
+_RECORDER = """
+(() => {
+  const Native = window.WebSocket;
+  const log = { attempts: [], frames: [] };
+  window.__ws = log;
+  class Recorded extends Native {
+    constructor(url, protocols) {
+      super(url, protocols);
+      log.attempts.push(performance.now());
+      this.addEventListener("message", (event) => {
+        try { log.frames.push(JSON.parse(event.data)); } catch (e) { log.frames.push(null); }
+      });
+    }
+  }
+  window.WebSocket = Recorded;
+})();
+"""
+
+
+def _playwright() -> Any:
+    try:
+        from playwright.async_api import async_playwright
+    except ImportError:
+        pytest.skip("the playwright package is not installed (pip install -e '.[dev]')")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"{CHROMIUM} is missing (infra/setup.sh installs Debian's chromium)")
+    return async_playwright
+
+
+@pytest.fixture(scope="module")
+def live_pipeline(
+    stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Pipeline]:
+    from tests.conftest import wait_for
+
+    env = dict(
+        stack_env,
+        FEED_KAFKA_GROUP=f"browser-{uuid.uuid4().hex[:8]}",
+        FEED_WORKER_METRICS_PORT=str(free_port()),
+        FEED_GATEWAY_PORT=str(free_port()),
+        FEED_DEV_MODE="true",
+        FEED_DRAIN_S="2",
+    )
+    p = Pipeline(env, tmp_path_factory.mktemp("browser"))
+    p.worker.start()
+    p.gateway.start()
+    try:
+        p.worker.wait_http(f"{p.metrics_url}/healthz", timeout=60)
+        p.gateway.wait_http(f"{p.gateway_url}/healthz", timeout=60)
+        # The group join takes a few seconds on this broker (INFRA.md).
+        wait_for(
+            lambda: p.worker_metric("feed_assigned_partitions") > 0,
+            timeout=60,
+            message="worker partition assignment",
+        )
+        yield p
+    finally:
+        p.gateway.stop(timeout=10)
+        p.worker.stop(timeout=10)
+
+
+@contextlib.asynccontextmanager
+async def _browser_page(tmp_path: Path) -> AsyncIterator[Any]:
+    async_playwright = _playwright()
+    async with async_playwright() as pw:
+        context = await pw.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"),  # a fresh user-data dir per test
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+        )
+        try:
+            await context.add_init_script(_RECORDER)
+            page = context.pages[0] if context.pages else await context.new_page()
+            yield page
+        finally:
+            await context.close()
+
+
+async def _until(
+    probe: Callable[[], Awaitable[Any]], *, timeout: float, what: str, interval: float = 0.05
+) -> Any:
+    """Poll ``probe`` until it returns a truthy value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout:.1f}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def _dom_ids(page: Any) -> list[str]:
+    ids: list[str] = await page.eval_on_selector_all(
+        "#feed li.item", "items => items.map((li) => li.dataset.id)"
+    )
+    return ids
+
+
+async def _state(page: Any) -> tuple[str, str]:
+    s, text = await page.evaluate(
+        "() => [document.getElementById('state').dataset.s,"
+        " document.getElementById('state').textContent.trim()]"
+    )
+    return str(s), str(text)
+
+
+def _in_stream(pipeline: Pipeline, user: str, activity_ids: set[str]) -> Callable[[], Any]:
+    import redis
+
+    client = redis.Redis.from_url(pipeline.settings.redis_url)
+
+    async def probe() -> bool:
+        entries = await asyncio.to_thread(client.xrange, keys.deliveries(user))
+        frames = [fields[b"f"] for _, fields in entries]
+        return all(any(aid.encode() in frame for frame in frames) for aid in activity_ids)
+
+    probe.close = client.close  # type: ignore[attr-defined]
+    return probe
+
+
+async def test_page_shows_every_item_once_across_a_gateway_crash(
+    live_pipeline: Pipeline, cassandra: Any, ids: Callable[[str], str], tmp_path: Path
+) -> None:
+    p = live_pipeline
+    s = p.settings
+    started = time.monotonic()
+    user, actor = ids("viewer"), ids("author")
+    p.follow(user, actor)
+    ks = s.cassandra_keyspace
+
+    async def followed() -> bool:
+        rows = await asyncio.to_thread(
+            cassandra.execute, f"SELECT follower FROM {ks}.followers WHERE user_id = %s", (actor,)
+        )
+        return user in [row.follower for row in rows]
+
+    await _until(followed, timeout=20, what="the follow to be applied")
+
+    async with _browser_page(tmp_path) as page:
+        # --- the page, as `user` (the page takes ?user= and fetches a dev token) -------------
+        await page.goto(f"{p.gateway_url}/?user={user}", wait_until="domcontentloaded")
+        await page.wait_for_selector('#state[data-s="live"]', timeout=15_000)
+        assert await page.input_value("#user") == user
+        await _until(
+            lambda: page.evaluate("() => window.__ws.frames.some((f) => f?.type === 'welcome')"),
+            timeout=5,
+            what="the welcome frame",
+        )
+
+        # --- 1. live: produced to Kafka -> on screen within 2 s --------------------------------
+        a1 = ids("a1")
+        sent = time.monotonic()
+        p.produce(s.topic_activities, actor, p.activity(a1, actor))
+        remaining_ms = max(1.0, (LIVE_BOUND_S - (time.monotonic() - sent)) * 1000)
+        await page.wait_for_selector(f'#feed li[data-id="{a1}"]', timeout=remaining_ms)
+        live_latency = time.monotonic() - sent
+        assert live_latency < LIVE_BOUND_S
+
+        # --- 2. the gateway dies; the page shows it and backs off ------------------------------
+        attempts_before = await page.evaluate("() => window.__ws.attempts.length")
+        p.gateway.kill()  # SIGKILL: no close frame, no goodbye
+        killed_at = await page.evaluate("() => performance.now()")
+        await page.wait_for_selector('#state[data-s="offline"]', timeout=10_000)
+        offline_text = (await _state(page))[1]
+        assert re.search(r"retrying in \d+s", offline_text), offline_text
+
+        # Published while no gateway runs: the fan-out still appends to the delivery stream.
+        a2, a3 = ids("a2"), ids("a3")
+        p.produce(s.topic_activities, actor, p.activity(a2, actor))
+        p.produce(s.topic_activities, actor, p.activity(a3, actor))
+        probe = _in_stream(p, user, {a2, a3})
+        try:
+            await _until(probe, timeout=10, what="a2 and a3 in the user's delivery stream")
+        finally:
+            probe.close()  # type: ignore[attr-defined]
+        # Let the page fail at least three reconnects, so the backoff can be checked.
+        await _until(
+            lambda: page.evaluate(f"() => window.__ws.attempts.length >= {attempts_before + 3}"),
+            timeout=15,
+            what="three reconnect attempts while the gateway is down",
+        )
+        assert await _dom_ids(page) == [a1]  # nothing appeared while down
+
+        # --- 3. a new gateway on the same port; the page resumes ------------------------------
+        p.gateway.start()
+        await asyncio.to_thread(p.gateway.wait_http, f"{p.gateway_url}/healthz", timeout=30)
+
+        async def caught_up() -> bool:
+            ids_now = set(await _dom_ids(page))
+            state, _ = await _state(page)
+            return state == "live" and {a1, a2, a3} <= ids_now
+
+        await _until(caught_up, timeout=30, what="the page to reconnect and show a2, a3")
+
+        # And live again after the resume.
+        a4 = ids("a4")
+        sent = time.monotonic()
+        p.produce(s.topic_activities, actor, p.activity(a4, actor))
+        remaining_ms = max(1.0, (LIVE_BOUND_S - (time.monotonic() - sent)) * 1000)
+        await page.wait_for_selector(f'#feed li[data-id="{a4}"]', timeout=remaining_ms)
+
+        # --- every item exactly once --------------------------------------------------------
+        dom = await _dom_ids(page)
+        assert Counter(dom) == Counter({a1: 1, a2: 1, a3: 1, a4: 1}), dom
+        assert dom == [a4, a3, a2, a1]  # newest first, in delivery order
+        assert await page.text_content("#count") == "4"
+
+        record = await page.evaluate("() => window.__ws")
+        frames = [f for f in record["frames"] if f]
+        activity_frames = [f for f in frames if f.get("type") == "activity"]
+        received = Counter(f["activity"]["id"] for f in activity_frames)
+        assert received == Counter({a1: 1, a2: 1, a3: 1, a4: 1}), received
+        assert not [f for f in frames if f.get("type") == "reset"]
+        # The stream cursors the page saw are consecutive: no gap, no repeat.
+        seqs = [int(f["cursor"].rpartition(".")[2]) for f in activity_frames]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+        assert len({f["cursor"].rpartition(".")[0] for f in activity_frames}) == 1
+        assert len([f for f in frames if f.get("type") == "welcome"]) == 2
+
+        # --- connection state and backoff ----------------------------------------------------
+        state, _ = await _state(page)
+        assert state == "live"
+        reconnects = int(await page.text_content("#reconnects") or "0")
+        assert reconnects >= 3
+        attempts = record["attempts"][attempts_before:]
+        assert attempts[0] - killed_at < 1000  # the first retry came quickly (250-500 ms)
+        # Retry i waits 500 ms * 2^i, jittered to [50 %, 100 %] of that (the page's backoff):
+        # the gaps between attempts grow geometrically.
+        gaps = [b - a for a, b in itertools.pairwise(attempts)]
+        assert len(gaps) >= 3, gaps
+        for j, gap in enumerate(gaps):
+            retry = j + 1
+            assert 250 * 2**retry - 5 <= gap <= 500 * 2**retry + 1000, (retry, gaps)
+
+    assert time.monotonic() - started < 60

@@ -1,0 +1,826 @@
+"""Fault tests: real processes, real servers, ``kill -9`` where a crash is the fault.
+
+"Nothing lost, nobody let in": each test streams activities (a bounded, paced loop to 127.0.0.1)
+while a fault hits, then checks that every timeline equals the expected one — no missing item,
+no duplicate — over HTTP (the reader: Redis, then Cassandra), in Redis/Cassandra directly where
+the test is about the worker, and on WebSockets (every frame once, in delivery order).
+
+The module runs on its own servers (an ``infra.LocalStack`` migrated with ``feed migrate``), so
+killing Redis or stopping Cassandra never touches the session stack other tests share. Each test
+has its own topics and consumer group. Every recovery has a deadline; each test prints how long
+recovery took and appends ``{"test": ..., "recovery_s": ...}`` to ``$FEED_FAULT_REPORT`` if set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import websockets
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from feed.kafka import create_topics
+from feed.lag import measure_lag
+from feed.settings import Settings
+from gateway.auth import mint_token
+from tests.conftest import TEST_INGEST_TOKEN, TEST_JWT_SECRET, wait_for
+from tests.procs import FeedProcess, free_port, http_get, metric_value
+
+pytestmark = pytest.mark.e2e
+
+ACTORS = 4
+FOLLOWERS = 4
+REPO = Path(__file__).resolve().parents[2]
+
+
+# --- the module's own stack -----------------------------------------------------------------------
+@dataclass
+class FaultStack:
+    local: Any  # infra.LocalStack
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack]:
+    from infra import LocalStack
+
+    local = LocalStack(tmp_path_factory.mktemp("faults"), partitions=4)
+    local.start()
+    try:
+        env = dict(
+            local.env(),
+            FEED_JWT_SECRET=TEST_JWT_SECRET,
+            FEED_INGEST_TOKEN=TEST_INGEST_TOKEN,
+            # INFRA.md: group joins take ~session.timeout/2 on the test broker; with kill -9 the
+            # group reassigns only after session.timeout.
+            FEED_KAFKA_SESSION_TIMEOUT_MS="6000",
+            FEED_KAFKA_HEARTBEAT_MS="500",
+            FEED_LOG_FORMAT="json",
+        )
+        migrate = subprocess.run(
+            [sys.executable, "-m", "feed.cli", "migrate"],
+            env={**os.environ, **env},
+            cwd=REPO,
+            capture_output=True,
+            timeout=120,
+        )
+        assert migrate.returncode == 0, migrate.stderr.decode()[-2000:]
+        yield FaultStack(local, env)
+    finally:
+        local.stop()
+
+
+# --- one test's lane: its topics, group, processes ------------------------------------------------
+class Lane:
+    """Dedicated topics and consumer group for one test, and the processes it starts."""
+
+    def __init__(self, stack: FaultStack, logdir: Path, **overrides: str) -> None:
+        tag = uuid.uuid4().hex[:8]
+        self.tag = tag
+        self.stack = stack
+        self.logdir = logdir
+        self.env = dict(
+            stack.env,
+            FEED_TOPIC_ACTIVITIES=f"fault-act-{tag}",
+            FEED_TOPIC_FOLLOWS=f"fault-fol-{tag}",
+            FEED_TOPIC_DLQ=f"fault-dlq-{tag}",
+            FEED_KAFKA_GROUP=f"fault-{tag}",
+            FEED_GATEWAY_PORT=str(free_port()),
+            **overrides,
+        )
+        self.settings = Settings.from_env(self.env)
+        create_topics(self.settings)
+        self.gateway_url = f"http://127.0.0.1:{self.env['FEED_GATEWAY_PORT']}"
+        self.ws_url = self.gateway_url.replace("http", "ws") + "/v1/stream"
+        self.redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=5)
+        self.procs: list[FeedProcess] = []
+        self.actors = [f"act{n}-{tag}" for n in range(ACTORS)]
+        self.followers = [f"fan{n}-{tag}" for n in range(FOLLOWERS)]
+        # Follower i follows every actor but one: each timeline is a different subset.
+        self.follows = {
+            fan: [a for j, a in enumerate(self.actors) if (i + j) % ACTORS != ACTORS - 1]
+            for i, fan in enumerate(self.followers)
+        }
+        self._cassandra: Any = None
+
+    # processes
+    def worker(self, name: str) -> tuple[FeedProcess, str]:
+        port = free_port()
+        env = {**self.env, "FEED_WORKER_METRICS_PORT": str(port)}
+        proc = FeedProcess(["fanout"], env, self.logdir / f"{name}.log").start()
+        self.procs.append(proc)
+        return proc, f"http://127.0.0.1:{port}"
+
+    def crashing_worker(self, name: str, crash_at: int, arm_file: Path) -> FeedProcess:
+        proc = FeedProcess([], {**self.env, "FEED_WORKER_METRICS_PORT": "0"},
+                           self.logdir / f"{name}.log")
+        with proc.log.open("ab") as handle:
+            proc.proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.e2e.crash_after_apply", str(crash_at),
+                 str(arm_file)],
+                env=proc.env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def gateway(self, name: str = "gateway") -> FeedProcess:
+        proc = FeedProcess(["gateway"], self.env, self.logdir / f"{name}.log").start()
+        self.procs.append(proc)
+        proc.wait_http(f"{self.gateway_url}/healthz", timeout=60)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.stop(timeout=15)
+        self.redis.close()
+        if self._cassandra is not None:
+            self._cassandra.cluster.shutdown()
+
+    # follows
+    def apply_follows(self) -> None:
+        producer = Producer({"bootstrap.servers": self.settings.kafka_bootstrap})
+        at = datetime.now(UTC).isoformat()
+        for fan, actors in self.follows.items():
+            for actor in actors:
+                event = {"type": "follow", "follower": fan, "followee": actor, "at": at}
+                producer.produce(self.settings.topic_follows, key=fan.encode(),
+                                 value=json.dumps(event).encode())
+        assert producer.flush(10) == 0
+        wanted = {a: sum(a in actors for actors in self.follows.values()) for a in self.actors}
+        wait_for(
+            lambda: all(int(self.redis.get(f"gv:{{{a}}}") or 0) >= n for a, n in wanted.items()),
+            timeout=60, message="follows applied",
+        )
+
+    # expectations
+    def expected(self, fan: str, sent: list[Sent]) -> list[str]:
+        """The follower's timeline, newest first (``published``, then id)."""
+        mine = [s for s in sent if s.actor in self.follows[fan]]
+        return [s.aid for s in sorted(mine, key=lambda s: (s.published, s.aid), reverse=True)]
+
+    # reading
+    def token(self, user: str) -> str:
+        return mint_token(TEST_JWT_SECRET, user, 900)
+
+    def http_feed(self, user: str) -> list[str] | None:
+        """Every page of ``GET /v1/feed``; None if a page failed (e.g. during an outage)."""
+        ids: list[str] = []
+        cursor = None
+        for _ in range(100):
+            query = "limit=200" + (f"&cursor={cursor}" if cursor else "")
+            status, body = http_get(
+                f"{self.gateway_url}/v1/feed?{query}",
+                headers={"Authorization": f"Bearer {self.token(user)}"}, timeout=5,
+            )
+            if status != 200:
+                return None
+            page = json.loads(body)
+            ids += [item["activity"]["id"] for item in page["items"]]
+            cursor = page["next"]
+            if cursor is None:
+                return ids
+        raise AssertionError("feed pages never end")
+
+    def redis_timeline(self, user: str) -> list[str]:
+        members: list[bytes] = self.redis.zrevrangebylex(  # type: ignore[assignment]
+            f"tl:{{{user}}}", "+", "-"
+        )
+        return [m.decode().partition(":")[2] for m in members]
+
+    def cassandra_timeline(self, user: str) -> list[str]:
+        if self._cassandra is None:
+            from feed.stores import open_cassandra
+
+            self._cassandra = open_cassandra(self.settings)
+        ks = self.settings.cassandra_keyspace
+        rows = self._cassandra.execute(f"SELECT id FROM {ks}.timeline WHERE user_id = %s",
+                                       (user,))
+        return [row.id for row in rows]
+
+    def committed_activities(self) -> dict[str, int]:
+        """The group's committed offset of each activities partition (``topic/partition``)."""
+        lag = measure_lag(self.settings.kafka_bootstrap, self.settings.kafka_group,
+                          [self.settings.topic_activities], timeout=5)
+        return {f"{p.topic}/{p.partition}": p.committed or 0 for p in lag.partitions}
+
+    def lag(self) -> int | None:
+        """Records not yet committed by the group, counting never-committed partitions from 0
+        (the group starts at the earliest record); None if the broker did not answer."""
+        try:
+            lag = measure_lag(self.settings.kafka_bootstrap, self.settings.kafka_group,
+                              [self.settings.topic_activities, self.settings.topic_follows],
+                              timeout=5)
+        except Exception:
+            return None
+        return sum(max(0, p.high - (p.committed or 0)) for p in lag.partitions)
+
+    def dlq_records(self) -> int:
+        consumer = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap,
+                             "group.id": f"dlq-probe-{self.tag}"})
+        try:
+            total = 0
+            for p in range(self.settings.kafka_partitions):
+                low, high = consumer.get_watermark_offsets(
+                    TopicPartition(self.settings.topic_dlq, p), timeout=5
+                )
+                total += high - low
+            return total
+        finally:
+            consumer.close()
+
+
+@pytest.fixture
+def lane_factory(
+    fault_stack: FaultStack, tmp_path: Path
+) -> Iterator[Callable[..., Lane]]:
+    lanes: list[Lane] = []
+
+    def make(**overrides: str) -> Lane:
+        lane = Lane(fault_stack, tmp_path, **overrides)
+        lanes.append(lane)
+        return lane
+
+    yield make
+    for lane in lanes:
+        lane.close()
+    # Every fault test leaves the module's servers running and healthy for the next one.
+    for server in fault_stack.local.servers:
+        if not server.is_running():
+            server.restart()
+
+
+# --- streaming activities -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sent:
+    aid: str
+    actor: str
+    published: datetime
+
+
+class ActivityStream:
+    """Produces ``count`` activities at ``rate``/s from a thread (round robin over the actors)."""
+
+    def __init__(self, lane: Lane, count: int, rate: float, *, one_per_batch: bool = False):
+        self.lane = lane
+        self.count = count
+        self.rate = rate
+        config: dict[str, Any] = {"bootstrap.servers": lane.settings.kafka_bootstrap,
+                                  "linger.ms": 0}
+        if one_per_batch:
+            # INFRA.md: the test broker's high watermark is exact only for one-record batches.
+            config["batch.num.messages"] = 1
+        self._producer = Producer(config)
+        self._sent: list[Sent] = []
+        self._errors: list[str] = []
+        self._lock = threading.Lock()
+        self._progress = threading.Condition(self._lock)
+        self._thread = threading.Thread(target=self._run, name="activity-stream", daemon=True)
+        self.base = datetime.now(UTC)
+
+    def start(self) -> ActivityStream:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        for n in range(self.count):
+            pause = started + n / self.rate - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)  # pacing the stream, not waiting on a condition
+            actor = self.lane.actors[n % len(self.lane.actors)]
+            item = Sent(f"{self.lane.tag}-a{n:04d}", actor, self.base + timedelta(milliseconds=n))
+            body = {"id": item.aid, "type": "Create", "actor": actor, "object": f"post:{n}",
+                    "published": item.published.isoformat()}
+            self._producer.produce(
+                self.lane.settings.topic_activities, key=actor.encode(),
+                value=json.dumps(body).encode(), on_delivery=self._delivered(item),
+            )
+            self._producer.poll(0)
+        left = self._producer.flush(30)
+        with self._lock:
+            if left:
+                self._errors.append(f"{left} records not delivered")
+            self._progress.notify_all()
+
+    def _delivered(self, item: Sent) -> Callable[[Any, Any], None]:
+        def callback(error: Any, _message: Any) -> None:
+            with self._lock:
+                if error is not None:
+                    self._errors.append(str(error))
+                else:
+                    self._sent.append(item)
+                self._progress.notify_all()
+
+        return callback
+
+    def sent(self) -> list[Sent]:
+        """Activities the broker has acknowledged so far."""
+        with self._lock:
+            return list(self._sent)
+
+    def wait_sent(self, n: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while len(self._sent) < n and not self._errors:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    pytest.fail(f"only {len(self._sent)} of {n} activities produced in {timeout}s")
+                self._progress.wait(remaining)
+            assert not self._errors, self._errors
+
+    def finish(self, timeout: float) -> list[Sent]:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the activity stream did not finish"
+        with self._lock:
+            assert not self._errors, self._errors
+            assert len(self._sent) == self.count
+            return list(self._sent)
+
+
+# --- WebSocket clients (their own event loop, in a thread) ----------------------------------------
+class StreamClient:
+    """One user's ``/v1/stream`` client: records every frame; can reconnect and resume."""
+
+    def __init__(self, url: str, token: str, *, reconnect: bool) -> None:
+        self.url = url
+        self.token = token
+        self.reconnect = reconnect
+        self.frames: list[dict[str, Any]] = []  # every frame of every connection, in order
+        self.welcomes = 0
+        self.cursor: str | None = None  # last stream cursor seen (what a resume sends)
+        self.connected = threading.Event()
+        self.stopped = False
+        self._ws: Any = None
+
+    async def run(self) -> None:
+        while not self.stopped:
+            try:
+                async with websockets.connect(
+                    self.url, additional_headers={"Authorization": f"Bearer {self.token}"},
+                    open_timeout=3, close_timeout=1,
+                ) as ws:
+                    self._ws = ws
+                    welcome = json.loads(await asyncio.wait_for(ws.recv(), 5))
+                    assert welcome["type"] == "welcome", welcome
+                    self.frames.append(welcome)
+                    self.welcomes += 1
+                    if self.cursor is None:
+                        self.cursor = welcome["cursor"]
+                    else:
+                        await ws.send(json.dumps({"type": "resume", "cursor": self.cursor}))
+                    self.connected.set()
+                    async for raw in ws:
+                        frame = json.loads(raw)
+                        self.frames.append(frame)
+                        if frame.get("cursor"):
+                            self.cursor = frame["cursor"]
+            except (OSError, TimeoutError, websockets.exceptions.WebSocketException):
+                pass
+            finally:
+                self._ws = None
+                self.connected.clear()
+            if not self.reconnect:
+                return
+            await asyncio.sleep(0.1)
+
+    async def close(self) -> None:
+        self.stopped = True
+        if self._ws is not None:
+            await self._ws.close()
+
+    # views
+    def activities(self, after: int = 0) -> list[dict[str, Any]]:
+        return [f for f in self.frames[after:] if f["type"] == "activity"]
+
+    def ids(self, after: int = 0) -> list[str]:
+        return [f["activity"]["id"] for f in self.activities(after)]
+
+    def index_of(self, kind: str, start: int = 0) -> int | None:
+        for index in range(start, len(self.frames)):
+            if self.frames[index]["type"] == kind:
+                return index
+        return None
+
+
+class Clients:
+    """Runs StreamClients on an event loop of their own, so the test body can block freely."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="ws-clients",
+                                        daemon=True)
+        self._thread.start()
+        self._running: dict[int, tuple[StreamClient, Any]] = {}
+
+    def start(self, client: StreamClient, timeout: float = 15) -> StreamClient:
+        client.stopped = False
+        task = asyncio.run_coroutine_threadsafe(client.run(), self.loop)
+        self._running[id(client)] = (client, task)
+        assert client.connected.wait(timeout), "the client could not connect"
+        return client
+
+    def stop(self, client: StreamClient) -> None:
+        asyncio.run_coroutine_threadsafe(client.close(), self.loop).result(10)
+        _, task = self._running.pop(id(client), (None, None))
+        if task is not None:
+            task.result(10)
+
+    def close(self) -> None:
+        for client, _ in list(self._running.values()):
+            with contextlib.suppress(Exception):  # a client that failed: its error is moot
+                self.stop(client)
+
+        async def cancel_rest() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(cancel_rest(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def clients() -> Iterator[Clients]:
+    pool = Clients()
+    yield pool
+    pool.close()
+
+
+# --- checks and the report ------------------------------------------------------------------------
+def report(test: str, recovery_s: float, capsys: pytest.CaptureFixture[str], **extra: Any) -> None:
+    line = {"test": test, "recovery_s": round(recovery_s, 3), **extra}
+    with capsys.disabled():
+        print(f"\n[fault] {test}: recovered in {recovery_s:.2f}s {extra}")
+    path = os.environ.get("FEED_FAULT_REPORT")
+    if path:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line) + "\n")
+
+
+def seq_of(frame: dict[str, Any]) -> tuple[str, int]:
+    epoch, _, seq = frame["cursor"].partition(".")
+    return epoch, int(seq)
+
+
+def assert_once_in_order(frames: list[dict[str, Any]], welcome: dict[str, Any]) -> None:
+    """Activity frames carry consecutive delivery seqs after the welcome's: no gap, no repeat."""
+    epoch, seq = seq_of(welcome)
+    got = [seq_of(f) for f in frames]
+    assert got == [(epoch, seq + 1 + n) for n in range(len(frames))], got
+    ids = [f["activity"]["id"] for f in frames]
+    assert len(ids) == len(set(ids)), "an activity was pushed twice"
+
+
+def wait_http_complete(lane: Lane, sent: list[Sent], timeout: float) -> None:
+    def complete() -> bool:
+        return all(lane.http_feed(fan) == lane.expected(fan, sent) for fan in lane.followers)
+
+    wait_for(complete, timeout=timeout, interval=0.2, message="every HTTP feed complete")
+
+
+def assert_http_feeds(lane: Lane, sent: list[Sent]) -> None:
+    for fan in lane.followers:
+        assert lane.http_feed(fan) == lane.expected(fan, sent), fan
+
+
+def assert_stores(lane: Lane, sent: list[Sent]) -> None:
+    for fan in lane.followers:
+        expected = lane.expected(fan, sent)
+        assert lane.redis_timeline(fan) == expected, fan
+        history = lane.cassandra_timeline(fan)
+        assert len(history) == len(expected) and set(history) == set(expected), fan
+
+
+def _assigned(url: str) -> float:
+    status, body = http_get(f"{url}/metrics")
+    return metric_value(body.decode(), "feed_assigned_partitions") if status == 200 else -1
+
+
+_JSON = json.JSONDecoder()
+
+
+def _log_events(path: Path, event: str) -> list[dict[str, Any]]:
+    """JSON log records of ``event``. A line may carry a stdlib (driver) log line glued to its end
+    (two writers share stderr): only the leading JSON object is read."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            record, _ = _JSON.raw_decode(line)
+            if record.get("event") == event:
+                out.append(record)
+    return out
+
+
+# --- 1. a worker is killed; the other takes over --------------------------------------------------
+def test_worker_killed_the_other_takes_over(
+    lane_factory: Callable[..., Lane], clients: Clients, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lane = lane_factory(FEED_ACTIVE_DAYS="0")  # every follower hot: Redis holds every timeline
+    a, a_url = lane.worker("worker-a")
+    b, b_url = lane.worker("worker-b")
+    wait_for(lambda: _assigned(a_url) > 0 and _assigned(b_url) > 0
+             and _assigned(a_url) + _assigned(b_url) == 8,
+             timeout=60, message="the two workers split the 8 partitions")
+    lane.gateway()
+    lane.apply_follows()
+    watcher = clients.start(StreamClient(lane.ws_url, lane.token(lane.followers[0]),
+                                         reconnect=False))
+
+    stream = ActivityStream(lane, count=150, rate=30).start()
+    stream.wait_sent(50, timeout=20)
+    wait_for(lambda: _log_events(b.log, "batch applied"), timeout=10,
+             message="worker b applying batches")
+    b.kill()
+    killed = time.monotonic()
+    wait_for(lambda: _assigned(a_url) == 8, timeout=30,
+             message="the surviving worker takes every partition")
+    takeover_s = time.monotonic() - killed
+    sent = stream.finish(timeout=30)
+    wait_for(lambda: all(lane.redis_timeline(f) == lane.expected(f, sent)
+                         for f in lane.followers),
+             timeout=40, interval=0.1, message="every timeline complete after the takeover")
+    recovery_s = time.monotonic() - killed
+
+    assert_stores(lane, sent)
+    assert_http_feeds(lane, sent)
+    expected = lane.expected(lane.followers[0], sent)
+    wait_for(lambda: len(watcher.activities()) >= len(expected), timeout=10,
+             message="every frame on the socket")
+    assert sorted(watcher.ids()) == sorted(expected)
+    assert_once_in_order(watcher.activities(), watcher.frames[0])
+    assert a.alive()
+    # What the killed worker had applied of the activities (what the survivor took over).
+    b_spans = [span for batch in _log_events(b.log, "batch applied")
+               for key, span in batch["offsets"].items()
+               if key.startswith(lane.settings.topic_activities)]
+    report("worker_killed_other_takes_over", recovery_s, capsys,
+           takeover_s=round(takeover_s, 3), activities=len(sent),
+           killed_worker_activity_records=sum(last - first + 1 for first, last in b_spans))
+
+
+# --- 2. Redis is killed and restarted empty -------------------------------------------------------
+def test_redis_restarted_empty_timelines_rebuilt_clients_reset(
+    lane_factory: Callable[..., Lane], clients: Clients, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lane = lane_factory()  # hot/cold on (FEED_ACTIVE_DAYS default): rebuilds from Cassandra
+    server = lane.stack.local.redis
+    worker, worker_url = lane.worker("worker")
+    wait_for(lambda: _assigned(worker_url) == 8, timeout=60, message="partition assignment")
+    lane.gateway()
+    lane.apply_follows()
+    live_fan, returning_fan, reader_fan, _cold_fan = lane.followers
+    live = clients.start(StreamClient(lane.ws_url, lane.token(live_fan), reconnect=False))
+    returning = clients.start(StreamClient(lane.ws_url, lane.token(returning_fan),
+                                           reconnect=False))
+    assert lane.http_feed(reader_fan) == []  # marks the reader active (a hot timeline)
+
+    stream = ActivityStream(lane, count=120, rate=30).start()
+    stream.wait_sent(30, timeout=20)
+    wait_for(lambda: len(returning.activities()) > 0, timeout=10, message="a live frame")
+    clients.stop(returning)  # comes back after the restart with its old cursor
+    old_cursor = returning.cursor
+    stream.wait_sent(40, timeout=20)
+    before_kill = len(live.frames)
+    server.kill()
+    killed = time.monotonic()
+    wait_for(lambda: _log_events(worker.log, "store call failed; pausing consumption"),
+             timeout=10, message="the worker noticing Redis is gone")
+    server.restart()  # same port, empty (no persistence)
+    restarted = time.monotonic()
+    sent_before_restart = stream.sent()
+
+    # The connected client is told its stream is gone, then refetches over HTTP.
+    wait_for(lambda: live.index_of("reset", before_kill) is not None, timeout=20,
+             message="reset on the connected client")
+    reset_at = live.index_of("reset", before_kill)
+    assert reset_at is not None
+    reset_s = time.monotonic() - killed
+    refetched = wait_for(lambda: lane.http_feed(live_fan), timeout=20,
+                         message="HTTP feed after the reset")
+    # Everything accepted before the restart is readable again (rebuilt from Cassandra).
+    wait_for(lambda: all(set(lane.expected(f, sent_before_restart)) <= set(lane.http_feed(f)
+                                                                           or ())
+                         for f in lane.followers),
+             timeout=30, interval=0.2, message="feeds hold everything sent before the restart")
+    recovery_s = time.monotonic() - killed
+
+    # A client resuming with a cursor of the lost stream gets a reset, then live frames.
+    clients.start(returning)
+    resumed_at = returning.index_of("welcome", 1)
+    assert resumed_at is not None and returning.cursor is not None
+    wait_for(lambda: returning.index_of("reset", resumed_at) is not None, timeout=10,
+             message="reset after resuming with a cursor of the lost stream")
+    assert old_cursor is not None
+
+    sent = stream.finish(timeout=30)
+    wait_http_complete(lane, sent, timeout=30)
+    assert_http_feeds(lane, sent)
+    # The connected client's view (its refetch plus what came live after the reset) is complete,
+    # and the frames after the reset are gap-free on the new stream.
+    expected_live = lane.expected(live_fan, sent)
+    wait_for(lambda: set(expected_live) <= set(refetched) | set(live.ids(reset_at)),
+             timeout=20, message="the live client's view complete")
+    after_reset = live.activities(reset_at)
+    if after_reset:
+        epochs = {seq_of(f)[0] for f in after_reset}
+        assert len(epochs) == 1, epochs
+        seqs = [seq_of(f)[1] for f in after_reset]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+        assert epochs != {seq_of(live.frames[0])[0]}, "still on the lost stream"
+    before = [f for f in live.frames[:reset_at] if f["type"] == "activity"]
+    assert_once_in_order(before, live.frames[0])  # on the old stream: gap-free, no repeat
+    assert len(set(live.ids(reset_at))) == len(after_reset)
+    assert worker.alive()
+    assert lane.dlq_records() == 0
+    report("redis_restarted_empty", recovery_s, capsys, reset_s=round(reset_s, 3),
+           redis_down_s=round(restarted - killed, 3), activities=len(sent))
+
+
+# --- 3. Cassandra is stopped for 20 s -------------------------------------------------------------
+def test_cassandra_stopped_lag_grows_then_drains_without_dlq(
+    lane_factory: Callable[..., Lane], capsys: pytest.CaptureFixture[str]
+) -> None:
+    lane = lane_factory(FEED_ACTIVE_DAYS="0")
+    server = lane.stack.local.cassandra
+    worker, worker_url = lane.worker("worker")
+    wait_for(lambda: _assigned(worker_url) == 8, timeout=60, message="partition assignment")
+    lane.apply_follows()
+    wait_for(lambda: lane.lag() == 0, timeout=20, message="no lag before the outage")
+
+    stream = ActivityStream(lane, count=600, rate=20, one_per_batch=True).start()
+    stream.wait_sent(60, timeout=20)
+    stopping = time.monotonic()
+    server.stop()  # graceful (SIGTERM), not a crash
+    stopped = time.monotonic()
+    lags: list[int] = []
+    worker_lag = 0.0
+    while time.monotonic() - stopped < 20:
+        lag = lane.lag()
+        if lag is not None:
+            lags.append(lag)
+        worker_lag = max(worker_lag, _metric(worker_url, "feed_consumer_lag_sum"))
+        assert worker.alive(), worker.log_tail()
+        time.sleep(0.5)  # sampling the lag while the outage lasts (a fixed 20 s window)
+    restarting = time.monotonic()
+    server.restart()  # same ports, same data
+    restarted = time.monotonic()
+    assert max(lags) >= 150, f"lag did not grow during the outage: {lags}"
+    assert lags[-1] > lags[0], lags
+    assert worker_lag >= 100, "the worker's lag metric did not follow the outage"
+
+    sent = stream.finish(timeout=60)
+    wait_for(lambda: lane.lag() == 0, timeout=60, interval=0.2, message="lag drained")
+    drained = time.monotonic()
+    assert_stores(lane, sent)
+    recovery_s = drained - restarted
+
+    assert worker.alive(), worker.log_tail()
+    assert lane.dlq_records() == 0
+    assert _metric(worker_url, "feed_dlq_total") == 0
+    backoffs = _log_events(worker.log, "store call failed; pausing consumption")
+    # The outage is one run of attempts 1, 2, 3, ... (a node warming up after the restart may
+    # start a short second run; the first one is the outage).
+    runs: list[list[dict[str, Any]]] = []
+    for record in backoffs:
+        if record["attempt"] == 1 or not runs:
+            runs.append([])
+        runs[-1].append(record)
+    outage = runs[0]
+    delays = [r["retry_in_s"] for r in outage]
+    attempts = [r["attempt"] for r in outage]
+    assert len(outage) >= 4, outage
+    # Backing off, not hammering: growing delays (jitter aside), a bounded number of attempts.
+    assert attempts == list(range(1, len(attempts) + 1)), attempts
+    assert max(delays) >= 4 * delays[0] and max(delays[-3:]) >= 2.0, delays
+    assert len(backoffs) <= 15, f"{len(backoffs)} attempts in a ~25 s outage"
+    assert all(d <= 15.0 for d in delays), delays
+    # recovery_s: from Cassandra answering again (restart() returned) to the lag drained.
+    report("cassandra_stopped_20s", recovery_s, capsys,
+           stop_s=round(stopped - stopping, 3), down_s=round(restarting - stopped, 3),
+           restart_s=round(restarted - restarting, 3), max_lag=max(lags),
+           attempts=len(backoffs), retry_in_s=delays, activities=len(sent))
+
+
+def _metric(url: str, name: str) -> float:
+    status, body = http_get(f"{url}/metrics")
+    return metric_value(body.decode(), name) if status == 200 else 0.0
+
+
+# --- 4. the gateway is killed while clients are connected -----------------------------------------
+def test_gateway_killed_clients_resume_without_gap(
+    lane_factory: Callable[..., Lane], clients: Clients, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lane = lane_factory()
+    worker, worker_url = lane.worker("worker")
+    wait_for(lambda: _assigned(worker_url) == 8, timeout=60, message="partition assignment")
+    gateway = lane.gateway("gateway-1")
+    lane.apply_follows()
+    fans = lane.followers[:3]
+    streams = {fan: clients.start(StreamClient(lane.ws_url, lane.token(fan), reconnect=True))
+               for fan in fans}
+
+    stream = ActivityStream(lane, count=120, rate=30).start()
+    stream.wait_sent(40, timeout=20)
+    gateway.kill()
+    killed = time.monotonic()
+    lane.gateway("gateway-2")  # same port
+    ready = stream.sent()
+
+    def caught_up() -> bool:
+        return all(c.welcomes >= 2 and set(lane.expected(f, ready)) <= set(c.ids())
+                   for f, c in streams.items())
+
+    wait_for(caught_up, timeout=30, interval=0.05, message="clients resumed and caught up")
+    recovery_s = time.monotonic() - killed
+
+    sent = stream.finish(timeout=30)
+    for fan, client in streams.items():
+        expected = lane.expected(fan, sent)
+        def arrived(c: StreamClient = client, e: list[str] = expected) -> bool:
+            return len(c.activities()) >= len(e)
+
+        wait_for(arrived, timeout=20, message=f"every frame for {fan}")
+        assert sorted(client.ids()) == sorted(expected), fan
+        assert client.index_of("reset") is None, "a resume within the window must not reset"
+        assert_once_in_order(client.activities(), client.frames[0])
+    assert_http_feeds(lane, sent)
+    assert worker.alive()
+    report("gateway_killed_clients_resume", recovery_s, capsys,
+           clients=len(streams), activities=len(sent))
+
+
+# --- 5. the worker dies between its writes and its offset commit ----------------------------------
+def test_worker_killed_between_apply_and_commit_replays_without_duplicates(
+    lane_factory: Callable[..., Lane], clients: Clients, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    lane = lane_factory(FEED_ACTIVE_DAYS="0")
+    arm = tmp_path / "arm"
+    crashing = lane.crashing_worker("crashing", crash_at=4, arm_file=arm)
+    wait_for(lambda: _log_events(crashing.log, "partitions assigned"), timeout=60,
+             message="the crashing worker joining the group")
+    lane.gateway()
+    lane.apply_follows()
+    watched = lane.followers[0]
+    watcher = clients.start(StreamClient(lane.ws_url, lane.token(watched), reconnect=False))
+    wait_for(lambda: lane.lag() == 0, timeout=20, message="follows committed")
+
+    arm.touch()
+    stream = ActivityStream(lane, count=120, rate=30).start()
+    wait_for(lambda: not crashing.alive(), timeout=30, message="the worker killing itself")
+    killed = time.monotonic()
+    assert crashing.proc is not None and crashing.proc.returncode == -9
+    assert _log_events(crashing.log, "crashing between apply and commit")
+    # The window was hit: records applied to the timelines but not committed.
+    applied = {aid for fan in lane.followers for aid in lane.redis_timeline(fan)}
+    committed = lane.committed_activities()
+    assert len(applied) > sum(committed.values()), (len(applied), committed)
+    entries_at_kill = sum(len(lane.redis_timeline(fan)) for fan in lane.followers)
+
+    worker, _ = lane.worker("worker")
+    sent = stream.finish(timeout=30)
+    wait_for(lambda: all(lane.redis_timeline(f) == lane.expected(f, sent)
+                         for f in lane.followers),
+             timeout=45, interval=0.1, message="every timeline complete after the replay")
+    recovery_s = time.monotonic() - killed
+    wait_for(lambda: lane.lag() == 0, timeout=20, message="replay committed")
+
+    assert_stores(lane, sent)
+    assert_http_feeds(lane, sent)
+    batches = _log_events(worker.log, "batch applied")
+    # The restarted worker replayed from the committed offsets, and the replayed records
+    # inserted nothing twice.
+    first = {key: span[0] for b in reversed(batches) for key, span in b["offsets"].items()}
+    resumed = {key: offset for key, offset in first.items() if key in committed}
+    assert resumed and all(offset == committed[key] for key, offset in resumed.items()), (
+        resumed, committed)
+    total = sum(len(lane.expected(fan, sent)) for fan in lane.followers)
+    assert sum(b["inserted"] for b in batches) == total - entries_at_kill
+    # ... and pushed nothing twice: every activity reached the socket exactly once.
+    expected = lane.expected(watched, sent)
+    # A replayed record is applied before the newer ones: a duplicate push would arrive before
+    # the last frame, so waiting for the count is enough to see it.
+    wait_for(lambda: len(watcher.activities()) >= len(expected), timeout=10,
+             message="every frame on the socket")
+    assert sorted(watcher.ids()) == sorted(expected)
+    assert_once_in_order(watcher.activities(), watcher.frames[0])
+    report("worker_killed_between_apply_and_commit", recovery_s, capsys,
+           replayed_records=len(applied) - sum(committed.values()), activities=len(sent))

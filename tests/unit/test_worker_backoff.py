@@ -1,0 +1,250 @@
+"""The worker's circuit breaker, with fake Kafka and stores: back off, hold, never drop or DLQ."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+
+import fanout.worker as worker_module
+from fanout.metrics import WorkerMetrics
+from fanout.processor import BatchStats
+from fanout.worker import Worker
+from feed.settings import Settings
+
+TOPIC = "feed.activities"
+
+
+class FakeMessage:
+    def __init__(self, partition: int, offset: int) -> None:
+        self._partition = partition
+        self._offset = offset
+        body = {"id": f"a-{partition}-{offset}", "type": "Create", "actor": "u1",
+                "object": "o", "published": "2026-01-01T00:00:00Z"}
+        self._value = json.dumps(body).encode()
+
+    def topic(self) -> str:
+        return TOPIC
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def value(self) -> bytes:
+        return self._value
+
+    def key(self) -> bytes:
+        return b"u1"
+
+    def headers(self) -> list[Any]:
+        return []
+
+    def error(self) -> None:
+        return None
+
+
+class FakeConsumer:
+    """Hands out scripted batches; ``during_pause`` is what a poll returns while paused."""
+
+    def __init__(self, batches: list[list[FakeMessage]]) -> None:
+        self.batches = batches
+        self.during_pause: list[FakeMessage] = []
+        self.paused = False
+        self.commits: list[dict[tuple[str, int], int]] = []
+        self.log: list[str] = []
+
+    def subscribe(self, topics: list[str], **_callbacks: Any) -> None:
+        pass
+
+    def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
+        if self.paused:
+            out, self.during_pause = self.during_pause, []
+            return out
+        return self.batches.pop(0) if self.batches else []
+
+    def assignment(self) -> list[Any]:
+        return [object()]
+
+    def pause(self, _partitions: Any) -> None:
+        self.paused = True
+
+    def resume(self, _partitions: Any) -> None:
+        self.paused = False
+
+    def commit(self, offsets: list[Any], asynchronous: bool) -> None:
+        self.commits.append({(o.topic, o.partition): o.offset for o in offsets})
+        self.log.append("commit")
+
+    def list_topics(self, timeout: float) -> Any:
+        return type("Metadata", (), {"topics": {}})()
+
+    def close(self) -> None:
+        pass
+
+
+class FakeProcessor:
+    """Fails with ``errors`` (one per call) before succeeding; records what it applied."""
+
+    def __init__(self, errors: list[BaseException], log: list[str]) -> None:
+        self.errors = errors
+        self.applied: list[str] = []
+        self.calls = 0
+        self.log = log
+
+    def apply(self, events: list[tuple[int, Any]]) -> BatchStats:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        self.applied += [event.id for _, event in events]
+        self.log.append("apply")
+        return BatchStats(activities=len(events))
+
+    def close(self) -> None:
+        pass
+
+
+class FakeDLQ:
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def send(self, message: Any, **_kw: Any) -> None:
+        self.sent.append(message.value().decode())
+
+    def flush(self) -> None:
+        pass
+
+
+def make(
+    consumer: FakeConsumer, processor: FakeProcessor, **kw: Any
+) -> tuple[Worker, FakeDLQ]:
+    dlq = FakeDLQ()
+    worker = Worker(Settings(), consumer=consumer, processor=processor,  # type: ignore[arg-type]
+                    dead_letters=dlq, metrics=WorkerMetrics(), **kw)  # type: ignore[arg-type]
+    return worker, dlq
+
+
+def run_until(worker: Worker, done: Callable[[], bool]) -> None:
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        deadline = 10.0
+        step = 0.01
+        while not done() and deadline > 0:
+            threading.Event().wait(step)
+            deadline -= step
+    finally:
+        worker.stop()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert done(), "condition not reached"
+
+
+@pytest.fixture(autouse=True)
+def short_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(worker_module, "_MAX_BACKOFF_S", 0.02)
+
+
+def outage(n: int) -> list[BaseException]:
+    return [redis.exceptions.ConnectionError("down")] * n
+
+
+def test_an_outage_is_retried_past_the_attempt_budget_and_never_dead_lettered() -> None:
+    consumer = FakeConsumer([[FakeMessage(0, 0), FakeMessage(0, 1)]])
+    processor = FakeProcessor(outage(12), consumer.log)  # far more than fanout_attempts (5)
+    worker, dlq = make(consumer, processor)
+    run_until(worker, lambda: bool(consumer.commits))
+    assert processor.applied == ["a-0-0", "a-0-1"] and dlq.sent == []
+    assert consumer.commits == [{(TOPIC, 0): 2}]
+    assert not consumer.paused
+
+
+def test_records_polled_while_paused_are_held_and_applied_next() -> None:
+    consumer = FakeConsumer([[FakeMessage(0, 0)]])
+    consumer.during_pause = [FakeMessage(1, 0), FakeMessage(1, 1)]  # a rebalance handed these
+    processor = FakeProcessor(outage(2), consumer.log)
+    worker, dlq = make(consumer, processor)
+    run_until(worker, lambda: len(consumer.commits) == 2)
+    assert processor.applied == ["a-0-0", "a-1-0", "a-1-1"]
+    assert consumer.commits == [{(TOPIC, 0): 1}, {(TOPIC, 1): 2}]
+    assert dlq.sent == []
+
+
+def test_stop_during_an_outage_ends_the_wait_and_commits_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(worker_module, "_MAX_BACKOFF_S", 60.0)  # waits of 30-60 s, cut by stop()
+    consumer = FakeConsumer([[FakeMessage(0, 0)]])
+    processor = FakeProcessor(outage(1000), consumer.log)
+    worker, dlq = make(consumer, processor)
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            worker._back_off(10, redis.exceptions.ConnectionError("down"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    threading.Event().wait(0.2)
+    started = time.monotonic()
+    worker.stop()
+    thread.join(5)
+    assert not thread.is_alive() and time.monotonic() - started < 1.5
+    assert [type(e).__name__ for e in errors] == ["_Stopping"]
+    # The whole loop: stopped while retrying, the batch stays uncommitted (it is replayed).
+    worker, dlq = make(consumer, processor)
+    run_until(worker, lambda: processor.calls >= 3)
+    assert consumer.commits == [] and dlq.sent == []
+
+
+def test_after_apply_runs_between_the_writes_and_the_commit() -> None:
+    consumer = FakeConsumer([[FakeMessage(0, 0)]])
+    processor = FakeProcessor([], consumer.log)
+    worker, _ = make(consumer, processor, after_apply=lambda: consumer.log.append("hook"))
+    run_until(worker, lambda: bool(consumer.commits))
+    assert consumer.log == ["apply", "hook", "commit"]
+
+
+def test_the_probe_cuts_a_long_wait_once_the_store_is_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(worker_module, "_MAX_BACKOFF_S", 60.0)
+    monkeypatch.setattr(worker_module, "_PROBE_EVERY_S", 0.01)
+    answers = iter([False, False, True])
+    consumer = FakeConsumer([])
+    worker, _ = make(consumer, FakeProcessor([], consumer.log),
+                     probe=lambda: next(answers, True))
+    started = time.monotonic()
+    worker._back_off(10, redis.exceptions.ConnectionError("down"))  # a wait of 30-60 s
+    assert time.monotonic() - started < 5
+    assert not consumer.paused
+
+
+def test_a_store_that_stays_reachable_gets_no_early_retry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(worker_module, "_MAX_BACKOFF_S", 0.3)
+    monkeypatch.setattr(worker_module, "_PROBE_EVERY_S", 0.01)
+    monkeypatch.setattr(random, "uniform", lambda _a, _b: 1.0)
+    consumer = FakeConsumer([])
+    worker, _ = make(consumer, FakeProcessor([], consumer.log), probe=lambda: True)
+    started = time.monotonic()
+    worker._back_off(10, redis.exceptions.ConnectionError("overloaded"))
+    assert time.monotonic() - started >= 0.3
+
+
+def test_a_poison_batch_is_dead_lettered_after_the_attempt_budget() -> None:
+    consumer = FakeConsumer([[FakeMessage(0, 0)]])
+    processor = FakeProcessor([ValueError("bad")] * 10, consumer.log)
+    worker, dlq = make(consumer, processor)
+    run_until(worker, lambda: bool(consumer.commits))
+    assert len(dlq.sent) == 1 and processor.applied == []
