@@ -37,7 +37,6 @@ import redis
 from cassandra import OperationTimedOut, ReadTimeout, Unavailable, WriteTimeout
 from cassandra.cluster import NoHostAvailable
 from cassandra.connection import ConnectionException
-from cassandra.policies import ExponentialReconnectionPolicy
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from fanout.dlq import DeadLetters
@@ -76,12 +75,6 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (
 _MAX_BACKOFF_S = 15.0
 _PROBE_EVERY_S = 1.0
 _LAG_EVERY_S = 5.0
-#: How the Cassandra driver re-tries a node it saw go down: its default waits up to 10 minutes
-#: between attempts (recovery long after the node is back) and gives up after 64; the worker
-#: retries every 5 s at most (one TCP connect), for as long as the outage lasts.
-_CASSANDRA_RECONNECT = ExponentialReconnectionPolicy(
-    base_delay=0.5, max_delay=5.0, max_attempts=None
-)
 
 
 class _Stopping(Exception):
@@ -426,8 +419,7 @@ def build_worker(
     client = redis.Redis.from_url(
         settings.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
     )
-    session = open_cassandra(settings)
-    session.cluster.reconnection_policy = _CASSANDRA_RECONNECT
+    session = open_cassandra(settings)  # reconnects every <= 5 s for as long as an outage lasts
     graph = CassandraFollowGraph(session, settings.cassandra_keyspace)
     history = CassandraHistory(session, settings.cassandra_keyspace)
     timelines = RedisTimelines(

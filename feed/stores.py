@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
-from cassandra.policies import RoundRobinPolicy
+from cassandra.policies import ExponentialReconnectionPolicy, RoundRobinPolicy
 
 from feed.graph_cassandra import CassandraFollowGraph
 from feed.history_cassandra import CassandraHistory
@@ -31,6 +31,9 @@ def open_cassandra(settings: Settings, *, keyspace: bool = True, timeout: float 
             )
         },
         "connect_timeout": timeout,
+        # The driver's default waits up to 600 s between attempts and gives up after 64: a
+        # store outage must end within seconds of Cassandra coming back, however long it lasted.
+        "reconnection_policy": ExponentialReconnectionPolicy(0.5, 5.0, max_attempts=None),
         "control_connection_timeout": timeout,
     }
     if settings.cassandra_protocol_version is not None:
