@@ -60,7 +60,8 @@ local function deliver(uid, frame_head, frame_tail, hist)
 end
 """
 
-# ARGV: max, hist, ttl, only_active, then groups of: member, body_key, body, n, uid1..uidn
+# ARGV: max, hist, ttl, only_active, then groups of: member, body_key, body, users (user ids
+# joined by newlines: one argument per group keeps the client's encoding cost per activity)
 _FANOUT = (
     _DELIVER
     + """
@@ -72,11 +73,10 @@ local head = '{"type":"activity","cursor":"'
 local i = 5
 local inserted, pushed = 0, 0
 while i <= #ARGV do
-  local member, bkey, body, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  local member, bkey, body, users = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   redis.call('SET', bkey, body, 'EX', ttl)
   local tail = '","activity":' .. body .. '}'
-  for j = i + 4, i + 3 + n do
-    local uid = ARGV[j]
+  for uid in string.gmatch(users, '[^\\n]+') do
     local tl = 'tl:{' .. uid .. '}'
     if only_active and redis.call('EXISTS', 'seen:{' .. uid .. '}') == 0
         and redis.call('EXISTS', 'on:{' .. uid .. '}') == 0 then
@@ -90,13 +90,13 @@ while i <= #ARGV do
       pushed = pushed + deliver(uid, head, tail, hist)
     end
   end
-  i = i + 4 + n
+  i = i + 4
 end
 return {inserted, pushed}
 """
 )
 
-# ARGV: hist, then groups of: member, id_json, n, uid1..uidn
+# ARGV: hist, then groups of: member, id_json, users (joined by newlines)
 _REMOVE = (
     _DELIVER
     + """
@@ -105,16 +105,15 @@ local head = '{"type":"removed","cursor":"'
 local i = 2
 local removed, pushed = 0, 0
 while i <= #ARGV do
-  local member, id_json, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local member, id_json, users = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local tail = '","id":' .. id_json .. '}'
-  for j = i + 3, i + 2 + n do
-    local uid = ARGV[j]
+  for uid in string.gmatch(users, '[^\\n]+') do
     if redis.call('ZREM', 'tl:{' .. uid .. '}', member) == 1 then
       removed = removed + 1
       pushed = pushed + deliver(uid, head, tail, hist)
     end
   end
-  i = i + 3 + n
+  i = i + 3
 end
 return {removed, pushed}
 """
@@ -199,8 +198,8 @@ redis.call('EXPIRE', dl, ARGV[3])
 return {ep, redis.call('HGET', on, 's')}
 """
 
-#: Most arguments sent in one script call (keeps each call's Redis pause short).
-_MAX_ARGS = 8192
+#: Most users one script call handles (keeps each call's Redis pause short).
+_MAX_USERS = 8192
 _json = msgspec.json.Encoder()
 
 
@@ -232,23 +231,23 @@ class TimelinePage:
 def _chunks(
     head: list[str | int | bytes], groups: Iterable[tuple[list[str | int | bytes], Sequence[str]]]
 ) -> list[list[str | int | bytes]]:
-    """Split groups (fixed part, users) into argument lists of at most ``_MAX_ARGS`` items."""
+    """Argument lists: ``head``, then per group its fixed part and its users joined by newlines
+    (user ids never contain whitespace). A call carries at most ``_MAX_USERS`` users, so each
+    script run stays short; a group larger than that is split across calls."""
     calls: list[list[str | int | bytes]] = []
     current = list(head)
+    in_call = 0
     for fixed, users in groups:
         start = 0
-        while start < len(users) or (start == 0 and not users):
-            room = max(1, _MAX_ARGS - len(current) - len(fixed) - 1)
-            part = users[start : start + room]
-            if not part:
-                break
+        while start < len(users):
+            part = users[start : start + max(1, _MAX_USERS - in_call)]
             current.extend(fixed)
-            current.append(len(part))
-            current.extend(part)
+            current.append("\n".join(part))
+            in_call += len(part)
             start += len(part)
-            if len(current) >= _MAX_ARGS:
+            if in_call >= _MAX_USERS:
                 calls.append(current)
-                current = list(head)
+                current, in_call = list(head), 0
     if len(current) > len(head):
         calls.append(current)
     return calls

@@ -7,36 +7,31 @@ import pytest
 
 from fanout.processor import _recipients
 from feed.lag import desired_replicas, partition_lag
-from feed.timeline_redis import _MAX_ARGS, _chunks
+from feed.timeline_redis import _MAX_USERS, _chunks
 from schemas.activity import decode_activity
 
 
-def _flatten(
-    calls: list[list[object]], head: int, fixed: int
-) -> list[tuple[tuple[object, ...], list[object]]]:
+def _flatten(calls: list[list[object]], head: int, fixed: int) -> list[tuple[object, list[str]]]:
     groups = []
     for call in calls:
-        i = head
-        while i < len(call):
-            part = tuple(call[i : i + fixed])
-            n = int(call[i + fixed])  # type: ignore[call-overload]
-            groups.append((part, list(call[i + fixed + 1 : i + fixed + 1 + n])))
-            i += fixed + 1 + n
+        for i in range(head, len(call), fixed + 1):
+            users = str(call[i + fixed]).split("\n")
+            groups.append((tuple(call[i : i + fixed]), users))
     return groups
 
 
 @pytest.mark.parametrize("sizes", [[1], [0, 3], [10_000], [5000, 5000, 5000], [1] * 3000])
 def test_chunks_keep_every_user_once_and_stay_bounded(sizes: list[int]) -> None:
-    groups = [
-        ([f"m{g}", f"b{g}"], [f"u{g}-{n}" for n in range(size)]) for g, size in enumerate(sizes)
-    ]
+    groups = [([f"m{g}", f"b{g}"], [f"u{g}-{n}" for n in range(size)])
+              for g, size in enumerate(sizes)]
     calls = _chunks([1, 2, 3], groups)
-    assert all(len(call) <= _MAX_ARGS + 3 for call in calls)
-    assert all(call[:3] == [1, 2, 3] for call in calls)
     flat = _flatten(calls, 3, 2)
+    assert all(call[:3] == [1, 2, 3] for call in calls)
+    per_call = [sum(len(str(a).split("\n")) for a in call[5::3]) for call in calls]
+    assert all(n <= _MAX_USERS for n in per_call)
     users = [u for _, us in flat for u in us]
     assert users == [u for _, us in groups for u in us]
-    assert all(us for _, us in flat)
+    assert all(us and all(us) for _, us in flat)
 
 
 def test_recipients_are_followers_then_extra_to() -> None:
