@@ -799,19 +799,16 @@ def _summarise(
         detail[side.key]["msgs_per_server_cpu_s"] = per_core[side.key]
         prefix = "ours" if side.key == "ours" else "peer"
         result[f"{prefix}_msgs_per_server_cpu_s"] = _round(per_core[side.key], 0)
-    if per_core.get("ours") and per_core.get("peer"):
-        result["ratio_msgs_per_cpu_s_ours_to_peer"] = round(
-            per_core["ours"] / per_core["peer"],
-            2,  # type: ignore[operator]
-        )
+    ours_core, peer_core = per_core.get("ours"), per_core.get("peer")
+    if ours_core and peer_core:
+        result["ratio_msgs_per_cpu_s_ours_to_peer"] = round(ours_core / peer_core, 2)
     if ours and not peer and "peer" in best_rate:
         result["ratio_note"] = "the peer met the bound at no tested rate"
     if detail.get("ours", {}).get("best_is_top_of_sweep"):
         result["ours_note"] = "ours met the bound at the top tested rate: its maximum is higher"
-    ours_best = detail.get("ours", {}).get("best")
-    if ours_best and ours_best.get("server_cpu_s"):
+    if ours_core:
         # For the capacity model (feed bench --model): frames pushed per gateway CPU second.
-        result["gateway_deliveries_per_core"] = ours_best["unique"] / ours_best["server_cpu_s"]
+        result["gateway_deliveries_per_core"] = ours_core
     result["sides"] = detail
 
 
