@@ -192,11 +192,6 @@ async def _error_response(conn: HTTPConnection, exc: Exception) -> Response:
             "request_unavailable", path=conn.url.path, error=f"{type(exc).__name__}: {exc}"[:300]
         )
     elif error.status >= 500:
-        import sys as _sys  # DEBUG-TEMP
-        import traceback as _tb  # DEBUG-TEMP
-        with open("/tmp/500.txt", "a") as _f:  # DEBUG-TEMP
-            import structlog._output as _so  # DEBUG-TEMP
-            _f.write(f"{conn.url} {_sys.getrecursionlimit()} {structlog.get_config()} stdout={_so.stdout!r} closed={_so.stdout.closed} sys.stdout={_sys.stdout!r}\n" + "".join(_tb.format_exception(exc))[-6000:] + "\n")  # DEBUG-TEMP
         log.error("request_failed", path=conn.url.path, exc_info=exc)
     body = ErrorBody(ErrorDetail(code=error.code, message=error.message, field=error.field))
     return _JSONResponse(body, status_code=error.status, headers=error.headers)

@@ -222,7 +222,9 @@ class Session:
         """
         if self._close is not None:
             return
-        size = len(data) if data.isascii() else len(data.encode())
+        # "surrogatepass": a str with lone surrogates is not valid UTF-8; the decoder below
+        # turns it into 1007 instead of this line raising.
+        size = len(data) if data.isascii() else len(data.encode(errors="surrogatepass"))
         if size > self._max_frame:
             self._fail(CLOSE_TOO_BIG, f"frame of {size} bytes exceeds {self._max_frame} bytes")
             return

@@ -1,12 +1,13 @@
 """The OpenAPI document (``GET /openapi.json``) and schemathesis against the live gateway.
 
-The gateway runs under uvicorn on a free port with the session stack's real Redis and
-Kafka-protocol broker (ingest produces for real). schemathesis loads the document from the live
-URL, generates positive and negative requests for every operation (ingest token and a valid user
-JWT supplied through the document's security schemes) and checks each response: no 5xx, status
-codes, content types, headers and bodies as documented, negative data rejected, auth not ignored.
-The number of examples is bounded so the run stays well under a minute; the number of requests
-the gateway served is printed (``schemathesis: N requests``).
+The gateway runs as ``feed gateway`` (uvicorn) on a free port with the session stack's real
+Redis, Kafka-protocol broker (ingest produces for real) and Cassandra. schemathesis loads the
+document from the live URL, generates positive and negative requests for every operation (ingest
+token and a valid user JWT supplied through the document's security schemes) and checks each
+response: no 5xx, status codes, content types, headers and bodies as documented, negative data
+rejected, auth not ignored. The number of examples is bounded so the run stays well under a
+minute; the number of requests the gateway served (its own request counter) is printed
+(``schemathesis: N requests``).
 """
 
 from __future__ import annotations
@@ -22,48 +23,82 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from feed.settings import Secret, Settings
+from feed.settings import Secret
 from gateway.auth import mint_token
 from tests.conftest import TEST_INGEST_TOKEN, TEST_JWT_SECRET
-from tests.integration.test_http_hostile import LiveGateway, live_gateway
+from tests.procs import FeedProcess, free_port, http_get, metric_value
 
 #: Examples per operation and generation mode (positive, negative): 8 operations.
 MAX_EXAMPLES = 100
 SENT: dict[str, int] = {"requests": 0}
 
 
+@dataclasses.dataclass
+class GatewayProcess:
+    base: str
+    process: FeedProcess
+
+
 @pytest.fixture(scope="module")
-def gw(settings: Settings) -> Iterator[LiveGateway]:
-    # Generous limits: schemathesis sends hundreds of ingest requests in seconds (429 is
-    # documented and would pass, but it would hide the ingest path from the checks).
-    roomy = dataclasses.replace(settings, ingest_rate=10_000.0, ingest_burst=10_000)
-    import sys as _sys  # DEBUG-TEMP
-    import structlog as _sl  # DEBUG-TEMP
-    import structlog._output as _so  # DEBUG-TEMP
-    with open("/tmp/diag.txt", "a") as _f:  # DEBUG-TEMP
-        _f.write(f"{_sl.get_config()}\nstdout={_so.stdout!r} closed={_so.stdout.closed}\nsys.stdout={_sys.stdout!r} {_sys.stdout.closed} sys.stderr={_sys.stderr!r} {_sys.stderr.closed}\n")  # DEBUG-TEMP
-    with live_gateway(roomy) as live:
+def gw(
+    stack_env: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+) -> Iterator[GatewayProcess]:
+    """``feed gateway`` as an operator runs it, on a free port, on the session stack.
+
+    Generous ingest limits: schemathesis sends hundreds of ingest requests in seconds (429 is
+    documented and would pass, but it would hide the ingest path from the checks). A separate
+    process also keeps a thousand requests' worth of server logging away from pytest's output
+    capture.
+    """
+    port = free_port()
+    env = dict(
+        stack_env,
+        FEED_GATEWAY_PORT=str(port),
+        FEED_INGEST_RATE="10000",
+        FEED_INGEST_BURST="10000",
+        FEED_LOG_LEVEL="warning",
+    )
+    log = tmp_path_factory.mktemp("openapi") / "gateway.log"
+    process = FeedProcess(["gateway"], env, log).start()
+    live = GatewayProcess(f"http://127.0.0.1:{port}", process)
+    try:
+        # /readyz: Redis, the broker and Cassandra (connected in the background) all reachable.
+        process.wait_http(f"{live.base}/readyz", timeout=60)
         before = _served(live)
         started = time.monotonic()
         yield live
         served = _served(live) - before
-        print(
-            f"\nschemathesis: {served} requests served by the gateway "
-            f"({SENT['requests']} generated cases) in {time.monotonic() - started:.1f}s"
+        _say(
+            request,
+            f"schemathesis: {served} requests served by the gateway "
+            f"({SENT['requests']} generated cases) in {time.monotonic() - started:.1f}s",
         )
+        assert process.alive(), process.log_tail()
+        assert "request_failed" not in log.read_text(errors="replace"), process.log_tail()
+    finally:
+        process.stop()
 
 
-def _served(live: LiveGateway) -> int:
-    registry = live.server.gateway.metrics.registry
-    total = 0.0
-    for metric in registry.collect():
-        if metric.name == "feed_gateway_http_requests":
-            total += sum(s.value for s in metric.samples if s.name.endswith("_total"))
-    return int(total)
+def _say(request: pytest.FixtureRequest, line: str) -> None:
+    """Print past pytest's output capture (the count is quoted from the test log)."""
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    if capture is None:
+        print(line)
+        return
+    with capture.global_and_fixture_disabled():
+        print(f"\n{line}")
+
+
+def _served(live: GatewayProcess) -> int:
+    status, body = http_get(f"{live.base}/metrics", timeout=5)
+    assert status == 200
+    return int(metric_value(body.decode(), "feed_gateway_http_requests_total"))
 
 
 @pytest.fixture(scope="module")
-def live_schema(gw: LiveGateway) -> Any:
+def live_schema(gw: GatewayProcess) -> Any:
     user_jwt = mint_token(Secret(TEST_JWT_SECRET), "schemathesis-user", 3600)
     config = schemathesis.Config.from_dict(
         {
@@ -88,7 +123,7 @@ schema = schemathesis.pytest.from_fixture("live_schema")
     database=None,
     suppress_health_check=list(HealthCheck),
 )
-def test_api_conforms_to_its_document(case: Any, gw: LiveGateway) -> None:
+def test_api_conforms_to_its_document(case: Any, gw: GatewayProcess) -> None:
     SENT["requests"] += 1
     case.call_and_validate(
         base_url=gw.base,
@@ -132,7 +167,7 @@ def schema_valid_data_accepted_unless_explained(ctx: Any, response: Any, case: A
 
 
 # --- the document itself ----------------------------------------------------------------------
-def test_document_lists_every_route_and_response(gw: LiveGateway) -> None:
+def test_document_lists_every_route_and_response(gw: GatewayProcess) -> None:
     doc = httpx.get(f"{gw.base}/openapi.json", timeout=10).json()
     assert doc["openapi"].startswith("3.1")
     paths = doc["paths"]
