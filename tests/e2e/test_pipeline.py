@@ -229,3 +229,36 @@ def test_both_processes_export_their_metrics(pipeline: Pipeline) -> None:
         "redis": True, "cassandra": True, "kafka": True}
     status, body = http_get(f"{pipeline.gateway_url}/readyz")
     assert status == 200, body
+
+
+def test_dlq_command_lists_and_replays_once(pipeline: Pipeline) -> None:
+    """Runs after the pipeline test in this module, which left a malformed record in the DLQ."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, **pipeline.env}
+
+    def feed(*args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "feed.cli", "dlq", *args], env=env,
+                              capture_output=True, text=True, timeout=90, check=True).stdout
+
+    records = [json.loads(line) for line in feed("list", "--json").splitlines() if line]
+    malformed = [r for r in records if r["headers"].get("feed.error") == "malformed_json"]
+    assert malformed, records
+    headers = malformed[0]["headers"]
+    assert headers["feed.origin.topic"] == pipeline.settings.topic_activities
+    assert int(headers["feed.attempts"]) >= 1 and headers["feed.failed.at"]
+    before = len(malformed)
+    first = feed("replay", "--code", "malformed_json")
+    assert first.startswith(f"replayed {before} "), first
+    # The replayed bytes are still malformed: the worker dead-letters them again (a new record).
+    wait_for(
+        lambda: sum(
+            1 for line in feed("list", "--json").splitlines()
+            if line and json.loads(line)["headers"].get("feed.error") == "malformed_json"
+        ) == 2 * before,
+        timeout=60, message="the replayed record dead-lettered again",
+    )
+    # The replay group's position was committed: only the new record is replayed, not the old.
+    assert feed("replay", "--code", "malformed_json").startswith(f"replayed {before} ")
