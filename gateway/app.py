@@ -274,9 +274,13 @@ class Gateway:
     async def open(self) -> None:
         s = self.settings
         if self._redis is None:
-            self._redis = aioredis.Redis.from_url(
-                s.redis_url, socket_connect_timeout=5, socket_timeout=10, socket_keepalive=True
+            # A blocking pool: a burst of connects waits for a free connection (up to 10 s)
+            # instead of failing past redis-py's default of 100 connections.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                s.redis_url, max_connections=512, timeout=10,
+                socket_connect_timeout=5, socket_timeout=10, socket_keepalive=True,
             )
+            self._redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
         self._timelines = AsyncRedisTimelines(self._redis)
         self._limiter = RedisRateLimiter(self._redis)
         self._presence = AsyncRedisPresence(self._redis, ttl_s=s.resume_window_s)
