@@ -77,9 +77,10 @@ def _playwright() -> Any:
     try:
         from playwright.async_api import async_playwright
     except ImportError:
-        pytest.skip("the playwright package is not installed (pip install -e '.[dev]')")
+        # Never skipped: `make test` installs it, so its absence is a set-up failure.
+        pytest.fail("the playwright package is not installed (pip install -e '.[dev]')")
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"{CHROMIUM} is missing (infra/setup.sh installs Debian's chromium)")
+        pytest.fail(f"{CHROMIUM} is missing (infra/setup.sh installs Debian's chromium)")
     return async_playwright
 
 
