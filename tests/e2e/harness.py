@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from confluent_kafka import Producer
 
 from feed.settings import Settings
 from gateway.auth import mint_token
+from tests.conftest import wait_for
 from tests.procs import FeedProcess, http_get, metric_value
 
 __all__ = ["Pipeline", "frames_until", "next_frame"]
@@ -30,6 +32,24 @@ class Pipeline:
         self.worker = FeedProcess(["fanout"], env, logdir / "fanout.log")
         self.gateway = FeedProcess(["gateway"], env, logdir / "gateway.log")
         self.producer = Producer({"bootstrap.servers": self.settings.kafka_bootstrap})
+
+    @contextmanager
+    def running(self, *, stop_timeout: float = 20.0) -> Iterator[Pipeline]:
+        """Start the worker and the gateway, wait until both serve and the worker holds
+        partitions (the group join takes a few seconds on this broker, INFRA.md), and stop
+        both by pid afterwards."""
+        self.worker.start()
+        self.gateway.start()
+        try:
+            self.worker.wait_http(f"{self.metrics_url}/healthz", timeout=60)
+            self.gateway.wait_http(f"{self.gateway_url}/healthz", timeout=60)
+            wait_for(lambda: self.worker_metric("feed_assigned_partitions") > 0, timeout=60,
+                     message="worker partition assignment")
+            yield self
+        finally:
+            self.gateway.stop(timeout=stop_timeout)
+            self.worker.stop(timeout=stop_timeout)
+            self.producer.flush(5)
 
     def produce(self, topic: str, key: str, value: bytes) -> None:
         self.producer.produce(topic, key=key.encode(), value=value)

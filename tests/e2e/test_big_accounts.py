@@ -42,20 +42,13 @@ def hybrid(
     second_port = free_port()
     second = FeedProcess(["gateway"], {**env, "FEED_GATEWAY_PORT": str(second_port)},
                          logs / "gateway-2.log")
-    p.worker.start()
-    p.gateway.start()
     second.start()
     try:
-        p.worker.wait_http(f"{p.metrics_url}/healthz", timeout=60)
-        p.gateway.wait_http(f"{p.gateway_url}/healthz", timeout=60)
-        second.wait_http(f"http://127.0.0.1:{second_port}/healthz", timeout=60)
-        wait_for(lambda: p.worker_metric("feed_assigned_partitions") > 0, timeout=60,
-                 message="worker partition assignment")
-        yield p, f"ws://127.0.0.1:{second_port}/v1/stream"
+        with p.running():
+            second.wait_http(f"http://127.0.0.1:{second_port}/healthz", timeout=60)
+            yield p, f"ws://127.0.0.1:{second_port}/v1/stream"
     finally:
         second.stop()
-        p.gateway.stop()
-        p.worker.stop()
 
 
 def _channels(redis_client: Any) -> set[str]:

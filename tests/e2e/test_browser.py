@@ -88,7 +88,6 @@ def _playwright() -> Any:
 def live_pipeline(
     stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Pipeline]:
-    from tests.conftest import wait_for
 
     env = dict(
         stack_env,
@@ -98,22 +97,8 @@ def live_pipeline(
         FEED_DEV_MODE="true",
         FEED_DRAIN_S="2",
     )
-    p = Pipeline(env, tmp_path_factory.mktemp("browser"))
-    p.worker.start()
-    p.gateway.start()
-    try:
-        p.worker.wait_http(f"{p.metrics_url}/healthz", timeout=60)
-        p.gateway.wait_http(f"{p.gateway_url}/healthz", timeout=60)
-        # The group join takes a few seconds on this broker (INFRA.md).
-        wait_for(
-            lambda: p.worker_metric("feed_assigned_partitions") > 0,
-            timeout=60,
-            message="worker partition assignment",
-        )
+    with Pipeline(env, tmp_path_factory.mktemp("browser")).running(stop_timeout=10) as p:
         yield p
-    finally:
-        p.gateway.stop(timeout=10)
-        p.worker.stop(timeout=10)
 
 
 @contextlib.asynccontextmanager

@@ -37,22 +37,8 @@ def pipeline(
         FEED_WORKER_METRICS_PORT=str(free_port()),
         FEED_GATEWAY_PORT=str(free_port()),
     )
-    p = Pipeline(env, tmp_path_factory.mktemp("e2e"))
-    p.worker.start()
-    p.gateway.start()
-    try:
-        p.worker.wait_http(f"{p.metrics_url}/healthz", timeout=60)
-        p.gateway.wait_http(f"{p.gateway_url}/healthz", timeout=60)
-        # The group join takes a few seconds on this broker (INFRA.md).
-        wait_for(
-            lambda: p.worker_metric("feed_assigned_partitions") > 0,
-            timeout=60,
-            message="worker partition assignment",
-        )
+    with Pipeline(env, tmp_path_factory.mktemp("e2e")).running() as p:
         yield p
-    finally:
-        p.gateway.stop()
-        p.worker.stop()
 
 
 def _has_history_row(pipeline: Pipeline, cassandra: Any, user: str, aid: str) -> bool:

@@ -20,7 +20,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from feed.kafka import create_topics
-from tests.conftest import wait_for
 from tests.e2e.harness import Pipeline
 from tests.integration.test_feed_semantics import T0, USERS, Model, ops
 from tests.procs import free_port, http_get
@@ -45,17 +44,8 @@ def pipeline(
     )
     p = Pipeline(env, tmp_path_factory.mktemp("prop"))
     create_topics(p.settings)
-    p.worker.start()
-    p.gateway.start()
-    try:
-        p.worker.wait_http(f"{p.metrics_url}/healthz", timeout=60)
-        p.gateway.wait_http(f"{p.gateway_url}/healthz", timeout=60)
-        wait_for(lambda: p.worker_metric("feed_assigned_partitions") > 0, timeout=60,
-                 message="worker partition assignment")
+    with p.running():
         yield p
-    finally:
-        p.gateway.stop()
-        p.worker.stop()
 
 
 def _feed(pipeline: Pipeline, user: str) -> list[str]:
