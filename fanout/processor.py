@@ -6,12 +6,21 @@ first, then reads the outbox for its backfill. Whichever runs second sees the ot
 
 Every write is idempotent (keys derive from the activity id, ``published`` and the user), so a
 batch that fails part-way is simply applied again.
+
+Pipelining (``apply(..., defer=True)``): the Redis write of a batch's trailing run of activities is
+handed to one background thread and the call returns once the Cassandra rows are written. The
+worker then prepares the next batch (its Cassandra writes) while Redis applies this one, and calls
+:meth:`Processor.complete` before committing. The durable-rows-first order holds for every
+activity; Redis writes stay in batch order (one thread, first in first out); deletes and follows
+wait for every earlier Redis write first, so they never race an insert of the same activity.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import msgspec
@@ -48,6 +57,17 @@ class BatchStats:
     redis_s: float = 0.0
     cassandra_s: float = 0.0
     rejected: list[tuple[int, RejectedRecord]] = field(default_factory=list)
+    #: Redis writes still in flight (``apply(..., defer=True)``); :meth:`Processor.complete`.
+    deferred: list[_Deferred] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Deferred:
+    """One Redis write: ``run`` returns (inserted, pushed); ``future`` is its background run, or
+    ``None`` once it failed there (then :meth:`Processor.complete` runs it again, in-line)."""
+
+    run: Callable[[], tuple[int, int]]
+    future: Future[tuple[int, int]] | None
 
 
 class Processor:
@@ -70,13 +90,24 @@ class Processor:
         self._history_timelines = history_timelines
         self._backfill = follow_backfill
         self._tombstone_ttl = tombstone_ttl_s
+        self._writer: ThreadPoolExecutor | None = None
+        self._in_flight: list[Future[tuple[int, int]]] = []
 
     def close(self) -> None:
-        """Nothing to release today; kept so owners can close what they built."""
+        """Wait for the Redis writes in flight and stop the writer thread."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
 
     # --- batches -----------------------------------------------------------------------------
-    def apply(self, events: Sequence[tuple[int, Activity | FollowEvent]]) -> BatchStats:
-        """Apply decoded events in order; ``int`` is the caller's index, used in ``rejected``."""
+    def apply(
+        self, events: Sequence[tuple[int, Activity | FollowEvent]], *, defer: bool = False
+    ) -> BatchStats:
+        """Apply decoded events in order; ``int`` is the caller's index, used in ``rejected``.
+
+        With ``defer``, the Redis write of the trailing run of activities may still be in flight
+        when this returns: call :meth:`complete` on the result before treating it as applied.
+        """
         stats = BatchStats()
         run: list[Activity] = []
         for index, event in events:
@@ -84,6 +115,8 @@ class Processor:
                 run.append(event)
                 continue
             self._apply_activities(run, stats)
+            self.complete(stats)
+            self._wait_in_flight()  # earlier batches' writes too: never race a delete or follow
             run = []
             try:
                 if isinstance(event, FollowEvent):
@@ -92,11 +125,54 @@ class Processor:
                     self._apply_delete(event, stats)
             except RejectedRecord as rejected:
                 stats.rejected.append((index, rejected))
-        self._apply_activities(run, stats)
+        self._apply_activities(run, stats, defer=defer)
+        if not defer:
+            self.complete(stats)
         return stats
 
+    def complete(self, stats: BatchStats) -> BatchStats:
+        """Wait for ``stats``' deferred Redis writes, in order, and count them into ``stats``.
+
+        A write that failed in the background is run again here; if it fails again the error is
+        raised and the write stays pending, so calling ``complete`` again retries it (every write
+        is idempotent). Returns ``stats``.
+        """
+        while stats.deferred:
+            deferred = stats.deferred[0]
+            started = time.perf_counter()
+            if deferred.future is not None:
+                future, deferred.future = deferred.future, None
+                try:
+                    inserted, pushed = future.result()
+                except Exception:
+                    inserted, pushed = deferred.run()  # again, in-line: raises if still failing
+            else:
+                inserted, pushed = deferred.run()
+            stats.redis_s += time.perf_counter() - started
+            stats.inserted += inserted
+            stats.pushed += pushed
+            stats.deferred.pop(0)
+        return stats
+
+    def _wait_in_flight(self) -> None:
+        """Wait until no background write runs (their owners' ``complete`` reports errors)."""
+        for future in self._in_flight:
+            with contextlib.suppress(Exception):
+                future.result()
+        self._in_flight = []
+
+    def _defer(self, run: Callable[[], tuple[int, int]], stats: BatchStats) -> None:
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="redis-writer")
+        self._in_flight = [f for f in self._in_flight if not f.done()]
+        future = self._writer.submit(run)
+        self._in_flight.append(future)
+        stats.deferred.append(_Deferred(run, future))
+
     # --- activities --------------------------------------------------------------------------
-    def _apply_activities(self, activities: list[Activity], stats: BatchStats) -> None:
+    def _apply_activities(
+        self, activities: list[Activity], stats: BatchStats, *, defer: bool = False
+    ) -> None:
         if not activities:
             return
         unique: dict[str, Activity] = {}
@@ -128,13 +204,9 @@ class Processor:
             records, timelines=self._history_timelines
         )
         stats.cassandra_s += time.perf_counter() - started
-        started = time.perf_counter()
-        inserted, pushed = self._timelines.insert(
-            [
-                Insert(order_key(r.ts, r.activity_id), r.activity_id, r.body, r.users)
-                for r in records
-            ]
-        )
+        inserts = [
+            Insert(order_key(r.ts, r.activity_id), r.activity_id, r.body, r.users) for r in records
+        ]
         # Large accounts: no fan-out on write; their outbox is merged into feeds at read time and
         # announced on their actor channel to the gateways where followers are connected.
         big = [
@@ -142,11 +214,18 @@ class Processor:
             for r in records
             if followers[r.actor] is None
         ]
-        if big:
-            self._timelines.add_to_outboxes(big)
-        stats.redis_s += time.perf_counter() - started
-        stats.inserted += inserted
-        stats.pushed += pushed
+        timelines = self._timelines
+
+        def write() -> tuple[int, int]:
+            result = timelines.insert(inserts)
+            if big:
+                timelines.add_to_outboxes(big)
+            return result
+
+        if defer:
+            self._defer(write, stats)
+        else:
+            stats.deferred.append(_Deferred(write, None))
 
     # --- deletes -----------------------------------------------------------------------------
     def _apply_delete(self, event: Activity, stats: BatchStats) -> None:
@@ -235,7 +314,9 @@ class Processor:
             if activity_id not in keep
         ]
         self._timelines.remove([Removal(m, activity_id, (follower,)) for m, _, activity_id in gone])
-        self._history.remove_from_timelines((follower, ts, activity_id) for _, ts, activity_id in gone)
+        self._history.remove_from_timelines(
+            (follower, ts, activity_id) for _, ts, activity_id in gone
+        )
 
 
 class _Addressed(msgspec.Struct):

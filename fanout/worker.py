@@ -31,6 +31,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -77,6 +78,19 @@ _PROBE_EVERY_S = 1.0
 _LAG_EVERY_S = 5.0
 
 
+@dataclass(slots=True)
+class _Batch:
+    """A batch applied up to its Redis write, which may still be in flight."""
+
+    messages: Sequence[Any]
+    events: list[tuple[int, Activity | FollowEvent]]
+    offsets: dict[tuple[str, int], int]
+    first: dict[tuple[str, int], int]
+    stats: BatchStats
+    dlq: int
+    started: float
+
+
 class _Stopping(Exception):
     """SIGTERM arrived while a batch was being retried: leave it uncommitted (it is replayed)."""
 
@@ -107,6 +121,8 @@ class Worker:
         #: Records consumed while paused in a back-off (a rebalance assigned new partitions):
         #: the next batch, in order.
         self._held: list[Any] = []
+        #: The batch whose Redis write is in flight (committed by :meth:`_finish`).
+        self._pending: _Batch | None = None
         self.batches = 0
         self.healthy = True
 
@@ -135,14 +151,22 @@ class Worker:
                 if self._held:
                     messages, self._held = self._held, []
                 else:
-                    messages = self._consumer.consume(num_messages=s.fanout_batch, timeout=0.2)
-                if messages:
-                    try:
-                        self._handle(messages)
-                    except _Stopping:
-                        log.warning("stopped during retries: the batch stays uncommitted")
-                        break
+                    messages = self._next_batch(s.fanout_batch)
+                try:
+                    if messages:
+                        # Batch N+1's Cassandra writes run while batch N's Redis write is in
+                        # flight; N is committed once its Redis write is done.
+                        batch = self._prepare(messages)
+                        self._finish_pending()
+                        self._pending = batch
+                    else:
+                        self._finish_pending()
+                except _Stopping:
+                    log.warning("stopped during retries: the batch stays uncommitted")
+                    self._pending = None
+                    break
                 self._maybe_report_lag()
+            self._finish_pending_on_exit()
         finally:
             log.info("worker stopping: leaving the group")
             try:
@@ -151,6 +175,41 @@ class Worker:
                 self._processor.close()
             log.info("worker stopped", batches=self.batches)
 
+    def _next_batch(self, size: int) -> list[Any]:
+        """Up to ``size`` records, without waiting for a full batch: what the client has already
+        fetched, else the first record to arrive within 0.2 s plus whatever came with it.
+        (``consume(n, timeout)`` alone waits out the whole timeout unless ``n`` records arrive,
+        which would add up to the timeout to every record's latency at moderate rates.)"""
+        messages: list[Any] = self._consumer.consume(num_messages=size, timeout=0)
+        if messages or self._pending is not None:
+            return messages  # with a batch in flight: finish it rather than wait here
+        first = self._consumer.poll(0.2)
+        if first is None:
+            return []
+        return (
+            [first, *self._consumer.consume(num_messages=size - 1, timeout=0)]
+            if size > 1
+            else [first]
+        )
+
+    def _finish_pending(self) -> None:
+        batch, self._pending = self._pending, None
+        if batch is not None:
+            self._finish(batch)
+
+    def _finish_pending_on_exit(self) -> None:
+        """On a stop request: commit the batch whose Redis write is in flight, if it succeeds
+        without a retry (a batch that needs retries stays uncommitted and is replayed)."""
+        batch, self._pending = self._pending, None
+        if batch is None:
+            return
+        try:
+            self._processor.complete(batch.stats)
+        except Exception as exc:
+            log.warning("stopping: the last batch stays uncommitted", error=type(exc).__name__)
+            return
+        self._finish(batch)
+
     def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         self._assignment |= {(p.topic, p.partition) for p in partitions}
         self._metrics.assigned.set(len(self._assignment))
@@ -158,14 +217,29 @@ class Worker:
 
     def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         gone = {(p.topic, p.partition) for p in partitions}
+        self._commit_pending_before_revoke()
         self._assignment -= gone
         if self._held:  # the new owner consumes them from the committed offset
             self._held = [m for m in self._held if (m.topic(), m.partition()) not in gone]
         self._metrics.assigned.set(len(self._assignment))
         log.info("partitions revoked", partitions=_names(partitions))
 
+    def _commit_pending_before_revoke(self) -> None:
+        """Partitions are being taken away: commit the batch in flight if its Redis write
+        succeeds now (else the new owner replays it, which is idempotent)."""
+        batch, self._pending = self._pending, None
+        if batch is None:
+            return
+        try:
+            self._processor.complete(batch.stats)
+        except Exception as exc:
+            log.warning("revoked with a batch in flight: left to the new owner", error=str(exc))
+            return
+        self._finish(batch)
+
     # --- one batch ---------------------------------------------------------------------------
-    def _handle(self, messages: Sequence[Any]) -> None:
+    def _prepare(self, messages: Sequence[Any]) -> _Batch:
+        """Decode and apply ``messages``; their Redis write may still be in flight."""
         started = time.perf_counter()
         s = self._settings
         events: list[tuple[int, Activity | FollowEvent]] = []
@@ -191,7 +265,19 @@ class Worker:
             except ValidationError as exc:
                 dlq += 1
                 self._dead_letter(message, exc.code, exc.message, exc.field, 1)
-        stats = self._apply(messages, events)
+        if self._pending is not None and not all(
+            isinstance(e, Activity) and not e.is_delete for _, e in events
+        ):
+            # Deletes and follows wait for every earlier Redis write (and its commit).
+            self._finish_pending()
+        stats = self._apply(messages, events, defer=True)
+        return _Batch(messages, events, offsets, first, stats, dlq, started)
+
+    def _finish(self, batch: _Batch) -> None:
+        """Wait for the batch's Redis write (retrying like any store call), dead-letter its
+        rejected records, and commit."""
+        stats = self._complete(batch)
+        messages, offsets, first, dlq = batch.messages, batch.offsets, batch.first, batch.dlq
         self._seen_down = False
         for index, rejected in stats.rejected:
             dlq += 1
@@ -200,7 +286,7 @@ class Worker:
         if self._after_apply is not None:
             self._after_apply()
         self._commit(offsets)
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - batch.started
         self.batches += 1
         m = self._metrics
         m.batch_size.observe(len(messages))
@@ -221,17 +307,41 @@ class Worker:
             history_rows=stats.history_rows,
             dlq=dlq,
             ms=round(elapsed * 1000, 1),
+            redis_ms=round(stats.redis_s * 1000, 1),
+            cassandra_ms=round(stats.cassandra_s * 1000, 1),
             offsets={f"{t}/{p}": [first[(t, p)], o - 1] for (t, p), o in offsets.items()},
         )
 
     def _apply(
-        self, messages: Sequence[Any], events: list[tuple[int, Activity | FollowEvent]]
+        self,
+        messages: Sequence[Any],
+        events: list[tuple[int, Activity | FollowEvent]],
+        *,
+        defer: bool = False,
+    ) -> BatchStats:
+        return self._retrying(
+            lambda: self._processor.apply(events, defer=defer),
+            lambda: self._apply_one_by_one(messages, events),
+        )
+
+    def _complete(self, batch: _Batch) -> BatchStats:
+        if not batch.stats.deferred:
+            return batch.stats
+        return self._retrying(
+            lambda: self._processor.complete(batch.stats),
+            lambda: _with_rejected(
+                self._apply_one_by_one(batch.messages, batch.events), batch.stats
+            ),
+        )
+
+    def _retrying(
+        self, attempt_once: Callable[[], BatchStats], fallback: Callable[[], BatchStats]
     ) -> BatchStats:
         attempt = 0  # every failed attempt: drives the backoff
         failures = 0  # failures that are not outages: bounded by fanout_attempts
         while True:
             try:
-                return self._processor.apply(events)
+                return attempt_once()
             except STORE_ERRORS as exc:
                 attempt += 1
                 self._metrics.errors.labels(kind="store_unavailable").inc()
@@ -244,7 +354,7 @@ class Worker:
                     self._back_off(attempt, exc)
                     continue
                 log.exception("batch keeps failing: applying record by record")
-                return self._apply_one_by_one(messages, events)
+                return fallback()
 
     def _apply_one_by_one(
         self, messages: Sequence[Any], events: list[tuple[int, Activity | FollowEvent]]
@@ -385,9 +495,7 @@ def _safe_probe(probe: Callable[[], bool]) -> bool:
 
 def _stores_probe(settings: Settings, cluster: Any) -> Callable[[], bool]:
     """Cheap reachability check of both stores (see the module doc: the half-open probe)."""
-    client = redis.Redis.from_url(
-        settings.redis_url, socket_timeout=1, socket_connect_timeout=1
-    )
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
 
     def probe() -> bool:
         try:
@@ -397,6 +505,12 @@ def _stores_probe(settings: Settings, cluster: Any) -> Callable[[], bool]:
         return any(host.is_up for host in cluster.metadata.all_hosts())
 
     return probe
+
+
+def _with_rejected(total: BatchStats, prepared: BatchStats) -> BatchStats:
+    """The record-by-record result, keeping what the first pass counted in Cassandra."""
+    total.history_rows = max(total.history_rows, prepared.history_rows)
+    return total
 
 
 def _merge(total: BatchStats, stats: BatchStats) -> None:
@@ -433,9 +547,7 @@ def build_worker(
         timelines=timelines,
         history=history,
         graph=graph,
-        followers=FollowerCache(
-            graph, client, history=history, fanout_limit=settings.fanout_limit
-        ),
+        followers=FollowerCache(graph, client, history=history, fanout_limit=settings.fanout_limit),
         history_timelines=settings.fanout_history,
         follow_backfill=settings.follow_backfill,
         tombstone_ttl_s=settings.body_ttl_days * 86_400,

@@ -14,7 +14,8 @@ Guarantees (what callers may rely on):
   timeline, and a resume that reads the stream after subscribing sees no gap.
 * **At-most-once Pub/Sub.** Publishing is fire-and-forget; a gateway that misses a message notices
   the ``seq`` gap and reads the delivery stream (bounded to ``stream_history`` frames).
-* Offline users cost one ZADD, one ZCARD and one HGET per insert: no publish, no stream.
+* Offline users cost one HGET, one ZADD and one ZREMRANGEBYRANK per user per call, however many
+  of the call's activities they receive: no publish, no stream.
 * **Hot and cold** (``only_active``): users with neither an ``active`` marker (``seen:``) nor a
   presence hash are skipped (Cassandra only). An online user is always written and pushed to,
   so a Redis that lost its ``seen:`` markers (restart) does not silence connected clients once
@@ -60,41 +61,78 @@ local function deliver(uid, frame_head, frame_tail, hist)
 end
 """
 
-# ARGV: max, hist, ttl, only_active, then groups of: member, body_key, body, users (user ids
-# joined by newlines: one argument per group keeps the client's encoding cost per activity)
-_FANOUT = (
-    _DELIVER
-    + """
+# Grouped by user: each user's new members of the call are added with one ZADD, trimmed once and
+# delivered in call order (one HINCRBY for all their seqs). Bodies are SET by the caller just before
+# (same connection, so before this script runs) and read back only for online users' frames.
+# ARGV: max, hist, only_active, n, member_1 .. member_n, then pairs of: uid, indexes into the
+# members (1-based, space-separated, in the order the user must receive them)
+_FANOUT = """
 local max = tonumber(ARGV[1])
 local hist = ARGV[2]
-local ttl = ARGV[3]
-local only_active = ARGV[4] == '1'
+local only_active = ARGV[3] == '1'
+local n = tonumber(ARGV[4])
+local members = {}
+for j = 1, n do members[j] = ARGV[4 + j] end
+local bodies = {}
 local head = '{"type":"activity","cursor":"'
-local i = 5
 local inserted, pushed = 0, 0
-while i <= #ARGV do
-  local member, bkey, body, users = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  redis.call('SET', bkey, body, 'EX', ttl)
-  local tail = '","activity":' .. body .. '}'
-  for uid in string.gmatch(users, '[^\\n]+') do
+for i = 5 + n, #ARGV, 2 do
+  local uid = ARGV[i]
+  local on = 'on:{' .. uid .. '}'
+  local ep = redis.call('HGET', on, 'e')
+  -- inactive and offline: Cassandra only; the timeline is rebuilt on the next read or connect
+  -- (an online user is always written and pushed to, even if Redis lost their 'seen' marker)
+  if ep or not only_active or redis.call('EXISTS', 'seen:{' .. uid .. '}') == 1 then
     local tl = 'tl:{' .. uid .. '}'
-    if only_active and redis.call('EXISTS', 'seen:{' .. uid .. '}') == 0
-        and redis.call('EXISTS', 'on:{' .. uid .. '}') == 0 then
-      -- inactive and offline: Cassandra only; the timeline is rebuilt on the next read or connect
-      -- (an online user is always written and pushed to, even if Redis lost their 'seen' marker)
-    elseif redis.call('ZADD', tl, 0, member) == 1 then
-      inserted = inserted + 1
-      if redis.call('ZCARD', tl) > max then
-        redis.call('ZREMRANGEBYRANK', tl, 0, -(max + 1))
+    local mine = {}
+    for j in string.gmatch(ARGV[i + 1], '%d+') do mine[#mine + 1] = members[tonumber(j)] end
+    local added = 0
+    -- at most 1000 members per command (Lua's unpack limit)
+    for first = 1, #mine, 1000 do
+      local last = math.min(#mine, first + 999)
+      local fresh = {}
+      if ep then
+        local scores = redis.call('ZMSCORE', tl, unpack(mine, first, last))
+        local taken = {}
+        for k = first, last do
+          if not scores[k - first + 1] and not taken[mine[k]] then
+            taken[mine[k]] = true
+            fresh[#fresh + 1] = mine[k]
+          end
+        end
       end
-      pushed = pushed + deliver(uid, head, tail, hist)
+      local args = {}
+      for k = first, last do
+        args[#args + 1] = 0
+        args[#args + 1] = mine[k]
+      end
+      added = added + redis.call('ZADD', tl, unpack(args))
+      if ep and #fresh > 0 then
+        local seq = redis.call('HINCRBY', on, 's', #fresh) - #fresh
+        local dl = 'dl:{' .. uid .. '}'
+        local channel = 'u:{' .. uid .. '}'
+        for _, member in ipairs(fresh) do
+          local body = bodies[member]
+          if not body then
+            body = redis.call('GET', 'a:' .. string.sub(member, 18)) or 'null'
+            bodies[member] = body
+          end
+          seq = seq + 1
+          local frame = head .. ep .. '.' .. seq .. '","activity":' .. body .. '}'
+          redis.call('XADD', dl, 'MAXLEN', '~', hist, seq .. '-0', 'f', frame)
+          redis.call('PUBLISH', channel, frame)
+          pushed = pushed + 1
+        end
+      end
+    end
+    if added > 0 then
+      inserted = inserted + added
+      redis.call('ZREMRANGEBYRANK', tl, 0, -(max + 1))
     end
   end
-  i = i + 4
 end
 return {inserted, pushed}
 """
-)
 
 # ARGV: hist, then groups of: member, id_json, users (joined by newlines)
 _REMOVE = (
@@ -253,6 +291,46 @@ def _chunks(
     return calls
 
 
+def _fanout_calls(
+    inserts: Sequence[Insert], head: list[str | int | bytes]
+) -> tuple[list[tuple[str, bytes]], list[list[str | int | bytes]]]:
+    """The bodies to SET and the ``_FANOUT`` argument lists for ``inserts``: every user's inserts
+    grouped into one call (in insert order), at most ``_MAX_USERS`` inserts per call."""
+    members: list[str] = []
+    bodies: list[tuple[str, bytes]] = []
+    per_user: dict[str, list[str]] = {}
+    get = per_user.get
+    indexes: dict[str, str] = {}  # member -> its 1-based index, as the script reads it
+    for insert in inserts:
+        if not insert.users:
+            continue
+        index = indexes.get(insert.member)
+        if index is None:
+            bodies.append((keys.body(insert.activity_id), insert.body))
+            members.append(insert.member)
+            index = indexes[insert.member] = str(len(members))
+        for user in insert.users:
+            mine = get(user)
+            if mine is None:
+                per_user[user] = [index]
+            else:
+                mine.append(index)
+    head = [*head, len(members), *members]
+    calls: list[list[str | int | bytes]] = []
+    args = list(head)
+    in_call = 0
+    for user, mine in per_user.items():
+        args.append(user)
+        args.append(" ".join(mine))
+        in_call += len(mine)
+        if in_call >= _MAX_USERS:
+            calls.append(args)
+            args, in_call = list(head), 0
+    if in_call:
+        calls.append(args)
+    return bodies, calls
+
+
 def _id_json(activity_id: str) -> bytes:
     return _json.encode(activity_id)
 
@@ -287,12 +365,19 @@ class RedisTimelines:
         """Insert each activity into its users' timelines. Returns (inserted, pushed).
 
         With ``only_active``, users without an ``active`` marker are skipped (Cassandra only).
+        One pipeline: the bodies, then script calls of at most ``_MAX_USERS`` inserts each, every
+        user's inserts grouped into one call (one ZADD per user rather than one per insert).
         """
-        calls = _chunks(
-            [self._max, self._hist, self._ttl, self._only_active],
-            (([i.member, keys.body(i.activity_id), i.body], i.users) for i in inserts if i.users),
-        )
-        return self._run(self._fanout, calls)
+        bodies, calls = _fanout_calls(inserts, [self._max, self._hist, self._only_active])
+        if not calls:
+            return 0, 0
+        pipe = self._redis.pipeline(transaction=False)
+        for key, body in bodies:
+            pipe.set(key, body, ex=self._ttl)
+        for args in calls:
+            self._fanout(args=args, client=pipe)
+        results = pipe.execute()[-len(calls) :]
+        return sum(int(r[0]) for r in results), sum(int(r[1]) for r in results)
 
     def remove(self, removals: Sequence[Removal]) -> tuple[int, int]:
         """Remove activities from users' timelines. Returns (removed, pushed)."""
@@ -356,25 +441,31 @@ class AsyncRedisTimelines:
         self._remove = client.register_script(_REMOVE)
 
     async def insert_for(
-        self, users: Sequence[str], member: str, body: bytes, *, timeline_max: int,
-        stream_history: int, body_ttl_s: int,
+        self,
+        users: Sequence[str],
+        member: str,
+        body: bytes,
+        *,
+        timeline_max: int,
+        stream_history: int,
+        body_ttl_s: int,
     ) -> tuple[int, int]:
         """The fan-out script for one activity and ``users`` (a gateway delivering a large
         account's activity to its connected followers). Idempotent: the first insert wins and
         assigns the one delivery ``seq``, however many gateways try."""
-        calls = _chunks(
-            [timeline_max, stream_history, body_ttl_s, "0"],
-            [([member, keys.body(member.partition(":")[2]), body], users)],
+        bodies, calls = _fanout_calls(
+            [Insert(member, member.partition(":")[2], body, users)],
+            [timeline_max, stream_history, "0"],
         )
+        for key, value in bodies:
+            await self._redis.set(key, value, ex=body_ttl_s)
         results = [await self._fanout(args=args) for args in calls]
         return sum(int(r[0]) for r in results), sum(int(r[1]) for r in results)
 
     async def remove_for(
         self, users: Sequence[str], member: str, *, stream_history: int
     ) -> tuple[int, int]:
-        calls = _chunks(
-            [stream_history], [([member, _id_json(member.partition(":")[2])], users)]
-        )
+        calls = _chunks([stream_history], [([member, _id_json(member.partition(":")[2])], users)])
         results = [await self._remove(args=args) for args in calls]
         return sum(int(r[0]) for r in results), sum(int(r[1]) for r in results)
 

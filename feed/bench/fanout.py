@@ -56,7 +56,10 @@ from feed.bench.load import activity_bytes as _activity_bytes
 from feed.bench.peers import PeerError, ensure_stream_framework_venv, run_stream_framework
 from feed.bench.processes import cpu_seconds, metric_sum
 
-__all__ = ["build_graphs", "ensure_graph_loaded", "run"]
+__all__ = ["PHASES", "build_graphs", "ensure_graph_loaded", "run"]
+
+#: The scenario's phases, in order; ``FEED_BENCH_PHASES=redis_only,history`` runs a subset.
+PHASES = ("redis_only", "drain_2_workers", "skewed", "history", "sweep")
 
 #: Targets from the issue (checked and shown in the report; never enforced by the harness).
 TARGET_ZADD_RATIO = 0.4
@@ -106,7 +109,15 @@ def run(ctx: BenchContext) -> dict[str, Any]:
             ctx.workdir,
             timeout=plan.peer_install_timeout_s,
         )
+    wanted = _phases_wanted()
     try:
+        if wanted != set(PHASES):
+            ctx.log(f"FEED_BENCH_PHASES: only {', '.join(sorted(wanted))}")
+            graphs = {
+                name: g
+                for name, g in graphs.items()
+                if name == "uniform" or (name == "skewed" and "skewed" in wanted)
+            }
         _load_graphs(ctx, graphs, actors, out)
         _wait_install(ctx, install)
         # 3. the peer
@@ -114,34 +125,55 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         # 4. drains
         phases: dict[str, Any] = {}
         out["phases"] = phases
-        phases["redis_only"] = _drain(
-            ctx,
-            "redis_only",
-            uniform,
-            actors["redis_only"],
-            workers=1,
-            history=False,
-            memory=True,
-            profile=ctx.profile,
-        )
-        phases["drain_2_workers"] = _drain(
-            ctx, "drain_2_workers", uniform, actors["drain_2_workers"], workers=2, history=False
-        )
-        phases["skewed"] = _drain(ctx, "skewed", skewed, actors["skewed"], workers=1, history=False)
-        # the same raw-insert reference again, in the state the history phase finds Cassandra
-        _cassandra_ceiling(ctx, "cassandra_batch_before_history")
-        phases["history"] = _drain(
-            ctx, "history", uniform, actors["history"], workers=1, history=True
-        )
+        if "redis_only" in wanted:
+            phases["redis_only"] = _drain(
+                ctx,
+                "redis_only",
+                uniform,
+                actors["redis_only"],
+                workers=1,
+                history=False,
+                memory=True,
+                profile=ctx.profile,
+            )
+        if "drain_2_workers" in wanted:
+            phases["drain_2_workers"] = _drain(
+                ctx, "drain_2_workers", uniform, actors["drain_2_workers"], workers=2, history=False
+            )
+        if "skewed" in wanted:
+            phases["skewed"] = _drain(
+                ctx, "skewed", skewed, actors["skewed"], workers=1, history=False
+            )
+        if "history" in wanted:
+            # the same raw-insert reference again, in the state the history phase finds Cassandra
+            _cassandra_ceiling(ctx, "cassandra_batch_before_history")
+            phases["history"] = _drain(
+                ctx, "history", uniform, actors["history"], workers=1, history=True
+            )
         # 5. offered-rate sweep
-        capacity = phases["redis_only"].get("activities_per_s") or 0.0
-        out["sweep"] = _sweep(ctx, uniform, capacity)
+        if "sweep" in wanted:
+            capacity = (phases.get("redis_only") or {}).get("activities_per_s") or 0.0
+            out["sweep"] = _sweep(ctx, uniform, capacity)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     _figures(ctx, out)
     if ctx.errors:
         out["status"] = "partial"
     return out
+
+
+def _phases_wanted() -> set[str]:
+    raw = os.environ.get("FEED_BENCH_PHASES", "").strip()
+    if not raw:
+        return set(PHASES)
+    wanted = {p.strip() for p in raw.split(",") if p.strip()}
+    unknown = wanted - set(PHASES)
+    if unknown:
+        raise ValueError(
+            f"FEED_BENCH_PHASES: unknown phase(s) {', '.join(sorted(unknown))}; "
+            f"known: {', '.join(PHASES)}"
+        )
+    return wanted
 
 
 # --- 1. graphs ------------------------------------------------------------------------------
@@ -248,8 +280,9 @@ def _peers(
     entry["status"] = "ok"
     runs = {
         "uniform": (graphs["uniform"], actors["redis_only"], ctx.plan.peer_activities_uniform),
-        "skewed": (graphs["skewed"], actors["skewed"], ctx.plan.peer_activities_skewed),
     }
+    if "skewed" in graphs:
+        runs["skewed"] = (graphs["skewed"], actors["skewed"], ctx.plan.peer_activities_skewed)
     for name, (graph, sequence, count) in runs.items():
         prefix = sequence[:count]
         graph_file = ctx.workdir / f"peer-graph-{name}.json"

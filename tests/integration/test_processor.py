@@ -8,6 +8,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import redis
 
 from fanout.followers import FollowerCache
 from fanout.processor import Processor, RejectedRecord
@@ -150,3 +151,56 @@ def test_follower_cache_sees_follows_from_other_workers(
     other.close()
     processor.apply([(0, act(ids("b1"), u1, 2))])
     assert len(timeline(processor, u3)) == 1
+
+
+def test_deferred_redis_write_completes_in_order_and_deletes_wait_for_it(
+    processor: Processor, ids: Callable[[str], str]
+) -> None:
+    """``apply(defer=True)`` returns with the Redis write possibly in flight; ``complete``
+    counts it. A later delete of the same activity waits for that write, so it cannot be
+    resurrected by it."""
+    u1, u2, a, b = ids("u1"), ids("u2"), ids("a"), ids("b")
+    processor.apply([(0, follow(u2, u1, 1))])
+    first = processor.apply([(0, act(a, u1, 1)), (1, act(b, u1, 2))], defer=True)
+    assert first.history_rows == 2 and len(first.deferred) == 1
+    deleted = processor.apply([(0, delete(ids("d"), u1, a))], defer=True)
+    assert deleted.deletes == 1 and not deleted.deferred
+    assert processor.complete(first).inserted == 2 and not first.deferred
+    assert timeline(processor, u2) == [b]
+
+
+class _FlakyTimelines(RedisTimelines):
+    """The real Redis timelines, whose first ``insert`` fails as if the connection dropped."""
+
+    failures = 1
+
+    def insert(self, inserts):  # type: ignore[no-untyped-def]
+        if self.failures:
+            self.failures -= 1
+            raise redis.exceptions.ConnectionError("connection dropped (injected)")
+        return super().insert(inserts)
+
+
+def test_a_deferred_write_that_failed_is_run_again_by_complete(
+    redis_client: Any, cassandra: Any, settings: Any, ids: Callable[[str], str]
+) -> None:
+    graph = CassandraFollowGraph(cassandra, settings.cassandra_keyspace)
+    timelines = _FlakyTimelines(redis_client, timeline_max=50, stream_history=100, body_ttl_s=600)
+    p = Processor(
+        timelines=timelines,
+        history=CassandraHistory(cassandra, settings.cassandra_keyspace),
+        graph=graph,
+        followers=FollowerCache(graph, redis_client),
+    )
+    try:
+        u1, u2, a = ids("u1"), ids("u2"), ids("a")
+        p.apply([(0, follow(u2, u1, 1))])
+        timelines.failures = 2  # the background run and the first in-line retry
+        stats = p.apply([(0, act(a, u1, 1))], defer=True)
+        with pytest.raises(redis.exceptions.ConnectionError):
+            p.complete(stats)
+        assert len(stats.deferred) == 1  # still pending: the caller retries
+        assert p.complete(stats).inserted == 1 and not stats.deferred
+        assert timeline(p, u2) == [a]
+    finally:
+        p.close()

@@ -129,3 +129,74 @@ def test_only_online_users_get_frames_in_sequence(
     stream = redis_client.xrange(keys.deliveries(online))
     assert [eid for eid, _ in stream] == [b"1-0", b"2-0", b"3-0"]
     assert redis_client.exists(keys.deliveries(offline)) == 0
+
+
+def _attach(settings, user: str) -> str:  # type: ignore[no-untyped-def]
+    async def attach() -> str:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        try:
+            return (await AsyncRedisPresence(client, ttl_s=60).attach(user)).epoch
+        finally:
+            await client.aclose()
+
+    return asyncio.run(attach())
+
+
+def test_grouped_call_delivers_each_users_items_in_insert_order_once(
+    redis_client: redis.Redis,
+    settings,
+    ids: Callable[[str], str],  # type: ignore[no-untyped-def]
+) -> None:
+    """One call groups every user's inserts (one ZADD per user): an online user still gets one
+    frame per new item, in insert order, with consecutive seqs; an item already in the timeline
+    and a member listed twice are pushed once; the other users' timelines are complete."""
+    online, other, a = ids("on"), ids("other"), ids("a")
+    epoch = _attach(settings, online)
+    t = _timelines(redis_client, cap=100)
+    assert t.insert([_insert(5, f"{a}-5", [online])]) == (1, 1)
+    order = [3, 9, 5, 1, 7]  # insert order, not published order; 5 is already there
+    batch = [_insert(ts, f"{a}-{ts}", [online, other]) for ts in order]
+    batch.append(_insert(9, f"{a}-9", [online]))  # the same activity again, in the same call
+    inserted, pushed = t.insert(batch)
+    assert (inserted, pushed) == (4 + 5, 4)
+    frames = [
+        msgspec.json.decode(fields[b"f"])
+        for _, fields in redis_client.xrange(keys.deliveries(online))
+    ]
+    assert [f["cursor"] for f in frames] == [f"{epoch}.{n}" for n in range(1, 6)]
+    assert [f["activity"]["id"] for f in frames[1:]] == [f"{a}-{ts}" for ts in (3, 9, 1, 7)]
+    assert t.size(other) == 5 and t.size(online) == 5
+
+
+def test_one_user_with_more_items_than_one_command_takes(
+    redis_client: redis.Redis,
+    settings,
+    ids: Callable[[str], str],  # type: ignore[no-untyped-def]
+) -> None:
+    """A user receiving thousands of items in one call (the script adds them 1,000 at a time)."""
+    online, a = ids("on"), ids("a")
+    _attach(settings, online)
+    t = _timelines(redis_client, cap=3000)
+    inserted, pushed = t.insert([_insert(ts, f"{a}-{ts}", [online]) for ts in range(2500)])
+    assert (inserted, pushed) == (2500, 2500)
+    assert t.size(online) == 2500
+    seqs = [int(eid.split(b"-")[0]) for eid, _ in redis_client.xrange(keys.deliveries(online))]
+    assert seqs[-1] == 2500 and seqs == sorted(seqs)
+
+
+def test_only_active_skips_inactive_offline_users_per_group(
+    redis_client: redis.Redis,
+    settings,
+    ids: Callable[[str], str],  # type: ignore[no-untyped-def]
+) -> None:
+    active, inactive, online, a = ids("act"), ids("inact"), ids("on"), ids("a")
+    redis_client.set(keys.active(active), "1")
+    _attach(settings, online)
+    t = RedisTimelines(
+        redis_client, timeline_max=10, stream_history=100, body_ttl_s=600, only_active=True
+    )
+    inserted, pushed = t.insert(
+        [_insert(ts, f"{a}-{ts}", [active, inactive, online]) for ts in (1, 2, 3)]
+    )
+    assert (inserted, pushed) == (6, 3)
+    assert (t.size(active), t.size(inactive), t.size(online)) == (3, 0, 3)

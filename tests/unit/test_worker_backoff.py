@@ -70,6 +70,14 @@ class FakeConsumer:
             return out
         return self.batches.pop(0) if self.batches else []
 
+    def poll(self, timeout: float) -> FakeMessage | None:
+        if self.paused or not self.batches:
+            return None
+        first = self.batches[0].pop(0)
+        if not self.batches[0]:
+            self.batches.pop(0)
+        return first
+
     def assignment(self) -> list[Any]:
         return [object()]
 
@@ -99,13 +107,16 @@ class FakeProcessor:
         self.calls = 0
         self.log = log
 
-    def apply(self, events: list[tuple[int, Any]]) -> BatchStats:
+    def apply(self, events: list[tuple[int, Any]], *, defer: bool = False) -> BatchStats:
         self.calls += 1
         if self.errors:
             raise self.errors.pop(0)
         self.applied += [event.id for _, event in events]
         self.log.append("apply")
         return BatchStats(activities=len(events))
+
+    def complete(self, stats: BatchStats) -> BatchStats:
+        return stats
 
     def close(self) -> None:
         pass
@@ -248,3 +259,74 @@ def test_a_poison_batch_is_dead_lettered_after_the_attempt_budget() -> None:
     worker, dlq = make(consumer, processor)
     run_until(worker, lambda: bool(consumer.commits))
     assert len(dlq.sent) == 1 and processor.applied == []
+
+
+class PipelinedProcessor(FakeProcessor):
+    """Defers each batch's (pretend) Redis write; ``complete`` fails with ``complete_errors``."""
+
+    def __init__(self, log: list[str], complete_errors: list[BaseException] | None = None) -> None:
+        super().__init__([], log)
+        self.complete_errors = complete_errors or []
+
+    def apply(self, events: list[tuple[int, Any]], *, defer: bool = False) -> BatchStats:
+        stats = super().apply([(i, e) for i, e in events if hasattr(e, "id")])
+        self.log[-1] = "apply " + ",".join(getattr(e, "id", "follow") for _, e in events)
+        stats.deferred.append(object())  # type: ignore[arg-type]
+        if not defer:
+            self.complete(stats)
+        return stats
+
+    def complete(self, stats: BatchStats) -> BatchStats:
+        if self.complete_errors:
+            raise self.complete_errors.pop(0)
+        stats.deferred.clear()
+        stats.inserted = stats.activities
+        self.log.append("complete")
+        return stats
+
+
+def test_the_next_batch_is_prepared_while_the_last_ones_redis_write_is_in_flight() -> None:
+    """Batch 2 is applied (its Cassandra part) before batch 1 is completed and committed, and
+    every commit follows the completion of its own batch."""
+    consumer = FakeConsumer([[FakeMessage(0, 0)], [FakeMessage(0, 1)]])
+    processor = PipelinedProcessor(consumer.log)
+    worker, _ = make(consumer, processor)
+    run_until(worker, lambda: len(consumer.commits) == 2)
+    assert consumer.log == [
+        "apply a-0-0",
+        "apply a-0-1",
+        "complete",
+        "commit",
+        "complete",
+        "commit",
+    ]
+    assert consumer.commits == [{(TOPIC, 0): 1}, {(TOPIC, 0): 2}]
+
+
+def test_a_failed_redis_write_is_retried_before_its_batch_is_committed() -> None:
+    consumer = FakeConsumer([[FakeMessage(0, 0)]])
+    processor = PipelinedProcessor(consumer.log, complete_errors=outage(3))
+    worker, dlq = make(consumer, processor)
+    run_until(worker, lambda: bool(consumer.commits))
+    assert consumer.log == ["apply a-0-0", "complete", "commit"]
+    assert dlq.sent == []
+
+
+class FollowMessage(FakeMessage):
+    def __init__(self, partition: int, offset: int) -> None:
+        super().__init__(partition, offset)
+        self._value = json.dumps(
+            {"type": "follow", "follower": "u2", "followee": "u1", "at": "2026-01-01T00:00:00Z"}
+        ).encode()
+
+    def topic(self) -> str:
+        return "feed.follows"
+
+
+def test_a_follow_waits_for_the_batch_in_flight_to_be_completed_and_committed() -> None:
+    consumer = FakeConsumer([[FakeMessage(0, 0)], [FollowMessage(0, 0)]])
+    processor = PipelinedProcessor(consumer.log)
+    worker, dlq = make(consumer, processor)
+    run_until(worker, lambda: len(consumer.commits) == 2)
+    assert consumer.log[:3] == ["apply a-0-0", "complete", "commit"]
+    assert dlq.sent == []
