@@ -103,10 +103,21 @@ class CassandraHistory:
         ]
         count = 0
         if timelines:
+            # Grouped by user: a batch holding several rows of one partition is applied by
+            # Cassandra as one mutation of that partition, not one mutation per row.
+            per_user: dict[str, list[tuple[object, ...]]] = {}
+            get = per_user.get
             for r in records:
                 for user in r.users:
-                    rows.append((self._put_timeline, (user, r.ts, r.activity_id, r.actor)))
+                    row = (user, r.ts, r.activity_id, r.actor)
+                    mine = get(user)
+                    if mine is None:
+                        per_user[user] = [row]
+                    else:
+                        mine.append(row)
                 count += len(r.users)
+            put = self._put_timeline
+            rows.extend((put, row) for mine in per_user.values() for row in mine)
         self._run(_batched(rows)[0])
         return count
 

@@ -42,6 +42,9 @@ class Plan:
     # offered-rate sweep: fractions of the measured drain rate, seconds per step
     sweep_fractions: tuple[float, ...]
     sweep_step_s: float
+    # memory soak: one worker at half its drain rate; RSS sampled every soak_sample_s
+    soak_s: float
+    soak_sample_s: float
     # ceilings
     redis_benchmark_requests: int
     cassandra_ceiling_rows: int
@@ -64,6 +67,9 @@ def plan_for(quick: bool) -> Plan:
     backlog = os.environ.get("FEED_BENCH_BACKLOG", "").strip()
     if backlog:
         plan = replace(plan, backlog=max(100, int(backlog)))
+    soak = os.environ.get("FEED_BENCH_SOAK_S", "").strip()
+    if soak:
+        plan = replace(plan, soak_s=max(5.0, float(soak)))
     return plan
 
 
@@ -88,6 +94,8 @@ def _preset(quick: bool) -> Plan:
             peer_install_timeout_s=240,
             sweep_fractions=(0.5, 1.0, 1.5),
             sweep_step_s=3.0,
+            soak_s=10.0,
+            soak_sample_s=0.5,
             redis_benchmark_requests=200_000,
             cassandra_ceiling_rows=20_000,
             e2e_rate=50,
@@ -115,6 +123,8 @@ def _preset(quick: bool) -> Plan:
         peer_install_timeout_s=600,
         sweep_fractions=(0.25, 0.5, 0.75, 1.0, 1.25),
         sweep_step_s=10.0,
+        soak_s=600.0,
+        soak_sample_s=5.0,
         redis_benchmark_requests=2_000_000,
         cassandra_ceiling_rows=300_000,
         e2e_rate=500,

@@ -54,15 +54,17 @@ from feed.bench.load import (
 )
 from feed.bench.load import activity_bytes as _activity_bytes
 from feed.bench.peers import PeerError, ensure_stream_framework_venv, run_stream_framework
-from feed.bench.processes import cpu_seconds, metric_sum
+from feed.bench.processes import cpu_seconds, metric_sum, rss_bytes
 
 __all__ = ["PHASES", "build_graphs", "ensure_graph_loaded", "run"]
 
 #: The scenario's phases, in order; ``FEED_BENCH_PHASES=redis_only,history`` runs a subset.
-PHASES = ("redis_only", "drain_2_workers", "skewed", "history", "sweep")
+PHASES = ("redis_only", "drain_2_workers", "skewed", "history", "sweep", "soak")
 
 #: Targets from the issue (checked and shown in the report; never enforced by the harness).
 TARGET_ZADD_RATIO = 0.4
+TARGET_INSERTS = 200_000.0
+TARGET_SOAK_GROWTH = 0.10
 TARGET_PEER_RATIO = 10.0
 TARGET_HISTORY_ROWS = 40_000.0
 TARGET_CASSANDRA_RATIO = 0.6
@@ -151,9 +153,12 @@ def run(ctx: BenchContext) -> dict[str, Any]:
                 ctx, "history", uniform, actors["history"], workers=1, history=True
             )
         # 5. offered-rate sweep
+        capacity = (phases.get("redis_only") or {}).get("activities_per_s") or 0.0
         if "sweep" in wanted:
-            capacity = (phases.get("redis_only") or {}).get("activities_per_s") or 0.0
             out["sweep"] = _sweep(ctx, uniform, capacity)
+        # 6. memory soak at half the drain rate
+        if "soak" in wanted:
+            out["soak"] = _soak(ctx, uniform, capacity)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     _figures(ctx, out)
@@ -572,21 +577,10 @@ def _sweep(ctx: BenchContext, graph: FollowGraph, capacity_aps: float) -> dict[s
     consumer = lag_consumer(ctx, worker_set.group)
     producer = new_producer(ctx)
     highs = Highs()
-    rng = random.Random(105)
+    offer = _Offer(producer, topic, graph, highs, random.Random(105), "sweep")
     fanout = graph.counts[0]  # uniform graph: every actor has the same follower count
-    sent = 0
     try:
-        with ctx.task("sweep: waiting for the worker to join", None):
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                texts = worker_set.scrape()
-                if sum(_assigned(t) for t in texts) >= ctx.settings.kafka_partitions:
-                    break
-                if worker_set.dead():
-                    raise RuntimeError("sweep worker exited early (see logs/)")
-                time.sleep(0.2)
-            else:
-                raise TimeoutError("sweep worker did not join the group within 60s")
+        _wait_joined(ctx, worker_set, "sweep")
         steps = [f * capacity_aps for f in plan.sweep_fractions]
         with ctx.task(
             f"sweep: {len(steps)} offered rates x {plan.sweep_step_s:.0f}s", len(steps)
@@ -594,31 +588,7 @@ def _sweep(ctx: BenchContext, graph: FollowGraph, capacity_aps: float) -> dict[s
             for index, rate in enumerate(steps):
                 start_inserts = _inserts(worker_set)
                 t0 = time.monotonic()
-                step_sent = 0
-                while True:
-                    now = time.monotonic()
-                    if now - t0 >= plan.sweep_step_s:
-                        break
-                    due = int((now - t0) * rate) - step_sent
-                    for _ in range(max(0, due)):
-                        actor = rng.randrange(graph.users)
-                        value = _activity_bytes(
-                            f"sweep-{sent}", graph.user(actor), datetime.now(UTC)
-                        )
-                        try:
-                            producer.produce(
-                                topic,
-                                value=value,
-                                key=graph.user(actor).encode(),
-                                on_delivery=highs.on_delivery,
-                            )
-                        except BufferError:
-                            producer.poll(0.01)
-                            continue
-                        sent += 1
-                        step_sent += 1
-                    producer.poll(0)
-                    time.sleep(0.005)
+                step_sent = offer.run(rate, plan.sweep_step_s)
                 elapsed = time.monotonic() - t0
                 producer.flush(10)
                 end_inserts = _inserts(worker_set)
@@ -643,6 +613,136 @@ def _sweep(ctx: BenchContext, graph: FollowGraph, capacity_aps: float) -> dict[s
         consumer.close()
         worker_set.stop()
     return result
+
+
+class _Offer:
+    """Activities from random actors of ``graph``, produced at a steady rate."""
+
+    def __init__(
+        self, producer: Any, topic: str, graph: FollowGraph, highs: Highs, rng: Any, prefix: str
+    ) -> None:
+        self.producer, self.topic, self.graph, self.highs = producer, topic, graph, highs
+        self.rng, self.prefix = rng, prefix
+        self.sent = 0
+
+    def run(self, rate: float, seconds: float, tick: Any = None, tick_every_s: float = 1.0) -> int:
+        """Produce at ``rate``/s for ``seconds`` (bounded by both); ``tick()`` every
+        ``tick_every_s``. Returns how many were produced."""
+        t0 = time.monotonic()
+        next_tick = t0 + tick_every_s
+        step_sent = 0
+        while True:
+            now = time.monotonic()
+            if now - t0 >= seconds:
+                break
+            if tick is not None and now >= next_tick:
+                next_tick += tick_every_s
+                tick()
+            due = int((now - t0) * rate) - step_sent
+            for _ in range(max(0, due)):
+                actor = self.graph.user(self.rng.randrange(self.graph.users))
+                value = _activity_bytes(f"{self.prefix}-{self.sent}", actor, datetime.now(UTC))
+                try:
+                    self.producer.produce(
+                        self.topic,
+                        value=value,
+                        key=actor.encode(),
+                        on_delivery=self.highs.on_delivery,
+                    )
+                except BufferError:
+                    self.producer.poll(0.01)
+                    continue
+                self.sent += 1
+                step_sent += 1
+            self.producer.poll(0)
+            time.sleep(0.005)
+        return step_sent
+
+
+def _wait_joined(ctx: BenchContext, worker_set: WorkerSet, phase: str) -> None:
+    with ctx.task(f"{phase}: waiting for the worker to join", None):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            texts = worker_set.scrape()
+            if sum(_assigned(t) for t in texts) >= ctx.settings.kafka_partitions:
+                return
+            if worker_set.dead():
+                raise RuntimeError(f"{phase} worker exited early (see logs/)")
+            time.sleep(0.2)
+        raise TimeoutError(f"{phase} worker did not join the group within 60s")
+
+
+def _soak(ctx: BenchContext, graph: FollowGraph, capacity_aps: float) -> dict[str, Any]:
+    """One worker at half its measured drain rate for ``plan.soak_s``: is its RSS flat?
+
+    Flat means the mean RSS of the last tenth of the run is within 10% of the mean over the
+    tenth that follows the warm-up (the first fifth: caches fill, the follower cache loads)."""
+    plan = ctx.plan
+    rate = 0.5 * capacity_aps
+    result: dict[str, Any] = {"offered_activities_per_s": rate, "seconds": plan.soak_s}
+    if rate <= 0:
+        result["error"] = "no drain rate measured: soak skipped"
+        return result
+    topic = "bench.soak.activities"
+    ctx.create_topics([topic])
+    ctx.redis.flushdb()  # what the earlier phases left would only slow Redis down
+    worker_set = WorkerSet(ctx, "soak", topic, 1, history=False).start()
+    consumer = lag_consumer(ctx, worker_set.group)
+    producer = new_producer(ctx)
+    highs = Highs()
+    offer = _Offer(producer, topic, graph, highs, random.Random(106), "soak")
+    samples: list[dict[str, float]] = []
+    t0 = time.monotonic()
+    pid = worker_set.pids()[0]
+
+    def sample() -> None:
+        rss = rss_bytes(pid)
+        if rss:
+            samples.append(
+                {"t": time.monotonic() - t0, "rss_mb": rss / 2**20, "inserts": _inserts(worker_set)}
+            )
+
+    try:
+        _wait_joined(ctx, worker_set, "soak")
+        t0 = time.monotonic()
+        with ctx.task(f"soak: {rate:,.0f} activities/s for {plan.soak_s:.0f}s", None):
+            offer.run(rate, plan.soak_s, tick=sample, tick_every_s=plan.soak_sample_s)
+        producer.flush(10)
+        result["lag_at_end"] = committed_lag(consumer, topic, ctx.settings.kafka_partitions, highs)
+        result["sent"] = offer.sent
+    except Exception as exc:
+        ctx.error("fanout soak", exc)
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        producer.flush(5)
+        consumer.close()
+        worker_set.stop()
+    result["samples"] = samples
+    result.update(_flatness(samples, plan.soak_s))
+    ctx.log(
+        f"soak: worker RSS {result.get('rss_after_warmup_mb') or 0:.0f} -> "
+        f"{result.get('rss_end_mb') or 0:.0f} MB ({(result.get('rss_growth') or 0) * 100:+.1f}%)"
+    )
+    return result
+
+
+def _flatness(samples: list[dict[str, float]], seconds: float) -> dict[str, Any]:
+    def mean_rss(lo: float, hi: float) -> float | None:
+        values = [s["rss_mb"] for s in samples if lo <= s["t"] < hi]
+        return sum(values) / len(values) if values else None
+
+    after_warmup = mean_rss(0.2 * seconds, 0.3 * seconds)
+    end = mean_rss(0.9 * seconds, seconds + 60)
+    out: dict[str, Any] = {"rss_after_warmup_mb": after_warmup, "rss_end_mb": end}
+    if samples:
+        out["rss_max_mb"] = max(s["rss_mb"] for s in samples)
+        span = samples[-1]["t"] - samples[0]["t"]
+        if span > 0:
+            out["inserts_per_s"] = (samples[-1]["inserts"] - samples[0]["inserts"]) / span
+    if after_warmup and end:
+        out["rss_growth"] = end / after_warmup - 1
+        out["flat_within_10pct"] = abs(out["rss_growth"]) <= 0.10
+    return out
 
 
 def _assigned(text: str | None) -> float:
@@ -706,8 +806,23 @@ def _figures(ctx: BenchContext, out: dict[str, Any]) -> None:
         ),
     }
     targets = ctx.results.setdefault("targets", [])
+    soak = out.get("soak", {})
+    growth = soak.get("rss_growth")
     targets.extend(
         [
+            _target(
+                "fan-out timeline inserts/s, 1 worker, history off",
+                redis_only.get("inserts_per_s"),
+                TARGET_INSERTS,
+                "inserts/s",
+            ),
+            _target(
+                "worker RSS growth over the soak (50% of the drain rate), end vs after warm-up",
+                None if growth is None else abs(growth),
+                TARGET_SOAK_GROWTH,
+                "ratio",
+                at_most=True,
+            ),
             _target(
                 "fan-out inserts/s ÷ redis-benchmark ZADD ceiling",
                 redis_only.get("ratio_to_redis_zadd"),
@@ -736,11 +851,15 @@ def _figures(ctx: BenchContext, out: dict[str, Any]) -> None:
     )
 
 
-def _target(name: str, value: float | None, target: float, unit: str) -> dict[str, Any]:
+def _target(
+    name: str, value: float | None, target: float, unit: str, *, at_most: bool = False
+) -> dict[str, Any]:
+    met = None if value is None else (value <= target if at_most else value >= target)
     return {
         "name": name,
         "value": value,
         "target": target,
         "unit": unit,
-        "met": None if value is None else value >= target,
+        "met": met,
+        "at_most": at_most,
     }

@@ -116,8 +116,11 @@ def render_markdown(results: dict[str, Any]) -> str:
             value = (
                 _ratio(t.get("value")) if unit == "ratio" else _num(t.get("value"), 0, " " + unit)
             )
+            sign = "≤" if t.get("at_most") else "≥"
             target = (
-                f"≥ {_ratio(t['target'])}" if unit == "ratio" else f"≥ {_num(t['target'])} {unit}"
+                f"{sign} {_ratio(t['target'])}"
+                if unit == "ratio"
+                else f"{sign} {_num(t['target'])} {unit}"
             )
             met = {True: "yes", False: "**no**", None: "n/a"}[t.get("met")]
             add(f"| {t['name']} | {value} | {target} | {met} |")
@@ -368,6 +371,22 @@ def _fanout_section(add: Any, fanout: dict[str, Any], results: dict[str, Any]) -
             )
     elif sweep.get("error"):
         add(f"- Sweep: {sweep['error']}")
+    soak = fanout.get("soak", {})
+    if soak:
+        add("")
+        growth = soak.get("rss_growth")
+        add(
+            f"Memory soak (1 worker, history off, {_num(soak.get('offered_activities_per_s'))} "
+            f"activities/s = half the drain rate, {_num(soak.get('seconds'))} s): worker RSS "
+            f"{_num(soak.get('rss_after_warmup_mb'), 1)} MB after the warm-up, "
+            f"{_num(soak.get('rss_end_mb'), 1)} MB at the end "
+            f"({'n/a' if growth is None else f'{growth * 100:+.1f}%'}), "
+            f"max {_num(soak.get('rss_max_mb'), 1)} MB; "
+            f"{_num(soak.get('inserts_per_s'))} inserts/s; "
+            f"lag at end {_num(soak.get('lag_at_end'))}"
+            + (f"; error: {soak['error']}" if soak.get("error") else "")
+            + "."
+        )
     profile = _get(ro, "profile")
     if isinstance(profile, dict) and profile.get("self"):
         add("")
