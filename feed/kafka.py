@@ -53,7 +53,11 @@ def consumer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
         "session.timeout.ms": settings.kafka_session_timeout_ms,
         "heartbeat.interval.ms": settings.kafka_heartbeat_ms,
         "partition.assignment.strategy": "cooperative-sticky",
-        "fetch.wait.max.ms": 50,
+        # How long the broker may hold an empty fetch. Brokers that do not answer a held fetch
+        # when data arrives (the local test broker, INFRA.md) add up to this to every record's
+        # latency at low rates: 10 ms measured p50 3 ms publish->consume there, against 10 ms
+        # at 50 ms. Kafka itself answers as soon as data arrives, so this only sets idle polling.
+        "fetch.wait.max.ms": 10,
     }
     config.update(extra)
     return config

@@ -52,6 +52,7 @@ class Plan:
     e2e_rate: float
     e2e_clients: int
     e2e_seconds: float
+    e2e_warmup_s: float
     # sampling
     sample_interval_s: float
     drain_timeout_s: float
@@ -101,6 +102,7 @@ def _preset(quick: bool) -> Plan:
             e2e_rate=50,
             e2e_clients=50,
             e2e_seconds=10,
+            e2e_warmup_s=2,
             sample_interval_s=0.25,
             drain_timeout_s=60,
         )
@@ -130,6 +132,7 @@ def _preset(quick: bool) -> Plan:
         e2e_rate=500,
         e2e_clients=1_000,
         e2e_seconds=30,
+        e2e_warmup_s=5,
         sample_interval_s=0.5,
         drain_timeout_s=900,
     )

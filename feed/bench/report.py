@@ -467,8 +467,16 @@ def _e2e_section(add: Any, e2e: dict[str, Any]) -> None:
         add(
             f"- Publish→receive latency: p50 {_num(latency.get('p50'), 1)} ms, p95 "
             f"{_num(latency.get('p95'), 1)} ms, p99 {_num(latency.get('p99'), 1)} ms, p99.9 "
-            f"{_num(latency.get('p999'), 1)} ms, max {_num(latency.get('max'), 1)} ms."
+            f"{_num(latency.get('p999'), 1)} ms, max {_num(latency.get('max'), 1)} ms "
+            f"(after a {_num(e2e.get('warmup_s'))} s warm-up at the same rate, whose deliveries "
+            "count for loss only)."
         )
+        warm = e2e.get("warmup_latency_ms") or {}
+        if warm:
+            add(
+                f"- Warm-up (the worker's caches filling): p50 {_num(warm.get('p50'), 1)} ms, "
+                f"p99 {_num(warm.get('p99'), 1)} ms, max {_num(warm.get('max'), 1)} ms."
+            )
         add(
             f"- Delivered {_num(e2e.get('delivered_per_s'))} messages/s; gateway RSS "
             f"{_num(e2e.get('gateway_rss_mb'), 1)} MB."
