@@ -19,7 +19,7 @@ from gateway.auth import mint_token
 from tests.conftest import wait_for
 from tests.procs import FeedProcess, http_get, metric_value
 
-__all__ = ["Pipeline", "frames_until", "next_frame"]
+__all__ = ["Pipeline", "frames_until", "log_events", "next_frame"]
 
 
 class Pipeline:
@@ -109,3 +109,21 @@ async def frames_until(
         frames.append(frame)
         if predicate(frame):
             return frames
+
+
+_JSON = json.JSONDecoder()
+
+
+def log_events(path: Path, event: str) -> list[dict[str, Any]]:
+    """The JSON log records of ``event`` in a process's log file. Only the leading JSON object of
+    a line is read (a stdlib log line of a driver may be glued to its end)."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                record, _ = _JSON.raw_decode(line)
+            except ValueError:
+                continue
+            if record.get("event") == event:
+                out.append(record)
+    return out
