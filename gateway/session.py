@@ -323,6 +323,14 @@ class Session:
                 return
             if seq > self._known:
                 self._known = seq
+            in_flight = self._out_bytes + self._unconfirmed
+            if in_flight and self.pending_bytes + len(frame) > self._max_queue // 2:
+                # Paced by bytes, not frames: the rest is read again once the client has drained
+                # what it has (a page of large frames must not trip the bound of a client that
+                # reads promptly).
+                self._known = max(self._known, max(seq for seq, _ in frames))
+                self._wanted = True
+                break
             self._enqueue(frame, seq)
             self._last = seq
             self.replayed += 1

@@ -654,3 +654,22 @@ def test_live_delivery_is_gap_free_and_repeat_free(
         received += drain(session)
     assert received[0]["type"] == "welcome"
     assert seqs(received) == list(range(1, n + 1))
+
+
+def test_a_history_page_of_large_frames_is_paced_by_bytes_not_frames() -> None:
+    """A page whose frames together exceed the bound does not close a client that reads: the
+    replay stops at half the bound and asks again once the client has drained."""
+    frames = [(seq, activity(seq, pad=3000)) for seq in range(1, 101)]  # ~300 KB in one page
+    session = started(0, max_queue=64 * 1024)
+    session.receive_live(activity(101, pad=3000))
+    got: list[int] = []
+    for _ in range(100):  # bounded: each round drains at least one frame
+        after = session.history_request()
+        if after is None:
+            break
+        session.receive_history([f for f in frames if f[0] > after], 1)
+        assert session.pending_bytes <= 64 * 1024 // 2 + len(frames[0][1])
+        got += seqs(drain(session))
+    got += seqs(drain(session))
+    assert session.close_code() is None
+    assert got == list(range(1, 102))
