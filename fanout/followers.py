@@ -16,7 +16,7 @@ were merged at read time must stay visible, so an account never goes back to fan
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import redis
 
@@ -63,6 +63,7 @@ class FollowerCache:
         if self._limit and results[2] == 0:
             big = self._restore_big(users)
         out: dict[str, tuple[str, ...] | None] = {}
+        missing: dict[str, bytes | None] = {}
         for user, version, is_big in zip(users, versions, big, strict=True):
             if is_big:
                 out[user] = None
@@ -72,13 +73,16 @@ class FollowerCache:
                 self._lists.move_to_end(user)
                 out[user] = cached[1]
                 continue
-            followers = self._load(user)
-            if followers is None:
-                self.mark_big(user)
-            else:
-                self._store(user, version, followers)
-            out[user] = followers
-        return out
+            missing[user] = version
+        if missing:
+            for user, pages in self._graph.followers_many(list(missing)):
+                followers = self._collect(pages)
+                if followers is None:
+                    self.mark_big(user)
+                else:
+                    self._store(user, missing[user], followers)
+                out[user] = followers
+        return {user: out[user] for user in users}
 
     def mark_big(self, user: str) -> None:
         if self._history is not None:
@@ -92,9 +96,9 @@ class FollowerCache:
         self._redis.sadd(keys.big_accounts, BIG_SENTINEL, *known)
         return [u in known for u in users]
 
-    def _load(self, user: str) -> tuple[str, ...] | None:
+    def _collect(self, pages: Iterator[list[str]]) -> tuple[str, ...] | None:
         followers: list[str] = []
-        for page in self._graph.followers(user):
+        for page in pages:
             followers.extend(page)
             if self._limit and len(followers) > self._limit:
                 return None

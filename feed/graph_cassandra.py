@@ -11,13 +11,17 @@ Guarantees:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
+from typing import Any
 
 from cassandra.cluster import Session
 from cassandra.concurrent import execute_concurrent
 
 __all__ = ["CassandraFollowGraph"]
+
+#: First-page reads of follower lists in flight at once (:meth:`followers_many`).
+_READ_CONCURRENCY = 32
 
 
 def _micros(at: datetime) -> int:
@@ -81,9 +85,27 @@ class CassandraFollowGraph:
         """Whom the user follows, a page at a time."""
         yield from self._pages(self._following, user)
 
+    def followers_many(self, users: Sequence[str]) -> Iterator[tuple[str, Iterator[list[str]]]]:
+        """``(user, pages of followers)`` for each of ``users``: the first pages are read
+        concurrently (a cold cache meets hundreds of actors in one batch), later pages on
+        demand."""
+        statement = self._followers
+        statement.fetch_size = self._page_size  # type: ignore[attr-defined]
+        results = execute_concurrent(
+            self._session,
+            [(statement, (user,)) for user in users],
+            concurrency=_READ_CONCURRENCY,
+            raise_on_first_error=True,
+        )
+        for user, (_ok, result) in zip(users, results, strict=True):
+            yield user, self._result_pages(result)
+
     def _pages(self, statement: object, user: str) -> Iterator[list[str]]:
         statement.fetch_size = self._page_size  # type: ignore[attr-defined]
-        result = self._session.execute(statement, (user,))
+        yield from self._result_pages(self._session.execute(statement, (user,)))
+
+    @staticmethod
+    def _result_pages(result: Any) -> Iterator[list[str]]:
         while True:
             rows = result.current_rows
             if rows:

@@ -80,6 +80,21 @@ def test_follow_graph_pages(cassandra: Any, settings: Any, ids: Callable[[str], 
     assert graph.is_following(fans[0], star)
 
 
+def test_followers_of_many_users_are_read_concurrently_and_paged(
+    cassandra: Any, settings: Any, ids: Callable[[str], str]
+) -> None:
+    graph = CassandraFollowGraph(cassandra, settings.cassandra_keyspace, page_size=7)
+    stars = [ids("star") + f"-{n}" for n in range(40)]
+    fans = {star: [f"{star}-fan-{k:02d}" for k in range(n % 20)] for n, star in enumerate(stars)}
+    now = datetime.now(UTC)
+    for star, star_fans in fans.items():
+        for fan in star_fans:
+            graph.follow(fan, star, now)
+    got = {user: [f for page in pages for f in page] for user, pages in graph.followers_many(stars)}
+    assert list(got) == stars
+    assert {user: sorted(f) for user, f in got.items()} == {u: sorted(f) for u, f in fans.items()}
+
+
 def test_follow_and_unfollow_resolve_by_event_time(
     cassandra: Any, settings: Any, ids: Callable[[str], str]
 ) -> None:
