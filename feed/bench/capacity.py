@@ -226,20 +226,41 @@ def latest_results(out: str | Path) -> Path | None:
     return candidates[-1] if candidates else None
 
 
-def print_model(args: argparse.Namespace) -> int:
-    """``feed bench --model``: the model for the CLI's load flags (defaults: Twitter 2012)."""
-    path = latest_results(getattr(args, "out", None) or "bench/results")
-    figures: dict[str, float] = {}
-    sources: dict[str, str] = {}
-    if path is not None:
+def merged_figures(out: str | Path) -> tuple[dict[str, float], dict[str, str], str | None]:
+    """Per-core figures from every ``results.json`` under ``out``: for each figure the newest
+    run that measured it (a scenario run alone measures only its own figures). Quick runs count
+    only when there is no full run. Returns (figures, sources, a description of the runs)."""
+    root = Path(out)
+    paths = sorted(p for p in root.glob("*/results.json") if p.is_file()) if root.is_dir() else []
+    loaded: list[tuple[Path, dict[str, Any], bool]] = []
+    for path in paths:
         try:
             results = json.loads(path.read_text())
-            quick = bool((results.get("meta") or {}).get("quick"))
-            figures, sources = figures_from_results(
-                results, label=f"{'quick run' if quick else 'measured'} {path.parent.name}"
-            )
         except (OSError, ValueError) as exc:
-            print(f"feed bench --model: cannot read {path}: {exc}; using assumed figures")
+            print(f"feed bench --model: cannot read {path}: {exc}; skipped")
+            continue
+        loaded.append((path, results, bool((results.get("meta") or {}).get("quick"))))
+    full_only = any(not quick for _, _, quick in loaded)
+    figures: dict[str, float] = {}
+    sources: dict[str, str] = {}
+    used: list[str] = []
+    for path, results, quick in loaded:  # oldest first: newer runs override
+        if quick and full_only:
+            continue
+        found, where = figures_from_results(
+            results, label=f"{'quick run' if quick else 'measured'} {path.parent.name}"
+        )
+        if found:
+            figures.update(found)
+            sources.update(where)
+            used.append(path.parent.name)
+    description = f"{root} ({', '.join(sorted(set(used)))})" if used else None
+    return figures, sources, description
+
+
+def print_model(args: argparse.Namespace) -> int:
+    """``feed bench --model``: the model for the CLI's load flags (defaults: Twitter 2012)."""
+    figures, sources, description = merged_figures(getattr(args, "out", None) or "bench/results")
     load = {k: float(getattr(args, k, None) or v) for k, v in DEFAULTS.items()}
     result = model(
         load["rate"],
@@ -250,11 +271,11 @@ def print_model(args: argparse.Namespace) -> int:
         figures=figures,
         sources=sources,
     )
-    print(render(result, path))
+    print(render(result, description))
     return 0
 
 
-def render(result: Mapping[str, Any], path: Path | None = None) -> str:
+def render(result: Mapping[str, Any], path: Path | str | None = None) -> str:
     load = result["load"]
     lines = [
         "Capacity model (sized for the peak at "
