@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import re
 import secrets
@@ -31,6 +32,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
+from urllib.parse import parse_qsl
 
 import msgspec
 import redis.asyncio as aioredis
@@ -45,7 +47,6 @@ from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from feed.cursor import CursorError
 from feed.kafka import AsyncProducer, KafkaUnavailable, producer_config
@@ -77,6 +78,7 @@ from gateway.session import (
     CLOSE_UNAUTHORIZED,
     Session,
 )
+from gateway.timers import timers
 from schemas import (
     Accepted,
     ErrorBody,
@@ -299,6 +301,7 @@ class Gateway:
             self._reader = self._make_reader(history)
             if self.uses_cassandra and self.cassandra is None:
                 self._tasks.append(asyncio.create_task(self._connect_cassandra()))
+        self.metrics.watch_gc()
         log.info(
             "gateway_started",
             redis_owned=self._owns_redis,
@@ -309,6 +312,7 @@ class Gateway:
 
     async def close(self) -> None:
         self._closing = True
+        self.metrics.unwatch_gc()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -795,27 +799,97 @@ class _Idempotency:
 
 
 # --- WebSocket ---------------------------------------------------------------------------------
-async def stream(websocket: WebSocket) -> None:
-    gateway = _gateway(websocket)
-    settings = gateway.settings
-    conn_id = secrets.token_hex(6)
-    with structlog.contextvars.bound_contextvars(conn_id=conn_id):
+#: The stream's path; :class:`_GatewayApp` sends WebSocket connects to it straight to
+#: :class:`_StreamEndpoint`.
+STREAM_PATH = "/v1/stream"
+_NO_HEADERS: tuple[tuple[bytes, bytes], ...] = ()
+
+
+class _StreamSocket:
+    """The ASGI side of one ``/v1/stream`` connection, with only what the adapter uses.
+
+    Starlette's ``WebSocket`` would do the same, as one more object per connection (with its
+    own state, header and query caches) and one more coroutine frame under every receive; a
+    gateway holds thousands of these connections, mostly idle, so the raw ASGI callables are used.
+    """
+
+    __slots__ = ("_closed", "_send", "receive")
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self.receive = receive
+        self._send = send
+        self._closed = False
+
+    async def accept(self) -> None:
+        message = await self.receive()
+        if message["type"] != "websocket.connect":
+            raise RuntimeError(f"expected websocket.connect, got {message['type']!r}")
+        await self._send({"type": "websocket.accept"})
+
+    async def send_text(self, text: str) -> None:
+        if self._closed:
+            raise RuntimeError("the WebSocket is closed")
+        await self._send({"type": "websocket.send", "text": text})
+
+    async def close(self, code: int, reason: str) -> None:
+        if self._closed:
+            raise RuntimeError("the WebSocket is closed")
+        self._closed = True
+        await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+
+def _handshake(scope: Scope) -> tuple[str | None, str, str]:
+    """``(Origin, client IP, token)`` of a connect; the token from ``Authorization: Bearer``,
+    else from ``?token=`` (the last one, as Starlette's query parameters do)."""
+    origin: str | None = None
+    authorization: str | None = None
+    for name, value in scope.get("headers") or ():
+        name = name.lower()
+        if name == b"origin" and origin is None:
+            origin = value.decode("latin-1")
+        elif name == b"authorization" and authorization is None:
+            authorization = value.decode("latin-1")
+    token = bearer_token({"authorization": authorization} if authorization else {})
+    if token is None:
+        query = scope.get("query_string") or b""
+        if b"token=" in query:
+            for key, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+                if key == "token":
+                    token = value
+    client = scope.get("client")
+    return origin, (client[0] if client else None) or "unknown", token or ""
+
+
+class _StreamEndpoint:
+    """``GET /v1/stream`` as an ASGI app (it is served before Starlette's stack, see
+    :class:`_GatewayApp`, and also routed by Starlette for any other way in)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gateway = self.gateway
+        settings = gateway.settings
+        # Log context of this connection. The task is the connection's own (its context is a
+        # copy), so nothing needs resetting afterwards.
+        structlog.contextvars.bind_contextvars(conn_id=secrets.token_hex(6))
+        origin, ip, token = _handshake(scope)
+        websocket = _StreamSocket(receive, send)
         await websocket.accept()
-        origin = websocket.headers.get("origin")
-        if settings.allowed_origins and origin is not None and (
-            origin not in settings.allowed_origins
-        ):
+        # The server and this call's callers keep the scope for the connection's lifetime; its
+        # headers (about 1.5 KiB) are not read again.
+        scope["headers"] = _NO_HEADERS
+        allowed_origins = settings.allowed_origins
+        if allowed_origins and origin is not None and origin not in allowed_origins:
             log.info("ws_rejected", reason="origin", origin=origin[:200])
             await _close_quietly(websocket, CLOSE_FORBIDDEN, "origin not allowed")
             gateway.metrics.closes.labels(str(CLOSE_FORBIDDEN)).inc()
             return
         # Attempts per IP are limited before the token is looked at (bad tokens count too).
-        ip = websocket.client.host if websocket.client else "unknown"
         if not await _connect_allowed(
-            websocket, connect_ip_key(ip), gateway.connect_ip_limit, "ip"
+            gateway, websocket, connect_ip_key(ip), gateway.connect_ip_limit, "ip"
         ):
             return
-        token = bearer_token(websocket.headers) or websocket.query_params.get("token") or ""
         try:
             claims = verify_user_token(
                 token, settings.require_jwt(), leeway_s=settings.jwt_leeway_s
@@ -825,16 +899,18 @@ async def stream(websocket: WebSocket) -> None:
             await _close_quietly(websocket, CLOSE_UNAUTHORIZED, exc.message)
             gateway.metrics.closes.labels(str(CLOSE_UNAUTHORIZED)).inc()
             return
-        with structlog.contextvars.bound_contextvars(user_id=claims.user):
-            user_key = connect_user_key(claims.user)
-            if not await _connect_allowed(websocket, user_key, gateway.connect_limit, "user"):
-                return
-            await StreamConnection(websocket, claims, gateway).run()
+        del token  # this frame lives as long as the connection
+        structlog.contextvars.bind_contextvars(user_id=claims.user)
+        user_key = connect_user_key(claims.user)
+        if not await _connect_allowed(gateway, websocket, user_key, gateway.connect_limit, "user"):
+            return
+        await StreamConnection(websocket, claims, gateway).run()
 
 
-async def _connect_allowed(websocket: WebSocket, key: str, limit: Limit, per: str) -> bool:
+async def _connect_allowed(
+    gateway: Gateway, websocket: _StreamSocket, key: str, limit: Limit, per: str
+) -> bool:
     """Take a connect token from the bucket ``key``; close with 4029 when there is none."""
-    gateway = _gateway(websocket)
     decision = await gateway.limiter.take(key, limit)
     if decision.allowed:
         return True
@@ -846,30 +922,58 @@ async def _connect_allowed(websocket: WebSocket, key: str, limit: Limit, per: st
     return False
 
 
-async def _close_quietly(websocket: WebSocket, code: int, reason: str) -> None:
-    with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect, TimeoutError):
+async def _close_quietly(websocket: _StreamSocket, code: int, reason: str) -> None:
+    with contextlib.suppress(RuntimeError, OSError, TimeoutError):
         await asyncio.wait_for(websocket.close(code, reason), _CLOSE_TIMEOUT_S)
 
 
 class StreamConnection:
     """Adapter between one WebSocket, its :class:`Session` and the :class:`Hub`.
 
-    Three things run: the hub's callbacks (:meth:`deliver`, :meth:`check_gap`, :meth:`shutdown`,
-    synchronous), a reader loop feeding client frames to the session, and a pump that performs
-    the session's history reads and writes its frames. Whoever notices that the session closed
-    ends the others; :meth:`run` then writes the close frame.
+    The connection's own task (the server's, running :meth:`run`) reads client frames and feeds
+    them to the session. The hub's callbacks (:meth:`deliver`, :meth:`check_gap`,
+    :meth:`shutdown`, synchronous) and the timers feed it too. A *pump* task performs the
+    session's history reads and writes its frames; it exists only while there is something to
+    do (an idle connection has no task but its own, which is most of its memory). Whoever
+    notices that the session closed stops the pump and gets the reader out of its wait;
+    :meth:`run` then writes the close frame.
     """
 
-    def __init__(self, websocket: WebSocket, claims: UserClaims, gateway: Gateway) -> None:
+    __slots__ = (
+        "_claims",
+        "_client_code",
+        "_context",
+        "_early",
+        "_early_gap",
+        "_gateway",
+        "_going_away",
+        "_hold",
+        "_interrupted",
+        "_main",
+        "_pending_since",
+        "_pump_again",
+        "_pump_task",
+        "_pushed",
+        "_reading",
+        "_session",
+        "_ws",
+    )
+
+    def __init__(self, websocket: _StreamSocket, claims: UserClaims, gateway: Gateway) -> None:
         self._ws = websocket
         self._claims = claims
         self._gateway = gateway
         self._session: Session | None = None
-        self._early: list[bytes] = []
+        self._early: list[bytes] | None = None  # frames delivered before the session started
         self._early_gap = False
         self._going_away = False
-        self._wake = asyncio.Event()
+        self._hold: asyncio.TimerHandle | None = None  # the live hold after the welcome
+        self._context: contextvars.Context | None = None
+        self._main: asyncio.Task[Any] | None = None  # the task running run() (the reader)
+        self._reading = False  # the reader waits for a client frame
+        self._interrupted = False  # ... and was cancelled out of that wait by us
         self._pump_task: asyncio.Task[None] | None = None
+        self._pump_again = False  # an event came while the pump was busy
         self._pending_since: float | None = None
         self._client_code: int | None = None
         self._pushed = 0
@@ -882,6 +986,8 @@ class StreamConnection:
     def deliver(self, frame: bytes) -> None:
         session = self._session
         if session is None:
+            if self._early is None:
+                self._early = []
             self._early.append(frame)
             return
         session.receive_live(frame)
@@ -942,9 +1048,10 @@ class StreamConnection:
             hold_live=hold > 0,
         )
         self._session = session
-        for frame in self._early:
-            session.receive_live(frame)
-        self._early.clear()
+        if self._early is not None:
+            for frame in self._early:
+                session.receive_live(frame)
+            self._early = None
         if self._early_gap:
             session.check_gap()
         if self._going_away:
@@ -952,31 +1059,54 @@ class StreamConnection:
         return session
 
     async def _serve(self, session: Session) -> None:
+        """Read client frames until the session closes or the client leaves, then close.
+
+        The reading happens here, in the connection's own task, rather than in a task of its
+        own: an idle connection then costs one task.
+        """
         loop = asyncio.get_running_loop()
-        timers = []
+        self._main = main = asyncio.current_task()
+        self._context = contextvars.copy_context()  # the pump logs with this connection's context
         if self._gateway.hold_live_s > 0:
-            timers.append(loop.call_later(self._gateway.hold_live_s, self._end_hold))
+            self._hold = loop.call_later(self._gateway.hold_live_s, self._end_hold)
         expires_in = (
             self._claims.expires_at + self._gateway.settings.jwt_leeway_s - time.time()
         )
-        timers.append(loop.call_later(max(0.0, expires_in), self._expire))
-        reader = asyncio.create_task(self._read_loop(session), name="ws-read")
-        self._pump_task = pump = asyncio.create_task(self._pump(session), name="ws-pump")
-        self._wake.set()
+        expiry = timers().call_later(expires_in, StreamConnection._expire, self)
+        self._after_event()  # the welcome (or the close, if the session closed already)
+        receive = self._ws.receive
         try:
-            await asyncio.wait({reader, pump}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for timer in timers:
-                timer.cancel()
-            for task in (reader, pump):
-                task.cancel()
-            for task in (reader, pump):
+            while not session.closed:
+                self._reading = True
                 try:
-                    await task
-                except (asyncio.CancelledError, WebSocketDisconnect, OSError):
-                    pass
-                except Exception:
-                    log.exception("ws_task_failed", task=task.get_name())
+                    message = await receive()
+                except asyncio.CancelledError:
+                    if self._interrupted and main is not None and main.uncancel() == 0:
+                        break  # our own interruption (the session closed), nobody else's
+                    raise
+                finally:
+                    self._reading = False
+                if not self._client_message(session, message):
+                    break
+        except OSError:
+            pass
+        except Exception:
+            log.exception("ws_task_failed", task="ws-read")
+        finally:
+            expiry.cancel()
+            if self._hold is not None:
+                self._hold.cancel()
+                self._hold = None
+            self._main = None
+            pump = self._pump_task
+            if pump is not None:
+                pump.cancel()
+                try:
+                    await pump  # ends at once; it logs its own failures
+                except asyncio.CancelledError:
+                    # The pump's own cancellation, or this task's: only the latter goes on.
+                    if main is not None and main.cancelling():
+                        raise
         close = session.close_code()
         if close is not None and self._client_code is None:
             code, reason = close
@@ -985,7 +1115,23 @@ class StreamConnection:
             self._gateway.metrics.closes.labels(str(code)).inc()
             await _close_quietly(self._ws, code, reason)
 
+    def _client_message(self, session: Session, message: Message) -> bool:
+        """Feed one ASGI message to the session; False once the client has gone."""
+        kind = message["type"]
+        if kind == "websocket.disconnect":
+            self._client_code = int(message.get("code") or 1005)
+            return False
+        if kind == "websocket.receive":
+            text = message.get("text")
+            if text is not None:
+                session.receive_text(text, now=time.monotonic())
+            else:
+                session.receive_bytes(message.get("bytes") or b"")
+            self._after_event()
+        return True
+
     def _end_hold(self) -> None:
+        self._hold = None  # fired: not kept for the connection's lifetime
         if self._session is not None:
             self._session.start_live()
             self._after_event()
@@ -996,42 +1142,65 @@ class StreamConnection:
             self._after_event()
 
     def _after_event(self) -> None:
+        """The session may have output or have closed: start the pump, or stop everything."""
         session = self._session
-        if session is not None and session.closed and self._pump_task is not None:
-            # A pump blocked on a slow socket must not delay the close.
-            self._pump_task.cancel()
-        self._wake.set()
+        if session is None or self._main is None:
+            return  # not serving yet (run() calls this again when it starts) or any more
+        if session.closed:
+            pump = self._pump_task
+            if pump is not None and not pump.done():
+                # A pump blocked on a slow socket must not delay the close.
+                pump.cancel()
+            self._interrupt_reader()
+            return
+        pump = self._pump_task
+        if pump is not None and not pump.done():
+            self._pump_again = True
+            return
+        self._pump_again = False
+        self._pump_task = asyncio.get_running_loop().create_task(
+            self._pump(session), context=self._context
+        )
+
+    def _interrupt_reader(self) -> None:
+        """Get the reader out of its wait for a client frame (the session closed)."""
+        main = self._main
+        if main is not None and self._reading and not self._interrupted:
+            self._interrupted = True
+            main.cancel()
 
     def _mark_pending(self) -> None:
         if self._pending_since is None:
             self._pending_since = time.perf_counter()
 
-    async def _read_loop(self, session: Session) -> None:
-        while not session.closed:
-            message = await self._ws.receive()
-            kind = message["type"]
-            if kind == "websocket.disconnect":
-                self._client_code = int(message.get("code") or 1005)
-                return
-            if kind != "websocket.receive":
-                continue
-            text = message.get("text")
-            if text is not None:
-                session.receive_text(text, now=time.monotonic())
-            else:
-                session.receive_bytes(message.get("bytes") or b"")
-            self._after_event()
-
     async def _pump(self, session: Session) -> None:
+        """Read history and write frames until there is nothing left to do, then end."""
+        try:
+            await self._pump_loop(session)
+        except asyncio.CancelledError:
+            self._interrupt_reader()
+            raise
+        except OSError:
+            pass  # the client is gone (its disconnect reaches the reader too)
+        except Exception:
+            log.exception("ws_task_failed", task="ws-pump")
+        else:
+            if not session.closed:
+                self._pump_task = None  # done: an idle connection keeps no task of it
+                return
+        # The session closed or the pump failed: the connection ends.
+        self._interrupt_reader()
+
+    async def _pump_loop(self, session: Session) -> None:
         presence = self._gateway.presence
         metrics = self._gateway.metrics
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if session.closed:
-                return
+        websocket = self._ws
+        while not session.closed:
+            self._pump_again = False
+            busy = False
             after = session.history_request()
             if after is not None:
+                busy = True
                 try:
                     oldest = await presence.oldest_seq(self.user)
                     frames = await presence.frames_after(self.user, after, HISTORY_PAGE)
@@ -1039,24 +1208,23 @@ class StreamConnection:
                     log.warning("history_read_failed", error=str(exc))
                     session.history_failed()
                     await asyncio.sleep(0.5)  # back off before the next attempt
-                    self._wake.set()
                     continue
                 session.receive_history(frames, oldest)
                 self._mark_pending()
-                self._wake.set()
             frames_out = session.frames_to_send()
-            if not frames_out:
-                continue
-            since = self._pending_since
-            self._pending_since = None
-            for frame in frames_out:
-                await self._ws.send_text(frame.decode())
-                session.frame_sent(len(frame))
-                self._pushed += 1
-                metrics.messages_pushed.inc()
-                if since is not None:
-                    metrics.push_latency.observe(time.perf_counter() - since)
-            self._wake.set()  # a withheld history request may be due now
+            if frames_out:
+                busy = True  # a withheld history request may be due once these are written
+                since = self._pending_since
+                self._pending_since = None
+                for frame in frames_out:
+                    await websocket.send_text(frame.decode())
+                    session.frame_sent(len(frame))
+                    self._pushed += 1
+                    metrics.messages_pushed.inc()
+                    if since is not None:
+                        metrics.push_latency.observe(time.perf_counter() - since)
+            if not busy and not self._pump_again:
+                return
 
     def _log_summary(self, session: Session | None, duration_s: float) -> None:
         fields: dict[str, Any] = {
@@ -1160,6 +1328,7 @@ def create_app(
         finally:
             await gateway.close()
 
+    stream = _StreamEndpoint(gateway)
     routes = [
         Route("/", page, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
@@ -1169,7 +1338,7 @@ def create_app(
         Route("/v1/feed", feed_page, methods=["GET"]),
         Route("/v1/activities", ingest_activities, methods=["POST"]),
         Route("/v1/follows", follow, methods=["POST", "DELETE"]),
-        WebSocketRoute("/v1/stream", stream),
+        WebSocketRoute(STREAM_PATH, stream),
     ]
     if dev_mode:
         routes.append(Route("/dev/token", dev_token, methods=["GET"]))
@@ -1183,11 +1352,36 @@ def create_app(
         RedisConnectionError: _error_response,
         RedisTimeoutError: _error_response,
     }
-    app = Starlette(
+    app = _GatewayApp(
         routes=routes,
         lifespan=lifespan,
         exception_handlers=handlers,
         middleware=[Middleware(_AccessLog, metrics=gateway.metrics)],
     )
     app.state.gateway = gateway
+    app.stream = stream
     return app
+
+
+class _GatewayApp(Starlette):
+    """Starlette, except that WebSocket connects to ``/v1/stream`` go straight to their handler.
+
+    Every layer a request passes through (the error and exception middleware, the access log,
+    the router, the route's wrappers) is a coroutine frame, some with closures, that stays on a
+    WebSocket connection's stack for as long as it is open; thousands of idle connections pay
+    for them in memory and in garbage-collection work. None of them does anything for this
+    route: the access log and the error handlers are for HTTP, and the handler closes its own
+    socket. Any other way in (a ``root_path``) still reaches the same handler through the router.
+    """
+
+    stream: ASGIApp
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == STREAM_PATH:
+            direct = not scope.get("root_path")
+        else:
+            direct = False
+        if direct:
+            await self.stream(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)

@@ -7,9 +7,18 @@ one process (tests) do not collide and ``GET /metrics`` shows exactly the gatewa
 to a connection (Pub/Sub message received, or history read answered) until the socket accepted it.
 The frames carry no publish timestamp, so publish-to-socket cannot be derived here; the fan-out's
 own metrics cover the earlier part of the path.
+
+``feed_gateway_gc_pause_seconds`` times the process's garbage collections (once
+:meth:`GatewayMetrics.watch_gc` is called; the app does it while it is open): a full collection
+walks every object the process tracks, so its pause grows with the number of connections.
 """
 
 from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -27,6 +36,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
+
+_GC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class GatewayMetrics:
@@ -79,6 +90,52 @@ class GatewayMetrics:
             "1 while the Redis Pub/Sub connection is up.",
             registry=r,
         )
+
+        self.gc_pauses = Histogram(
+            "feed_gateway_gc_pause_seconds",
+            "Garbage collections of the gateway process and how long each stopped it, by "
+            "generation (2 = full collection).",
+            ["generation"],
+            buckets=_GC_BUCKETS,
+            registry=r,
+        )
+        self.gc_longest_pause = Gauge(
+            "feed_gateway_gc_longest_pause_seconds",
+            "Longest garbage collection since the gateway started, by generation.",
+            ["generation"],
+            registry=r,
+        )
+        self._gc_callback: Callable[[str, dict[str, Any]], None] | None = None
+
+    def watch_gc(self) -> None:
+        """Time every garbage collection of the process (until :meth:`unwatch_gc`)."""
+        if self._gc_callback is not None:
+            return
+        pauses = [self.gc_pauses.labels(str(g)) for g in range(3)]
+        longest = [self.gc_longest_pause.labels(str(g)) for g in range(3)]
+        maxima = [0.0, 0.0, 0.0]
+        started = 0.0
+
+        def callback(phase: str, info: dict[str, Any]) -> None:
+            # Collections do not nest (they hold the GIL), so one start time is enough.
+            nonlocal started
+            if phase == "start":
+                started = time.perf_counter()
+                return
+            seconds = time.perf_counter() - started
+            generation = int(info.get("generation", 2))
+            pauses[generation].observe(seconds)
+            if seconds > maxima[generation]:
+                maxima[generation] = seconds
+                longest[generation].set(seconds)
+
+        self._gc_callback = callback
+        gc.callbacks.append(callback)
+
+    def unwatch_gc(self) -> None:
+        callback, self._gc_callback = self._gc_callback, None
+        if callback is not None and callback in gc.callbacks:
+            gc.callbacks.remove(callback)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -15,12 +15,15 @@ For each side, C clients (one user each) run in a separate process and a publish
 another (:mod:`feed.bench.ws_clients`); nothing of the load shares the server's process. Each
 payload is a ~300-byte activity carrying its send timestamp in ``extra``. Neither side uses
 permessage-deflate (both servers are configured without it and the clients do not offer it), and
-both use the same uvicorn WebSocket implementation (``websockets-sansio``).
+both use uvicorn's ``websockets-sansio`` WebSocket implementation (ours with its lean
+per-connection state, :mod:`gateway.websocket`).
 
 Measured per side:
 
 * memory: server RSS before any client and after C idle clients connected (``/proc/<pid>/status``
-  VmRSS): ``(after - before) / C`` per connection;
+  VmRSS): ``(after - before) / C`` per connection; for ours also its garbage collections (from
+  ``feed_gateway_gc_pause_seconds``): full collections and their pause while the clients
+  connected and during the sweep, and the longest pause of each generation;
 * an offered-rate sweep (full: 1k, 2k, 4k, 6k, 8k, 12k msg/s for 10 s each, extended while a side
   still meets the bound; quick: two small rates for 3 s), the sides alternating at each rate:
   delivered msgs/s, publish→receive latency p50/p95/p99/p99.9/max, loss (sent - distinct
@@ -44,6 +47,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -227,6 +231,9 @@ class Side:
     users_file: Path | None = None
     rss_before: int | None = None
     rss_after: int | None = None
+    #: The server's garbage collections (ours only, from /metrics): after start, after connect,
+    #: after the sweep.
+    gc: dict[str, dict[str, float] | None] = field(default_factory=dict)
     connected: int = 0
     connect_seconds: float | None = None
     connect_info: dict[str, Any] = field(default_factory=dict)
@@ -368,6 +375,37 @@ def _connect_clients(ctx: BenchContext, side: Side, gp: GatewayPlan) -> None:
 def _measure_rss_after(side: Side, gp: GatewayPlan) -> None:
     time.sleep(gp.settle_s)  # let connection set-up finish (idle afterwards)
     side.rss_after = proc_rss(side.server.pid)
+    _record_gc(side, "connected")
+
+
+_GC_SERIES = re.compile(
+    r"^feed_gateway_gc_(pause_seconds_count|pause_seconds_sum|longest_pause_seconds)"
+    r'\{generation="(\d)"\} (\S+)$',
+    re.MULTILINE,
+)
+
+
+def gc_stats(text: str) -> dict[str, float] | None:
+    """``count_<g>``, ``sum_<g>`` and ``longest_<g>`` (seconds) of the gateway's garbage
+    collections per generation ``g``, from its ``/metrics`` text (None without them)."""
+    names = {
+        "pause_seconds_count": "count",
+        "pause_seconds_sum": "sum",
+        "longest_pause_seconds": "longest",
+    }
+    found = {f"{names[n]}_{g}": float(v) for n, g, v in _GC_SERIES.findall(text)}
+    return found or None
+
+
+def _record_gc(side: Side, when: str) -> None:
+    if side.key != "ours" or not side.server_port:
+        return
+    try:
+        url = f"http://127.0.0.1:{side.server_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            side.gc[when] = gc_stats(response.read().decode())
+    except (OSError, urllib.error.URLError, ValueError):
+        side.gc[when] = None
 
 
 def _redis_cpu(ctx: BenchContext) -> float | None:
@@ -537,7 +575,8 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         "clients": gp.clients,
         "step_seconds": gp.step_s,
         "config": (
-            "both servers: uvicorn, one process, ws=websockets-sansio, no permessage-deflate "
+            "both servers: uvicorn, one process, ws=websockets-sansio (ours: its lean "
+            "subclass, gateway.websocket), no permessage-deflate "
             "(clients do not offer it); ours: feed gateway, frames published by the fan-out Lua "
             "script (timeline + delivery stream + PUBLISH u:{uid}); peer: python-socketio "
             "AsyncServer + AsyncRedisManager, room per user, emits via "
@@ -567,11 +606,14 @@ def run(ctx: BenchContext) -> dict[str, Any]:
                 (_start_ours if side.key == "ours" else _start_peer)(ctx, side)
             time.sleep(1.0)
             side.rss_before = proc_rss(side.server.pid)
+            _record_gc(side, "started")
         for side in sides:
             _connect_clients(ctx, side, gp)
             _measure_rss_after(side, gp)
         quiet = _sweep(ctx, sides, gp)
         result["waited_for_quiet_s"] = round(quiet.waited_total, 1)
+        for side in sides:
+            _record_gc(side, "swept")
     except Exception as exc:
         result["status"] = "failed"
         result["error"] = f"{type(exc).__name__}: {exc}"
@@ -760,6 +802,9 @@ def _summarise(
             )
             result[f"{prefix}_at_best_server_cores"] = _round(best.get("server_cores"), 2)
             result[f"{prefix}_at_best_p99_ms"] = _round(best["latency_ms"].get("p99"), 1)
+        if side.gc:
+            detail[side.key]["gc"] = side.gc
+            result.update(_gc_summary(prefix, side.gc))
         result[f"{prefix}_loss_below_saturation"] = detail[side.key]["loss_below_saturation"]
         result[f"{prefix}_connected"] = side.connected
         result[f"{prefix}_connect_seconds"] = _round(side.connect_seconds, 1)
@@ -810,6 +855,27 @@ def _summarise(
         # For the capacity model (feed bench --model): frames pushed per gateway CPU second.
         result["gateway_deliveries_per_core"] = ours_core
     result["sides"] = detail
+
+
+def _gc_summary(prefix: str, gc: dict[str, dict[str, float] | None]) -> dict[str, Any]:
+    """Full collections (generation 2) while the clients connected and during the sweep, and
+    the longest pause of any collection since the server started."""
+    out: dict[str, Any] = {}
+    phases = (("connecting", "started", "connected"), ("sweep", "connected", "swept"))
+    for name, start, end in phases:
+        a, b = gc.get(start), gc.get(end)
+        if not a or not b:
+            continue
+        count = b.get("count_2", 0.0) - a.get("count_2", 0.0)
+        total = b.get("sum_2", 0.0) - a.get("sum_2", 0.0)
+        out[f"{prefix}_gc_full_collections_{name}"] = int(count)
+        out[f"{prefix}_gc_full_pause_ms_{name}"] = round(total * 1000, 1)
+    last = gc.get("swept") or gc.get("connected")
+    if last:
+        out[f"{prefix}_gc_longest_pause"] = ", ".join(
+            f"generation {g}: {last.get(f'longest_{g}', 0.0) * 1000:.1f} ms" for g in "012"
+        )
+    return out
 
 
 def _round(value: Any, digits: int) -> Any:

@@ -1,0 +1,153 @@
+"""The gateway's lean per-connection pieces: coarse timers, the receive queue and writable flag of
+the uvicorn protocol, and the parsing of a stream connect (no server, no Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.app import _handshake
+from gateway.timers import TICK_S, Timers
+from gateway.websocket import _Flag, _Inbox, protocol_class
+
+
+def test_timers_run_in_due_order_not_early_and_at_most_a_tick_late() -> None:
+    async def scenario() -> list[tuple[str, float]]:
+        loop = asyncio.get_running_loop()
+        timers = Timers()
+        fired: list[tuple[str, float]] = []
+        start = loop.time()
+        for name, delay in (("c", 0.3), ("a", 0.05), ("b", 0.1), ("now", -1.0)):
+            timers.call_later(delay, lambda n: fired.append((n, loop.time() - start)), name)
+        assert len(timers) == 4
+        await asyncio.sleep(0.3 + 2 * TICK_S)
+        assert len(timers) == 0
+        return fired
+
+    fired = asyncio.run(scenario())
+    assert [name for name, _ in fired] == ["now", "a", "b", "c"]
+    due = {"now": 0.0, "a": 0.05, "b": 0.1, "c": 0.3}
+    for name, at in fired:
+        assert due[name] - 0.006 <= at <= due[name] + TICK_S + 0.1, (name, at)
+
+
+def test_cancelled_timers_do_not_run_and_release_what_they_held() -> None:
+    async def scenario() -> None:
+        timers = Timers()
+        fired: list[str] = []
+        held = object()
+        keep = timers.call_later(0.05, fired.append, "kept")
+        drop = timers.call_later(0.05, fired.append, held)
+        drop.cancel()
+        drop.cancel()  # twice is harmless
+        assert drop.arg is None and drop.fn is None
+        assert len(timers) == 1
+        await asyncio.sleep(0.05 + 2 * TICK_S)
+        assert fired == ["kept"]
+        assert keep.fn is None  # a timer that ran holds nothing either
+
+    asyncio.run(scenario())
+
+
+def test_many_cancelled_timers_are_compacted_away() -> None:
+    async def scenario() -> None:
+        timers = Timers()
+        far = [timers.call_later(3600.0, print, i) for i in range(1000)]
+        for timer in far[:900]:
+            timer.cancel()
+        assert len(timers) == 100
+        assert len(timers._heap) < 300  # not 1000 until an hour from now
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_callback_does_not_stop_the_others() -> None:
+    async def scenario() -> list[int]:
+        timers = Timers()
+        fired: list[int] = []
+
+        def boom(_arg: object) -> None:
+            raise RuntimeError("boom")
+
+        timers.call_later(0.0, boom, None)
+        timers.call_later(0.0, fired.append, 1)
+        timers.call_later(0.01, fired.append, 2)
+        await asyncio.sleep(3 * TICK_S)
+        return fired
+
+    assert asyncio.run(scenario()) == [1, 2]
+
+
+def test_inbox_hands_items_in_order_to_one_reader() -> None:
+    async def scenario() -> None:
+        inbox = _Inbox()
+        assert inbox.empty()
+        inbox.put_nowait(1)
+        inbox.put_nowait(2)
+        assert inbox.qsize() == 2
+        assert await inbox.get() == 1
+        assert inbox.get_nowait() == 2
+        with pytest.raises(asyncio.QueueEmpty):
+            inbox.get_nowait()
+        waiting = asyncio.ensure_future(inbox.get())
+        await asyncio.sleep(0)
+        inbox.put_nowait(3)
+        assert await waiting == 3
+        # A reader that gave up (cancelled) leaves the next item for the next reader.
+        gave_up = inbox.get()
+        gave_up.cancel()
+        inbox.put_nowait(4)
+        assert not inbox.empty()
+        assert await inbox.get() == 4
+
+    asyncio.run(scenario())
+
+
+def test_flag_blocks_writers_while_cleared() -> None:
+    async def scenario() -> None:
+        flag = _Flag()
+        assert flag.is_set()
+        assert await flag.wait() is True
+        flag.clear()
+        writers = [asyncio.ensure_future(flag.wait()) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        assert not any(w.done() for w in writers)
+        flag.set()
+        assert await asyncio.gather(*writers) == [True, True]
+
+    asyncio.run(scenario())
+
+
+def test_the_lean_protocol_is_uvicorns_sansio_protocol() -> None:
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    cls = protocol_class()
+    assert isinstance(cls, type) and issubclass(cls, WebSocketsSansIOProtocol)
+
+
+def _scope(headers: list[tuple[bytes, bytes]], query: bytes = b"") -> dict[str, object]:
+    return {
+        "type": "websocket",
+        "headers": headers,
+        "query_string": query,
+        "client": ("10.1.2.3", 5555),
+    }
+
+
+def test_handshake_reads_origin_ip_and_the_bearer_token() -> None:
+    scope = _scope([(b"Origin", b"http://a.example"), (b"authorization", b"Bearer  tok-1 ")])
+    assert _handshake(scope) == ("http://a.example", "10.1.2.3", "tok-1")
+
+
+def test_handshake_token_from_the_query_when_no_bearer_header() -> None:
+    scope = _scope([(b"authorization", b"Basic abc")], b"a=1&token=first&token=last")
+    assert _handshake(scope) == (None, "10.1.2.3", "last")
+    scope = _scope([], b"token=t%2B1")
+    assert _handshake(scope)[2] == "t+1"
+
+
+def test_handshake_without_credentials_or_client() -> None:
+    scope = _scope([], b"tokens=x")
+    scope["client"] = None
+    assert _handshake(scope) == (None, "unknown", "")
