@@ -23,9 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import hashlib
 import re
 import secrets
+import socket
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -837,6 +840,28 @@ class _StreamSocket:
         self._closed = True
         await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
+    def abort(self, *, only_if_stuck: bool = False) -> None:
+        """Drop the TCP connection now, unsent data and all. For a client that stopped reading:
+        its close frame never gets out, and the server's graceful transport close waits for a
+        buffer that never drains, keeping the socket and its buffers for as long as the client
+        keeps the connection open. With ``only_if_stuck``, only if data is still unsent.
+        (uvicorn's ``send`` is a method of its protocol, which holds the transport; under
+        another server this does nothing.)"""
+        transport = getattr(getattr(self._send, "__self__", None), "transport", None)
+        if transport is None:
+            return
+        if only_if_stuck:
+            with contextlib.suppress(Exception):
+                if not transport.get_write_buffer_size():
+                    return
+        # Linger 0: the kernel resets the connection and frees its send buffer at once, rather
+        # than keep the unsent bytes in an orphaned socket that retries a zero window.
+        with contextlib.suppress(Exception):
+            transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+        transport.abort()
+
 
 def _handshake(scope: Scope) -> tuple[str | None, str, str]:
     """``(Origin, client IP, token)`` of a connect; the token from ``Authorization: Bearer``,
@@ -923,8 +948,18 @@ async def _connect_allowed(
 
 
 async def _close_quietly(websocket: _StreamSocket, code: int, reason: str) -> None:
-    with contextlib.suppress(RuntimeError, OSError, TimeoutError):
+    try:
         await asyncio.wait_for(websocket.close(code, reason), _CLOSE_TIMEOUT_S)
+    except TimeoutError:
+        websocket.abort()  # the client is not reading: the close frame cannot get out
+        return
+    except (RuntimeError, OSError):
+        return
+    # The close frame may only be buffered: a client that does not read within the close
+    # timeout has its connection reset rather than held open by the unsent bytes.
+    asyncio.get_running_loop().call_later(
+        _CLOSE_TIMEOUT_S, functools.partial(websocket.abort, only_if_stuck=True)
+    )
 
 
 class StreamConnection:
