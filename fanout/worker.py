@@ -166,7 +166,7 @@ class Worker:
                     self._pending = None
                     break
                 self._maybe_report_lag()
-            self._finish_pending_on_exit()
+            self._finish_pending_without_retry("stopping")
         finally:
             log.info("worker stopping: leaving the group")
             try:
@@ -197,16 +197,17 @@ class Worker:
         if batch is not None:
             self._finish(batch)
 
-    def _finish_pending_on_exit(self) -> None:
-        """On a stop request: commit the batch whose Redis write is in flight, if it succeeds
-        without a retry (a batch that needs retries stays uncommitted and is replayed)."""
+    def _finish_pending_without_retry(self, why: str) -> None:
+        """Commit the batch whose Redis write is in flight if that write succeeds now, with no
+        retry (on a stop request, or before a revoke; a batch left uncommitted is replayed by
+        whoever consumes the partition next, which is idempotent)."""
         batch, self._pending = self._pending, None
         if batch is None:
             return
         try:
             self._processor.complete(batch.stats)
         except Exception as exc:
-            log.warning("stopping: the last batch stays uncommitted", error=type(exc).__name__)
+            log.warning("batch in flight left uncommitted", why=why, error=type(exc).__name__)
             return
         self._finish(batch)
 
@@ -217,25 +218,12 @@ class Worker:
 
     def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         gone = {(p.topic, p.partition) for p in partitions}
-        self._commit_pending_before_revoke()
+        self._finish_pending_without_retry("partitions revoked")
         self._assignment -= gone
         if self._held:  # the new owner consumes them from the committed offset
             self._held = [m for m in self._held if (m.topic(), m.partition()) not in gone]
         self._metrics.assigned.set(len(self._assignment))
         log.info("partitions revoked", partitions=_names(partitions))
-
-    def _commit_pending_before_revoke(self) -> None:
-        """Partitions are being taken away: commit the batch in flight if its Redis write
-        succeeds now (else the new owner replays it, which is idempotent)."""
-        batch, self._pending = self._pending, None
-        if batch is None:
-            return
-        try:
-            self._processor.complete(batch.stats)
-        except Exception as exc:
-            log.warning("revoked with a batch in flight: left to the new owner", error=str(exc))
-            return
-        self._finish(batch)
 
     # --- one batch ---------------------------------------------------------------------------
     def _prepare(self, messages: Sequence[Any]) -> _Batch:
