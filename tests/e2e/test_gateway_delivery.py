@@ -727,12 +727,6 @@ class RollingClient:
                 await asyncio.sleep(min(0.1 * 2**failures, 1.0))
         raise AssertionError(f"{self.user}: more than {self.MAX_CONNECTS} connects")
 
-    def peer_reset(self) -> bool:
-        """Whether the gateway reset the connection (read without reading the socket)."""
-        if self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-            self.reset_by_peer = True
-        return self.reset_by_peer
-
     def activities(self) -> list[dict[str, Any]]:
         return [f for f in self.frames if f["type"] == "activity"]
 
