@@ -199,11 +199,15 @@ class Processor:
         ]
         # Durable rows first, then Redis: a timeline rebuilt from Cassandra at any moment misses
         # nothing that the Redis script skipped (it skips users who were inactive when it ran).
-        started = time.perf_counter()
-        stats.history_rows += self._history.put_deliveries(
-            records, timelines=self._history_timelines
-        )
-        stats.cassandra_s += time.perf_counter() - started
+        # Without per-follower rows, only the recipient lists are left; deletes are their only
+        # reader and wait for every earlier write, so they follow the Redis write instead of
+        # adding a Cassandra round trip before delivery.
+        history = self._history
+        recipients_after = not self._history_timelines
+        if not recipients_after:
+            started = time.perf_counter()
+            stats.history_rows += history.put_deliveries(records, timelines=True)
+            stats.cassandra_s += time.perf_counter() - started
         inserts = [
             Insert(order_key(r.ts, r.activity_id), r.activity_id, r.body, r.users) for r in records
         ]
@@ -220,6 +224,8 @@ class Processor:
             result = timelines.insert(inserts)
             if big:
                 timelines.add_to_outboxes(big)
+            if recipients_after:
+                history.put_deliveries(records, timelines=False)
             return result
 
         if defer:

@@ -68,6 +68,9 @@ def plan_for(quick: bool) -> Plan:
     backlog = os.environ.get("FEED_BENCH_BACKLOG", "").strip()
     if backlog:
         plan = replace(plan, backlog=max(100, int(backlog)))
+    rate = os.environ.get("FEED_BENCH_E2E_RATE", "").strip()
+    if rate:
+        plan = replace(plan, e2e_rate=max(1.0, float(rate)))
     soak = os.environ.get("FEED_BENCH_SOAK_S", "").strip()
     if soak:
         plan = replace(plan, soak_s=max(5.0, float(soak)))

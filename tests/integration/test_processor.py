@@ -204,3 +204,32 @@ def test_a_deferred_write_that_failed_is_run_again_by_complete(
         assert timeline(p, u2) == [a]
     finally:
         p.close()
+
+
+def test_without_history_rows_recipients_follow_the_redis_write_and_deletes_still_reach_all(
+    redis_client: Any, cassandra: Any, settings: Any, ids: Callable[[str], str]
+) -> None:
+    """With per-follower history off, the recipient list is written after the Redis write (one
+    Cassandra round trip less before delivery); a delete in the next batch still finds it."""
+    graph = CassandraFollowGraph(cassandra, settings.cassandra_keyspace)
+    history = CassandraHistory(cassandra, settings.cassandra_keyspace)
+    p = Processor(
+        timelines=RedisTimelines(redis_client, timeline_max=50, stream_history=100, body_ttl_s=600),
+        history=history,
+        graph=graph,
+        followers=FollowerCache(graph, redis_client),
+        history_timelines=False,
+    )
+    try:
+        u1, u2, u3, a = ids("u1"), ids("u2"), ids("u3"), ids("a")
+        p.apply([(0, follow(u2, u1, 1)), (1, follow(u3, u1, 2))])
+        stats = p.apply([(0, act(a, u1, 1))], defer=True)
+        assert stats.history_rows == 0
+        p.complete(stats)
+        assert sorted(u for users in history.recipients(a) for u in users) == sorted([u2, u3])
+        assert [m.split(":", 1)[1] for m in p._timelines.page(u2, None, 10).members] == [a]
+        p.apply([(0, delete(ids("d"), u1, a))])
+        assert p._timelines.page(u2, None, 10).members == []
+        assert p._timelines.page(u3, None, 10).members == []
+    finally:
+        p.close()
