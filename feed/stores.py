@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
@@ -35,6 +36,10 @@ def open_cassandra(settings: Settings, *, keyspace: bool = True, timeout: float 
         # store outage must end within seconds of Cassandra coming back, however long it lasted.
         "reconnection_policy": ExponentialReconnectionPolicy(0.5, 5.0, max_attempts=None),
         "control_connection_timeout": timeout,
+        # Without it, a request larger than one TCP segment waits for the delayed ACK of its
+        # first part (Nagle): measured here, an UNLOGGED batch of 19 activities took 46 ms
+        # instead of ~2 ms. The driver leaves the socket option to the application.
+        "sockopts": [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
     }
     if settings.cassandra_protocol_version is not None:
         kwargs["protocol_version"] = settings.cassandra_protocol_version
