@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -17,9 +18,26 @@ from confluent_kafka import Producer
 from feed.settings import Settings
 from gateway.auth import mint_token
 from tests.conftest import wait_for
-from tests.procs import FeedProcess, http_get, metric_value
+from tests.procs import FeedProcess, free_port, http_get, metric_value
 
-__all__ = ["Pipeline", "frames_until", "log_events", "next_frame"]
+__all__ = ["Pipeline", "frames_until", "isolated_env", "log_events", "next_frame"]
+
+
+def isolated_env(stack_env: dict[str, str], prefix: str, **extra: str) -> dict[str, str]:
+    """``stack_env`` with topics and a consumer group of the caller's own (so its worker
+    replays nothing from other modules) and free ports for the worker's metrics and the
+    gateway; ``extra`` settings override."""
+    tag = uuid.uuid4().hex[:8]
+    return {
+        **stack_env,
+        "FEED_TOPIC_ACTIVITIES": f"{prefix}-act-{tag}",
+        "FEED_TOPIC_FOLLOWS": f"{prefix}-fol-{tag}",
+        "FEED_TOPIC_DLQ": f"{prefix}-dlq-{tag}",
+        "FEED_KAFKA_GROUP": f"{prefix}-{tag}",
+        "FEED_WORKER_METRICS_PORT": str(free_port()),
+        "FEED_GATEWAY_PORT": str(free_port()),
+        **extra,
+    }
 
 
 class Pipeline:

@@ -5,7 +5,6 @@ gateway subscribes only while such a follower is connected to it."""
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -15,7 +14,7 @@ import websockets
 
 from feed.kafka import create_topics
 from tests.conftest import wait_for
-from tests.e2e.harness import Pipeline, frames_until, next_frame
+from tests.e2e.harness import Pipeline, frames_until, isolated_env, next_frame
 from tests.procs import FeedProcess, free_port
 
 pytestmark = pytest.mark.e2e
@@ -25,17 +24,7 @@ pytestmark = pytest.mark.e2e
 def hybrid(
     stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Pipeline, str]]:
-    tag = uuid.uuid4().hex[:8]
-    env = dict(
-        stack_env,
-        FEED_TOPIC_ACTIVITIES=f"big-act-{tag}",
-        FEED_TOPIC_FOLLOWS=f"big-fol-{tag}",
-        FEED_TOPIC_DLQ=f"big-dlq-{tag}",
-        FEED_KAFKA_GROUP=f"big-{tag}",
-        FEED_FANOUT_LIMIT="2",
-        FEED_WORKER_METRICS_PORT=str(free_port()),
-        FEED_GATEWAY_PORT=str(free_port()),
-    )
+    env = isolated_env(stack_env, "big", FEED_FANOUT_LIMIT="2")
     logs = tmp_path_factory.mktemp("hybrid")
     p = Pipeline(env, logs)
     create_topics(p.settings)

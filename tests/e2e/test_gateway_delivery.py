@@ -32,7 +32,6 @@ import socket
 import statistics
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -52,7 +51,7 @@ from feed import keys
 from feed.kafka import create_topics
 from feed.settings import Settings
 from tests.conftest import wait_for
-from tests.e2e.harness import Pipeline, log_events, next_frame
+from tests.e2e.harness import Pipeline, isolated_env, log_events, next_frame
 from tests.procs import FeedProcess, free_port, http_get, metric_value
 
 pytestmark = pytest.mark.e2e
@@ -71,17 +70,8 @@ MAX_FRAMES = 20_000
 def pipeline(
     stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Pipeline]:
-    tag = uuid.uuid4().hex[:8]
-    env = dict(
-        stack_env,
-        FEED_TOPIC_ACTIVITIES=f"gwd-act-{tag}",
-        FEED_TOPIC_FOLLOWS=f"gwd-fol-{tag}",
-        FEED_TOPIC_DLQ=f"gwd-dlq-{tag}",
-        FEED_KAFKA_GROUP=f"gwd-{tag}",
-        FEED_WORKER_METRICS_PORT=str(free_port()),
-        FEED_GATEWAY_PORT=str(free_port()),
-        FEED_SEND_QUEUE_BYTES=str(SEND_QUEUE_BYTES),
-        FEED_DRAIN_S=str(DRAIN_S),
+    env = isolated_env(
+        stack_env, "gwd", FEED_SEND_QUEUE_BYTES=str(SEND_QUEUE_BYTES), FEED_DRAIN_S=str(DRAIN_S)
     )
     create_topics(Settings.from_env(env))
     with Pipeline(env, tmp_path_factory.mktemp("gateway-delivery")).running() as p:

@@ -20,9 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from feed.kafka import create_topics
-from tests.e2e.harness import Pipeline
+from tests.e2e.harness import Pipeline, isolated_env
 from tests.integration.test_feed_semantics import T0, USERS, Model, ops
-from tests.procs import free_port, http_get
+from tests.procs import http_get
 
 pytestmark = pytest.mark.e2e
 
@@ -31,17 +31,7 @@ pytestmark = pytest.mark.e2e
 def pipeline(
     stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Pipeline]:
-    tag = uuid.uuid4().hex[:8]
-    env = dict(
-        stack_env,
-        FEED_TOPIC_ACTIVITIES=f"prop-act-{tag}",
-        FEED_TOPIC_FOLLOWS=f"prop-fol-{tag}",
-        FEED_TOPIC_DLQ=f"prop-dlq-{tag}",
-        FEED_KAFKA_GROUP=f"prop-{tag}",
-        FEED_FANOUT_LIMIT="1",
-        FEED_WORKER_METRICS_PORT=str(free_port()),
-        FEED_GATEWAY_PORT=str(free_port()),
-    )
+    env = isolated_env(stack_env, "prop", FEED_FANOUT_LIMIT="1")
     p = Pipeline(env, tmp_path_factory.mktemp("prop"))
     create_topics(p.settings)
     with p.running():
