@@ -361,12 +361,7 @@ class Clients:
                     continue
                 if frame.type == "activity" and frame.activity is not None:
                     record(frame.activity.extra, now)
-            elif msg.type in (
-                aiohttp.WSMsgType.CLOSE,
-                aiohttp.WSMsgType.CLOSING,
-                aiohttp.WSMsgType.CLOSED,
-                aiohttp.WSMsgType.ERROR,
-            ):
+            elif _ended(msg.type):
                 return
 
     async def _read_sio(self, ws: Any) -> None:
@@ -389,12 +384,7 @@ class Clients:
                     await ws.send_str("3")
                 elif data.startswith(b"41") or data.startswith(b"1"):
                     return  # Socket.IO disconnect / Engine.IO close
-            elif msg.type in (
-                aiohttp.WSMsgType.CLOSE,
-                aiohttp.WSMsgType.CLOSING,
-                aiohttp.WSMsgType.CLOSED,
-                aiohttp.WSMsgType.ERROR,
-            ):
+            elif _ended(msg.type):
                 return
 
     # --- control ------------------------------------------------------------------------------
@@ -628,3 +618,15 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _ended(kind: Any) -> bool:
+    """Whether an aiohttp WebSocket message type means the connection is over."""
+    import aiohttp
+
+    return kind in (
+        aiohttp.WSMsgType.CLOSE,
+        aiohttp.WSMsgType.CLOSING,
+        aiohttp.WSMsgType.CLOSED,
+        aiohttp.WSMsgType.ERROR,
+    )

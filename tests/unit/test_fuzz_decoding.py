@@ -218,6 +218,11 @@ def near_valid_activities(draw: st.DrawFn) -> dict[str, Any]:
         doc["to"] = draw(st.one_of(st.lists(ids, max_size=110), hostile_values))
     if draw(st.booleans()):
         doc["extra"] = draw(st.one_of(json_values, st.none()))
+    return _perturb(draw, doc)
+
+
+def _perturb(draw: st.DrawFn, doc: dict[str, Any]) -> dict[str, Any]:
+    """Drop or replace with a hostile value up to two of ``doc``'s fields."""
     for name in draw(st.lists(st.sampled_from(sorted(doc)), max_size=2)):
         if draw(st.booleans()):
             doc.pop(name, None)
@@ -234,12 +239,7 @@ def near_valid_follows(draw: st.DrawFn) -> dict[str, Any]:
         "followee": draw(ids),
         "at": draw(timestamps),
     }
-    for name in draw(st.lists(st.sampled_from(sorted(doc)), max_size=2)):
-        if draw(st.booleans()):
-            doc.pop(name, None)
-        else:
-            doc[name] = draw(hostile_values)
-    return doc
+    return _perturb(draw, doc)
 
 
 @st.composite
