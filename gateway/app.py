@@ -183,9 +183,7 @@ def _as_gateway_error(exc: Exception) -> GatewayError:
         )
     if isinstance(exc, HTTPException):
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        return GatewayError(
-            exc.status_code, code, str(exc.detail), headers=dict(exc.headers or {})
-        )
+        return GatewayError(exc.status_code, code, str(exc.detail), headers=dict(exc.headers or {}))
     return GatewayError(500, "internal", "internal server error")
 
 
@@ -282,8 +280,12 @@ class Gateway:
             # A blocking pool: a burst of connects waits for a free connection (up to 10 s)
             # instead of failing past redis-py's default of 100 connections.
             pool = aioredis.BlockingConnectionPool.from_url(
-                s.redis_url, max_connections=512, timeout=10,
-                socket_connect_timeout=5, socket_timeout=10, socket_keepalive=True,
+                s.redis_url,
+                max_connections=512,
+                timeout=10,
+                socket_connect_timeout=5,
+                socket_timeout=10,
+                socket_keepalive=True,
             )
             self._redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
         self._timelines = AsyncRedisTimelines(self._redis)
@@ -351,8 +353,12 @@ class Gateway:
             if message.startswith(b"+"):
                 member, _, body = message[1:].partition(b"\n")
                 await timelines.insert_for(
-                    users, member.decode(), body, timeline_max=s.timeline_max,
-                    stream_history=s.stream_history, body_ttl_s=s.body_ttl_days * 86_400,
+                    users,
+                    member.decode(),
+                    body,
+                    timeline_max=s.timeline_max,
+                    stream_history=s.stream_history,
+                    body_ttl_s=s.body_ttl_days * 86_400,
                 )
             elif message.startswith(b"-"):
                 await timelines.remove_for(
@@ -588,9 +594,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise GatewayError(
-                        413, "too_large", f"body exceeds the limit of {limit} bytes"
-                    )
+                    raise GatewayError(413, "too_large", f"body exceeds the limit of {limit} bytes")
                 chunks.append(chunk)
     except TimeoutError:
         raise GatewayError(
@@ -833,6 +837,18 @@ class _StreamSocket:
         if self._closed:
             raise RuntimeError("the WebSocket is closed")
         await self._send({"type": "websocket.send", "text": text})
+
+    def write_now(self, frames: list[bytes]) -> int | None:
+        """Write ``frames`` as text messages at once if the server can (uvicorn under
+        :mod:`gateway.websocket`, socket open and writable): the bytes written, or None, having
+        written nothing (use :meth:`send_text`)."""
+        if self._closed:
+            return None
+        write = getattr(getattr(self._send, "__self__", None), "write_text_now", None)
+        if write is None:
+            return None
+        written: int | None = write(frames)
+        return written
 
     async def close(self, code: int, reason: str) -> None:
         if self._closed:
@@ -1104,9 +1120,7 @@ class StreamConnection:
         self._context = contextvars.copy_context()  # the pump logs with this connection's context
         if self._gateway.hold_live_s > 0:
             self._hold = loop.call_later(self._gateway.hold_live_s, self._end_hold)
-        expires_in = (
-            self._claims.expires_at + self._gateway.settings.jwt_leeway_s - time.time()
-        )
+        expires_in = self._claims.expires_at + self._gateway.settings.jwt_leeway_s - time.time()
         expiry = timers().call_later(expires_in, StreamConnection._expire, self)
         self._after_event()  # the welcome (or the close, if the session closed already)
         receive = self._ws.receive
@@ -1193,9 +1207,33 @@ class StreamConnection:
             self._pump_again = True
             return
         self._pump_again = False
+        frames: list[bytes] | None = None
+        if not session.wants_history:
+            # The hot path: live frames for a socket that takes them are written right here,
+            # with no task (the pump is for history reads and for sockets that push back).
+            frames = session.frames_to_send()
+            if not frames or self._write_now(session, frames):
+                return
         self._pump_task = asyncio.get_running_loop().create_task(
-            self._pump(session), context=self._context
+            self._pump(session, frames), context=self._context
         )
+
+    def _write_now(self, session: Session, frames: list[bytes]) -> bool:
+        written = self._ws.write_now(frames)
+        if written is None:
+            return False
+        session.frame_sent(written)
+        self._sent(len(frames))
+        return True
+
+    def _sent(self, count: int) -> None:
+        metrics = self._gateway.metrics
+        self._pushed += count
+        metrics.messages_pushed.inc(count)
+        since = self._pending_since
+        if since is not None:
+            self._pending_since = None
+            metrics.push_latency.observe(time.perf_counter() - since)
 
     def _interrupt_reader(self) -> None:
         """Get the reader out of its wait for a client frame (the session closed)."""
@@ -1208,9 +1246,12 @@ class StreamConnection:
         if self._pending_since is None:
             self._pending_since = time.perf_counter()
 
-    async def _pump(self, session: Session) -> None:
-        """Read history and write frames until there is nothing left to do, then end."""
+    async def _pump(self, session: Session, frames: list[bytes] | None = None) -> None:
+        """Write ``frames`` (handed out by the session already), then read history and write
+        frames until there is nothing left to do, then end."""
         try:
+            if frames:
+                await self._send_frames(session, frames)
             await self._pump_loop(session)
         except asyncio.CancelledError:
             self._interrupt_reader()
@@ -1226,10 +1267,17 @@ class StreamConnection:
         # The session closed or the pump failed: the connection ends.
         self._interrupt_reader()
 
+    async def _send_frames(self, session: Session, frames: list[bytes]) -> None:
+        if self._write_now(session, frames):
+            return
+        websocket = self._ws
+        for frame in frames:
+            await websocket.send_text(frame.decode())
+            session.frame_sent(len(frame))
+            self._sent(1)
+
     async def _pump_loop(self, session: Session) -> None:
         presence = self._gateway.presence
-        metrics = self._gateway.metrics
-        websocket = self._ws
         while not session.closed:
             self._pump_again = False
             busy = False
@@ -1249,15 +1297,7 @@ class StreamConnection:
             frames_out = session.frames_to_send()
             if frames_out:
                 busy = True  # a withheld history request may be due once these are written
-                since = self._pending_since
-                self._pending_since = None
-                for frame in frames_out:
-                    await websocket.send_text(frame.decode())
-                    session.frame_sent(len(frame))
-                    self._pushed += 1
-                    metrics.messages_pushed.inc()
-                    if since is not None:
-                        metrics.push_latency.observe(time.perf_counter() - since)
+                await self._send_frames(session, frames_out)
             if not busy and not self._pump_again:
                 return
 

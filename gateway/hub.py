@@ -11,9 +11,12 @@ Guarantees (what ``gateway.app`` relies on):
 * **Encoded once.** A published message is handed, as the same ``bytes`` object, to every local
   connection of its user.
 * **At-most-once, with gap detection.** Pub/Sub may lose messages while its connection is down.
-  When the connection is re-established (by this hub, or silently by redis-py), every affected
-  connection is told to :meth:`~LocalConnection.check_gap`: it re-reads its delivery stream after
-  the last frame it delivered. A half-open connection is detected by PINGs on an idle connection.
+  When the connection is re-established (only ever by this hub), every affected connection is
+  told to :meth:`~LocalConnection.check_gap`: it re-reads its delivery stream after the last frame
+  it delivered. A half-open connection is detected by PINGs on an idle connection.
+* **No await per message.** The connection is a :class:`gateway.pubsub.PubSubLink`: each chunk
+  read from Redis is parsed at once and its messages dispatched synchronously to the local
+  connections (which write to their sockets right there when they can).
 * **Large accounts' channels, only while needed.** :meth:`Hub.follow_actors` records which large
   accounts (merged at read time, not fanned out on write) each local user follows; an actor's
   channel (``feed.keys.actor_channel``) is subscribed while at least one local user follows it,
@@ -39,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Protocol
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -47,6 +50,7 @@ import structlog
 
 from feed import keys
 from feed.timeline_redis import AsyncRedisPresence
+from gateway.pubsub import PubSubLink
 from gateway.session import presence_frame
 
 __all__ = ["Hub", "HubUnavailable", "LocalConnection"]
@@ -108,7 +112,8 @@ class Hub:
         self._confirmed: set[bytes] = set()
         self._resync: set[bytes] = set()  # confirm -> tell the user's connections to check gaps
         self._waiters: dict[bytes, list[asyncio.Future[None]]] = {}
-        self._pubsub: Any = None
+        self._pubsub: PubSubLink | None = None
+        self._ping_sent: float | None = None
         self._connected = asyncio.Event()
         self._empty = asyncio.Event()
         self._empty.set()
@@ -203,12 +208,8 @@ class Hub:
                 unsubscribe.append(channel)
         if subscribe:
             await self._subscribe(subscribe)
-        pubsub = self._pubsub
-        if unsubscribe and pubsub is not None and self._connected.is_set():
-            try:
-                await pubsub.unsubscribe(*unsubscribe)
-            except _REDIS_ERRORS as exc:
-                log.warning("pubsub_unsubscribe_failed", error=str(exc))
+        if unsubscribe:
+            self._unsubscribe(unsubscribe)
 
     async def register(self, conn: LocalConnection) -> None:
         """Add a connection; returns once its user's channel is confirmed subscribed.
@@ -254,12 +255,7 @@ class Hub:
         self._resync.discard(channel)
         for waiter in self._waiters.pop(channel, []):
             waiter.cancel()
-        pubsub = self._pubsub
-        if pubsub is not None and self._connected.is_set():
-            try:
-                await pubsub.unsubscribe(channel)
-            except _REDIS_ERRORS as exc:
-                log.warning("pubsub_unsubscribe_failed", error=str(exc))
+        self._unsubscribe([channel])
 
     async def go_away(self, timeout_s: float) -> bool:
         """Ask every connection to close with 1001; wait (bounded) until all have left."""
@@ -282,7 +278,7 @@ class Hub:
         for channel in batch:
             self._pending[channel] = self._pending.get(channel, 0) + 1
         try:
-            await pubsub.subscribe(*batch)
+            pubsub.send("SUBSCRIBE", *batch)
         except _REDIS_ERRORS as exc:
             for channel in batch:
                 self._pending[channel] = max(0, self._pending.get(channel, 0) - 1)
@@ -306,12 +302,26 @@ class Hub:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._reconnect_max)
 
+    def _unsubscribe(self, channels: list[bytes]) -> None:
+        pubsub = self._pubsub
+        if pubsub is None or not self._connected.is_set():
+            return  # the reader subscribes only wanted channels when it (re)connects
+        try:
+            pubsub.send("UNSUBSCRIBE", *channels)
+        except _REDIS_ERRORS as exc:
+            log.warning("pubsub_unsubscribe_failed", error=str(exc))
+
     async def _connect(self) -> None:
-        pubsub = self._redis.pubsub()
-        self._pubsub = pubsub
         self._pending.clear()
         self._confirmed.clear()
-        await pubsub.connect()  # type: ignore[no-untyped-call]
+        self._ping_sent = None
+        self._pubsub = await PubSubLink.open(
+            self._redis,
+            timeout_s=self._subscribe_timeout,
+            on_message=self._dispatch,
+            on_subscribe=self._confirm,
+            on_pong=self._pong,
+        )
         self._connected.set()
         wanted = list(self._channels) + list(self._actor_channels)
         # Whatever was published while we were not subscribed is only in the delivery streams.
@@ -325,33 +335,28 @@ class Hub:
         pubsub, self._pubsub = self._pubsub, None
         self._connected.clear()
         if pubsub is not None:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
+            await pubsub.aclose()
 
     async def _read(self) -> None:
+        """Watch the connection (its messages arrive through the callbacks): return never;
+        raise when it is lost, or when an idle connection does not answer a PING in time."""
         pubsub = self._pubsub
+        assert pubsub is not None
         loop = asyncio.get_running_loop()
-        last_seen = loop.time()
-        ping_sent: float | None = None
         while True:
-            message = await pubsub.get_message(timeout=1.0)
+            await asyncio.wait({pubsub.closed}, timeout=1.0)
+            if pubsub.closed.done():
+                raise redis.exceptions.ConnectionError(pubsub.closed.result())
             now = loop.time()
-            if message is None:
-                if ping_sent is not None:
-                    if now - ping_sent > self._ping_timeout:
-                        raise redis.exceptions.TimeoutError("no PONG on the Pub/Sub connection")
-                elif now - last_seen > self._idle_ping:
-                    await pubsub.ping()
-                    ping_sent = now
-                continue
-            last_seen = now
-            kind = message["type"]
-            if kind == "message":
-                self._dispatch(message["channel"], message["data"])
-            elif kind == "subscribe":
-                self._confirm(message["channel"])
-            elif kind == "pong":
-                ping_sent = None
+            if self._ping_sent is not None:
+                if now - self._ping_sent > self._ping_timeout:
+                    raise redis.exceptions.TimeoutError("no PONG on the Pub/Sub connection")
+            elif now - pubsub.last_seen > self._idle_ping:
+                pubsub.send("PING")
+                self._ping_sent = now
+
+    def _pong(self) -> None:
+        self._ping_sent = None
 
     def _dispatch(self, channel: bytes, frame: bytes) -> None:
         actor = self._actor_channels.get(channel)
@@ -380,8 +385,8 @@ class Hub:
             pending -= 1
             self._pending[channel] = pending
         else:
-            # Not asked for: redis-py reconnected on its own and re-subscribed. Messages published
-            # in between are lost to us, so the user's connections must check for gaps.
+            # Not asked for (a confirmation this connection did not expect): whatever it means,
+            # the user's connections check the stream for gaps rather than trust Pub/Sub.
             self._resync.add(channel)
         if pending or channel not in self._channels:
             return

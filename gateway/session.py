@@ -209,6 +209,11 @@ class Session:
     def close_code(self) -> tuple[int, str] | None:
         return self._close
 
+    @property
+    def wants_history(self) -> bool:
+        """A delivery-stream read is due or pending (:meth:`history_request` may say when)."""
+        return self._close is None and (self._wanted or self._asked is not None)
+
     # --- events ----------------------------------------------------------------------------------
     def frame_sent(self, nbytes: int) -> None:
         """The socket accepted ``nbytes`` of the frames handed out."""

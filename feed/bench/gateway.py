@@ -24,8 +24,8 @@ Measured per side:
   VmRSS): ``(after - before) / C`` per connection; for ours also its garbage collections (from
   ``feed_gateway_gc_pause_seconds``): full collections and their pause while the clients
   connected and during the sweep, and the longest pause of each generation;
-* an offered-rate sweep (full: 1k, 2k, 4k, 6k, 8k, 12k msg/s for 10 s each, extended while a side
-  still meets the bound; quick: two small rates for 3 s), the sides alternating at each rate:
+* an offered-rate sweep (full: 1k to 6k msg/s in steps of 1k, then 8k to 16k in steps of 2k,
+  10 s each, extended while a side still meets the bound; ``FEED_BENCH_GATEWAY_RATES`` overrides; quick: two small rates for 3 s), the sides alternating at each rate:
   delivered msgs/s, publish→receive latency p50/p95/p99/p99.9/max, loss (sent - distinct
   received, after a bounded drain) and repeats, server CPU from ``/proc/<pid>/stat`` utime+stime
   over the step (also Redis's and the client process's, to see who saturates first);
@@ -52,7 +52,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,31 @@ class GatewayPlan:
     quiet_budget_s: float  # ... and this long over the whole sweep
 
 
+def _rates_from_env() -> tuple[int, ...] | None:
+    """``FEED_BENCH_GATEWAY_RATES=8000,10000``: sweep only these offered rates (msg/s)."""
+    raw = os.environ.get("FEED_BENCH_GATEWAY_RATES", "").strip()
+    if not raw:
+        return None
+    try:
+        rates = tuple(int(part) for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(
+            f"FEED_BENCH_GATEWAY_RATES must be comma-separated integers, got {raw!r}"
+        ) from None
+    if not rates or any(rate <= 0 for rate in rates):
+        raise ValueError(f"FEED_BENCH_GATEWAY_RATES must list rates > 0, got {raw!r}")
+    return rates
+
+
 def plan_for(quick: bool) -> GatewayPlan:
+    plan = _default_plan(quick)
+    rates = _rates_from_env()
+    if rates is not None:
+        plan = replace(plan, rates=rates, extra_rates=())
+    return plan
+
+
+def _default_plan(quick: bool) -> GatewayPlan:
     if quick:
         return GatewayPlan(
             clients=200,
@@ -107,8 +131,8 @@ def plan_for(quick: bool) -> GatewayPlan:
         )
     return GatewayPlan(
         clients=5000,
-        rates=(1000, 2000, 4000, 6000, 8000, 12000),
-        extra_rates=(16000, 20000),
+        rates=(1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000, 12000, 14000, 16000),
+        extra_rates=(18000, 20000, 24000),
         step_s=10.0,
         warmup_rate=500,
         warmup_s=3.0,

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.app import _handshake
 from gateway.timers import TICK_S, Timers
-from gateway.websocket import _Flag, _Inbox, protocol_class
+from gateway.websocket import _Flag, _Inbox, protocol_class, text_frame_header
 
 
 def test_timers_run_in_due_order_not_early_and_at_most_a_tick_late() -> None:
@@ -151,3 +151,15 @@ def test_handshake_without_credentials_or_client() -> None:
     scope = _scope([], b"tokens=x")
     scope["client"] = None
     assert _handshake(scope) == (None, "unknown", "")
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 300, 65535, 65536, 70000])
+def test_text_frame_header_frames_exactly_like_websockets(size: int) -> None:
+    """The gateway's direct write (``write_text_now``) puts the same bytes on the wire as
+    ``websockets`` does for a server's unfragmented, uncompressed text frame."""
+    from websockets.frames import Frame, Opcode
+
+    payload = ("é" * (size // 2) + "x" * (size % 2)).encode()
+    assert len(payload) == size
+    expected = Frame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
+    assert text_frame_header(size) + payload == expected

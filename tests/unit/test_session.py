@@ -144,6 +144,22 @@ def test_gap_asks_for_history_after_last() -> None:
     assert session.gaps == 1
 
 
+def test_wants_history_from_the_gap_until_the_answer() -> None:
+    session = started(0)
+    session.receive_live(activity(1))
+    assert not session.wants_history  # in order: the adapter may write it at once
+    session.receive_live(activity(3))
+    assert session.wants_history  # a gap: the adapter must read the stream (its pump)
+    assert session.history_request() == 1
+    assert session.wants_history  # asked, not answered
+    session.receive_history(stream(2, 3), 1)
+    assert not session.wants_history
+    assert seqs(drain(session)) == [1, 2, 3]
+    session.receive_live(activity(9))
+    session.shutdown()
+    assert not session.wants_history  # closed: nothing more to read
+
+
 def test_history_request_is_returned_once() -> None:
     session = started(0)
     session.receive_live(activity(2))

@@ -1,0 +1,215 @@
+"""The gateway's one Redis Pub/Sub connection, read without a coroutine per message.
+
+redis-py's ``PubSub.get_message`` parses one message per ``await``, under a timeout context and a
+retry wrapper, and builds a dict for each. At thousands of messages per second that was a fifth
+of the gateway's CPU (py-spy, ``feed bench gateway``). :class:`PubSubLink` is an
+:class:`asyncio.Protocol`: each chunk the socket delivers is parsed by hiredis at once and every
+message in it handed to ``on_message(channel, data)`` synchronously, from ``data_received``.
+
+What it does (and no more, since it only ever SUBSCRIBEs, UNSUBSCRIBEs and PINGs):
+
+* connects as redis-py would from the gateway's client: TCP (with ``TCP_NODELAY`` and
+  keepalive), TLS (``rediss://``, redis-py's own SSL context from the URL's options) or a Unix
+  socket, then ``AUTH`` (with the username if the URL has one) before anything else;
+* :meth:`send` writes a command at once (no await: the socket's buffer takes it);
+* replies: ``message`` → ``on_message``, ``subscribe`` → ``on_subscribe(channel)``, ``pong`` (or
+  ``PONG`` outside subscriber mode) → ``on_pong``; an error reply is logged;
+* :attr:`closed` is a future done when the connection is lost, with the reason as its result.
+
+Nothing here retries: the hub reconnects and re-subscribes (``gateway.hub``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable
+from typing import Any, cast
+
+import hiredis
+import redis.asyncio as aioredis
+import redis.exceptions
+import structlog
+
+__all__ = ["PubSubLink"]
+
+log = structlog.get_logger("gateway.pubsub")
+
+
+class PubSubLink(asyncio.Protocol):
+    """One Redis connection in subscriber mode (see the module doc)."""
+
+    def __init__(
+        self,
+        on_message: Callable[[bytes, bytes], None],
+        on_subscribe: Callable[[bytes], None],
+        on_pong: Callable[[], None],
+    ) -> None:
+        self._on_message = on_message
+        self._on_subscribe = on_subscribe
+        self._on_pong = on_pong
+        self._parser = hiredis.Reader()
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._reply: asyncio.Future[Any] | None = None  # the AUTH reply, while it is awaited
+        #: Done when the connection is lost; its result says why.
+        self.closed: asyncio.Future[str] = self._loop.create_future()
+        self._gone: asyncio.Future[None] = self._loop.create_future()  # connection_lost ran
+        #: Loop time of the last data received (the hub pings an idle connection).
+        self.last_seen = self._loop.time()
+
+    # --- connecting ------------------------------------------------------------------------------
+    @classmethod
+    async def open(
+        cls,
+        client: aioredis.Redis,
+        *,
+        timeout_s: float,
+        on_message: Callable[[bytes, bytes], None],
+        on_subscribe: Callable[[bytes], None],
+        on_pong: Callable[[], None],
+    ) -> PubSubLink:
+        """Connect to the server ``client`` uses, authenticated; raises
+        ``redis.exceptions.ConnectionError`` (or ``AuthenticationError``) if it cannot."""
+        pool = client.connection_pool
+        kwargs = dict(pool.connection_kwargs)
+        link = cls(on_message, on_subscribe, on_pong)
+        loop = link._loop
+        try:
+            async with asyncio.timeout(timeout_s):
+                if kwargs.get("path"):
+                    await loop.create_unix_connection(lambda: link, kwargs["path"])
+                else:
+                    ssl_context = None
+                    if issubclass(pool.connection_class, aioredis.SSLConnection):
+                        ssl_context = pool.connection_class(**kwargs).ssl_context.get()
+                    await loop.create_connection(
+                        lambda: link,
+                        kwargs.get("host") or "localhost",
+                        int(kwargs.get("port") or 6379),
+                        ssl=ssl_context,
+                    )
+                    link._tune_socket()
+                password = kwargs.get("password")
+                if password:
+                    username = kwargs.get("username")
+                    args = ("AUTH", username, password) if username else ("AUTH", password)
+                    reply = await link._call(args)
+                    if isinstance(reply, hiredis.ReplyError):
+                        # Redis's message names no secret ("WRONGPASS invalid username-...").
+                        raise redis.exceptions.AuthenticationError(str(reply))
+        except TimeoutError:
+            link.close()
+            raise redis.exceptions.TimeoutError(
+                f"no Pub/Sub connection within {timeout_s:g} s"
+            ) from None
+        except OSError as exc:
+            link.close()
+            raise redis.exceptions.ConnectionError(f"Pub/Sub connection failed: {exc}") from None
+        except BaseException:
+            link.close()
+            raise
+        return link
+
+    def _tune_socket(self) -> None:
+        sock = self._transport.get_extra_info("socket") if self._transport else None
+        if sock is None:
+            return
+        for level, option in (
+            (socket.IPPROTO_TCP, socket.TCP_NODELAY),
+            (socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+        ):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, option, 1)
+
+    async def _call(self, args: tuple[Any, ...]) -> Any:
+        reply: asyncio.Future[Any] = self._loop.create_future()
+        self._reply = reply
+        self.send(*args)
+        await asyncio.wait({reply, self.closed}, return_when=asyncio.FIRST_COMPLETED)
+        self._reply = None
+        if reply.done():
+            return reply.result()
+        raise redis.exceptions.ConnectionError(self.closed.result())
+
+    # --- commands --------------------------------------------------------------------------------
+    @property
+    def is_open(self) -> bool:
+        return self._transport is not None and not self.closed.done()
+
+    def send(self, *args: Any) -> None:
+        """Write one command now; raises ``redis.exceptions.ConnectionError`` once closed."""
+        transport = self._transport
+        if transport is None or self.closed.done() or transport.is_closing():
+            raise redis.exceptions.ConnectionError("the Pub/Sub connection is closed")
+        transport.write(hiredis.pack_command(args))
+
+    def close(self) -> None:
+        transport = self._transport
+        if transport is not None:
+            transport.close()
+        else:
+            if not self._gone.done():
+                self._gone.set_result(None)
+        self._lost("closed by the gateway")
+
+    async def aclose(self, timeout_s: float = 1.0) -> None:
+        """Close, and wait (bounded) until the transport has let go of the socket."""
+        self.close()
+        await asyncio.wait({self._gone}, timeout=timeout_s)
+
+    # --- asyncio.Protocol ------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._gone.done():
+            self._gone.set_result(None)
+        self._lost(f"connection lost: {exc}" if exc else "connection closed by the server")
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport (connection_lost follows)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_seen = self._loop.time()
+        parser = self._parser
+        try:
+            parser.feed(data)
+            while True:
+                reply = parser.gets()
+                if reply is False:
+                    return
+                self._handle(reply)
+        except hiredis.ProtocolError as exc:
+            log.error("pubsub_protocol_error", error=str(exc))
+            if self._transport is not None:
+                self._transport.abort()
+            self._lost(f"protocol error: {exc}")
+
+    def _handle(self, reply: Any) -> None:
+        waiter = self._reply
+        if waiter is not None:
+            self._reply = None
+            if not waiter.done():
+                waiter.set_result(reply)
+            return
+        if type(reply) is list and reply:
+            kind = reply[0]
+            try:
+                if kind == b"message":
+                    self._on_message(reply[1], reply[2])
+                elif kind == b"subscribe":
+                    self._on_subscribe(reply[1])
+                elif kind == b"pong":
+                    self._on_pong()
+            except Exception:
+                log.exception("pubsub_callback_failed", kind=kind.decode(errors="replace"))
+        elif reply == b"PONG":
+            self._on_pong()
+        elif isinstance(reply, hiredis.ReplyError):
+            log.warning("pubsub_error_reply", error=str(reply))
+
+    def _lost(self, why: str) -> None:
+        if not self.closed.done():
+            self.closed.set_result(why)  # also ends a _call() waiting for its reply

@@ -1,0 +1,237 @@
+"""gateway.pubsub.PubSubLink against the real Redis of the test session (and, for the one case
+Redis never produces, a malformed reply, against a socket that sends one)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from feed.settings import Settings
+from gateway.pubsub import PubSubLink
+
+DEADLINE_S = 10.0
+
+
+class Recorder:
+    """The link's three callbacks, recording what they were given."""
+
+    def __init__(self, fail_on: bytes | None = None) -> None:
+        self.messages: list[tuple[bytes, bytes]] = []
+        self.subscribed: list[bytes] = []
+        self.pongs = 0
+        self.fail_on = fail_on
+
+    def message(self, channel: bytes, data: bytes) -> None:
+        if data == self.fail_on:
+            raise RuntimeError("a callback that fails")
+        self.messages.append((channel, data))
+
+    def subscribe(self, channel: bytes) -> None:
+        self.subscribed.append(channel)
+
+    def pong(self) -> None:
+        self.pongs += 1
+
+
+async def _open(url: str, rec: Recorder, **kwargs: Any) -> PubSubLink:
+    client = aioredis.Redis.from_url(url, **kwargs)
+    try:
+        return await PubSubLink.open(
+            client,
+            timeout_s=5.0,
+            on_message=rec.message,
+            on_subscribe=rec.subscribe,
+            on_pong=rec.pong,
+        )
+    finally:
+        await client.aclose()
+
+
+async def _until(predicate: Callable[[], Any], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {DEADLINE_S}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def test_messages_arrive_in_order_and_only_while_subscribed(
+    settings: Settings, redis_client: redis.Redis, ids: Callable[[str], str]
+) -> None:
+    channel, other = ids("ch").encode(), ids("other").encode()
+    rec = Recorder()
+
+    async def scenario() -> None:
+        link = await _open(settings.redis_url, rec)
+        try:
+            link.send("SUBSCRIBE", channel, other)
+            await _until(lambda: len(rec.subscribed) == 2, "two confirmations")
+            assert sorted(rec.subscribed) == sorted([channel, other])
+            # Many messages in one pipeline: they reach the link in a few large chunks.
+            pipe = redis_client.pipeline(transaction=False)
+            for n in range(2000):
+                pipe.publish(channel, f"m{n}".encode())
+            pipe.publish(other, b"to-other")
+            pipe.execute()
+            await _until(lambda: len(rec.messages) == 2001, "2,001 messages")
+            assert rec.messages[:2000] == [(channel, f"m{n}".encode()) for n in range(2000)]
+            assert rec.messages[2000] == (other, b"to-other")
+            link.send("UNSUBSCRIBE", other)
+            await _until(lambda: redis_client.pubsub_numsub(other)[0][1] == 0, "unsubscribe")
+            redis_client.publish(other, b"not for us")
+            redis_client.publish(channel, b"last")
+            await _until(lambda: rec.messages[-1] == (channel, b"last"), "the last message")
+            assert (other, b"not for us") not in rec.messages
+        finally:
+            await link.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_ping_is_answered_in_and_out_of_subscriber_mode(
+    settings: Settings, ids: Callable[[str], str]
+) -> None:
+    rec = Recorder()
+
+    async def scenario() -> None:
+        link = await _open(settings.redis_url, rec)
+        try:
+            link.send("PING")  # not subscribed yet: Redis answers +PONG
+            await _until(lambda: rec.pongs == 1, "PONG")
+            link.send("SUBSCRIBE", ids("ch"))
+            await _until(lambda: rec.subscribed, "the confirmation")
+            before = link.last_seen
+            link.send("PING")  # subscribed: Redis answers ["pong", ""]
+            await _until(lambda: rec.pongs == 2, "pong")
+            assert link.last_seen >= before
+        finally:
+            await link.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_callback_does_not_end_the_link(
+    settings: Settings, redis_client: redis.Redis, ids: Callable[[str], str]
+) -> None:
+    channel = ids("ch").encode()
+    rec = Recorder(fail_on=b"boom")
+
+    async def scenario() -> None:
+        link = await _open(settings.redis_url, rec)
+        try:
+            link.send("SUBSCRIBE", channel)
+            await _until(lambda: rec.subscribed, "the confirmation")
+            for data in (b"one", b"boom", b"two"):
+                redis_client.publish(channel, data)
+            await _until(lambda: len(rec.messages) == 2, "the messages around the failure")
+            assert [data for _, data in rec.messages] == [b"one", b"two"]
+            assert link.is_open
+        finally:
+            await link.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_killed_connection_is_reported_and_refuses_commands(
+    settings: Settings, redis_client: redis.Redis, ids: Callable[[str], str]
+) -> None:
+    channel = ids("ch").encode()
+    rec = Recorder()
+
+    async def scenario() -> None:
+        link = await _open(settings.redis_url, rec)
+        try:
+            link.send("CLIENT", "SETNAME", channel)
+            link.send("SUBSCRIBE", channel)
+            await _until(lambda: rec.subscribed, "the confirmation")
+            killed = 0
+            for client in redis_client.client_list():
+                if client["name"] == channel.decode():
+                    killed += redis_client.client_kill_filter(_id=client["id"])
+            assert killed == 1
+            await asyncio.wait_for(asyncio.shield(link.closed), DEADLINE_S)
+            assert "closed" in link.closed.result() or "lost" in link.closed.result()
+            assert not link.is_open
+            with pytest.raises(redis.exceptions.ConnectionError):
+                link.send("PING")
+        finally:
+            await link.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_authenticates_with_username_and_password_and_names_no_secret_when_refused(
+    settings: Settings, redis_client: redis.Redis, ids: Callable[[str], str]
+) -> None:
+    user, password = ids("acl-user"), "pw-" + ids("secret")
+    redis_client.execute_command(
+        "ACL", "SETUSER", user, "on", f">{password}", "resetchannels", "&*", "+@all", "~*"
+    )
+    base = settings.redis_url.split("://", 1)[1]
+    channel = ids("ch").encode()
+    rec = Recorder()
+
+    async def scenario() -> None:
+        link = await _open(f"redis://{user}:{password}@{base}", rec)
+        try:
+            link.send("SUBSCRIBE", channel)
+            await _until(lambda: rec.subscribed, "the confirmation")
+            redis_client.publish(channel, b"hello")
+            await _until(lambda: rec.messages == [(channel, b"hello")], "the message")
+        finally:
+            await link.aclose()
+        with pytest.raises(redis.exceptions.AuthenticationError) as refused:
+            await _open(f"redis://{user}:wrong-{password}@{base}", Recorder())
+        assert password not in str(refused.value)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        redis_client.execute_command("ACL", "DELUSER", user)
+
+
+def test_nothing_listening_is_a_connection_error() -> None:
+    async def scenario() -> None:
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        server.close()
+        await server.wait_closed()
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await _open(f"redis://127.0.0.1:{port}/0", Recorder())
+
+    asyncio.run(scenario())
+
+
+def test_a_malformed_reply_ends_the_link() -> None:
+    async def scenario() -> None:
+        async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                writer.write(b"*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$2\r\nok\r\n?not-resp\r\n")
+                await writer.drain()
+                with contextlib.suppress(OSError):
+                    await asyncio.wait_for(reader.read(), DEADLINE_S)  # until the link hangs up
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        rec = Recorder()
+        try:
+            link = await _open(f"redis://127.0.0.1:{port}/0", rec)
+            await asyncio.wait_for(asyncio.shield(link.closed), DEADLINE_S)
+            assert "protocol error" in link.closed.result()
+            assert rec.messages == [(b"c", b"ok")]  # what came before the bad reply counts
+            await link.aclose()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(scenario())
