@@ -25,7 +25,9 @@ Measured per side:
   ``feed_gateway_gc_pause_seconds``): full collections and their pause while the clients
   connected and during the sweep, and the longest pause of each generation;
 * an offered-rate sweep (full: 1k to 6k msg/s in steps of 1k, then 8k to 16k in steps of 2k,
-  10 s each, extended while a side still meets the bound; ``FEED_BENCH_GATEWAY_RATES`` overrides; quick: two small rates for 3 s), the sides alternating at each rate:
+  10 s each, extended while a side still meets the bound; ``FEED_BENCH_GATEWAY_RATES=...``
+  sweeps only the rates it lists; quick: two small rates for 3 s), the sides alternating at each
+  rate:
   delivered msgs/s, publish→receive latency p50/p95/p99/p99.9/max, loss (sent - distinct
   received, after a bounded drain) and repeats, server CPU from ``/proc/<pid>/stat`` utime+stime
   over the step (also Redis's and the client process's, to see who saturates first);
