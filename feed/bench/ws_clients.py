@@ -4,15 +4,15 @@ Both run as separate processes (``python -m feed.bench.ws_clients clients|publis
 from the server under test and from each other, so neither steals the server's event loop.
 
 ``clients``
-    Opens C connections (one user each) to our gateway (``/v1/stream``) or to the Socket.IO peer,
-    on aiohttp, without permessage-deflate, and keeps them open. For the peer it speaks the
-    Engine.IO 4 / Socket.IO 5 wire protocol itself (open packet, ``40{auth}`` CONNECT, ``42[...]``
-    events, answering the server's ``2`` ping with ``3``), which is lighter than
-    ``socketio.AsyncClient``. Every received message carries ``extra.bench_sent`` (the
+    Opens C connections (one user each) to our gateway (``/v1/stream``) or to the Socket.IO peer, on
+    aiohttp (under uvloop when installed), without permessage-deflate, and keeps them open. For the
+    peer it speaks the Engine.IO 4 / Socket.IO 5 wire protocol itself (open packet, ``40{auth}``
+    CONNECT, ``42[...]`` events, answering the server's ``2`` ping with ``3``), which is lighter
+    than ``socketio.AsyncClient``. Every received message carries ``extra.bench_sent`` (the
     publisher's wall clock), ``extra.step`` and ``extra.seq``; the process keeps, per step, the
-    publish→receive latencies and the distinct seqs seen (so loss and repeats are counted). A
-    small HTTP control server on 127.0.0.1 answers ``GET /status``, ``GET /step?step=N`` and
-    ``POST /quit``.
+    publish→receive latencies and the distinct seqs seen (so loss and repeats are counted). A small
+    HTTP control server on 127.0.0.1 answers ``GET /status``, ``GET /step?step=N`` and ``POST
+    /quit``.
 
 ``publish``
     One step: messages at a fixed offered rate for a fixed time, each to a random connected user,
@@ -38,12 +38,15 @@ import os
 import random
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
+
+T = TypeVar("T")
 
 __all__ = ["main", "payload"]
 
@@ -593,13 +596,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run(main: Coroutine[Any, Any, T]) -> T:
+    """Run the load generator's event loop on uvloop when it is installed (it comes with
+    ``uvicorn[standard]``, like the servers' loops): the measuring side should cost the machine as
+    little as it can, since it shares the cores with the servers it measures."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
 def main(argv: list[str] | None = None) -> int:
     from feed.bench.peer_socketio import raise_nofile
 
     args = _parser().parse_args(argv)
     raise_nofile()
     if args.command == "clients":
-        asyncio.run(Clients(args).run())
+        _run(Clients(args).run())
         return 0
     users = [u for u in json.loads(args.users_file.read_text()) if u]
     if not users:
@@ -608,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.kind == "ours":
         result = publish_ours(args, users)
     else:
-        result = asyncio.run(publish_socketio(args, users))
+        result = _run(publish_socketio(args, users))
     result["rate"] = args.rate
     result["step"] = args.step
     sys.stdout.write(json.dumps(result) + "\n")
