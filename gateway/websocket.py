@@ -10,7 +10,8 @@ gateway holds thousands of mostly idle connections and each of these cost memory
 * the "transport is writable" flag is :class:`_Flag` (a bool, and a future only while a writer
   waits) instead of an ``asyncio.Event`` (a deque, ~0.8 KiB);
 * the keepalive ping is scheduled on the process's coarse timers (:mod:`gateway.timers`), not as
-  an event-loop timer of its own (~0.6 KiB per connection under uvloop);
+  an event-loop timer of its own (~0.6 KiB per connection under uvloop), and a connection's first
+  ping comes at a random point of the second half of the interval (:func:`first_ping_delay`);
 * the parsed handshake request and the handshake response (with their header maps) are dropped
   once the handshake is done: uvicorn (and the request parser of ``websockets``) keep them for the
   connection's lifetime and never read them again.
@@ -27,12 +28,13 @@ have the expected one (the gateway then works as before, with more memory per co
 from __future__ import annotations
 
 import asyncio
+import random
 import struct
 from typing import Any
 
 from gateway.timers import timers
 
-__all__ = ["protocol_class", "text_frame_header"]
+__all__ = ["first_ping_delay", "protocol_class", "text_frame_header"]
 
 
 class _Inbox:
@@ -109,6 +111,18 @@ class _Flag:
         return True
 
 
+def first_ping_delay(interval: float, draw: float) -> float:
+    """When a new connection's first keepalive ping is due: somewhere in the second half of the
+    interval (``draw`` in [0, 1)), not at exactly ``interval`` for every connection.
+
+    Connections arrive in bursts (a deploy, a reconnect storm, a benchmark's connect phase), and
+    each then pings at a fixed period: without the spread, thousands of pings, and their pongs,
+    would keep landing in the same few timer ticks, every interval, stalling the event loop for
+    everyone's live frames. A dead peer is still found within one interval plus the timeout.
+    """
+    return interval * (0.5 + 0.5 * draw)
+
+
 def text_frame_header(size: int) -> bytes:
     """The header of an unmasked (server to client), final, uncompressed text frame of ``size``
     payload bytes (RFC 6455, section 5.2)."""
@@ -150,7 +164,9 @@ def _build() -> type[asyncio.Protocol] | None:
         def start_keepalive(self) -> None:
             # Called once the handshake response is sent; uvicorn does not read it again.
             self.response = None  # type: ignore[assignment]
-            super().start_keepalive()
+            if self.ping_interval is not None and self.ping_interval > 0:
+                delay = first_ping_delay(self.ping_interval, random.random())
+                self.ping_timer = timers().call_later(delay, _send_ping, self)  # type: ignore[assignment]
 
         def write_text_now(self, frames: list[bytes]) -> int | None:
             """Write ``frames`` (UTF-8) as unfragmented text messages now: the payload bytes

@@ -8,8 +8,10 @@ tests use the real broker).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
+import os
 import re
 import shutil
 import socket
@@ -810,6 +812,67 @@ async def test_slow_client_is_closed_4008(redis_url: str, timelines: RedisTimeli
                 pytest.fail("the slow client was never closed")
             await asyncio.sleep(0)
         assert await close_code(ws, timeout=15) == 4008
+    finally:
+        running.stop()
+
+
+async def _raw_frames_until_close(
+    reader: asyncio.StreamReader, deadline_s: float
+) -> tuple[list[tuple[int, float]], int]:
+    """Read server frames (unmasked) until a close frame: their (opcode, seconds since the
+    call), and the close code. Answers nothing: not even a pong."""
+    started = time.monotonic()
+    frames: list[tuple[int, float]] = []
+    while True:
+        remaining = deadline_s - (time.monotonic() - started)
+        head = await asyncio.wait_for(reader.readexactly(2), max(0.01, remaining))
+        size = head[1] & 0x7F
+        if size == 126:
+            size = int.from_bytes(await reader.readexactly(2), "big")
+        elif size == 127:
+            size = int.from_bytes(await reader.readexactly(8), "big")
+        payload = await reader.readexactly(size)
+        opcode = head[0] & 0x0F
+        frames.append((opcode, time.monotonic() - started))
+        if opcode == 0x8:
+            return frames, int.from_bytes(payload[:2], "big")
+
+
+async def test_keepalive_pings_and_closes_a_client_that_never_answers_1011(
+    redis_url: str, timelines: RedisTimelines
+) -> None:
+    interval = timeout = 0.5
+    running = _start(_settings(redis_url, ping_interval_s=interval, ping_timeout_s=timeout))
+    try:
+        answering_user = uid("pong")
+        answering, welcome = await welcomed(running, answering_user)  # websockets answers pings
+        await answering.send(json.dumps({"type": "resume", "cursor": welcome["cursor"]}))
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.server.port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            (
+                f"GET /v1/stream?token={token(uid('silent'))} HTTP/1.1\r\n"
+                "Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        response = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert response.startswith(b"HTTP/1.1 101")
+        frames, code = await _raw_frames_until_close(reader, deadline_s=TIMEOUT)
+        writer.close()
+        opcodes = [opcode for opcode, _ in frames]
+        assert opcodes[0] == 0x1  # the welcome
+        pings = [at for opcode, at in frames if opcode == 0x9]
+        assert len(pings) == 1, frames  # pinged once, and never answered
+        tick = 0.25  # gateway.timers
+        assert pings[0] <= interval + tick + 0.5, frames
+        assert code == 1011  # keepalive ping timeout
+        assert frames[-1][1] - pings[0] >= timeout - 0.05, frames
+        # Meanwhile the client that answers has been pinged several times over and is still live.
+        activity = make_activity("x")
+        publish(timelines, [answering_user], activity)
+        assert (await recv(answering))["activity"]["id"] == activity.id
+        await answering.close()
     finally:
         running.stop()
 

@@ -9,7 +9,13 @@ import pytest
 
 from gateway.app import _handshake
 from gateway.timers import TICK_S, Timers
-from gateway.websocket import _Flag, _Inbox, protocol_class, text_frame_header
+from gateway.websocket import (
+    _Flag,
+    _Inbox,
+    first_ping_delay,
+    protocol_class,
+    text_frame_header,
+)
 
 
 def test_timers_run_in_due_order_not_early_and_at_most_a_tick_late() -> None:
@@ -163,3 +169,19 @@ def test_text_frame_header_frames_exactly_like_websockets(size: int) -> None:
     assert len(payload) == size
     expected = Frame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
     assert text_frame_header(size) + payload == expected
+
+
+def test_first_pings_of_a_connect_burst_are_spread_over_half_an_interval() -> None:
+    import random
+
+    rng = random.Random(5)
+    interval = 20.0
+    delays = [first_ping_delay(interval, rng.random()) for _ in range(5000)]
+    assert all(interval / 2 <= d < interval for d in delays)  # never later than before
+    # Spread: no 0.25 s timer tick gets more than a few times its even share (5000 / 40).
+    ticks: dict[int, int] = {}
+    for d in delays:
+        ticks[int(d / 0.25)] = ticks.get(int(d / 0.25), 0) + 1
+    assert len(ticks) == 40
+    assert max(ticks.values()) < 3 * 5000 / 40
+    assert first_ping_delay(interval, 0.0) == interval / 2
