@@ -18,7 +18,8 @@ Ctrl-C, SIGTERM or an error. Environment switches: ``FEED_BENCH_SKIP_PEERS=1`` (
 ``FEED_BENCH_PROFILE=1`` (py-spy the worker during the first drain), ``FEED_BENCH_WORKDIR``
 (where the stack and the peer venv live), ``FEED_BENCH_KEEP=1`` (keep the stack's data folder).
 ``FEED_BENCH_PHASES=redis_only,history`` runs only those phases of the fanout scenario;
-``FEED_BENCH_GATEWAY_RATES=8000,10000`` sweeps only those offered rates in the gateway scenario.
+``FEED_BENCH_GATEWAY_RATES=8000,10000`` sweeps only those offered rates in the gateway scenario,
+``FEED_BENCH_GATEWAY_SIDES=peer`` measures only that side of it.
 
 Exit status: 0 when every requested scenario ran (targets missed or a peer that could not be
 installed do not change it), 1 when a scenario failed, 130 when interrupted.

@@ -38,7 +38,7 @@ Measured per side:
   bench waits (bounded) until other work uses < 0.3 cores, measures the other work during the
   step (machine busy time from ``/proc/stat`` minus the bench's own processes), and in a full run
   repeats a step (up to 4 runs) that other work disturbed or that missed the bound, until it has
-  a clean run within the bound or two clean runs over it; the best clean run counts, all are
+  a clean run within the bound or three clean runs over it; the best clean run counts, all are
   kept. A side stops after two consecutive rates over the bound.
 
 Writes ``gateway.png`` (throughput, latency percentiles and server CPU against offered rate) into
@@ -67,6 +67,11 @@ __all__ = ["run"]
 #: The latency bound a rate must meet (p99, ms) and the share that must arrive.
 P99_BOUND_MS = 50.0
 MIN_DELIVERED = 0.99
+#: A rate is over the bound for a side once this many runs undisturbed by other work missed it
+#: (full mode; at most ``max_runs`` runs). Both servers are Python processes whose garbage
+#: collections stall them now and then (the peer's full collections take 0.3-0.7 s with 5,000
+#: connections), so one unlucky run must not decide a side's limit.
+CLEAN_RUNS_OVER = 3
 PLOT = "gateway.png"
 
 
@@ -425,12 +430,19 @@ def gc_stats(text: str) -> dict[str, float] | None:
 
 
 def _record_gc(side: Side, when: str) -> None:
-    if side.key != "ours" or not side.server_port:
+    """The server's garbage collections so far: ours from ``/metrics``, the peer's from the
+    ``/gc`` of its harness (:mod:`feed.bench.peer_socketio`)."""
+    if not side.server_port:
         return
     try:
-        url = f"http://127.0.0.1:{side.server_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            side.gc[when] = gc_stats(response.read().decode())
+        if side.key == "ours":
+            url = f"http://127.0.0.1:{side.server_port}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                side.gc[when] = gc_stats(response.read().decode())
+        else:
+            side.gc[when] = {
+                k: float(v) for k, v in _get_json(f"http://127.0.0.1:{side.server_port}/gc").items()
+            }
     except (OSError, urllib.error.URLError, ValueError):
         side.gc[when] = None
 
@@ -626,6 +638,10 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         sides.append(Side("peer", "python-socketio", "socketio"))
     else:
         result["peer_status"] = peer_note
+    only = os.environ.get("FEED_BENCH_GATEWAY_SIDES", "").replace(" ", "")
+    if only:  # e.g. "peer": measure only that side (a diagnostic; the ratio needs both)
+        sides = [side for side in sides if side.key in only.split(",")] or sides
+        result["sides_measured"] = [side.key for side in sides]
     started = time.monotonic()
     waited = 0.0
     try:
@@ -641,7 +657,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
             finally:
                 _stop(ctx, [side])
         result["waited_for_quiet_s"] = round(waited, 1)
-        if sides[0].error is not None:
+        if sides[0].key == "ours" and sides[0].error is not None:
             result["status"] = "failed"
             result["error"] = sides[0].error
     finally:
@@ -712,7 +728,7 @@ def _sweep(ctx: BenchContext, sides: list[Side], gp: GatewayPlan) -> Quiet:
                         clean_runs = [r for r in runs if r["clean"]]
                         if step["clean"] and step["within_bound"]:
                             break
-                        if len(clean_runs) >= 2 or quiet.budget <= 0:
+                        if len(clean_runs) >= CLEAN_RUNS_OVER or quiet.budget <= 0:
                             break
                     step = _choose(runs)
                 except Exception as exc:

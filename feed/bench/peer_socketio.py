@@ -10,6 +10,9 @@ Configuration, stated in the report: Engine.IO 4 / Socket.IO 5 defaults (ping ev
 permessage-deflate (``ws_per_message_deflate=False``, and the bench clients do not offer it),
 the same uvicorn WebSocket implementation as ``feed gateway`` (``websockets-sansio``), logging at
 warning. ``GET /healthz`` answers 200 once the server listens (for the bench's readiness wait).
+``GET /gc`` answers the process's garbage collections so far, per generation, as JSON
+(``count_<g>``, ``sum_<g>`` and ``longest_<g>`` in seconds, the names
+``feed.bench.gateway.gc_stats`` uses for ours): a callback times them and changes nothing else.
 
 Run: ``python -m feed.bench.peer_socketio --port P --redis-url redis://127.0.0.1:R/0``.
 """
@@ -17,8 +20,11 @@ Run: ``python -m feed.bench.peer_socketio --port P --redis-url redis://127.0.0.1
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import logging
 import resource
+import time
 from typing import Any
 
 __all__ = ["build_app", "main"]
@@ -52,19 +58,40 @@ async def _health(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 return
     if scope["type"] != "http":
         return
-    status = 200 if scope.get("path") == "/healthz" else 404
+    path = scope.get("path")
+    status = 200 if path in ("/healthz", "/gc") else 404
     body = b"ok" if status == 200 else b"not found"
+    if path == "/gc":
+        body = json.dumps(_GC_STATS).encode()
     await send(
         {
             "type": "http.response.start",
             "status": status,
             "headers": [
-                (b"content-type", b"text/plain"),
+                (b"content-type", b"application/json" if path == "/gc" else b"text/plain"),
                 (b"content-length", str(len(body)).encode()),
             ],
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+_GC_STATS: dict[str, float] = {
+    f"{name}_{g}": 0.0 for g in range(3) for name in ("count", "sum", "longest")
+}
+_gc_started = 0.0
+
+
+def _time_gc(phase: str, info: dict[str, Any]) -> None:
+    global _gc_started
+    if phase == "start":
+        _gc_started = time.perf_counter()
+        return
+    seconds = time.perf_counter() - _gc_started
+    g = int(info.get("generation", 2))
+    _GC_STATS[f"count_{g}"] += 1
+    _GC_STATS[f"sum_{g}"] += seconds
+    _GC_STATS[f"longest_{g}"] = max(_GC_STATS[f"longest_{g}"], seconds)
 
 
 def build_app(redis_url: str) -> Any:
@@ -99,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", required=True)
     args = parser.parse_args(argv)
     raise_nofile()
+    gc.callbacks.append(_time_gc)
     logging.basicConfig(level=logging.WARNING)
     config = uvicorn.Config(
         build_app(args.redis_url),
