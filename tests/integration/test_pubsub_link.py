@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import shutil
+import socket
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -235,3 +240,151 @@ def test_a_malformed_reply_ends_the_link() -> None:
             await server.wait_closed()
 
     asyncio.run(scenario())
+
+
+def test_connects_over_a_unix_socket(tmp_path: Path, ids: Callable[[str], str]) -> None:
+    """``unix://`` URLs (FEED_REDIS_URL accepts them): a Redis of its own, listening only on a
+    Unix socket, stopped by pid."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    path = tmp_path / "redis.sock"
+    proc = subprocess.Popen(
+        [binary, "--port", "0", "--unixsocket", str(path), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    channel = ids("ch").encode()
+    rec = Recorder()
+
+    async def scenario() -> None:
+        deadline = time.monotonic() + DEADLINE_S
+        while not path.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("redis-server did not open its Unix socket")
+            await asyncio.sleep(0.02)
+        url = f"unix://{path}?db=0"
+        link = await _open(url, rec)
+        publisher = aioredis.Redis.from_url(url)
+        try:
+            link.send("SUBSCRIBE", channel)
+            await _until(lambda: rec.subscribed, "the confirmation")
+            await publisher.publish(channel, b"over unix")
+            await _until(lambda: rec.messages == [(channel, b"over unix")], "the message")
+        finally:
+            await publisher.aclose()
+            await link.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (its own CA) and its key, as PEM files."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+def test_connects_over_tls_and_checks_the_certificate(
+    tmp_path: Path, ids: Callable[[str], str]
+) -> None:
+    """``rediss://`` URLs: a Redis of its own serving TLS only (Debian's redis-server is built
+    with it), stopped by pid. The link verifies the server against the URL's CA file, and
+    refuses a server whose certificate it cannot verify."""
+    cert, key = _self_signed(tmp_path)
+    port = _free_port()
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    proc = subprocess.Popen(
+        [
+            binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+            "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+            "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
+            "--save", "", "--appendonly", "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+    channel = ids("ch").encode()
+    rec = Recorder()
+
+    async def scenario() -> None:
+        publisher = aioredis.Redis.from_url(url)
+        deadline = time.monotonic() + DEADLINE_S
+        while True:
+            try:
+                if await publisher.ping():
+                    break
+            except redis.exceptions.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("redis-server did not serve TLS")
+                await asyncio.sleep(0.05)
+        link = await _open(url, rec)
+        try:
+            link.send("SUBSCRIBE", channel)
+            await _until(lambda: rec.subscribed, "the confirmation")
+            await publisher.publish(channel, b"over tls")
+            await _until(lambda: rec.messages == [(channel, b"over tls")], "the message")
+        finally:
+            await publisher.aclose()
+            await link.aclose()
+        # Without the CA, the server's certificate cannot be verified: no connection.
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await _open(f"rediss://127.0.0.1:{port}/0", Recorder())
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
