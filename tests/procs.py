@@ -16,13 +16,23 @@ import time
 import urllib.request
 from pathlib import Path
 
-__all__ = ["FeedProcess", "free_port", "http_get", "metric_value"]
+__all__ = ["FeedProcess", "free_port", "http_get", "metric_value", "stop_process"]
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    """SIGTERM to a server started by a test, then SIGKILL if it has not exited in ``timeout``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def http_get(

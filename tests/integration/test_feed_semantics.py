@@ -156,7 +156,9 @@ def _apply(pipeline: Pipeline, model: Model, sequence: list[tuple[Any, ...]], ns
             model.deleted.add(target.id)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(sequence=ops)
 def test_feeds_equal_the_model_with_and_without_read_time_merge(
     sequence: list[tuple[Any, ...]], redis_client: Any, cassandra: Any, settings: Any,

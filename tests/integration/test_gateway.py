@@ -39,6 +39,7 @@ from feed.timeline_redis import Insert, RedisTimelines
 from gateway.auth import mint_token
 from gateway.server import GatewayServer, _RedactTokens, build_server
 from schemas import Activity, encode_activity, published_us
+from tests.procs import stop_process
 
 JWT_SECRET = "gateway-test-secret-" + "k" * 40
 INGEST_TOKEN = "gateway-ingest-token-0123456789"
@@ -79,12 +80,7 @@ def redis_url() -> Iterator[str]:
     try:
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 class RecordingProducer:

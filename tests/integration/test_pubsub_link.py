@@ -7,10 +7,9 @@ import asyncio
 import contextlib
 import ipaddress
 import shutil
-import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import redis.exceptions
 
 from feed.settings import Settings
 from gateway.pubsub import PubSubLink
+from tests.procs import free_port, stop_process
 
 DEADLINE_S = 10.0
 
@@ -60,6 +60,18 @@ async def _open(url: str, rec: Recorder, **kwargs: Any) -> PubSubLink:
         await client.aclose()
 
 
+@contextlib.asynccontextmanager
+async def _subscribed(url: str, rec: Recorder, *channels: bytes) -> AsyncIterator[PubSubLink]:
+    """A link subscribed to ``channels`` (confirmed), closed on the way out."""
+    link = await _open(url, rec)
+    try:
+        link.send("SUBSCRIBE", *channels)
+        await _until(lambda: len(rec.subscribed) >= len(channels), "the confirmations")
+        yield link
+    finally:
+        await link.aclose()
+
+
 async def _until(predicate: Callable[[], Any], what: str) -> None:
     deadline = time.monotonic() + DEADLINE_S
     while not predicate():
@@ -75,10 +87,7 @@ def test_messages_arrive_in_order_and_only_while_subscribed(
     rec = Recorder()
 
     async def scenario() -> None:
-        link = await _open(settings.redis_url, rec)
-        try:
-            link.send("SUBSCRIBE", channel, other)
-            await _until(lambda: len(rec.subscribed) == 2, "two confirmations")
+        async with _subscribed(settings.redis_url, rec, channel, other) as link:
             assert sorted(rec.subscribed) == sorted([channel, other])
             # Many messages in one pipeline: they reach the link in a few large chunks.
             pipe = redis_client.pipeline(transaction=False)
@@ -95,8 +104,6 @@ def test_messages_arrive_in_order_and_only_while_subscribed(
             redis_client.publish(channel, b"last")
             await _until(lambda: rec.messages[-1] == (channel, b"last"), "the last message")
             assert (other, b"not for us") not in rec.messages
-        finally:
-            await link.aclose()
 
     asyncio.run(scenario())
 
@@ -130,17 +137,12 @@ def test_a_failing_callback_does_not_end_the_link(
     rec = Recorder(fail_on=b"boom")
 
     async def scenario() -> None:
-        link = await _open(settings.redis_url, rec)
-        try:
-            link.send("SUBSCRIBE", channel)
-            await _until(lambda: rec.subscribed, "the confirmation")
+        async with _subscribed(settings.redis_url, rec, channel) as link:
             for data in (b"one", b"boom", b"two"):
                 redis_client.publish(channel, data)
             await _until(lambda: len(rec.messages) == 2, "the messages around the failure")
             assert [data for _, data in rec.messages] == [b"one", b"two"]
             assert link.is_open
-        finally:
-            await link.aclose()
 
     asyncio.run(scenario())
 
@@ -185,14 +187,9 @@ def test_authenticates_with_username_and_password_and_names_no_secret_when_refus
     rec = Recorder()
 
     async def scenario() -> None:
-        link = await _open(f"redis://{user}:{password}@{base}", rec)
-        try:
-            link.send("SUBSCRIBE", channel)
-            await _until(lambda: rec.subscribed, "the confirmation")
+        async with _subscribed(f"redis://{user}:{password}@{base}", rec, channel):
             redis_client.publish(channel, b"hello")
             await _until(lambda: rec.messages == [(channel, b"hello")], "the message")
-        finally:
-            await link.aclose()
         with pytest.raises(redis.exceptions.AuthenticationError) as refused:
             await _open(f"redis://{user}:wrong-{password}@{base}", Recorder())
         assert password not in str(refused.value)
@@ -263,26 +260,18 @@ def test_connects_over_a_unix_socket(tmp_path: Path, ids: Callable[[str], str]) 
                 pytest.fail("redis-server did not open its Unix socket")
             await asyncio.sleep(0.02)
         url = f"unix://{path}?db=0"
-        link = await _open(url, rec)
         publisher = aioredis.Redis.from_url(url)
         try:
-            link.send("SUBSCRIBE", channel)
-            await _until(lambda: rec.subscribed, "the confirmation")
-            await publisher.publish(channel, b"over unix")
-            await _until(lambda: rec.messages == [(channel, b"over unix")], "the message")
+            async with _subscribed(url, rec, channel):
+                await publisher.publish(channel, b"over unix")
+                await _until(lambda: rec.messages == [(channel, b"over unix")], "the message")
         finally:
             await publisher.aclose()
-            await link.aclose()
 
     try:
         asyncio.run(scenario())
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:
@@ -331,7 +320,7 @@ def test_connects_over_tls_and_checks_the_certificate(
     with it), stopped by pid. The link verifies the server against the URL's CA file, and
     refuses a server whose certificate it cannot verify."""
     cert, key = _self_signed(tmp_path)
-    port = _free_port()
+    port = free_port()
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
     proc = subprocess.Popen(
         [
@@ -359,15 +348,12 @@ def test_connects_over_tls_and_checks_the_certificate(
                 if proc.poll() is not None or time.monotonic() > deadline:
                     pytest.fail("redis-server did not serve TLS")
                 await asyncio.sleep(0.05)
-        link = await _open(url, rec)
         try:
-            link.send("SUBSCRIBE", channel)
-            await _until(lambda: rec.subscribed, "the confirmation")
-            await publisher.publish(channel, b"over tls")
-            await _until(lambda: rec.messages == [(channel, b"over tls")], "the message")
+            async with _subscribed(url, rec, channel):
+                await publisher.publish(channel, b"over tls")
+                await _until(lambda: rec.messages == [(channel, b"over tls")], "the message")
         finally:
             await publisher.aclose()
-            await link.aclose()
         # Without the CA, the server's certificate cannot be verified: no connection.
         with pytest.raises(redis.exceptions.ConnectionError):
             await _open(f"rediss://127.0.0.1:{port}/0", Recorder())
@@ -375,16 +361,6 @@ def test_connects_over_tls_and_checks_the_certificate(
     try:
         asyncio.run(scenario())
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
