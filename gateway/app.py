@@ -374,7 +374,7 @@ class Gateway:
         """Subscribe the actor channels of the large accounts ``user`` follows."""
         try:
             actors = await self.reader.big_followees(user)
-            await self.hub.follow_actors(user, actors)
+            self.hub.follow_actors(user, actors)
         except Exception as exc:
             log.warning("actor_channels_failed", error=type(exc).__name__, detail=str(exc)[:200])
 
@@ -838,13 +838,18 @@ class _StreamSocket:
             raise RuntimeError("the WebSocket is closed")
         await self._send({"type": "websocket.send", "text": text})
 
+    def _protocol(self) -> Any:
+        """The server's protocol object behind ``send`` (uvicorn's ``send`` is a method of it),
+        or None under a server where it is not."""
+        return getattr(self._send, "__self__", None)
+
     def write_now(self, frames: list[bytes]) -> int | None:
         """Write ``frames`` as text messages at once if the server can (uvicorn under
         :mod:`gateway.websocket`, socket open and writable): the bytes written, or None, having
         written nothing (use :meth:`send_text`)."""
         if self._closed:
             return None
-        write = getattr(getattr(self._send, "__self__", None), "write_text_now", None)
+        write = getattr(self._protocol(), "write_text_now", None)
         if write is None:
             return None
         written: int | None = write(frames)
@@ -863,7 +868,7 @@ class _StreamSocket:
         keeps the connection open. With ``only_if_stuck``, only if data is still unsent.
         (uvicorn's ``send`` is a method of its protocol, which holds the transport; under
         another server this does nothing.)"""
-        transport = getattr(getattr(self._send, "__self__", None), "transport", None)
+        transport = getattr(self._protocol(), "transport", None)
         if transport is None:
             return
         if only_if_stuck:
@@ -1085,7 +1090,7 @@ class StreamConnection:
             await self._serve(session)
         finally:
             gateway.metrics.connections.dec()
-            await gateway.hub.unregister(self)
+            gateway.hub.unregister(self)
             self._log_summary(session, time.monotonic() - started)
 
     def _start_session(self, epoch: str, seq: int) -> Session:

@@ -179,13 +179,13 @@ class Hub:
         account followed by a locally connected user)."""
         return [c.decode() for c in self._channels] + [c.decode() for c in self._actor_channels]
 
-    async def follow_actors(self, user: str, actors: Iterable[str]) -> None:
+    def follow_actors(self, user: str, actors: Iterable[str]) -> None:
         """Set the large accounts ``user`` follows (no-op once the user has no connection)."""
         if user not in self._conns:
             return
-        await self._set_actors(user, set(actors))
+        self._set_actors(user, set(actors))
 
-    async def _set_actors(self, user: str, wanted: set[str]) -> None:
+    def _set_actors(self, user: str, wanted: set[str]) -> None:
         current = self._user_actors.pop(user, set())
         if wanted:
             self._user_actors[user] = wanted
@@ -207,7 +207,7 @@ class Hub:
                 self._actor_channels.pop(channel, None)
                 unsubscribe.append(channel)
         if subscribe:
-            await self._subscribe(subscribe)
+            self._subscribe(subscribe)
         if unsubscribe:
             self._unsubscribe(unsubscribe)
 
@@ -225,7 +225,7 @@ class Hub:
         self._empty.clear()
         if first:
             self._channels[channel] = user
-            await self._subscribe([channel])
+            self._subscribe([channel])
         if channel in self._confirmed:
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -233,10 +233,10 @@ class Hub:
         try:
             await asyncio.wait_for(waiter, self._subscribe_timeout)
         except (TimeoutError, HubUnavailable):
-            await self.unregister(conn)
+            self.unregister(conn)
             raise HubUnavailable(f"no subscription confirmed for {user!r}") from None
 
-    async def unregister(self, conn: LocalConnection) -> None:
+    def unregister(self, conn: LocalConnection) -> None:
         """Remove a connection; the last one of a user unsubscribes its channel."""
         user = conn.user
         conns = self._conns.get(user)
@@ -248,7 +248,7 @@ class Hub:
         del self._conns[user]
         if not self._conns:
             self._empty.set()
-        await self._set_actors(user, set())
+        self._set_actors(user, set())
         channel = keys.channel(user).encode()
         self._channels.pop(channel, None)
         self._confirmed.discard(channel)
@@ -269,8 +269,9 @@ class Hub:
         return True
 
     # --- Pub/Sub ---------------------------------------------------------------------------------
-    async def _subscribe(self, channels: Iterable[bytes]) -> bool:
-        """Send SUBSCRIBE (confirmations arrive on the reader). False if it could not be sent."""
+    def _subscribe(self, channels: Iterable[bytes]) -> bool:
+        """Send SUBSCRIBE (confirmations arrive through the link). False if it could not be
+        sent."""
         pubsub = self._pubsub
         batch = list(channels)
         if pubsub is None or not self._connected.is_set() or not batch:
@@ -327,7 +328,7 @@ class Hub:
         # Whatever was published while we were not subscribed is only in the delivery streams.
         self._resync.update(wanted)
         self.connects += 1
-        if not await self._subscribe(wanted):
+        if not self._subscribe(wanted):
             raise redis.exceptions.ConnectionError("could not re-subscribe")
         log.info("pubsub_connected", channels=len(wanted))
 
