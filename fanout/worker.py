@@ -162,8 +162,9 @@ class Worker:
                     else:
                         self._finish_pending()
                 except _Stopping:
+                    # The batch being retried stays uncommitted (replayed); one still in flight
+                    # is committed below if its write succeeds.
                     log.warning("stopped during retries: the batch stays uncommitted")
-                    self._pending = None
                     break
                 self._maybe_report_lag()
             self._finish_pending_without_retry("stopping")
@@ -197,17 +198,33 @@ class Worker:
         if batch is not None:
             self._finish(batch)
 
-    def _finish_pending_without_retry(self, why: str) -> None:
+    def _finish_pending_without_retry(
+        self, why: str, keep: set[tuple[str, int]] | None = None
+    ) -> None:
         """Commit the batch whose Redis write is in flight if that write succeeds now, with no
         retry (on a stop request, or before a revoke; a batch left uncommitted is replayed by
-        whoever consumes the partition next, which is idempotent)."""
+        whoever consumes the partition next, which is idempotent).
+
+        ``keep``: the partitions this worker goes on consuming (a revoke takes only some). If the
+        write fails, the batch stays pending for those, so it is retried, and committed, before
+        any later batch commits past it; the revoked ones are the new owner's to replay."""
         batch, self._pending = self._pending, None
         if batch is None:
             return
         try:
             self._processor.complete(batch.stats)
         except Exception as exc:
-            log.warning("batch in flight left uncommitted", why=why, error=type(exc).__name__)
+            kept = {tp: o for tp, o in batch.offsets.items() if keep and tp in keep}
+            log.warning(
+                "batch in flight not written",
+                why=why,
+                error=type(exc).__name__,
+                retried_later_for=len(kept),
+            )
+            if kept:
+                batch.offsets = kept
+                batch.first = {tp: batch.first[tp] for tp in kept}
+                self._pending = batch
             return
         self._finish(batch)
 
@@ -218,7 +235,7 @@ class Worker:
 
     def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         gone = {(p.topic, p.partition) for p in partitions}
-        self._finish_pending_without_retry("partitions revoked")
+        self._finish_pending_without_retry("partitions revoked", keep=self._assignment - gone)
         self._assignment -= gone
         if self._held:  # the new owner consumes them from the committed offset
             self._held = [m for m in self._held if (m.topic(), m.partition()) not in gone]

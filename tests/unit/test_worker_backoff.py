@@ -330,3 +330,36 @@ def test_a_follow_waits_for_the_batch_in_flight_to_be_completed_and_committed() 
     run_until(worker, lambda: len(consumer.commits) == 2)
     assert consumer.log[:3] == ["apply a-0-0", "complete", "commit"]
     assert dlq.sent == []
+
+
+def test_a_revoke_keeps_a_failed_write_pending_for_the_partitions_still_owned() -> None:
+    """A revoke (cooperative: only some partitions) while batch N's Redis write fails: N must
+    stay pending for the partitions the worker keeps, so it is retried and committed before any
+    later batch commits past it; the revoked partition is the new owner's to replay."""
+    from confluent_kafka import TopicPartition
+
+    consumer = FakeConsumer([])
+    processor = PipelinedProcessor(consumer.log, complete_errors=outage(1))
+    worker, dlq = make(consumer, processor)
+    worker._on_assign(consumer, [TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)])
+    worker._pending = worker._prepare([FakeMessage(0, 0), FakeMessage(1, 5)])
+    worker._on_revoke(consumer, [TopicPartition(TOPIC, 1)])
+    assert consumer.commits == []  # the write failed: nothing committed yet
+    worker._finish_pending()  # what the run loop does before it commits the next batch
+    assert consumer.commits == [{(TOPIC, 0): 1}]
+    assert consumer.log == ["apply a-0-0,a-1-5", "complete", "commit"]
+    assert dlq.sent == []
+
+
+def test_a_revoke_of_every_partition_leaves_a_failed_write_to_the_new_owner() -> None:
+    from confluent_kafka import TopicPartition
+
+    consumer = FakeConsumer([])
+    processor = PipelinedProcessor(consumer.log, complete_errors=outage(1))
+    worker, _ = make(consumer, processor)
+    worker._on_assign(consumer, [TopicPartition(TOPIC, 0)])
+    worker._pending = worker._prepare([FakeMessage(0, 0)])
+    worker._on_revoke(consumer, [TopicPartition(TOPIC, 0)])
+    worker._finish_pending()
+    assert consumer.commits == []
+    assert worker._pending is None
