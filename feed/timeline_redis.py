@@ -114,7 +114,7 @@ for i = 5 + n, #ARGV, 2 do
         for _, member in ipairs(fresh) do
           local body = bodies[member]
           if not body then
-            body = redis.call('GET', 'a:' .. string.sub(member, 18)) or 'null'
+            body = redis.call('GET', 'a:' .. string.match(member, '^[^:]*:(.*)$')) or 'null'
             bodies[member] = body
           end
           seq = seq + 1
