@@ -630,10 +630,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def _ended(kind: Any) -> bool:
     """Whether an aiohttp WebSocket message type means the connection is over."""
     import aiohttp
@@ -644,3 +640,7 @@ def _ended(kind: Any) -> bool:
         aiohttp.WSMsgType.CLOSED,
         aiohttp.WSMsgType.ERROR,
     )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
