@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ASSUMED", "DEFAULTS", "figures_from_results", "latest_results", "model", "print_model"]
+__all__ = ["ASSUMED", "DEFAULTS", "figures_from_results", "model", "print_model"]
 
 DEFAULTS: dict[str, float] = {
     "rate": 4_600.0,
@@ -215,15 +215,6 @@ def figures_from_results(
     ):
         put(key, gateway.get(key), "gateway scenario")
     return figures, sources
-
-
-def latest_results(out: str | Path) -> Path | None:
-    """The newest ``<out>/<timestamp>/results.json`` (by folder name), or None."""
-    root = Path(out)
-    if not root.is_dir():
-        return None
-    candidates = sorted(p for p in root.glob("*/results.json") if p.is_file())
-    return candidates[-1] if candidates else None
 
 
 def merged_figures(out: str | Path) -> tuple[dict[str, float], dict[str, str], str | None]:

@@ -26,12 +26,15 @@ follower-cache misses are left out); the overall start-to-end rate is recorded b
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -566,53 +569,91 @@ def _profile_summary(ctx: BenchContext, top: int = 15) -> dict[str, Any]:
 
 # --- 5. offered-rate sweep -------------------------------------------------------------------
 def _sweep(ctx: BenchContext, graph: FollowGraph, capacity_aps: float) -> dict[str, Any]:
-    plan = ctx.plan
     result: dict[str, Any] = {"capacity_activities_per_s": capacity_aps, "steps": []}
     if capacity_aps <= 0:
         result["error"] = "no drain rate measured: sweep skipped"
         return result
-    topic = "bench.sweep.activities"
-    ctx.create_topics([topic])
-    worker_set = WorkerSet(ctx, "sweep", topic, 1, history=False).start()
-    consumer = lag_consumer(ctx, worker_set.group)
-    producer = new_producer(ctx)
-    highs = Highs()
-    offer = _Offer(producer, topic, graph, highs, random.Random(105), "sweep")
     fanout = graph.counts[0]  # uniform graph: every actor has the same follower count
     try:
-        _wait_joined(ctx, worker_set, "sweep")
-        steps = [f * capacity_aps for f in plan.sweep_fractions]
-        with ctx.task(
-            f"sweep: {len(steps)} offered rates x {plan.sweep_step_s:.0f}s", len(steps)
-        ) as update:
-            for index, rate in enumerate(steps):
-                start_inserts = _inserts(worker_set)
-                t0 = time.monotonic()
-                step_sent = offer.run(rate, plan.sweep_step_s)
-                elapsed = time.monotonic() - t0
-                producer.flush(10)
-                end_inserts = _inserts(worker_set)
-                lag = committed_lag(consumer, topic, ctx.settings.kafka_partitions, highs)
-                achieved = (end_inserts - start_inserts) / elapsed
-                result["steps"].append(
-                    {
-                        "offered_activities_per_s": step_sent / elapsed,
-                        "offered_inserts_per_s": step_sent * fanout / elapsed,
-                        "achieved_inserts_per_s": achieved,
-                        "achieved_activities_per_s": achieved / fanout,
-                        "lag_at_end": lag,
-                        "seconds": elapsed,
-                    }
-                )
-                update(completed=index + 1)
+        with _paced_worker(ctx, "sweep", graph, 105) as paced:
+            _sweep_steps(ctx, paced, capacity_aps, fanout, result)
     except Exception as exc:
         ctx.error("fanout sweep", exc)
         result["error"] = f"{type(exc).__name__}: {exc}"
-    finally:
-        producer.flush(5)
-        consumer.close()
-        worker_set.stop()
     return result
+
+
+def _sweep_steps(
+    ctx: BenchContext, paced: _Paced, capacity_aps: float, fanout: int, result: dict[str, Any]
+) -> None:
+    plan = ctx.plan
+    worker_set, producer, offer = paced.worker_set, paced.producer, paced.offer
+    steps = [f * capacity_aps for f in plan.sweep_fractions]
+    with ctx.task(
+        f"sweep: {len(steps)} offered rates x {plan.sweep_step_s:.0f}s", len(steps)
+    ) as update:
+        for index, rate in enumerate(steps):
+            start_inserts = _inserts(worker_set)
+            t0 = time.monotonic()
+            step_sent = offer.run(rate, plan.sweep_step_s)
+            elapsed = time.monotonic() - t0
+            producer.flush(10)
+            end_inserts = _inserts(worker_set)
+            lag = paced.lag(ctx)
+            achieved = (end_inserts - start_inserts) / elapsed
+            result["steps"].append(
+                {
+                    "offered_activities_per_s": step_sent / elapsed,
+                    "offered_inserts_per_s": step_sent * fanout / elapsed,
+                    "achieved_inserts_per_s": achieved,
+                    "achieved_activities_per_s": achieved / fanout,
+                    "lag_at_end": lag,
+                    "seconds": elapsed,
+                }
+            )
+            update(completed=index + 1)
+
+
+@dataclass
+class _Paced:
+    """One fan-out worker on a topic of its own, and an offer of activities at a steady rate."""
+
+    topic: str
+    worker_set: WorkerSet
+    consumer: Any
+    producer: Any
+    highs: Highs
+    offer: _Offer
+
+    def lag(self, ctx: BenchContext) -> int | None:
+        return committed_lag(
+            self.consumer, self.topic, ctx.settings.kafka_partitions, self.highs
+        )
+
+
+@contextlib.contextmanager
+def _paced_worker(
+    ctx: BenchContext, phase: str, graph: FollowGraph, seed: int
+) -> Iterator[_Paced]:
+    """Start a worker on ``bench.<phase>.activities`` and wait until it has joined; on the way
+    out (also on an error, also when set-up fails halfway) flush the producer and stop it all."""
+    topic = f"bench.{phase}.activities"
+    ctx.create_topics([topic])
+    worker_set = WorkerSet(ctx, phase, topic, 1, history=False).start()
+    consumer = producer = None
+    try:
+        consumer = lag_consumer(ctx, worker_set.group)
+        producer = new_producer(ctx)
+        highs = Highs()
+        offer = _Offer(producer, topic, graph, highs, random.Random(seed), phase)
+        _wait_joined(ctx, worker_set, phase)
+        yield _Paced(topic, worker_set, consumer, producer, highs, offer)
+    finally:
+        if producer is not None:
+            producer.flush(5)
+        if consumer is not None:
+            consumer.close()
+        worker_set.stop()
 
 
 class _Offer:
@@ -683,40 +724,33 @@ def _soak(ctx: BenchContext, graph: FollowGraph, capacity_aps: float) -> dict[st
     if rate <= 0:
         result["error"] = "no drain rate measured: soak skipped"
         return result
-    topic = "bench.soak.activities"
-    ctx.create_topics([topic])
     ctx.redis.flushdb()  # what the earlier phases left would only slow Redis down
-    worker_set = WorkerSet(ctx, "soak", topic, 1, history=False).start()
-    consumer = lag_consumer(ctx, worker_set.group)
-    producer = new_producer(ctx)
-    highs = Highs()
-    offer = _Offer(producer, topic, graph, highs, random.Random(106), "soak")
     samples: list[dict[str, float]] = []
-    t0 = time.monotonic()
-    pid = worker_set.pids()[0]
-
-    def sample() -> None:
-        rss = rss_bytes(pid)
-        if rss:
-            samples.append(
-                {"t": time.monotonic() - t0, "rss_mb": rss / 2**20, "inserts": _inserts(worker_set)}
-            )
-
     try:
-        _wait_joined(ctx, worker_set, "soak")
-        t0 = time.monotonic()
-        with ctx.task(f"soak: {rate:,.0f} activities/s for {plan.soak_s:.0f}s", None):
-            offer.run(rate, plan.soak_s, tick=sample, tick_every_s=plan.soak_sample_s)
-        producer.flush(10)
-        result["lag_at_end"] = committed_lag(consumer, topic, ctx.settings.kafka_partitions, highs)
-        result["sent"] = offer.sent
+        with _paced_worker(ctx, "soak", graph, 106) as paced:
+            worker_set = paced.worker_set
+            pid = worker_set.pids()[0]
+            t0 = time.monotonic()
+
+            def sample() -> None:
+                rss = rss_bytes(pid)
+                if rss:
+                    samples.append(
+                        {
+                            "t": time.monotonic() - t0,
+                            "rss_mb": rss / 2**20,
+                            "inserts": _inserts(worker_set),
+                        }
+                    )
+
+            with ctx.task(f"soak: {rate:,.0f} activities/s for {plan.soak_s:.0f}s", None):
+                paced.offer.run(rate, plan.soak_s, tick=sample, tick_every_s=plan.soak_sample_s)
+            paced.producer.flush(10)
+            result["lag_at_end"] = paced.lag(ctx)
+            result["sent"] = paced.offer.sent
     except Exception as exc:
         ctx.error("fanout soak", exc)
         result["error"] = f"{type(exc).__name__}: {exc}"
-    finally:
-        producer.flush(5)
-        consumer.close()
-        worker_set.stop()
     result["samples"] = samples
     result.update(_flatness(samples, plan.soak_s))
     ctx.log(
@@ -741,7 +775,6 @@ def _flatness(samples: list[dict[str, float]], seconds: float) -> dict[str, Any]
             out["inserts_per_s"] = (samples[-1]["inserts"] - samples[0]["inserts"]) / span
     if after_warmup and end:
         out["rss_growth"] = end / after_warmup - 1
-        out["flat_within_10pct"] = abs(out["rss_growth"]) <= 0.10
     return out
 
 

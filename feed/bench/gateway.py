@@ -1,4 +1,4 @@
-"""The ``gateway`` scenario: ``feed gateway`` beside python-socketio, same workload, same run.
+"""The ``gateway`` scenario: ``feed gateway`` and python-socketio, same workload, one run.
 
 The two push servers run one after the other, each in its own process, on the bench stack's Redis
 (a side's server and clients run only while that side is measured: an idle server holding 5,000
@@ -23,9 +23,10 @@ per-connection state, :mod:`gateway.websocket`).
 Measured per side:
 
 * memory: server RSS before any client and after C idle clients connected (``/proc/<pid>/status``
-  VmRSS): ``(after - before) / C`` per connection; for ours also its garbage collections (from
-  ``feed_gateway_gc_pause_seconds``): full collections and their pause while the clients
-  connected and during the sweep, and the longest pause of each generation;
+  VmRSS): ``(after - before) / C`` per connection; and the server's garbage collections (ours
+  from ``feed_gateway_gc_pause_seconds``, the peer's timed by its harness): full collections and
+  their pause while the clients connected and during the sweep, and the longest pause of each
+  generation;
 * an offered-rate sweep (full: 1k to 6k msg/s in steps of 1k, then 8k to 16k in steps of 2k,
   10 s each, extended while a side still meets the bound; ``FEED_BENCH_GATEWAY_RATES=...``
   sweeps only the rates it lists; quick: two small rates for 3 s), per side:
@@ -92,7 +93,7 @@ class GatewayPlan:
     )
     quiet_cores: float  # before a step, wait until other work uses less than this many cores
     quiet_wait_s: float  # ... for at most this long per step
-    quiet_budget_s: float  # ... and this long over the whole sweep
+    quiet_budget_s: float  # ... and this long over one side's sweep
 
 
 def _rates_from_env() -> tuple[int, ...] | None:
@@ -263,8 +264,8 @@ class Side:
     users_file: Path | None = None
     rss_before: int | None = None
     rss_after: int | None = None
-    #: The server's garbage collections (ours only, from /metrics): after start, after connect,
-    #: after the sweep.
+    #: The server's garbage collections (ours from /metrics, the peer's from its harness's /gc):
+    #: after start, after connect, after the sweep.
     gc: dict[str, dict[str, float] | None] = field(default_factory=dict)
     connected: int = 0
     connect_seconds: float | None = None
@@ -638,30 +639,34 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         sides.append(Side("peer", "python-socketio", "socketio"))
     else:
         result["peer_status"] = peer_note
-    only = os.environ.get("FEED_BENCH_GATEWAY_SIDES", "").replace(" ", "")
+    raw_sides = os.environ.get("FEED_BENCH_GATEWAY_SIDES", "").replace(" ", "")
+    only = [key for key in raw_sides.split(",") if key]
     if only:  # e.g. "peer": measure only that side (a diagnostic; the ratio needs both)
-        sides = [side for side in sides if side.key in only.split(",")] or sides
+        unknown = sorted(set(only) - {"ours", "peer"})
+        if unknown:
+            raise ValueError(
+                f"FEED_BENCH_GATEWAY_SIDES: unknown side(s) {', '.join(unknown)} "
+                "(expected ours and/or peer)"
+            )
+        sides = [side for side in sides if side.key in only]
         result["sides_measured"] = [side.key for side in sides]
     started = time.monotonic()
     waited = 0.0
-    try:
-        # One side at a time: a side's server and clients run only during its own measurements,
-        # so the side being measured has the machine to itself (an idle server with 5,000
-        # connections, and its clients, still cost the shared cores: pings, timers, GC).
-        for side in sides:
-            try:
-                waited += _measure_side(ctx, side, gp)
-            except Exception as exc:
-                side.error = f"{type(exc).__name__}: {exc}"
-                ctx.error(f"gateway/{side.key}", side.error)
-            finally:
-                _stop(ctx, [side])
-        result["waited_for_quiet_s"] = round(waited, 1)
-        if sides[0].key == "ours" and sides[0].error is not None:
-            result["status"] = "failed"
-            result["error"] = sides[0].error
-    finally:
-        _stop(ctx, sides)
+    # One side at a time: a side's server and clients run only during its own measurements, so
+    # the side being measured has the machine to itself (an idle server with 5,000 connections,
+    # and its clients, still cost the shared cores: pings, timers, GC).
+    for side in sides:
+        try:
+            waited += _measure_side(ctx, side, gp)
+        except Exception as exc:
+            side.error = f"{type(exc).__name__}: {exc}"
+            ctx.error(f"gateway/{side.key}", side.error)
+        finally:
+            _stop(ctx, [side])
+    result["waited_for_quiet_s"] = round(waited, 1)
+    if sides and sides[0].key == "ours" and sides[0].error is not None:
+        result["status"] = "failed"
+        result["error"] = sides[0].error
     result["seconds"] = time.monotonic() - started
     _summarise(ctx, result, sides, gp)
     try:
@@ -683,78 +688,69 @@ def _measure_side(ctx: BenchContext, side: Side, gp: GatewayPlan) -> float:
     _record_gc(side, "started")
     _connect_clients(ctx, side, gp)
     _measure_rss_after(side, gp)
-    quiet = _sweep(ctx, [side], gp)
+    quiet = _sweep(ctx, side, gp)
     _record_gc(side, "swept")
     return quiet.waited_total
 
 
-def _sweep(ctx: BenchContext, sides: list[Side], gp: GatewayPlan) -> Quiet:
-    pids = [p.pid for s in sides for p in (s.server, s.clients) if p is not None]
+def _sweep(ctx: BenchContext, side: Side, gp: GatewayPlan) -> Quiet:
+    """Offer ``side`` each rate in turn (repeating disturbed or failed runs, see the module doc)
+    until it fails two rates in a row or the rates run out."""
+    pids = [p.pid for p in (side.server, side.clients) if p is not None]
     redis_pid = getattr(getattr(ctx.stack, "redis", None), "pid", None)
     if isinstance(redis_pid, int):
         pids.append(redis_pid)
     quiet = Quiet(gp, pids)
-    number = 0
-    # Warm-up (not reported): the first messages through each server pay for lazy set-up.
-    for side in sides:
-        number += 1
-        try:
-            _step(ctx, side, gp, number, gp.warmup_rate, gp.warmup_s, quiet)
-        except Exception as exc:
-            side.error = f"warm-up: {type(exc).__name__}: {exc}"
-            ctx.error(f"gateway/{side.key}", side.error)
+    # Warm-up (not reported): the first messages through a server pay for lazy set-up.
+    number = 1
+    try:
+        _step(ctx, side, gp, number, gp.warmup_rate, gp.warmup_s, quiet)
+    except Exception as exc:
+        side.error = f"warm-up: {type(exc).__name__}: {exc}"
+        ctx.error(f"gateway/{side.key}", side.error)
+        return quiet
     rates = list(gp.rates)
     extra = list(gp.extra_rates)
-    total = len(rates) * len(sides)
-    with ctx.task("gateway: offered-rate sweep (steps)", total) as update:
+    with ctx.task(f"gateway: {side.label}, offered-rate sweep (steps)", len(rates)) as update:
         index = 0
-        while index < len(rates):
+        while index < len(rates) and side.active:
             rate = rates[index]
-            order = sides if index % 2 == 0 else list(reversed(sides))
-            for side in order:
-                if not side.active:
-                    continue
-                if side.server.poll() is not None:
-                    side.error = f"the server exited ({side.server.returncode})"
-                    ctx.error(f"gateway/{side.key}", side.error)
-                    continue
-                try:
-                    runs: list[dict[str, Any]] = []
-                    for _run in range(gp.max_runs):
-                        number += 1
-                        step = _step(ctx, side, gp, number, rate, gp.step_s, quiet)
-                        _log_step(ctx, side, step)
-                        runs.append(step)
-                        clean_runs = [r for r in runs if r["clean"]]
-                        if step["clean"] and step["within_bound"]:
-                            break
-                        if len(clean_runs) >= CLEAN_RUNS_OVER or quiet.budget <= 0:
-                            break
-                    step = _choose(runs)
-                except Exception as exc:
-                    side.error = f"step at {rate}/s: {type(exc).__name__}: {exc}"
-                    ctx.error(f"gateway/{side.key}", side.error)
-                    continue
-                side.steps.append(step)
-                if step["within_bound"]:
-                    side.failures_in_a_row = 0
-                else:
-                    side.failures_in_a_row += 1
-                    if side.failures_in_a_row >= 2:
-                        side.stopped = f"over the bound at two rates in a row (last {rate}/s)"
-                update(advance=1)
             index += 1
-            # Extend the sweep while any side still meets the bound at the top rate.
-            if (
-                index == len(rates)
-                and extra
-                and any(s.active and s.steps and s.steps[-1]["within_bound"] for s in sides)
-            ):
+            if side.server.poll() is not None:
+                side.error = f"the server exited ({side.server.returncode})"
+                ctx.error(f"gateway/{side.key}", side.error)
+                break
+            try:
+                runs: list[dict[str, Any]] = []
+                for _run in range(gp.max_runs):
+                    number += 1
+                    step = _step(ctx, side, gp, number, rate, gp.step_s, quiet)
+                    _log_step(ctx, side, step)
+                    runs.append(step)
+                    if step["clean"] and step["within_bound"]:
+                        break
+                    clean_runs = sum(1 for r in runs if r["clean"])
+                    if clean_runs >= CLEAN_RUNS_OVER or quiet.budget <= 0:
+                        break
+                step = _choose(runs)
+            except Exception as exc:
+                side.error = f"step at {rate}/s: {type(exc).__name__}: {exc}"
+                ctx.error(f"gateway/{side.key}", side.error)
+                break
+            side.steps.append(step)
+            if step["within_bound"]:
+                side.failures_in_a_row = 0
+            else:
+                side.failures_in_a_row += 1
+                if side.failures_in_a_row >= 2:
+                    side.stopped = f"over the bound at two rates in a row (last {rate}/s)"
+            update(advance=1)
+            # Extend the sweep while the side still meets the bound at the top rate.
+            if index == len(rates) and extra and step["within_bound"]:
                 rates.append(extra.pop(0))
-                update(total=len(rates) * len(sides))
-    for side in sides:
-        if side.active:
-            side.stopped = "end of the rate list"
+                update(total=len(rates))
+    if side.active:
+        side.stopped = "end of the rate list"
     return quiet
 
 
