@@ -6,8 +6,8 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,31 @@ class Pipeline:
     def worker_metric(self, name: str) -> float:
         status, body = http_get(f"{self.metrics_url}/metrics")
         return metric_value(body.decode(), name) if status == 200 else 0.0
+
+
+@asynccontextmanager
+async def resumed_stream(
+    url: str,
+    token: str,
+    cursor: str | None = None,
+    *,
+    open_timeout: float = 10,
+    close_timeout: float = 2,
+) -> AsyncIterator[tuple[Any, dict[str, Any]]]:
+    """A ``/v1/stream`` connection (bearer token) past its welcome, resumed from ``cursor``
+    (the welcome's own cursor when None): yields the socket and the welcome."""
+    import websockets
+
+    async with websockets.connect(
+        url,
+        additional_headers={"Authorization": f"Bearer {token}"},
+        open_timeout=open_timeout,
+        close_timeout=close_timeout,
+    ) as ws:
+        welcome = await next_frame(ws, 10)
+        assert welcome["type"] == "welcome", welcome
+        await ws.send(json.dumps({"type": "resume", "cursor": cursor or welcome["cursor"]}))
+        yield ws, welcome
 
 
 async def next_frame(ws: Any, timeout: float) -> dict[str, Any]:

@@ -51,7 +51,7 @@ from feed import keys
 from feed.kafka import create_topics
 from feed.settings import Settings
 from tests.conftest import wait_for
-from tests.e2e.harness import Pipeline, isolated_env, log_events, next_frame
+from tests.e2e.harness import Pipeline, isolated_env, log_events, next_frame, resumed_stream
 from tests.procs import FeedProcess, free_port, http_get, metric_value
 
 pytestmark = pytest.mark.e2e
@@ -177,10 +177,16 @@ class PacedProducer:
         if error is not None:
             self.undelivered += 1
 
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop producing (if still running) and wait for the thread; checks nothing (for
+        clean-up after a failure, which must not be masked by another one)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
     def finish(self, timeout: float = 30.0) -> list[tuple[str, str]]:
         """Stop producing (if still running), wait for the thread, return what was sent."""
-        self._stop.set()
-        self._thread.join(timeout)
+        self.stop(timeout)
         assert not self._thread.is_alive(), "producer thread did not stop"
         assert self.error is None, f"producer failed: {self.error!r}"
         assert self.undelivered == 0, f"{self.undelivered} activities not acknowledged by Kafka"
@@ -255,15 +261,7 @@ class Reader:
 
     async def run(self) -> None:
         try:
-            async with websockets.connect(
-                self.url,
-                additional_headers={"Authorization": f"Bearer {self.token}"},
-                open_timeout=10,
-                close_timeout=2,
-            ) as ws:
-                self.welcome = await next_frame(ws, 10)
-                assert self.welcome["type"] == "welcome", self.welcome
-                await ws.send(json.dumps({"type": "resume", "cursor": self.welcome["cursor"]}))
+            async with resumed_stream(self.url, self.token) as (ws, self.welcome):
                 self.ready.set()
                 for _ in range(MAX_FRAMES):
                     raw = await ws.recv()
@@ -437,12 +435,13 @@ async def test_stuck_client_does_not_slow_the_others(
     tap = ChannelTap(pipeline.settings.redis_url, readers_users).start()
     tasks = [asyncio.create_task(r.run(), name=f"reader-{n}") for n, r in enumerate(readers)]
     stuck: StuckClient | None = None
+    producers: list[PacedProducer] = []
     try:
         for reader in readers:
             await asyncio.wait_for(reader.ready.wait(), 15)
 
         def run_phase(prefix: str, count: int) -> PacedProducer:
-            return PacedProducer(
+            phase = PacedProducer(
                 pipeline,
                 [actor],
                 prefix=ids(prefix),
@@ -451,6 +450,8 @@ async def test_stuck_client_does_not_slow_the_others(
                 max_seconds=count / rate + 10,
                 pad=pad,
             )
+            producers.append(phase)
+            return phase
 
         async def delivered(sent: list[tuple[str, str]], timeout: float, what: str) -> None:
             last = sent[-1][0]
@@ -605,15 +606,7 @@ async def test_stuck_client_does_not_slow_the_others(
 
         # ... and a resume from its last cursor gets exactly the rest (or a reset).
         resumed: list[dict[str, Any]] = []
-        async with websockets.connect(
-            pipeline.ws_url,
-            additional_headers={"Authorization": f"Bearer {pipeline.token(stuck_user)}"},
-            open_timeout=10,
-            close_timeout=2,
-        ) as ws:
-            welcome = await next_frame(ws, 10)
-            assert welcome["type"] == "welcome", welcome
-            await ws.send(json.dumps({"type": "resume", "cursor": cursor}))
+        async with resumed_stream(pipeline.ws_url, pipeline.token(stuck_user), cursor) as (ws, _):
             deadline = time.monotonic() + 20
             want = len(expected) - len(drained)
             while len([f for f in resumed if f["type"] == "activity"]) < want:
@@ -646,6 +639,8 @@ async def test_stuck_client_does_not_slow_the_others(
         with capsys.disabled():
             print(f"\n[gateway-delivery] stuck client: {json.dumps(figures)}")
     finally:
+        for phase in producers:
+            phase.stop()
         tap.stop()
         if stuck is not None:
             stuck.close()
@@ -684,18 +679,12 @@ class RollingClient:
                 return
             url = self.urls[self.index]
             try:
-                async with websockets.connect(
-                    url,
-                    additional_headers={"Authorization": f"Bearer {self.token}"},
-                    open_timeout=5,
-                    close_timeout=1,
-                ) as ws:
-                    welcome = await next_frame(ws, 10)
-                    assert welcome["type"] == "welcome", welcome
+                async with resumed_stream(
+                    url, self.token, self.cursor, open_timeout=5, close_timeout=1
+                ) as (ws, welcome):
                     self.welcomes.append(welcome)
                     if self.cursor is None:
                         self.cursor = welcome["cursor"]
-                    await ws.send(json.dumps({"type": "resume", "cursor": self.cursor}))
                     self.connected_to = url
                     failures = 0
                     for _ in range(MAX_FRAMES):
@@ -873,7 +862,7 @@ async def test_rolling_restart_of_two_gateways_loses_nothing(
             print(f"\n[gateway-delivery] rolling restart: {json.dumps(figures)}")
     finally:
         if producer is not None:
-            producer.finish()
+            producer.stop()
         for client in clients:
             client.stopped = True
         for task in tasks:
