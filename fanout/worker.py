@@ -264,9 +264,12 @@ class Worker:
             self._metrics.consumed.labels(topic=topic).inc()
             try:
                 if topic == s.topic_follows:
-                    events.append((index, decode_follow_event(message.value() or b"")))
+                    event: Activity | FollowEvent = decode_follow_event(
+                        message.value() or b"", max_skew_s=s.max_clock_skew_s
+                    )
                 else:
-                    events.append((index, decode_activity(message.value() or b"")))
+                    event = decode_activity(message.value() or b"", max_skew_s=s.max_clock_skew_s)
+                events.append((index, event))
             except ValidationError as exc:
                 dlq += 1
                 self._dead_letter(message, exc.code, exc.message, exc.field, 1)

@@ -154,6 +154,11 @@ class Settings:
     connect_burst: int = 10
     connect_ip_rate: float = 100.0
     connect_ip_burst: int = 2000
+    #: Concurrent WebSocket connections one user may hold on one gateway (4029 past it).
+    max_connections_per_user: int = 20
+    #: How far ahead of this process's clock an event time (``published``, a follow's ``at``)
+    #: may be; further ahead is refused (400 over HTTP, DLQ ``in_the_future`` from Kafka).
+    max_clock_skew_s: float = 300.0
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
     drain_s: float = 10.0
@@ -206,6 +211,8 @@ class Settings:
             "connect_burst": _int(1, 1_000_000),
             "connect_ip_rate": _float(0, 1_000_000),
             "connect_ip_burst": _int(1, 1_000_000),
+            "max_connections_per_user": _int(1, 100_000),
+            "max_clock_skew_s": _float(0, 86_400 * 365),
             "ping_interval_s": _float(0.5, 3600),
             "ping_timeout_s": _float(0.5, 3600),
             "drain_s": _float(0, 600),

@@ -92,6 +92,7 @@ from schemas import (
     decode_follow_request,
     encode_activity,
 )
+from schemas.activity import is_valid_id
 
 __all__ = ["Gateway", "GatewayError", "Producer", "StreamConnection", "create_app"]
 
@@ -110,7 +111,6 @@ HISTORY_PAGE = 100
 IDEMPOTENCY_TTL_S = 24 * 3600
 IDEMPOTENCY_PENDING_TTL_S = 120
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-_USER_ID = re.compile(r"^[^\s\x00-\x1f\x7f]{1,128}$")
 #: WebSocket close codes used here besides the session's.
 _CLOSE_TRY_AGAIN = 1013
 #: Bound on waiting for a close frame to be written to a client that may not be reading.
@@ -653,7 +653,7 @@ async def ingest_activities(request: Request) -> Response:
     _require_json(request)
     gateway = _gateway(request)
     body = await _read_body(request, MAX_INGEST_BODY)
-    activities = decode_activities(body)
+    activities = decode_activities(body, max_skew_s=gateway.settings.max_clock_skew_s)
     key = request.headers.get("idempotency-key")
     idempotency = None
     if key is not None:
@@ -731,7 +731,7 @@ async def openapi_json(_request: Request) -> Response:
 
 async def dev_token(request: Request) -> Response:
     user = request.query_params.get("user", "")
-    if not _USER_ID.match(user):
+    if not is_valid_id(user):
         raise GatewayError(400, "invalid", "a user id (1-128 printable characters)", field="user")
     ttl = 86_400
     token = mint_token(_gateway(request).settings.require_jwt(), user, ttl)

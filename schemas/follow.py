@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from schemas.activity import UserId
+from schemas.activity import DEFAULT_MAX_SKEW_S, UserId, check_not_ahead
 from schemas.errors import DECODE_ERRORS, ValidationError, from_decode_error
 
 __all__ = ["FollowEvent", "FollowRequest", "decode_follow_event", "decode_follow_request"]
@@ -47,8 +47,13 @@ def _decode(decoder: msgspec.json.Decoder, data: bytes):  # type: ignore[no-unty
     return value
 
 
-def decode_follow_event(data: bytes) -> FollowEvent:
+def decode_follow_event(
+    data: bytes, *, max_skew_s: float = DEFAULT_MAX_SKEW_S, now: float | None = None
+) -> FollowEvent:
+    """Decode a ``feed.follows`` record; ``at`` may be at most ``max_skew_s`` ahead of ``now``
+    (default: this machine's clock): a follow dated years ahead could never be undone."""
     result: FollowEvent = _decode(_event, data)
+    check_not_ahead(result.at, "at", max_skew_s=max_skew_s, now=now)
     return result
 
 

@@ -161,6 +161,13 @@ def test_sub_with_whitespace_is_rejected() -> None:
     assert _reason(token) == "bad_subject"
 
 
+@pytest.mark.parametrize("sub", ["alice\n", "alice\r\n", "al\x85ice", "alice\x7f"])
+def test_sub_with_a_trailing_newline_or_control_character_is_rejected(sub: str) -> None:
+    # "$" in the old rule matched before a trailing newline, so "alice\n" verified as a user id.
+    token = _encode({"sub": sub, "exp": int(time.time()) + 60})
+    assert _reason(token) == "bad_subject"
+
+
 def test_empty_sub_is_rejected() -> None:
     token = _encode({"sub": "", "exp": int(time.time()) + 60})
     assert _reason(token) == "bad_subject"

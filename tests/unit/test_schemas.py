@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
+
 import msgspec
 import pytest
 
@@ -17,6 +20,7 @@ from schemas import (
     encode_activity,
     published_us,
 )
+from schemas.activity import ID_RE, is_valid_id
 
 GOOD = {
     "id": "a-123",
@@ -29,6 +33,12 @@ GOOD = {
 
 def enc(value: object) -> bytes:
     return msgspec.json.encode(value)
+
+
+def error_of_at(data: bytes, *, now: float) -> ValidationError:
+    with pytest.raises(ValidationError) as info:
+        decode_activity(data, now=now)
+    return info.value
 
 
 def error_of(data: bytes) -> ValidationError:
@@ -81,6 +91,76 @@ def test_ids_reject_whitespace_and_control_characters() -> None:
     for bad in ("a b", "a\x00", "", "tab\t"):
         err = error_of(enc({**GOOD, "actor": bad}))
         assert err.field == "actor"
+
+
+@pytest.mark.parametrize("bad", ["x\n", "x\r\n", "\nx", "x\x85", "x\u2028", "x\x9f"])
+@pytest.mark.parametrize("field", ["id", "actor", "type"])
+def test_ids_reject_a_trailing_newline_and_c1_controls(field: str, bad: str) -> None:
+    # The old rule's "$" matched before a trailing newline: "x\n" passed as an id, and broke the
+    # newline-joined recipient lists and Lua arguments that deletes rely on.
+    err = error_of(enc({**GOOD, field: bad}))
+    assert (err.field, err.code) == (field, "invalid_chars")
+
+
+def test_to_entries_and_follow_ids_reject_a_trailing_newline() -> None:
+    err = error_of(enc({**GOOD, "to": ["u2", "victim\n"]}))
+    assert err.field == "to[1]"
+    with pytest.raises(ValidationError) as info:
+        decode_follow_request(enc({"follower": "u1\n", "followee": "u2"}))
+    assert info.value.field == "follower"
+    with pytest.raises(ValidationError) as info:
+        decode_follow_event(enc({"type": "follow", "follower": "u1", "followee": "u2\n",
+                                 "at": "2026-11-22T10:00:00Z"}))
+    assert info.value.field == "followee"
+
+
+def test_a_delete_names_a_valid_activity_id() -> None:
+    err = error_of(enc({**GOOD, "type": "Delete", "object": "victim-id\n"}))
+    assert (err.field, err.code) == ("object", "invalid_chars")
+    assert decode_activity(enc({**GOOD, "type": "Delete", "object": "victim-id"})).is_delete
+    # Anything else's object is a free reference (a URL, "post:9 v2"), as before.
+    assert decode_activity(enc({**GOOD, "object": "post 9"})).object == "post 9"
+
+
+def test_is_valid_id_is_the_same_rule_as_the_decoder() -> None:
+    for value in ["u1", "a:b/c", "é", "x" * 128]:
+        assert is_valid_id(value) and ID_RE.match(value)
+        assert decode_activity(enc({**GOOD, "actor": value})).actor == value
+    for value in ["", "x\n", "a b", "x" * 129, "\x00"]:
+        assert not is_valid_id(value)
+
+
+def test_published_more_than_the_skew_ahead_is_refused() -> None:
+    now = time.time()
+    ahead = datetime.fromtimestamp(now + 301, UTC).isoformat()
+    err = error_of_at(enc({**GOOD, "published": ahead}), now=now)
+    assert (err.field, err.code) == ("published", "in_the_future")
+    assert "300" in err.message
+    within = datetime.fromtimestamp(now + 299, UTC).isoformat()
+    assert decode_activity(enc({**GOOD, "published": within}), now=now).published
+    # The year 9999 was accepted before (up to 2200 for published).
+    err = error_of_at(enc({**GOOD, "published": "2199-01-01T00:00:00Z"}), now=now)
+    assert err.code == "in_the_future"
+    # The bound is a setting.
+    assert decode_activity(enc({**GOOD, "published": ahead}), now=now, max_skew_s=600)
+    with pytest.raises(ValidationError) as info:
+        decode_activities(enc([GOOD, {**GOOD, "published": ahead}]), now=now)
+    assert info.value.field == "[1].published"
+
+
+def test_a_follow_dated_far_ahead_is_refused() -> None:
+    # A follow dated 9999 could never be undone by an unfollow (the later event wins).
+    with pytest.raises(ValidationError) as info:
+        decode_follow_event(enc({"type": "follow", "follower": "u2", "followee": "u1",
+                                 "at": "9999-01-01T00:00:00Z"}))
+    assert (info.value.field, info.value.code) == ("at", "in_the_future")
+
+
+def test_invalid_utf8_inside_a_string_is_invalid_utf8_whatever_the_msgspec_version() -> None:
+    # msgspec < 0.23 raised UnicodeDecodeError here; 0.23 raises DecodeError("Invalid UTF-8
+    # encoded string"), which the project answered as malformed_json.
+    assert error_of(enc(GOOD).replace(b"a-123", b"a-\xff\xfe")).code == "invalid_utf8"
+    assert error_of(b'{"id": "\xc3\x28"}').code == "invalid_utf8"
 
 
 def test_published_needs_a_timezone_and_a_sane_range() -> None:
