@@ -8,7 +8,9 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# --- builder: build the wheel and install it (without the dev/local/bench extras) into a venv ---
+# --- builder: the locked runtime dependencies, then the wheel (without the dev/local/bench
+# extras), into a venv. requirements/runtime.lock is made by `make lock` from pyproject.toml, with
+# hashes: the image gets exactly the versions the tests ran on. ---
 FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -19,8 +21,9 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-RUN pip install --upgrade pip setuptools wheel
 WORKDIR /src
+COPY requirements/runtime.lock ./requirements/runtime.lock
+RUN pip install --require-hashes --no-deps -r requirements/runtime.lock
 COPY pyproject.toml README.md ./
 COPY schemas ./schemas
 COPY feed ./feed
@@ -28,7 +31,8 @@ COPY fanout ./fanout
 COPY gateway ./gateway
 COPY infra ./infra
 RUN pip wheel --no-deps --wheel-dir /wheels . \
- && pip install /wheels/*.whl \
+ && pip install --no-deps /wheels/*.whl \
+ && pip check \
  && pip uninstall -y pip setuptools wheel \
  && find /opt/venv -name '__pycache__' -type d -prune -exec rm -rf {} +
 

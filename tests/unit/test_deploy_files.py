@@ -448,6 +448,20 @@ def test_dockerfile_settings_and_install() -> None:
     )
 
 
+def test_dockerfile_installs_exactly_the_runtime_lock() -> None:
+    """The image gets the locked versions (the ones the tests ran on), never a fresh
+    resolution: the lock is installed with hashes, and the project's wheel without deps."""
+    runs = [rest for kw, rest in dockerfile_instructions() if kw == "RUN"]
+    lock = [r for r in runs if "requirements/runtime.lock" in r]
+    assert lock and "--require-hashes" in lock[0], "pip install --require-hashes -r runtime.lock"
+    installs = [part for r in runs for part in r.split("&&") if re.search(r"pip install\b", part)]
+    assert installs, "the Dockerfile installs with pip"
+    for part in installs:
+        assert "runtime.lock" in part or "--no-deps" in part, (
+            f"every other pip install is --no-deps: {part.strip()}"
+        )
+
+
 def test_docker_build_context_has_what_the_dockerfile_copies() -> None:
     ignore = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
               if line.strip() and not line.startswith("#")]
