@@ -69,13 +69,16 @@ def _components() -> dict[str, Any]:
     activity = schemas["Activity"]
     activity["description"] = (
         "One activity (W3C Activity Streams 2.0 aligned). `type: Delete` removes the activity "
-        "whose id is `object` (only its own actor may). Unknown fields are ignored."
+        "whose id is `object` (only its own actor may; `object` is then an activity id). "
+        "The first Create of an `id` wins: a repeat by the same actor changes nothing. "
+        "Unknown fields are ignored."
     )
     props = activity["properties"]
     props["id"]["description"] = "Unique per producer: the idempotency key of the activity."
     props["published"]["description"] = (
-        "RFC 3339 with a time zone (fractions and offsets allowed), from 1970-01-01 to "
-        "2200-01-01."
+        "RFC 3339 with a time zone (fractions and offsets allowed), from 1970-01-01 to at "
+        "most `FEED_MAX_CLOCK_SKEW_S` (default 300 s) ahead of the gateway's clock "
+        "(`400 in_the_future` past it)."
     )
     props["published"]["pattern"] = _PUBLISHED_YEARS
     props["to"]["description"] = (

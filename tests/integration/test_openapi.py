@@ -136,7 +136,9 @@ def test_api_conforms_to_its_document(case: Any, gw: GatewayProcess) -> None:
 #: Rejections of schema-valid requests for reasons JSON Schema cannot state: (status, code,
 #: field or None for any field).
 EXPLAINED_REJECTIONS = {
-    (400, "out_of_range", None),  # `published` outside 1970-2200
+    (400, "out_of_range", None),  # `published` before 1970
+    (400, "in_the_future", None),  # `published` more than FEED_MAX_CLOCK_SKEW_S ahead
+    (400, "invalid_chars", "object"),  # a Delete's object is an activity id
     (400, "too_large", None),  # `extra` over 4 KiB encoded, or the event over 32 KiB
     (400, "invalid", "followee"),  # a user cannot follow themselves
     (400, "invalid_cursor", "cursor"),  # a string that is not one of our cursors
