@@ -61,6 +61,10 @@ pytestmark = pytest.mark.e2e
 #: (``gateway.app.HISTORY_PAGE``) and a page must fit in the bound, so frames stay < 650 bytes.
 SEND_QUEUE_BYTES = 64 * 1024
 DRAIN_S = 5.0
+#: The stuck-client test's latency bounds (derived in the test from measured noise): the readers'
+#: p95 while a client is stuck may be at most RATIO x their baseline p95 + SLACK.
+STUCK_E2E_RATIO, STUCK_E2E_SLACK_S = 2.5, 0.050
+STUCK_HOP_RATIO, STUCK_HOP_SLACK_S = 3.0, 0.010
 #: Most frames any one client of this module reads (every read loop is bounded).
 MAX_FRAMES = 20_000
 
@@ -518,12 +522,16 @@ async def test_stuck_client_does_not_slow_the_others(
             ]
             assert reader.others == [] and reader.close_code is None
 
-        # (b) the readers' latency with the stuck client is close to the baseline. A gateway
+        # (b) the readers' latency while the client is stuck is close to the baseline. A gateway
         # whose fan-out waited on the stuck socket stalls everyone for seconds (or for good).
-        # End to end the margin is 1 s: the fan-out worker's own latency moves between ~35 ms
-        # and ~200 ms p50 within one run with no stuck client at all (measured: batching under
-        # steady load). The gateway's hop (Pub/Sub -> socket), which is all a stuck client can
-        # touch, is held to 3x its baseline p95 or +300 ms.
+        # The bounds come from measured noise on this 2-core machine, 4 runs of this test (one
+        # in a quiet full-suite run, three while other test sessions loaded both cores):
+        #   end to end p95: baseline 25-70 ms; stuck phase 30-145 ms; worst ratio 2.06x;
+        #   gateway hop p95: baseline 1.5-2.2 ms; stuck phase 1.5-8.8 ms; worst ratio 4.0x,
+        #   worst excess 6.6 ms.
+        # So: end to end <= 2.5 x baseline + 50 ms (~110 ms on a quiet machine; was 1 s more
+        # than the baseline), the hop <= 3 x baseline + 10 ms (~15 ms; was +300 ms). Measured
+        # on the stuck phase alone: the phase after the drop would only dilute a stall.
         sent_at = {**base.sent_at, **load.sent_at}
 
         def latencies(sent: list[tuple[str, str]]) -> list[float]:
@@ -542,12 +550,12 @@ async def test_stuck_client_does_not_slow_the_others(
         while_stuck = latencies(load_sent[:dropped_at_count])
         after_drop = latencies(load_sent[dropped_at_count:])
         base_p95 = percentile(baseline, 0.95)
-        stuck_p95 = percentile(while_stuck + after_drop, 0.95)
-        bound = max(3 * base_p95, base_p95 + 1.0)
+        stuck_p95 = percentile(while_stuck, 0.95)
+        bound = STUCK_E2E_RATIO * base_p95 + STUCK_E2E_SLACK_S
         # The gateway's own hop (Pub/Sub -> socket) without the worker's batching noise.
         hop_base_p95 = percentile(hops(base_sent), 0.95)
-        hop_stuck_p95 = percentile(hops(load_sent), 0.95)
-        hop_bound = max(3 * hop_base_p95, hop_base_p95 + 0.3)
+        hop_stuck_p95 = percentile(hops(load_sent[:dropped_at_count]), 0.95)
+        hop_bound = STUCK_HOP_RATIO * hop_base_p95 + STUCK_HOP_SLACK_S
         figures: dict[str, Any] = {
             "baseline_ms": summary_ms(baseline),
             "while_stuck_ms": summary_ms(while_stuck),
