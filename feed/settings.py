@@ -229,9 +229,24 @@ class Settings:
             try:
                 values[name] = parse(raw)
             except (ValueError, TypeError) as exc:
-                shown = "" if name in _SECRET_FIELDS else f" (got {raw!r})"
+                if name in _SECRET_FIELDS:
+                    shown = ""
+                elif name in _URL_FIELDS:
+                    shown = f" (got {redact_url(raw)!r})"
+                else:
+                    shown = f" (got {raw!r})"
                 raise SettingsError(f"{var}: {exc}{shown}") from None
         return cls(**values)
+
+    def __repr__(self) -> str:
+        """Every setting, with secrets and URL passwords masked (safe to log)."""
+        shown = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name in _URL_FIELDS and isinstance(value, str):
+                value = redact_url(value)
+            shown.append(f"{field.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
 
     def env(self) -> dict[str, str]:
         """The settings as ``FEED_*`` variables (secrets included: for child processes only)."""
@@ -263,6 +278,20 @@ class Settings:
 
 
 _SECRET_FIELDS = {"jwt_secret", "ingest_token"}
+#: Settings that are URLs and may carry a password (``redis://user:pass@host``).
+_URL_FIELDS = {"redis_url"}
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (``redis://u:***@h:6379/0``), for logs and
+    error messages. A malformed URL is redacted too: whatever stands before the last ``@`` may
+    be a credential."""
+    head, at, tail = url.rpartition("@")
+    if not at:
+        return url
+    slashes = head.find("//")
+    prefix = head[: slashes + 2] if slashes >= 0 else ""
+    user, colon, _password = head[len(prefix) :].partition(":")
+    redacted = f"{user}:***" if colon else "***"
+    return f"{prefix}{redacted}@{tail}"
 
 
 def _fail(message: str) -> Any:

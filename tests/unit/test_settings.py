@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from feed.settings import Secret, Settings, SettingsError
+from feed.settings import Secret, Settings, SettingsError, redact_url
 
 
 def test_contract_defaults() -> None:
@@ -85,3 +85,31 @@ def test_secret_compare_is_constant_time_api() -> None:
 def test_env_round_trip() -> None:
     s = Settings.from_env({"FEED_JWT_SECRET": "k" * 32, "FEED_CASSANDRA_HOSTS": "a,b"})
     assert Settings.from_env(s.env()) == s
+
+
+def test_a_redis_password_never_reaches_an_error_or_a_repr() -> None:
+    # A malformed FEED_REDIS_URL used to be echoed whole, password included, and so was
+    # repr(Settings) (which a log line or a traceback may show).
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"FEED_REDIS_URL": "redis//:hunter2@10.0.0.5:6379/0"})
+    assert "hunter2" not in str(info.value) and "FEED_REDIS_URL" in str(info.value)
+    settings = Settings.from_env({"FEED_REDIS_URL": "redis://app:hunter2@10.0.0.5:6379/0"})
+    assert settings.redis_url == "redis://app:hunter2@10.0.0.5:6379/0"  # still usable
+    assert "hunter2" not in repr(settings) and "redis://app:***@10.0.0.5:6379/0" in repr(settings)
+    for secret in ("jwt_secret", "ingest_token"):
+        assert secret in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:pw@h:6379/0", "redis://:***@h:6379/0"),
+        ("rediss://user:pw@h:6380", "rediss://user:***@h:6380"),
+        ("redis://token@h", "redis://***@h"),
+        ("redis://u:p@ss@h", "redis://u:***@h"),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+        ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
