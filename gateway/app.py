@@ -32,7 +32,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -127,7 +127,7 @@ HISTORY_PAGE = 100
 #: How long an ``Idempotency-Key`` is remembered, and how long a request may hold it unfinished.
 IDEMPOTENCY_TTL_S = 24 * 3600
 IDEMPOTENCY_PENDING_TTL_S = 120
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 #: WebSocket close codes used here besides the session's.
 _CLOSE_TRY_AGAIN = 1013
 #: Frames kept for a connection whose session has not started yet (see
@@ -256,15 +256,46 @@ def _store_outage(exc: BaseException) -> bool:
     return isinstance(exc, _cassandra_outages)
 
 
+_Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _outages_as_503(endpoint: _Endpoint) -> _Endpoint:
+    """``endpoint``, with a store outage (:func:`_store_outage`) raised as a 503
+    :class:`GatewayError`. Starlette hands an exception that only the catch-all ``Exception``
+    handler matches to its outermost middleware, which answers and then re-raises it: the server
+    logs a traceback and drops the keep-alive connection. A :class:`GatewayError` is answered
+    inside, like any other error of the API."""
+
+    @functools.wraps(endpoint)
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except GatewayError:
+            raise
+        except Exception as exc:
+            if not _store_outage(exc):
+                raise
+            error = _as_gateway_error(exc)
+            log.warning(
+                "request_unavailable", path=request.scope.get("path"),
+                error=f"{type(exc).__name__}: {exc}"[:300],
+            )
+            raise error from None
+
+    return wrapped
+
+
 async def _error_response(conn: HTTPConnection, exc: Exception) -> Response:
     error = _as_gateway_error(exc)
     if error.status == 503:
         # A dependency is down: expected in operation, one line each, no traceback.
         log.warning(
-            "request_unavailable", path=conn.url.path, error=f"{type(exc).__name__}: {exc}"[:300]
+            "request_unavailable",
+            path=conn.scope.get("path"),
+            error=f"{type(exc).__name__}: {exc}"[:300],
         )
     elif error.status >= 500:
-        log.error("request_failed", path=conn.url.path, exc_info=exc)
+        log.error("request_failed", path=conn.scope.get("path"), exc_info=exc)
     body = ErrorBody(ErrorDetail(code=error.code, message=error.message, field=error.field))
     return _JSONResponse(body, status_code=error.status, headers=error.headers)
 
@@ -979,7 +1010,7 @@ class _Idempotency:
     """
 
     def __init__(self, client: aioredis.Redis, key: str, body: bytes) -> None:
-        if not _IDEMPOTENCY_KEY.match(key):
+        if not _IDEMPOTENCY_KEY.fullmatch(key):
             raise GatewayError(
                 400,
                 "invalid",
@@ -1018,8 +1049,15 @@ class _Idempotency:
         raise GatewayError(409, "idempotency_in_progress", "retry", field="Idempotency-Key")
 
     async def finish(self, status: int, content: bytes) -> None:
+        """Remember the response. The records are in Kafka already: if Redis fails now, the
+        request still succeeded (answering 503 would make the client send them again); the
+        pending marker expires and a retry after that produces again, which the activities'
+        ids make harmless downstream."""
         value = _json.encode({"h": self._digest, "s": status, "b": content.decode()})
-        await self._redis.set(self._name, value, ex=IDEMPOTENCY_TTL_S)
+        try:
+            await self._redis.set(self._name, value, ex=IDEMPOTENCY_TTL_S)
+        except _REDIS_ERRORS as exc:
+            log.warning("idempotency_not_recorded", error=f"{type(exc).__name__}: {exc}"[:300])
 
     async def abandon(self) -> None:
         with contextlib.suppress(*_REDIS_ERRORS):
@@ -1688,9 +1726,9 @@ def create_app(
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
-        Route("/v1/feed", feed_page, methods=["GET"]),
-        Route("/v1/activities", ingest_activities, methods=["POST"]),
-        Route("/v1/follows", follow, methods=["POST", "DELETE"]),
+        Route("/v1/feed", _outages_as_503(feed_page), methods=["GET"]),
+        Route("/v1/activities", _outages_as_503(ingest_activities), methods=["POST"]),
+        Route("/v1/follows", _outages_as_503(follow), methods=["POST", "DELETE"]),
         WebSocketRoute(STREAM_PATH, stream),
     ]
     if dev_mode:

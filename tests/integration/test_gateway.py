@@ -95,12 +95,16 @@ class RecordingProducer:
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[tuple[bytes, bytes]]]] = []
         self.fail = False
+        #: Called as the records are taken (a test's way to make a server fail at that moment).
+        self.on_send: Callable[[], None] | None = None
         self._lock = threading.Lock()
 
     async def send_many(
         self, topic: str, records: Iterable[tuple[bytes, bytes]], *, timeout: float = 30.0
     ) -> int:
         batch = list(records)
+        if self.on_send is not None:
+            self.on_send()
         if self.fail:
             raise KafkaUnavailable("broker unavailable (test)")
         with self._lock:
@@ -963,7 +967,7 @@ async def test_redis_down_gateway_stays_up_and_says_so() -> None:
         running.stop()
 
 
-# --- the hub keeps nothing for users who left ------------------------------------------------------
+# --- the hub keeps nothing for users who left ---------------------------------------------------
 class _Conn:
     """A local connection as the hub sees it (the hub's own callback interface)."""
 
@@ -1014,7 +1018,7 @@ async def test_hub_keeps_nothing_for_users_who_left(redis_url: str, rclient: red
         await client.aclose()
 
 
-# --- concurrent connections per user ---------------------------------------------------------------
+# --- concurrent connections per user --------------------------------------------------------------
 async def test_connections_past_the_per_user_cap_close_4029(redis_url: str) -> None:
     cap = 3
     running = _start(
@@ -1084,3 +1088,43 @@ async def test_redis_going_away_mid_run_is_503_with_retry_after() -> None:
     finally:
         running.stop()
         stop_process(proc)
+
+
+async def test_accepted_ingest_is_202_even_if_its_idempotency_key_cannot_be_recorded() -> None:
+    proc, url = _redis_server()
+    running = _start(_settings(url))
+    try:
+        # Redis goes away after the key was claimed, while Kafka takes the records.
+        running.producer.on_send = lambda: stop_process(proc)
+        activity = make_activity(uid("actor"))
+        headers = {**INGEST, "Idempotency-Key": uid("key")}
+        async with httpx.AsyncClient(base_url=running.base, timeout=TIMEOUT) as client:
+            response = await client.post(
+                "/v1/activities", content=body_of(activity), headers=headers
+            )
+        assert response.status_code == 202, response.text  # accepted: no retry asked for
+        records = running.producer.records(running.settings.topic_activities)
+        assert (activity.actor.encode(), encode_activity(activity)) in records
+    finally:
+        running.producer.on_send = None
+        running.stop()
+        stop_process(proc)
+
+
+async def test_odd_host_header_on_an_error_path_is_still_a_json_error() -> None:
+    running = _start(_settings(f"redis://127.0.0.1:{_free_port()}/0"))  # Redis down: a 503 path
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.server.port)
+        writer.write(
+            (
+                "GET /v1/feed HTTP/1.1\r\nHost: [\r\n"
+                f"Authorization: Bearer {token(uid())}\r\nConnection: close\r\n\r\n"
+            ).encode()
+        )
+        response = await asyncio.wait_for(reader.read(), TIMEOUT)
+        writer.close()
+        head, _, body = response.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), response
+        assert json.loads(body)["error"]["code"] == "unavailable"
+    finally:
+        running.stop()

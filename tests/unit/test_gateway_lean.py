@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 from feed.settings import Settings
-
 from gateway.app import _handshake
 from gateway.timers import TICK_S, Timers
 from gateway.websocket import (
