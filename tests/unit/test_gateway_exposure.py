@@ -68,8 +68,10 @@ def test_feed_gateway_command_says_why_it_will_not_start() -> None:
         FEED_JWT_SECRET=SECRET,
         FEED_INGEST_TOKEN=INGEST,
         FEED_DEV_MODE="true",
-        FEED_GATEWAY_HOST="0.0.0.0",
-        FEED_GATEWAY_PORT="1",  # never bound: it must stop before
+        # Not loopback, and not an address of this machine (TEST-NET-1): even a gateway that
+        # failed to refuse could not listen there.
+        FEED_GATEWAY_HOST="192.0.2.1",
+        FEED_GATEWAY_PORT="0",
         FEED_LOG_FORMAT="json",
     )
     done = subprocess.run(
@@ -78,7 +80,7 @@ def test_feed_gateway_command_says_why_it_will_not_start() -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=30,
     )
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert "FEED_DEV_MODE" in done.stderr and "FEED_GATEWAY_HOST" in done.stderr, done.stderr
