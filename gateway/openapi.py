@@ -75,7 +75,8 @@ def _components() -> dict[str, Any]:
     props["id"]["description"] = "Unique per producer: the idempotency key of the activity."
     props["published"]["description"] = (
         "RFC 3339 with a time zone (fractions and offsets allowed), from 1970-01-01 to "
-        "2200-01-01."
+        "2200-01-01, and at most `FEED_MAX_CLOCK_SKEW_S` (default 300 s) ahead of the "
+        "gateway's clock (`400` with code `in_the_future` otherwise)."
     )
     props["published"]["pattern"] = _PUBLISHED_YEARS
     props["to"]["description"] = (

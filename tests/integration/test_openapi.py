@@ -137,6 +137,7 @@ def test_api_conforms_to_its_document(case: Any, gw: GatewayProcess) -> None:
 #: field or None for any field).
 EXPLAINED_REJECTIONS = {
     (400, "out_of_range", None),  # `published` outside 1970-2200
+    (400, "in_the_future", None),  # `published` past FEED_MAX_CLOCK_SKEW_S ahead of the clock
     (400, "too_large", None),  # `extra` over 4 KiB encoded, or the event over 32 KiB
     (400, "invalid", "followee"),  # a user cannot follow themselves
     (400, "invalid_cursor", "cursor"),  # a string that is not one of our cursors
