@@ -348,10 +348,12 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         #: Large accounts: the last message task of each actor (the next one waits for it), how
-        #: many of its messages are queued, and the users whose accounts are being re-read.
+        #: many of its messages are queued, the connected users whose large accounts could not
+        #: be read (and the one task that retries them).
         self._actor_tails: dict[str, asyncio.Task[None]] = {}
         self._actor_backlog: dict[str, int] = {}
-        self._actor_retries: dict[str, asyncio.Task[None]] = {}
+        self._actors_unknown: set[str] = set()
+        self._actor_retry: asyncio.Task[None] | None = None
         #: First pause before retrying an actor-channel write, and a failed read of the large
         #: accounts a user follows (both double each time).
         self.actor_retry_pause_s = 0.2
@@ -537,20 +539,26 @@ class Gateway:
     async def refresh_actors(self, user: str) -> None:
         """Subscribe the actor channels of the large accounts ``user`` follows. Never raises.
 
-        If they cannot be read now (Redis or Cassandra failing), a background task tries again,
-        with backoff, for as long as the user has a connection here. When it succeeds and the
-        user follows a large account, the user's connections are sent ``reset``: pushes from
-        those accounts may have been missed meanwhile, and the client refetches over HTTP.
+        If they cannot be read now (Redis or Cassandra failing, or Cassandra not connected yet),
+        the user is retried in the background, with backoff, for as long as they have a
+        connection here. When that succeeds and the user follows a large account, the user's
+        connections are sent ``reset``: pushes from those accounts may have been missed
+        meanwhile, and the client refetches over HTTP.
         """
-        if user in self._actor_retries:
-            return  # the retry in flight reads the newest state (and resets if needed)
+        if user in self._actors_unknown:
+            return  # the retry reads the newest state (and resets if needed)
         actors = await self._read_actors(user)
         if actors is not None:
             self.hub.follow_actors(user, actors)
-        elif user not in self._actor_retries and not self._closing:
-            self._actor_retries[user] = self._spawn(self._retry_actors(user))
+        elif not self._closing:
+            self._actors_unknown.add(user)
+            if self._actor_retry is None or self._actor_retry.done():
+                self._actor_retry = self._spawn(self._retry_actors())
 
     async def _read_actors(self, user: str) -> list[str] | None:
+        """The large accounts ``user`` follows, or None if that cannot be known now."""
+        if self.uses_cassandra and self.cassandra is None:
+            return None  # the follow graph is in Cassandra, which is still being connected
         try:
             return await self.reader.big_followees(user)
         except Exception as exc:
@@ -560,25 +568,26 @@ class Gateway:
             )
             return None
 
-    async def _retry_actors(self, user: str) -> None:
+    async def _retry_actors(self) -> None:
+        """One task for every user whose large accounts could not be read: each round (after a
+        pause that doubles up to ``_ACTOR_REFRESH_MAX_PAUSE_S``) reads them again, one user at a
+        time, and ends the round at the first failure (the store is likely still down)."""
         pause = self.actor_refresh_pause_s
-        try:
-            while not self._closing:
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, _ACTOR_REFRESH_MAX_PAUSE_S)
+        while self._actors_unknown and not self._closing:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _ACTOR_REFRESH_MAX_PAUSE_S)
+            for user in list(self._actors_unknown):
                 if not self.hub.connections_of(user):
-                    return  # gone: a later connect reads the state afresh
+                    self._actors_unknown.discard(user)  # gone: a later connect reads afresh
+                    continue
                 actors = await self._read_actors(user)
                 if actors is None:
-                    continue
+                    break
+                self._actors_unknown.discard(user)
                 self.hub.follow_actors(user, actors)
                 log.info("actor_channels_recovered", user_id=user, actors=len(actors))
                 if actors:
                     self.hub.reset_users([user])
-                return
-        finally:
-            if self._actor_retries.get(user) is asyncio.current_task():
-                del self._actor_retries[user]
 
     def _make_reader(self, history: Any) -> FeedReader:
         from feed.graph_cassandra import CassandraFollowGraph

@@ -13,8 +13,11 @@ worker's own outbox script (``RedisTimelines.add_to_outboxes``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -33,8 +36,10 @@ from feed.settings import Settings
 from feed.timeline_redis import Insert, RedisTimelines
 from gateway.app import Gateway
 from gateway.auth import mint_token
+from gateway.server import build_server
 from tests.e2e.harness import next_frame, resumed_stream
 from tests.integration.test_http_hostile import LiveGateway, live_gateway
+from tests.procs import free_port
 
 TIMEOUT = 15.0
 
@@ -196,6 +201,114 @@ async def test_push_that_fails_once_is_repaired_by_its_retry(
         big.redis.delete(timeline)
         gateway.actor_retry_pause_s = saved
     assert frame["type"] == "activity" and frame["activity"]["id"] == posted  # no reset
+
+
+class Forwarder:
+    """A TCP path 127.0.0.1:``port`` -> 127.0.0.1:``target`` that the test opens when it wants
+    the server behind it reachable (its own event loop, in a thread; stopped by the test)."""
+
+    def __init__(self, port: int, target: int) -> None:
+        self.port, self.target = port, target
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.StreamWriter] = set()
+
+    def start(self) -> None:
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._handle, "127.0.0.1", self.port), self._loop
+        ).result(10)
+
+    def stop(self) -> None:
+        async def close() -> None:
+            if self._server is not None:
+                self._server.close()
+            for writer in list(self._pipes):
+                writer.close()
+
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        self._loop.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.close()
+            return
+        self._pipes.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+                self._pipes.discard(dst)
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+@contextlib.contextmanager
+def serving(settings: Settings) -> Iterator[LiveGateway]:
+    """The gateway for ``settings`` on a free port, without waiting for its dependencies."""
+    settings = dataclasses.replace(settings, gateway_host="127.0.0.1", gateway_port=0,
+                                   drain_s=3.0, allowed_origins=())
+    server = build_server(settings)
+    live = LiveGateway(server, threading.Thread(), settings)
+
+    def serve() -> None:
+        try:
+            server.run()
+        except BaseException as exc:  # surfaced below
+            live.errors.append(exc)
+
+    live.thread = threading.Thread(target=serve, name="gateway-no-cassandra", daemon=True)
+    live.thread.start()
+    deadline = time.monotonic() + 60
+    while not (server.started and server.port):
+        if live.errors or not live.thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail(f"gateway did not start: {live.errors}")
+        time.sleep(0.01)
+    live.port = server.port
+    live.base = f"http://127.0.0.1:{server.port}"
+    live.ws = f"ws://127.0.0.1:{server.port}/v1/stream"
+    try:
+        yield live
+    finally:
+        server.should_exit = True
+        live.thread.join(20)
+        assert not live.thread.is_alive(), "gateway did not stop"
+    assert not live.errors, live.errors
+
+
+async def test_followed_accounts_are_read_once_cassandra_connects_then_reset_and_live(
+    settings: Settings, big: BigAccount
+) -> None:
+    forwarder = Forwarder(free_port(), settings.cassandra_port)
+    # The gateway's Cassandra is behind the forwarder, which is not open yet: it starts without
+    # its follow graph and connects in the background.
+    offline = dataclasses.replace(settings, cassandra_port=forwarder.port)
+    try:
+        with serving(offline) as live:
+            async with resumed_stream(live.ws, token(settings, big.fan)) as (ws, _welcome):
+                assert not big.subscribed()
+                missed = big.post("before-cassandra")
+                forwarder.start()
+                assert await next_frame(ws, 60) == {"type": "reset"}
+                await eventually(big.subscribed, "the star's channel subscribed")
+                posted = big.post("after-cassandra")
+                frame = await next_frame(ws, TIMEOUT)
+                assert frame["type"] == "activity" and frame["activity"]["id"] == posted
+                assert missed in await feed_ids(live, settings, big.fan)
+    finally:
+        forwarder.stop()
 
 
 # --- Cassandra outage ----------------------------------------------------------------------------
