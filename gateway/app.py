@@ -105,13 +105,7 @@ from schemas import (
 )
 from schemas.activity import is_valid_id
 
-__all__ = [
-    "Gateway",
-    "GatewayError",
-    "Producer",
-    "StreamConnection",
-    "create_app",
-]
+__all__ = ["Gateway", "GatewayError", "Producer", "StreamConnection", "create_app"]
 
 log = structlog.get_logger("gateway")
 
@@ -135,10 +129,12 @@ _CLOSE_TRY_AGAIN = 1013
 _EARLY_MAX_FRAMES = 64
 #: Large accounts: attempts at one actor-channel write, and the backlog of an actor's messages
 #: past which a write is tried only once (see ``Gateway._apply_actor_message``); the longest
-#: pause between reads of the large accounts a user follows.
+#: pause between rounds of reads of the large accounts users follow, and the failures in a row
+#: that end a round (``Gateway._retry_actors``).
 _ACTOR_ATTEMPTS = 3
 _ACTOR_BACKLOG_RETRY = 32
 _ACTOR_REFRESH_MAX_PAUSE_S = 30.0
+_ACTOR_REFRESH_FAILURES = 3
 #: Bound on waiting for a close frame to be written to a client that may not be reading.
 _CLOSE_TIMEOUT_S = 5.0
 _QUIET_ROUTES = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
@@ -352,7 +348,7 @@ class Gateway:
         #: be read (and the one task that retries them).
         self._actor_tails: dict[str, asyncio.Task[None]] = {}
         self._actor_backlog: dict[str, int] = {}
-        self._actors_unknown: set[str] = set()
+        self._actors_unknown: dict[str, None] = {}  # ordered: retried first come, first served
         self._actor_retry: asyncio.Task[None] | None = None
         #: First pause before retrying an actor-channel write, and a failed read of the large
         #: accounts a user follows (both double each time).
@@ -551,7 +547,7 @@ class Gateway:
         if actors is not None:
             self.hub.follow_actors(user, actors)
         elif not self._closing:
-            self._actors_unknown.add(user)
+            self._actors_unknown[user] = None
             if self._actor_retry is None or self._actor_retry.done():
                 self._actor_retry = self._spawn(self._retry_actors())
 
@@ -571,19 +567,30 @@ class Gateway:
     async def _retry_actors(self) -> None:
         """One task for every user whose large accounts could not be read: each round (after a
         pause that doubles up to ``_ACTOR_REFRESH_MAX_PAUSE_S``) reads them again, one user at a
-        time, and ends the round at the first failure (the store is likely still down)."""
+        time, and ends after ``_ACTOR_REFRESH_FAILURES`` failures in a row (the store is likely
+        still down). A user whose read failed goes to the back of the line, so one that keeps
+        failing does not hold up the others."""
         pause = self.actor_refresh_pause_s
-        while self._actors_unknown and not self._closing:
+        unknown = self._actors_unknown
+        while unknown and not self._closing:
             await asyncio.sleep(pause)
             pause = min(pause * 2, _ACTOR_REFRESH_MAX_PAUSE_S)
-            for user in list(self._actors_unknown):
+            failures = 0
+            for user in list(unknown):
                 if not self.hub.connections_of(user):
-                    self._actors_unknown.discard(user)  # gone: a later connect reads afresh
+                    unknown.pop(user, None)  # gone: a later connect reads afresh
                     continue
                 actors = await self._read_actors(user)
                 if actors is None:
-                    break
-                self._actors_unknown.discard(user)
+                    if user in unknown:  # to the back of the line
+                        del unknown[user]
+                        unknown[user] = None
+                    failures += 1
+                    if failures >= _ACTOR_REFRESH_FAILURES:
+                        break
+                    continue
+                failures = 0
+                unknown.pop(user, None)
                 self.hub.follow_actors(user, actors)
                 log.info("actor_channels_recovered", user_id=user, actors=len(actors))
                 if actors:
