@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import ipaddress
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -270,6 +271,25 @@ class Settings:
             raise SettingsError("FEED_JWT_SECRET: required by the gateway (at least 32 bytes)")
         if self.ingest_token is None:
             raise SettingsError("FEED_INGEST_TOKEN: required by the gateway for HTTP ingest")
+        if self.dev_mode:
+            self.require_loopback_for_dev()
+
+    def require_loopback_for_dev(self) -> None:
+        """``FEED_DEV_MODE`` adds ``GET /dev/token``, which mints a token for any user: it is
+        allowed only for a gateway listening on a loopback address (``127.0.0.0/8``, ``::1``,
+        ``localhost``). Any other ``FEED_GATEWAY_HOST`` (``0.0.0.0``, a LAN address, a host
+        name) raises :class:`SettingsError` naming both variables."""
+        host = self.gateway_host.strip().strip("[]")
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host.lower() == "localhost"
+        if not loopback:
+            raise SettingsError(
+                "FEED_DEV_MODE: /dev/token mints a token for any user and is served only on a "
+                f"loopback address, but FEED_GATEWAY_HOST is {self.gateway_host!r}; set "
+                "FEED_GATEWAY_HOST=127.0.0.1 or FEED_DEV_MODE=false"
+            )
 
     def require_jwt(self) -> Secret:
         if self.jwt_secret is None:

@@ -29,9 +29,10 @@ import re
 import secrets
 import socket
 import struct
+import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -40,8 +41,16 @@ from urllib.parse import parse_qsl
 import msgspec
 import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import (
+    ClusterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisClusterUnreachableError,
+    RedisError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -51,7 +60,7 @@ from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from feed.cursor import CursorError
+from feed.cursor import CursorError, decode_position
 from feed.kafka import AsyncProducer, KafkaUnavailable, producer_config
 from feed.reader import FeedReader
 from feed.settings import Settings
@@ -64,7 +73,7 @@ from gateway.auth import (
     mint_token,
     verify_user_token,
 )
-from gateway.hub import Hub, HubUnavailable
+from gateway.hub import Hub, HubUnavailable, TooManyConnections
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.openapi import openapi_document
 from gateway.ratelimit import (
@@ -79,6 +88,8 @@ from gateway.session import (
     CLOSE_RATE_LIMITED,
     CLOSE_TOO_SLOW,
     CLOSE_UNAUTHORIZED,
+    PRESENCE_PREFIX,
+    RESET_CONTROL,
     Session,
 )
 from gateway.timers import timers
@@ -110,9 +121,20 @@ HISTORY_PAGE = 100
 #: How long an ``Idempotency-Key`` is remembered, and how long a request may hold it unfinished.
 IDEMPOTENCY_TTL_S = 24 * 3600
 IDEMPOTENCY_PENDING_TTL_S = 120
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 #: WebSocket close codes used here besides the session's.
 _CLOSE_TRY_AGAIN = 1013
+#: Frames kept for a connection whose session has not started yet (see
+#: ``StreamConnection._deliver_early``).
+_EARLY_MAX_FRAMES = 64
+#: Large accounts: attempts at one actor-channel write, and the backlog of an actor's messages
+#: past which a write is tried only once (see ``Gateway._apply_actor_message``); the longest
+#: pause between rounds of reads of the large accounts users follow, and the failures in a row
+#: that end a round (``Gateway._retry_actors``).
+_ACTOR_ATTEMPTS = 3
+_ACTOR_BACKLOG_RETRY = 32
+_ACTOR_REFRESH_MAX_PAUSE_S = 30.0
+_ACTOR_REFRESH_FAILURES = 3
 #: Bound on waiting for a close frame to be written to a client that may not be reading.
 _CLOSE_TIMEOUT_S = 5.0
 _QUIET_ROUTES = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
@@ -177,7 +199,7 @@ def _as_gateway_error(exc: Exception) -> GatewayError:
         return GatewayError(
             401, "unauthorized", exc.message, headers={"WWW-Authenticate": "Bearer"}
         )
-    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+    if _store_outage(exc):
         return GatewayError(
             503, "unavailable", "a store is unreachable; retry later", headers={"Retry-After": "2"}
         )
@@ -187,15 +209,89 @@ def _as_gateway_error(exc: Exception) -> GatewayError:
     return GatewayError(500, "internal", "internal server error")
 
 
+#: Redis errors that mean "cannot serve now" (down, loading, failing over, out of memory), not
+#: a bug: 503 with ``Retry-After``.
+_REDIS_OUTAGES = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    ReadOnlyError,
+    OutOfMemoryError,
+    RedisClusterUnreachableError,
+    SlotNotCoveredError,
+)
+_cassandra_outages: tuple[type[BaseException], ...] | None = None
+
+
+def _store_outage(exc: BaseException) -> bool:
+    """True if ``exc`` says Redis or Cassandra cannot serve now (503), rather than a bug (500).
+
+    The Cassandra driver is imported only where history is read; its exceptions are looked up
+    once it is loaded (it cannot have raised one before)."""
+    global _cassandra_outages
+    if isinstance(exc, _REDIS_OUTAGES):
+        return True
+    if _cassandra_outages is None:
+        if "cassandra.cluster" not in sys.modules:
+            return False
+        import cassandra
+        from cassandra.cluster import NoHostAvailable
+        from cassandra.connection import ConnectionException
+        from cassandra.pool import NoConnectionsAvailable
+
+        _cassandra_outages = (
+            NoHostAvailable,  # every node down or unreachable (or the session shut down)
+            cassandra.OperationTimedOut,  # no answer in time from the node
+            cassandra.Unavailable,  # too few replicas alive for the consistency level
+            cassandra.Timeout,  # ReadTimeout, WriteTimeout: replicas did not answer in time
+            cassandra.CoordinationFailure,  # ReadFailure, WriteFailure on the replicas
+            ConnectionException,
+            NoConnectionsAvailable,
+        )
+    return isinstance(exc, _cassandra_outages)
+
+
+_Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _outages_as_503(endpoint: _Endpoint) -> _Endpoint:
+    """``endpoint``, with a store outage (:func:`_store_outage`) raised as a 503
+    :class:`GatewayError`. Starlette hands an exception that only the catch-all ``Exception``
+    handler matches to its outermost middleware, which answers and then re-raises it: the server
+    logs a traceback and drops the keep-alive connection. A :class:`GatewayError` is answered
+    inside, like any other error of the API."""
+
+    @functools.wraps(endpoint)
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except GatewayError:
+            raise
+        except Exception as exc:
+            if not _store_outage(exc):
+                raise
+            error = _as_gateway_error(exc)
+            log.warning(
+                "request_unavailable", path=request.scope.get("path"),
+                error=f"{type(exc).__name__}: {exc}"[:300],
+            )
+            raise error from None
+
+    return wrapped
+
+
 async def _error_response(conn: HTTPConnection, exc: Exception) -> Response:
     error = _as_gateway_error(exc)
     if error.status == 503:
         # A dependency is down: expected in operation, one line each, no traceback.
         log.warning(
-            "request_unavailable", path=conn.url.path, error=f"{type(exc).__name__}: {exc}"[:300]
+            "request_unavailable",
+            path=conn.scope.get("path"),
+            error=f"{type(exc).__name__}: {exc}"[:300],
         )
     elif error.status >= 500:
-        log.error("request_failed", path=conn.url.path, exc_info=exc)
+        log.error("request_failed", path=conn.scope.get("path"), exc_info=exc)
     body = ErrorBody(ErrorDetail(code=error.code, message=error.message, field=error.field))
     return _JSONResponse(body, status_code=error.status, headers=error.headers)
 
@@ -247,6 +343,17 @@ class Gateway:
         self.connect_ip_limit = Limit(settings.connect_ip_rate, settings.connect_ip_burst)
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
+        #: Large accounts: the last message task of each actor (the next one waits for it), how
+        #: many of its messages are queued, the connected users whose large accounts could not
+        #: be read (and the one task that retries them).
+        self._actor_tails: dict[str, asyncio.Task[None]] = {}
+        self._actor_backlog: dict[str, int] = {}
+        self._actors_unknown: dict[str, None] = {}  # ordered: retried first come, first served
+        self._actor_retry: asyncio.Task[None] | None = None
+        #: First pause before retrying an actor-channel write, and a failed read of the large
+        #: accounts a user follows (both double each time).
+        self.actor_retry_pause_s = 0.2
+        self.actor_refresh_pause_s = 0.5
         self._closing = False
 
     # Handlers only run between open() and close(), so these are always set there.
@@ -318,9 +425,10 @@ class Gateway:
     async def close(self) -> None:
         self._closing = True
         self.metrics.unwatch_gc()
-        for task in self._tasks:
+        background = list(self._background)
+        for task in (*self._tasks, *background):
             task.cancel()
-        for task in self._tasks:
+        for task in (*self._tasks, *background):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self._hub is not None:
@@ -334,49 +442,159 @@ class Gateway:
         log.info("gateway_stopped")
 
     # --- large accounts (hybrid fan-out) -------------------------------------------------------
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     def _on_actor_message(self, actor: str, users: list[str], message: bytes) -> None:
-        self._spawn(self._apply_actor_message(actor, users, message))
+        previous = self._actor_tails.get(actor)
+        backlog = self._actor_backlog.get(actor, 0) + 1
+        self._actor_backlog[actor] = backlog
+        task = self._spawn(
+            self._apply_actor_message(
+                actor, users, message, previous=previous, retry=backlog <= _ACTOR_BACKLOG_RETRY
+            )
+        )
+        self._actor_tails[actor] = task
+        task.add_done_callback(functools.partial(self._actor_message_done, actor))
 
-    async def _apply_actor_message(self, actor: str, users: list[str], message: bytes) -> None:
+    def _actor_message_done(self, actor: str, task: asyncio.Task[None]) -> None:
+        if self._actor_tails.get(actor) is task:
+            del self._actor_tails[actor]
+        backlog = self._actor_backlog.pop(actor, 1) - 1
+        if backlog > 0:
+            self._actor_backlog[actor] = backlog
+
+    async def _apply_actor_message(
+        self,
+        actor: str,
+        users: list[str],
+        message: bytes,
+        *,
+        previous: asyncio.Task[None] | None = None,
+        retry: bool = True,
+    ) -> None:
         """A large account's new (``+member\\nbody``) or deleted (``-member``) activity: insert
         it into (or remove it from) the connected followers' timelines. The script is
         idempotent, so when several gateways hold followers the first insert wins and the user's
-        own channel delivers it once, with one delivery seq, to all of their connections."""
+        own channel delivers it once, with one delivery seq, to all of their connections.
+
+        One actor's messages are applied in the order they came (``previous`` first), so a
+        delete never overtakes the insert it undoes. A write that fails is tried again
+        (``_ACTOR_ATTEMPTS`` in all, with backoff; once only while more than
+        ``_ACTOR_BACKLOG_RETRY`` of the actor's messages wait); if it still fails, each of the
+        users' connections sends ``reset`` (:meth:`Hub.reset_users`): the item did not reach
+        their delivery stream, so no resume could bring it, and the client refetches over HTTP,
+        where the account's outbox is merged in. Never a silent loss."""
+        if previous is not None and not previous.done():
+            await asyncio.wait({previous})
         s = self.settings
         timelines = _opened(self._timelines)
-        try:
-            if message.startswith(b"+"):
-                member, _, body = message[1:].partition(b"\n")
-                await timelines.insert_for(
-                    users,
-                    member.decode(),
-                    body,
-                    timeline_max=s.timeline_max,
-                    stream_history=s.stream_history,
-                    body_ttl_s=s.body_ttl_days * 86_400,
+        attempts = _ACTOR_ATTEMPTS if retry else 1
+        pause = self.actor_retry_pause_s
+        for attempt in range(1, attempts + 1):
+            try:
+                if message.startswith(b"+"):
+                    member, _, body = message[1:].partition(b"\n")
+                    await timelines.insert_for(
+                        users,
+                        member.decode(),
+                        body,
+                        timeline_max=s.timeline_max,
+                        stream_history=s.stream_history,
+                        body_ttl_s=s.body_ttl_days * 86_400,
+                    )
+                elif message.startswith(b"-"):
+                    await timelines.remove_for(
+                        users, message[1:].decode(), stream_history=s.stream_history
+                    )
+                return
+            except UnicodeDecodeError:
+                log.warning("actor_message_malformed", actor=actor)
+                return
+            except _REDIS_ERRORS as exc:
+                log.warning(
+                    "actor_delivery_failed",
+                    actor=actor,
+                    users=len(users),
+                    attempt=attempt,
+                    attempts=attempts,
+                    error=str(exc)[:200],
                 )
-            elif message.startswith(b"-"):
-                await timelines.remove_for(
-                    users, message[1:].decode(), stream_history=s.stream_history
-                )
-        except _REDIS_ERRORS as exc:
-            log.warning("actor_delivery_failed", actor=actor, users=len(users), error=str(exc))
+            if attempt < attempts:
+                await asyncio.sleep(pause)
+                pause *= 2
+        log.error("actor_delivery_abandoned", actor=actor, users=len(users), action="reset")
+        self.hub.reset_users(users)
 
     def _on_following_changed(self, user: str) -> None:
         self._spawn(self.refresh_actors(user))
 
     async def refresh_actors(self, user: str) -> None:
-        """Subscribe the actor channels of the large accounts ``user`` follows."""
-        try:
-            actors = await self.reader.big_followees(user)
+        """Subscribe the actor channels of the large accounts ``user`` follows. Never raises.
+
+        If they cannot be read now (Redis or Cassandra failing, or Cassandra not connected yet),
+        the user is retried in the background, with backoff, for as long as they have a
+        connection here. When that succeeds and the user follows a large account, the user's
+        connections are sent ``reset``: pushes from those accounts may have been missed
+        meanwhile, and the client refetches over HTTP.
+        """
+        if user in self._actors_unknown:
+            return  # the retry reads the newest state (and resets if needed)
+        actors = await self._read_actors(user)
+        if actors is not None:
             self.hub.follow_actors(user, actors)
+        elif not self._closing:
+            self._actors_unknown[user] = None
+            if self._actor_retry is None or self._actor_retry.done():
+                self._actor_retry = self._spawn(self._retry_actors())
+
+    async def _read_actors(self, user: str) -> list[str] | None:
+        """The large accounts ``user`` follows, or None if that cannot be known now."""
+        if self.uses_cassandra and self.cassandra is None:
+            return None  # the follow graph is in Cassandra, which is still being connected
+        try:
+            return await self.reader.big_followees(user)
         except Exception as exc:
-            log.warning("actor_channels_failed", error=type(exc).__name__, detail=str(exc)[:200])
+            log.warning(
+                "actor_channels_failed", user_id=user, error=type(exc).__name__,
+                detail=str(exc)[:200],
+            )
+            return None
+
+    async def _retry_actors(self) -> None:
+        """One task for every user whose large accounts could not be read: each round (after a
+        pause that doubles up to ``_ACTOR_REFRESH_MAX_PAUSE_S``) reads them again, one user at a
+        time, and ends after ``_ACTOR_REFRESH_FAILURES`` failures in a row (the store is likely
+        still down). A user whose read failed goes to the back of the line, so one that keeps
+        failing does not hold up the others."""
+        pause = self.actor_refresh_pause_s
+        unknown = self._actors_unknown
+        while unknown and not self._closing:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _ACTOR_REFRESH_MAX_PAUSE_S)
+            failures = 0
+            for user in list(unknown):
+                if not self.hub.connections_of(user):
+                    unknown.pop(user, None)  # gone: a later connect reads afresh
+                    continue
+                actors = await self._read_actors(user)
+                if actors is None:
+                    if user in unknown:  # to the back of the line
+                        del unknown[user]
+                        unknown[user] = None
+                    failures += 1
+                    if failures >= _ACTOR_REFRESH_FAILURES:
+                        break
+                    continue
+                failures = 0
+                unknown.pop(user, None)
+                self.hub.follow_actors(user, actors)
+                log.info("actor_channels_recovered", user_id=user, actors=len(actors))
+                if actors:
+                    self.hub.reset_users([user])
 
     def _make_reader(self, history: Any) -> FeedReader:
         from feed.graph_cassandra import CassandraFollowGraph
@@ -436,7 +654,7 @@ class Gateway:
             checks["cassandra"] = self._check_cassandra
         names = list(checks)
         results = await asyncio.gather(
-            *(_timed(checks[name]) for name in names), return_exceptions=False
+            *(_timed(name, checks[name]) for name in names), return_exceptions=False
         )
         out = dict(zip(names, results, strict=True))
         out["pubsub"] = {"ok": self.hub.connected}
@@ -448,7 +666,7 @@ class Gateway:
     async def _check_cassandra(self) -> None:
         session = self.cassandra
         if session is None:
-            raise RuntimeError("not connected yet")
+            raise _NotConnectedYet("not connected yet")
         await asyncio.to_thread(session.execute, "SELECT now() FROM system.local", timeout=2.0)
 
 
@@ -472,12 +690,29 @@ def _kafka_probe(producer: Any) -> Callable[..., Any] | None:
     return probe if callable(probe) else None
 
 
-async def _timed(check: Callable[[], Any]) -> dict[str, Any]:
+class _NotConnectedYet(RuntimeError):
+    """A dependency this process connects to in the background is not connected yet."""
+
+
+async def _timed(name: str, check: Callable[[], Any]) -> dict[str, Any]:
+    """Run one readiness check. What failed is answered in one word (``unreachable``,
+    ``timeout`` or ``connecting``): the exception's text, which names hosts and ports, goes to
+    the log only (``/readyz`` needs no authentication)."""
     started = time.perf_counter()
     try:
         await asyncio.wait_for(check(), 3.0)
     except Exception as exc:
-        return {"ok": False, "error": str(exc)[:200] or type(exc).__name__}
+        if isinstance(exc, _NotConnectedYet):
+            error = "connecting"
+        elif isinstance(exc, TimeoutError | RedisTimeoutError) or "Timeout" in type(exc).__name__:
+            error = "timeout"
+        else:
+            error = "unreachable"
+        log.warning(
+            "dependency_unready", dependency=name, error=error,
+            detail=f"{type(exc).__name__}: {exc}"[:300],
+        )
+        return {"ok": False, "error": error}
     return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
 
 
@@ -612,14 +847,47 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return body
 
 
+#: ``limit``: ASCII digits only (``str.isdigit`` and ``int`` also take "²", "٣" and other
+#: Unicode digits, and ``int`` refuses more than 4300 of them), a few at most.
+_LIMIT = re.compile(r"[0-9]{1,9}")
+#: The order key inside a position cursor starts with 16 ASCII digits (``feed.cursor``).
+_POSITION_KEY = re.compile(r"[0-9]{16}:")
+_MAX_CURSOR_CHARS = 400
+
+
 def _limit(raw: str | None) -> int:
     if raw is None:
         return DEFAULT_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    if not _LIMIT.fullmatch(raw) or not 1 <= int(raw) <= MAX_LIMIT:
         raise GatewayError(
-            400, "out_of_range", f"must be a whole number from 1 to {MAX_LIMIT}", field="limit"
+            400,
+            "out_of_range",
+            f"must be a whole number from 1 to {MAX_LIMIT} in ASCII digits",
+            field="limit",
         )
     return int(raw)
+
+
+def _position_cursor(raw: str | None) -> str | None:
+    """A paging cursor checked at the boundary: one this API issued, or 400 naming ``cursor``
+    (never an exception from deeper down for a cursor it could not have issued)."""
+    if not raw:
+        return None
+    key: str | None = None
+    if len(raw) <= _MAX_CURSOR_CHARS:
+        try:
+            key = decode_position(raw)
+        except ValueError:  # CursorError, or int() refusing a digit that is not ASCII
+            key = None
+    if key is None or not _POSITION_KEY.match(key):
+        raise GatewayError(
+            400,
+            "invalid_cursor",
+            "not a cursor of this feed: use `next` of a page as it was returned "
+            f"(at most {_MAX_CURSOR_CHARS} characters)",
+            field="cursor",
+        )
+    return raw
 
 
 async def healthz(_request: Request) -> Response:
@@ -643,7 +911,7 @@ async def metrics_endpoint(request: Request) -> Response:
 async def feed_page(request: Request) -> Response:
     claims = _user(request)
     limit = _limit(request.query_params.get("limit"))
-    cursor = request.query_params.get("cursor") or None
+    cursor = _position_cursor(request.query_params.get("cursor"))
     page = await _gateway(request).reader.page(claims.user, cursor, limit)
     return _JSONResponse(page)
 
@@ -758,7 +1026,7 @@ class _Idempotency:
     """
 
     def __init__(self, client: aioredis.Redis, key: str, body: bytes) -> None:
-        if not _IDEMPOTENCY_KEY.match(key):
+        if not _IDEMPOTENCY_KEY.fullmatch(key):
             raise GatewayError(
                 400,
                 "invalid",
@@ -797,8 +1065,15 @@ class _Idempotency:
         raise GatewayError(409, "idempotency_in_progress", "retry", field="Idempotency-Key")
 
     async def finish(self, status: int, content: bytes) -> None:
+        """Remember the response. The records are in Kafka already: if Redis fails now, the
+        request still succeeded (answering 503 would make the client send them again); the
+        pending marker expires and a retry after that produces again, which the activities'
+        ids make harmless downstream."""
         value = _json.encode({"h": self._digest, "s": status, "b": content.decode()})
-        await self._redis.set(self._name, value, ex=IDEMPOTENCY_TTL_S)
+        try:
+            await self._redis.set(self._name, value, ex=IDEMPOTENCY_TTL_S)
+        except _REDIS_ERRORS as exc:
+            log.warning("idempotency_not_recorded", error=f"{type(exc).__name__}: {exc}"[:300])
 
     async def abandon(self) -> None:
         with contextlib.suppress(*_REDIS_ERRORS):
@@ -1042,13 +1317,28 @@ class StreamConnection:
     def deliver(self, frame: bytes) -> None:
         session = self._session
         if session is None:
-            if self._early is None:
-                self._early = []
-            self._early.append(frame)
+            self._deliver_early(frame)
             return
         session.receive_live(frame)
         self._mark_pending()
         self._after_event()
+
+    def _deliver_early(self, frame: bytes) -> None:
+        """Keep a frame that came before the session started (while presence is attached).
+
+        At most ``_EARLY_MAX_FRAMES`` are kept: a flood for a user who is still connecting does
+        not grow the list without bound. Past it the list shrinks to what the session cannot
+        get again (the newest stream frame, which tells it how far the stream goes, and the
+        hub's control frames) and the session starts by reading the stream: every pushed frame
+        is in it, so nothing is lost.
+        """
+        early = self._early
+        if early is None:
+            early = self._early = []
+        elif len(early) >= _EARLY_MAX_FRAMES:
+            early[:] = _essential_early(early)
+            self._early_gap = True
+        early.append(frame)
 
     def check_gap(self) -> None:
         if self._session is None:
@@ -1068,7 +1358,18 @@ class StreamConnection:
         gateway = self._gateway
         started = time.monotonic()
         try:
-            await gateway.hub.register(self)
+            await gateway.hub.register(
+                self, max_per_user=gateway.settings.max_connections_per_user
+            )
+        except TooManyConnections as exc:
+            log.info("ws_rejected", reason="too_many_connections", limit=exc.limit)
+            await _close_quietly(
+                self._ws,
+                CLOSE_RATE_LIMITED,
+                f"too many connections: at most {exc.limit} per user on one gateway",
+            )
+            gateway.metrics.closes.labels(str(CLOSE_RATE_LIMITED)).inc()
+            return
         except HubUnavailable:
             log.warning("ws_rejected", reason="pubsub_unavailable")
             await _close_quietly(self._ws, _CLOSE_TRY_AGAIN, "try again later")
@@ -1327,6 +1628,28 @@ class StreamConnection:
         log.info("ws_connection", **fields)
 
 
+def _essential_early(frames: list[bytes]) -> list[bytes]:
+    """Of the frames kept before a session started, those it cannot read again from the stream:
+    the newest stream frame (its seq says how far the stream goes), the newest presence frame
+    and a reset request, in their order."""
+    keep: set[int] = set()
+    found_live = found_presence = found_reset = False
+    for index in range(len(frames) - 1, -1, -1):
+        frame = frames[index]
+        if frame.startswith(PRESENCE_PREFIX):
+            if not found_presence:
+                found_presence = True
+                keep.add(index)
+        elif frame == RESET_CONTROL:
+            if not found_reset:
+                found_reset = True
+                keep.add(index)
+        elif not found_live:
+            found_live = True
+            keep.add(index)
+    return [frames[index] for index in sorted(keep)]
+
+
 # --- middleware -------------------------------------------------------------------------------
 class _AccessLog:
     """One log line and one ``feed_gateway_http_requests_total`` sample per HTTP request.
@@ -1385,10 +1708,14 @@ def create_app(
     ``redis`` must be a ``redis.asyncio.Redis`` with ``decode_responses=False``. A ``reader``
     passed in is used as is; without one the lifespan builds a :class:`FeedReader` over Redis and,
     when ``settings.fanout_history`` is on (or ``cassandra_session`` is given), Cassandra.
-    ``dev_mode`` adds ``GET /dev/token``. ``hold_live_s`` is how long after the welcome live frames
+    ``dev_mode`` adds ``GET /dev/token``, and is refused (:class:`SettingsError`) unless the
+    gateway listens on a loopback address (``Settings.require_loopback_for_dev``).
+    ``hold_live_s`` is how long after the welcome live frames
     wait for a resume before being pushed (see :mod:`gateway.session`); 0 disables the hold.
     """
     settings.require_jwt()
+    if dev_mode:
+        settings.require_loopback_for_dev()
     gateway = Gateway(
         settings,
         redis_client=redis,
@@ -1415,9 +1742,9 @@ def create_app(
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
-        Route("/v1/feed", feed_page, methods=["GET"]),
-        Route("/v1/activities", ingest_activities, methods=["POST"]),
-        Route("/v1/follows", follow, methods=["POST", "DELETE"]),
+        Route("/v1/feed", _outages_as_503(feed_page), methods=["GET"]),
+        Route("/v1/activities", _outages_as_503(ingest_activities), methods=["POST"]),
+        Route("/v1/follows", _outages_as_503(follow), methods=["POST", "DELETE"]),
         WebSocketRoute(STREAM_PATH, stream),
     ]
     if dev_mode:

@@ -42,6 +42,9 @@ _REQUIRED = ["exp", "sub"]
 _USER_ID = ID_RE
 #: A bearer token longer than this is not one of ours (and is not worth decoding).
 MAX_TOKEN_CHARS = 4096
+#: Latest ``exp`` accepted: 9999-12-31T23:59:59Z (a larger number is no date; a huge integer
+#: would not even convert to a float).
+MAX_EXP = 253_402_300_799
 
 
 class AuthError(Exception):
@@ -87,12 +90,18 @@ def verify_user_token(token: str, secret: Secret, *, leeway_s: int) -> UserClaim
         raise AuthError("bad_signature", "the token signature does not verify") from None
     except jwt.InvalidTokenError:
         raise AuthError("invalid", "the token is not a valid JWT") from None
+    except (ValueError, TypeError, OverflowError):
+        # Whatever else a hostile string makes the decoder raise (a lone surrogate, a number
+        # that does not convert): still just an invalid token, never a server error.
+        raise AuthError("invalid", "the token is not a valid JWT") from None
     user = claims.get("sub")
     if not isinstance(user, str) or not _USER_ID.match(user):
         raise AuthError("bad_subject", "the `sub` claim is not a valid user id")
     exp = claims.get("exp")
     if not isinstance(exp, int | float) or isinstance(exp, bool):
         raise AuthError("invalid", "the `exp` claim is not a number")
+    if not 0 < exp <= MAX_EXP:  # also keeps float(exp) from overflowing on a huge integer
+        raise AuthError("invalid", f"the `exp` claim is out of range (at most {MAX_EXP})")
     return UserClaims(user=user, expires_at=float(exp))
 
 

@@ -51,9 +51,9 @@ import structlog
 from feed import keys
 from feed.timeline_redis import AsyncRedisPresence
 from gateway.pubsub import PubSubLink
-from gateway.session import presence_frame
+from gateway.session import RESET_CONTROL, presence_frame
 
-__all__ = ["Hub", "HubUnavailable", "LocalConnection"]
+__all__ = ["Hub", "HubUnavailable", "LocalConnection", "TooManyConnections"]
 
 log = structlog.get_logger("gateway.hub")
 
@@ -68,6 +68,15 @@ _REATTACH_PAUSE_S = 0.2
 
 class HubUnavailable(RuntimeError):
     """The Pub/Sub connection could not confirm a subscription in time."""
+
+
+class TooManyConnections(Exception):
+    """The user already holds the most local connections allowed."""
+
+    def __init__(self, user: str, limit: int) -> None:
+        super().__init__(f"{limit} connections of this user already")
+        self.user = user
+        self.limit = limit
 
 
 class LocalConnection(Protocol):
@@ -171,6 +180,27 @@ class Hub:
     def connection_count(self) -> int:
         return sum(len(conns) for conns in self._conns.values())
 
+    def connections_of(self, user: str) -> int:
+        """Local connections of ``user``."""
+        conns = self._conns.get(user)
+        return len(conns) if conns else 0
+
+    def tracked(self) -> dict[str, int]:
+        """Entries of each per-user and per-channel structure (all 0 once every connection has
+        left and every SUBSCRIBE is answered: nothing is kept for users who were here once)."""
+        return {
+            "connections": len(self._conns),
+            "channels": len(self._channels),
+            "pending": len(self._pending),
+            "confirmed": len(self._confirmed),
+            "resync": len(self._resync),
+            "waiters": len(self._waiters),
+            "actor_channels": len(self._actor_channels),
+            "actor_users": len(self._actor_users),
+            "user_actors": len(self._user_actors),
+            "reattaching": len(self._reattaching),
+        }
+
     def users(self) -> list[str]:
         return list(self._conns)
 
@@ -211,15 +241,21 @@ class Hub:
         if unsubscribe:
             self._unsubscribe(unsubscribe)
 
-    async def register(self, conn: LocalConnection) -> None:
+    async def register(self, conn: LocalConnection, *, max_per_user: int | None = None) -> None:
         """Add a connection; returns once its user's channel is confirmed subscribed.
 
-        Raises :class:`HubUnavailable` if Redis does not confirm within ``subscribe_timeout_s``
-        (the connection is then unregistered).
+        Raises :class:`TooManyConnections`, having added nothing, if the user already has
+        ``max_per_user`` local connections (checked and added in one step: concurrent connects
+        cannot overshoot). Raises :class:`HubUnavailable` if Redis does not confirm within
+        ``subscribe_timeout_s`` (the connection is then unregistered).
         """
         user = conn.user
         channel = keys.channel(user).encode()
-        conns = self._conns.setdefault(user, set())
+        conns = self._conns.get(user)
+        if conns is None:
+            conns = self._conns[user] = set()
+        elif max_per_user is not None and len(conns) >= max_per_user:
+            raise TooManyConnections(user, max_per_user)
         first = not conns
         conns.add(conn)
         self._empty.clear()
@@ -276,16 +312,26 @@ class Hub:
         batch = list(channels)
         if pubsub is None or not self._connected.is_set() or not batch:
             return True  # the reader subscribes every wanted channel when it (re)connects
+        pending = self._pending
         for channel in batch:
-            self._pending[channel] = self._pending.get(channel, 0) + 1
+            pending[channel] = pending.get(channel, 0) + 1
         try:
             pubsub.send("SUBSCRIBE", *batch)
         except _REDIS_ERRORS as exc:
             for channel in batch:
-                self._pending[channel] = max(0, self._pending.get(channel, 0) - 1)
+                self._unpend(channel)
             log.warning("pubsub_subscribe_failed", error=str(exc))
             return False
         return True
+
+    def _unpend(self, channel: bytes) -> int:
+        """One SUBSCRIBE of ``channel`` is answered (or was never sent): the count still in
+        flight. A channel with none left has no entry (the map holds only SUBSCRIBEs in
+        flight, however many users come and go)."""
+        left = self._pending.pop(channel, 0) - 1
+        if left > 0:
+            self._pending[channel] = left
+        return max(0, left)
 
     async def _run_pubsub(self) -> None:
         backoff = 0.05
@@ -326,7 +372,8 @@ class Hub:
         self._connected.set()
         wanted = list(self._channels) + list(self._actor_channels)
         # Whatever was published while we were not subscribed is only in the delivery streams.
-        self._resync.update(wanted)
+        # (Users' channels only: a large account's channel has no stream of its own to check.)
+        self._resync.update(self._channels)
         self.connects += 1
         if not self._subscribe(wanted):
             raise redis.exceptions.ConnectionError("could not re-subscribe")
@@ -381,15 +428,14 @@ class Hub:
                 log.exception("deliver_failed", user_id=user)
 
     def _confirm(self, channel: bytes) -> None:
-        pending = self._pending.get(channel, 0)
-        if pending > 0:
-            pending -= 1
-            self._pending[channel] = pending
-        else:
+        if channel in self._pending:
+            if self._unpend(channel):
+                return  # a later SUBSCRIBE of it is still in flight: wait for that one
+        elif channel in self._channels:
             # Not asked for (a confirmation this connection did not expect): whatever it means,
             # the user's connections check the stream for gaps rather than trust Pub/Sub.
             self._resync.add(channel)
-        if pending or channel not in self._channels:
+        if channel not in self._channels:
             return
         self._confirmed.add(channel)
         for waiter in self._waiters.pop(channel, []):
@@ -440,6 +486,17 @@ class Hub:
                     log.exception("deliver_failed", user_id=user)
             break
         self._check_gaps(user)
+
+    def reset_users(self, users: Iterable[str]) -> None:
+        """Items may have missed the delivery streams of ``users`` (a large account's push that
+        could not be written): every local connection of theirs sends its client ``reset``
+        (:data:`gateway.session.RESET_CONTROL`), so the client refetches over HTTP."""
+        for user in users:
+            for conn in list(self._conns.get(user, ())):
+                try:
+                    conn.deliver(RESET_CONTROL)
+                except Exception:
+                    log.exception("deliver_failed", user_id=user)
 
     def _check_gaps(self, user: str) -> None:
         for conn in list(self._conns.get(user, ())):

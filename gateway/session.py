@@ -38,6 +38,12 @@ and follows the new epoch: a live frame of another epoch, a history answer of an
 a presence frame (:func:`presence_frame`, handed in through :meth:`~Session.receive_live` by the
 hub after it re-attached the user's presence; never forwarded to the client).
 
+Items outside the stream. A large account's activity reaches a connected follower's stream only
+if a gateway inserts it (``gateway.app``); when that could not be done (Redis failed, or whom the
+user follows could not be read at connect), the hub hands in :data:`RESET_CONTROL` and the session
+sends ``reset``: the client refetches over HTTP, where the item is (merged from the account's
+outbox), instead of never learning it missed it.
+
 Hold. Until the client's first frame (or :meth:`start_live`, which the adapter calls after a short
 grace period) live frames are held, so that a client that resumes right after the welcome gets its
 replay strictly before any newer live frame.
@@ -50,6 +56,8 @@ requested while that total is at most half the bound, so a long replay streams a
 """
 
 from __future__ import annotations
+
+import re
 
 from feed.cursor import CursorError, decode_stream
 from schemas.errors import ValidationError
@@ -72,6 +80,7 @@ __all__ = [
     "CLOSE_UNAUTHORIZED",
     "CLOSE_UNSUPPORTED",
     "PRESENCE_PREFIX",
+    "RESET_CONTROL",
     "Session",
     "presence_frame",
     "stream_position",
@@ -93,10 +102,15 @@ _CURSOR_KEY = b'"cursor":"'
 _CURSOR_WINDOW = 64
 #: Longest ``<epoch>.<seq>`` (16 + 1 + 18 characters, see ``feed.cursor``).
 _CURSOR_MAX = 35
+#: A stream cursor as this server issues it (``feed.cursor``), in ASCII only.
+_STREAM_CURSOR = re.compile(r"[a-z0-9]{1,16}\.[0-9]{1,18}")
 #: Frames of the gateway itself (never forwarded to a client) start with this.
 _CONTROL_PREFIX = b'{"type":"_'
 #: The user's presence is attached at the given position (see :func:`presence_frame`).
 PRESENCE_PREFIX = b'{"type":"_presence"'
+#: Items may have missed the user's delivery stream (the hub hands this in, see
+#: :meth:`Session.missed_outside_stream`): the client must refetch.
+RESET_CONTROL = b'{"type":"_reset"}'
 
 
 def presence_frame(epoch: str, seq: int) -> bytes:
@@ -266,6 +280,8 @@ class Session:
         if frame.startswith(_CONTROL_PREFIX):
             if position is not None and frame.startswith(PRESENCE_PREFIX):
                 self.rebase(*position)
+            elif frame == RESET_CONTROL:
+                self.missed_outside_stream()
             return  # the gateway's own frames never reach the client
         if position is None:
             return  # not a stream frame: nothing the contract lets us forward
@@ -370,6 +386,16 @@ class Session:
         self._reset()
         self._advance()
 
+    def missed_outside_stream(self) -> None:
+        """Items may have reached the user's timeline without passing through the delivery
+        stream (a large account's push that could not be written, or whose channel was not
+        subscribed): no replay can bring them, so the client is sent ``reset`` (it refetches
+        over HTTP, where they are) and the stream carries on where it is."""
+        if self._close is not None:
+            return
+        self.resets += 1
+        self._enqueue(_RESET, None)
+
     def start_live(self) -> None:
         """The hold after the welcome is over (no resume came): push live frames from now on."""
         if self._holding:
@@ -404,6 +430,11 @@ class Session:
         return self._holding or self._asked is not None or self._wanted
 
     def _resume(self, cursor: str) -> None:
+        if not _STREAM_CURSOR.fullmatch(cursor):
+            # Only what this server issues: ASCII digits (``\d`` would take "٣" for 3) and no
+            # trailing newline (which ``$`` lets through).
+            self._reset()
+            return
         try:
             position = decode_stream(cursor)
         except CursorError:

@@ -54,8 +54,8 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
+def _redis_server() -> tuple[subprocess.Popen[bytes], str]:
+    """A redis-server of the caller's own on a free port (stop it with ``stop_process``)."""
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
     port = _free_port()
     proc = subprocess.Popen(
@@ -77,6 +77,12 @@ def redis_url() -> Iterator[str]:
                 pytest.fail("redis-server did not start")
             time.sleep(0.05)
     client.close()
+    return proc, url
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    proc, url = _redis_server()
     try:
         yield url
     finally:
@@ -89,12 +95,16 @@ class RecordingProducer:
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[tuple[bytes, bytes]]]] = []
         self.fail = False
+        #: Called as the records are taken (a test's way to make a server fail at that moment).
+        self.on_send: Callable[[], None] | None = None
         self._lock = threading.Lock()
 
     async def send_many(
         self, topic: str, records: Iterable[tuple[bytes, bytes]], *, timeout: float = 30.0
     ) -> int:
         batch = list(records)
+        if self.on_send is not None:
+            self.on_send()
         if self.fail:
             raise KafkaUnavailable("broker unavailable (test)")
         with self._lock:
@@ -540,6 +550,61 @@ async def test_feed_bad_limit_is_400_naming_limit(http: httpx.AsyncClient, limit
     assert response.json()["error"]["field"] == "limit"
 
 
+@pytest.mark.parametrize(
+    "limit",
+    [
+        "\u00b2",  # superscript two: str.isdigit() says yes, int() refuses it
+        "\u0663",  # Arabic-Indic three: int() takes it as 3
+        "5" * 5000,  # int() refuses more than 4300 digits
+        "0" * 4999 + "5",
+        "\uff15",  # fullwidth five
+        " 5",
+        "5\n",
+    ],
+    ids=["superscript", "arabic-indic", "5000-digits", "5000-digits-leading-zeros", "fullwidth",
+         "space", "newline"],
+)
+async def test_feed_limit_in_unicode_or_too_many_digits_is_400(
+    http: httpx.AsyncClient, limit: str
+) -> None:
+    response = await http.get(
+        "/v1/feed", params={"limit": limit}, headers={"Authorization": f"Bearer {token(uid())}"}
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["field"] == "limit"
+    assert "200" in error["message"]  # names the limit
+
+
+def _position(key: str) -> str:
+    """A position cursor holding ``key`` (the format ``feed.cursor`` issues)."""
+    return "p" + base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        _position("\u00b2" * 16 + ":a-1"),  # int() refuses superscripts: was a 500
+        _position("\u0663" * 16 + ":a-1"),  # Arabic-Indic digits: not a key this API issues
+        _position("0" * 15 + "\u00b9:a-1"),
+        _position("0" * 16 + ":"),
+        "p" + "A" * 5000,
+        "\u00b2",
+        "p\u00b2\u00b2",
+    ],
+    ids=["superscript", "arabic-indic", "one-superscript", "no-id", "5000-chars", "bare-digit",
+         "non-base64"],
+)
+async def test_feed_cursor_with_unicode_digits_or_garbage_is_400(
+    http: httpx.AsyncClient, cursor: str
+) -> None:
+    response = await http.get(
+        "/v1/feed", params={"cursor": cursor}, headers={"Authorization": f"Bearer {token(uid())}"}
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["field"] == "cursor"
+
+
 async def test_feed_bad_cursor_is_400_naming_cursor(http: httpx.AsyncClient) -> None:
     response = await http.get(
         "/v1/feed",
@@ -898,5 +963,168 @@ async def test_redis_down_gateway_stays_up_and_says_so() -> None:
             assert feed.status_code == 503
             assert feed.json()["error"]["code"] == "unavailable"
             assert "retry-after" in feed.headers
+    finally:
+        running.stop()
+
+
+# --- the hub keeps nothing for users who left ---------------------------------------------------
+class _Conn:
+    """A local connection as the hub sees it (the hub's own callback interface)."""
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+        self.frames: list[bytes] = []
+
+    def deliver(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+    def check_gap(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
+async def test_hub_keeps_nothing_for_users_who_left(redis_url: str, rclient: redis.Redis) -> None:
+    import redis.asyncio as aioredis
+
+    from feed.timeline_redis import AsyncRedisPresence
+    from gateway.hub import Hub
+
+    client = aioredis.Redis.from_url(redis_url)
+    hub = Hub(client, AsyncRedisPresence(client, ttl_s=60), refresh_interval_s=30)
+    await hub.start()
+    try:
+        await eventually(lambda: hub.connected, "Pub/Sub connected")
+        star = uid("star")
+        for _ in range(3):  # users come and go: the hub's state must not grow with them
+            conns = [_Conn(uid("churn")) for _ in range(200)]
+            await asyncio.gather(*(hub.register(conn) for conn in conns))
+            hub.follow_actors(conns[0].user, [star, uid("star")])
+            for conn in conns:
+                hub.unregister(conn)
+        # A Pub/Sub reconnect re-subscribes a large account's channel too.
+        keeper = _Conn(uid("keeper"))
+        await hub.register(keeper)
+        hub.follow_actors(keeper.user, [star])
+        rclient.client_kill_filter(_type="pubsub")
+        await eventually(lambda: hub.connects >= 2 and hub.connected, "Pub/Sub reconnected")
+        await eventually(lambda: not hub.tracked()["pending"], "re-subscriptions confirmed")
+        hub.unregister(keeper)
+        empty = dict.fromkeys(hub.tracked(), 0)
+        await eventually(lambda: hub.tracked() == empty, f"empty hub state: {hub.tracked()}")
+    finally:
+        await hub.stop()
+        await client.aclose()
+
+
+# --- concurrent connections per user --------------------------------------------------------------
+async def test_connections_past_the_per_user_cap_close_4029(redis_url: str) -> None:
+    cap = 3
+    running = _start(
+        _settings(redis_url, max_connections_per_user=cap, connect_rate=0.0, connect_burst=1)
+    )
+    try:
+        user = uid("many")
+        held = [(await welcomed(running, user))[0] for _ in range(cap)]
+        async with connect(f"{running.ws}?token={token(user)}") as extra:
+            with pytest.raises(ConnectionClosed) as info:
+                await recv(extra)
+            assert info.value.rcvd is not None
+            assert info.value.rcvd.code == 4029
+            assert str(cap) in info.value.rcvd.reason
+        other, _ = await welcomed(running, uid("other"))  # the cap is per user
+        await held[0].close()
+
+        async def place_free() -> ClientConnection | None:
+            """A connection that left frees its place (once the server has seen it leave)."""
+            ws = await connect(f"{running.ws}?token={token(user)}")
+            try:
+                if (await recv(ws))["type"] == "welcome":
+                    return ws
+            except ConnectionClosed as closed:
+                assert closed.rcvd is not None and closed.rcvd.code == 4029
+            await ws.close()
+            return None
+
+        again = await eventually(place_free, "a place freed by a closed connection")
+        for ws in (*held[1:], again, other):
+            await ws.close()
+    finally:
+        running.stop()
+
+
+# --- outages and exposure ------------------------------------------------------------------------
+async def test_readyz_names_the_failed_dependency_but_no_address() -> None:
+    port = _free_port()  # nothing listens there
+    running = _start(_settings(f"redis://127.0.0.1:{port}/0"))
+    try:
+        async with httpx.AsyncClient(base_url=running.base, timeout=TIMEOUT) as client:
+            ready = await client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["dependencies"]["redis"] == {"ok": False, "error": "unreachable"}
+        assert str(port) not in ready.text and "127.0.0.1" not in ready.text, ready.text
+    finally:
+        running.stop()
+
+
+async def test_redis_going_away_mid_run_is_503_with_retry_after() -> None:
+    proc, url = _redis_server()
+    running = _start(_settings(url))
+    try:
+        user = uid("reader")
+        auth = {"Authorization": f"Bearer {token(user)}"}
+        async with httpx.AsyncClient(base_url=running.base, timeout=TIMEOUT) as client:
+            assert (await client.get("/v1/feed", headers=auth)).status_code == 200
+            stop_process(proc)
+            feed = await client.get("/v1/feed", headers=auth)
+            assert feed.status_code == 503, feed.text
+            assert feed.json()["error"]["code"] == "unavailable"
+            assert int(feed.headers["retry-after"]) >= 1
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["dependencies"]["redis"]["ok"] is False
+            assert url.rsplit(":", 1)[1].split("/")[0] not in ready.text  # no port
+    finally:
+        running.stop()
+        stop_process(proc)
+
+
+async def test_accepted_ingest_is_202_even_if_its_idempotency_key_cannot_be_recorded() -> None:
+    proc, url = _redis_server()
+    running = _start(_settings(url))
+    try:
+        # Redis goes away after the key was claimed, while Kafka takes the records.
+        running.producer.on_send = lambda: stop_process(proc)
+        activity = make_activity(uid("actor"))
+        headers = {**INGEST, "Idempotency-Key": uid("key")}
+        async with httpx.AsyncClient(base_url=running.base, timeout=TIMEOUT) as client:
+            response = await client.post(
+                "/v1/activities", content=body_of(activity), headers=headers
+            )
+        assert response.status_code == 202, response.text  # accepted: no retry asked for
+        records = running.producer.records(running.settings.topic_activities)
+        assert (activity.actor.encode(), encode_activity(activity)) in records
+    finally:
+        running.producer.on_send = None
+        running.stop()
+        stop_process(proc)
+
+
+async def test_odd_host_header_on_an_error_path_is_still_a_json_error() -> None:
+    running = _start(_settings(f"redis://127.0.0.1:{_free_port()}/0"))  # Redis down: a 503 path
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.server.port)
+        writer.write(
+            (
+                "GET /v1/feed HTTP/1.1\r\nHost: [\r\n"
+                f"Authorization: Bearer {token(uid())}\r\nConnection: close\r\n\r\n"
+            ).encode()
+        )
+        response = await asyncio.wait_for(reader.read(), TIMEOUT)
+        writer.close()
+        head, _, body = response.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), response
+        assert json.loads(body)["error"]["code"] == "unavailable"
     finally:
         running.stop()

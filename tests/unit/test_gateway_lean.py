@@ -4,9 +4,14 @@ the uvicorn protocol, and the parsing of a stream connect (no server, no Redis).
 from __future__ import annotations
 
 import asyncio
+import json
+import time
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
+from feed.settings import Settings
 from gateway.app import _handshake
 from gateway.timers import TICK_S, Timers
 from gateway.websocket import (
@@ -185,3 +190,49 @@ def test_first_pings_of_a_connect_burst_are_spread_over_half_an_interval() -> No
     assert len(ticks) == 40
     assert max(ticks.values()) < 3 * 5000 / 40
     assert first_ping_delay(interval, 0.0) == interval / 2
+
+
+# --- frames that come before a connection's session starts ---------------------------------------
+def _activity_frame(epoch: str, seq: int) -> bytes:
+    return f'{{"type":"activity","cursor":"{epoch}.{seq}","activity":{{"id":"a{seq}"}}}}'.encode()
+
+
+def _drain(session: Any, stream: dict[int, bytes], oldest: int) -> list[bytes]:
+    """Everything the session sends, answering its stream reads from ``stream`` (100 a page)."""
+    sent: list[bytes] = []
+    for _ in range(10_000):
+        frames = session.frames_to_send()
+        sent += frames
+        session.frame_sent(sum(len(f) for f in frames))
+        after = session.history_request()
+        if after is None and not frames:
+            return sent
+        if after is not None:
+            page = [(seq, stream[seq]) for seq in range(after + 1, after + 101) if seq in stream]
+            session.receive_history(page, oldest)
+    pytest.fail("the session never settled")
+
+
+def test_frames_before_the_session_starts_are_bounded_and_none_is_lost() -> None:
+    from gateway.app import _EARLY_MAX_FRAMES, StreamConnection
+    from gateway.auth import UserClaims
+    from gateway.session import RESET_CONTROL, presence_frame
+
+    gateway = SimpleNamespace(settings=Settings(send_queue_bytes=1 << 20), hold_live_s=0.0)
+    conn = StreamConnection(None, UserClaims("u1", time.time() + 600), gateway)  # type: ignore[arg-type]
+    epoch, attached = "ep1", 5
+    stream = {seq: _activity_frame(epoch, seq) for seq in range(1, 10_006)}
+    # A flood for a user whose session has not started yet (presence being attached).
+    for seq in range(attached + 1, 10_006):
+        conn.deliver(stream[seq])
+        if seq == 7_000:
+            conn.deliver(presence_frame(epoch, 6_999))
+            conn.deliver(RESET_CONTROL)
+    early = conn._early
+    assert early is not None and len(early) <= _EARLY_MAX_FRAMES
+    session = conn._start_session(epoch, attached)
+    sent = [json.loads(frame) for frame in _drain(session, stream, oldest=1)]
+    assert sent[0]["type"] == "welcome"
+    assert {"type": "reset"} in sent  # the reset request survived the flood
+    seqs = [int(f["cursor"].rpartition(".")[2]) for f in sent if f["type"] == "activity"]
+    assert seqs == list(range(attached + 1, 10_006))  # every frame, once, in order

@@ -689,3 +689,30 @@ def test_a_history_page_of_large_frames_is_paced_by_bytes_not_frames() -> None:
     got += seqs(drain(session))
     assert session.close_code() is None
     assert got == list(range(1, 102))
+
+
+# --- cursors only as issued, and items that missed the stream ------------------------------------
+def test_resume_cursor_must_be_ascii_as_issued() -> None:
+    # ``\d`` takes U+0665 (Arabic-Indic five) for 5 and ``$`` lets a trailing newline through:
+    # such a cursor was never issued, so it is a reset, not a replay from seq 5.
+    for cursor in (f"{EPOCH}.\u0665", f"{EPOCH}.5\n", f"{EPOCH}.\uff15"):
+        session = started(9)
+        session.receive_text(json.dumps({"type": "resume", "cursor": cursor}))
+        assert session.history_request() is None, cursor
+        assert [f["type"] for f in drain(session)] == ["reset"], cursor
+    session = started(9)
+    session.receive_text(json.dumps({"type": "resume", "cursor": f"{EPOCH}.5"}))
+    assert session.history_request() == 5  # the same position in ASCII is a replay
+
+
+def test_reset_request_from_the_hub_sends_reset_and_keeps_the_stream_position() -> None:
+    from gateway.session import RESET_CONTROL
+
+    session = started(3)
+    session.receive_live(activity(4))
+    session.receive_live(RESET_CONTROL)
+    session.receive_live(activity(5))
+    frames = drain(session)
+    assert [f["type"] for f in frames] == ["activity", "reset", "activity"]
+    assert seqs([f for f in frames if f["type"] == "activity"]) == [4, 5]
+    assert session.resets == 1

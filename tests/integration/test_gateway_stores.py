@@ -1,0 +1,331 @@
+"""The gateway when its stores fail, against the session stack's real Redis and Cassandra.
+
+Failures are produced by the real servers, for one test user only: a key of the wrong type makes
+Redis answer ``WRONGTYPE`` to exactly the call under test (the read of whom a user follows, the
+insert of a large account's activity into a follower's timeline), and a dedicated gateway whose
+Cassandra driver is shut down meets ``NoHostAvailable`` as in an outage.
+
+Large accounts (hybrid fan-out) are set up as the fan-out worker leaves them: the follow in the
+Cassandra graph, the account in Redis's ``big-accounts`` set, and its activities announced by the
+worker's own outbox script (``RedisTimelines.add_to_outboxes``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import structlog
+
+from fanout.followers import BIG_SENTINEL
+from feed import keys
+from feed.cursor import order_key
+from feed.graph_cassandra import CassandraFollowGraph
+from feed.settings import Settings
+from feed.timeline_redis import Insert, RedisTimelines
+from gateway.app import Gateway
+from gateway.auth import mint_token
+from gateway.server import build_server
+from tests.e2e.harness import next_frame, resumed_stream
+from tests.integration.test_http_hostile import LiveGateway, live_gateway
+from tests.procs import free_port
+
+TIMEOUT = 15.0
+
+
+def uid(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="module")
+def gw(settings: Settings) -> Iterator[LiveGateway]:
+    with live_gateway(settings) as live:
+        yield live
+
+
+def _gateway(live: LiveGateway) -> Gateway:
+    gateway: Gateway = live.server.gateway
+    return gateway
+
+
+@pytest.fixture
+def fast_retries(gw: LiveGateway) -> Iterator[Gateway]:
+    gateway = _gateway(gw)
+    saved = gateway.actor_retry_pause_s, gateway.actor_refresh_pause_s
+    gateway.actor_retry_pause_s, gateway.actor_refresh_pause_s = 0.05, 0.2
+    yield gateway
+    gateway.actor_retry_pause_s, gateway.actor_refresh_pause_s = saved
+
+
+def token(settings: Settings, user: str) -> str:
+    assert settings.jwt_secret is not None
+    return mint_token(settings.jwt_secret, user, 600)
+
+
+@dataclasses.dataclass
+class BigAccount:
+    """A large account ``star`` followed by ``fan``."""
+
+    star: str
+    fan: str
+    settings: Settings
+    redis: redis.Redis
+
+    def post(self, tag: str) -> str:
+        """A new activity of the star, announced as the worker does; its id."""
+        activity_id = uid(tag)
+        body = json.dumps(
+            {"id": activity_id, "type": "Create", "actor": self.star, "object": f"post:{tag}",
+             "published": datetime.now(UTC).isoformat()}
+        ).encode()
+        member = order_key(int(datetime.now(UTC).timestamp() * 1_000_000), activity_id)
+        timelines = RedisTimelines(self.redis, timeline_max=800, stream_history=1000,
+                                   body_ttl_s=3600)
+        assert timelines.add_to_outboxes([(self.star, Insert(member, activity_id, body, []))]) == 1
+        return activity_id
+
+    def subscribed(self) -> bool:
+        channel = keys.actor_channel(self.star).encode()
+        return channel in set(self.redis.pubsub_channels())
+
+
+@pytest.fixture
+def big(settings: Settings, cassandra: Any, redis_client: redis.Redis) -> BigAccount:
+    star, fan = uid("star"), uid("fan")
+    CassandraFollowGraph(cassandra, settings.cassandra_keyspace).follow(
+        fan, star, datetime.now(UTC)
+    )
+    redis_client.sadd(keys.big_accounts, BIG_SENTINEL, star)
+    return BigAccount(star, fan, settings, redis_client)
+
+
+async def eventually(check: Any, what: str, timeout: float = TIMEOUT) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def feed_ids(live: LiveGateway, settings: Settings, user: str) -> list[str]:
+    async with httpx.AsyncClient(base_url=live.base, timeout=TIMEOUT) as client:
+        response = await client.get(
+            "/v1/feed", headers={"Authorization": f"Bearer {token(settings, user)}"}
+        )
+    assert response.status_code == 200, response.text
+    return [item["activity"]["id"] for item in response.json()["items"]]
+
+
+@pytest.fixture
+async def stream(gw: LiveGateway, big: BigAccount) -> AsyncIterator[Any]:
+    async with resumed_stream(gw.ws, token(big.settings, big.fan)) as (ws, _welcome):
+        yield ws
+
+
+# --- large accounts ------------------------------------------------------------------------------
+async def test_failed_read_of_followed_accounts_at_connect_ends_in_reset_then_live(
+    gw: LiveGateway, big: BigAccount, fast_retries: Gateway
+) -> None:
+    version = keys.following_version(big.fan)
+    big.redis.hset(version, "not", "a counter")  # reading whom the fan follows now fails
+    try:
+        async with resumed_stream(gw.ws, token(big.settings, big.fan)) as (ws, _welcome):
+            assert not big.subscribed()  # connected, but cut off from the star's pushes
+            missed = big.post("missed")  # nobody here hears it
+            big.redis.delete(version)  # Redis answers again: the gateway's retry succeeds
+            assert await next_frame(ws, TIMEOUT) == {"type": "reset"}
+            await eventually(big.subscribed, "the star's channel subscribed")
+            live = big.post("live")
+            frame = await next_frame(ws, TIMEOUT)
+            assert frame["type"] == "activity" and frame["activity"]["id"] == live
+            # What the reset sends the client to refetch has the missed activity.
+            assert missed in await feed_ids(gw, big.settings, big.fan)
+    finally:
+        big.redis.delete(version)
+
+
+async def test_failed_push_of_a_large_accounts_activity_ends_in_reset(
+    gw: LiveGateway, big: BigAccount, stream: Any, fast_retries: Gateway
+) -> None:
+    await eventually(big.subscribed, "the star's channel subscribed")
+    timeline = keys.timeline(big.fan)
+    big.redis.set(timeline, "not a sorted set")  # the insert script now fails: WRONGTYPE
+    try:
+        lost = big.post("lost")
+        assert await next_frame(stream, TIMEOUT) == {"type": "reset"}
+    finally:
+        big.redis.delete(timeline)
+    assert lost in await feed_ids(gw, big.settings, big.fan)  # the refetch has it
+    after = big.post("after")
+    frame = await next_frame(stream, TIMEOUT)
+    assert frame["type"] == "activity" and frame["activity"]["id"] == after
+
+
+async def test_push_that_fails_once_is_repaired_by_its_retry(
+    gw: LiveGateway, big: BigAccount, stream: Any
+) -> None:
+    gateway = _gateway(gw)
+    saved = gateway.actor_retry_pause_s
+    gateway.actor_retry_pause_s = 1.0  # room to repair Redis between two attempts
+    await eventually(big.subscribed, "the star's channel subscribed")
+    timeline = keys.timeline(big.fan)
+    big.redis.set(timeline, "not a sorted set")
+    try:
+        with structlog.testing.capture_logs() as logs:
+            posted = big.post("retried")
+
+            def failed_once() -> bool:
+                return any(
+                    e.get("event") == "actor_delivery_failed" and e.get("actor") == big.star
+                    for e in list(logs)
+                )
+
+            await eventually(failed_once, "the first attempt to fail")
+            big.redis.delete(timeline)
+            frame = await next_frame(stream, TIMEOUT)
+    finally:
+        big.redis.delete(timeline)
+        gateway.actor_retry_pause_s = saved
+    assert frame["type"] == "activity" and frame["activity"]["id"] == posted  # no reset
+
+
+class Forwarder:
+    """A TCP path 127.0.0.1:``port`` -> 127.0.0.1:``target`` that the test opens when it wants
+    the server behind it reachable (its own event loop, in a thread; stopped by the test)."""
+
+    def __init__(self, port: int, target: int) -> None:
+        self.port, self.target = port, target
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.StreamWriter] = set()
+
+    def start(self) -> None:
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._handle, "127.0.0.1", self.port), self._loop
+        ).result(10)
+
+    def stop(self) -> None:
+        async def close() -> None:
+            if self._server is not None:
+                self._server.close()
+            for writer in list(self._pipes):
+                writer.close()
+
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        self._loop.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.close()
+            return
+        self._pipes.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+                self._pipes.discard(dst)
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+@contextlib.contextmanager
+def serving(settings: Settings) -> Iterator[LiveGateway]:
+    """The gateway for ``settings`` on a free port, without waiting for its dependencies."""
+    settings = dataclasses.replace(settings, gateway_host="127.0.0.1", gateway_port=0,
+                                   drain_s=3.0, allowed_origins=())
+    server = build_server(settings)
+    live = LiveGateway(server, threading.Thread(), settings)
+
+    def serve() -> None:
+        try:
+            server.run()
+        except BaseException as exc:  # surfaced below
+            live.errors.append(exc)
+
+    live.thread = threading.Thread(target=serve, name="gateway-no-cassandra", daemon=True)
+    live.thread.start()
+    deadline = time.monotonic() + 60
+    while not (server.started and server.port):
+        if live.errors or not live.thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail(f"gateway did not start: {live.errors}")
+        time.sleep(0.01)
+    live.port = server.port
+    live.base = f"http://127.0.0.1:{server.port}"
+    live.ws = f"ws://127.0.0.1:{server.port}/v1/stream"
+    try:
+        yield live
+    finally:
+        server.should_exit = True
+        live.thread.join(20)
+        assert not live.thread.is_alive(), "gateway did not stop"
+    assert not live.errors, live.errors
+
+
+async def test_followed_accounts_are_read_once_cassandra_connects_then_reset_and_live(
+    settings: Settings, big: BigAccount
+) -> None:
+    forwarder = Forwarder(free_port(), settings.cassandra_port)
+    # The gateway's Cassandra is behind the forwarder, which is not open yet: it starts without
+    # its follow graph and connects in the background.
+    offline = dataclasses.replace(settings, cassandra_port=forwarder.port)
+    try:
+        with serving(offline) as live:
+            async with resumed_stream(live.ws, token(settings, big.fan)) as (ws, _welcome):
+                assert not big.subscribed()
+                missed = big.post("before-cassandra")
+                forwarder.start()
+                assert await next_frame(ws, 60) == {"type": "reset"}
+                await eventually(big.subscribed, "the star's channel subscribed")
+                posted = big.post("after-cassandra")
+                frame = await next_frame(ws, TIMEOUT)
+                assert frame["type"] == "activity" and frame["activity"]["id"] == posted
+                assert missed in await feed_ids(live, settings, big.fan)
+    finally:
+        forwarder.stop()
+
+
+# --- Cassandra outage ----------------------------------------------------------------------------
+async def test_cassandra_outage_on_a_page_read_is_503_with_retry_after(settings: Settings) -> None:
+    with live_gateway(settings) as live:
+        gateway = _gateway(live)
+        async with httpx.AsyncClient(base_url=live.base, timeout=TIMEOUT) as client:
+            auth = {"Authorization": f"Bearer {token(settings, uid('cold'))}"}
+            assert (await client.get("/v1/feed", headers=auth)).status_code == 200
+            await asyncio.to_thread(gateway.cassandra.cluster.shutdown)  # every node gone
+            # A user with no hot timeline is read from Cassandra.
+            auth = {"Authorization": f"Bearer {token(settings, uid('cold'))}"}
+            response = await client.get("/v1/feed", headers=auth)
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "unavailable"
+            assert int(response.headers["retry-after"]) >= 1
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["dependencies"]["cassandra"]["ok"] is False
+            assert str(settings.cassandra_port) not in ready.text
