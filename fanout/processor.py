@@ -37,7 +37,7 @@ from fanout.followers import FollowerCache
 from feed import keys
 from feed.cursor import order_key, split_order_key
 from feed.graph_cassandra import CassandraFollowGraph
-from feed.history_cassandra import BODIES_CHUNK, CassandraHistory, HistoryRecord, Stored
+from feed.history_cassandra import BODIES_CHUNK, CassandraHistory, HistoryRecord
 from feed.logging import get_logger
 from feed.timeline_redis import Insert, RedisTimelines, Removal
 from schemas.activity import Activity, encode_activity, published_us
@@ -195,7 +195,7 @@ class Processor:
         completed by its replay).
 
         Concurrent creates of one new id (two actors' records on different partitions, or two
-        workers after a rebalance) are serialised by a Redis claim (``c:<id>``, SET NX) taken
+        workers after a rebalance) are serialised by a Redis claim (``c:<id>``, one script) taken
         *before* Cassandra is read and released only after the activity row is written: of two
         racing creates, one holds the claim and the other either sees it or reads the row.
         Cassandra stays the authority: a claim only decides between creates of an id that has
@@ -206,24 +206,12 @@ class Processor:
         for index, activity in run:
             first.setdefault(activity.id, (index, activity))
             actors.setdefault(activity.id, set()).add(activity.actor)
-        pending = list(first)
-        holders: dict[str, str | None] = {}
-        stored: dict[str, Stored] = {}
-        for _ in range(_CLAIM_ROUNDS):
-            claimed = self._timelines.claim(
-                [(i, first[i][1].actor) for i in pending], _CLAIM_TTL_S
-            )
-            holders.update(zip(pending, claimed, strict=True))
-            started = time.perf_counter()
-            stored.update(self._history.stored_many(pending))
-            stats.cassandra_s += time.perf_counter() - started
-            # No row and no claim: a claim ended (expired) without a row between our two
-            # commands. Nobody owns the id: claim it again.
-            pending = [i for i in pending if i not in stored and holders[i] is None]
-            if not pending:
-                break
-        else:
-            raise RuntimeError(f"could not claim activity ids {pending[:5]} (claims kept ending)")
+        ids = list(first)
+        claimed = self._timelines.claim([(i, first[i][1].actor) for i in ids], _CLAIM_TTL_S)
+        holders = dict(zip(ids, claimed, strict=True))
+        started = time.perf_counter()
+        stored = self._history.stored_many(ids)  # after the claim: see the docstring
+        stats.cassandra_s += time.perf_counter() - started
         records: list[HistoryRecord] = []
         to: dict[str, list[str]] = {}
         new: list[str] = []
@@ -239,7 +227,6 @@ class Processor:
                     to[activity_id] = _addressees(row.body)
             else:
                 holder = holders[activity_id]
-                assert holder is not None
                 owners[activity_id] = holder
                 if holder == activity.actor:
                     new.append(activity_id)
@@ -495,10 +482,8 @@ _UNFOLLOW_MIN_PAGE = 20
 #: problem: too many ids for the timeout).
 _READ_TIMEOUTS: tuple[type[BaseException], ...] = (ReadTimeout, OperationTimedOut)
 #: How long a create's claim of a new id lives at most (it is released once the activity row is
-#: written; the TTL only ends claims of workers that died in between), and how often a batch
-#: claims again ids whose claim ended without a row before giving up (a failure, retried).
+#: written; the TTL only ends claims of workers that died in between).
 _CLAIM_TTL_S = 600
-_CLAIM_ROUNDS = 3
 
 
 def _recipients(to: Sequence[str], followers: tuple[str, ...]) -> tuple[str, ...]:
