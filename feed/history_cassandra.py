@@ -265,7 +265,7 @@ class CassandraHistory:
             for start in range(0, len(users), page_size):
                 yield users[start : start + page_size]
         statement = self._get_backfilled
-        statement.fetch_size = page_size  # type: ignore[attr-defined]
+        statement.fetch_size = page_size
         result = self._session.execute(statement, (activity_id,))
         while True:
             rows = result.current_rows
