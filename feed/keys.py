@@ -13,6 +13,8 @@ __all__ = [
     "big_accounts",
     "body",
     "channel",
+    "claim",
+    "deleted",
     "deliveries",
     "following_version",
     "graph_version",
@@ -46,6 +48,20 @@ def channel(user: str) -> str:
 def body(activity_id: str) -> str:
     """String: an activity's canonical JSON, stored once however many timelines hold it."""
     return f"a:{activity_id}"
+
+
+def claim(activity_id: str) -> str:
+    """String (the actor, with a short TTL): the id is being created by that actor right now.
+    Serialises the first creates of one id across workers until the durable activity row exists
+    (``fanout.processor``); deleted once that row is written."""
+    return f"c:{activity_id}"
+
+
+def deleted(activity_id: str) -> str:
+    """Exists (TTL ``FEED_BODY_TTL_DAYS``) once the activity was deleted: a cache of the durable
+    ``deleted`` flag in Cassandra that the Redis scripts check atomically, so a fan-out, rebuild
+    or body re-cache that read the activity before the delete never writes it back."""
+    return f"d:{activity_id}"
 
 
 def graph_version(user: str) -> str:

@@ -16,6 +16,11 @@ rebuild, and a rebuild that was in flight then does not mark the timeline comple
 gone); this process rebuilds again with the new lease. A builder that died is taken over once
 its lease expires.
 
+Deletes: Cassandra never returns a deleted activity's body, so a deleted entry left in some
+timeline is skipped. A rebuild and the re-caching of bodies read from Cassandra write Redis
+through scripts that check each activity's deleted marker atomically, so one that read Cassandra
+just before a Delete does not write the activity back (``feed.timeline_redis``).
+
 Large accounts (``FEED_FANOUT_LIMIT``): their activities are not fanned out on write. A page is
 the merge of the user's own timeline page and, for each large account the user follows, that
 account's outbox page (Redis, then Cassandra) — all in the same order and cut at the same cursor,

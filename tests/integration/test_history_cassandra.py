@@ -8,7 +8,8 @@ from typing import Any
 
 from feed.cursor import order_key
 from feed.graph_cassandra import CassandraFollowGraph
-from feed.history_cassandra import CassandraHistory, HistoryRecord
+from feed.history_cassandra import CassandraHistory, HistoryRecord, Stored
+from feed.stores import create_schema
 
 
 def _record(aid: str, actor: str, ts: int, users: list[str]) -> HistoryRecord:
@@ -58,12 +59,57 @@ def test_remove_and_delete(cassandra: Any, settings: Any, ids: Callable[[str], s
     record = _record(a, actor, 77, [user])
     history.put_activities([record])
     history.put_deliveries([record])
+    history.add_backfilled([(a, ids("late"))])
     history.remove_from_timelines([(user, 77, a)])
-    history.delete_activity(a, actor, 77)
+    history.mark_deleted(a, actor, 77)
+    # Deleted, but still owned (and its recipients still known until the delete finishes).
+    assert history.stored(a) == Stored(actor, 77, None, True)
+    assert history.activity(a) is None and history.bodies([a]) == {}
+    assert sorted(u for page in history.recipients(a) for u in page) == sorted([user, ids("late")])
+    history.finish_delete(a)
     assert history.page_timeline(user, None, 10) == []
-    assert history.activity(a) is None
     assert history.outbox(actor, 10) == []
     assert list(history.recipients(a)) == []
+    assert history.stored(a) == Stored(actor, 77, None, True)
+
+
+def test_stored_many_reads_a_batch_of_ids_in_chunks(
+    cassandra: Any, settings: Any, ids: Callable[[str], str]
+) -> None:
+    history = CassandraHistory(cassandra, settings.cassandra_keyspace)
+    actor, a = ids("u1"), ids("a")
+    records = [_record(f"{a}-{n}", actor, 1000 + n, []) for n in range(250)]
+    history.put_activities(records[:200])
+    got = history.stored_many([r.activity_id for r in records])
+    assert got == {r.activity_id: Stored(actor, r.ts, r.body, False) for r in records[:200]}
+
+
+def test_migrate_adds_the_deleted_column_to_an_old_activities_table(
+    cassandra: Any, settings: Any, ids: Callable[[str], str]
+) -> None:
+    """A keyspace made by the release before durable deletes: ``feed migrate`` (create_schema)
+    adds the ``deleted`` column and the ``backfilled`` table, and can run again."""
+    ks = ids("old").replace("-", "_")
+    cassandra.execute(
+        f"CREATE KEYSPACE {ks} WITH replication = {{'class': 'SimpleStrategy', "
+        "'replication_factor': 1}", timeout=60
+    )
+    try:
+        cassandra.execute(
+            f"CREATE TABLE {ks}.activities (id text PRIMARY KEY, actor text, ts bigint,"
+            " body blob, recipients blob)", timeout=60
+        )
+        cassandra.execute(f"INSERT INTO {ks}.activities (id, actor, ts, body) VALUES"
+                          " ('a', 'u', 1, 0x7b7d)")
+        create_schema(cassandra, ks)
+        create_schema(cassandra, ks)  # idempotent
+        history = CassandraHistory(cassandra, ks)
+        assert history.stored("a") == Stored("u", 1, b"{}", False)
+        history.mark_deleted("a", "u", 1)
+        assert history.stored("a") == Stored("u", 1, None, True)
+        assert list(history.recipients("a")) == []
+    finally:
+        cassandra.execute(f"DROP KEYSPACE {ks}", timeout=60)
 
 
 def test_follow_graph_pages(cassandra: Any, settings: Any, ids: Callable[[str], str]) -> None:

@@ -174,11 +174,11 @@ class _FlakyTimelines(RedisTimelines):
 
     failures = 1
 
-    def insert(self, inserts):  # type: ignore[no-untyped-def]
+    def insert(self, inserts, **kwargs):  # type: ignore[no-untyped-def]
         if self.failures:
             self.failures -= 1
             raise redis.exceptions.ConnectionError("connection dropped (injected)")
-        return super().insert(inserts)
+        return super().insert(inserts, **kwargs)
 
 
 def test_a_deferred_write_that_failed_is_run_again_by_complete(
