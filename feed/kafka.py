@@ -23,11 +23,19 @@ __all__ = [
     "consumer_config",
     "create_topics",
     "producer_config",
+    "quiet",
 ]
 
 
 class KafkaUnavailable(RuntimeError):
-    """The broker did not accept a record in time."""
+    """The broker did not answer, or did not accept a record, in time. The message is one line
+    that names the broker (``bootstrap.servers``: no credentials)."""
+
+
+def quiet(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` for a client of a one-shot command: librdkafka logs nothing of its own (its
+    errors reach the caller as exceptions and timeouts, reported as one line)."""
+    return {**config, "log_level": 0}
 
 
 def producer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
