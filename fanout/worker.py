@@ -48,7 +48,7 @@ from fanout.dlq import DeadLetters, DeadLetterUnavailable, dead_letter_producer_
 from fanout.followers import FollowerCache
 from fanout.metrics import WorkerMetrics
 from fanout.processor import BatchStats, Processor
-from feed.kafka import consumer_config
+from feed.kafka import KafkaUnavailable, consumer_config
 from feed.lag import measure_lag
 from feed.logging import get_logger
 from feed.settings import Settings
@@ -515,7 +515,7 @@ class Worker:
                 timeout=2.0,
                 consumer=self._consumer,
             )
-        except KafkaException as exc:
+        except (KafkaException, KafkaUnavailable) as exc:
             log.warning("lag measurement failed", error=str(exc))
             return
         for row in lag.partitions:

@@ -22,6 +22,7 @@ __all__ = [
     "KafkaUnavailable",
     "consumer_config",
     "create_topics",
+    "is_unreachable",
     "producer_config",
     "quiet",
 ]
@@ -30,6 +31,30 @@ __all__ = [
 class KafkaUnavailable(RuntimeError):
     """The broker did not answer, or did not accept a record, in time. The message is one line
     that names the broker (``bootstrap.servers``: no credentials)."""
+
+
+#: Error codes that mean "the broker did not answer" rather than "the broker said no".
+_UNREACHABLE = frozenset(
+    {
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._TIMED_OUT,
+        KafkaError._TIMED_OUT_QUEUE,
+        KafkaError._MSG_TIMED_OUT,
+        KafkaError._RESOLVE,
+        KafkaError._WAIT_COORD,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.NETWORK_EXCEPTION,
+    }
+)
+
+
+def is_unreachable(exc: KafkaException) -> bool:
+    """Whether ``exc`` says that Kafka did not answer (in time)."""
+    error = exc.args[0] if exc.args else None
+    return not isinstance(error, KafkaError) or error.code() in _UNREACHABLE
 
 
 def quiet(config: dict[str, Any]) -> dict[str, Any]:
@@ -75,8 +100,10 @@ def consumer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
 
 
 def create_topics(settings: Settings, *, timeout: float = 30.0) -> list[str]:
-    """Create the contract's topics if missing. Returns the names created now. Idempotent."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    """Create the contract's topics if missing. Returns the names created now. Idempotent.
+
+    Each request waits at most ``timeout`` s (``KafkaException`` / ``TimeoutError`` past it)."""
+    admin = AdminClient(quiet({"bootstrap.servers": settings.kafka_bootstrap}))
     existing = set(admin.list_topics(timeout=timeout).topics)
     wanted = [settings.topic_activities, settings.topic_follows, settings.topic_dlq]
     new = [
