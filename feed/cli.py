@@ -132,12 +132,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_fanout(_args: argparse.Namespace) -> int:
-    import redis
     from cassandra import OperationTimedOut
     from cassandra.cluster import NoHostAvailable
-    from confluent_kafka.admin import AdminClient
 
-    from fanout.http import serve_worker_http
+    from fanout.http import serve_worker_http, worker_checks
     from fanout.metrics import WorkerMetrics
     from fanout.worker import build_worker, install_signal_handlers
     from feed.logging import get_logger
@@ -152,8 +150,6 @@ def cmd_fanout(_args: argparse.Namespace) -> int:
         # Kafka and Redis outages are waited out by the running worker; the driver needs one
         # Cassandra node at start.
         return _fail("fanout", f"cannot reach Cassandra at {_cassandra_address(settings)}")
-    probe = redis.Redis.from_url(settings.redis_url, socket_timeout=2)
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     session = worker._processor._history.session
 
     try:
@@ -161,13 +157,7 @@ def cmd_fanout(_args: argparse.Namespace) -> int:
             settings.worker_metrics_host,
             settings.worker_metrics_port,
             metrics.registry,
-            {
-                "redis": lambda: bool(probe.ping()),
-                "cassandra": lambda: (
-                    session.execute("SELECT now() FROM system.local", timeout=2) is not None
-                ),
-                "kafka": lambda: bool(admin.list_topics(timeout=2).topics),
-            },
+            worker_checks(settings.redis_url, settings.kafka_bootstrap, session),
         )
     except OSError as exc:
         session.cluster.shutdown()

@@ -432,3 +432,20 @@ def test_a_revoke_while_the_dlq_is_down_keeps_the_batch_pending_and_copies_once(
     worker._finish_pending()
     assert consumer.commits == [{(TOPIC, 0): 1}]
     assert dlq.sent == ["{oops"]
+
+
+def test_the_store_probe_gives_up_within_its_second_when_redis_does_not_answer() -> None:
+    """A host that takes no connection (a listener whose backlog is full drops the SYN): the
+    half-open probe must answer within its 1 s, not after the Redis client's own retries."""
+    import socket
+
+    with socket.socket() as listener, socket.socket() as filler:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        filler.connect(listener.getsockname())  # the one backlog slot: later SYNs are dropped
+        port = listener.getsockname()[1]
+        settings = Settings(redis_url=f"redis://127.0.0.1:{port}/0")
+        probe = worker_module._stores_probe(settings, cluster=None)
+        started = time.monotonic()
+        assert probe() is False
+        assert time.monotonic() - started < 3
