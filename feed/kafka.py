@@ -149,8 +149,14 @@ class AsyncProducer:
     async def send_many(
         self, topic: str, records: Iterable[tuple[bytes, bytes]], *, timeout: float = 30.0
     ) -> int:
-        """Produce (key, value) records and wait until the broker has all of them."""
+        """Produce (key, value) records and wait until the broker has all of them.
+
+        Raises :class:`KafkaUnavailable` when the broker has not taken them all within
+        ``timeout`` s (a full local queue counts against it) or when the producer refuses a
+        record (e.g. a topic the broker reported missing); records produced before that may
+        still be delivered (delivery is idempotent by activity id)."""
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         futures: list[asyncio.Future[None]] = []
 
         def report(future: asyncio.Future[None]) -> Any:
@@ -167,17 +173,31 @@ class AsyncProducer:
 
             return on_delivery
 
+        def abandon() -> None:
+            for future in futures:  # settled later by their delivery reports, unread
+                future.add_done_callback(_consume_result)
+
         for key, value in records:
             future: asyncio.Future[None] = loop.create_future()
-            futures.append(future)
             while True:
                 try:
                     self._producer.produce(topic, value=value, key=key, on_delivery=report(future))
                     break
                 except BufferError:
+                    if loop.time() >= deadline:
+                        abandon()
+                        raise KafkaUnavailable(
+                            f"the producer's queue stayed full for {timeout:g} s"
+                        ) from None
                     await asyncio.sleep(0.01)
+                except KafkaException as exc:
+                    abandon()
+                    error = exc.args[0] if exc.args else exc
+                    text = error.str() if isinstance(error, KafkaError) else str(error)
+                    raise KafkaUnavailable(f"the producer refused a record: {text}") from None
+            futures.append(future)
         try:
-            await asyncio.wait_for(asyncio.gather(*futures), timeout)
+            await asyncio.wait_for(asyncio.gather(*futures), max(0.0, deadline - loop.time()))
         except TimeoutError:
             raise KafkaUnavailable("timed out waiting for the broker") from None
         return len(futures)
@@ -186,3 +206,9 @@ class AsyncProducer:
         self._producer.flush(timeout)
         self._stop.set()
         self._thread.join(timeout=2)
+
+
+def _consume_result(future: asyncio.Future[None]) -> None:
+    """Mark an abandoned delivery's outcome as read (no "exception never retrieved" log)."""
+    if not future.cancelled():
+        future.exception()
