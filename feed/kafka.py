@@ -94,6 +94,10 @@ def consumer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
         # latency at low rates: 10 ms measured p50 3 ms publish->consume there, against 10 ms
         # at 50 ms. Kafka itself answers as soon as data arrives, so this only sets idle polling.
         "fetch.wait.max.ms": 10,
+        # A record the broker accepted must be fetchable, whatever its size: a fetch response
+        # over this limit (default 100 MB) is dropped and asked for again forever, stalling
+        # every partition fetched over that connection. librdkafka's maximum.
+        "receive.message.max.bytes": 2_147_483_647,
     }
     config.update(extra)
     return config

@@ -121,7 +121,7 @@ def _activity(aid: str) -> bytes:
 def _produce(settings: Settings, records: list[tuple[bytes, bytes]]) -> None:
     # The broker accepts records far larger than a default producer sends: allow them here.
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap,
-                         "message.max.bytes": 50_000_000, "linger.ms": 0, "log_level": 0})
+                         "message.max.bytes": 1_000_000_000, "linger.ms": 0, "log_level": 0})
     for key, value in records:
         producer.produce(settings.topic_activities, key=key, value=value, partition=0)
         assert producer.flush(30) == 0
@@ -186,6 +186,23 @@ def test_records_too_large_to_copy_go_to_the_dlq_truncated_and_the_worker_goes_o
     assert 0 < len(third.key()) < len(long_key) and long_key.startswith(third.key())
     assert _record_size(third) <= DLQ_MESSAGE_MAX_BYTES
     assert worker.alive()
+
+
+def test_a_record_larger_than_the_clients_default_fetch_limit_does_not_stall_the_worker(
+    start_worker: Callable[..., _Worker],
+) -> None:
+    """120 MB: the broker takes it; librdkafka's default receive.message.max.bytes (100 MB)
+    would drop every fetch response carrying it, for ever, stalling the partition."""
+    worker = start_worker()
+    s = worker.settings
+    huge = b"h" * 120_000_000
+    _produce(s, [(b"u-huge", huge), (b"u1", _activity(uuid.uuid4().hex[:12]))])
+    del huge
+    wait_for(lambda: worker.alive() and worker.committed() == 2, timeout=90,
+             message="offsets committed past the 120 MB record")
+    [dead] = _read_topic(s, s.topic_dlq, 1, timeout=30)
+    headers = {k: (v or b"").decode() for k, v in dead.headers()}
+    assert headers["feed.original.size"] == "120000000" and headers["feed.truncated"] == "true"
 
 
 def test_a_missing_dlq_topic_pauses_the_worker_until_the_topic_exists(
