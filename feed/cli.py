@@ -72,6 +72,16 @@ def _driver_quiet() -> Iterator[None]:
         driver.setLevel(level)
 
 
+def _positive_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {raw!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {raw}")
+    return value
+
+
 def _positive_seconds(raw: str) -> float:
     try:
         value = float(raw)
@@ -337,9 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lag", help="consumer lag of the fan-out group")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--watch", action="store_true", help="refresh the table")
-    p.add_argument("--interval", type=float, default=2.0)
-    p.add_argument("--lag-threshold", type=int, default=1000)
-    p.add_argument("--max-replicas", type=int, default=16)
+    p.add_argument("--interval", type=_positive_seconds, default=2.0)
+    p.add_argument("--lag-threshold", type=_positive_int, default=1000)
+    p.add_argument("--max-replicas", type=_positive_int, default=16)
     p.add_argument(
         "--timeout",
         type=_positive_seconds,
@@ -350,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dlq", help="list or replay dead-lettered records")
     p.add_argument("action", choices=["list", "replay"])
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--limit", type=_positive_int, default=100)
     p.add_argument("--code", default=None, help="only records with this feed.error code")
     p.add_argument("--json", action="store_true")
     p.add_argument(

@@ -107,3 +107,20 @@ def test_migrate_with_kafka_up_fails_naming_cassandra(stack_env: dict[str, str])
     code, _stdout, stderr, elapsed = _run(["migrate", "--wait", "2"], env)
     assert code == 1 and elapsed < 2 + 5 + STARTUP_S, (code, elapsed)
     _assert_one_line(stderr, f"feed migrate: cannot reach Cassandra at 127.0.0.1:{port} within ")
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [(["lag", "--lag-threshold", "0"], "--lag-threshold"),
+     (["lag", "--watch", "--interval", "-1"], "--interval"),
+     (["lag", "--max-replicas", "0"], "--max-replicas"),
+     (["dlq", "list", "--limit", "0"], "--limit")],
+    ids=["lag-threshold", "interval", "max-replicas", "limit"],
+)
+def test_bad_flags_are_refused_before_anything_is_reached(args: list[str], flag: str) -> None:
+    """Refused by the parser, exit code 2, naming the flag (a zero lag threshold used to
+    raise from the replica computation, a negative interval from the sleep)."""
+    env, _port = _closed_env()
+    code, _stdout, stderr, elapsed = _run(args, env)
+    assert code == 2 and elapsed < STARTUP_S, (code, elapsed, stderr)
+    assert f"argument {flag}: must be" in stderr and "Traceback" not in stderr
