@@ -98,7 +98,7 @@ def test_list_reads_every_record_and_replay_passes_over_truncated_copies(
     assert replay.returncode == 0, replay.stderr
     assert replay.stdout.startswith("replayed 7 record(s)"), replay.stdout
     assert "passed over 1 truncated record(s)" in replay.stdout
-    replayed = _read_all(settings, origin, 8)
+    replayed = _read_all(settings, origin, 7)  # the truncated copy would be among them
     assert sorted(m.value() for m in replayed) == sorted(
         [b"{oops%d" % n for n in range(6)] + [b'{"type":"Delete"}'])
     assert all(dict(m.headers())["feed.replayed.from"] for m in replayed)
