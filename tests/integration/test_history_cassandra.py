@@ -39,9 +39,13 @@ def test_timeline_pages_without_gaps_including_ties(
 ) -> None:
     history = CassandraHistory(cassandra, settings.cassandra_keyspace)
     user, a = ids("u"), ids("a")
-    rows = [(user, 5000 + n // 3, f"{a}-{n:03d}", "x") for n in range(250)]
+    # Published times crossing digit boundaries (9, 10, 99, 100, ...), three rows each (ties
+    # broken by id); the expected order is the (published, id) tuples', not the keys'.
+    stamps = [10**k + d for k in range(1, 16) for d in range(-3, 3)]
+    rows = [(user, stamps[n // 3], f"{a}-{n:03d}", "x") for n in range(250)]
     history.write_timeline_rows(rows)
-    expected = sorted((order_key(ts, aid) for _, ts, aid, _ in rows), reverse=True)
+    expected = [order_key(ts, aid) for ts, aid in sorted(((ts, aid) for _, ts, aid, _ in rows),
+                                                         reverse=True)]
     seen: list[str] = []
     before = None
     while True:

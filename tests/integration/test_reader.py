@@ -21,8 +21,11 @@ async def test_paging_crosses_into_history(
     cap, total = 8, 30
     user, actor, a = ids("u"), ids("actor"), ids("a")
     history = CassandraHistory(cassandra, settings.cassandra_keyspace)
+    # Published times crossing digit boundaries (9 -> 10, 99 -> 100, ...), two activities each
+    # (ties broken by id): an order that compared unpadded numbers as text would differ.
+    stamps = [10**k + d for k in range(1, 9) for d in (-1, 0)][:total // 2]
     records = [
-        HistoryRecord(f"{a}-{n:03d}", actor, 10_000 + n // 2, msgspec.json.encode({"n": n}), [user])
+        HistoryRecord(f"{a}-{n:03d}", actor, stamps[n // 2], msgspec.json.encode({"n": n}), [user])
         for n in range(total)
     ]
     history.put_activities(records)
@@ -41,9 +44,10 @@ async def test_paging_crosses_into_history(
             cursor = page.next
             if cursor is None:
                 break
+        # Newest first by (published, id), computed without the code under test.
         expected = [
             msgspec.json.decode(r.body)["n"]
-            for r in sorted(records, key=lambda r: order_key(r.ts, r.activity_id), reverse=True)
+            for r in sorted(records, key=lambda r: (r.ts, r.activity_id), reverse=True)
         ]
         assert seen == expected
         with pytest.raises(CursorError):
