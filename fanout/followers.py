@@ -40,6 +40,8 @@ class FollowerCache:
         fanout_limit: int = 0,
         max_entries: int = 2_000_000,
     ) -> None:
+        """``max_entries`` bounds the cache: each cached list costs one plus its followers
+        (:attr:`size`); the least recently used lists are evicted past it."""
         self._graph = graph
         self._redis = client
         self._history = history
@@ -104,18 +106,39 @@ class FollowerCache:
                 return None
         return tuple(followers)
 
+    def __len__(self) -> int:
+        """How many users' lists are cached."""
+        return len(self._lists)
+
+    def __contains__(self, user: object) -> bool:
+        """Whether ``user``'s list is cached (whatever its version)."""
+        return user in self._lists
+
+    @property
+    def size(self) -> int:
+        """What the cached lists cost against ``max_entries``: one per list plus one per
+        follower, so lists of no follower count too and the cap bounds the number of lists."""
+        return self._size
+
     def invalidate(self, users: Iterable[str]) -> None:
         for user in users:
             entry = self._lists.pop(user, None)
             if entry is not None:
-                self._size -= len(entry[1])
+                self._size -= _cost(entry[1])
 
     def _store(self, user: str, version: bytes | None, followers: tuple[str, ...]) -> None:
         self.invalidate([user])
-        if len(followers) > self._max:
+        cost = _cost(followers)
+        if cost > self._max:
             return
         self._lists[user] = (version, followers)
-        self._size += len(followers)
+        self._size += cost
         while self._size > self._max and self._lists:
             _, (_, evicted) = self._lists.popitem(last=False)
-            self._size -= len(evicted)
+            self._size -= _cost(evicted)
+
+
+def _cost(followers: tuple[str, ...]) -> int:
+    """An entry's share of ``max_entries``: the list itself (its key, version and tuple, even
+    when empty) and its followers."""
+    return 1 + len(followers)
