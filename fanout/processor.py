@@ -351,6 +351,11 @@ class Processor:
 
     # --- follows -----------------------------------------------------------------------------
     def _apply_follow(self, event: FollowEvent, stats: BatchStats) -> None:
+        """Apply a follow or unfollow to the graph, then to the follower's timeline according to
+        the graph (which holds the later of the pair's events): following a fanned-out account
+        backfills its newest activities; following a big account changes no timeline (merged at
+        read time); not following removes the followee's activities (except those addressed to
+        the follower)."""
         stats.follows += 1
         if event.type == "follow":
             self._graph.follow(event.follower, event.followee, event.at)
@@ -367,10 +372,13 @@ class Processor:
         # Whatever the order the two events were applied in, the graph holds the later one:
         # backfill or clean up according to the graph, not to this event alone.
         following = self._graph.is_following(event.follower, event.followee)
-        if following and not followee_is_big:  # a big account's outbox is merged at read time
-            self._backfill_follow(event.follower, event.followee, stats)
-        else:
+        if not following:
             self._remove_followee(event.follower, event.followee, stats)
+        elif not followee_is_big:
+            self._backfill_follow(event.follower, event.followee, stats)
+        # A big account followed: its outbox is merged at read time, so there is nothing to copy,
+        # and what the follower already has from it (fanned out before it became big, or
+        # addressed to them) stays.
 
     def _backfill_follow(self, follower: str, followee: str, stats: BatchStats) -> None:
         """Copy the followee's newest ``follow_backfill`` activities into the follower's timeline.
