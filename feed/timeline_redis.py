@@ -3,7 +3,10 @@
 Guarantees (what callers may rely on):
 
 * **Idempotent.** A timeline is a sorted set of order keys (``feed.cursor.order_key``); inserting
-  the same activity again is a no-op and does not push again. Bodies are stored once per activity
+  the same activity again is a no-op and does not push again. An activity that the cap trims
+  straight away (older than the user's newest ``timeline_max`` entries, so it is in Cassandra
+  only) is not pushed either: it is no new item of the hot timeline, and its replay would find it
+  missing from Redis and push it a second time. Bodies are stored once per activity
   (``a:<id>``, with a TTL), not once per follower.
 * **Capped.** Each timeline keeps the newest ``timeline_max`` entries; older ones live in Cassandra.
 * **Atomic per call.** Each script call inserts (or removes) a group of entries, trims, and
@@ -66,8 +69,9 @@ local function deliver(uid, frame_head, frame_tail, hist)
 end
 """
 
-# Grouped by user: each user's new members of the call are added with one ZADD, trimmed once and
-# delivered in call order (one HINCRBY for all their seqs). Bodies are SET by the caller just before
+# Grouped by user: each user's new members of the call are added with one ZADD (per 1000), trimmed
+# once and delivered in call order (one HINCRBY for all their seqs); a member the trim removed at
+# once is not delivered. Bodies are SET by the caller just before
 # (same connection, so before this script runs) and read back only for online users' frames.
 # ARGV: max, hist, only_active, n, member_1 .. member_n, then pairs of: uid, indexes into the
 # members (1-based, space-separated, in the order the user must receive them)
@@ -105,13 +109,13 @@ for i = 5 + n, #ARGV, 2 do
       if member then mine[#mine + 1] = member end
     end
     local added = 0
+    local fresh = {}  -- online only: members not in the timeline before this call, once each
+    local taken = {}
     -- at most 1000 members per command (Lua's unpack limit)
     for first = 1, #mine, 1000 do
       local last = math.min(#mine, first + 999)
-      local fresh = {}
       if ep then
         local scores = redis.call('ZMSCORE', tl, unpack(mine, first, last))
-        local taken = {}
         for k = first, last do
           if not scores[k - first + 1] and not taken[mine[k]] then
             taken[mine[k]] = true
@@ -125,27 +129,40 @@ for i = 5 + n, #ARGV, 2 do
         args[#args + 1] = mine[k]
       end
       added = added + redis.call('ZADD', tl, unpack(args))
-      if ep and #fresh > 0 then
-        local seq = redis.call('HINCRBY', on, 's', #fresh) - #fresh
-        local dl = 'dl:{' .. uid .. '}'
-        local channel = 'u:{' .. uid .. '}'
-        for _, member in ipairs(fresh) do
-          local body = bodies[member]
-          if not body then
-            body = redis.call('GET', 'a:' .. string.match(member, '^[^:]*:(.*)$')) or 'null'
-            bodies[member] = body
-          end
-          seq = seq + 1
-          local frame = head .. ep .. '.' .. seq .. '","activity":' .. body .. '}'
-          redis.call('XADD', dl, 'MAXLEN', '~', hist, seq .. '-0', 'f', frame)
-          redis.call('PUBLISH', channel, frame)
-          pushed = pushed + 1
-        end
-      end
     end
     if added > 0 then
       inserted = inserted + added
-      redis.call('ZREMRANGEBYRANK', tl, 0, -(max + 1))
+      local trimmed = redis.call('ZREMRANGEBYRANK', tl, 0, -(max + 1))
+      if trimmed > 0 and #fresh > 0 then
+        -- A member the cap trimmed straight away (older than the newest 'max') is not a new
+        -- item of the hot timeline: not pushed, so a replay of it cannot be pushed again.
+        local kept = {}
+        for first = 1, #fresh, 1000 do
+          local last = math.min(#fresh, first + 999)
+          local scores = redis.call('ZMSCORE', tl, unpack(fresh, first, last))
+          for k = first, last do
+            if scores[k - first + 1] then kept[#kept + 1] = fresh[k] end
+          end
+        end
+        fresh = kept
+      end
+    end
+    if #fresh > 0 then
+      local seq = redis.call('HINCRBY', on, 's', #fresh) - #fresh
+      local dl = 'dl:{' .. uid .. '}'
+      local channel = 'u:{' .. uid .. '}'
+      for _, member in ipairs(fresh) do
+        local body = bodies[member]
+        if not body then
+          body = redis.call('GET', 'a:' .. string.match(member, '^[^:]*:(.*)$')) or 'null'
+          bodies[member] = body
+        end
+        seq = seq + 1
+        local frame = head .. ep .. '.' .. seq .. '","activity":' .. body .. '}'
+        redis.call('XADD', dl, 'MAXLEN', '~', hist, seq .. '-0', 'f', frame)
+        redis.call('PUBLISH', channel, frame)
+        pushed = pushed + 1
+      end
     end
   end
 end
