@@ -40,6 +40,7 @@ from feed.graph_cassandra import CassandraFollowGraph
 from feed.history_cassandra import BODIES_CHUNK, CassandraHistory, HistoryRecord
 from feed.logging import get_logger
 from feed.timeline_redis import Insert, RedisTimelines, Removal
+from feed.versions import BUMP, new_token
 from schemas.activity import Activity, encode_activity, published_us
 from schemas.follow import FollowEvent
 
@@ -100,6 +101,7 @@ class Processor:
         self._history_timelines = history_timelines
         self._backfill = follow_backfill
         self._tombstone_ttl = tombstone_ttl_s
+        self._bump = self._redis.register_script(BUMP)
         self._writer: ThreadPoolExecutor | None = None
         self._in_flight: list[Future[tuple[int, int]]] = []
 
@@ -362,8 +364,10 @@ class Processor:
         else:
             self._graph.unfollow(event.follower, event.followee, event.at)
         pipe = self._redis.pipeline(transaction=False)
-        pipe.incr(keys.graph_version(event.followee))
-        pipe.incr(keys.following_version(event.follower))
+        # New versions (never a value seen before, even after Redis lost its data): every
+        # cache of the followee's followers or of the follower's followees reloads.
+        self._bump(keys=[keys.graph_version(event.followee)], args=[new_token()], client=pipe)
+        self._bump(keys=[keys.following_version(event.follower)], args=[new_token()], client=pipe)
         pipe.sismember(keys.big_accounts, event.followee)
         # Gateways holding the follower re-read whose actor channels to follow (never forwarded).
         pipe.publish(keys.channel(event.follower), keys.CONTROL_FOLLOWING)

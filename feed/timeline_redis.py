@@ -43,7 +43,7 @@ import msgspec
 import redis
 import redis.asyncio as aioredis
 
-from feed import keys
+from feed import keys, versions
 
 __all__ = [
     "AsyncRedisPresence",
@@ -646,12 +646,14 @@ class AsyncRedisTimelines:
                 args += [member, body]
         return bool(await self._rebuild(args=args))
 
-    async def big_state(self, user: str) -> tuple[bytes | None, int]:
-        """(following version of ``user``, size of the big-accounts set) in one round trip."""
+    async def big_state(self, user: str) -> tuple[bytes, int]:
+        """(version of whom ``user`` follows, size of the big-accounts set): one round trip, and
+        one more to install a version if ``user`` has none (``feed.versions.current``)."""
         pipe = self._redis.pipeline(transaction=False)
         pipe.get(keys.following_version(user))
         pipe.scard(keys.big_accounts)
         version, size = await pipe.execute()
+        version = await versions.current_async(self._redis, keys.following_version(user), version)
         return version, int(size)
 
     async def big_among(self, users: Sequence[str]) -> list[str]:

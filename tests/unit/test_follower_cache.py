@@ -18,7 +18,7 @@ def test_actors_without_followers_are_bounded_too() -> None:
     cached, and the cap must still bound how many are kept."""
     cache = _cache(1000)
     for n in range(100_000):
-        cache._store(f"actor-{n}", None, ())
+        cache._store(f"actor-{n}", b"0.v", ())
     assert len(cache) <= 1000
     assert 0 < cache.size <= 1000
     assert "actor-99999" in cache  # the newest is kept
