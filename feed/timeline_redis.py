@@ -338,6 +338,8 @@ return {ep, redis.call('HGET', on, 's')}
 
 #: Most users one script call handles (keeps each call's Redis pause short).
 _MAX_USERS = 8192
+#: Most members one set command names or returns (SMISMEMBER, SSCAN COUNT).
+_SET_ARGS = 1000
 _json = msgspec.json.Encoder()
 
 
@@ -656,10 +658,21 @@ class AsyncRedisTimelines:
         version = await versions.current_async(self._redis, keys.following_version(user), version)
         return version, int(size)
 
+    async def big_accounts(self) -> list[str]:
+        """The members of the big-accounts set, sentinel left out (``SSCAN``: each command
+        returns about ``_SET_ARGS`` members)."""
+        members = [m async for m in self._redis.sscan_iter(keys.big_accounts, count=_SET_ARGS)]
+        return [_text(m) for m in dict.fromkeys(members) if m]  # SSCAN may repeat a member
+
     async def big_among(self, users: Sequence[str]) -> list[str]:
+        """Which of ``users`` are big accounts: ``SMISMEMBER`` commands of at most ``_SET_ARGS``
+        users each (one pipeline), so no single command grows with ``users``."""
         if not users:
             return []
-        flags = await self._redis.smismember(keys.big_accounts, list(users))
+        pipe = self._redis.pipeline(transaction=False)
+        for start in range(0, len(users), _SET_ARGS):
+            pipe.smismember(keys.big_accounts, list(users[start : start + _SET_ARGS]))
+        flags = [flag for chunk in await pipe.execute() for flag in chunk]
         return [u for u, flag in zip(users, flags, strict=True) if flag]
 
     async def outbox_pages(
