@@ -40,6 +40,7 @@ from feed.graph_cassandra import CassandraFollowGraph
 from feed.history_cassandra import BODIES_CHUNK, CassandraHistory, HistoryRecord
 from feed.logging import get_logger
 from feed.timeline_redis import Insert, RedisTimelines, Removal
+from feed.versions import BUMP, new_token
 from schemas.activity import Activity, encode_activity, published_us
 from schemas.follow import FollowEvent
 
@@ -100,6 +101,7 @@ class Processor:
         self._history_timelines = history_timelines
         self._backfill = follow_backfill
         self._tombstone_ttl = tombstone_ttl_s
+        self._bump = self._redis.register_script(BUMP)
         self._writer: ThreadPoolExecutor | None = None
         self._in_flight: list[Future[tuple[int, int]]] = []
 
@@ -351,14 +353,21 @@ class Processor:
 
     # --- follows -----------------------------------------------------------------------------
     def _apply_follow(self, event: FollowEvent, stats: BatchStats) -> None:
+        """Apply a follow or unfollow to the graph, then to the follower's timeline according to
+        the graph (which holds the later of the pair's events): following a fanned-out account
+        backfills its newest activities; following a big account changes no timeline (merged at
+        read time); not following removes the followee's activities (except those addressed to
+        the follower)."""
         stats.follows += 1
         if event.type == "follow":
             self._graph.follow(event.follower, event.followee, event.at)
         else:
             self._graph.unfollow(event.follower, event.followee, event.at)
         pipe = self._redis.pipeline(transaction=False)
-        pipe.incr(keys.graph_version(event.followee))
-        pipe.incr(keys.following_version(event.follower))
+        # New versions (never a value seen before, even after Redis lost its data): every
+        # cache of the followee's followers or of the follower's followees reloads.
+        self._bump(keys=[keys.graph_version(event.followee)], args=[new_token()], client=pipe)
+        self._bump(keys=[keys.following_version(event.follower)], args=[new_token()], client=pipe)
         pipe.sismember(keys.big_accounts, event.followee)
         # Gateways holding the follower re-read whose actor channels to follow (never forwarded).
         pipe.publish(keys.channel(event.follower), keys.CONTROL_FOLLOWING)
@@ -367,10 +376,13 @@ class Processor:
         # Whatever the order the two events were applied in, the graph holds the later one:
         # backfill or clean up according to the graph, not to this event alone.
         following = self._graph.is_following(event.follower, event.followee)
-        if following and not followee_is_big:  # a big account's outbox is merged at read time
-            self._backfill_follow(event.follower, event.followee, stats)
-        else:
+        if not following:
             self._remove_followee(event.follower, event.followee, stats)
+        elif not followee_is_big:
+            self._backfill_follow(event.follower, event.followee, stats)
+        # A big account followed: its outbox is merged at read time, so there is nothing to copy,
+        # and what the follower already has from it (fanned out before it became big, or
+        # addressed to them) stays.
 
     def _backfill_follow(self, follower: str, followee: str, stats: BatchStats) -> None:
         """Copy the followee's newest ``follow_backfill`` activities into the follower's timeline.

@@ -311,13 +311,23 @@ class CassandraHistory:
         return out
 
 
+def _encoded_size(value: object) -> int:
+    """Bytes ``value`` takes bound: UTF-8 bytes of a string (ids may be any Unicode: a CJK
+    character is 3 bytes), the length of a blob, 8 for a number."""
+    if isinstance(value, str):
+        return len(value) if value.isascii() else len(value.encode())
+    if isinstance(value, bytes):
+        return len(value)
+    return 8
+
+
 def _batched(
     rows: Iterable[tuple[object, tuple[object, ...]]],
     consistency: int | None = None,
 ) -> tuple[list[tuple[object, object]], int]:
     """Group (prepared statement, values) into UNLOGGED batches of at most ``BATCH_ROWS`` rows and
-    ``BATCH_BYTES`` bytes of values; a row larger than that on its own is sent alone (bound, at
-    ``consistency`` if given)."""
+    ``BATCH_BYTES`` bytes of bound values (strings counted in UTF-8 bytes, not characters); a row
+    larger than that on its own is sent alone (bound, at ``consistency`` if given)."""
     statements: list[tuple[object, object]] = []
 
     def new_batch() -> BatchStatement:
@@ -326,7 +336,7 @@ def _batched(
     batch = new_batch()
     size = count = 0
     for statement, values in rows:
-        row_bytes = sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in values)
+        row_bytes = sum(_encoded_size(v) for v in values)
         count += 1
         if row_bytes > BATCH_BYTES:
             alone = statement.bind(values)  # type: ignore[attr-defined]

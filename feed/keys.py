@@ -65,7 +65,8 @@ def deleted(activity_id: str) -> str:
 
 
 def graph_version(user: str) -> str:
-    """Counter bumped on every change of the user's followers (invalidates follower caches)."""
+    """Version of the user's followers, ``<changes>.<random token>`` (``feed.versions``): set
+    anew on every change, never repeated (invalidates the workers' follower caches)."""
     return f"gv:{{{user}}}"
 
 
@@ -81,7 +82,8 @@ def rebuilding(user: str) -> str:
 
 
 def following_version(user: str) -> str:
-    """Counter bumped on every change of whom the user follows (invalidates merge caches)."""
+    """Version of whom the user follows, ``<changes>.<random token>`` (``feed.versions``): set
+    anew on every change, never repeated (invalidates the gateways' large-followee caches)."""
     return f"fv:{{{user}}}"
 
 

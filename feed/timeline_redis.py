@@ -3,7 +3,10 @@
 Guarantees (what callers may rely on):
 
 * **Idempotent.** A timeline is a sorted set of order keys (``feed.cursor.order_key``); inserting
-  the same activity again is a no-op and does not push again. Bodies are stored once per activity
+  the same activity again is a no-op and does not push again. An activity that the cap trims
+  straight away (older than the user's newest ``timeline_max`` entries, so it is in Cassandra
+  only) is not pushed either: it is no new item of the hot timeline, and its replay would find it
+  missing from Redis and push it a second time. Bodies are stored once per activity
   (``a:<id>``, with a TTL), not once per follower.
 * **Capped.** Each timeline keeps the newest ``timeline_max`` entries; older ones live in Cassandra.
 * **Atomic per call.** Each script call inserts (or removes) a group of entries, trims, and
@@ -40,7 +43,7 @@ import msgspec
 import redis
 import redis.asyncio as aioredis
 
-from feed import keys
+from feed import keys, versions
 
 __all__ = [
     "AsyncRedisPresence",
@@ -66,8 +69,9 @@ local function deliver(uid, frame_head, frame_tail, hist)
 end
 """
 
-# Grouped by user: each user's new members of the call are added with one ZADD, trimmed once and
-# delivered in call order (one HINCRBY for all their seqs). Bodies are SET by the caller just before
+# Grouped by user: each user's new members of the call are added with one ZADD (per 1000), trimmed
+# once and delivered in call order (one HINCRBY for all their seqs); a member the trim removed at
+# once is not delivered. Bodies are SET by the caller just before
 # (same connection, so before this script runs) and read back only for online users' frames.
 # ARGV: max, hist, only_active, n, member_1 .. member_n, then pairs of: uid, indexes into the
 # members (1-based, space-separated, in the order the user must receive them)
@@ -105,13 +109,13 @@ for i = 5 + n, #ARGV, 2 do
       if member then mine[#mine + 1] = member end
     end
     local added = 0
+    local fresh = {}  -- online only: members not in the timeline before this call, once each
+    local taken = {}
     -- at most 1000 members per command (Lua's unpack limit)
     for first = 1, #mine, 1000 do
       local last = math.min(#mine, first + 999)
-      local fresh = {}
       if ep then
         local scores = redis.call('ZMSCORE', tl, unpack(mine, first, last))
-        local taken = {}
         for k = first, last do
           if not scores[k - first + 1] and not taken[mine[k]] then
             taken[mine[k]] = true
@@ -125,27 +129,40 @@ for i = 5 + n, #ARGV, 2 do
         args[#args + 1] = mine[k]
       end
       added = added + redis.call('ZADD', tl, unpack(args))
-      if ep and #fresh > 0 then
-        local seq = redis.call('HINCRBY', on, 's', #fresh) - #fresh
-        local dl = 'dl:{' .. uid .. '}'
-        local channel = 'u:{' .. uid .. '}'
-        for _, member in ipairs(fresh) do
-          local body = bodies[member]
-          if not body then
-            body = redis.call('GET', 'a:' .. string.match(member, '^[^:]*:(.*)$')) or 'null'
-            bodies[member] = body
-          end
-          seq = seq + 1
-          local frame = head .. ep .. '.' .. seq .. '","activity":' .. body .. '}'
-          redis.call('XADD', dl, 'MAXLEN', '~', hist, seq .. '-0', 'f', frame)
-          redis.call('PUBLISH', channel, frame)
-          pushed = pushed + 1
-        end
-      end
     end
     if added > 0 then
       inserted = inserted + added
-      redis.call('ZREMRANGEBYRANK', tl, 0, -(max + 1))
+      local trimmed = redis.call('ZREMRANGEBYRANK', tl, 0, -(max + 1))
+      if trimmed > 0 and #fresh > 0 then
+        -- A member the cap trimmed straight away (older than the newest 'max') is not a new
+        -- item of the hot timeline: not pushed, so a replay of it cannot be pushed again.
+        local kept = {}
+        for first = 1, #fresh, 1000 do
+          local last = math.min(#fresh, first + 999)
+          local scores = redis.call('ZMSCORE', tl, unpack(fresh, first, last))
+          for k = first, last do
+            if scores[k - first + 1] then kept[#kept + 1] = fresh[k] end
+          end
+        end
+        fresh = kept
+      end
+    end
+    if #fresh > 0 then
+      local seq = redis.call('HINCRBY', on, 's', #fresh) - #fresh
+      local dl = 'dl:{' .. uid .. '}'
+      local channel = 'u:{' .. uid .. '}'
+      for _, member in ipairs(fresh) do
+        local body = bodies[member]
+        if not body then
+          body = redis.call('GET', 'a:' .. string.match(member, '^[^:]*:(.*)$')) or 'null'
+          bodies[member] = body
+        end
+        seq = seq + 1
+        local frame = head .. ep .. '.' .. seq .. '","activity":' .. body .. '}'
+        redis.call('XADD', dl, 'MAXLEN', '~', hist, seq .. '-0', 'f', frame)
+        redis.call('PUBLISH', channel, frame)
+        pushed = pushed + 1
+      end
     end
   end
 end
@@ -321,6 +338,8 @@ return {ep, redis.call('HGET', on, 's')}
 
 #: Most users one script call handles (keeps each call's Redis pause short).
 _MAX_USERS = 8192
+#: Most members one set command names or returns (SMISMEMBER, SSCAN COUNT).
+_SET_ARGS = 1000
 _json = msgspec.json.Encoder()
 
 
@@ -629,18 +648,31 @@ class AsyncRedisTimelines:
                 args += [member, body]
         return bool(await self._rebuild(args=args))
 
-    async def big_state(self, user: str) -> tuple[bytes | None, int]:
-        """(following version of ``user``, size of the big-accounts set) in one round trip."""
+    async def big_state(self, user: str) -> tuple[bytes, int]:
+        """(version of whom ``user`` follows, size of the big-accounts set): one round trip, and
+        one more to install a version if ``user`` has none (``feed.versions.current``)."""
         pipe = self._redis.pipeline(transaction=False)
         pipe.get(keys.following_version(user))
         pipe.scard(keys.big_accounts)
         version, size = await pipe.execute()
+        version = await versions.current_async(self._redis, keys.following_version(user), version)
         return version, int(size)
 
+    async def big_accounts(self) -> list[str]:
+        """The members of the big-accounts set, sentinel left out (``SSCAN``: each command
+        returns about ``_SET_ARGS`` members)."""
+        members = [m async for m in self._redis.sscan_iter(keys.big_accounts, count=_SET_ARGS)]
+        return [_text(m) for m in dict.fromkeys(members) if m]  # SSCAN may repeat a member
+
     async def big_among(self, users: Sequence[str]) -> list[str]:
+        """Which of ``users`` are big accounts: ``SMISMEMBER`` commands of at most ``_SET_ARGS``
+        users each (one pipeline), so no single command grows with ``users``."""
         if not users:
             return []
-        flags = await self._redis.smismember(keys.big_accounts, list(users))
+        pipe = self._redis.pipeline(transaction=False)
+        for start in range(0, len(users), _SET_ARGS):
+            pipe.smismember(keys.big_accounts, list(users[start : start + _SET_ARGS]))
+        flags = [flag for chunk in await pipe.execute() for flag in chunk]
         return [u for u, flag in zip(users, flags, strict=True) if flag]
 
     async def outbox_pages(

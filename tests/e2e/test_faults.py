@@ -35,6 +35,7 @@ import redis
 import websockets
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from feed import versions
 from feed.kafka import create_topics
 from feed.lag import measure_lag
 from feed.settings import Settings
@@ -175,7 +176,9 @@ class Lane:
         assert producer.flush(10) == 0
         wanted = {a: sum(a in actors for actors in self.follows.values()) for a in self.actors}
         wait_for(
-            lambda: all(int(self.redis.get(f"gv:{{{a}}}") or 0) >= n for a, n in wanted.items()),
+            lambda: all(
+                versions.changes(self.redis.get(f"gv:{{{a}}}")) >= n for a, n in wanted.items()
+            ),
             timeout=60, message="follows applied",
         )
 

@@ -6,9 +6,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from cassandra.query import BatchStatement
+
 from feed.cursor import order_key
 from feed.graph_cassandra import CassandraFollowGraph
-from feed.history_cassandra import CassandraHistory, HistoryRecord, Stored
+from feed.history_cassandra import BATCH_BYTES, CassandraHistory, HistoryRecord, Stored
 from feed.stores import create_schema
 
 
@@ -157,3 +159,34 @@ def test_follow_and_unfollow_resolve_by_event_time(
     assert not graph.is_following(a, b)
     graph.follow(a, b, t0 + timedelta(seconds=2))
     assert graph.is_following(a, b)
+
+
+def test_batches_stay_under_the_byte_budget_with_multi_byte_ids(
+    cassandra: Any, settings: Any, ids: Callable[[str], str]
+) -> None:
+    """Ids of CJK characters take 3 bytes per character: the batches built for them stay within
+    ``BATCH_BYTES`` of bound values (what the driver sends, measured on the real statements),
+    so Cassandra's batch size fail threshold (50 KiB by default; 2.1 has none) is never hit."""
+    sent: list[object] = []
+
+    class Recording(CassandraHistory):
+        def _run(self, statements: list[tuple[object, object]]) -> None:
+            sent.extend(statement for statement, _ in statements)
+            super()._run(statements)
+
+    history = Recording(cassandra, settings.cassandra_keyspace)
+    wide = "\u6f22\u5b57" * 50  # 100 characters, 300 bytes in UTF-8
+    tag = ids("x")
+    actor, aid = f"{wide[:-len(tag)]}{tag}", f"{tag}{wide[len(tag):]}"
+    users = [f"{n:04d}{wide[4:]}" + tag for n in range(150)]
+    record = HistoryRecord(aid, actor, 1000, b'{"id":"x"}', users)
+    history.put_activities([record])
+    assert history.put_deliveries([record]) == len(users)
+    batches = [s for s in sent if isinstance(s, BatchStatement)]
+    assert batches
+    sizes = [
+        sum(len(v) for _, _, values in batch._statements_and_parameters for v in values if v)
+        for batch in batches
+    ]
+    assert max(sizes) <= BATCH_BYTES, sizes
+    assert history.page_timeline(users[-1], None, 10) == [order_key(1000, aid)]
