@@ -52,9 +52,11 @@ log = get_logger("fanout")
 class RejectedRecord(Exception):
     """A well-formed record that can never be applied (e.g. deleting someone else's activity)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, field: str = "") -> None:
         super().__init__(message)
         self.code = code
+        #: The field the refusal concerns (the DLQ's ``feed.error.field``).
+        self.field = field
 
 
 @dataclass(slots=True)
@@ -252,6 +254,7 @@ class Processor:
                             "id_conflict",
                             f"activity id {activity.id!r} belongs to another actor: "
                             f"{activity.actor!r} cannot create it",
+                            "id",
                         ),
                     )
                 )
@@ -334,11 +337,15 @@ class Processor:
         stored = self._history.stored(target)
         if stored is None:
             raise RejectedRecord(
-                "not_found", f"{event.actor!r} cannot delete {target!r}: no such activity"
+                "not_found",
+                f"{event.actor!r} cannot delete {target!r}: no such activity",
+                "object",
             )
         if stored.actor != event.actor:
             raise RejectedRecord(
-                "forbidden", f"{event.actor!r} cannot delete an activity of {stored.actor!r}"
+                "forbidden",
+                f"{event.actor!r} cannot delete an activity of {stored.actor!r}",
+                "object",
             )
         actor, ts = stored.actor, stored.ts
         self._timelines.mark_deleted([target], self._tombstone_ttl)

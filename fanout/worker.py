@@ -299,7 +299,7 @@ class Worker:
         self._seen_down = False
         for index, rejected in stats.rejected:
             batch.dlq += 1
-            self._dead_letter(messages[index], rejected.code, str(rejected), "", 1)
+            self._dead_letter(messages[index], rejected.code, str(rejected), rejected.field, 1)
         stats.rejected.clear()  # sent: a second call (after a failed DLQ write) sends no copy
         dlq = batch.dlq
         if retry:

@@ -14,7 +14,7 @@ import redis
 
 import fanout.worker as worker_module
 from fanout.metrics import WorkerMetrics
-from fanout.processor import BatchStats
+from fanout.processor import BatchStats, RejectedRecord
 from fanout.worker import Worker
 from feed.settings import Settings
 
@@ -125,9 +125,11 @@ class FakeProcessor:
 class FakeDLQ:
     def __init__(self) -> None:
         self.sent: list[str] = []
+        self.why: list[dict[str, Any]] = []
 
-    def send(self, message: Any, **_kw: Any) -> None:
+    def send(self, message: Any, **kw: Any) -> None:
         self.sent.append(message.value().decode())
+        self.why.append(kw)
 
     def flush(self, timeout: float = 5.0) -> None:
         pass
@@ -452,3 +454,26 @@ def test_the_store_probe_gives_up_within_its_second_when_redis_does_not_answer()
         started = time.monotonic()
         assert probe() is False
         assert time.monotonic() - started < 3
+
+
+class RejectingProcessor(FakeProcessor):
+    """Applies every record but rejects the second one of each batch, as the real processor does
+    with an id owned by another actor."""
+
+    def apply(self, events: list[tuple[int, Any]], *, defer: bool = False) -> BatchStats:
+        stats = super().apply(events, defer=defer)
+        index = events[1][0]
+        stats.rejected.append(
+            (index, RejectedRecord("id_conflict", "activity id belongs to another actor", "id"))
+        )
+        return stats
+
+
+def test_a_rejected_record_is_dead_lettered_with_its_code_and_field() -> None:
+    # The DLQ's feed.error.field was always empty for records the processor refused
+    # (id_conflict, not_found, forbidden): the worker passed "" instead of the field.
+    consumer = FakeConsumer([[FakeMessage(0, 0), FakeMessage(0, 1)]])
+    worker, dlq = make(consumer, RejectingProcessor([], []))
+    run_until(worker, lambda: bool(consumer.commits))
+    assert [json.loads(v)["id"] for v in dlq.sent] == ["a-0-1"]
+    assert (dlq.why[0]["code"], dlq.why[0]["field"]) == ("id_conflict", "id")
