@@ -29,7 +29,6 @@ COPY schemas ./schemas
 COPY feed ./feed
 COPY fanout ./fanout
 COPY gateway ./gateway
-COPY infra ./infra
 RUN pip wheel --no-deps --wheel-dir /wheels . \
  && pip install --no-deps /wheels/*.whl \
  && pip check \

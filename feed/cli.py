@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -316,15 +319,35 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return 0
 
 
+def _from_checkout(module: str, what: str) -> Any:
+    """``module`` of the source checkout (the benchmark harness ``bench``, the dev launcher
+    ``infra``): neither ships in the runtime wheel or image. Importable when ``feed`` runs from a
+    checkout (``make run``, ``make bench``); otherwise one line says why, and exit 2."""
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / module / "__init__.py").is_file() and str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        print(
+            f"feed: {what} needs a source checkout of the project (its '{module}' folder is not "
+            "part of the installed package)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
+    _from_checkout("infra", "feed dev")
     from feed.dev import run_dev
 
     return run_dev(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from feed.bench import run_bench
-
+    run_bench: Callable[[argparse.Namespace], int] = _from_checkout("bench", "feed bench").run_bench
     return run_bench(args)
 
 

@@ -92,14 +92,16 @@ fi
 # --- 3. The project's virtualenv, from the lock -----------------------------------------
 # Exactly the versions in requirements/dev.lock (hash-checked), in <repo>/.venv, whatever the
 # system Python holds; then the project itself, editable, without dependencies. Skipped when
-# the venv already matches the lock (its sha256 is kept in .venv/.lock-sha256).
+# the venv already matches the lock and pyproject.toml (their sha256 is kept in
+# .venv/.lock-sha256).
 VENV="${FEED_VENV:-$REPO/.venv}"
 LOCK="$REPO/requirements/dev.lock"
 if [ "${SKIP_PIP:-0}" = "1" ]; then
     say "SKIP_PIP=1; skipping the virtualenv"
 else
     [ -f "$LOCK" ] || die "no $LOCK (run: make lock)"
-    want="$(sha256sum "$LOCK" | cut -d' ' -f1)"
+    # The lock and pyproject.toml (its package list decides what the editable install maps).
+    want="$(cat "$LOCK" "$REPO/pyproject.toml" | sha256sum | cut -d' ' -f1)"
     have="$(cat "$VENV/.lock-sha256" 2>/dev/null || true)"
     if [ "$want" = "$have" ] && [ -x "$VENV/bin/python" ] && [ -x "$VENV/bin/feed" ]; then
         say "$VENV matches requirements/dev.lock; skipping pip"

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from feed.bench.capacity import ASSUMED, figures_from_results, model
+from bench.capacity import ASSUMED, figures_from_results, model
 
 REPO = Path(__file__).resolve().parents[2]
 PLOTS = ("latency.png", "throughput.png", "lag.png", "memory.png")

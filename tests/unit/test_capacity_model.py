@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from feed.bench.capacity import merged_figures, model
+from bench.capacity import merged_figures, model
 
 
 def _run(root: Path, name: str, *, quick: bool = False, **sections: object) -> None:

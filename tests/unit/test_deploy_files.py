@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import re
+import tomllib
 from collections.abc import Iterator, Mapping
 from functools import cache
 from pathlib import Path
@@ -462,6 +463,18 @@ def test_dockerfile_installs_exactly_the_runtime_lock() -> None:
         )
 
 
+def test_the_benchmark_and_the_dev_launcher_stay_out_of_the_wheel_and_the_image() -> None:
+    """bench/ (the harness) and infra/ (the local stack the tests and `feed dev` start) are
+    tools of the checkout, not of a deployment."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = project["tool"]["setuptools"]["packages"]
+    assert not [p for p in packages if p.split(".")[0] in {"bench", "infra", "tests"}], packages
+    copies = [rest.split()[0] for kw, rest in dockerfile_instructions() if kw == "COPY"
+              and "--from=" not in rest]
+    assert not [c for c in copies if c.rstrip("/").split("/")[0] in {"bench", "infra"}], copies
+    assert (ROOT / "bench" / "__init__.py").is_file() and (ROOT / "infra" / "__init__.py").is_file()
+
+
 def test_docker_build_context_has_what_the_dockerfile_copies() -> None:
     ignore = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
               if line.strip() and not line.startswith("#")]
@@ -481,7 +494,7 @@ def test_docker_build_context_has_what_the_dockerfile_copies() -> None:
     packages = re.search(r'packages\s*=\s*\[([^\]]*)\]', (ROOT / "pyproject.toml").read_text())
     assert packages
     dockerfile = DOCKERFILE.read_text()
-    # Subpackages ("feed.bench") come with their top-level directory.
+    # Subpackages come with their top-level directory.
     for pkg in sorted({name.split(".")[0] for name in re.findall(r'"([^"]+)"', packages[1])}):
         assert f"COPY {pkg} " in dockerfile or f"COPY {pkg}/" in dockerfile, (
             f"the Dockerfile does not copy package {pkg}"

@@ -4,7 +4,7 @@
 uvicorn, one worker, in this process (so this pid is the server's pid: its RSS and CPU are what
 the bench reads from ``/proc``). Each client authenticates with ``{"user": "<id>"}`` in the
 Socket.IO CONNECT packet and joins room ``user:<id>``; a publisher in another process emits to
-those rooms through ``AsyncRedisManager(url, write_only=True)`` (:mod:`feed.bench.ws_clients`).
+those rooms through ``AsyncRedisManager(url, write_only=True)`` (:mod:`bench.ws_clients`).
 
 Configuration, stated in the report: Engine.IO 4 / Socket.IO 5 defaults (ping every 25 s), no
 permessage-deflate (``ws_per_message_deflate=False``, and the bench clients do not offer it),
@@ -12,9 +12,9 @@ the same uvicorn WebSocket implementation as ``feed gateway`` (``websockets-sans
 warning. ``GET /healthz`` answers 200 once the server listens (for the bench's readiness wait).
 ``GET /gc`` answers the process's garbage collections so far, per generation, as JSON
 (``count_<g>``, ``sum_<g>`` and ``longest_<g>`` in seconds, the names
-``feed.bench.gateway.gc_stats`` uses for ours): a callback times them and changes nothing else.
+``bench.gateway.gc_stats`` uses for ours): a callback times them and changes nothing else.
 
-Run: ``python -m feed.bench.peer_socketio --port P --redis-url redis://127.0.0.1:R/0``.
+Run: ``python -m bench.peer_socketio --port P --redis-url redis://127.0.0.1:R/0``.
 """
 
 from __future__ import annotations

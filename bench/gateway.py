@@ -10,11 +10,11 @@ connections, and its clients, would still take a share of the two cores from the
   gives the frame the next delivery seq, appends it to the user's delivery stream and PUBLISHes
   the complete frame on ``u:{uid}`` (users are online because their client is connected);
 * **peer** — python-socketio ``AsyncServer`` + ``AsyncRedisManager`` under uvicorn, one worker
-  (:mod:`feed.bench.peer_socketio`), one room per user, emitted to by
+  (:mod:`bench.peer_socketio`), one room per user, emitted to by
   ``AsyncRedisManager(write_only=True)`` (PEERS.md).
 
 For each side, C clients (one user each) run in a separate process and a publisher runs in
-another (:mod:`feed.bench.ws_clients`); nothing of the load shares the server's process. Each
+another (:mod:`bench.ws_clients`); nothing of the load shares the server's process. Each
 payload is a ~300-byte activity carrying its send timestamp in ``extra``. Neither side uses
 permessage-deflate (both servers are configured without it and the clients do not offer it), and
 both use uvicorn's ``websockets-sansio`` WebSocket implementation (ours with its lean
@@ -60,8 +60,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from feed.bench.context import BenchContext
-from feed.bench.processes import free_port, wait_http
+from bench.context import BenchContext
+from bench.processes import free_port, wait_http
 
 __all__ = ["run"]
 
@@ -324,7 +324,7 @@ def _start_peer(ctx: BenchContext, side: Side) -> None:
         [
             sys.executable,
             "-m",
-            "feed.bench.peer_socketio",
+            "bench.peer_socketio",
             "--port",
             str(side.server_port),
             "--redis-url",
@@ -350,7 +350,7 @@ def _connect_clients(ctx: BenchContext, side: Side, gp: GatewayPlan) -> None:
         [
             sys.executable,
             "-m",
-            "feed.bench.ws_clients",
+            "bench.ws_clients",
             "clients",
             "--kind",
             side.kind,
@@ -432,7 +432,7 @@ def gc_stats(text: str) -> dict[str, float] | None:
 
 def _record_gc(side: Side, when: str) -> None:
     """The server's garbage collections so far: ours from ``/metrics``, the peer's from the
-    ``/gc`` of its harness (:mod:`feed.bench.peer_socketio`)."""
+    ``/gc`` of its harness (:mod:`bench.peer_socketio`)."""
     if not side.server_port:
         return
     try:
@@ -472,7 +472,7 @@ def _step(
     argv = [
         sys.executable,
         "-m",
-        "feed.bench.ws_clients",
+        "bench.ws_clients",
         "publish",
         "--kind",
         side.kind,
@@ -606,7 +606,7 @@ def _delta(a: float | None, b: float | None) -> float | None:
 
 # --- the scenario ------------------------------------------------------------------------------
 def run(ctx: BenchContext) -> dict[str, Any]:
-    from feed.bench.peer_socketio import raise_nofile
+    from bench.peer_socketio import raise_nofile
 
     nofile = raise_nofile()
     gp = plan_for(ctx.plan.quick)

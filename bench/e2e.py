@@ -23,10 +23,10 @@ from typing import Any
 
 import msgspec
 
-from feed.bench.context import BenchContext, env_flag
-from feed.bench.graphs import FollowGraph
-from feed.bench.load import WorkerSet, activity_bytes, new_producer
-from feed.bench.processes import cpu_seconds, free_port, rss_bytes, wait_http
+from bench.context import BenchContext, env_flag
+from bench.graphs import FollowGraph
+from bench.load import WorkerSet, activity_bytes, new_producer
+from bench.processes import cpu_seconds, free_port, rss_bytes, wait_http
 
 __all__ = ["run"]
 
@@ -38,7 +38,7 @@ _WARMUP = "e2e-warmup-"
 
 
 def run(ctx: BenchContext) -> dict[str, Any]:
-    from feed.bench.fanout import ensure_graph_loaded
+    from bench.fanout import ensure_graph_loaded
 
     plan = ctx.plan
     # Per-follower Cassandra rows are off by default, as in the fan-out scenario's Redis-tier
@@ -104,7 +104,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
 
 
 def _wait_assigned(ctx: BenchContext, workers: WorkerSet, timeout: float = 60.0) -> None:
-    from feed.bench.processes import metric_sum
+    from bench.processes import metric_sum
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -3,15 +3,15 @@
 ``run_bench(args)`` (called by ``feed.cli``; ``args`` has ``scenario`` in
 {fanout, e2e, gateway, all}, ``quick``, ``model`` and ``out``):
 
-1. ``--model``: print the capacity model (:mod:`feed.bench.capacity`) and return.
+1. ``--model``: print the capacity model (:mod:`bench.capacity`) and return.
 2. Start :class:`infra.LocalStack` (Redis, the Kafka-protocol broker, Cassandra) under the bench
    work folder, create the topics and the schema.
-3. Run the scenarios: ``fanout`` (:mod:`feed.bench.fanout`), ``e2e`` (:mod:`feed.bench.e2e`) and
-   ``gateway``, which is dispatched to ``feed.bench.gateway.run(ctx)`` when that module exists
+3. Run the scenarios: ``fanout`` (:mod:`bench.fanout`), ``e2e`` (:mod:`bench.e2e`) and
+   ``gateway``, which is dispatched to ``bench.gateway.run(ctx)`` when that module exists
    (signature: ``run(ctx: BenchContext) -> dict`` with at least a ``"status"`` key; it may add
    entries to ``ctx.results["targets"]``) and otherwise recorded as "not yet implemented".
 4. Write ``<out>/<timestamp>/`` with ``results.json``, ``report.md`` and PNG plots
-   (:mod:`feed.bench.report`).
+   (:mod:`bench.report`).
 
 Everything started (stack, workers, gateway, peer processes) is stopped by pid at the end, also on
 Ctrl-C, SIGTERM or an error. Environment switches: ``FEED_BENCH_SKIP_PEERS=1`` (no peer venv),
@@ -44,7 +44,7 @@ SCENARIOS = ("fanout", "reads", "e2e", "gateway")
 #: Secrets for the bench's own gateway only (127.0.0.1, torn down at the end).
 _BENCH_JWT_SECRET = "bench-only-jwt-secret-" + "b" * 32
 _BENCH_INGEST_TOKEN = "bench-only-ingest-token-0123456789"
-_REPO = Path(__file__).resolve().parents[2]
+_REPO = Path(__file__).resolve().parents[1]
 
 
 def _workdir(out_root: Path) -> Path:
@@ -62,7 +62,7 @@ def _interrupt(signum: int, _frame: Any) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     if getattr(args, "model", False):
-        from feed.bench.capacity import print_model
+        from bench.capacity import print_model
 
         return print_model(args)
 
@@ -76,9 +76,9 @@ def run_bench(args: argparse.Namespace) -> int:
         TimeElapsedColumn,
     )
 
-    from feed.bench.context import BenchContext, env_flag, plan_for
-    from feed.bench.processes import Children
-    from feed.bench.report import write_report
+    from bench.context import BenchContext, env_flag, plan_for
+    from bench.processes import Children
+    from bench.report import write_report
     from feed.settings import Settings
     from infra import LocalStack
 
@@ -201,24 +201,24 @@ def run_bench(args: argparse.Namespace) -> int:
 def _run_scenario(ctx: Any, name: str) -> dict[str, Any]:
     try:
         if name == "fanout":
-            from feed.bench import fanout
+            from bench import fanout
 
             return fanout.run(ctx)
         if name == "reads":
-            from feed.bench import reads
+            from bench import reads
 
             return reads.run(ctx)
         if name == "e2e":
-            from feed.bench import e2e
+            from bench import e2e
 
             return e2e.run(ctx)
         if name == "gateway":
-            if importlib.util.find_spec("feed.bench.gateway") is None:
+            if importlib.util.find_spec("bench.gateway") is None:
                 return {
                     "status": "not yet implemented",
-                    "note": "the gateway-vs-python-socketio scenario goes in feed/bench/gateway.py",
+                    "note": "the gateway-vs-python-socketio scenario goes in bench/gateway.py",
                 }
-            gateway = importlib.import_module("feed.bench.gateway")
+            gateway = importlib.import_module("bench.gateway")
             result: dict[str, Any] = gateway.run(ctx)
             return result
         return {"status": "failed", "error": f"unknown scenario {name!r}"}

@@ -1,13 +1,13 @@
 """The ``fanout`` scenario: timeline inserts/s of ``feed fanout`` beside its references.
 
-Steps (sizes from :class:`feed.bench.context.Plan`):
+Steps (sizes from :class:`bench.context.Plan`):
 
-1. Graphs: uniform and skewed (:mod:`feed.bench.graphs`); the follower lists of every user who
+1. Graphs: uniform and skewed (:mod:`bench.graphs`); the follower lists of every user who
    posts are loaded straight into Cassandra's ``followers`` table. Meanwhile the
    Stream-Framework venv is installed (unless FEED_BENCH_SKIP_PEERS=1).
 2. Ceilings on the same servers, measured while nothing else runs: ``redis-benchmark -P 64 -t
-   zadd`` and the raw UNLOGGED-batch insert rate into Cassandra (:mod:`feed.bench.ceilings`).
-3. The Python peer, Stream-Framework 1.4.0, on the same graphs (:mod:`feed.bench.peers`).
+   zadd`` and the raw UNLOGGED-batch insert rate into Cassandra (:mod:`bench.ceilings`).
+3. The Python peer, Stream-Framework 1.4.0, on the same graphs (:mod:`bench.peers`).
 4. Backlog drains: N activities are produced to a fresh topic BEFORE the worker starts, then
    ``feed fanout`` runs as a subprocess with a fresh consumer group, and its ``/metrics`` are
    sampled until every insert is applied:
@@ -39,11 +39,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from feed import keys
-from feed.bench.ceilings import CeilingError, cassandra_batch_ceiling, redis_zadd_ceiling
-from feed.bench.context import BenchContext, Plan
-from feed.bench.graphs import FollowGraph, load_followers, skewed_graph, uniform_graph
-from feed.bench.load import (
+from bench.ceilings import CeilingError, cassandra_batch_ceiling, redis_zadd_ceiling
+from bench.context import BenchContext, Plan
+from bench.graphs import FollowGraph, load_followers, skewed_graph, uniform_graph
+from bench.load import (
     Highs,
     Monitored,
     WorkerSet,
@@ -55,9 +54,10 @@ from feed.bench.load import (
     rate_summary,
     series,
 )
-from feed.bench.load import activity_bytes as _activity_bytes
-from feed.bench.peers import PeerError, ensure_stream_framework_venv, run_stream_framework
-from feed.bench.processes import cpu_seconds, metric_sum, rss_bytes
+from bench.load import activity_bytes as _activity_bytes
+from bench.peers import PeerError, ensure_stream_framework_venv, run_stream_framework
+from bench.processes import cpu_seconds, metric_sum, rss_bytes
+from feed import keys
 
 __all__ = ["PHASES", "build_graphs", "ensure_graph_loaded", "run"]
 

@@ -2,7 +2,7 @@
 
 Stream-Framework 1.4.0 gets its OWN virtualenv in the bench work folder (``python -m venv``, then
 ``pip install stream-framework==1.4.0 redis==2.10.6 celery==5.4.0``: PEERS.md), reused by later runs
-while its marker file names the same pins. :mod:`feed.bench.peer_stream_framework` runs inside it
+while its marker file names the same pins. :mod:`bench.peer_stream_framework` runs inside it
 as a subprocess, on the same graph (handed over as a JSON file) and the same Redis (another db).
 """
 
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from feed.bench.processes import Children
+from bench.processes import Children
 
 __all__ = ["PEER_PINS", "PeerError", "ensure_stream_framework_venv", "run_stream_framework"]
 

@@ -1,6 +1,6 @@
 """Load processes of the gateway benchmark: the WebSocket clients and the publisher.
 
-Both run as separate processes (``python -m feed.bench.ws_clients clients|publish ...``), apart
+Both run as separate processes (``python -m bench.ws_clients clients|publish ...``), apart
 from the server under test and from each other, so neither steals the server's event loop.
 
 ``clients``
@@ -525,7 +525,7 @@ def publish_ours(args: argparse.Namespace, users: list[str]) -> dict[str, Any]:
 async def publish_socketio(args: argparse.Namespace, users: list[str]) -> dict[str, Any]:
     import socketio
 
-    from feed.bench.peer_socketio import EVENT, ROOM_PREFIX
+    from bench.peer_socketio import EVENT, ROOM_PREFIX
 
     manager = socketio.AsyncRedisManager(args.redis_url, write_only=True)
     rng = random.Random(args.seed)
@@ -573,7 +573,7 @@ async def publish_socketio(args: argparse.Namespace, users: list[str]) -> dict[s
 
 # --- entry point ------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m feed.bench.ws_clients")
+    parser = argparse.ArgumentParser(prog="python -m bench.ws_clients")
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("clients", help="hold C WebSocket connections and record deliveries")
     c.add_argument("--kind", choices=["ours", "socketio"], required=True)
@@ -608,7 +608,7 @@ def _run(main: Coroutine[Any, Any, T]) -> T:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from feed.bench.peer_socketio import raise_nofile
+    from bench.peer_socketio import raise_nofile
 
     args = _parser().parse_args(argv)
     raise_nofile()

@@ -1,6 +1,6 @@
 """Stream-Framework 1.4.0 fan-out, run INSIDE the peer's own virtualenv (not the project's).
 
-Started by :mod:`feed.bench.peers` as ``<peer-venv>/bin/python peer_stream_framework.py ...``.
+Started by :mod:`bench.peers` as ``<peer-venv>/bin/python peer_stream_framework.py ...``.
 It imports only the standard library, ``stream_framework``, ``redis`` (2.10.6) and ``celery``, and
 prints one JSON object on stdout. Nothing installed is edited: the shims PEERS.md lists are applied
 here, at run time.
@@ -223,7 +223,7 @@ def _version(dist: str) -> str | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--graph", required=True, help="graph JSON written by feed.bench.graphs")
+    parser.add_argument("--graph", required=True, help="graph JSON written by bench.graphs")
     parser.add_argument("--activities", type=int, required=True)
     parser.add_argument("--redis-host", default="127.0.0.1")
     parser.add_argument("--redis-port", type=int, required=True)

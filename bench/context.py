@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from feed.bench.processes import Children
+from bench.processes import Children
 from feed.settings import Settings
 
 __all__ = ["BenchContext", "Plan", "plan_for"]

@@ -20,8 +20,8 @@ from typing import Any
 
 import msgspec
 
-from feed.bench.context import BenchContext
-from feed.bench.processes import (
+from bench.context import BenchContext
+from bench.processes import (
     free_port,
     histogram_buckets,
     metric_sum,
