@@ -59,6 +59,7 @@ from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from websockets.exceptions import WebSocketException
 
 from feed.cursor import CursorError, decode_position
 from feed.kafka import AsyncProducer, KafkaUnavailable, producer_config
@@ -91,6 +92,7 @@ from gateway.session import (
     PRESENCE_PREFIX,
     RESET_CONTROL,
     Session,
+    fit_close_reason,
 )
 from gateway.timers import timers
 from schemas import (
@@ -1244,12 +1246,22 @@ async def _connect_allowed(
 
 
 async def _close_quietly(websocket: _StreamSocket, code: int, reason: str) -> None:
+    """Close with ``code`` and ``reason`` (cut to what a close frame holds); never raises for
+    the client's sake: a close that cannot be written ends in dropping the connection."""
     try:
-        await asyncio.wait_for(websocket.close(code, reason), _CLOSE_TIMEOUT_S)
+        await asyncio.wait_for(
+            websocket.close(code, fit_close_reason(reason)), _CLOSE_TIMEOUT_S
+        )
     except TimeoutError:
         websocket.abort()  # the client is not reading: the close frame cannot get out
         return
     except (RuntimeError, OSError):
+        return
+    except WebSocketException as exc:
+        # The protocol refused the close frame (a reason this code let through, or a state
+        # it did not expect): drop the connection rather than let the handler die with it.
+        log.warning("ws_close_failed", code=code, error=f"{type(exc).__name__}: {exc}"[:200])
+        websocket.abort()
         return
     # The close frame may only be buffered: a client that does not read within the close
     # timeout has its connection reset rather than held open by the unsent bytes.

@@ -79,9 +79,11 @@ __all__ = [
     "CLOSE_TOO_SLOW",
     "CLOSE_UNAUTHORIZED",
     "CLOSE_UNSUPPORTED",
+    "MAX_CLOSE_REASON_BYTES",
     "PRESENCE_PREFIX",
     "RESET_CONTROL",
     "Session",
+    "fit_close_reason",
     "presence_frame",
     "stream_position",
 ]
@@ -111,6 +113,20 @@ PRESENCE_PREFIX = b'{"type":"_presence"'
 #: Items may have missed the user's delivery stream (the hub hands this in, see
 #: :meth:`Session.missed_outside_stream`): the client must refetch.
 RESET_CONTROL = b'{"type":"_reset"}'
+
+
+#: A close frame's payload is at most 125 bytes: the code (2) and the reason in UTF-8.
+MAX_CLOSE_REASON_BYTES = 123
+
+
+def fit_close_reason(reason: str) -> str:
+    """``reason`` cut to at most :data:`MAX_CLOSE_REASON_BYTES` bytes of UTF-8, at a character
+    boundary (a cut by characters is not enough: "\u20ac" is 3 bytes). A lone surrogate, which
+    UTF-8 cannot carry, becomes "?"."""
+    if reason.isascii():
+        return reason[:MAX_CLOSE_REASON_BYTES]
+    encoded = reason.encode("utf-8", "replace")[:MAX_CLOSE_REASON_BYTES]
+    return encoded.decode("utf-8", "ignore")
 
 
 def presence_frame(epoch: str, seq: int) -> bytes:
@@ -505,7 +521,7 @@ class Session:
     def _fail(self, code: int, reason: str) -> None:
         if self._close is not None:
             return
-        self._close = (code, reason[:120])  # a close reason must fit in 123 bytes
+        self._close = (code, fit_close_reason(reason))
         self._out.clear()
         self._out_bytes = 0
         self._buffer.clear()

@@ -78,11 +78,25 @@ def decode_client_frame(data: bytes | str) -> ClientFrame:
     except DECODE_ERRORS as exc:
         raise from_decode_error(exc) from None
     if envelope.type != "resume":
-        raise UnknownFrameType("type", "unknown_type", f"unknown frame type {envelope.type!r}")
+        message = f"unknown frame type {_shown(envelope.type)}"
+        raise UnknownFrameType("type", "unknown_type", message)
     try:
         return _client.decode(data)
     except DECODE_ERRORS as exc:
         raise from_decode_error(exc) from None
+
+
+#: Characters of an unknown ``type`` echoed in the error (and so in the close reason).
+_SHOWN_CHARS = 32
+
+
+def _shown(value: str) -> str:
+    """``value`` quoted for an error message, in ASCII (``ascii()`` escapes anything else) and
+    cut to ``_SHOWN_CHARS`` characters: the message becomes a close reason, which must fit in
+    123 bytes of UTF-8, and a client's text must not reach logs unescaped."""
+    if len(value) > _SHOWN_CHARS:
+        return ascii(value[:_SHOWN_CHARS]) + "..."
+    return ascii(value)
 
 
 def encode_frame(frame: Welcome | ActivityFrame | Removed | Reset) -> bytes:

@@ -1128,3 +1128,21 @@ async def test_odd_host_header_on_an_error_path_is_still_a_json_error() -> None:
         assert json.loads(body)["error"]["code"] == "unavailable"
     finally:
         running.stop()
+
+
+async def test_unknown_non_ascii_frame_type_closes_1003_with_a_reason_that_fits(
+    gw: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A type of 64 three-byte characters passed a cut at 120 characters, but its echo in the
+    close reason was ~213 bytes: the close frame could not be built (websockets raised "control
+    frame too long"), the handler died with a traceback and the client saw 1006."""
+    ws, _ = await welcomed(gw, uid())
+    with caplog.at_level(logging.ERROR):
+        await ws.send(json.dumps({"type": "\u20ac" * 64}, ensure_ascii=False))
+        with pytest.raises(ConnectionClosed) as info:
+            await recv(ws)
+    assert info.value.rcvd is not None, "no close frame: the connection was dropped (1006)"
+    assert info.value.rcvd.code == 1003
+    assert len(info.value.rcvd.reason.encode()) <= 123
+    assert "unknown frame type" in info.value.rcvd.reason
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
