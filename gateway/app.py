@@ -25,6 +25,7 @@ import contextlib
 import contextvars
 import functools
 import hashlib
+import logging
 import re
 import secrets
 import socket
@@ -407,7 +408,11 @@ class Gateway:
         self._hub.on_following_changed = self._on_following_changed
         await self._hub.start()
         if self._producer is None:
-            self._producer = AsyncProducer(producer_config(s))
+            # librdkafka writes its own lines to stderr unless given a logger: through
+            # logging they are JSON lines like every other (feed.logging).
+            self._producer = AsyncProducer(
+                producer_config(s, logger=logging.getLogger("librdkafka"))
+            )
         if self._reader is None:
             history = None
             if self.cassandra is not None:

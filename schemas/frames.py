@@ -86,17 +86,22 @@ def decode_client_frame(data: bytes | str) -> ClientFrame:
         raise from_decode_error(exc) from None
 
 
-#: Characters of an unknown ``type`` echoed in the error (and so in the close reason).
-_SHOWN_CHARS = 32
+#: Most characters of an unknown ``type`` echoed in the error (and so in the close reason).
+_SHOWN_MAX = 64
 
 
 def _shown(value: str) -> str:
-    """``value`` quoted for an error message, in ASCII (``ascii()`` escapes anything else) and
-    cut to ``_SHOWN_CHARS`` characters: the message becomes a close reason, which must fit in
-    123 bytes of UTF-8, and a client's text must not reach logs unescaped."""
-    if len(value) > _SHOWN_CHARS:
-        return ascii(value[:_SHOWN_CHARS]) + "..."
-    return ascii(value)
+    """``value`` quoted for an error message, in ASCII (``ascii()`` escapes anything else), at
+    most ``_SHOWN_MAX`` characters, cut between whole escapes: the message becomes a close
+    reason, which must fit in 123 bytes of UTF-8, and a client's text must not reach a log
+    unescaped."""
+    shown = ascii(value)
+    if len(shown) <= _SHOWN_MAX:
+        return shown
+    end = len(value)  # at most 64 characters (the envelope's bound): a few dozen tries
+    while end > 0 and len(shown := ascii(value[:end])) > _SHOWN_MAX - 3:
+        end -= 1
+    return shown + "..."
 
 
 def encode_frame(frame: Welcome | ActivityFrame | Removed | Reset) -> bytes:

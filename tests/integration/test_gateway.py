@@ -1146,3 +1146,58 @@ async def test_unknown_non_ascii_frame_type_closes_1003_with_a_reason_that_fits(
     assert len(info.value.rcvd.reason.encode()) <= 123
     assert "unknown frame type" in info.value.rcvd.reason
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+# --- the process's output -------------------------------------------------------------------------
+async def test_gateway_process_writes_only_json_lines_third_party_included(
+    redis_url: str, tmp_path: Any
+) -> None:
+    """``feed gateway`` with FEED_LOG_FORMAT=json and stdout/stderr a file: a malformed HTTP
+    request makes uvicorn log a warning, a broker that is not there makes librdkafka complain,
+    a bad frame closes a WebSocket. Every line the process wrote must be one JSON object
+    (stdlib logging wrote uvicorn's warning as plain ``WARNING:uvicorn.error:...``)."""
+    from tests.procs import FeedProcess
+
+    port = _free_port()
+    env = {
+        "FEED_REDIS_URL": redis_url,
+        "FEED_KAFKA_BOOTSTRAP": f"127.0.0.1:{_free_port()}",  # nothing listens there
+        "FEED_JWT_SECRET": JWT_SECRET,
+        "FEED_INGEST_TOKEN": INGEST_TOKEN,
+        "FEED_GATEWAY_HOST": "127.0.0.1",
+        "FEED_GATEWAY_PORT": str(port),
+        "FEED_FANOUT_HISTORY": "false",
+        "FEED_LOG_FORMAT": "json",
+        "FEED_DRAIN_S": "2",
+    }
+    log_path = tmp_path / "gateway.log"
+    proc = FeedProcess(["gateway"], env, log_path).start()
+    try:
+        await asyncio.to_thread(proc.wait_http, f"http://127.0.0.1:{port}/healthz", timeout=30)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), TIMEOUT)
+        writer.close()
+        assert status.startswith(b"HTTP/1.1 400"), status
+        async with connect(f"ws://127.0.0.1:{port}/v1/stream?token={token(uid())}") as ws:
+            assert (await recv(ws))["type"] == "welcome"
+            await ws.send(json.dumps({"type": "\u20ac" * 64}, ensure_ascii=False))
+            assert await close_code(ws) == 1003
+
+        await eventually(
+            lambda: "Invalid HTTP request received" in log_path.read_text(errors="replace"),
+            "uvicorn's warning in the log",
+        )
+    finally:
+        await asyncio.to_thread(proc.stop, 15)
+    lines = log_path.read_text(errors="replace").splitlines()
+    assert lines
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            pytest.fail(f"not one JSON object: {line!r}\nlog:\n" + "\n".join(lines[:60]))
+        assert isinstance(record, dict) and "event" in record, line
+    loggers = {json.loads(line).get("logger") for line in lines}
+    assert {"uvicorn.error", "librdkafka"} <= loggers, loggers
