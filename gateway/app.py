@@ -21,6 +21,7 @@ document built by :mod:`gateway.openapi`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import functools
@@ -130,12 +131,14 @@ _CLOSE_TRY_AGAIN = 1013
 #: Frames kept for a connection whose session has not started yet (see
 #: ``StreamConnection._deliver_early``).
 _EARLY_MAX_FRAMES = 64
-#: Large accounts: attempts at one actor-channel write, and the backlog of an actor's messages
-#: past which a write is tried only once (see ``Gateway._apply_actor_message``); the longest
-#: pause between rounds of reads of the large accounts users follow, and the failures in a row
-#: that end a round (``Gateway._retry_actors``).
+#: Large accounts: attempts at one actor-channel write, the backlog of an actor's messages
+#: past which a write is tried only once (see ``Gateway._apply_actor_message``) and the most of
+#: them kept waiting (``Gateway._on_actor_message``: past it the backlog is dropped and its
+#: users are sent ``reset``); the longest pause between rounds of reads of the large accounts
+#: users follow, and the failures in a row that end a round (``Gateway._retry_actors``).
 _ACTOR_ATTEMPTS = 3
 _ACTOR_BACKLOG_RETRY = 32
+_ACTOR_QUEUE_MAX = 256
 _ACTOR_REFRESH_MAX_PAUSE_S = 30.0
 _ACTOR_REFRESH_FAILURES = 3
 #: Bound on waiting for a close frame to be written to a client that may not be reading.
@@ -346,11 +349,15 @@ class Gateway:
         self.connect_ip_limit = Limit(settings.connect_ip_rate, settings.connect_ip_burst)
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
-        #: Large accounts: the last message task of each actor (the next one waits for it), how
-        #: many of its messages are queued, the connected users whose large accounts could not
-        #: be read (and the one task that retries them).
-        self._actor_tails: dict[str, asyncio.Task[None]] = {}
-        self._actor_backlog: dict[str, int] = {}
+        #: Large accounts: each actor's messages waiting to be applied (at most
+        #: ``_ACTOR_QUEUE_MAX``) and the one task applying them, in order; the refresh of whom a
+        #: user follows in flight (one per user) and the users whose followings changed again
+        #: meanwhile; the connected users whose large accounts could not be read (and the one
+        #: task that retries them).
+        self._actor_queues: dict[str, collections.deque[tuple[list[str], bytes]]] = {}
+        self._actor_workers: dict[str, asyncio.Task[None]] = {}
+        self._refreshes: dict[str, asyncio.Task[None]] = {}
+        self._refresh_again: set[str] = set()
         self._actors_unknown: dict[str, None] = {}  # ordered: retried first come, first served
         self._actor_retry: asyncio.Task[None] | None = None
         #: First pause before retrying an actor-channel write, and a failed read of the large
@@ -455,24 +462,58 @@ class Gateway:
         task.add_done_callback(self._background.discard)
         return task
 
-    def _on_actor_message(self, actor: str, users: list[str], message: bytes) -> None:
-        previous = self._actor_tails.get(actor)
-        backlog = self._actor_backlog.get(actor, 0) + 1
-        self._actor_backlog[actor] = backlog
-        task = self._spawn(
-            self._apply_actor_message(
-                actor, users, message, previous=previous, retry=backlog <= _ACTOR_BACKLOG_RETRY
-            )
-        )
-        self._actor_tails[actor] = task
-        task.add_done_callback(functools.partial(self._actor_message_done, actor))
+    def tracked(self) -> dict[str, int]:
+        """Sizes of the large-account state (tests and operators: each stays bounded, whatever
+        the rate of messages): background tasks, actors with a queue, messages queued over all
+        actors, refreshes of whom a user follows in flight, and users waiting for a retry."""
+        return {
+            "background_tasks": len(self._background),
+            "actor_queues": len(self._actor_queues),
+            "actor_messages_queued": sum(len(queue) for queue in self._actor_queues.values()),
+            "actor_workers": len(self._actor_workers),
+            "refreshes": len(self._refreshes),
+            "actors_unknown": len(self._actors_unknown),
+        }
 
-    def _actor_message_done(self, actor: str, task: asyncio.Task[None]) -> None:
-        if self._actor_tails.get(actor) is task:
-            del self._actor_tails[actor]
-        backlog = self._actor_backlog.pop(actor, 1) - 1
-        if backlog > 0:
-            self._actor_backlog[actor] = backlog
+    def _on_actor_message(self, actor: str, users: list[str], message: bytes) -> None:
+        """Queue a large account's message for its one worker task (applied in order).
+
+        At most ``_ACTOR_QUEUE_MAX`` wait (Redis slow or down and the account busy): past that
+        the queue is dropped, this message with it, and every user it was for is sent ``reset``
+        (:meth:`Hub.reset_users`): the items are in the account's outbox, which a refetch over
+        HTTP merges in, so nothing is lost, and the memory held stays bounded."""
+        queue = self._actor_queues.get(actor)
+        if queue is None:
+            queue = self._actor_queues[actor] = collections.deque()
+        if len(queue) >= _ACTOR_QUEUE_MAX:
+            dropped = set(users)
+            for waiting, _message in queue:
+                dropped.update(waiting)
+            log.error(
+                "actor_backlog_dropped", actor=actor, messages=len(queue) + 1,
+                users=len(dropped), action="reset",
+            )
+            queue.clear()
+            self.hub.reset_users(dropped)
+        else:
+            queue.append((users, message))
+        if actor not in self._actor_workers and queue:
+            self._actor_workers[actor] = self._spawn(self._apply_actor_messages(actor, queue))
+
+    async def _apply_actor_messages(
+        self, actor: str, queue: collections.deque[tuple[list[str], bytes]]
+    ) -> None:
+        """Apply ``actor``'s queued messages one at a time, in order, until none is left."""
+        try:
+            while queue:
+                users, message = queue.popleft()
+                await self._apply_actor_message(
+                    actor, users, message, retry=len(queue) < _ACTOR_BACKLOG_RETRY
+                )
+        finally:
+            self._actor_workers.pop(actor, None)
+            if not queue and self._actor_queues.get(actor) is queue:
+                del self._actor_queues[actor]
 
     async def _apply_actor_message(
         self,
@@ -480,7 +521,6 @@ class Gateway:
         users: list[str],
         message: bytes,
         *,
-        previous: asyncio.Task[None] | None = None,
         retry: bool = True,
     ) -> None:
         """A large account's new (``+member\\nbody``) or deleted (``-member``) activity: insert
@@ -488,15 +528,13 @@ class Gateway:
         idempotent, so when several gateways hold followers the first insert wins and the user's
         own channel delivers it once, with one delivery seq, to all of their connections.
 
-        One actor's messages are applied in the order they came (``previous`` first), so a
-        delete never overtakes the insert it undoes. A write that fails is tried again
-        (``_ACTOR_ATTEMPTS`` in all, with backoff; once only while more than
-        ``_ACTOR_BACKLOG_RETRY`` of the actor's messages wait); if it still fails, each of the
-        users' connections sends ``reset`` (:meth:`Hub.reset_users`): the item did not reach
-        their delivery stream, so no resume could bring it, and the client refetches over HTTP,
-        where the account's outbox is merged in. Never a silent loss."""
-        if previous is not None and not previous.done():
-            await asyncio.wait({previous})
+        One actor's messages are applied in the order they came (one task per actor, see
+        :meth:`_on_actor_message`), so a delete never overtakes the insert it undoes. A write
+        that fails is tried again (``_ACTOR_ATTEMPTS`` in all, with backoff; once only while
+        ``_ACTOR_BACKLOG_RETRY`` or more of the actor's messages wait); if it still fails, each
+        of the users' connections sends ``reset`` (:meth:`Hub.reset_users`): the item did not
+        reach their delivery stream, so no resume could bring it, and the client refetches over
+        HTTP, where the account's outbox is merged in. Never a silent loss."""
         s = self.settings
         timelines = _opened(self._timelines)
         attempts = _ACTOR_ATTEMPTS if retry else 1
@@ -537,7 +575,33 @@ class Gateway:
         self.hub.reset_users(users)
 
     def _on_following_changed(self, user: str) -> None:
-        self._spawn(self.refresh_actors(user))
+        self.request_refresh(user)
+
+    def request_refresh(self, user: str) -> asyncio.Task[None]:
+        """Re-read the large accounts ``user`` follows (:meth:`refresh_actors`), coalesced: at
+        most one read per user is in flight; a change that comes meanwhile marks the user to be
+        read once more when it ends (however many came), so the newest state is applied last
+        and a burst of follows costs two reads, not one task each. The task returned ends once
+        the user's state is read and applied."""
+        task = self._refreshes.get(user)
+        if task is not None and not task.done():
+            self._refresh_again.add(user)
+            return task
+        task = self._spawn(self._refresh_until_current(user))
+        self._refreshes[user] = task
+        return task
+
+    async def _refresh_until_current(self, user: str) -> None:
+        try:
+            while True:
+                self._refresh_again.discard(user)
+                await self.refresh_actors(user)
+                if user not in self._refresh_again or self._closing:
+                    return
+        finally:
+            self._refresh_again.discard(user)
+            if self._refreshes.get(user) is asyncio.current_task():
+                del self._refreshes[user]
 
     async def refresh_actors(self, user: str) -> None:
         """Subscribe the actor channels of the large accounts ``user`` follows. Never raises.
@@ -1399,7 +1463,9 @@ class StreamConnection:
                 # A connected user is active: fan-out writes their Redis timeline (and a user
                 # back from a quiet period gets it rebuilt from history, single-flight).
                 await gateway.reader.touch(self.user)
-                await gateway.refresh_actors(self.user)
+                # Shared with a refresh in flight for this user (a follow just changed): the
+                # connection must not be cancelled out of it, nor cancel it for others.
+                await asyncio.shield(gateway.request_refresh(self.user))
             except _REDIS_ERRORS as exc:
                 log.warning("ws_rejected", reason="redis_unavailable", error=str(exc))
                 await _close_quietly(self._ws, _CLOSE_TRY_AGAIN, "try again later")
