@@ -63,6 +63,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from websockets.exceptions import WebSocketException
 
+from feed import keys
 from feed.cursor import CursorError, decode_position
 from feed.kafka import AsyncProducer, KafkaUnavailable, producer_config
 from feed.reader import FeedReader
@@ -141,6 +142,26 @@ _ACTOR_BACKLOG_RETRY = 32
 _ACTOR_QUEUE_MAX = 256
 _ACTOR_REFRESH_MAX_PAUSE_S = 30.0
 _ACTOR_REFRESH_FAILURES = 3
+#: Large accounts' items a stream missed while its user was offline (``Gateway.catch_up``): the
+#: presence hash's fields for the newest outbox member caught up with, per account; the flag
+#: "this stream was caught up before"; and the seq at or before which a resume must be answered
+#: with ``reset``. How long a connect waits for its accounts' channels to be confirmed.
+_CAUGHT_UP_PREFIX = "b:"
+_CAUGHT_UP_FLAG = "b"
+_RESET_THROUGH = "r"
+_CATCH_UP_SUBSCRIBE_S = 5.0
+#: Writes the catch-up state into the presence hash only while it is still the stream of the
+#: given epoch (a hash that expired meanwhile is not recreated without its epoch). KEYS[1] the
+#: presence hash; ARGV: epoch, reset-through seq (or ""), then field/value pairs.
+_CAUGHT_UP_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'e') ~= ARGV[1] then return 0 end
+if ARGV[2] ~= '' then
+  local old = tonumber(redis.call('HGET', KEYS[1], 'r') or '-1')
+  if tonumber(ARGV[2]) > old then redis.call('HSET', KEYS[1], 'r', ARGV[2]) end
+end
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
 #: Bound on waiting for a close frame to be written to a client that may not be reading.
 _CLOSE_TIMEOUT_S = 5.0
 _QUIET_ROUTES = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
@@ -407,6 +428,7 @@ class Gateway:
             self._redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
         self._timelines = AsyncRedisTimelines(self._redis)
         self._limiter = RedisRateLimiter(self._redis)
+        self._caught_up_script = self._redis.register_script(_CAUGHT_UP_SCRIPT)
         self._presence = AsyncRedisPresence(self._redis, ttl_s=s.resume_window_s)
         self._hub = Hub(
             self._redis, self._presence, refresh_interval_s=max(1.0, s.resume_window_s / 3)
@@ -667,6 +689,120 @@ class Gateway:
                 if actors:
                     self.hub.reset_users([user])
 
+    async def catch_up(self, user: str, epoch: str) -> tuple[int | None, int | None]:
+        """Bring the large accounts' items that ``user``'s delivery stream missed into it, before
+        a connection of theirs starts: ``(reset_through, seq)``, the seq at or before which a
+        resume must be answered with ``reset`` (None: no such seq) and the stream's last seq
+        afterwards (None if the stream of ``epoch`` is gone). Raises on Redis errors.
+
+        A large account's items reach a follower's stream only while a gateway holding one of
+        their connections is subscribed to its channel; what it announces while they are
+        offline (within the resume window, when the stream lives on) would never be in it, and
+        a resume would skip it silently. So the presence hash (which lives and dies with the
+        stream) records, per account, the newest outbox member the stream has been caught up
+        with (``b:<actor>``). At each connect, once the accounts' channels are confirmed (so
+        anything newer comes live), the outbox members after that mark are offered to the
+        stream, oldest first, with the same idempotent script as live pushes: those already in
+        the timeline (pushed live) are skipped, the others get the next seqs, and the resume
+        replays them. Then the marks move to the outbox's newest member.
+
+        An account the user follows with no mark in a stream that has been caught up before
+        was followed while offline (or its mark could not be written): what it announced since
+        is unknown, so every resume at or before the stream's current seq is answered with
+        ``reset`` (``r``, kept in the hash for later connections too). A stream never caught up
+        (just created by this connect: no resume into it is possible) only gets its marks.
+        Members the timeline's cap would drop at once are not offered (they would arrive as new
+        frames and be trimmed right after). Items an account backdates before its mark are not
+        seen as new (the outbox is ordered by ``published``); the HTTP feed has them.
+        """
+        redis_client = self.redis
+        presence_key = keys.presence(user)
+        actors = sorted(self.hub.actors_of(user))
+        subscribed = not actors or await self.hub.actors_subscribed(
+            actors, _CATCH_UP_SUBSCRIBE_S
+        )
+        pipe = redis_client.pipeline(transaction=False)
+        fields = ["e", "s", _CAUGHT_UP_FLAG, _RESET_THROUGH]
+        fields += [_CAUGHT_UP_PREFIX + actor for actor in actors]
+        pipe.hmget(presence_key, fields)
+        for actor in actors:
+            pipe.zrevrangebylex(keys.outbox(actor), "+", "-", start=0, num=1)
+        results = await pipe.execute()
+        state = [_text(value) for value in results[0]]
+        heads = {actor: _text(head[0]) if head else "" for actor, head in zip(
+            actors, results[1:], strict=True)}
+        current_epoch, seq_text, flag, reset_text = state[:4]
+        if current_epoch != epoch or seq_text is None:
+            return None, None  # the stream was recreated meanwhile: the session resets anyway
+        seq = int(seq_text)
+        reset_through = int(reset_text) if reset_text else None
+        marks = dict(zip(actors, state[4:], strict=True))
+        unknown = [a for a in actors if marks[a] is None or not subscribed]
+        new_reset: int | None = None
+        if unknown and flag is not None:
+            new_reset = seq  # what those accounts announced meanwhile is not in the stream
+            reset_through = max(reset_through or -1, seq)
+        offered = 0
+        if subscribed:
+            caught = {a: marks[a] for a in actors if marks[a] is not None and marks[a] != heads[a]}
+            offered = await self._offer_missed(user, caught)
+        updates: list[str] = [_CAUGHT_UP_FLAG, "1"]
+        if subscribed:
+            for actor in actors:
+                updates += [_CAUGHT_UP_PREFIX + actor, heads[actor]]
+        written = await self._caught_up_script(
+            keys=[presence_key],
+            args=[epoch, "" if new_reset is None else str(new_reset), *updates],
+        )
+        if offered or new_reset is not None:
+            log.info(
+                "stream_caught_up", user_id=user, offered=offered, reset_through=new_reset,
+                accounts=len(actors), written=bool(written),
+            )
+        if offered:
+            now = await redis_client.hget(presence_key, "s")
+            if now is not None:
+                seq = int(now)
+        return reset_through, seq
+
+    async def _offer_missed(self, user: str, marks: dict[str, str]) -> int:
+        """Offer each account's outbox members after its mark (``""``: all) to ``user``'s
+        stream, oldest first; skip those in the timeline already, those whose body is gone (a
+        delete) and those older than a full timeline's oldest. The number offered."""
+        if not marks:
+            return 0
+        redis_client = self.redis
+        s = self.settings
+        pipe = redis_client.pipeline(transaction=False)
+        for actor, mark in marks.items():
+            pipe.zrangebylex(keys.outbox(actor), f"({mark}" if mark else "-", "+")
+        pipe.zcard(keys.timeline(user))
+        pipe.zrange(keys.timeline(user), 0, 0)
+        *ranges, size, oldest = await pipe.execute()
+        members = sorted({_text(m) for found in ranges for m in found})
+        if size >= s.timeline_max and oldest:
+            floor = _text(oldest[0])
+            members = [m for m in members if m > floor]
+        if not members:
+            return 0
+        pipe = redis_client.pipeline(transaction=False)
+        pipe.zmscore(keys.timeline(user), members)
+        pipe.mget([keys.body(m.partition(":")[2]) for m in members])
+        scores, bodies = await pipe.execute()
+        timelines = _opened(self._timelines)
+        offered = 0
+        for member, score, body in zip(members, scores, bodies, strict=True):
+            if score is not None or body is None:
+                continue
+            await timelines.insert_for(
+                [user], member, body,
+                timeline_max=s.timeline_max,
+                stream_history=s.stream_history,
+                body_ttl_s=s.body_ttl_days * 86_400,
+            )
+            offered += 1
+        return offered
+
     def _make_reader(self, history: Any) -> FeedReader:
         from feed.graph_cassandra import CassandraFollowGraph
 
@@ -739,6 +875,11 @@ class Gateway:
         if session is None:
             raise _NotConnectedYet("not connected yet")
         await asyncio.to_thread(session.execute, "SELECT now() FROM system.local", timeout=2.0)
+
+
+def _text(value: bytes | str | None) -> Any:
+    """A Redis reply as ``str`` (None stays None)."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _opened(value: T | None) -> T:
@@ -1466,18 +1607,21 @@ class StreamConnection:
                 # Shared with a refresh in flight for this user (a follow just changed): the
                 # connection must not be cancelled out of it, nor cancel it for others.
                 await asyncio.shield(gateway.request_refresh(self.user))
+                reset_through, caught_up_seq = await gateway.catch_up(self.user, presence.epoch)
             except _REDIS_ERRORS as exc:
                 log.warning("ws_rejected", reason="redis_unavailable", error=str(exc))
                 await _close_quietly(self._ws, _CLOSE_TRY_AGAIN, "try again later")
                 return
-            session = self._start_session(presence.epoch, presence.seq)
+            session = self._start_session(presence.epoch, presence.seq, reset_through)
+            if caught_up_seq is not None:
+                session.rebase(presence.epoch, caught_up_seq)  # frames the catch-up added
             await self._serve(session)
         finally:
             gateway.metrics.connections.dec()
             gateway.hub.unregister(self)
             self._log_summary(session, time.monotonic() - started)
 
-    def _start_session(self, epoch: str, seq: int) -> Session:
+    def _start_session(self, epoch: str, seq: int, reset_through: int | None = None) -> Session:
         settings = self._gateway.settings
         hold = self._gateway.hold_live_s
         session = Session(
@@ -1486,6 +1630,7 @@ class StreamConnection:
             seq,
             max_queue_bytes=settings.send_queue_bytes,
             hold_live=hold > 0,
+            reset_through=reset_through,
         )
         self._session = session
         if self._early is not None:

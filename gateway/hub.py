@@ -209,6 +209,37 @@ class Hub:
         account followed by a locally connected user)."""
         return [c.decode() for c in self._channels] + [c.decode() for c in self._actor_channels]
 
+    def actors_of(self, user: str) -> set[str]:
+        """The large accounts ``user`` follows, as last set by :meth:`follow_actors`."""
+        return set(self._user_actors.get(user, ()))
+
+    async def actors_subscribed(self, actors: Iterable[str], timeout_s: float) -> bool:
+        """Wait until Redis has confirmed the channels of ``actors`` (each wanted by a local
+        follower): anything announced on them from then on reaches this hub. False if that did
+        not happen within ``timeout_s`` (Pub/Sub down, or an account no longer followed)."""
+        waiters: list[asyncio.Future[None]] = []
+        loop = asyncio.get_running_loop()
+        for actor in actors:
+            channel = keys.actor_channel(actor).encode()
+            if channel not in self._actor_channels:
+                return False
+            if channel in self._confirmed:
+                continue
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.setdefault(channel, []).append(waiter)
+            waiters.append(waiter)
+        if not waiters:
+            return True
+        try:
+            done, pending = await asyncio.wait(waiters, timeout=timeout_s)
+        finally:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.cancel()  # dropped from the lists at the channel's next event
+        return not pending and all(
+            not waiter.cancelled() and waiter.exception() is None for waiter in done
+        )
+
     def follow_actors(self, user: str, actors: Iterable[str]) -> None:
         """Set the large accounts ``user`` follows (no-op once the user has no connection)."""
         if user not in self._conns:
@@ -235,6 +266,9 @@ class Hub:
                 self._actor_users.pop(actor, None)
                 channel = keys.actor_channel(actor).encode()
                 self._actor_channels.pop(channel, None)
+                self._confirmed.discard(channel)
+                for waiter in self._waiters.pop(channel, []):
+                    waiter.cancel()
                 unsubscribe.append(channel)
         if subscribe:
             self._subscribe(subscribe)
@@ -435,6 +469,12 @@ class Hub:
             # Not asked for (a confirmation this connection did not expect): whatever it means,
             # the user's connections check the stream for gaps rather than trust Pub/Sub.
             self._resync.add(channel)
+        if channel in self._actor_channels:
+            self._confirmed.add(channel)
+            for waiter in self._waiters.pop(channel, []):
+                if not waiter.done():
+                    waiter.set_result(None)
+            return
         if channel not in self._channels:
             return
         self._confirmed.add(channel)

@@ -42,7 +42,10 @@ Items outside the stream. A large account's activity reaches a connected followe
 if a gateway inserts it (``gateway.app``); when that could not be done (Redis failed, or whom the
 user follows could not be read at connect), the hub hands in :data:`RESET_CONTROL` and the session
 sends ``reset``: the client refetches over HTTP, where the item is (merged from the account's
-outbox), instead of never learning it missed it.
+outbox), instead of never learning it missed it. Items such an account posted while the user was
+offline are added to the stream before the session starts (``Gateway.catch_up``); when that
+cannot be done for a position (an account followed while offline), the session is given
+``reset_through``: a resume at or before that seq is answered with ``reset``.
 
 Hold. Until the client's first frame (or :meth:`start_live`, which the adapter calls after a short
 grace period) live frames are held, so that a client that resumes right after the welcome gets its
@@ -167,9 +170,13 @@ class Session:
         hold_live: bool = True,
         client_burst: int = 10,
         client_rate_per_s: float = 1.0,
+        reset_through: int | None = None,
     ) -> None:
         self.user = user
         self._epoch = epoch
+        #: A resume at or before this seq of ``epoch`` is answered with ``reset``: items may be
+        #: missing from the stream before it (``gateway.app.Gateway.catch_up``).
+        self._reset_through = reset_through
         self._last = seq  # seq of the last frame queued for the client
         self._known = seq  # highest seq known to exist in the stream
         self._max_queue = max_queue_bytes
@@ -457,6 +464,11 @@ class Session:
             self._reset()
             return
         if position.epoch != self._epoch or position.seq > self._known:
+            self._reset()
+            return
+        if self._reset_through is not None and position.seq <= self._reset_through:
+            # The stream may lack items from before that position (a large account followed
+            # while the user was offline): no replay can bring them, a refetch can.
             self._reset()
             return
         # The client has seen everything up to the cursor and nothing after it: frames after it that

@@ -488,3 +488,68 @@ async def test_cassandra_outage_on_a_page_read_is_503_with_retry_after(settings:
             assert ready.status_code == 503
             assert ready.json()["dependencies"]["cassandra"]["ok"] is False
             assert str(settings.cassandra_port) not in ready.text
+
+
+# --- large accounts' items announced while the follower was offline ------------------------------
+async def _activity(ws: Any, timeout: float = TIMEOUT) -> dict[str, Any]:
+    frame = await next_frame(ws, timeout)
+    assert frame.get("type") == "activity", frame
+    return frame
+
+
+async def test_items_a_large_account_posted_while_the_follower_was_offline_are_resumed(
+    gw: LiveGateway, big: BigAccount
+) -> None:
+    """The contract's resume: every item after the cursor, in order, no gap. A large account's
+    items reach a follower's delivery stream only while a gateway holding the follower is
+    subscribed to the account's channel; those it posted while the follower was offline (the
+    stream alive, within the resume window) were skipped by the resume without a word."""
+    fan_token = token(big.settings, big.fan)
+    async with resumed_stream(gw.ws, fan_token) as (ws, _welcome):
+        await eventually(big.subscribed, "the star's channel subscribed")
+        seen = big.post("seen")
+        frame = await _activity(ws)
+        assert frame["activity"]["id"] == seen
+        cursor = frame["cursor"]
+    await eventually(lambda: not big.subscribed(), "the star's channel dropped (fan offline)")
+    missed = [big.post("missed-1"), big.post("missed-2")]
+    async with resumed_stream(gw.ws, fan_token, cursor) as (ws, welcome):
+        assert welcome["cursor"].partition(".")[0] == cursor.partition(".")[0]  # same stream
+        replayed = [await _activity(ws), await _activity(ws)]
+        assert [f["activity"]["id"] for f in replayed] == missed
+        live = big.post("live")
+        after = await _activity(ws)
+        assert after["activity"]["id"] == live
+    seqs = [int(f["cursor"].rpartition(".")[2]) for f in [frame, *replayed, after]]
+    assert seqs == list(range(seqs[0], seqs[0] + 4)), seqs  # no gap, no repeat
+
+
+async def test_a_large_account_followed_while_offline_makes_an_older_resume_reset(
+    gw: LiveGateway, big: BigAccount, cassandra: Any
+) -> None:
+    """What an account followed while the user was offline announced meanwhile is not in the
+    stream, and which of its items came after the cursor cannot be known: the resume is
+    answered with ``reset`` (the refetch has them), then live frames follow."""
+    fan_token = token(big.settings, big.fan)
+    async with resumed_stream(gw.ws, fan_token) as (ws, welcome):
+        await eventually(big.subscribed, "the star's channel subscribed")
+        cursor = welcome["cursor"]
+    await eventually(lambda: not big.subscribed(), "the star's channel dropped (fan offline)")
+    other = BigAccount(uid("star3"), big.fan, big.settings, big.redis)
+    CassandraFollowGraph(cassandra, big.settings.cassandra_keyspace).follow(
+        big.fan, other.star, datetime.now(UTC)
+    )
+    big.redis.sadd(keys.big_accounts, other.star)
+    big.redis.incr(keys.following_version(big.fan))  # as the worker does on a follow
+    posted = other.post("while-offline")
+    async with resumed_stream(gw.ws, fan_token, cursor) as (ws, _welcome):
+        assert await next_frame(ws, TIMEOUT) == {"type": "reset"}
+        assert posted in await feed_ids(gw, big.settings, big.fan)  # what the refetch shows
+        await eventually(other.subscribed, "the new star's channel subscribed")
+        live = other.post("live")
+        assert (await _activity(ws))["activity"]["id"] == live
+    # The next connect resumes from a cursor after that point without a reset.
+    async with resumed_stream(gw.ws, fan_token) as (ws, _welcome):
+        await eventually(other.subscribed, "the new star's channel subscribed")
+        again = other.post("again")
+        assert (await _activity(ws))["activity"]["id"] == again
