@@ -379,6 +379,9 @@ class Gateway:
         self._actor_workers: dict[str, asyncio.Task[None]] = {}
         self._refreshes: dict[str, asyncio.Task[None]] = {}
         self._refresh_again: set[str] = set()
+        #: Catch-ups of connected users after a Pub/Sub reconnect (one in flight per user).
+        self._catch_ups: dict[str, asyncio.Task[None]] = {}
+        self._catch_up_again: set[str] = set()
         self._actors_unknown: dict[str, None] = {}  # ordered: retried first come, first served
         self._actor_retry: asyncio.Task[None] | None = None
         #: First pause before retrying an actor-channel write, and a failed read of the large
@@ -435,6 +438,7 @@ class Gateway:
         )
         self._hub.on_actor_message = self._on_actor_message
         self._hub.on_following_changed = self._on_following_changed
+        self._hub.on_resubscribed = self._on_resubscribed
         await self._hub.start()
         if self._producer is None:
             # librdkafka writes its own lines to stderr unless given a logger: through
@@ -494,6 +498,7 @@ class Gateway:
             "actor_messages_queued": sum(len(queue) for queue in self._actor_queues.values()),
             "actor_workers": len(self._actor_workers),
             "refreshes": len(self._refreshes),
+            "catch_ups": len(self._catch_ups),
             "actors_unknown": len(self._actors_unknown),
         }
 
@@ -746,14 +751,17 @@ class Gateway:
         if subscribed:
             caught = {a: marks[a] for a in actors if marks[a] is not None and marks[a] != heads[a]}
             offered = await self._offer_missed(user, caught)
-        updates: list[str] = [_CAUGHT_UP_FLAG, "1"]
+        updates: list[str] = [] if flag is not None else [_CAUGHT_UP_FLAG, "1"]
         if subscribed:
             for actor in actors:
-                updates += [_CAUGHT_UP_PREFIX + actor, heads[actor]]
-        written = await self._caught_up_script(
-            keys=[presence_key],
-            args=[epoch, "" if new_reset is None else str(new_reset), *updates],
-        )
+                if marks[actor] != heads[actor]:
+                    updates += [_CAUGHT_UP_PREFIX + actor, heads[actor]]
+        written = 0
+        if updates or new_reset is not None:
+            written = await self._caught_up_script(
+                keys=[presence_key],
+                args=[epoch, "" if new_reset is None else str(new_reset), *updates],
+            )
         if offered or new_reset is not None:
             log.info(
                 "stream_caught_up", user_id=user, offered=offered, reset_through=new_reset,
@@ -764,6 +772,39 @@ class Gateway:
             if now is not None:
                 seq = int(now)
         return reset_through, seq
+
+    def _on_resubscribed(self, user: str) -> None:
+        """``user``'s channels were subscribed again after the Pub/Sub connection was lost:
+        their large accounts' announcements meanwhile were lost with it (their channels have no
+        stream to re-read). Catch the stream up as at a connect (:meth:`catch_up`); what it adds
+        reaches the connected sessions live. One catch-up per user in flight, plus one more if
+        the link was lost again meanwhile."""
+        if not self.hub.actors_of(user):
+            return
+        task = self._catch_ups.get(user)
+        if task is not None and not task.done():
+            self._catch_up_again.add(user)
+            return
+        self._catch_ups[user] = self._spawn(self._catch_up_connected(user))
+
+    async def _catch_up_connected(self, user: str) -> None:
+        try:
+            while not self._closing and self.hub.connections_of(user):
+                self._catch_up_again.discard(user)
+                try:
+                    epoch = _text(await self.redis.hget(keys.presence(user), "e"))
+                    if epoch is not None:
+                        await self.catch_up(user, epoch)
+                except _REDIS_ERRORS as exc:
+                    # The items are in the outbox: the connections refetch.
+                    log.warning("catch_up_failed", user_id=user, error=str(exc)[:200])
+                    self.hub.reset_users([user])
+                if user not in self._catch_up_again:
+                    return
+        finally:
+            self._catch_up_again.discard(user)
+            if self._catch_ups.get(user) is asyncio.current_task():
+                del self._catch_ups[user]
 
     async def _offer_missed(self, user: str, marks: dict[str, str]) -> int:
         """Offer each account's outbox members after its mark (``""``: all) to ``user``'s

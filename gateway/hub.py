@@ -22,6 +22,9 @@ Guarantees (what ``gateway.app`` relies on):
   channel (``feed.keys.actor_channel``) is subscribed while at least one local user follows it,
   and each message on it is handed once, with the list of local followers, to
   ``on_actor_message`` (the app inserts it into those users' timelines, which delivers it).
+  :meth:`Hub.actors_subscribed` waits until Redis confirmed given actor channels. After a
+  Pub/Sub reconnect, once a user's presence is re-attached, ``on_resubscribed`` tells the app
+  (what their large accounts announced meanwhile was lost with the connection).
 * **Control frames stay inside.** A frame on a user's channel that starts with ``{"type":"_`` is
   for the gateway (``feed.keys.CONTROL_FOLLOWING``: whom the user follows changed) and goes to
   ``on_following_changed``, never to a client.
@@ -137,6 +140,10 @@ class Hub:
         self.on_actor_message: Callable[[str, list[str], bytes], None] | None = None
         #: Set by the app: the user's followings changed (re-resolve their actor channels).
         self.on_following_changed: Callable[[str], None] | None = None
+        #: Set by the app: the user's channels were subscribed again after the Pub/Sub
+        #: connection was lost, and their presence re-attached (what their large accounts
+        #: announced meanwhile was lost: the app catches their stream up).
+        self.on_resubscribed: Callable[[str], None] | None = None
         #: Counters (metrics read them).
         self.messages = 0
         self.connects = 0
@@ -526,6 +533,11 @@ class Hub:
                     log.exception("deliver_failed", user_id=user)
             break
         self._check_gaps(user)
+        if self.on_resubscribed is not None and user in self._conns:
+            try:
+                self.on_resubscribed(user)
+            except Exception:
+                log.exception("resubscribed_callback_failed", user_id=user)
 
     def reset_users(self, users: Iterable[str]) -> None:
         """Items may have missed the delivery streams of ``users`` (a large account's push that

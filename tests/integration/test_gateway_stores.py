@@ -553,3 +553,18 @@ async def test_a_large_account_followed_while_offline_makes_an_older_resume_rese
         await eventually(other.subscribed, "the new star's channel subscribed")
         again = other.post("again")
         assert (await _activity(ws))["activity"]["id"] == again
+
+
+async def test_an_item_announced_while_pubsub_was_down_reaches_the_connected_follower(
+    gw: LiveGateway, big: BigAccount, stream: Any
+) -> None:
+    """A user's own frames lost while the Pub/Sub connection was down are re-read from their
+    stream; a large account's announcement lost meanwhile was in no stream: the follower, still
+    connected, never got the item. The reconnect now catches their stream up."""
+    await eventually(big.subscribed, "the star's channel subscribed")
+    big.redis.client_kill_filter(_type="pubsub")  # every gateway's Pub/Sub connection drops
+    lost = big.post("during-outage")  # announced while nobody is subscribed
+    frame = await _activity(stream)
+    assert frame["activity"]["id"] == lost
+    after = big.post("after")
+    assert (await _activity(stream))["activity"]["id"] == after
