@@ -83,13 +83,12 @@ async def test_big_account_is_merged_at_read_time_and_pushed_live_once(
         # item exactly once, and nothing but activities, in delivery-seq order.
         marker = ids("marker")
         pipeline.produce(s.topic_activities, star, pipeline.activity(marker, star))
-        for first in (f1, f2):
-            ws = ws1 if first is f1 else ws2
+        for ws, before in ((ws1, f1), (ws2, f2)):
             rest = await frames_until(
                 ws, lambda f: f.get("type") == "activity" and f["activity"]["id"] == marker,
                 timeout=10,
             )
-            seen = [f for f in [*first, *rest] if f.get("type") != "welcome"]
+            seen = [f for f in [*before, *rest] if f.get("type") != "welcome"]
             assert [f.get("activity", {}).get("id", f["type"]) for f in seen] == [live, marker]
             seqs = [int(f["cursor"].rpartition(".")[2]) for f in seen]
             assert seqs[1] == seqs[0] + 1, seen
