@@ -1,10 +1,12 @@
 """Follower lists for fan-out, cached per worker and invalidated across workers.
 
-Every change to a user's followers bumps ``gv:{user}`` in Redis (see ``fanout.processor``). Before
-using cached lists for a batch, the worker reads the current versions of all the batch's actors in
-one round trip and reloads the lists whose version moved, so a follow applied by another worker is
-seen by the next batch. Lists are read from Cassandra in pages; cached lists are tuples of the
-strings the driver returned (no per-follower objects are built per activity).
+Every change to a user's followers sets ``gv:{user}`` in Redis to a new version (``feed.versions``:
+never a value seen before, even after Redis lost its data). Before using cached lists for a batch,
+the worker reads the current versions of all the batch's actors in one round trip (plus one to
+install a version where none exists) and reloads the lists whose version moved, so a follow
+applied by another worker is seen by the next batch. Lists are read from Cassandra in pages;
+cached lists are tuples of the strings the driver returned (no per-follower objects are built per
+activity).
 
 Large accounts (hybrid fan-out): an account with more than ``fanout_limit`` followers is marked
 *big* — in Cassandra (durable) and in the Redis set ``big-accounts`` (what every process reads) —
@@ -23,6 +25,7 @@ import redis
 from feed import keys
 from feed.graph_cassandra import CassandraFollowGraph
 from feed.history_cassandra import CassandraHistory
+from feed.versions import current
 
 __all__ = ["BIG_SENTINEL", "FollowerCache"]
 
@@ -40,30 +43,33 @@ class FollowerCache:
         fanout_limit: int = 0,
         max_entries: int = 2_000_000,
     ) -> None:
+        """``max_entries`` bounds the cache: each cached list costs one plus its followers
+        (:attr:`size`); the least recently used lists are evicted past it."""
         self._graph = graph
         self._redis = client
         self._history = history
         self._limit = fanout_limit
         self._max = max_entries
         self._size = 0
-        self._lists: OrderedDict[str, tuple[bytes | None, tuple[str, ...]]] = OrderedDict()
+        self._lists: OrderedDict[str, tuple[bytes, tuple[str, ...]]] = OrderedDict()
 
     def get_many(self, users: Sequence[str]) -> dict[str, tuple[str, ...] | None]:
         """Current followers of each user; ``None`` for big accounts (merged at read time)."""
         if not users:
             return {}
+        names = [keys.graph_version(u) for u in users]
         pipe = self._redis.pipeline(transaction=False)
-        pipe.mget([keys.graph_version(u) for u in users])
+        pipe.mget(names)
         if self._limit:
             pipe.smismember(keys.big_accounts, list(users))
             pipe.scard(keys.big_accounts)
         results = pipe.execute()
-        versions = results[0]
+        versions = current(self._redis, names, results[0])
         big = [bool(b) for b in results[1]] if self._limit else [False] * len(users)
         if self._limit and results[2] == 0:
             big = self._restore_big(users)
         out: dict[str, tuple[str, ...] | None] = {}
-        missing: dict[str, bytes | None] = {}
+        missing: dict[str, bytes] = {}
         for user, version, is_big in zip(users, versions, big, strict=True):
             if is_big:
                 out[user] = None
@@ -104,18 +110,39 @@ class FollowerCache:
                 return None
         return tuple(followers)
 
+    def __len__(self) -> int:
+        """How many users' lists are cached."""
+        return len(self._lists)
+
+    def __contains__(self, user: object) -> bool:
+        """Whether ``user``'s list is cached (whatever its version)."""
+        return user in self._lists
+
+    @property
+    def size(self) -> int:
+        """What the cached lists cost against ``max_entries``: one per list plus one per
+        follower, so lists of no follower count too and the cap bounds the number of lists."""
+        return self._size
+
     def invalidate(self, users: Iterable[str]) -> None:
         for user in users:
             entry = self._lists.pop(user, None)
             if entry is not None:
-                self._size -= len(entry[1])
+                self._size -= _cost(entry[1])
 
-    def _store(self, user: str, version: bytes | None, followers: tuple[str, ...]) -> None:
+    def _store(self, user: str, version: bytes, followers: tuple[str, ...]) -> None:
         self.invalidate([user])
-        if len(followers) > self._max:
+        cost = _cost(followers)
+        if cost > self._max:
             return
         self._lists[user] = (version, followers)
-        self._size += len(followers)
+        self._size += cost
         while self._size > self._max and self._lists:
             _, (_, evicted) = self._lists.popitem(last=False)
-            self._size -= len(evicted)
+            self._size -= _cost(evicted)
+
+
+def _cost(followers: tuple[str, ...]) -> int:
+    """An entry's share of ``max_entries``: the list itself (its key, version and tuple, even
+    when empty) and its followers."""
+    return 1 + len(followers)

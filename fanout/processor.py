@@ -4,8 +4,14 @@ Order of writes for activities (so a concurrent follow never misses one): the ac
 outbox row are written to Cassandra first, then the followers are read. A follow writes the graph
 first, then reads the outbox for its backfill. Whichever runs second sees the other's write.
 
-Every write is idempotent (keys derive from the activity id, ``published`` and the user), so a
-batch that fails part-way is simply applied again.
+Idempotency is by activity id (:meth:`Processor._own`): the first create of an id owns it for
+good (its Cassandra row: actor, ``published``, body); a later create of the id by the same actor
+delivers nothing new, whatever its other fields; a create of an id owned by another actor is
+rejected (``id_conflict``, to the DLQ) and changes nothing. A Delete is applied only by the
+actor that created the id (``not_found`` / ``forbidden`` otherwise, changing nothing), and the
+deleted state is durable (Cassandra), so a replayed create stays deleted even after Redis lost
+its data. Every write is idempotent (keys derive from the activity id, the first create's
+``published`` and the user), so a batch that fails part-way is simply applied again.
 
 Pipelining (``apply(..., defer=True)``): the Redis write of a batch's trailing run of activities is
 handed to one background thread and the call returns once the Cassandra rows are written. The
@@ -25,25 +31,32 @@ from dataclasses import dataclass, field
 
 import msgspec
 import redis
+from cassandra import OperationTimedOut, ReadTimeout
 
 from fanout.followers import FollowerCache
 from feed import keys
 from feed.cursor import order_key, split_order_key
 from feed.graph_cassandra import CassandraFollowGraph
-from feed.history_cassandra import CassandraHistory, HistoryRecord
+from feed.history_cassandra import BODIES_CHUNK, CassandraHistory, HistoryRecord
+from feed.logging import get_logger
 from feed.timeline_redis import Insert, RedisTimelines, Removal
+from feed.versions import BUMP, new_token
 from schemas.activity import Activity, encode_activity, published_us
 from schemas.follow import FollowEvent
 
 __all__ = ["BatchStats", "Processor", "RejectedRecord"]
 
+log = get_logger("fanout")
+
 
 class RejectedRecord(Exception):
     """A well-formed record that can never be applied (e.g. deleting someone else's activity)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, field: str = "") -> None:
         super().__init__(message)
         self.code = code
+        #: The field the refusal concerns (the DLQ's ``feed.error.field``).
+        self.field = field
 
 
 @dataclass(slots=True)
@@ -90,6 +103,7 @@ class Processor:
         self._history_timelines = history_timelines
         self._backfill = follow_backfill
         self._tombstone_ttl = tombstone_ttl_s
+        self._bump = self._redis.register_script(BUMP)
         self._writer: ThreadPoolExecutor | None = None
         self._in_flight: list[Future[tuple[int, int]]] = []
 
@@ -109,10 +123,10 @@ class Processor:
         when this returns: call :meth:`complete` on the result before treating it as applied.
         """
         stats = BatchStats()
-        run: list[Activity] = []
+        run: list[tuple[int, Activity]] = []
         for index, event in events:
             if isinstance(event, Activity) and not event.is_delete:
-                run.append(event)
+                run.append((index, event))
                 continue
             self._apply_activities(run, stats)
             self.complete(stats)
@@ -170,32 +184,107 @@ class Processor:
         stats.deferred.append(_Deferred(run, future))
 
     # --- activities --------------------------------------------------------------------------
-    def _apply_activities(
-        self, activities: list[Activity], stats: BatchStats, *, defer: bool = False
-    ) -> None:
-        if not activities:
-            return
-        unique: dict[str, Activity] = {}
-        for activity in activities:
-            unique.setdefault(activity.id, activity)
-        ids = list(unique)
-        tombstones = self._redis.mget([_tombstone(i) for i in ids])
-        live = [unique[i] for i, dead in zip(ids, tombstones, strict=True) if dead is None]
-        stats.activities += len(live)
-        if not live:
-            return
-        records = [
-            HistoryRecord(a.id, a.actor, published_us(a), encode_activity(a), ()) for a in live
-        ]
+    def _own(
+        self, run: list[tuple[int, Activity]], stats: BatchStats
+    ) -> tuple[list[HistoryRecord], dict[str, list[str]], list[str], list[str]]:
+        """Decide, for each distinct id of ``run``, whether this batch delivers it and with what.
+
+        The first create of an id wins, for good: its row in Cassandra (owner, ``published``,
+        body) is written once and never overwritten. Returns (records to deliver — the stored
+        version for ids already created, in first-seen order; their ``to``; ids whose activity
+        row must be written; claims to release once it is). A create of an id that another
+        actor owns (or is creating right now) is rejected as ``id_conflict``; a create of a
+        deleted id delivers nothing; a second create by the owner delivers nothing new (the
+        stored version is delivered again, which is idempotent: a batch that failed half-way is
+        completed by its replay).
+
+        Concurrent creates of one new id (two actors' records on different partitions, or two
+        workers after a rebalance) are serialised by a Redis claim (``c:<id>``, one script) taken
+        *before* Cassandra is read and released only after the activity row is written: of two
+        racing creates, one holds the claim and the other either sees it or reads the row.
+        Cassandra stays the authority: a claim only decides between creates of an id that has
+        no row yet. One Redis and one Cassandra round trip per batch.
+        """
+        first: dict[str, tuple[int, Activity]] = {}
+        actors: dict[str, set[str]] = {}
+        for index, activity in run:
+            first.setdefault(activity.id, (index, activity))
+            actors.setdefault(activity.id, set()).add(activity.actor)
+        ids = list(first)
+        claimed = self._timelines.claim([(i, first[i][1].actor) for i in ids], _CLAIM_TTL_S)
+        holders = dict(zip(ids, claimed, strict=True))
         started = time.perf_counter()
-        self._history.put_activities(records)
+        stored = self._history.stored_many(ids)  # after the claim: see the docstring
         stats.cassandra_s += time.perf_counter() - started
-        followers = self._followers.get_many(list({a.actor for a in live}))
+        records: list[HistoryRecord] = []
+        to: dict[str, list[str]] = {}
+        new: list[str] = []
+        release = [i for i, (_, a) in first.items() if holders[i] == a.actor]
+        owners: dict[str, str] = {}
+        for activity_id, (_, activity) in first.items():
+            row = stored.get(activity_id)
+            if row is not None:
+                owners[activity_id] = row.actor
+                if row.live and row.actor in actors[activity_id]:
+                    assert row.body is not None
+                    records.append(HistoryRecord(activity_id, row.actor, row.ts, row.body, ()))
+                    to[activity_id] = _addressees(row.body)
+            else:
+                holder = holders[activity_id]
+                owners[activity_id] = holder
+                if holder == activity.actor:
+                    new.append(activity_id)
+                    records.append(
+                        HistoryRecord(
+                            activity_id,
+                            activity.actor,
+                            published_us(activity),
+                            encode_activity(activity),
+                            (),
+                        )
+                    )
+                    to[activity_id] = activity.to
+        for index, activity in run:
+            owner = owners[activity.id]
+            if owner != activity.actor:
+                stats.rejected.append(
+                    (
+                        index,
+                        RejectedRecord(
+                            "id_conflict",
+                            f"activity id {activity.id!r} belongs to another actor: "
+                            f"{activity.actor!r} cannot create it",
+                            "id",
+                        ),
+                    )
+                )
+        return records, to, new, release
+
+    def _apply_activities(
+        self, run: list[tuple[int, Activity]], stats: BatchStats, *, defer: bool = False
+    ) -> None:
+        if not run:
+            return
+        records, to, new, release = self._own(run, stats)
+        stats.activities += len(records)
+        timelines = self._timelines
+        if not records:
+            if release:
+                timelines.insert([], release=release)
+            return
+        started = time.perf_counter()
+        self._history.put_activities(records, new=new)
+        stats.cassandra_s += time.perf_counter() - started
+        followers = self._followers.get_many(list({r.actor for r in records}))
         records = [
             HistoryRecord(
-                r.activity_id, r.actor, r.ts, r.body, _recipients(a, followers[a.actor] or ())
+                r.activity_id,
+                r.actor,
+                r.ts,
+                r.body,
+                _recipients(to[r.activity_id], followers[r.actor] or ()),
             )
-            for r, a in zip(records, live, strict=True)
+            for r in records
         ]
         # Durable rows first, then Redis: a timeline rebuilt from Cassandra at any moment misses
         # nothing that the Redis script skipped (it skips users who were inactive when it ran).
@@ -218,10 +307,9 @@ class Processor:
             for r in records
             if followers[r.actor] is None
         ]
-        timelines = self._timelines
 
         def write() -> tuple[int, int]:
-            result = timelines.insert(inserts)
+            result = timelines.insert(inserts, release=release)
             if big:
                 timelines.add_to_outboxes(big)
             if recipients_after:
@@ -235,35 +323,58 @@ class Processor:
 
     # --- deletes -----------------------------------------------------------------------------
     def _apply_delete(self, event: Activity, stats: BatchStats) -> None:
+        """Delete ``event.object`` if ``event.actor`` created it; else reject, changing nothing.
+
+        Order: the deleted marker in Redis (scripts that write timelines or bodies skip the
+        activity from now on), the durable ``deleted`` flag in Cassandra (a replayed create stays
+        deleted even if Redis loses the marker), then every timeline the activity reached — fan-out
+        recipients and backfilled followers — with a ``removed`` frame to those connected, then the
+        recipient lists. A delete that fails half-way is completed by its replay: a deleted
+        activity's owner and ``published`` stay, and so do its recipients until the end.
+        """
         target = event.object
         stats.deletes += 1
-        stored = self._history.activity(target)
-        # Remember the deletion so a late or replayed create of the same id stays deleted.
-        self._redis.set(_tombstone(target), event.actor, ex=self._tombstone_ttl)
+        stored = self._history.stored(target)
         if stored is None:
-            return
-        actor, ts, _body = stored
-        if actor != event.actor:
-            self._redis.delete(_tombstone(target))
-            raise RejectedRecord("forbidden", f"{event.actor} cannot delete an activity of {actor}")
+            raise RejectedRecord(
+                "not_found",
+                f"{event.actor!r} cannot delete {target!r}: no such activity",
+                "object",
+            )
+        if stored.actor != event.actor:
+            raise RejectedRecord(
+                "forbidden",
+                f"{event.actor!r} cannot delete an activity of {stored.actor!r}",
+                "object",
+            )
+        actor, ts = stored.actor, stored.ts
+        self._timelines.mark_deleted([target], self._tombstone_ttl)
+        self._history.mark_deleted(target, actor, ts)
         member = order_key(ts, target)
         for users in self._history.recipients(target):
             self._timelines.remove([Removal(member, target, users)])
             self._history.remove_from_timelines((u, ts, target) for u in users)
         self._timelines.remove_from_outbox(actor, member)
-        self._history.delete_activity(target, actor, ts)
         self._timelines.delete_bodies([target])
+        self._history.finish_delete(target)
 
     # --- follows -----------------------------------------------------------------------------
     def _apply_follow(self, event: FollowEvent, stats: BatchStats) -> None:
+        """Apply a follow or unfollow to the graph, then to the follower's timeline according to
+        the graph (which holds the later of the pair's events): following a fanned-out account
+        backfills its newest activities; following a big account changes no timeline (merged at
+        read time); not following removes the followee's activities (except those addressed to
+        the follower)."""
         stats.follows += 1
         if event.type == "follow":
             self._graph.follow(event.follower, event.followee, event.at)
         else:
             self._graph.unfollow(event.follower, event.followee, event.at)
         pipe = self._redis.pipeline(transaction=False)
-        pipe.incr(keys.graph_version(event.followee))
-        pipe.incr(keys.following_version(event.follower))
+        # New versions (never a value seen before, even after Redis lost its data): every
+        # cache of the followee's followers or of the follower's followees reloads.
+        self._bump(keys=[keys.graph_version(event.followee)], args=[new_token()], client=pipe)
+        self._bump(keys=[keys.following_version(event.follower)], args=[new_token()], client=pipe)
         pipe.sismember(keys.big_accounts, event.followee)
         # Gateways holding the follower re-read whose actor channels to follow (never forwarded).
         pipe.publish(keys.channel(event.follower), keys.CONTROL_FOLLOWING)
@@ -272,57 +383,102 @@ class Processor:
         # Whatever the order the two events were applied in, the graph holds the later one:
         # backfill or clean up according to the graph, not to this event alone.
         following = self._graph.is_following(event.follower, event.followee)
-        if following and not followee_is_big:  # a big account's outbox is merged at read time
-            self._backfill_follow(event.follower, event.followee, stats)
-        else:
+        if not following:
             self._remove_followee(event.follower, event.followee, stats)
+        elif not followee_is_big:
+            self._backfill_follow(event.follower, event.followee, stats)
+        # A big account followed: its outbox is merged at read time, so there is nothing to copy,
+        # and what the follower already has from it (fanned out before it became big, or
+        # addressed to them) stays.
 
     def _backfill_follow(self, follower: str, followee: str, stats: BatchStats) -> None:
+        """Copy the followee's newest ``follow_backfill`` activities into the follower's timeline.
+
+        The follower is recorded as a recipient of each (``backfilled``) *before* the timelines
+        are written, so a Delete that runs at any moment afterwards reaches them; an activity
+        deleted meanwhile has no body any more (skipped) or a deleted marker (the script skips
+        it). Bodies are read in chunks of ``BODIES_CHUNK`` ids.
+        """
         if self._backfill <= 0:
             return
         members = self._history.outbox(followee, self._backfill)
         if not members:
             return
-        split = [split_order_key(m) for m in members]
-        bodies = self._history.bodies([activity_id for _, activity_id in split])
-        inserts = [
-            Insert(m, activity_id, bodies[activity_id], (follower,))
-            for m, (_, activity_id) in zip(members, split, strict=True)
-            if activity_id in bodies
-        ]
         # Oldest first, so the follower's stream receives them in timeline order.
-        inserted, pushed = self._timelines.insert(inserts[::-1])
-        stats.inserted += inserted
-        stats.pushed += pushed
-        if self._history_timelines:
-            stats.history_rows += self._history.write_timeline_rows(
-                (follower, ts, activity_id, followee)
-                for (ts, activity_id) in split
-                if activity_id in bodies
+        members.reverse()
+        for start in range(0, len(members), BODIES_CHUNK):
+            chunk = [split_order_key(m) for m in members[start : start + BODIES_CHUNK]]
+            bodies = self._history.bodies([activity_id for _, activity_id in chunk])
+            live = [(ts, activity_id) for ts, activity_id in chunk if activity_id in bodies]
+            if not live:
+                continue
+            self._history.add_backfilled((activity_id, follower) for _, activity_id in live)
+            inserted, pushed = self._timelines.insert(
+                [
+                    Insert(order_key(ts, aid), aid, bodies[aid], (follower,))
+                    for ts, aid in live
+                ]
             )
+            stats.inserted += inserted
+            stats.pushed += pushed
+            if self._history_timelines:
+                stats.history_rows += self._history.write_timeline_rows(
+                    (follower, ts, activity_id, followee) for ts, activity_id in live
+                )
 
     def _remove_followee(self, follower: str, followee: str, stats: BatchStats) -> None:
         """Remove the followee's activities from the follower's timeline, except the ones
-        addressed to the follower directly (``to``): those stay, as they would without a follow."""
-        members = self._history.outbox(followee, _UNFOLLOW_SCAN)
-        if not members:
-            return
-        split = [split_order_key(m) for m in members]
-        bodies = self._history.bodies([activity_id for _, activity_id in split])
-        keep = {
-            activity_id
-            for activity_id, body in bodies.items()
-            if follower.encode() in body and follower in _addressees(body)
-        }
-        gone = [
-            (m, ts, activity_id)
-            for m, (ts, activity_id) in zip(members, split, strict=True)
-            if activity_id not in keep
-        ]
-        self._timelines.remove([Removal(m, activity_id, (follower,)) for m, _, activity_id in gone])
-        self._history.remove_from_timelines(
-            (follower, ts, activity_id) for _, ts, activity_id in gone
-        )
+        addressed to the follower directly (``to``): those stay, as they would without a follow.
+
+        The followee's newest ``_UNFOLLOW_SCAN`` activities are read page by page (keyset paging
+        on the outbox, ``_UNFOLLOW_PAGE`` ids and their bodies at a time), so memory stays bounded
+        whatever the outbox holds. A read that times out is tried again with a quarter of the
+        page (down to ``_UNFOLLOW_MIN_PAGE``), from the same position: a page too large to read in
+        time does not stop the partition. Only a timeout of the smallest page is raised (the
+        worker treats it as an outage and retries the event, which is idempotent).
+        """
+        before: str | None = None
+        scanned = 0
+        size = _UNFOLLOW_PAGE
+        while scanned < _UNFOLLOW_SCAN:
+            wanted = min(size, _UNFOLLOW_SCAN - scanned)
+            try:
+                members = self._history.outbox(followee, wanted, before)
+                split = [split_order_key(m) for m in members]
+                bodies = self._history.bodies([activity_id for _, activity_id in split])
+            except _READ_TIMEOUTS as exc:
+                if size <= _UNFOLLOW_MIN_PAGE:
+                    raise
+                size = max(_UNFOLLOW_MIN_PAGE, size // 4)
+                log.warning(
+                    "unfollow: a page read timed out; reading smaller pages",
+                    followee=followee,
+                    page=size,
+                    error=type(exc).__name__,
+                )
+                continue
+            if not members:
+                return
+            keep = {
+                activity_id
+                for activity_id, body in bodies.items()
+                if follower.encode() in body and follower in _addressees(body)
+            }
+            gone = [
+                (m, ts, activity_id)
+                for m, (ts, activity_id) in zip(members, split, strict=True)
+                if activity_id not in keep
+            ]
+            self._timelines.remove(
+                [Removal(m, activity_id, (follower,)) for m, _, activity_id in gone]
+            )
+            self._history.remove_from_timelines(
+                (follower, ts, activity_id) for _, ts, activity_id in gone
+            )
+            scanned += len(members)
+            before = members[-1]
+            if len(members) < wanted:
+                return
 
 
 class _Addressed(msgspec.Struct):
@@ -336,16 +492,22 @@ def _addressees(body: bytes) -> list[str]:
     return _addressed.decode(body).to
 
 
-#: How many of a followee's newest activities an unfollow removes from the follower's timeline.
+#: How many of a followee's newest activities an unfollow removes from the follower's timeline,
+#: and how many it reads at a time (a page's bodies are one ``IN`` query), and at the least.
 _UNFOLLOW_SCAN = 10_000
+_UNFOLLOW_PAGE = 500
+_UNFOLLOW_MIN_PAGE = 20
+#: Read errors after which an unfollow tries a smaller page (the query, not the store, may be the
+#: problem: too many ids for the timeout).
+_READ_TIMEOUTS: tuple[type[BaseException], ...] = (ReadTimeout, OperationTimedOut)
+#: How long a create's claim of a new id lives at most (it is released once the activity row is
+#: written; the TTL only ends claims of workers that died in between).
+_CLAIM_TTL_S = 600
 
 
-def _tombstone(activity_id: str) -> str:
-    return f"x:{activity_id}"
-
-
-def _recipients(activity: Activity, followers: tuple[str, ...]) -> tuple[str, ...]:
-    if not activity.to:
+def _recipients(to: Sequence[str], followers: tuple[str, ...]) -> tuple[str, ...]:
+    """The followers, then the ``to`` users who are not followers (each once)."""
+    if not to:
         return followers
     known = set(followers)
-    return followers + tuple(u for u in dict.fromkeys(activity.to) if u not in known)
+    return followers + tuple(u for u in dict.fromkeys(to) if u not in known)

@@ -5,7 +5,11 @@ Cassandra write for the batch succeeded and every DLQ record is in the broker; e
 idempotent, so a replay after a crash changes nothing a user can see.
 
 Failure handling:
-* undecodable records go to the DLQ at once, and the worker carries on;
+* undecodable records go to the DLQ at once, and the worker carries on; a record of any size
+  the broker accepts is copied there (truncated when too large to copy, see ``fanout.dlq``);
+* a DLQ that cannot be written (topic missing, broker down or refusing, local queue full) is an
+  outage like a store's: consumption pauses and the DLQ write is retried with the same backoff,
+  indefinitely; offsets are never committed past a record whose DLQ copy is not in the broker;
 * a store outage (connection errors, timeouts) pauses consumption and retries the batch with
   exponential backoff and jitter (capped at ``_MAX_BACKOFF_S``), indefinitely, keeping the group
   membership: the backlog stays in Kafka and drains when the store returns. Nothing is sent to the
@@ -38,13 +42,13 @@ import redis
 from cassandra import OperationTimedOut, ReadTimeout, Unavailable, WriteTimeout
 from cassandra.cluster import NoHostAvailable
 from cassandra.connection import ConnectionException
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from fanout.dlq import DeadLetters
+from fanout.dlq import DeadLetters, DeadLetterUnavailable, dead_letter_producer_config
 from fanout.followers import FollowerCache
 from fanout.metrics import WorkerMetrics
 from fanout.processor import BatchStats, Processor
-from feed.kafka import consumer_config, producer_config
+from feed.kafka import KafkaUnavailable, consumer_config
 from feed.lag import measure_lag
 from feed.logging import get_logger
 from feed.settings import Settings
@@ -76,6 +80,8 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (
 _MAX_BACKOFF_S = 15.0
 _PROBE_EVERY_S = 1.0
 _LAG_EVERY_S = 5.0
+#: How long one attempt waits for the broker to acknowledge the DLQ records.
+_DLQ_FLUSH_S = 5.0
 
 
 @dataclass(slots=True)
@@ -213,7 +219,9 @@ class Worker:
             return
         try:
             self._processor.complete(batch.stats)
+            self._finish(batch, retry=False)
         except Exception as exc:
+            # The Redis write, or the DLQ write (its records are kept and sent again), failed.
             kept = {tp: o for tp, o in batch.offsets.items() if keep and tp in keep}
             log.warning(
                 "batch in flight not written",
@@ -225,8 +233,6 @@ class Worker:
                 batch.offsets = kept
                 batch.first = {tp: batch.first[tp] for tp in kept}
                 self._pending = batch
-            return
-        self._finish(batch)
 
     def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         self._assignment |= {(p.topic, p.partition) for p in partitions}
@@ -281,16 +287,25 @@ class Worker:
         stats = self._apply(messages, events, defer=True)
         return _Batch(messages, events, offsets, first, stats, dlq, started)
 
-    def _finish(self, batch: _Batch) -> None:
+    def _finish(self, batch: _Batch, *, retry: bool = True) -> None:
         """Wait for the batch's Redis write (retrying like any store call), dead-letter its
-        rejected records, and commit."""
-        stats = self._complete(batch)
-        messages, offsets, first, dlq = batch.messages, batch.offsets, batch.first, batch.dlq
+        rejected records, wait until every DLQ record is in the broker (retrying like a store
+        call), and commit.
+
+        ``retry=False``: one attempt at the DLQ write; :class:`DeadLetterUnavailable` if it fails
+        (the batch is not committed; its DLQ records are kept and sent again)."""
+        stats = batch.stats = self._complete(batch)
+        messages, offsets, first = batch.messages, batch.offsets, batch.first
         self._seen_down = False
         for index, rejected in stats.rejected:
-            dlq += 1
-            self._dead_letter(messages[index], rejected.code, str(rejected), "", 1)
-        self._dlq.flush()
+            batch.dlq += 1
+            self._dead_letter(messages[index], rejected.code, str(rejected), rejected.field, 1)
+        stats.rejected.clear()  # sent: a second call (after a failed DLQ write) sends no copy
+        dlq = batch.dlq
+        if retry:
+            self._flush_dead_letters()
+        else:
+            self._dlq.flush(_DLQ_FLUSH_S)
         if self._after_apply is not None:
             self._after_apply()
         self._commit(offsets)
@@ -364,6 +379,19 @@ class Worker:
                 log.exception("batch keeps failing: applying record by record")
                 return fallback()
 
+    def _flush_dead_letters(self) -> None:
+        """Wait until every DLQ record is in the broker: a DLQ that cannot be written is an
+        outage, waited out like a store's (consumption paused, backoff, never given up)."""
+        attempt = 0
+        while True:
+            try:
+                self._dlq.flush(_DLQ_FLUSH_S)
+                return
+            except DeadLetterUnavailable as exc:
+                attempt += 1
+                self._metrics.errors.labels(kind="dlq_unavailable").inc()
+                self._back_off(attempt, exc, what="dead-letter write failed")
+
     def _apply_one_by_one(
         self, messages: Sequence[Any], events: list[tuple[int, Activity | FollowEvent]]
     ) -> BatchStats:
@@ -391,7 +419,9 @@ class Worker:
                 break
         return total
 
-    def _back_off(self, attempt: int, exc: BaseException) -> None:
+    def _back_off(
+        self, attempt: int, exc: BaseException, *, what: str = "store call failed"
+    ) -> None:
         """Wait before the next attempt: exponential (capped) with jitter, consumption paused.
 
         The consumer keeps being polled (group membership, rebalances) and the lag keeps being
@@ -402,7 +432,7 @@ class Worker:
             raise _Stopping from exc
         delay = min(_MAX_BACKOFF_S, 0.1 * 2 ** min(attempt, 10)) * random.uniform(0.5, 1.0)
         log.warning(
-            "store call failed; pausing consumption",
+            f"{what}; pausing consumption",
             attempt=attempt,
             error=type(exc).__name__,
             detail=str(exc)[:300],
@@ -485,7 +515,7 @@ class Worker:
                 timeout=2.0,
                 consumer=self._consumer,
             )
-        except KafkaException as exc:
+        except (KafkaException, KafkaUnavailable) as exc:
             log.warning("lag measurement failed", error=str(exc))
             return
         for row in lag.partitions:
@@ -561,7 +591,9 @@ def build_worker(
         tombstone_ttl_s=settings.body_ttl_days * 86_400,
     )
     consumer = Consumer(consumer_config(settings))
-    dead_letters = DeadLetters(Producer(producer_config(settings)), settings.topic_dlq)
+    dead_letters = DeadLetters.from_config(
+        dead_letter_producer_config(settings), settings.topic_dlq
+    )
     return Worker(
         settings,
         consumer=consumer,

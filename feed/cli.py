@@ -1,18 +1,29 @@
-"""The ``feed`` command. The only module that reads ``os.environ`` (into :class:`Settings`)."""
+"""The ``feed`` command. The only module that reads ``os.environ`` (into :class:`Settings`).
+
+A command that cannot reach what it needs (Kafka, Cassandra) exits with code 1 within a bounded
+time (``--timeout``, or ``--wait`` for ``migrate``), printing one line on stderr that names the
+command and what it could not reach (addresses only: never a secret), no traceback and no client
+library log lines.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import msgspec
 
 from feed.settings import Settings, SettingsError
 
 __all__ = ["main"]
+
+#: Default bound, in seconds, on how long a one-shot command waits for Kafka.
+DEFAULT_TIMEOUT_S = 5.0
 
 
 def _settings() -> Settings:
@@ -29,27 +40,100 @@ def _logging(settings: Settings) -> None:
     configure(settings.log_level, settings.log_format)
 
 
-def cmd_migrate(args: argparse.Namespace) -> int:
-    from cassandra.cluster import NoHostAvailable
+def _fail(command: str, message: str) -> int:
+    """One line on stderr, ``feed <command>: <message>``; exit code 1."""
+    line = " ".join(message.split())
+    print(f"feed {command}: {line[:1000]}", file=sys.stderr)
+    return 1
 
-    from feed.kafka import create_topics
+
+def _kafka_error(exc: BaseException) -> str:
+    """The broker's own words for ``exc`` (a ``KafkaError``'s text, not its repr)."""
+    from confluent_kafka import KafkaError
+
+    error = exc.args[0] if exc.args else exc
+    return error.str() if isinstance(error, KafkaError) else str(error)
+
+
+def _cassandra_address(settings: Settings) -> str:
+    return ",".join(f"{host}:{settings.cassandra_port}" for host in settings.cassandra_hosts)
+
+
+@contextlib.contextmanager
+def _driver_quiet() -> Iterator[None]:
+    """Keep the Cassandra driver's own log lines (tracebacks of refused connections) off
+    stderr while connecting: the caller reports a failure itself, in one line."""
+    driver = logging.getLogger("cassandra")
+    level = driver.level
+    driver.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        driver.setLevel(level)
+
+
+def _positive_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {raw!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {raw}")
+    return value
+
+
+def _positive_seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {raw!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 3600 s, got {raw}")
+    return value
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from cassandra import OperationTimedOut
+    from cassandra.cluster import NoHostAvailable
+    from confluent_kafka import KafkaException
+
+    from feed.kafka import create_topics, is_unreachable
     from feed.stores import create_schema, open_cassandra
 
     settings = _settings()
     _logging(settings)
-    deadline = time.monotonic() + args.wait
+    started = time.monotonic()
+    deadline = started + max(0.0, args.wait)
+    kafka, cassandra = settings.kafka_bootstrap, _cassandra_address(settings)
     while True:
+        # Each attempt waits at most 5 s, and never much past the deadline.
+        attempt = max(1.0, min(5.0, deadline - time.monotonic()))
+        problem: str | None = None
         try:
-            created = create_topics(settings, timeout=10)
-            session = open_cassandra(settings, keyspace=False)
-            break
-        except (NoHostAvailable, OSError, Exception) as exc:
-            if time.monotonic() > deadline:
-                print(f"feed migrate: dependencies not reachable: {exc}", file=sys.stderr)
-                return 1
-            time.sleep(1)
+            created = create_topics(settings, timeout=attempt)
+        except (KafkaException, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError) or is_unreachable(exc):
+                problem = f"cannot reach Kafka at {kafka} within {{s}}"
+            else:
+                problem = f"Kafka at {kafka} did not create the topics: {_kafka_error(exc)}"
+        if problem is None:
+            try:
+                with _driver_quiet():
+                    session = open_cassandra(settings, keyspace=False, timeout=attempt)
+                break
+            except (NoHostAvailable, OperationTimedOut, OSError):
+                problem = f"cannot reach Cassandra at {cassandra} within {{s}}"
+        if time.monotonic() >= deadline:
+            elapsed = f"{time.monotonic() - started:.0f} s"
+            return _fail("migrate", problem.replace("{s}", elapsed))
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
     try:
-        create_schema(session, settings.cassandra_keyspace, settings.cassandra_replication_factor)
+        with _driver_quiet():
+            create_schema(
+                session, settings.cassandra_keyspace, settings.cassandra_replication_factor
+            )
+    except Exception as exc:
+        return _fail("migrate", f"Cassandra at {cassandra} did not take the schema: {exc}")
     finally:
         session.cluster.shutdown()
     print(f"topics created: {', '.join(created) or 'none (all present)'}")
@@ -58,10 +142,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_fanout(_args: argparse.Namespace) -> int:
-    import redis
-    from confluent_kafka.admin import AdminClient
+    from cassandra import OperationTimedOut
+    from cassandra.cluster import NoHostAvailable
 
-    from fanout.http import serve_worker_http
+    from fanout.http import serve_worker_http, worker_checks
     from fanout.metrics import WorkerMetrics
     from fanout.worker import build_worker, install_signal_handlers
     from feed.logging import get_logger
@@ -69,23 +153,26 @@ def cmd_fanout(_args: argparse.Namespace) -> int:
     settings = _settings()
     _logging(settings)
     metrics = WorkerMetrics()
-    worker = build_worker(settings, metrics)
-    probe = redis.Redis.from_url(settings.redis_url, socket_timeout=2)
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    try:
+        with _driver_quiet():
+            worker = build_worker(settings, metrics)
+    except (NoHostAvailable, OperationTimedOut):
+        # Kafka and Redis outages are waited out by the running worker; the driver needs one
+        # Cassandra node at start.
+        return _fail("fanout", f"cannot reach Cassandra at {_cassandra_address(settings)}")
     session = worker._processor._history.session
 
-    server = serve_worker_http(
-        settings.worker_metrics_host,
-        settings.worker_metrics_port,
-        metrics.registry,
-        {
-            "redis": lambda: bool(probe.ping()),
-            "cassandra": lambda: (
-                session.execute("SELECT now() FROM system.local", timeout=2) is not None
-            ),
-            "kafka": lambda: bool(admin.list_topics(timeout=2).topics),
-        },
-    )
+    try:
+        server = serve_worker_http(
+            settings.worker_metrics_host,
+            settings.worker_metrics_port,
+            metrics.registry,
+            worker_checks(settings.redis_url, settings.kafka_bootstrap, session),
+        )
+    except OSError as exc:
+        session.cluster.shutdown()
+        address = f"{settings.worker_metrics_host}:{settings.worker_metrics_port}"
+        return _fail("fanout", f"cannot listen on {address}: {exc.strerror or exc}")
     get_logger("fanout").info("worker http", port=server.server_address[1])
     install_signal_handlers(worker.stop)
     worker.run()
@@ -122,13 +209,23 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_lag(args: argparse.Namespace) -> int:
+    from confluent_kafka import KafkaException
+
+    from feed.kafka import KafkaUnavailable
     from feed.lag import desired_replicas, measure_lag
 
     settings = _settings()
     _logging(settings)
     topics = [settings.topic_activities, settings.topic_follows]
     while True:
-        lag = measure_lag(settings.kafka_bootstrap, settings.kafka_group, topics)
+        try:
+            lag = measure_lag(
+                settings.kafka_bootstrap, settings.kafka_group, topics, timeout=args.timeout
+            )
+        except KafkaUnavailable as exc:
+            return _fail("lag", str(exc))
+        except KafkaException as exc:
+            return _fail("lag", f"Kafka at {settings.kafka_bootstrap}: {_kafka_error(exc)}")
         if args.json:
             sys.stdout.write(msgspec.json.encode(lag).decode() + "\n")
             return 0
@@ -161,24 +258,43 @@ def cmd_lag(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
+    from confluent_kafka import KafkaException
+
     from fanout.dlq import read_dead_letters, replay_dead_letters
+    from feed.kafka import KafkaUnavailable
 
     settings = _settings()
     _logging(settings)
-    if args.action == "replay":
-        replayed = replay_dead_letters(
-            settings.kafka_bootstrap,
-            settings.topic_dlq,
-            group=settings.kafka_group + "-dlq-replay",
-            limit=args.limit,
-            code=args.code,
+    command = f"dlq {args.action}"
+    bootstrap = settings.kafka_bootstrap
+    try:
+        if args.action == "replay":
+            result = replay_dead_letters(
+                bootstrap,
+                settings.topic_dlq,
+                group=settings.kafka_group + "-dlq-replay",
+                limit=args.limit,
+                code=args.code,
+                timeout=args.timeout,
+            )
+            line = f"replayed {len(result.replayed)} record(s) to their origin topics"
+            if result.truncated:
+                line += (
+                    f"; passed over {len(result.truncated)} truncated record(s) "
+                    "(the DLQ holds only their first bytes)"
+                )
+            print(line)
+            return 0
+        records, consumer = read_dead_letters(
+            bootstrap, settings.topic_dlq, group=None, limit=args.limit, timeout=args.timeout
         )
-        print(f"replayed {len(replayed)} record(s) to their origin topics")
-        return 0
-    records, consumer = read_dead_letters(
-        settings.kafka_bootstrap, settings.topic_dlq, group=None, limit=args.limit
-    )
-    consumer.close()
+        consumer.close()
+    except KafkaUnavailable as exc:
+        return _fail(command, str(exc))
+    except LookupError as exc:
+        return _fail(command, f"{exc.args[0]} (feed migrate creates it)")
+    except KafkaException as exc:
+        return _fail(command, f"Kafka at {bootstrap}: {_kafka_error(exc)}")
     for record in records:
         if args.code is not None and record.headers.get("feed.error") != args.code:
             continue
@@ -186,11 +302,16 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             sys.stdout.write(msgspec.json.encode(record.as_dict()).decode() + "\n")
         else:
             h = record.headers
+            cut = (
+                f" [truncated from {h.get('feed.original.size')} bytes]"
+                if record.truncated
+                else ""
+            )
             print(
                 f"{record.partition}/{record.offset} {h.get('feed.error')} "
                 f"field={h.get('feed.error.field') or '-'} attempts={h.get('feed.attempts')} "
                 f"from={h.get('feed.origin.topic')}/{h.get('feed.origin.partition')}/"
-                f"{h.get('feed.origin.offset')}: {h.get('feed.error.message')}"
+                f"{h.get('feed.origin.offset')}: {h.get('feed.error.message')}{cut}"
             )
     return 0
 
@@ -226,16 +347,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lag", help="consumer lag of the fan-out group")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--watch", action="store_true", help="refresh the table")
-    p.add_argument("--interval", type=float, default=2.0)
-    p.add_argument("--lag-threshold", type=int, default=1000)
-    p.add_argument("--max-replicas", type=int, default=16)
+    p.add_argument("--interval", type=_positive_seconds, default=2.0)
+    p.add_argument("--lag-threshold", type=_positive_int, default=1000)
+    p.add_argument("--max-replicas", type=_positive_int, default=16)
+    p.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds to wait for Kafka before failing (default 5)",
+    )
     p.set_defaults(func=cmd_lag)
 
     p = sub.add_parser("dlq", help="list or replay dead-lettered records")
     p.add_argument("action", choices=["list", "replay"])
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--limit", type=_positive_int, default=100)
     p.add_argument("--code", default=None, help="only records with this feed.error code")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds to wait for Kafka before failing (default 5)",
+    )
     p.set_defaults(func=cmd_dlq)
 
     p = sub.add_parser("dev", help="the whole local stack with demo traffic and a live page")

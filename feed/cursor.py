@@ -15,6 +15,8 @@ import base64
 import binascii
 import re
 
+from schemas.activity import is_valid_id
+
 __all__ = [
     "CursorError",
     "StreamCursor",
@@ -26,7 +28,12 @@ __all__ = [
 ]
 
 _TS_DIGITS = 16
-_STREAM = re.compile(r"^(?P<epoch>[a-z0-9]{1,16})\.(?P<seq>\d{1,18})$")
+# Every parser below matches the whole string (``fullmatch``: no "$" that also matches before a
+# trailing newline) with ASCII classes only (never ``\d`` or ``str.isdigit``, which accept other
+# scripts' digits and superscripts).
+_ORDER_KEY = re.compile(rf"(?P<ts>[0-9]{{{_TS_DIGITS}}}):(?P<id>.+)", re.DOTALL)
+_STREAM = re.compile(r"(?P<epoch>[a-z0-9]{1,16})\.(?P<seq>[0-9]{1,18})")
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class CursorError(ValueError):
@@ -41,10 +48,12 @@ def order_key(published_us: int, activity_id: str) -> str:
 
 
 def split_order_key(key: str) -> tuple[int, str]:
-    ts, sep, activity_id = key.partition(":")
-    if not sep or len(ts) != _TS_DIGITS or not ts.isdigit() or not activity_id:
+    """(published µs, activity id) of a timeline member; CursorError unless ``key`` is exactly
+    16 ASCII digits, a colon and a non-empty id."""
+    match = _ORDER_KEY.fullmatch(key)
+    if match is None:
         raise CursorError("malformed timeline key")
-    return int(ts), activity_id
+    return int(match["ts"]), match["id"]
 
 
 def encode_position(key: str) -> str:
@@ -52,15 +61,23 @@ def encode_position(key: str) -> str:
 
 
 def decode_position(cursor: str) -> str:
-    """Return the order key inside a position cursor; raise CursorError if it is not one."""
-    if not cursor.startswith("p") or len(cursor) > 400:
+    """Return the order key inside a position cursor; raise CursorError if it is not one.
+
+    Only what :func:`encode_position` issues is accepted: ``p`` and unpadded URL-safe base64
+    (no other character, and the one canonical encoding of the key) of an order key whose id is
+    a valid activity id (1-128 characters, no whitespace or control character)."""
+    if len(cursor) > 400 or not cursor.startswith("p"):
         raise CursorError("not a feed cursor")
     body = cursor[1:]
+    if _BASE64URL.fullmatch(body) is None:
+        raise CursorError("not a feed cursor")
     try:
         key = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise CursorError("not a feed cursor") from None
-    split_order_key(key)
+    _ts, activity_id = split_order_key(key)
+    if encode_position(key) != cursor or not is_valid_id(activity_id):
+        raise CursorError("not a feed cursor")
     return key
 
 
@@ -90,7 +107,9 @@ class StreamCursor:
 
 
 def decode_stream(cursor: str) -> StreamCursor:
-    match = _STREAM.match(cursor)
-    if not match:
+    """The stream position in ``cursor``: exactly ``<1-16 of a-z0-9>.<1-18 ASCII digits>``,
+    else CursorError."""
+    match = _STREAM.fullmatch(cursor)
+    if match is None:
         raise CursorError("not a stream cursor")
-    return StreamCursor(match.group("epoch"), int(match.group("seq")))
+    return StreamCursor(match["epoch"], int(match["seq"]))

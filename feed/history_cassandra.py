@@ -2,16 +2,27 @@
 
 Guarantees:
 
-* **Idempotent.** Every row's primary key is derived from the activity (id, published µs) and the
-  user, so a replayed write overwrites the same row.
+* **The activity row is the durable owner record.** An id's row (actor, ``published``, body) is
+  written once, by the first create of the id (the fan-out decides which one: a Redis claim plus
+  :meth:`CassandraHistory.stored_many`, see ``fanout.processor``), and is never overwritten.
+  Both are written and read at ``LOCAL_QUORUM``.
+* **Deletes are durable.** A deleted activity keeps its row (actor, ``published``) with
+  ``deleted = true`` and no body, so a replayed create of its id stays deleted, whatever Redis
+  lost, and its owner stays its owner.
+* **Idempotent.** Every other row's primary key is derived from the activity (id, published µs)
+  and the user, so a replayed write overwrites the same row.
 * **Ordered like Redis.** Timelines cluster by ``(ts DESC, id DESC)``, the same order as the Redis
   order keys, so a page can continue from Redis into Cassandra at the same position.
 * **Batched.** Every write goes in UNLOGGED batches (INFRA.md: ~10x the throughput of single-row
   inserts), bounded in rows and in bytes (under Cassandra's default 50 KiB batch fail threshold),
   with bounded concurrency. A batch is not atomic across partitions; a failed call is retried as
   a whole, which is safe because writes are idempotent.
-* **One cell for the recipients.** Who an activity reached is one blob on the activity's row,
-  not a row per follower: fan-out writes one extra cell per activity, and a Delete reads one.
+* **One cell for the recipients.** Who an activity reached by fan-out is one blob on the
+  activity's row, not a row per follower: fan-out writes one extra cell per activity, and a Delete
+  reads one. Followers who got it later, from a follow's backfill, are rows of ``backfilled``
+  (one per follower, written before the backfill reaches Redis), so a Delete reaches them too.
+* **Bounded reads.** Recipient lists and bodies are read in pages (``fetch_size``, chunks of
+  ``BODIES_CHUNK`` ids), never a whole partition or an unbounded ``IN`` at once.
 """
 
 from __future__ import annotations
@@ -19,19 +30,31 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from cassandra import ConsistencyLevel
 from cassandra.cluster import Session
 from cassandra.concurrent import execute_concurrent
 from cassandra.query import BatchStatement, BatchType
 
 from feed.cursor import order_key, split_order_key
 
-__all__ = ["CassandraHistory", "HistoryRecord"]
+__all__ = ["BODIES_CHUNK", "CassandraHistory", "HistoryRecord", "Stored"]
 
 #: Rows per UNLOGGED batch and batches in flight (INFRA.md measured 50-200 and 32 as good).
 BATCH_ROWS = 100
 CONCURRENCY = 32
 #: Bytes of bound values per batch: below Cassandra's default batch_size_fail_threshold (50 KiB).
 BATCH_BYTES = 40 * 1024
+#: Ids per ``IN`` query when reading a batch's stored activities (:meth:`stored_many`): measured
+#: on the 2-core reference machine (Cassandra 2.1), 500 new ids in chunks of 100 run concurrently
+#: took 19-30 ms, in one query 35-100 ms.
+OWNERSHIP_CHUNK = 100
+#: Who owns an id is written and read at LOCAL_QUORUM: with a replication factor above 1 a worker
+#: then always reads the row another worker wrote (QUORUM + QUORUM overlap).
+OWNERSHIP_CL = ConsistencyLevel.LOCAL_QUORUM
+#: Most ids in one ``IN`` query for bodies.
+BODIES_CHUNK = 500
+#: Rows per page when reading recipient rows.
+RECIPIENT_PAGE = 5000
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +68,21 @@ class HistoryRecord:
     users: Sequence[str]
 
 
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """What Cassandra holds for an activity id: its owner and order time (kept after a delete),
+    its body (``None`` once deleted) and whether it was deleted."""
+
+    actor: str
+    ts: int
+    body: bytes | None
+    deleted: bool
+
+    @property
+    def live(self) -> bool:
+        return not self.deleted and self.body is not None
+
+
 class CassandraHistory:
     def __init__(self, session: Session, keyspace: str) -> None:
         self._session = session
@@ -53,6 +91,16 @@ class CassandraHistory:
         self._put_activity = prepare(
             f"INSERT INTO {ks}.activities (id, actor, ts, body) VALUES (?, ?, ?, ?)"
         )
+        self._mark_deleted = prepare(
+            f"UPDATE {ks}.activities SET deleted = true, body = null WHERE id = ?"
+        )
+        self._mark_deleted.consistency_level = OWNERSHIP_CL
+        self._clear_recipients = prepare(
+            f"UPDATE {ks}.activities SET recipients = null WHERE id = ?"
+        )
+        self._put_backfilled = prepare(f"INSERT INTO {ks}.backfilled (id, user_id) VALUES (?, ?)")
+        self._get_backfilled = prepare(f"SELECT user_id FROM {ks}.backfilled WHERE id = ?")
+        self._del_backfilled = prepare(f"DELETE FROM {ks}.backfilled WHERE id = ?")
         self._put_outbox = prepare(f"INSERT INTO {ks}.outbox (actor, ts, id) VALUES (?, ?, ?)")
         self._put_timeline = prepare(
             f"INSERT INTO {ks}.timeline (user_id, ts, id, actor) VALUES (?, ?, ?, ?)"
@@ -62,10 +110,12 @@ class CassandraHistory:
             f"DELETE FROM {ks}.timeline WHERE user_id = ? AND ts = ? AND id = ?"
         )
         self._del_outbox = prepare(f"DELETE FROM {ks}.outbox WHERE actor = ? AND ts = ? AND id = ?")
-        self._del_activity = prepare(f"DELETE FROM {ks}.activities WHERE id = ?")
 
-        self._get_activity = prepare(f"SELECT actor, ts, body FROM {ks}.activities WHERE id = ?")
-        self._get_bodies = prepare(f"SELECT id, body FROM {ks}.activities WHERE id IN ?")
+        self._get_stored = prepare(
+            f"SELECT id, actor, ts, body, deleted FROM {ks}.activities WHERE id IN ?"
+        )
+        self._get_stored.consistency_level = OWNERSHIP_CL
+        self._get_bodies = prepare(f"SELECT id, body, deleted FROM {ks}.activities WHERE id IN ?")
         self._get_recipients = prepare(f"SELECT recipients FROM {ks}.activities WHERE id = ?")
         self._page_first = prepare(f"SELECT ts, id FROM {ks}.timeline WHERE user_id = ? LIMIT ?")
         self._page_after = prepare(
@@ -83,13 +133,21 @@ class CassandraHistory:
         return self._session
 
     # --- writes ------------------------------------------------------------------------------
-    def put_activities(self, records: Sequence[HistoryRecord]) -> None:
-        """Write the activities and their outbox rows (before followers are read: see fanout)."""
+    def put_activities(
+        self, records: Sequence[HistoryRecord], *, new: Iterable[str] | None = None
+    ) -> None:
+        """Write the records' outbox rows, and the activity rows of the ids in ``new`` (all of
+        them if ``new`` is None), before followers are read (see fanout). An id's activity row
+        is written once, by its first create (``fanout.processor``); replays write only the
+        outbox row again (same key, same values), which a write that failed half-way may lack.
+        Written at ``LOCAL_QUORUM``, read back at ``LOCAL_QUORUM`` by :meth:`stored_many`."""
+        fresh = None if new is None else set(new)
         rows: list[tuple[object, tuple[object, ...]]] = []
         for r in records:
-            rows.append((self._put_activity, (r.activity_id, r.actor, r.ts, r.body)))
+            if fresh is None or r.activity_id in fresh:
+                rows.append((self._put_activity, (r.activity_id, r.actor, r.ts, r.body)))
             rows.append((self._put_outbox, (r.actor, r.ts, r.activity_id)))
-        self._run(_batched(rows)[0])
+        self._run(_batched(rows, OWNERSHIP_CL)[0])
 
     def put_deliveries(self, records: Sequence[HistoryRecord], *, timelines: bool = True) -> int:
         """Write who each activity reached and (optionally) their timeline rows.
@@ -132,12 +190,30 @@ class CassandraHistory:
         statements, _ = _batched((self._del_timeline, row) for row in rows)
         self._run(statements)
 
-    def delete_activity(self, activity_id: str, actor: str, ts: int) -> None:
-        """Remove the activity itself (with its recipient list) and its outbox row."""
+    def add_backfilled(self, rows: Iterable[tuple[str, str]]) -> None:
+        """Record (activity_id, user) pairs: the user got the activity from a follow's backfill.
+        A Delete reaches them as it reaches the fan-out recipients. Idempotent."""
+        statements, _ = _batched((self._put_backfilled, row) for row in rows)
+        self._run(statements)
+
+    def mark_deleted(self, activity_id: str, actor: str, ts: int) -> None:
+        """First step of a delete: the row says ``deleted`` and loses its body (its owner and
+        ``published`` stay, so a later create of the id stays deleted), and the outbox row goes.
+        The recipients stay until :meth:`finish_delete`, so a delete that fails half-way and is
+        applied again still reaches everyone. Idempotent."""
         self._run(
             [
+                (self._mark_deleted, (activity_id,)),
                 (self._del_outbox, (actor, ts, activity_id)),
-                (self._del_activity, (activity_id,)),
+            ]
+        )
+
+    def finish_delete(self, activity_id: str) -> None:
+        """Last step of a delete, once every timeline is cleaned: forget the recipients."""
+        self._run(
+            [
+                (self._clear_recipients, (activity_id,)),
+                (self._del_backfilled, (activity_id,)),
             ]
         )
 
@@ -148,19 +224,56 @@ class CassandraHistory:
             )
 
     # --- reads -------------------------------------------------------------------------------
-    def activity(self, activity_id: str) -> tuple[str, int, bytes] | None:
-        """(actor, ts, body) of a stored activity, or None."""
-        row = self._session.execute(self._get_activity, (activity_id,)).one()
-        return None if row is None else (row.actor, row.ts, row.body)
+    def stored(self, activity_id: str) -> Stored | None:
+        """What the id holds (owner, order time, body, deleted), or None if never created."""
+        return self.stored_many([activity_id]).get(activity_id)
 
-    def recipients(self, activity_id: str, page_size: int = 5000) -> Iterator[list[str]]:
-        """Users an activity reached, in pages."""
+    def stored_many(self, activity_ids: Sequence[str]) -> dict[str, Stored]:
+        """What each id holds; ids never created are left out. ``IN`` queries of at most
+        ``OWNERSHIP_CHUNK`` ids, run concurrently (one round trip for a batch's ids)."""
+        ids = list(dict.fromkeys(activity_ids))
+        if not ids:
+            return {}
+        chunks = [ids[i : i + OWNERSHIP_CHUNK] for i in range(0, len(ids), OWNERSHIP_CHUNK)]
+        results = execute_concurrent(
+            self._session,
+            [(self._get_stored, (chunk,)) for chunk in chunks],
+            concurrency=CONCURRENCY,
+            raise_on_first_error=True,
+        )
+        out: dict[str, Stored] = {}
+        for _ok, rows in results:
+            for row in rows:
+                if row.actor is not None:
+                    out[row.id] = Stored(row.actor, row.ts, row.body, bool(row.deleted))
+        return out
+
+    def activity(self, activity_id: str) -> tuple[str, int, bytes] | None:
+        """(actor, ts, body) of a stored, not deleted activity, or None."""
+        stored = self.stored(activity_id)
+        if stored is None or not stored.live:
+            return None
+        assert stored.body is not None
+        return (stored.actor, stored.ts, stored.body)
+
+    def recipients(self, activity_id: str, page_size: int = RECIPIENT_PAGE) -> Iterator[list[str]]:
+        """Users an activity reached (by fan-out, then by backfill), in pages of at most
+        ``page_size``. A user may appear in both parts."""
         row = self._session.execute(self._get_recipients, (activity_id,)).one()
-        if row is None or not row.recipients:
-            return
-        users = row.recipients.decode().split("\n")
-        for start in range(0, len(users), page_size):
-            yield users[start : start + page_size]
+        if row is not None and row.recipients:
+            users = row.recipients.decode().split("\n")
+            for start in range(0, len(users), page_size):
+                yield users[start : start + page_size]
+        statement = self._get_backfilled
+        statement.fetch_size = page_size
+        result = self._session.execute(statement, (activity_id,))
+        while True:
+            rows = result.current_rows
+            if rows:
+                yield [r.user_id for r in rows]
+            if not result.has_more_pages:
+                return
+            result.fetch_next_page()
 
     def page_timeline(self, user: str, before: str | None, limit: int) -> list[str]:
         """Order keys of the user's timeline strictly older than ``before``, newest first."""
@@ -188,30 +301,52 @@ class CassandraHistory:
         return {row.user_id for row in self._session.execute(self._all_big)}
 
     def bodies(self, activity_ids: Sequence[str]) -> dict[str, bytes]:
-        """Bodies by activity id (ids with no stored activity are left out)."""
-        if not activity_ids:
-            return {}
-        rows = self._session.execute(self._get_bodies, (list(activity_ids),))
-        return {row.id: row.body for row in rows}
+        """Bodies by activity id; ids with no stored or a deleted activity are left out. Read in
+        ``IN`` queries of at most ``BODIES_CHUNK`` ids."""
+        out: dict[str, bytes] = {}
+        ids = list(dict.fromkeys(activity_ids))
+        for start in range(0, len(ids), BODIES_CHUNK):
+            rows = self._session.execute(self._get_bodies, (ids[start : start + BODIES_CHUNK],))
+            out.update((row.id, row.body) for row in rows if row.body and not row.deleted)
+        return out
+
+
+def _encoded_size(value: object) -> int:
+    """Bytes ``value`` takes bound: UTF-8 bytes of a string (ids may be any Unicode: a CJK
+    character is 3 bytes), the length of a blob, 8 for a number."""
+    if isinstance(value, str):
+        return len(value) if value.isascii() else len(value.encode())
+    if isinstance(value, bytes):
+        return len(value)
+    return 8
 
 
 def _batched(
     rows: Iterable[tuple[object, tuple[object, ...]]],
+    consistency: int | None = None,
 ) -> tuple[list[tuple[object, object]], int]:
     """Group (prepared statement, values) into UNLOGGED batches of at most ``BATCH_ROWS`` rows and
-    ``BATCH_BYTES`` bytes of values; a row larger than that on its own is sent alone."""
+    ``BATCH_BYTES`` bytes of bound values (strings counted in UTF-8 bytes, not characters); a row
+    larger than that on its own is sent alone (bound, at ``consistency`` if given)."""
     statements: list[tuple[object, object]] = []
-    batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+
+    def new_batch() -> BatchStatement:
+        return BatchStatement(batch_type=BatchType.UNLOGGED, consistency_level=consistency)
+
+    batch = new_batch()
     size = count = 0
     for statement, values in rows:
-        row_bytes = sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in values)
+        row_bytes = sum(_encoded_size(v) for v in values)
         count += 1
         if row_bytes > BATCH_BYTES:
-            statements.append((statement, values))
+            alone = statement.bind(values)  # type: ignore[attr-defined]
+            if consistency is not None:
+                alone.consistency_level = consistency
+            statements.append((alone, None))
             continue
         if len(batch) and (len(batch) >= BATCH_ROWS or size + row_bytes > BATCH_BYTES):
             statements.append((batch, None))
-            batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+            batch = new_batch()
             size = 0
         batch.add(statement, values)
         size += row_bytes

@@ -22,12 +22,45 @@ __all__ = [
     "KafkaUnavailable",
     "consumer_config",
     "create_topics",
+    "is_unreachable",
     "producer_config",
+    "quiet",
 ]
 
 
 class KafkaUnavailable(RuntimeError):
-    """The broker did not accept a record in time."""
+    """The broker did not answer, or did not accept a record, in time. The message is one line
+    that names the broker (``bootstrap.servers``: no credentials)."""
+
+
+#: Error codes that mean "the broker did not answer" rather than "the broker said no".
+_UNREACHABLE = frozenset(
+    {
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._TIMED_OUT,
+        KafkaError._TIMED_OUT_QUEUE,
+        KafkaError._MSG_TIMED_OUT,
+        KafkaError._RESOLVE,
+        KafkaError._WAIT_COORD,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.NETWORK_EXCEPTION,
+    }
+)
+
+
+def is_unreachable(exc: KafkaException) -> bool:
+    """Whether ``exc`` says that Kafka did not answer (in time)."""
+    error = exc.args[0] if exc.args else None
+    return not isinstance(error, KafkaError) or error.code() in _UNREACHABLE
+
+
+def quiet(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` for a client of a one-shot command: librdkafka logs nothing of its own (its
+    errors reach the caller as exceptions and timeouts, reported as one line)."""
+    return {**config, "log_level": 0}
 
 
 def producer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
@@ -61,14 +94,20 @@ def consumer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
         # latency at low rates: 10 ms measured p50 3 ms publish->consume there, against 10 ms
         # at 50 ms. Kafka itself answers as soon as data arrives, so this only sets idle polling.
         "fetch.wait.max.ms": 10,
+        # A record the broker accepted must be fetchable, whatever its size: a fetch response
+        # over this limit (default 100 MB) is dropped and asked for again forever, stalling
+        # every partition fetched over that connection. librdkafka's maximum.
+        "receive.message.max.bytes": 2_147_483_647,
     }
     config.update(extra)
     return config
 
 
 def create_topics(settings: Settings, *, timeout: float = 30.0) -> list[str]:
-    """Create the contract's topics if missing. Returns the names created now. Idempotent."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    """Create the contract's topics if missing. Returns the names created now. Idempotent.
+
+    Each request waits at most ``timeout`` s (``KafkaException`` / ``TimeoutError`` past it)."""
+    admin = AdminClient(quiet({"bootstrap.servers": settings.kafka_bootstrap}))
     existing = set(admin.list_topics(timeout=timeout).topics)
     wanted = [settings.topic_activities, settings.topic_follows, settings.topic_dlq]
     new = [
@@ -114,8 +153,14 @@ class AsyncProducer:
     async def send_many(
         self, topic: str, records: Iterable[tuple[bytes, bytes]], *, timeout: float = 30.0
     ) -> int:
-        """Produce (key, value) records and wait until the broker has all of them."""
+        """Produce (key, value) records and wait until the broker has all of them.
+
+        Raises :class:`KafkaUnavailable` when the broker has not taken them all within
+        ``timeout`` s (a full local queue counts against it) or when the producer refuses a
+        record (e.g. a topic the broker reported missing); records produced before that may
+        still be delivered (delivery is idempotent by activity id)."""
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         futures: list[asyncio.Future[None]] = []
 
         def report(future: asyncio.Future[None]) -> Any:
@@ -132,17 +177,31 @@ class AsyncProducer:
 
             return on_delivery
 
+        def abandon() -> None:
+            for future in futures:  # settled later by their delivery reports, unread
+                future.add_done_callback(_consume_result)
+
         for key, value in records:
             future: asyncio.Future[None] = loop.create_future()
-            futures.append(future)
             while True:
                 try:
                     self._producer.produce(topic, value=value, key=key, on_delivery=report(future))
                     break
                 except BufferError:
+                    if loop.time() >= deadline:
+                        abandon()
+                        raise KafkaUnavailable(
+                            f"the producer's queue stayed full for {timeout:g} s"
+                        ) from None
                     await asyncio.sleep(0.01)
+                except KafkaException as exc:
+                    abandon()
+                    error = exc.args[0] if exc.args else exc
+                    text = error.str() if isinstance(error, KafkaError) else str(error)
+                    raise KafkaUnavailable(f"the producer refused a record: {text}") from None
+            futures.append(future)
         try:
-            await asyncio.wait_for(asyncio.gather(*futures), timeout)
+            await asyncio.wait_for(asyncio.gather(*futures), max(0.0, deadline - loop.time()))
         except TimeoutError:
             raise KafkaUnavailable("timed out waiting for the broker") from None
         return len(futures)
@@ -151,3 +210,9 @@ class AsyncProducer:
         self._producer.flush(timeout)
         self._stop.set()
         self._thread.join(timeout=2)
+
+
+def _consume_result(future: asyncio.Future[None]) -> None:
+    """Mark an abandoned delivery's outcome as read (no "exception never retrieved" log)."""
+    if not future.cancelled():
+        future.exception()

@@ -13,6 +13,8 @@ __all__ = [
     "big_accounts",
     "body",
     "channel",
+    "claim",
+    "deleted",
     "deliveries",
     "following_version",
     "graph_version",
@@ -48,8 +50,23 @@ def body(activity_id: str) -> str:
     return f"a:{activity_id}"
 
 
+def claim(activity_id: str) -> str:
+    """String (the actor, with a short TTL): the id is being created by that actor right now.
+    Serialises the first creates of one id across workers until the durable activity row exists
+    (``fanout.processor``); deleted once that row is written."""
+    return f"c:{activity_id}"
+
+
+def deleted(activity_id: str) -> str:
+    """Exists (TTL ``FEED_BODY_TTL_DAYS``) once the activity was deleted: a cache of the durable
+    ``deleted`` flag in Cassandra that the Redis scripts check atomically, so a fan-out, rebuild
+    or body re-cache that read the activity before the delete never writes it back."""
+    return f"d:{activity_id}"
+
+
 def graph_version(user: str) -> str:
-    """Counter bumped on every change of the user's followers (invalidates follower caches)."""
+    """Version of the user's followers, ``<changes>.<random token>`` (``feed.versions``): set
+    anew on every change, never repeated (invalidates the workers' follower caches)."""
     return f"gv:{{{user}}}"
 
 
@@ -65,7 +82,8 @@ def rebuilding(user: str) -> str:
 
 
 def following_version(user: str) -> str:
-    """Counter bumped on every change of whom the user follows (invalidates merge caches)."""
+    """Version of whom the user follows, ``<changes>.<random token>`` (``feed.versions``): set
+    anew on every change, never repeated (invalidates the gateways' large-followee caches)."""
     return f"fv:{{{user}}}"
 
 

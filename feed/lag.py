@@ -8,11 +8,14 @@ KEDA's Kafka scaler asks for ``min(max_replicas, partitions, ceil(total_lag / la
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import msgspec
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from feed.kafka import KafkaUnavailable, is_unreachable, quiet
 
 __all__ = ["GroupLag", "PartitionLag", "desired_replicas", "measure_lag", "partition_lag"]
 
@@ -56,29 +59,44 @@ def measure_lag(
     timeout: float = 10.0,
     consumer: Any | None = None,
 ) -> GroupLag:
-    """Read committed offsets of ``group`` and the high watermarks of every partition."""
+    """Read committed offsets of ``group`` and the high watermarks of every partition.
+
+    ``timeout`` bounds the whole measurement (every request shares it). Raises
+    :class:`~feed.kafka.KafkaUnavailable` (one line naming the broker) when Kafka does not answer
+    within it, ``KafkaException`` for any other error the broker reports.
+    """
+    deadline = time.monotonic() + timeout
+
+    def left() -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise KafkaUnavailable(f"cannot reach Kafka at {bootstrap} within {timeout:g} s")
+        return remaining
+
     own = consumer is None
     client = consumer or Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": group,
-            "enable.auto.commit": False,
-            "session.timeout.ms": 6000,
-        }
+        quiet(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": group,
+                "enable.auto.commit": False,
+                "session.timeout.ms": 6000,
+            }
+        )
     )
     try:
-        metadata = client.list_topics(timeout=timeout)
+        metadata = client.list_topics(timeout=left())
         partitions = [
             TopicPartition(topic, p)
             for topic in topics
             if topic in metadata.topics
             for p in sorted(metadata.topics[topic].partitions)
         ]
-        committed = client.committed(partitions, timeout=timeout) if partitions else []
+        committed = client.committed(partitions, timeout=left()) if partitions else []
         rows: list[PartitionLag] = []
         for tp in committed:
             _low, high = client.get_watermark_offsets(
-                TopicPartition(tp.topic, tp.partition), timeout=timeout, cached=False
+                TopicPartition(tp.topic, tp.partition), timeout=left(), cached=False
             )
             offset = tp.offset if tp.offset >= 0 else None
             rows.append(
@@ -86,6 +104,12 @@ def measure_lag(
             )
         total = sum(r.lag for r in rows if r.lag is not None)
         return GroupLag(group=group, total=total, partitions=rows)
+    except KafkaException as exc:
+        if is_unreachable(exc):
+            raise KafkaUnavailable(
+                f"cannot reach Kafka at {bootstrap} within {timeout:g} s"
+            ) from None
+        raise
     finally:
         if own:
             client.close()

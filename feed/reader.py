@@ -16,6 +16,11 @@ rebuild, and a rebuild that was in flight then does not mark the timeline comple
 gone); this process rebuilds again with the new lease. A builder that died is taken over once
 its lease expires.
 
+Deletes: Cassandra never returns a deleted activity's body, so a deleted entry left in some
+timeline is skipped. A rebuild and the re-caching of bodies read from Cassandra write Redis
+through scripts that check each activity's deleted marker atomically, so one that read Cassandra
+just before a Delete does not write the activity back (``feed.timeline_redis``).
+
 Large accounts (``FEED_FANOUT_LIMIT``): their activities are not fanned out on write. A page is
 the merge of the user's own timeline page and, for each large account the user follows, that
 account's outbox page (Redis, then Cassandra) — all in the same order and cut at the same cursor,
@@ -41,7 +46,10 @@ __all__ = ["FeedReader"]
 
 log = get_logger("reader")
 _HOT, _REBUILD, _BUILDING = 0, 1, 2
+#: Users whose large followees are cached (each entry holds only large accounts: few).
 _FOLLOWING_CACHE = 10_000
+#: Most large accounts looked up one by one in a user's followees (:meth:`big_followees`).
+_BIG_CHECK_MAX = 1000
 
 
 def _aid(member: str) -> str:
@@ -67,7 +75,7 @@ class FeedReader:
         self._max = timeline_max
         self._rebuilds: dict[str, asyncio.Task[None]] = {}
         self._rebuild_again: dict[str, str] = {}  # user -> newer lease, for the task in flight
-        self._following: OrderedDict[str, tuple[bytes | None, tuple[str, ...]]] = OrderedDict()
+        self._big: OrderedDict[str, tuple[tuple[bytes, int], tuple[str, ...]]] = OrderedDict()
 
     # --- activity and rebuilds ---------------------------------------------------------------
     async def touch(self, user: str) -> bool:
@@ -120,24 +128,41 @@ class FeedReader:
 
     # --- large accounts ----------------------------------------------------------------------
     async def big_followees(self, user: str) -> list[str]:
-        """The large accounts ``user`` follows (merged at read time, pushed via actor channels)."""
-        if self._graph is None:
+        """The large accounts ``user`` follows (merged at read time, pushed via actor channels),
+        in followee order.
+
+        Large accounts are few by design, so this is {large accounts} ∩ {followed by ``user``}
+        computed from the small side: each large account is looked up in ``user``'s partition of
+        the follow graph (``IN`` queries of 100), never the whole list of whom ``user`` follows.
+        Should there be more than ``_BIG_CHECK_MAX`` large accounts, the followees are paged
+        instead and each page is looked up in the set; either way no Redis command names more
+        than 1,000 members. Cached per user under (the user's following version, the size of
+        the large-account set, which only grows): any follow, unfollow or newly marked large
+        account recomputes it.
+        """
+        graph = self._graph
+        if graph is None:
             return []
         version, big_count = await self._timelines.big_state(user)
         if big_count <= 1:  # only the sentinel (or nothing): no large account anywhere
             return []
-        cached = self._following.get(user)
-        if cached is not None and cached[0] == version:
-            following = cached[1]
-            self._following.move_to_end(user)
+        state = (version, big_count)
+        cached = self._big.get(user)
+        if cached is not None and cached[0] == state:
+            self._big.move_to_end(user)
+            return list(cached[1])
+        if big_count - 1 <= _BIG_CHECK_MAX:
+            big = await self._timelines.big_accounts()
+            found = await asyncio.to_thread(graph.following_among, user, big)
         else:
-            graph = self._graph
-            pages = await asyncio.to_thread(lambda: [f for p in graph.following(user) for f in p])
-            following = tuple(pages)
-            self._following[user] = (version, following)
-            while len(self._following) > _FOLLOWING_CACHE:
-                self._following.popitem(last=False)
-        return await self._timelines.big_among(following)
+            found = []
+            pages = graph.following(user)
+            while (page := await asyncio.to_thread(next, pages, None)) is not None:
+                found += await self._timelines.big_among(page)
+        self._big[user] = (state, tuple(found))
+        while len(self._big) > _FOLLOWING_CACHE:
+            self._big.popitem(last=False)
+        return found
 
     # --- pages -------------------------------------------------------------------------------
     async def page(self, user: str, cursor: str | None, limit: int) -> FeedPage:

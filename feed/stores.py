@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from cassandra import InvalidRequest
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
 from cassandra.policies import ExponentialReconnectionPolicy, RoundRobinPolicy
 
@@ -13,6 +14,7 @@ from feed.history_cassandra import CassandraHistory
 from feed.settings import Settings
 
 __all__ = [
+    "ADDED_COLUMNS",
     "CassandraFollowGraph",
     "CassandraHistory",
     "create_schema",
@@ -54,10 +56,15 @@ def schema_statements(keyspace: str, replication_factor: int = 1) -> list[str]:
     return [
         f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = "
         f"{{'class': 'SimpleStrategy', 'replication_factor': {replication_factor}}}",
-        # Each activity once: the canonical JSON body, and who it reached (newline-separated user
-        # ids, one cell: a Delete reaches exactly those timelines).
+        # Each activity once, owned by its first create: the canonical JSON body, and who it
+        # reached by fan-out (newline-separated user ids, one cell: a Delete reaches exactly
+        # those timelines). A deleted activity keeps its row (actor, ts, deleted = true) without
+        # body, so it stays deleted and owned. (Older schemas get `deleted` added: see below.)
         f"CREATE TABLE IF NOT EXISTS {ks}.activities ("
-        " id text PRIMARY KEY, actor text, ts bigint, body blob, recipients blob)",
+        " id text PRIMARY KEY, actor text, ts bigint, body blob, recipients blob, deleted boolean)",
+        # Who got an activity later, from a follow's backfill (a Delete reaches them too).
+        f"CREATE TABLE IF NOT EXISTS {ks}.backfilled ("
+        " id text, user_id text, PRIMARY KEY ((id), user_id))",
         # A user's own activities, newest first (follow backfill, read-time merge).
         f"CREATE TABLE IF NOT EXISTS {ks}.outbox ("
         " actor text, ts bigint, id text, PRIMARY KEY ((actor), ts, id))"
@@ -77,7 +84,30 @@ def schema_statements(keyspace: str, replication_factor: int = 1) -> list[str]:
     ]
 
 
+#: Columns added to tables after their first release: (table, column, type). ``feed migrate``
+#: adds each one that a table created by an older release lacks.
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (("activities", "deleted", "boolean"),)
+
+
 def create_schema(session: Session, keyspace: str, replication_factor: int = 1) -> None:
-    """Create the keyspace and tables if missing. Safe to run any number of times."""
+    """Create the keyspace and tables if missing, and add the columns that tables created by an
+    older release lack (:data:`ADDED_COLUMNS`). Safe to run any number of times, also by several
+    processes at once."""
     for statement in schema_statements(keyspace, replication_factor):
         session.execute(statement, timeout=60)
+    for table, column, kind in ADDED_COLUMNS:
+        if _has_column(session, keyspace, table, column):
+            continue
+        try:
+            session.execute(f"ALTER TABLE {keyspace}.{table} ADD {column} {kind}", timeout=60)
+        except InvalidRequest:
+            # Another migrate added it between our check and our ALTER: fine if it is there now.
+            session.cluster.refresh_table_metadata(keyspace, table)
+            if not _has_column(session, keyspace, table, column):
+                raise
+
+
+def _has_column(session: Session, keyspace: str, table: str, column: str) -> bool:
+    meta = session.cluster.metadata.keyspaces.get(keyspace)
+    tables = meta.tables if meta is not None else {}
+    return table in tables and column in tables[table].columns

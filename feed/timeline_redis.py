@@ -3,7 +3,10 @@
 Guarantees (what callers may rely on):
 
 * **Idempotent.** A timeline is a sorted set of order keys (``feed.cursor.order_key``); inserting
-  the same activity again is a no-op and does not push again. Bodies are stored once per activity
+  the same activity again is a no-op and does not push again. An activity that the cap trims
+  straight away (older than the user's newest ``timeline_max`` entries, so it is in Cassandra
+  only) is not pushed either: it is no new item of the hot timeline, and its replay would find it
+  missing from Redis and push it a second time. Bodies are stored once per activity
   (``a:<id>``, with a TTL), not once per follower.
 * **Capped.** Each timeline keeps the newest ``timeline_max`` entries; older ones live in Cassandra.
 * **Atomic per call.** Each script call inserts (or removes) a group of entries, trims, and
@@ -12,6 +15,11 @@ Guarantees (what callers may rely on):
   to the user's delivery stream and publishes it on the
   user's channel — all in one step, so a frame's ``seq`` order is the order it reached the
   timeline, and a resume that reads the stream after subscribing sees no gap.
+* **Deleted stays deleted.** Once a Delete has set an activity's deleted marker
+  (``d:<id>``, :meth:`RedisTimelines.mark_deleted`), every script that writes timelines or bodies
+  checks it atomically and leaves the activity out: a fan-out replayed by another worker, a
+  timeline rebuild or a body re-cache that read the activity before the delete cannot write it
+  back. The marker is a cache of the durable flag in Cassandra (kept ``FEED_BODY_TTL_DAYS``).
 * **At-most-once Pub/Sub.** Publishing is fire-and-forget; a gateway that misses a message notices
   the ``seq`` gap and reads the delivery stream (bounded to ``stream_history`` frames).
 * Offline users cost one HGET, one ZADD and one ZREMRANGEBYRANK per user per call, however many
@@ -35,7 +43,7 @@ import msgspec
 import redis
 import redis.asyncio as aioredis
 
-from feed import keys
+from feed import keys, versions
 
 __all__ = [
     "AsyncRedisPresence",
@@ -61,8 +69,9 @@ local function deliver(uid, frame_head, frame_tail, hist)
 end
 """
 
-# Grouped by user: each user's new members of the call are added with one ZADD, trimmed once and
-# delivered in call order (one HINCRBY for all their seqs). Bodies are SET by the caller just before
+# Grouped by user: each user's new members of the call are added with one ZADD (per 1000), trimmed
+# once and delivered in call order (one HINCRBY for all their seqs); a member the trim removed at
+# once is not delivered. Bodies are SET by the caller just before
 # (same connection, so before this script runs) and read back only for online users' frames.
 # ARGV: max, hist, only_active, n, member_1 .. member_n, then pairs of: uid, indexes into the
 # members (1-based, space-separated, in the order the user must receive them)
@@ -72,7 +81,17 @@ local hist = ARGV[2]
 local only_active = ARGV[3] == '1'
 local n = tonumber(ARGV[4])
 local members = {}
-for j = 1, n do members[j] = ARGV[4 + j] end
+for j = 1, n do
+  local member = ARGV[4 + j]
+  local aid = string.match(member, '^[^:]*:(.*)$')
+  if redis.call('EXISTS', 'd:' .. aid) == 1 then
+    -- deleted since the caller read it: never written back (nor its body)
+    redis.call('DEL', 'a:' .. aid)
+    members[j] = false
+  else
+    members[j] = member
+  end
+end
 local bodies = {}
 local head = '{"type":"activity","cursor":"'
 local inserted, pushed = 0, 0
@@ -85,15 +104,18 @@ for i = 5 + n, #ARGV, 2 do
   if ep or not only_active or redis.call('EXISTS', 'seen:{' .. uid .. '}') == 1 then
     local tl = 'tl:{' .. uid .. '}'
     local mine = {}
-    for j in string.gmatch(ARGV[i + 1], '%d+') do mine[#mine + 1] = members[tonumber(j)] end
+    for j in string.gmatch(ARGV[i + 1], '%d+') do
+      local member = members[tonumber(j)]
+      if member then mine[#mine + 1] = member end
+    end
     local added = 0
+    local fresh = {}  -- online only: members not in the timeline before this call, once each
+    local taken = {}
     -- at most 1000 members per command (Lua's unpack limit)
     for first = 1, #mine, 1000 do
       local last = math.min(#mine, first + 999)
-      local fresh = {}
       if ep then
         local scores = redis.call('ZMSCORE', tl, unpack(mine, first, last))
-        local taken = {}
         for k = first, last do
           if not scores[k - first + 1] and not taken[mine[k]] then
             taken[mine[k]] = true
@@ -107,27 +129,40 @@ for i = 5 + n, #ARGV, 2 do
         args[#args + 1] = mine[k]
       end
       added = added + redis.call('ZADD', tl, unpack(args))
-      if ep and #fresh > 0 then
-        local seq = redis.call('HINCRBY', on, 's', #fresh) - #fresh
-        local dl = 'dl:{' .. uid .. '}'
-        local channel = 'u:{' .. uid .. '}'
-        for _, member in ipairs(fresh) do
-          local body = bodies[member]
-          if not body then
-            body = redis.call('GET', 'a:' .. string.match(member, '^[^:]*:(.*)$')) or 'null'
-            bodies[member] = body
-          end
-          seq = seq + 1
-          local frame = head .. ep .. '.' .. seq .. '","activity":' .. body .. '}'
-          redis.call('XADD', dl, 'MAXLEN', '~', hist, seq .. '-0', 'f', frame)
-          redis.call('PUBLISH', channel, frame)
-          pushed = pushed + 1
-        end
-      end
     end
     if added > 0 then
       inserted = inserted + added
-      redis.call('ZREMRANGEBYRANK', tl, 0, -(max + 1))
+      local trimmed = redis.call('ZREMRANGEBYRANK', tl, 0, -(max + 1))
+      if trimmed > 0 and #fresh > 0 then
+        -- A member the cap trimmed straight away (older than the newest 'max') is not a new
+        -- item of the hot timeline: not pushed, so a replay of it cannot be pushed again.
+        local kept = {}
+        for first = 1, #fresh, 1000 do
+          local last = math.min(#fresh, first + 999)
+          local scores = redis.call('ZMSCORE', tl, unpack(fresh, first, last))
+          for k = first, last do
+            if scores[k - first + 1] then kept[#kept + 1] = fresh[k] end
+          end
+        end
+        fresh = kept
+      end
+    end
+    if #fresh > 0 then
+      local seq = redis.call('HINCRBY', on, 's', #fresh) - #fresh
+      local dl = 'dl:{' .. uid .. '}'
+      local channel = 'u:{' .. uid .. '}'
+      for _, member in ipairs(fresh) do
+        local body = bodies[member]
+        if not body then
+          body = redis.call('GET', 'a:' .. string.match(member, '^[^:]*:(.*)$')) or 'null'
+          bodies[member] = body
+        end
+        seq = seq + 1
+        local frame = head .. ep .. '.' .. seq .. '","activity":' .. body .. '}'
+        redis.call('XADD', dl, 'MAXLEN', '~', hist, seq .. '-0', 'f', frame)
+        redis.call('PUBLISH', channel, frame)
+        pushed = pushed + 1
+      end
     end
   end
 end
@@ -165,9 +200,13 @@ local ttl = ARGV[2]
 local added = 0
 for i = 3, #ARGV, 4 do
   local actor, member, bkey, body = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  redis.call('SET', bkey, body, 'EX', ttl)
   local ob = 'ob:{' .. actor .. '}'
-  if redis.call('ZADD', ob, 0, member) == 1 then
+  if redis.call('EXISTS', 'd:' .. string.match(member, '^[^:]*:(.*)$')) == 1 then
+    ob = nil  -- deleted since the caller read it
+  else
+    redis.call('SET', bkey, body, 'EX', ttl)
+  end
+  if ob and redis.call('ZADD', ob, 0, member) == 1 then
     added = added + 1
     if redis.call('ZCARD', ob) > max then redis.call('ZREMRANGEBYRANK', ob, 0, -(max + 1)) end
     redis.call('PUBLISH', 'ac:{' .. actor .. '}', '+' .. member .. '\\n' .. body)
@@ -187,6 +226,29 @@ for i = 1, #ARGV, 2 do
   end
 end
 return removed
+"""
+
+# First creates of new activity ids (fanout.processor): claim each id for its actor unless someone
+# holds it already; returns the ids (1-based positions) held by someone else, with the holder.
+# ARGV: ttl, the ids joined by newlines, their actors joined by newlines (ids hold no whitespace)
+_CLAIM = """
+local ttl = ARGV[1]
+local actors = {}
+for actor in string.gmatch(ARGV[3], '[^\\n]+') do actors[#actors + 1] = actor end
+local out = {}
+local i = 0
+for aid in string.gmatch(ARGV[2], '[^\\n]+') do
+  i = i + 1
+  local key = 'c:' .. aid
+  local holder = redis.call('GET', key)
+  if not holder then
+    redis.call('SET', key, actors[i], 'EX', ttl)
+  elseif holder ~= actors[i] then
+    out[#out + 1] = i
+    out[#out + 1] = holder
+  end
+end
+return out
 """
 
 # The active marker 'seen:{uid}' is '1' once the user's Redis timeline is complete and 'b' while
@@ -211,14 +273,52 @@ if redis.call('SET', rb, ARGV[3], 'EX', 60, 'NX') then return 1 end
 return 2
 """
 
-# ARGV: uid, token -> 1 the timeline is marked complete, 0 the lease was lost (nothing marked)
-_REBUILT = """
-local seen = 'seen:{' .. ARGV[1] .. '}'
-local rb = 'rb:{' .. ARGV[1] .. '}'
-if redis.call('GET', rb) ~= ARGV[2] then return 0 end
+# Loads a timeline read from Cassandra and ends the rebuild, in one step. An entry whose activity
+# was deleted meanwhile (the delete ran after the Cassandra read) is left out, with its body.
+# ARGV: uid, token, max, body_ttl, then pairs of: member, body
+# -> 1 the timeline is marked complete, 0 the lease was lost (nothing marked)
+_REBUILD = """
+local uid, token, max, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local tl = 'tl:{' .. uid .. '}'
+local args = {}
+local added = false
+for i = 5, #ARGV, 2 do
+  local member = ARGV[i]
+  local aid = string.match(member, '^[^:]*:(.*)$')
+  if redis.call('EXISTS', 'd:' .. aid) == 0 then
+    redis.call('SET', 'a:' .. aid, ARGV[i + 1], 'EX', ttl)
+    args[#args + 1] = 0
+    args[#args + 1] = member
+    if #args >= 1000 then
+      redis.call('ZADD', tl, unpack(args))
+      args, added = {}, true
+    end
+  end
+end
+if #args > 0 then
+  redis.call('ZADD', tl, unpack(args))
+  added = true
+end
+if added then redis.call('ZREMRANGEBYRANK', tl, 0, -(max + 1)) end
+local seen = 'seen:{' .. uid .. '}'
+local rb = 'rb:{' .. uid .. '}'
+if redis.call('GET', rb) ~= token then return 0 end
 redis.call('DEL', rb)
 if redis.call('EXISTS', seen) == 1 then redis.call('SET', seen, '1', 'KEEPTTL') end
 return 1
+"""
+
+# Bodies read from Cassandra, cached again unless the activity was deleted meanwhile.
+# ARGV: ttl, then pairs of: activity id, body
+_CACHE_BODIES = """
+local cached = 0
+for i = 2, #ARGV, 2 do
+  if redis.call('EXISTS', 'd:' .. ARGV[i]) == 0 then
+    redis.call('SET', 'a:' .. ARGV[i], ARGV[i + 1], 'EX', ARGV[1])
+    cached = cached + 1
+  end
+end
+return cached
 """
 
 # ARGV: uid, new_epoch, ttl -> {epoch, seq}
@@ -238,6 +338,8 @@ return {ep, redis.call('HGET', on, 's')}
 
 #: Most users one script call handles (keeps each call's Redis pause short).
 _MAX_USERS = 8192
+#: Most members one set command names or returns (SMISMEMBER, SSCAN COUNT).
+_SET_ARGS = 1000
 _json = msgspec.json.Encoder()
 
 
@@ -356,28 +458,63 @@ class RedisTimelines:
         self._remove = client.register_script(_REMOVE)
         self._outbox_add = client.register_script(_OUTBOX_ADD)
         self._outbox_remove = client.register_script(_OUTBOX_REMOVE)
+        self._claim = client.register_script(_CLAIM)
 
     @property
     def client(self) -> redis.Redis:
         return self._redis
 
-    def insert(self, inserts: Sequence[Insert]) -> tuple[int, int]:
+    def insert(
+        self, inserts: Sequence[Insert], *, release: Sequence[str] = ()
+    ) -> tuple[int, int]:
         """Insert each activity into its users' timelines. Returns (inserted, pushed).
 
         With ``only_active``, users without an ``active`` marker are skipped (Cassandra only).
         One pipeline: the bodies, then script calls of at most ``_MAX_USERS`` inserts each, every
-        user's inserts grouped into one call (one ZADD per user rather than one per insert).
+        user's inserts grouped into one call (one ZADD per user rather than one per insert), then
+        the deletion of the ``release`` ids' claims (:meth:`claim`). An activity deleted
+        meanwhile (:meth:`mark_deleted`) is skipped, atomically, and its body is not kept.
         """
         bodies, calls = _fanout_calls(inserts, [self._max, self._hist, self._only_active])
         if not calls:
+            if release:
+                self._redis.delete(*[keys.claim(a) for a in release])
             return 0, 0
         pipe = self._redis.pipeline(transaction=False)
         for key, body in bodies:
             pipe.set(key, body, ex=self._ttl)
         for args in calls:
             self._fanout(args=args, client=pipe)
-        results = pipe.execute()[-len(calls) :]
+        if release:
+            pipe.delete(*[keys.claim(a) for a in release])
+        results = pipe.execute()
+        results = results[len(bodies) : len(bodies) + len(calls)]
         return sum(int(r[0]) for r in results), sum(int(r[1]) for r in results)
+
+    def claim(self, claims: Sequence[tuple[str, str]], ttl_s: int) -> list[str]:
+        """Claim each (activity id, actor) for ``ttl_s`` unless already claimed: one script
+        call. Returns, per id, the actor holding the claim now (this one, or whoever claimed
+        first). The script runs alone, so of concurrent claims of one id exactly one gets it.
+        Ids and actors travel newline-joined and only the ids held by someone else come back
+        (measured with 500 ids: a tenth of the client time of a SET NX + GET pipeline)."""
+        if not claims:
+            return []
+        holders = [actor for _, actor in claims]
+        others = self._claim(
+            args=[ttl_s, "\n".join(a for a, _ in claims), "\n".join(holders)]
+        )
+        for position, holder in zip(others[0::2], others[1::2], strict=True):
+            holders[int(position) - 1] = _text(holder)
+        return holders
+
+    def mark_deleted(self, activity_ids: Sequence[str], ttl_s: int) -> None:
+        """Set the deleted markers: from now on the scripts never write these activities back."""
+        if not activity_ids:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for activity_id in activity_ids:
+            pipe.set(keys.deleted(activity_id), 1, ex=ttl_s)
+        pipe.execute()
 
     def remove(self, removals: Sequence[Removal]) -> tuple[int, int]:
         """Remove activities from users' timelines. Returns (removed, pushed)."""
@@ -436,7 +573,8 @@ class AsyncRedisTimelines:
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
         self._touch = client.register_script(_TOUCH)
-        self._rebuilt = client.register_script(_REBUILT)
+        self._rebuild = client.register_script(_REBUILD)
+        self._cache_bodies = client.register_script(_CACHE_BODIES)
         self._fanout = client.register_script(_FANOUT)
         self._remove = client.register_script(_REMOVE)
 
@@ -495,33 +633,46 @@ class AsyncRedisTimelines:
         body_ttl_s: int,
         token: str = "1",
     ) -> bool:
-        """Load a timeline read from Cassandra into Redis and end the rebuild.
+        """Load a timeline read from Cassandra into Redis and end the rebuild, in one script.
 
-        The timeline is marked complete only if the lease ``token`` still holds (False if not:
-        Redis restarted or the lease expired meanwhile; a newer rebuild finishes the job).
+        ``bodies`` maps activity ids to bodies; a member without a body (deleted) is left out,
+        and so is one whose activity was deleted after the Cassandra read (its deleted marker is
+        checked atomically), so a rebuild that races a Delete never writes it back. The timeline
+        is marked complete only if the lease ``token`` still holds (False if not: Redis restarted
+        or the lease expired meanwhile; a newer rebuild finishes the job).
         """
-        pipe = self._redis.pipeline(transaction=False)
-        if members:
-            pipe.zadd(keys.timeline(user), dict.fromkeys(members, 0))
-            pipe.zremrangebyrank(keys.timeline(user), 0, -(timeline_max + 1))
-        for activity_id, body in bodies.items():
-            pipe.set(keys.body(activity_id), body, ex=body_ttl_s)
-        await self._rebuilt(args=[user, token], client=pipe)
-        results = await pipe.execute()
-        return bool(results[-1])
+        args: list[str | int | bytes] = [user, token, timeline_max, body_ttl_s]
+        for member in members:
+            body = bodies.get(member.partition(":")[2])
+            if body is not None:
+                args += [member, body]
+        return bool(await self._rebuild(args=args))
 
-    async def big_state(self, user: str) -> tuple[bytes | None, int]:
-        """(following version of ``user``, size of the big-accounts set) in one round trip."""
+    async def big_state(self, user: str) -> tuple[bytes, int]:
+        """(version of whom ``user`` follows, size of the big-accounts set): one round trip, and
+        one more to install a version if ``user`` has none (``feed.versions.current``)."""
         pipe = self._redis.pipeline(transaction=False)
         pipe.get(keys.following_version(user))
         pipe.scard(keys.big_accounts)
         version, size = await pipe.execute()
+        version = await versions.current_async(self._redis, keys.following_version(user), version)
         return version, int(size)
 
+    async def big_accounts(self) -> list[str]:
+        """The members of the big-accounts set, sentinel left out (``SSCAN``: each command
+        returns about ``_SET_ARGS`` members)."""
+        members = [m async for m in self._redis.sscan_iter(keys.big_accounts, count=_SET_ARGS)]
+        return [_text(m) for m in dict.fromkeys(members) if m]  # SSCAN may repeat a member
+
     async def big_among(self, users: Sequence[str]) -> list[str]:
+        """Which of ``users`` are big accounts: ``SMISMEMBER`` commands of at most ``_SET_ARGS``
+        users each (one pipeline), so no single command grows with ``users``."""
         if not users:
             return []
-        flags = await self._redis.smismember(keys.big_accounts, list(users))
+        pipe = self._redis.pipeline(transaction=False)
+        for start in range(0, len(users), _SET_ARGS):
+            pipe.smismember(keys.big_accounts, list(users[start : start + _SET_ARGS]))
+        flags = [flag for chunk in await pipe.execute() for flag in chunk]
         return [u for u, flag in zip(users, flags, strict=True) if flag]
 
     async def outbox_pages(
@@ -541,13 +692,15 @@ class AsyncRedisTimelines:
             return {}
         return _bodies(members, await self._redis.mget(_body_keys(members)))
 
-    async def cache_bodies(self, bodies: dict[str, bytes], ttl_s: int) -> None:
+    async def cache_bodies(self, bodies: dict[str, bytes], ttl_s: int) -> int:
+        """Cache bodies read from Cassandra, except those of activities deleted since the read
+        (checked atomically). Returns how many were cached."""
         if not bodies:
-            return
-        pipe = self._redis.pipeline(transaction=False)
+            return 0
+        args: list[str | int | bytes] = [ttl_s]
         for activity_id, body in bodies.items():
-            pipe.set(keys.body(activity_id), body, ex=ttl_s)
-        await pipe.execute()
+            args += [activity_id, body]
+        return int(await self._cache_bodies(args=args))
 
 
 @dataclass(frozen=True, slots=True)

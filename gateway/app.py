@@ -42,12 +42,12 @@ from urllib.parse import parse_qsl
 
 import msgspec
 import redis.asyncio as aioredis
+import redis.exceptions
 import structlog
 from redis.exceptions import (
     ClusterDownError,
     OutOfMemoryError,
     ReadOnlyError,
-    RedisClusterUnreachableError,
     RedisError,
     SlotNotCoveredError,
     TryAgainError,
@@ -245,8 +245,9 @@ _REDIS_OUTAGES = (
     TryAgainError,
     ReadOnlyError,
     OutOfMemoryError,
-    RedisClusterUnreachableError,
     SlotNotCoveredError,
+    # redis-py >= 8.2 only; older releases raise one of the above instead.
+    *(e for e in [getattr(redis.exceptions, "RedisClusterUnreachableError", None)] if e),
 )
 _cassandra_outages: tuple[type[BaseException], ...] | None = None
 

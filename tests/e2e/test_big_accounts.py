@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import websockets
 
+from feed import versions
 from feed.kafka import create_topics
 from tests.conftest import wait_for
 from tests.e2e.harness import Pipeline, frames_until, isolated_env, next_frame
@@ -52,7 +53,7 @@ async def test_big_account_is_merged_at_read_time_and_pushed_live_once(
     star, online, offline, late = ids("star"), ids("online"), ids("offline"), ids("late")
     for fan in (online, offline, ids("third")):
         pipeline.follow(fan, star)
-    wait_for(lambda: redis_client.get(f"gv:{{{star}}}") == b"3", timeout=30,
+    wait_for(lambda: versions.changes(redis_client.get(f"gv:{{{star}}}")) == 3, timeout=30,
              message="follows applied")
     # The star's first activity makes the worker classify it (3 followers > limit 2).
     first = ids("first")
@@ -116,7 +117,8 @@ async def test_big_account_is_merged_at_read_time_and_pushed_live_once(
         ) as ws3:
             assert (await next_frame(ws3, 5))["type"] == "welcome"
             pipeline.follow(late, star)
-            wait_for(lambda: redis_client.get(f"gv:{{{star}}}") == b"4", timeout=30,
+            wait_for(lambda: versions.changes(redis_client.get(f"gv:{{{star}}}")) == 4,
+                     timeout=30,
                      message="late follow applied")
             later = ids("later")
             wait_for(lambda: f"ac:{{{star}}}" in _channels(redis_client), timeout=10,

@@ -47,7 +47,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
-from feed import keys
+from feed import keys, versions
 from feed.kafka import create_topics
 from feed.settings import Settings
 from tests.conftest import wait_for
@@ -83,13 +83,14 @@ def pipeline(
 
 
 def follow_all(pipeline: Pipeline, redis_client: redis.Redis, pairs: list[tuple[str, str]]) -> None:
-    """Produce the follows and wait until the worker applied them (each bumps ``gv:{followee}``)."""
+    """Produce the follows and wait until the worker applied them (each sets a new
+    ``gv:{followee}``, which counts the changes)."""
     for follower, followee in pairs:
         pipeline.follow(follower, followee)
     wanted = Counter(followee for _, followee in pairs)
     wait_for(
         lambda: all(
-            int(redis_client.get(keys.graph_version(actor)) or 0) >= n
+            versions.changes(redis_client.get(keys.graph_version(actor))) >= n
             for actor, n in wanted.items()
         ),
         timeout=30,

@@ -6,7 +6,6 @@ operator runs them. Events are produced straight to Kafka with confluent-kafka.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import urllib.error
@@ -21,7 +20,7 @@ from confluent_kafka import Consumer
 
 from feed.settings import Settings
 from tests.conftest import wait_for
-from tests.e2e.harness import Pipeline, frames_until, next_frame
+from tests.e2e.harness import Pipeline, frames_until, log_events, next_frame
 from tests.procs import free_port, http_get, metric_value
 
 pytestmark = pytest.mark.e2e
@@ -113,7 +112,16 @@ async def test_publish_reaches_followers_socket_feed_and_history(
 
         # 5. A malformed event lands in the DLQ and the next good event still arrives.
         bad = b'{"id": "' + ids("bad").encode() + b'", "type": "Create"'
-        pipeline.produce(s.topic_activities, u1, bad)
+        dlq_before = pipeline.worker_metric("feed_dlq_total")
+        origin: list[tuple[int, int]] = []  # where the broker stored the bad record
+
+        def delivered(error: Any, message: Any) -> None:
+            assert error is None, error
+            origin.append((message.partition(), message.offset()))
+
+        pipeline.producer.produce(s.topic_activities, key=u1.encode(), value=bad,
+                                  on_delivery=delivered)
+        assert pipeline.producer.flush(10) == 0 and len(origin) == 1
         after = ids("after")
         pipeline.produce(s.topic_activities, u1, pipeline.activity(after, u1))
         frames = await frames_until(
@@ -125,7 +133,11 @@ async def test_publish_reaches_followers_socket_feed_and_history(
     headers = dict(dead.headers())
     assert headers["feed.error"] == b"malformed_json"
     assert headers["feed.origin.topic"] == s.topic_activities.encode()
-    assert int(headers["feed.origin.offset"]) >= 0
+    assert (int(headers["feed.origin.partition"]), int(headers["feed.origin.offset"])) == origin[0]
+    # One record dead-lettered, counted once.
+    wait_for(lambda: pipeline.worker_metric("feed_dlq_total") >= dlq_before + 1, timeout=10,
+             message="the dead letter counted")
+    assert pipeline.worker_metric("feed_dlq_total") == dlq_before + 1
     assert pipeline.worker.alive()
 
 
@@ -161,29 +173,44 @@ async def test_no_secret_ever_reaches_the_logs(
     user = ids("u")
     token = pipeline.token(user)
     forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
-    for bearer in (token, forged):
-        http_get(f"{pipeline.gateway_url}/v1/feed", headers={"Authorization": f"Bearer {bearer}"})
-    http_get(f"{pipeline.gateway_url}/v1/feed?token={token}")
-    for bearer in (s.ingest_token.reveal(), "wrong-ingest-token-xxxxxxxx"):
+    statuses = [
+        http_get(f"{pipeline.gateway_url}/v1/feed",
+                 headers={"Authorization": f"Bearer {bearer}"})[0]
+        for bearer in (token, forged)
+    ]
+    statuses.append(http_get(f"{pipeline.gateway_url}/v1/feed?token={token}")[0])
+    # The JWT is accepted, the forged one is not; HTTP reads take the token only as a header.
+    assert statuses == [200, 401, 401]
+    ingest: dict[str, int] = {}
+    for name, bearer in (("valid", s.ingest_token.reveal()),
+                         ("wrong", "wrong-ingest-token-xxxxxxxx")):
         request = urllib.request.Request(
             f"{pipeline.gateway_url}/v1/activities", data=b"{}", method="POST",
             headers={"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"},
         )
-        try:
+        with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=5).close()
-        except urllib.error.HTTPError as exc:
-            assert exc.code in (400, 401)
-    for query in (token, forged):
-        try:
-            async with websockets.connect(f"{pipeline.ws_url}?token={query}") as ws:
-                await next_frame(ws, 5)
-        except (websockets.ConnectionClosed, TimeoutError):
-            pass
+        ingest[name] = refused.value.code
+    # The ingest token passes authentication (``{}`` then fails validation); the wrong one not.
+    assert ingest == {"valid": 400, "wrong": 401}
+    connections = len(log_events(pipeline.gateway.log, "ws_connection"))
+    rejections = len(log_events(pipeline.gateway.log, "ws_rejected"))
+    async with websockets.connect(f"{pipeline.ws_url}?token={token}") as ws:
+        welcome = await next_frame(ws, 5)
+        assert welcome["type"] == "welcome" and welcome["user"] == user, welcome
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        async with websockets.connect(f"{pipeline.ws_url}?token={forged}") as ws:
+            await next_frame(ws, 5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001, closed.value
     secrets = [s.jwt_secret.reveal(), s.ingest_token.reveal(), token, forged,
                token.split(".")[2], "wrong-ingest-token-xxxxxxxx"]
-    deadline = time.monotonic() + 2  # let the processes flush their summary lines
-    while time.monotonic() < deadline and "ws_connection" not in pipeline.gateway.log.read_text():
-        await asyncio.sleep(0.05)
+    # The accepted connection's summary line is written when it ends (after the client's close):
+    # the scan below reads the logs only once both connections are logged.
+    wait_for(
+        lambda: len(log_events(pipeline.gateway.log, "ws_connection")) == connections + 1
+        and len(log_events(pipeline.gateway.log, "ws_rejected")) == rejections + 1,
+        timeout=10, message="both WebSocket connections logged",
+    )
     for proc in (pipeline.worker, pipeline.gateway):
         text = proc.log.read_text(errors="replace")
         assert text, f"{proc.command} wrote no log"
@@ -191,25 +218,104 @@ async def test_no_secret_ever_reaches_the_logs(
             assert secret not in text, f"a secret reached the {proc.command} log"
 
 
-def test_both_processes_export_their_metrics(pipeline: Pipeline) -> None:
-    """Runs after the pipeline test in this module: the counters reflect that traffic."""
+def _settled_worker_metrics(pipeline: Pipeline) -> str | None:
+    """The worker's metrics once every record it consumed is in a finished batch (a batch's
+    counters are updated after its commit), else None."""
     status, body = http_get(f"{pipeline.metrics_url}/metrics")
-    assert status == 200
-    worker = body.decode()
-    for name in ("feed_activities_consumed_total", "feed_timeline_inserts_total",
-                 "feed_history_rows_total", "feed_batch_size_count", "feed_batch_seconds_count"):
-        assert metric_value(worker, name) > 0, name
-    assert 'feed_store_call_seconds_count{store="redis"}' in worker
-    assert 'feed_store_call_seconds_count{store="cassandra"}' in worker
-    assert 'feed_dlq_total{reason="malformed_json"}' in worker
-    assert "feed_consumer_lag_sum" in worker and "feed_errors_total" in worker
+    if status != 200:
+        return None
+    text = body.decode()
+    consumed = metric_value(text, "feed_activities_consumed_total")
+    return text if metric_value(text, "feed_batch_size_sum") == consumed else None
+
+
+def _gateway_metrics(pipeline: Pipeline) -> str:
     status, body = http_get(f"{pipeline.gateway_url}/metrics")
     assert status == 200
-    gateway = body.decode()
-    assert metric_value(gateway, "feed_gateway_messages_pushed_total") > 0
-    for name in ("feed_gateway_connections", "feed_gateway_push_latency_seconds_count",
-                 "feed_gateway_slow_client_closes_total", "feed_gateway_http_requests_total"):
-        assert name in gateway, name
+    return body.decode()
+
+
+async def test_both_processes_export_their_metrics(
+    pipeline: Pipeline, ids: Callable[[str], str]
+) -> None:
+    """Known traffic moves each counter by exactly its size: ``n`` activities by an actor with
+    two followers, both active (they read or connect), one of them connected."""
+    s = pipeline.settings
+    n = 3
+    actor, online, reader = ids("m-actor"), ids("m-online"), ids("m-reader")
+    consumed_follows = f'feed_activities_consumed_total{{topic="{s.topic_follows}"}}'
+    consumed_activities = f'feed_activities_consumed_total{{topic="{s.topic_activities}"}}'
+    feed_ok = 'feed_gateway_http_requests_total{route="/v1/feed",status="200"}'
+    pushed = "feed_gateway_messages_pushed_total"
+    start = wait_for(lambda: _settled_worker_metrics(pipeline), timeout=20,
+                     message="the worker idle")
+    pipeline.follow(online, actor)
+    pipeline.follow(reader, actor)
+    assert pipeline.feed(reader) == []  # a read marks the reader active
+    gateway_start = _gateway_metrics(pipeline)
+    ws_url = pipeline.gateway_url.replace("http", "ws") + "/v1/stream"
+    async with websockets.connect(
+        ws_url, additional_headers={"Authorization": f"Bearer {pipeline.token(online)}"}
+    ) as ws:
+        assert (await next_frame(ws, 5))["type"] == "welcome"
+        worker_before = wait_for(
+            lambda: (text := _settled_worker_metrics(pipeline)) is not None
+            and metric_value(text, consumed_follows)
+            == metric_value(start, consumed_follows) + 2 and text,
+            timeout=20, message="both follows applied",
+        )
+        gateway_before = wait_for(
+            lambda: (text := _gateway_metrics(pipeline))
+            and metric_value(text, pushed) == metric_value(gateway_start, pushed) + 1 and text,
+            timeout=10, message="the welcome counted",
+        )
+        aids = [ids(f"m-a{i}") for i in range(n)]
+        for aid in aids:
+            pipeline.produce(s.topic_activities, actor, pipeline.activity(aid, actor))
+        frames = await frames_until(
+            ws, lambda f: f.get("activity", {}).get("id") == aids[-1], timeout=10
+        )
+        assert [f["activity"]["id"] for f in frames] == aids
+        worker_after = wait_for(
+            lambda: (text := _settled_worker_metrics(pipeline)) is not None
+            and metric_value(text, consumed_activities)
+            == metric_value(worker_before, consumed_activities) + n and text,
+            timeout=20, message="the activities applied",
+        )
+    assert [a["id"] for a in pipeline.feed(online)] == aids[::-1]
+    assert [a["id"] for a in pipeline.feed(reader)] == aids[::-1]
+    gateway_after = wait_for(
+        lambda: (text := _gateway_metrics(pipeline))
+        and metric_value(text, pushed) == metric_value(gateway_before, pushed) + n and text,
+        timeout=10, message="the frames counted",
+    )
+
+    def worker_delta(name: str) -> float:
+        return metric_value(worker_after, name) - metric_value(worker_before, name)
+
+    def gateway_delta(name: str) -> float:
+        return metric_value(gateway_after, name) - metric_value(gateway_before, name)
+
+    assert worker_delta(consumed_follows) == 0
+    assert worker_delta("feed_batch_size_sum") == n
+    batches = worker_delta("feed_batch_size_count")
+    assert 1 <= batches <= n
+    for name in ("feed_batch_seconds_count", 'feed_store_call_seconds_count{store="redis"}',
+                 'feed_store_call_seconds_count{store="cassandra"}'):
+        assert worker_delta(name) == batches, name
+    # Every follower is active: n entries in each Redis timeline and n history rows each.
+    assert worker_delta("feed_timeline_inserts_total") == 2 * n
+    assert worker_delta("feed_history_rows_total") == 2 * n
+    assert worker_delta("feed_notifications_published_total") == n  # the one online follower
+    assert worker_delta("feed_dlq_total") == 0 and worker_delta("feed_errors_total") == 0
+    # One latency per write of queued frames (frames queued together are written at once).
+    assert 1 <= gateway_delta("feed_gateway_push_latency_seconds_count") <= n
+    assert gateway_delta(feed_ok) == 2
+    assert gateway_delta("feed_gateway_slow_client_closes_total") == 0
+    assert metric_value(gateway_after, "feed_gateway_connections") == 0
+    for name in ('feed_dlq_total{reason="malformed_json"}', "feed_consumer_lag_sum",
+                 "feed_errors_total"):
+        assert name in worker_after, name
     ready = http_get(f"{pipeline.metrics_url}/readyz")
     assert ready[0] == 200 and json.loads(ready[1])["checks"] == {
         "redis": True, "cassandra": True, "kafka": True}

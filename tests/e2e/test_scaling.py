@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
+from feed import versions
 from feed.kafka import create_topics
 from feed.settings import Settings
 from tests.conftest import wait_for
@@ -81,7 +82,7 @@ def test_two_workers_split_partitions_and_hand_over_on_clean_stop(
                 producer.produce(settings.topic_follows, key=fan.encode(),
                                  value=json.dumps(event).encode())
         producer.flush(10)
-        wait_for(lambda: all(redis_client.get(f"gv:{{{actor}}}") == str(len(followers)).encode()
+        wait_for(lambda: all(versions.changes(redis_client.get(f"gv:{{{actor}}}")) == len(followers)
                              for actor in actors),
                  timeout=30, message="follows applied")
 

@@ -5,6 +5,12 @@ feed (paged) equals the reference model of tests/integration/test_feed_semantics
 
 The worker runs with FEED_FANOUT_LIMIT=1, so most posting actors take the read-time-merge path;
 the processor-level test covers both paths side by side with many more examples.
+
+Of the no-op operations of the model's sequences, ``redup`` (a re-stamped second create),
+``xdelete`` (another actor's delete) and ``delete_then_post`` (a delete before its create) are
+produced here too; ``steal`` (another actor's create of a posted id) is not: it is keyed by the
+other actor, so it lands on another partition and may be applied before the original create —
+then it is the first create and rightly wins, which the order-free model cannot know.
 """
 
 from __future__ import annotations
@@ -74,8 +80,13 @@ def _produce(pipeline: Pipeline, model: Model, sequence: list[tuple[Any, ...]], 
                 model.following.add((follower, followee))
             else:
                 model.following.discard((follower, followee))
-        elif kind == "post":
+        elif kind in ("post", "delete_then_post"):
             actor, to, minute = op[1], frozenset(op[2] - {op[1]}), op[3]
+            if kind == "delete_then_post":  # same key: applied before the create, to the DLQ
+                early = {"id": f"{ns}-e{n}", "type": "Delete", "actor": f"{ns}-u{actor}",
+                         "object": f"{ns}-a{n}", "published": T0.isoformat()}
+                pipeline.producer.produce(s.topic_activities, key=early["actor"].encode(),
+                                          value=json.dumps(early).encode())
             published = T0 + timedelta(minutes=minute)
             body = {"id": f"{ns}-a{n}", "type": "Create", "actor": f"{ns}-u{actor}",
                     "object": f"post:{n}", "published": published.isoformat(),
@@ -88,6 +99,20 @@ def _produce(pipeline: Pipeline, model: Model, sequence: list[tuple[Any, ...]], 
             body = posted[op[1] % len(posted)]
             pipeline.producer.produce(s.topic_activities, key=body["actor"].encode(),
                                       value=json.dumps(body).encode())
+        elif kind == "redup" and posted:
+            again = dict(posted[op[1] % len(posted)], object=f"post:edited-{n}",
+                         to=[f"{ns}-u{u}" for u in range(USERS)],
+                         published=(T0 + timedelta(minutes=op[2], seconds=7)).isoformat())
+            pipeline.producer.produce(s.topic_activities, key=again["actor"].encode(),
+                                      value=json.dumps(again).encode())
+        elif kind == "xdelete" and posted:
+            target = posted[op[1] % len(posted)]
+            other = f"{ns}-u{op[2]}"
+            if other != target["actor"]:
+                xdelete = {"id": f"{ns}-x{n}", "type": "Delete", "actor": other,
+                           "object": target["id"], "published": T0.isoformat()}
+                pipeline.producer.produce(s.topic_activities, key=other.encode(),
+                                          value=json.dumps(xdelete).encode())
         elif kind == "delete" and posted:
             target = posted[op[1] % len(posted)]
             delete = {"id": f"{ns}-d{n}", "type": "Delete", "actor": target["actor"],

@@ -89,14 +89,46 @@ def test_quick_fanout_measures_every_figure_beside_its_reference(
     assert any("ZADD" in n for n in names) and any("Stream-Framework" in n for n in names)
 
 
+def _x(ratio: float) -> str:
+    """A ratio as the report prints it: 3 significant digits, or one decimal from 10x."""
+    return f"{ratio:.3g}x" if ratio < 10 else f"{ratio:,.1f}x"
+
+
 @pytest.mark.timeout(200)
 def test_quick_fanout_writes_the_report_and_plots(quick_run: tuple[Path, dict[str, Any]]) -> None:
-    folder, _ = quick_run
+    folder, results = quick_run
     report = (folder / "report.md").read_text()
     assert "redis-benchmark" in report and "ZADD" in report
     assert "raw UNLOGGED batches" in report
-    assert "x" in report  # ratios are printed as Nx
     assert "Stream-Framework" in report
+    # Each ratio of the results is the quotient of its two measured figures, and the report's
+    # table prints it beside its reference (the reference's figure, then the ratio).
+    ceilings = results["ceilings"]
+    phases = results["fanout"]["phases"]
+    zadd = ceilings["redis_zadd"]["ops_per_s"]
+    raw = ceilings.get("cassandra_batch_before_history", ceilings["cassandra_batch"])["rows_per_s"]
+    raw_fresh = ceilings["cassandra_batch"]["rows_per_s"]
+    redis_only, skewed, history = phases["redis_only"], phases["skewed"], phases["history"]
+    speedup = phases["drain_2_workers"]["activities_per_s"] / redis_only["activities_per_s"]
+    rows = {
+        "redis_only/ZADD": (redis_only["inserts_per_s"] / zadd, f"ZADD {zadd:,.0f}/s"),
+        "skewed/ZADD": (skewed["inserts_per_s"] / zadd, f"ZADD {zadd:,.0f}/s"),
+        "history/raw": (history["history_rows_per_s"] / raw, f"just before, {raw:,.0f} rows/s"),
+        "history/raw_fresh": (
+            history["history_rows_per_s"] / raw_fresh, f"fresh server, {raw_fresh:,.0f} rows/s"
+        ),
+        "drain 2 vs 1": (speedup, "1 worker"),
+    }
+    assert redis_only["ratio_to_redis_zadd"] == pytest.approx(rows["redis_only/ZADD"][0])
+    assert skewed["ratio_to_redis_zadd"] == pytest.approx(rows["skewed/ZADD"][0])
+    assert history["ratio_to_cassandra_batch"] == pytest.approx(rows["history/raw"][0])
+    assert history["ratio_to_cassandra_batch_fresh"] == pytest.approx(
+        rows["history/raw_fresh"][0])
+    assert results["fanout"]["drain"]["speedup_2_vs_1"] == pytest.approx(speedup)
+    for name, (ratio, reference) in rows.items():
+        assert f"{reference} | {_x(ratio)} |" in report, (name, _x(ratio))
+    # The skipped peer's ratios are printed as absent, not as a number.
+    assert report.count("/s | n/a |") == 2, "the Stream-Framework ratios"
     for name in PLOTS:
         data = (folder / name).read_bytes()
         assert data.startswith(b"\x89PNG"), name

@@ -2,7 +2,11 @@
 
 Random sequences of follow, unfollow, post (with ``to``), delete and duplicate deliveries are
 applied by the fan-out Processor; every user's feed, read page by page through the FeedReader,
-must equal what a simple model computes. Each sequence runs twice, with fan-out on write for
+must equal what a simple model computes. The sequences also hold what must change nothing: a
+second create of a posted id with another ``published`` and object (a producer retry that
+re-stamps), another actor's create of a posted id (``id_conflict``), another actor's delete
+(``forbidden``), and a delete that arrives before its create (``not_found``; the create that
+follows is delivered). Each sequence runs twice, with fan-out on write for
 everyone (``FEED_FANOUT_LIMIT`` unlimited) and with a tiny limit (most actors merged at read time):
 both must equal the model, so the feed is the same whichever path an account takes.
 """
@@ -66,6 +70,14 @@ more_ops = st.lists(
                   st.frozensets(st.integers(0, USERS - 1), max_size=2), st.integers(0, 5)),
         st.tuples(st.just("delete"), st.integers(0, 30)),
         st.tuples(st.just("dup"), st.integers(0, 30)),
+        # a second create of a posted id by its actor, re-stamped and changed: a no-op
+        st.tuples(st.just("redup"), st.integers(0, 30), st.integers(0, 5)),
+        # another actor creates a posted id (id_conflict) or deletes it (forbidden): no-ops
+        st.tuples(st.just("steal"), st.integers(0, 30), st.integers(0, USERS - 1)),
+        st.tuples(st.just("xdelete"), st.integers(0, 30), st.integers(0, USERS - 1)),
+        # a delete of an id before its actor creates it (not_found), then the create: delivered
+        st.tuples(st.just("delete_then_post"), st.integers(0, USERS - 1),
+                  st.frozensets(st.integers(0, USERS - 1), max_size=2), st.integers(0, 5)),
     ),
     min_size=1,
     max_size=25,
@@ -132,28 +144,60 @@ def _apply(pipeline: Pipeline, model: Model, sequence: list[tuple[Any, ...]], ns
                 model.following.add((follower, followee))
             else:
                 model.following.discard((follower, followee))
-        elif kind == "post":
+        elif kind in ("post", "delete_then_post"):
             actor, to, minute = op[1], op[2], op[3]
             aid = f"{ns}-a{n}"
             to = frozenset(to - {actor})
+            if kind == "delete_then_post":
+                early = pipeline.processor.apply([(n, _delete(f"{ns}-e{n}", uid(actor), aid))])
+                assert [r.code for _, r in early.rejected] == ["not_found"]
             published = T0 + timedelta(minutes=minute)  # ties on purpose: ordered by id
             activity = decode_activity(msgspec.json.encode({
                 "id": aid, "type": "Create", "actor": uid(actor), "object": f"post:{n}",
                 "published": published.isoformat(), "to": [uid(u) for u in sorted(to)],
             }))
-            pipeline.processor.apply([(n, activity)])
+            assert pipeline.processor.apply([(n, activity)]).rejected == []
             posted.append(activity)
             model.posts[aid] = (actor, int(published.timestamp() * 1_000_000), to)
         elif kind == "dup" and posted:
             pipeline.processor.apply([(n, posted[op[1] % len(posted)])])
+        elif kind == "redup" and posted:
+            original = posted[op[1] % len(posted)]
+            again = decode_activity(msgspec.json.encode({
+                "id": original.id, "type": "Create", "actor": original.actor,
+                "object": f"post:edited-{n}", "to": [uid(u) for u in range(USERS)],
+                "published": (T0 + timedelta(minutes=op[2], seconds=7)).isoformat(),
+            }))
+            assert pipeline.processor.apply([(n, again)]).rejected == []
+        elif kind == "steal" and posted:
+            original = posted[op[1] % len(posted)]
+            thief = uid(op[2])
+            if thief != original.actor:
+                stolen = decode_activity(msgspec.json.encode({
+                    "id": original.id, "type": "Create", "actor": thief,
+                    "object": f"post:stolen-{n}", "published": T0.isoformat(),
+                    "to": [uid(u) for u in range(USERS)],
+                }))
+                rejected = pipeline.processor.apply([(n, stolen)]).rejected
+                assert [r.code for _, r in rejected] == ["id_conflict"]
+        elif kind == "xdelete" and posted:
+            target = posted[op[1] % len(posted)]
+            if uid(op[2]) != target.actor:
+                rejected = pipeline.processor.apply(
+                    [(n, _delete(f"{ns}-x{n}", uid(op[2]), target.id))]
+                ).rejected
+                assert [r.code for _, r in rejected] == ["forbidden"]
         elif kind == "delete" and posted:
             target = posted[op[1] % len(posted)]
-            delete = decode_activity(msgspec.json.encode({
-                "id": f"{ns}-d{n}", "type": "Delete", "actor": target.actor,
-                "object": target.id, "published": T0.isoformat(),
-            }))
-            pipeline.processor.apply([(n, delete)])
+            pipeline.processor.apply([(n, _delete(f"{ns}-d{n}", target.actor, target.id))])
             model.deleted.add(target.id)
+
+
+def _delete(aid: str, actor: str, target: str) -> Activity:
+    return decode_activity(msgspec.json.encode({
+        "id": aid, "type": "Delete", "actor": actor, "object": target,
+        "published": T0.isoformat(),
+    }))
 
 
 @settings(

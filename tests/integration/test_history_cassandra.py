@@ -6,9 +6,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from cassandra.query import BatchStatement
+
 from feed.cursor import order_key
 from feed.graph_cassandra import CassandraFollowGraph
-from feed.history_cassandra import CassandraHistory, HistoryRecord
+from feed.history_cassandra import BATCH_BYTES, CassandraHistory, HistoryRecord, Stored
+from feed.stores import create_schema
 
 
 def _record(aid: str, actor: str, ts: int, users: list[str]) -> HistoryRecord:
@@ -38,9 +41,13 @@ def test_timeline_pages_without_gaps_including_ties(
 ) -> None:
     history = CassandraHistory(cassandra, settings.cassandra_keyspace)
     user, a = ids("u"), ids("a")
-    rows = [(user, 5000 + n // 3, f"{a}-{n:03d}", "x") for n in range(250)]
+    # Published times crossing digit boundaries (9, 10, 99, 100, ...), three rows each (ties
+    # broken by id); the expected order is the (published, id) tuples', not the keys'.
+    stamps = [10**k + d for k in range(1, 16) for d in range(-3, 3)]
+    rows = [(user, stamps[n // 3], f"{a}-{n:03d}", "x") for n in range(250)]
     history.write_timeline_rows(rows)
-    expected = sorted((order_key(ts, aid) for _, ts, aid, _ in rows), reverse=True)
+    expected = [order_key(ts, aid) for ts, aid in sorted(((ts, aid) for _, ts, aid, _ in rows),
+                                                         reverse=True)]
     seen: list[str] = []
     before = None
     while True:
@@ -58,12 +65,57 @@ def test_remove_and_delete(cassandra: Any, settings: Any, ids: Callable[[str], s
     record = _record(a, actor, 77, [user])
     history.put_activities([record])
     history.put_deliveries([record])
+    history.add_backfilled([(a, ids("late"))])
     history.remove_from_timelines([(user, 77, a)])
-    history.delete_activity(a, actor, 77)
+    history.mark_deleted(a, actor, 77)
+    # Deleted, but still owned (and its recipients still known until the delete finishes).
+    assert history.stored(a) == Stored(actor, 77, None, True)
+    assert history.activity(a) is None and history.bodies([a]) == {}
+    assert sorted(u for page in history.recipients(a) for u in page) == sorted([user, ids("late")])
+    history.finish_delete(a)
     assert history.page_timeline(user, None, 10) == []
-    assert history.activity(a) is None
     assert history.outbox(actor, 10) == []
     assert list(history.recipients(a)) == []
+    assert history.stored(a) == Stored(actor, 77, None, True)
+
+
+def test_stored_many_reads_a_batch_of_ids_in_chunks(
+    cassandra: Any, settings: Any, ids: Callable[[str], str]
+) -> None:
+    history = CassandraHistory(cassandra, settings.cassandra_keyspace)
+    actor, a = ids("u1"), ids("a")
+    records = [_record(f"{a}-{n}", actor, 1000 + n, []) for n in range(250)]
+    history.put_activities(records[:200])
+    got = history.stored_many([r.activity_id for r in records])
+    assert got == {r.activity_id: Stored(actor, r.ts, r.body, False) for r in records[:200]}
+
+
+def test_migrate_adds_the_deleted_column_to_an_old_activities_table(
+    cassandra: Any, settings: Any, ids: Callable[[str], str]
+) -> None:
+    """A keyspace made by the release before durable deletes: ``feed migrate`` (create_schema)
+    adds the ``deleted`` column and the ``backfilled`` table, and can run again."""
+    ks = ids("old").replace("-", "_")
+    cassandra.execute(
+        f"CREATE KEYSPACE {ks} WITH replication = {{'class': 'SimpleStrategy', "
+        "'replication_factor': 1}", timeout=60
+    )
+    try:
+        cassandra.execute(
+            f"CREATE TABLE {ks}.activities (id text PRIMARY KEY, actor text, ts bigint,"
+            " body blob, recipients blob)", timeout=60
+        )
+        cassandra.execute(f"INSERT INTO {ks}.activities (id, actor, ts, body) VALUES"
+                          " ('a', 'u', 1, 0x7b7d)")
+        create_schema(cassandra, ks)
+        create_schema(cassandra, ks)  # idempotent
+        history = CassandraHistory(cassandra, ks)
+        assert history.stored("a") == Stored("u", 1, b"{}", False)
+        history.mark_deleted("a", "u", 1)
+        assert history.stored("a") == Stored("u", 1, None, True)
+        assert list(history.recipients("a")) == []
+    finally:
+        cassandra.execute(f"DROP KEYSPACE {ks}", timeout=60)
 
 
 def test_follow_graph_pages(cassandra: Any, settings: Any, ids: Callable[[str], str]) -> None:
@@ -107,3 +159,34 @@ def test_follow_and_unfollow_resolve_by_event_time(
     assert not graph.is_following(a, b)
     graph.follow(a, b, t0 + timedelta(seconds=2))
     assert graph.is_following(a, b)
+
+
+def test_batches_stay_under_the_byte_budget_with_multi_byte_ids(
+    cassandra: Any, settings: Any, ids: Callable[[str], str]
+) -> None:
+    """Ids of CJK characters take 3 bytes per character: the batches built for them stay within
+    ``BATCH_BYTES`` of bound values (what the driver sends, measured on the real statements),
+    so Cassandra's batch size fail threshold (50 KiB by default; 2.1 has none) is never hit."""
+    sent: list[object] = []
+
+    class Recording(CassandraHistory):
+        def _run(self, statements: list[tuple[object, object]]) -> None:
+            sent.extend(statement for statement, _ in statements)
+            super()._run(statements)
+
+    history = Recording(cassandra, settings.cassandra_keyspace)
+    wide = "\u6f22\u5b57" * 50  # 100 characters, 300 bytes in UTF-8
+    tag = ids("x")
+    actor, aid = f"{wide[:-len(tag)]}{tag}", f"{tag}{wide[len(tag):]}"
+    users = [f"{n:04d}{wide[4:]}" + tag for n in range(150)]
+    record = HistoryRecord(aid, actor, 1000, b'{"id":"x"}', users)
+    history.put_activities([record])
+    assert history.put_deliveries([record]) == len(users)
+    batches = [s for s in sent if isinstance(s, BatchStatement)]
+    assert batches
+    sizes = [
+        sum(len(v) for _, _, values in batch._statements_and_parameters for v in values if v)
+        for batch in batches
+    ]
+    assert max(sizes) <= BATCH_BYTES, sizes
+    assert history.page_timeline(users[-1], None, 10) == [order_key(1000, aid)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -9,12 +10,14 @@ from typing import Any
 import msgspec
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from fanout.followers import FollowerCache
 from fanout.processor import Processor, RejectedRecord
+from feed import keys
 from feed.graph_cassandra import CassandraFollowGraph
 from feed.history_cassandra import CassandraHistory
-from feed.timeline_redis import RedisTimelines
+from feed.timeline_redis import AsyncRedisPresence, RedisTimelines
 from schemas.activity import Activity, decode_activity
 from schemas.follow import FollowEvent
 
@@ -174,11 +177,11 @@ class _FlakyTimelines(RedisTimelines):
 
     failures = 1
 
-    def insert(self, inserts):  # type: ignore[no-untyped-def]
+    def insert(self, inserts, **kwargs):  # type: ignore[no-untyped-def]
         if self.failures:
             self.failures -= 1
             raise redis.exceptions.ConnectionError("connection dropped (injected)")
-        return super().insert(inserts)
+        return super().insert(inserts, **kwargs)
 
 
 def test_a_deferred_write_that_failed_is_run_again_by_complete(
@@ -231,5 +234,58 @@ def test_without_history_rows_recipients_follow_the_redis_write_and_deletes_stil
         p.apply([(0, delete(ids("d"), u1, a))])
         assert p._timelines.page(u2, None, 10).members == []
         assert p._timelines.page(u3, None, 10).members == []
+    finally:
+        p.close()
+
+
+def _attach(settings: Any, user: str) -> None:
+    async def attach() -> None:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        try:
+            await AsyncRedisPresence(client, ttl_s=60).attach(user)
+        finally:
+            await client.aclose()
+
+    asyncio.run(attach())
+
+
+def _hybrid(redis_client: Any, cassandra: Any, settings: Any, limit: int) -> Processor:
+    """A Processor whose accounts with more than ``limit`` followers are fanned out at read time."""
+    graph = CassandraFollowGraph(cassandra, settings.cassandra_keyspace)
+    history = CassandraHistory(cassandra, settings.cassandra_keyspace)
+    return Processor(
+        timelines=RedisTimelines(redis_client, timeline_max=50, stream_history=100, body_ttl_s=600),
+        history=history,
+        graph=graph,
+        followers=FollowerCache(graph, redis_client, history=history, fanout_limit=limit),
+        follow_backfill=3,
+    )
+
+
+def test_a_follow_of_a_big_account_removes_nothing_the_follower_has(
+    redis_client: Any, cassandra: Any, settings: Any, ids: Callable[[str], str]
+) -> None:
+    """u2 got the star's first activity by fan-out, before the star became big. A follow of the
+    star applied again (a replay, or a second follow) must leave it in u2's timeline, with no
+    ``removed`` frame; only an unfollow removes it."""
+    star, fan, u3, u4 = ids("star"), ids("fan"), ids("u3"), ids("u4")
+    first, later = ids("first"), ids("later")
+    p = _hybrid(redis_client, cassandra, settings, limit=2)
+    _attach(settings, fan)  # online: a removal would be pushed to it
+    try:
+        p.apply([(0, follow(fan, star, 1)), (1, act(first, star, 1))])
+        assert timeline(p, fan) == [first]
+        p.apply([(0, follow(u3, star, 2)), (1, follow(u4, star, 3)), (2, act(later, star, 2))])
+        assert redis_client.sismember(keys.big_accounts, star)  # 3 followers > 2
+        assert timeline(p, fan) == [first]  # the later one is merged at read time
+        stream_before = redis_client.xlen(keys.deliveries(fan))
+        assert stream_before >= 1  # the first activity was pushed
+        p.apply([(0, follow(fan, star, 1))])  # the same follow again
+        p.apply([(0, follow(fan, star, 4))])  # a later follow of the same pair
+        assert timeline(p, fan) == [first]
+        assert redis_client.xlen(keys.deliveries(fan)) == stream_before
+        p.apply([(0, follow(fan, star, 5, "unfollow"))])
+        assert timeline(p, fan) == []
+        assert redis_client.xlen(keys.deliveries(fan)) == stream_before + 1  # `removed`
     finally:
         p.close()

@@ -120,10 +120,13 @@ def test_ping_is_answered_in_and_out_of_subscriber_mode(
             await _until(lambda: rec.pongs == 1, "PONG")
             link.send("SUBSCRIBE", ids("ch"))
             await _until(lambda: rec.subscribed, "the confirmation")
-            before = link.last_seen
+            loop = asyncio.get_running_loop()
+            link.last_seen = -1.0  # a sentinel: only data received after the PING replaces it
+            sent_at = loop.time()
             link.send("PING")  # subscribed: Redis answers ["pong", ""]
             await _until(lambda: rec.pongs == 2, "pong")
-            assert link.last_seen >= before
+            # The pong is data received: last_seen is the loop time it arrived.
+            assert sent_at <= link.last_seen <= loop.time(), (sent_at, link.last_seen)
         finally:
             await link.aclose()
 

@@ -65,7 +65,9 @@ def test_reinsert_is_idempotent(redis_client: redis.Redis, ids: Callable[[str], 
 def test_paging_with_exclusive_cursor(redis_client: redis.Redis, ids: Callable[[str], str]) -> None:
     t = _timelines(redis_client, cap=100)
     user, a = ids("u"), ids("a")
-    t.insert([_insert(ts, f"{a}-{ts:02d}", [user]) for ts in range(10)])
+    # Published times crossing digit boundaries (9 -> 10, 99 -> 100, ...), inserted out of order.
+    stamps = [10**k + d for k in range(1, 6) for d in (0, -1)]
+    t.insert([_insert(ts, f"{a}-{ts}", [user]) for ts in stamps])
     seen: list[str] = []
     before = None
     for _ in range(10):
@@ -75,7 +77,9 @@ def test_paging_with_exclusive_cursor(redis_client: redis.Redis, ids: Callable[[
         seen += page.members
         before = page.members[-1]
     assert len(seen) == len(set(seen)) == 10
-    assert seen == sorted(seen, reverse=True)
+    # Newest first by published time, computed without the code under test.
+    assert [m.split(":", 1)[1] for m in seen] == [f"{a}-{ts}" for ts in sorted(stamps,
+                                                                             reverse=True)]
 
 
 def test_many_recipients_are_split_across_calls(
@@ -200,3 +204,37 @@ def test_only_active_skips_inactive_offline_users_per_group(
     )
     assert (inserted, pushed) == (6, 3)
     assert (t.size(active), t.size(inactive), t.size(online)) == (3, 0, 3)
+
+
+def test_an_item_the_cap_trims_at_once_is_not_pushed_so_a_replay_never_repeats_it(
+    redis_client: redis.Redis,
+    settings,
+    ids: Callable[[str], str],  # type: ignore[no-untyped-def]
+) -> None:
+    """An online user's timeline is full; an older activity arrives (a late or replayed create):
+    the cap trims it straight back out, so it is not pushed, and delivering it again pushes
+    nothing either — the client never sees one item twice. The same holds within one call that
+    brings more items than the cap: only the ones the timeline keeps are pushed."""
+    online, a = ids("on"), ids("a")
+    epoch = _attach(settings, online)
+    t = _timelines(redis_client, cap=5)
+    assert t.insert([_insert(ts, f"{a}-{ts}", [online]) for ts in range(10, 15)]) == (5, 5)
+    old = _insert(1, f"{a}-1", [online])
+    pushes = [t.insert([old])[1] for _ in range(2)]  # delivered, then delivered again
+    assert pushes == [0, 0]
+    assert t.size(online) == 5
+    # One call: three newer items and two older than everything kept.
+    batch = [_insert(ts, f"{a}-{ts}", [online]) for ts in (20, 2, 21, 3, 22)]
+    inserted, pushed = t.insert(batch)
+    assert (inserted, pushed) == (5, 3)
+    assert t.insert(batch)[1] == 0  # the replay of the call
+    frames = [
+        msgspec.json.decode(fields[b"f"])
+        for _, fields in redis_client.xrange(keys.deliveries(online))
+    ]
+    pushed_ids = [f["activity"]["id"] for f in frames]
+    assert len(pushed_ids) == len(set(pushed_ids)), pushed_ids
+    assert pushed_ids == [f"{a}-{ts}" for ts in (10, 11, 12, 13, 14, 20, 21, 22)]
+    assert [f["cursor"] for f in frames] == [f"{epoch}.{n}" for n in range(1, 9)]
+    kept = [m.split(":", 1)[1] for m in t.page(online, None, 10).members]
+    assert kept == [f"{a}-{ts}" for ts in (22, 21, 20, 14, 13)]

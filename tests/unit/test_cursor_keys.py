@@ -64,3 +64,53 @@ def test_keys_share_a_hash_tag_per_user() -> None:
     assert all("{u1}" in n for n in names)
     assert len(set(names)) == 4
     assert keys.body("a-1") == "a:a-1"
+
+
+# Digits that are not ASCII: str.isdigit() and \d accept them, int() reads some of them.
+_NOT_ASCII_DIGITS = ["\u00b2", "\u0663", "\u06f5", "\u0967", "\uff11", "\U0001d7d9"]
+
+
+@given(st.integers(0, 10**16 - 1), ids, st.integers(0, 15), st.sampled_from(_NOT_ASCII_DIGITS))
+def test_order_keys_with_digits_that_are_not_ascii_are_refused(
+    ts: int, activity_id: str, at: int, digit: str
+) -> None:
+    key = order_key(ts, activity_id)
+    bad = key[:at] + digit + key[at + 1 :]
+    with pytest.raises(CursorError):
+        split_order_key(bad)
+    with pytest.raises(CursorError):
+        decode_position(encode_position(bad))
+
+
+@given(st.integers(0, 10**16 - 1), ids, st.sampled_from(["\n", "\r\n", "\x00", " "]))
+def test_positions_with_a_trailing_newline_or_control_are_refused(
+    ts: int, activity_id: str, tail: str
+) -> None:
+    key = order_key(ts, activity_id) + tail
+    with pytest.raises(CursorError):
+        decode_position(encode_position(key))
+    cursor = encode_position(order_key(ts, activity_id))
+    for bad in (cursor + tail, cursor + "=", cursor + "!", tail + cursor):
+        with pytest.raises(CursorError):
+            decode_position(bad)
+
+
+@given(
+    st.text(alphabet="abcdef0123456789", min_size=1, max_size=16),
+    st.integers(0, 10**18 - 1),
+    st.sampled_from(_NOT_ASCII_DIGITS),
+)
+def test_stream_cursors_are_ascii_and_matched_whole(epoch: str, seq: int, digit: str) -> None:
+    good = f"{epoch}.{seq}"
+    assert decode_stream(good) == StreamCursor(epoch, seq)
+    for bad in (good + "\n", good + digit, f"{epoch}.{digit}", f"{digit}.{seq}", "\n" + good):
+        with pytest.raises(CursorError):
+            decode_stream(bad)
+
+
+def test_position_ids_must_be_valid_activity_ids() -> None:
+    with pytest.raises(CursorError):
+        decode_position(encode_position(order_key(1, "a" * 129)))
+    with pytest.raises(CursorError):
+        decode_position(encode_position(order_key(1, "a b")))
+    assert decode_position(encode_position(order_key(1, "a" * 128))) == order_key(1, "a" * 128)

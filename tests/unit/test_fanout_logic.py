@@ -47,7 +47,8 @@ def test_recipients_are_followers_then_extra_to() -> None:
             }
         )
     )
-    assert _recipients(activity, ("u2", "u3")) == ("u2", "u3", "u9")
+    assert _recipients(activity.to, ("u2", "u3")) == ("u2", "u3", "u9")
+    assert _recipients([], ("u2",)) == ("u2",)
 
 
 def test_partition_lag() -> None:

@@ -9,7 +9,8 @@ any frame leaves the session open or closed with one of the contract's close cod
 Inputs: arbitrary bytes and text, arbitrary JSON documents (NaN/Infinity included), near-valid
 events whose fields are replaced by hostile values, duplicate keys, invalid UTF-8 spliced in,
 truncations, and fixed monsters (``[`` * 100000, multi-megabyte strings). Every decoder call is
-bounded in time (hypothesis ``deadline``) and the monsters in memory (``tracemalloc`` peak).
+bounded in time (hypothesis ``deadline``); the monsters in time (``MONSTER_SECONDS``, derived from
+measurement) and in memory (``tracemalloc`` peak).
 
 Every decoder call is counted; the total is printed at the end of the module
 (``fuzz decoding: N inputs tried``).
@@ -17,6 +18,7 @@ Every decoder call is counted; the total is printed at the end of the module
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -421,19 +423,38 @@ def test_session_binary_frames(data: bytes) -> None:
 
 
 # --- monsters: deep nesting, huge strings, bounded time and memory ----------------------------
-def bounded(decode: Callable[[Any], Any], data: bytes | str, *, seconds: float = 2.0) -> None:
-    """``decode(data)`` returns or raises ValidationError, in bounded time and memory."""
+#: Time bound of one monster decode. Derived from measurement: the slowest monster
+#: (``batch_100k_numbers`` through ``decode_activities``) takes 4.7-4.9 ms on the 2-core CI-sized
+#: machine while other test suites loaded both cores (every other monster < 1.1 ms). The bound is
+#: 10x that worst case: a real regression (a Python-level pass over each byte of the 2 MB string,
+#: ~100 ns/byte, or any quadratic step on the 100k-element inputs) takes 200 ms or more, while the
+#: best of three tries removes scheduler stalls from the figure on a loaded machine.
+MONSTER_SECONDS = 0.05
+
+
+def bounded(decode: Callable[[Any], Any], data: bytes | str, *,
+            seconds: float = MONSTER_SECONDS) -> None:
+    """``decode(data)`` returns or raises ValidationError, in bounded time and memory.
+
+    Time is the best of three untraced calls (tracemalloc slows allocation-heavy decodes ~20x);
+    memory is the peak of a fourth call under tracemalloc."""
+
+    def call() -> None:
+        with contextlib.suppress(ValidationError):
+            decode(data)
+
+    elapsed = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        call()
+        elapsed = min(elapsed, time.perf_counter() - started)
     tracemalloc.start()
-    started = time.perf_counter()
     try:
-        decode(data)
-    except ValidationError:
-        pass
+        call()
     finally:
-        elapsed = time.perf_counter() - started
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-    assert elapsed < seconds, f"{decode.__name__} took {elapsed:.2f}s"
+    assert elapsed < seconds, f"{decode.__name__} took {elapsed * 1000:.1f} ms (bound {seconds}s)"
     # Linear in the input at worst, never a blow-up. The worst case is a batch of tiny items
     # (``[1,1,...]``): one ``msgspec.Raw`` (~64 bytes) per 2 input bytes before the count check.
     assert peak < 40 * len(data) + (4 << 20), f"{decode.__name__} peaked at {peak} bytes"
