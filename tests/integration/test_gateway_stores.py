@@ -29,7 +29,7 @@ import redis
 import structlog
 
 from fanout.followers import BIG_SENTINEL
-from feed import keys
+from feed import keys, versions
 from feed.cursor import order_key
 from feed.graph_cassandra import CassandraFollowGraph
 from feed.settings import Settings
@@ -116,6 +116,11 @@ class BigAccount:
     def subscribed(self) -> bool:
         channel = keys.actor_channel(self.star).encode()
         return channel in set(self.redis.pubsub_channels())
+
+
+def bump_following(client: redis.Redis, user: str) -> None:
+    """A new version of whom ``user`` follows, set as the worker sets it on a follow."""
+    client.eval(versions.BUMP, 1, keys.following_version(user), versions.new_token())
 
 
 @pytest.fixture
@@ -285,7 +290,7 @@ async def test_a_burst_of_following_changes_is_one_read_in_flight_and_the_last_s
             big.fan, second, datetime.now(UTC)
         )
         big.redis.sadd(keys.big_accounts, second)
-        big.redis.incr(keys.following_version(big.fan))  # as the worker does on a follow
+        bump_following(big.redis, big.fan)  # as the worker does on a follow
         big.redis.publish(channel, keys.CONTROL_FOLLOWING)
         second_channel = keys.actor_channel(second).encode()
         await eventually(
@@ -540,7 +545,7 @@ async def test_a_large_account_followed_while_offline_makes_an_older_resume_rese
         big.fan, other.star, datetime.now(UTC)
     )
     big.redis.sadd(keys.big_accounts, other.star)
-    big.redis.incr(keys.following_version(big.fan))  # as the worker does on a follow
+    bump_following(big.redis, big.fan)  # as the worker does on a follow
     posted = other.post("while-offline")
     async with resumed_stream(gw.ws, fan_token, cursor) as (ws, _welcome):
         assert await next_frame(ws, TIMEOUT) == {"type": "reset"}
