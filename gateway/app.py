@@ -21,10 +21,12 @@ document built by :mod:`gateway.openapi`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import functools
 import hashlib
+import logging
 import re
 import secrets
 import socket
@@ -59,7 +61,9 @@ from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from websockets.exceptions import WebSocketException
 
+from feed import keys
 from feed.cursor import CursorError, decode_position
 from feed.kafka import AsyncProducer, KafkaUnavailable, producer_config
 from feed.reader import FeedReader
@@ -91,6 +95,7 @@ from gateway.session import (
     PRESENCE_PREFIX,
     RESET_CONTROL,
     Session,
+    fit_close_reason,
 )
 from gateway.timers import timers
 from schemas import (
@@ -127,14 +132,36 @@ _CLOSE_TRY_AGAIN = 1013
 #: Frames kept for a connection whose session has not started yet (see
 #: ``StreamConnection._deliver_early``).
 _EARLY_MAX_FRAMES = 64
-#: Large accounts: attempts at one actor-channel write, and the backlog of an actor's messages
-#: past which a write is tried only once (see ``Gateway._apply_actor_message``); the longest
-#: pause between rounds of reads of the large accounts users follow, and the failures in a row
-#: that end a round (``Gateway._retry_actors``).
+#: Large accounts: attempts at one actor-channel write, the backlog of an actor's messages
+#: past which a write is tried only once (see ``Gateway._apply_actor_message``) and the most of
+#: them kept waiting (``Gateway._on_actor_message``: past it the backlog is dropped and its
+#: users are sent ``reset``); the longest pause between rounds of reads of the large accounts
+#: users follow, and the failures in a row that end a round (``Gateway._retry_actors``).
 _ACTOR_ATTEMPTS = 3
 _ACTOR_BACKLOG_RETRY = 32
+_ACTOR_QUEUE_MAX = 256
 _ACTOR_REFRESH_MAX_PAUSE_S = 30.0
 _ACTOR_REFRESH_FAILURES = 3
+#: Large accounts' items a stream missed while its user was offline (``Gateway.catch_up``): the
+#: presence hash's fields for the newest outbox member caught up with, per account; the flag
+#: "this stream was caught up before"; and the seq at or before which a resume must be answered
+#: with ``reset``. How long a connect waits for its accounts' channels to be confirmed.
+_CAUGHT_UP_PREFIX = "b:"
+_CAUGHT_UP_FLAG = "b"
+_RESET_THROUGH = "r"
+_CATCH_UP_SUBSCRIBE_S = 5.0
+#: Writes the catch-up state into the presence hash only while it is still the stream of the
+#: given epoch (a hash that expired meanwhile is not recreated without its epoch). KEYS[1] the
+#: presence hash; ARGV: epoch, reset-through seq (or ""), then field/value pairs.
+_CAUGHT_UP_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'e') ~= ARGV[1] then return 0 end
+if ARGV[2] ~= '' then
+  local old = tonumber(redis.call('HGET', KEYS[1], 'r') or '-1')
+  if tonumber(ARGV[2]) > old then redis.call('HSET', KEYS[1], 'r', ARGV[2]) end
+end
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
 #: Bound on waiting for a close frame to be written to a client that may not be reading.
 _CLOSE_TIMEOUT_S = 5.0
 _QUIET_ROUTES = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
@@ -344,11 +371,18 @@ class Gateway:
         self.connect_ip_limit = Limit(settings.connect_ip_rate, settings.connect_ip_burst)
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
-        #: Large accounts: the last message task of each actor (the next one waits for it), how
-        #: many of its messages are queued, the connected users whose large accounts could not
-        #: be read (and the one task that retries them).
-        self._actor_tails: dict[str, asyncio.Task[None]] = {}
-        self._actor_backlog: dict[str, int] = {}
+        #: Large accounts: each actor's messages waiting to be applied (at most
+        #: ``_ACTOR_QUEUE_MAX``) and the one task applying them, in order; the refresh of whom a
+        #: user follows in flight (one per user) and the users whose followings changed again
+        #: meanwhile; the connected users whose large accounts could not be read (and the one
+        #: task that retries them).
+        self._actor_queues: dict[str, collections.deque[tuple[list[str], bytes]]] = {}
+        self._actor_workers: dict[str, asyncio.Task[None]] = {}
+        self._refreshes: dict[str, asyncio.Task[None]] = {}
+        self._refresh_again: set[str] = set()
+        #: Catch-ups of connected users after a Pub/Sub reconnect (one in flight per user).
+        self._catch_ups: dict[str, asyncio.Task[None]] = {}
+        self._catch_up_again: set[str] = set()
         self._actors_unknown: dict[str, None] = {}  # ordered: retried first come, first served
         self._actor_retry: asyncio.Task[None] | None = None
         #: First pause before retrying an actor-channel write, and a failed read of the large
@@ -398,15 +432,21 @@ class Gateway:
             self._redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
         self._timelines = AsyncRedisTimelines(self._redis)
         self._limiter = RedisRateLimiter(self._redis)
+        self._caught_up_script = self._redis.register_script(_CAUGHT_UP_SCRIPT)
         self._presence = AsyncRedisPresence(self._redis, ttl_s=s.resume_window_s)
         self._hub = Hub(
             self._redis, self._presence, refresh_interval_s=max(1.0, s.resume_window_s / 3)
         )
         self._hub.on_actor_message = self._on_actor_message
         self._hub.on_following_changed = self._on_following_changed
+        self._hub.on_resubscribed = self._on_resubscribed
         await self._hub.start()
         if self._producer is None:
-            self._producer = AsyncProducer(producer_config(s))
+            # librdkafka writes its own lines to stderr unless given a logger: through
+            # logging they are JSON lines like every other (feed.logging).
+            self._producer = AsyncProducer(
+                producer_config(s, logger=logging.getLogger("librdkafka"))
+            )
         if self._reader is None:
             history = None
             if self.cassandra is not None:
@@ -449,24 +489,59 @@ class Gateway:
         task.add_done_callback(self._background.discard)
         return task
 
-    def _on_actor_message(self, actor: str, users: list[str], message: bytes) -> None:
-        previous = self._actor_tails.get(actor)
-        backlog = self._actor_backlog.get(actor, 0) + 1
-        self._actor_backlog[actor] = backlog
-        task = self._spawn(
-            self._apply_actor_message(
-                actor, users, message, previous=previous, retry=backlog <= _ACTOR_BACKLOG_RETRY
-            )
-        )
-        self._actor_tails[actor] = task
-        task.add_done_callback(functools.partial(self._actor_message_done, actor))
+    def tracked(self) -> dict[str, int]:
+        """Sizes of the large-account state (tests and operators: each stays bounded, whatever
+        the rate of messages): background tasks, actors with a queue, messages queued over all
+        actors, refreshes of whom a user follows in flight, and users waiting for a retry."""
+        return {
+            "background_tasks": len(self._background),
+            "actor_queues": len(self._actor_queues),
+            "actor_messages_queued": sum(len(queue) for queue in self._actor_queues.values()),
+            "actor_workers": len(self._actor_workers),
+            "refreshes": len(self._refreshes),
+            "catch_ups": len(self._catch_ups),
+            "actors_unknown": len(self._actors_unknown),
+        }
 
-    def _actor_message_done(self, actor: str, task: asyncio.Task[None]) -> None:
-        if self._actor_tails.get(actor) is task:
-            del self._actor_tails[actor]
-        backlog = self._actor_backlog.pop(actor, 1) - 1
-        if backlog > 0:
-            self._actor_backlog[actor] = backlog
+    def _on_actor_message(self, actor: str, users: list[str], message: bytes) -> None:
+        """Queue a large account's message for its one worker task (applied in order).
+
+        At most ``_ACTOR_QUEUE_MAX`` wait (Redis slow or down and the account busy): past that
+        the queue is dropped, this message with it, and every user it was for is sent ``reset``
+        (:meth:`Hub.reset_users`): the items are in the account's outbox, which a refetch over
+        HTTP merges in, so nothing is lost, and the memory held stays bounded."""
+        queue = self._actor_queues.get(actor)
+        if queue is None:
+            queue = self._actor_queues[actor] = collections.deque()
+        if len(queue) >= _ACTOR_QUEUE_MAX:
+            dropped = set(users)
+            for waiting, _message in queue:
+                dropped.update(waiting)
+            log.error(
+                "actor_backlog_dropped", actor=actor, messages=len(queue) + 1,
+                users=len(dropped), action="reset",
+            )
+            queue.clear()
+            self.hub.reset_users(dropped)
+        else:
+            queue.append((users, message))
+        if actor not in self._actor_workers and queue:
+            self._actor_workers[actor] = self._spawn(self._apply_actor_messages(actor, queue))
+
+    async def _apply_actor_messages(
+        self, actor: str, queue: collections.deque[tuple[list[str], bytes]]
+    ) -> None:
+        """Apply ``actor``'s queued messages one at a time, in order, until none is left."""
+        try:
+            while queue:
+                users, message = queue.popleft()
+                await self._apply_actor_message(
+                    actor, users, message, retry=len(queue) < _ACTOR_BACKLOG_RETRY
+                )
+        finally:
+            self._actor_workers.pop(actor, None)
+            if not queue and self._actor_queues.get(actor) is queue:
+                del self._actor_queues[actor]
 
     async def _apply_actor_message(
         self,
@@ -474,7 +549,6 @@ class Gateway:
         users: list[str],
         message: bytes,
         *,
-        previous: asyncio.Task[None] | None = None,
         retry: bool = True,
     ) -> None:
         """A large account's new (``+member\\nbody``) or deleted (``-member``) activity: insert
@@ -482,15 +556,13 @@ class Gateway:
         idempotent, so when several gateways hold followers the first insert wins and the user's
         own channel delivers it once, with one delivery seq, to all of their connections.
 
-        One actor's messages are applied in the order they came (``previous`` first), so a
-        delete never overtakes the insert it undoes. A write that fails is tried again
-        (``_ACTOR_ATTEMPTS`` in all, with backoff; once only while more than
-        ``_ACTOR_BACKLOG_RETRY`` of the actor's messages wait); if it still fails, each of the
-        users' connections sends ``reset`` (:meth:`Hub.reset_users`): the item did not reach
-        their delivery stream, so no resume could bring it, and the client refetches over HTTP,
-        where the account's outbox is merged in. Never a silent loss."""
-        if previous is not None and not previous.done():
-            await asyncio.wait({previous})
+        One actor's messages are applied in the order they came (one task per actor, see
+        :meth:`_on_actor_message`), so a delete never overtakes the insert it undoes. A write
+        that fails is tried again (``_ACTOR_ATTEMPTS`` in all, with backoff; once only while
+        ``_ACTOR_BACKLOG_RETRY`` or more of the actor's messages wait); if it still fails, each
+        of the users' connections sends ``reset`` (:meth:`Hub.reset_users`): the item did not
+        reach their delivery stream, so no resume could bring it, and the client refetches over
+        HTTP, where the account's outbox is merged in. Never a silent loss."""
         s = self.settings
         timelines = _opened(self._timelines)
         attempts = _ACTOR_ATTEMPTS if retry else 1
@@ -531,7 +603,33 @@ class Gateway:
         self.hub.reset_users(users)
 
     def _on_following_changed(self, user: str) -> None:
-        self._spawn(self.refresh_actors(user))
+        self.request_refresh(user)
+
+    def request_refresh(self, user: str) -> asyncio.Task[None]:
+        """Re-read the large accounts ``user`` follows (:meth:`refresh_actors`), coalesced: at
+        most one read per user is in flight; a change that comes meanwhile marks the user to be
+        read once more when it ends (however many came), so the newest state is applied last
+        and a burst of follows costs two reads, not one task each. The task returned ends once
+        the user's state is read and applied."""
+        task = self._refreshes.get(user)
+        if task is not None and not task.done():
+            self._refresh_again.add(user)
+            return task
+        task = self._spawn(self._refresh_until_current(user))
+        self._refreshes[user] = task
+        return task
+
+    async def _refresh_until_current(self, user: str) -> None:
+        try:
+            while True:
+                self._refresh_again.discard(user)
+                await self.refresh_actors(user)
+                if user not in self._refresh_again or self._closing:
+                    return
+        finally:
+            self._refresh_again.discard(user)
+            if self._refreshes.get(user) is asyncio.current_task():
+                del self._refreshes[user]
 
     async def refresh_actors(self, user: str) -> None:
         """Subscribe the actor channels of the large accounts ``user`` follows. Never raises.
@@ -596,6 +694,156 @@ class Gateway:
                 log.info("actor_channels_recovered", user_id=user, actors=len(actors))
                 if actors:
                     self.hub.reset_users([user])
+
+    async def catch_up(self, user: str, epoch: str) -> tuple[int | None, int | None]:
+        """Bring the large accounts' items that ``user``'s delivery stream missed into it, before
+        a connection of theirs starts: ``(reset_through, seq)``, the seq at or before which a
+        resume must be answered with ``reset`` (None: no such seq) and the stream's last seq
+        afterwards (None if the stream of ``epoch`` is gone). Raises on Redis errors.
+
+        A large account's items reach a follower's stream only while a gateway holding one of
+        their connections is subscribed to its channel; what it announces while they are
+        offline (within the resume window, when the stream lives on) would never be in it, and
+        a resume would skip it silently. So the presence hash (which lives and dies with the
+        stream) records, per account, the newest outbox member the stream has been caught up
+        with (``b:<actor>``). At each connect, once the accounts' channels are confirmed (so
+        anything newer comes live), the outbox members after that mark are offered to the
+        stream, oldest first, with the same idempotent script as live pushes: those already in
+        the timeline (pushed live) are skipped, the others get the next seqs, and the resume
+        replays them. Then the marks move to the outbox's newest member.
+
+        An account the user follows with no mark in a stream that has been caught up before
+        was followed while offline (or its mark could not be written): what it announced since
+        is unknown, so every resume at or before the stream's current seq is answered with
+        ``reset`` (``r``, kept in the hash for later connections too). A stream never caught up
+        (just created by this connect: no resume into it is possible) only gets its marks.
+        Members the timeline's cap would drop at once are not offered (they would arrive as new
+        frames and be trimmed right after). Items an account backdates before its mark are not
+        seen as new (the outbox is ordered by ``published``); the HTTP feed has them.
+        """
+        redis_client = self.redis
+        presence_key = keys.presence(user)
+        actors = sorted(self.hub.actors_of(user))
+        subscribed = not actors or await self.hub.actors_subscribed(
+            actors, _CATCH_UP_SUBSCRIBE_S
+        )
+        pipe = redis_client.pipeline(transaction=False)
+        fields = ["e", "s", _CAUGHT_UP_FLAG, _RESET_THROUGH]
+        fields += [_CAUGHT_UP_PREFIX + actor for actor in actors]
+        pipe.hmget(presence_key, fields)
+        for actor in actors:
+            pipe.zrevrangebylex(keys.outbox(actor), "+", "-", start=0, num=1)
+        results = await pipe.execute()
+        state = [_text(value) for value in results[0]]
+        heads = {actor: _text(head[0]) if head else "" for actor, head in zip(
+            actors, results[1:], strict=True)}
+        current_epoch, seq_text, flag, reset_text = state[:4]
+        if current_epoch != epoch or seq_text is None:
+            return None, None  # the stream was recreated meanwhile: the session resets anyway
+        seq = int(seq_text)
+        reset_through = int(reset_text) if reset_text else None
+        marks = dict(zip(actors, state[4:], strict=True))
+        unknown = [a for a in actors if marks[a] is None or not subscribed]
+        new_reset: int | None = None
+        if unknown and flag is not None:
+            new_reset = seq  # what those accounts announced meanwhile is not in the stream
+            reset_through = max(reset_through or -1, seq)
+        offered = 0
+        if subscribed:
+            caught = {a: marks[a] for a in actors if marks[a] is not None and marks[a] != heads[a]}
+            offered = await self._offer_missed(user, caught)
+        updates: list[str] = [] if flag is not None else [_CAUGHT_UP_FLAG, "1"]
+        if subscribed:
+            for actor in actors:
+                if marks[actor] != heads[actor]:
+                    updates += [_CAUGHT_UP_PREFIX + actor, heads[actor]]
+        written = 0
+        if updates or new_reset is not None:
+            written = await self._caught_up_script(
+                keys=[presence_key],
+                args=[epoch, "" if new_reset is None else str(new_reset), *updates],
+            )
+        if offered or new_reset is not None:
+            log.info(
+                "stream_caught_up", user_id=user, offered=offered, reset_through=new_reset,
+                accounts=len(actors), written=bool(written),
+            )
+        if offered:
+            now = await redis_client.hget(presence_key, "s")
+            if now is not None:
+                seq = int(now)
+        return reset_through, seq
+
+    def _on_resubscribed(self, user: str) -> None:
+        """``user``'s channels were subscribed again after the Pub/Sub connection was lost:
+        their large accounts' announcements meanwhile were lost with it (their channels have no
+        stream to re-read). Catch the stream up as at a connect (:meth:`catch_up`); what it adds
+        reaches the connected sessions live. One catch-up per user in flight, plus one more if
+        the link was lost again meanwhile."""
+        if not self.hub.actors_of(user):
+            return
+        task = self._catch_ups.get(user)
+        if task is not None and not task.done():
+            self._catch_up_again.add(user)
+            return
+        self._catch_ups[user] = self._spawn(self._catch_up_connected(user))
+
+    async def _catch_up_connected(self, user: str) -> None:
+        try:
+            while not self._closing and self.hub.connections_of(user):
+                self._catch_up_again.discard(user)
+                try:
+                    epoch = _text(await self.redis.hget(keys.presence(user), "e"))
+                    if epoch is not None:
+                        await self.catch_up(user, epoch)
+                except _REDIS_ERRORS as exc:
+                    # The items are in the outbox: the connections refetch.
+                    log.warning("catch_up_failed", user_id=user, error=str(exc)[:200])
+                    self.hub.reset_users([user])
+                if user not in self._catch_up_again:
+                    return
+        finally:
+            self._catch_up_again.discard(user)
+            if self._catch_ups.get(user) is asyncio.current_task():
+                del self._catch_ups[user]
+
+    async def _offer_missed(self, user: str, marks: dict[str, str]) -> int:
+        """Offer each account's outbox members after its mark (``""``: all) to ``user``'s
+        stream, oldest first; skip those in the timeline already, those whose body is gone (a
+        delete) and those older than a full timeline's oldest. The number offered."""
+        if not marks:
+            return 0
+        redis_client = self.redis
+        s = self.settings
+        pipe = redis_client.pipeline(transaction=False)
+        for actor, mark in marks.items():
+            pipe.zrangebylex(keys.outbox(actor), f"({mark}" if mark else "-", "+")
+        pipe.zcard(keys.timeline(user))
+        pipe.zrange(keys.timeline(user), 0, 0)
+        *ranges, size, oldest = await pipe.execute()
+        members = sorted({_text(m) for found in ranges for m in found})
+        if size >= s.timeline_max and oldest:
+            floor = _text(oldest[0])
+            members = [m for m in members if m > floor]
+        if not members:
+            return 0
+        pipe = redis_client.pipeline(transaction=False)
+        pipe.zmscore(keys.timeline(user), members)
+        pipe.mget([keys.body(m.partition(":")[2]) for m in members])
+        scores, bodies = await pipe.execute()
+        timelines = _opened(self._timelines)
+        offered = 0
+        for member, score, body in zip(members, scores, bodies, strict=True):
+            if score is not None or body is None:
+                continue
+            await timelines.insert_for(
+                [user], member, body,
+                timeline_max=s.timeline_max,
+                stream_history=s.stream_history,
+                body_ttl_s=s.body_ttl_days * 86_400,
+            )
+            offered += 1
+        return offered
 
     def _make_reader(self, history: Any) -> FeedReader:
         from feed.graph_cassandra import CassandraFollowGraph
@@ -669,6 +917,11 @@ class Gateway:
         if session is None:
             raise _NotConnectedYet("not connected yet")
         await asyncio.to_thread(session.execute, "SELECT now() FROM system.local", timeout=2.0)
+
+
+def _text(value: bytes | str | None) -> Any:
+    """A Redis reply as ``str`` (None stays None)."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _opened(value: T | None) -> T:
@@ -1245,12 +1498,22 @@ async def _connect_allowed(
 
 
 async def _close_quietly(websocket: _StreamSocket, code: int, reason: str) -> None:
+    """Close with ``code`` and ``reason`` (cut to what a close frame holds); never raises for
+    the client's sake: a close that cannot be written ends in dropping the connection."""
     try:
-        await asyncio.wait_for(websocket.close(code, reason), _CLOSE_TIMEOUT_S)
+        await asyncio.wait_for(
+            websocket.close(code, fit_close_reason(reason)), _CLOSE_TIMEOUT_S
+        )
     except TimeoutError:
         websocket.abort()  # the client is not reading: the close frame cannot get out
         return
     except (RuntimeError, OSError):
+        return
+    except WebSocketException as exc:
+        # The protocol refused the close frame (a reason this code let through, or a state
+        # it did not expect): drop the connection rather than let the handler die with it.
+        log.warning("ws_close_failed", code=code, error=f"{type(exc).__name__}: {exc}"[:200])
+        websocket.abort()
         return
     # The close frame may only be buffered: a client that does not read within the close
     # timeout has its connection reset rather than held open by the unsent bytes.
@@ -1383,19 +1646,24 @@ class StreamConnection:
                 # A connected user is active: fan-out writes their Redis timeline (and a user
                 # back from a quiet period gets it rebuilt from history, single-flight).
                 await gateway.reader.touch(self.user)
-                await gateway.refresh_actors(self.user)
+                # Shared with a refresh in flight for this user (a follow just changed): the
+                # connection must not be cancelled out of it, nor cancel it for others.
+                await asyncio.shield(gateway.request_refresh(self.user))
+                reset_through, caught_up_seq = await gateway.catch_up(self.user, presence.epoch)
             except _REDIS_ERRORS as exc:
                 log.warning("ws_rejected", reason="redis_unavailable", error=str(exc))
                 await _close_quietly(self._ws, _CLOSE_TRY_AGAIN, "try again later")
                 return
-            session = self._start_session(presence.epoch, presence.seq)
+            session = self._start_session(presence.epoch, presence.seq, reset_through)
+            if caught_up_seq is not None:
+                session.rebase(presence.epoch, caught_up_seq)  # frames the catch-up added
             await self._serve(session)
         finally:
             gateway.metrics.connections.dec()
             gateway.hub.unregister(self)
             self._log_summary(session, time.monotonic() - started)
 
-    def _start_session(self, epoch: str, seq: int) -> Session:
+    def _start_session(self, epoch: str, seq: int, reset_through: int | None = None) -> Session:
         settings = self._gateway.settings
         hold = self._gateway.hold_live_s
         session = Session(
@@ -1404,6 +1672,7 @@ class StreamConnection:
             seq,
             max_queue_bytes=settings.send_queue_bytes,
             hold_live=hold > 0,
+            reset_through=reset_through,
         )
         self._session = session
         if self._early is not None:

@@ -22,6 +22,9 @@ Guarantees (what ``gateway.app`` relies on):
   channel (``feed.keys.actor_channel``) is subscribed while at least one local user follows it,
   and each message on it is handed once, with the list of local followers, to
   ``on_actor_message`` (the app inserts it into those users' timelines, which delivers it).
+  :meth:`Hub.actors_subscribed` waits until Redis confirmed given actor channels. After a
+  Pub/Sub reconnect, once a user's presence is re-attached, ``on_resubscribed`` tells the app
+  (what their large accounts announced meanwhile was lost with the connection).
 * **Control frames stay inside.** A frame on a user's channel that starts with ``{"type":"_`` is
   for the gateway (``feed.keys.CONTROL_FOLLOWING``: whom the user follows changed) and goes to
   ``on_following_changed``, never to a client.
@@ -137,6 +140,10 @@ class Hub:
         self.on_actor_message: Callable[[str, list[str], bytes], None] | None = None
         #: Set by the app: the user's followings changed (re-resolve their actor channels).
         self.on_following_changed: Callable[[str], None] | None = None
+        #: Set by the app: the user's channels were subscribed again after the Pub/Sub
+        #: connection was lost, and their presence re-attached (what their large accounts
+        #: announced meanwhile was lost: the app catches their stream up).
+        self.on_resubscribed: Callable[[str], None] | None = None
         #: Counters (metrics read them).
         self.messages = 0
         self.connects = 0
@@ -209,6 +216,37 @@ class Hub:
         account followed by a locally connected user)."""
         return [c.decode() for c in self._channels] + [c.decode() for c in self._actor_channels]
 
+    def actors_of(self, user: str) -> set[str]:
+        """The large accounts ``user`` follows, as last set by :meth:`follow_actors`."""
+        return set(self._user_actors.get(user, ()))
+
+    async def actors_subscribed(self, actors: Iterable[str], timeout_s: float) -> bool:
+        """Wait until Redis has confirmed the channels of ``actors`` (each wanted by a local
+        follower): anything announced on them from then on reaches this hub. False if that did
+        not happen within ``timeout_s`` (Pub/Sub down, or an account no longer followed)."""
+        waiters: list[asyncio.Future[None]] = []
+        loop = asyncio.get_running_loop()
+        for actor in actors:
+            channel = keys.actor_channel(actor).encode()
+            if channel not in self._actor_channels:
+                return False
+            if channel in self._confirmed:
+                continue
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.setdefault(channel, []).append(waiter)
+            waiters.append(waiter)
+        if not waiters:
+            return True
+        try:
+            done, pending = await asyncio.wait(waiters, timeout=timeout_s)
+        finally:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.cancel()  # dropped from the lists at the channel's next event
+        return not pending and all(
+            not waiter.cancelled() and waiter.exception() is None for waiter in done
+        )
+
     def follow_actors(self, user: str, actors: Iterable[str]) -> None:
         """Set the large accounts ``user`` follows (no-op once the user has no connection)."""
         if user not in self._conns:
@@ -235,6 +273,9 @@ class Hub:
                 self._actor_users.pop(actor, None)
                 channel = keys.actor_channel(actor).encode()
                 self._actor_channels.pop(channel, None)
+                self._confirmed.discard(channel)
+                for waiter in self._waiters.pop(channel, []):
+                    waiter.cancel()
                 unsubscribe.append(channel)
         if subscribe:
             self._subscribe(subscribe)
@@ -435,6 +476,12 @@ class Hub:
             # Not asked for (a confirmation this connection did not expect): whatever it means,
             # the user's connections check the stream for gaps rather than trust Pub/Sub.
             self._resync.add(channel)
+        if channel in self._actor_channels:
+            self._confirmed.add(channel)
+            for waiter in self._waiters.pop(channel, []):
+                if not waiter.done():
+                    waiter.set_result(None)
+            return
         if channel not in self._channels:
             return
         self._confirmed.add(channel)
@@ -486,6 +533,11 @@ class Hub:
                     log.exception("deliver_failed", user_id=user)
             break
         self._check_gaps(user)
+        if self.on_resubscribed is not None and user in self._conns:
+            try:
+                self.on_resubscribed(user)
+            except Exception:
+                log.exception("resubscribed_callback_failed", user_id=user)
 
     def reset_users(self, users: Iterable[str]) -> None:
         """Items may have missed the delivery streams of ``users`` (a large account's push that

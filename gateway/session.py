@@ -42,7 +42,10 @@ Items outside the stream. A large account's activity reaches a connected followe
 if a gateway inserts it (``gateway.app``); when that could not be done (Redis failed, or whom the
 user follows could not be read at connect), the hub hands in :data:`RESET_CONTROL` and the session
 sends ``reset``: the client refetches over HTTP, where the item is (merged from the account's
-outbox), instead of never learning it missed it.
+outbox), instead of never learning it missed it. Items such an account posted while the user was
+offline are added to the stream before the session starts (``Gateway.catch_up``); when that
+cannot be done for a position (an account followed while offline), the session is given
+``reset_through``: a resume at or before that seq is answered with ``reset``.
 
 Hold. Until the client's first frame (or :meth:`start_live`, which the adapter calls after a short
 grace period) live frames are held, so that a client that resumes right after the welcome gets its
@@ -79,9 +82,11 @@ __all__ = [
     "CLOSE_TOO_SLOW",
     "CLOSE_UNAUTHORIZED",
     "CLOSE_UNSUPPORTED",
+    "MAX_CLOSE_REASON_BYTES",
     "PRESENCE_PREFIX",
     "RESET_CONTROL",
     "Session",
+    "fit_close_reason",
     "presence_frame",
     "stream_position",
 ]
@@ -111,6 +116,20 @@ PRESENCE_PREFIX = b'{"type":"_presence"'
 #: Items may have missed the user's delivery stream (the hub hands this in, see
 #: :meth:`Session.missed_outside_stream`): the client must refetch.
 RESET_CONTROL = b'{"type":"_reset"}'
+
+
+#: A close frame's payload is at most 125 bytes: the code (2) and the reason in UTF-8.
+MAX_CLOSE_REASON_BYTES = 123
+
+
+def fit_close_reason(reason: str) -> str:
+    """``reason`` cut to at most :data:`MAX_CLOSE_REASON_BYTES` bytes of UTF-8, at a character
+    boundary (a cut by characters is not enough: "\u20ac" is 3 bytes). A lone surrogate, which
+    UTF-8 cannot carry, becomes "?"."""
+    if reason.isascii():
+        return reason[:MAX_CLOSE_REASON_BYTES]
+    encoded = reason.encode("utf-8", "replace")[:MAX_CLOSE_REASON_BYTES]
+    return encoded.decode("utf-8", "ignore")
 
 
 def presence_frame(epoch: str, seq: int) -> bytes:
@@ -151,9 +170,13 @@ class Session:
         hold_live: bool = True,
         client_burst: int = 10,
         client_rate_per_s: float = 1.0,
+        reset_through: int | None = None,
     ) -> None:
         self.user = user
         self._epoch = epoch
+        #: A resume at or before this seq of ``epoch`` is answered with ``reset``: items may be
+        #: missing from the stream before it (``gateway.app.Gateway.catch_up``).
+        self._reset_through = reset_through
         self._last = seq  # seq of the last frame queued for the client
         self._known = seq  # highest seq known to exist in the stream
         self._max_queue = max_queue_bytes
@@ -443,6 +466,11 @@ class Session:
         if position.epoch != self._epoch or position.seq > self._known:
             self._reset()
             return
+        if self._reset_through is not None and position.seq <= self._reset_through:
+            # The stream may lack items from before that position (a large account followed
+            # while the user was offline): no replay can bring them, a refetch can.
+            self._reset()
+            return
         # The client has seen everything up to the cursor and nothing after it: frames after it that
         # are still queued here will come again, in order, from the replay.
         kept = [(seq, frame) for seq, frame in self._out if seq is None or seq <= position.seq]
@@ -505,7 +533,7 @@ class Session:
     def _fail(self, code: int, reason: str) -> None:
         if self._close is not None:
             return
-        self._close = (code, reason[:120])  # a close reason must fit in 123 bytes
+        self._close = (code, fit_close_reason(reason))
         self._out.clear()
         self._out_bytes = 0
         self._buffer.clear()

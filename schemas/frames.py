@@ -78,11 +78,30 @@ def decode_client_frame(data: bytes | str) -> ClientFrame:
     except DECODE_ERRORS as exc:
         raise from_decode_error(exc) from None
     if envelope.type != "resume":
-        raise UnknownFrameType("type", "unknown_type", f"unknown frame type {envelope.type!r}")
+        message = f"unknown frame type {_shown(envelope.type)}"
+        raise UnknownFrameType("type", "unknown_type", message)
     try:
         return _client.decode(data)
     except DECODE_ERRORS as exc:
         raise from_decode_error(exc) from None
+
+
+#: Most characters of an unknown ``type`` echoed in the error (and so in the close reason).
+_SHOWN_MAX = 64
+
+
+def _shown(value: str) -> str:
+    """``value`` quoted for an error message, in ASCII (``ascii()`` escapes anything else), at
+    most ``_SHOWN_MAX`` characters, cut between whole escapes: the message becomes a close
+    reason, which must fit in 123 bytes of UTF-8, and a client's text must not reach a log
+    unescaped."""
+    shown = ascii(value)
+    if len(shown) <= _SHOWN_MAX:
+        return shown
+    end = len(value)  # at most 64 characters (the envelope's bound): a few dozen tries
+    while end > 0 and len(shown := ascii(value[:end])) > _SHOWN_MAX - 3:
+        end -= 1
+    return shown + "..."
 
 
 def encode_frame(frame: Welcome | ActivityFrame | Removed | Reset) -> bytes:

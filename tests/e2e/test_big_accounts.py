@@ -79,6 +79,20 @@ async def test_big_account_is_merged_at_read_time_and_pushed_live_once(
         f2 = await frames_until(ws2, lambda f: f.get("type") == "activity", timeout=10)
         assert f1[-1]["activity"]["id"] == f2[-1]["activity"]["id"] == live
         assert f1[-1]["cursor"] == f2[-1]["cursor"]
+        # Once: a second copy (from the other gateway's insert, say) would come before a later
+        # activity of the star, so each socket is read up to that marker and must hold the
+        # item exactly once, and nothing but activities, in delivery-seq order.
+        marker = ids("marker")
+        pipeline.produce(s.topic_activities, star, pipeline.activity(marker, star))
+        for ws, before in ((ws1, f1), (ws2, f2)):
+            rest = await frames_until(
+                ws, lambda f: f.get("type") == "activity" and f["activity"]["id"] == marker,
+                timeout=10,
+            )
+            seen = [f for f in [*before, *rest] if f.get("type") != "welcome"]
+            assert [f.get("activity", {}).get("id", f["type"]) for f in seen] == [live, marker]
+            seqs = [int(f["cursor"].rpartition(".")[2]) for f in seen]
+            assert seqs[1] == seqs[0] + 1, seen
 
         # Not fanned out on write: no timeline rows for the offline follower, yet it is in
         # their feed (merged from the star's outbox), newest first.
@@ -86,7 +100,7 @@ async def test_big_account_is_merged_at_read_time_and_pushed_live_once(
             f"SELECT id FROM {s.cassandra_keyspace}.timeline WHERE user_id = %s", (offline,)
         )
         assert [r.id for r in rows] == []
-        assert [a["id"] for a in pipeline.feed(offline)] == [live, first]
+        assert [a["id"] for a in pipeline.feed(offline)] == [marker, live, first]
 
         # Deleting it: connected followers get `removed`, and it leaves every feed.
         delete = json.dumps({"id": ids("del"), "type": "Delete", "actor": star, "object": live,
@@ -94,7 +108,7 @@ async def test_big_account_is_merged_at_read_time_and_pushed_live_once(
         pipeline.produce(s.topic_activities, star, delete)
         removed = await frames_until(ws1, lambda f: f.get("type") == "removed", timeout=10)
         assert removed[-1]["id"] == live
-        wait_for(lambda: [a["id"] for a in pipeline.feed(offline)] == [first], timeout=10,
+        wait_for(lambda: [a["id"] for a in pipeline.feed(offline)] == [marker, first], timeout=10,
                  message="deleted activity gone from the merged feed")
 
         # A user who follows the star while connected starts receiving it live.

@@ -626,6 +626,14 @@ async def test_stuck_client_does_not_slow_the_others(
                 if frame["type"] == "reset":
                     break
         reset = any(f["type"] == "reset" for f in resumed)
+        # The stream keeps the last FEED_STREAM_HISTORY frames (at least: MAXLEN ~ trims
+        # whole nodes only), and this user's stream holds only these activities: a gap within
+        # it must be replayed, never answered with reset.
+        history = pipeline.settings.stream_history
+        assert not (reset and want <= history), (
+            f"GATEWAY BUG? reset on a resume {want} frames back, within the stream's "
+            f"{history}: {resumed[:3]}"
+        )
         if reset:
             # The contract's other answer: the client refetches over HTTP, which is complete.
             feed = {a["id"] for a in pipeline.feed(stuck_user)}

@@ -29,7 +29,7 @@ import redis
 import structlog
 
 from fanout.followers import BIG_SENTINEL
-from feed import keys
+from feed import keys, versions
 from feed.cursor import order_key
 from feed.graph_cassandra import CassandraFollowGraph
 from feed.settings import Settings
@@ -95,9 +95,32 @@ class BigAccount:
         assert timelines.add_to_outboxes([(self.star, Insert(member, activity_id, body, []))]) == 1
         return activity_id
 
+    def post_many(self, tag: str, count: int) -> list[str]:
+        """``count`` new activities of the star, announced by one run of the worker's outbox
+        script (one burst on the actor channel); their ids, oldest first."""
+        now = int(datetime.now(UTC).timestamp() * 1_000_000)
+        items = []
+        for n in range(count):
+            activity_id = uid(f"{tag}{n}")
+            body = json.dumps(
+                {"id": activity_id, "type": "Create", "actor": self.star,
+                 "object": f"post:{tag}{n}", "published": datetime.now(UTC).isoformat()}
+            ).encode()
+            member = order_key(now + n, activity_id)
+            items.append((self.star, Insert(member, activity_id, body, [])))
+        timelines = RedisTimelines(self.redis, timeline_max=800, stream_history=1000,
+                                   body_ttl_s=3600)
+        assert timelines.add_to_outboxes(items) == count
+        return [item.activity_id for _, item in items]
+
     def subscribed(self) -> bool:
         channel = keys.actor_channel(self.star).encode()
         return channel in set(self.redis.pubsub_channels())
+
+
+def bump_following(client: redis.Redis, user: str) -> None:
+    """A new version of whom ``user`` follows, set as the worker sets it on a follow."""
+    client.eval(versions.BUMP, 1, keys.following_version(user), versions.new_token())
 
 
 @pytest.fixture
@@ -201,6 +224,147 @@ async def test_push_that_fails_once_is_repaired_by_its_retry(
         big.redis.delete(timeline)
         gateway.actor_retry_pause_s = saved
     assert frame["type"] == "activity" and frame["activity"]["id"] == posted  # no reset
+
+
+class Peak:
+    """The largest value ``measure`` took, sampled every millisecond (from this loop, while the
+    gateway runs in its own thread) until the ``with`` block ends."""
+
+    def __init__(self, measure: Any) -> None:
+        self.measure = measure
+        self.peak = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.measure())
+            await asyncio.sleep(0.001)
+
+    async def __aenter__(self) -> Peak:
+        self._task = asyncio.create_task(self._sample())
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self.peak = max(self.peak, self.measure())
+
+
+async def test_a_burst_of_following_changes_is_one_read_in_flight_and_the_last_state_wins(
+    gw: LiveGateway, big: BigAccount, stream: Any, cassandra: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every follow or unfollow publishes a control frame on the follower's channel; each one
+    used to start a read of whom the user follows, in a task of its own: a burst of N follows
+    meant N tasks and N reads at once. Now at most one read per user is in flight, and a change
+    during it makes one more read after it, which sees the newest graph."""
+    gateway = _gateway(gw)
+    await eventually(big.subscribed, "the star's channel subscribed")
+    reader = gateway.reader
+    real = reader.big_followees
+    reads = {"now": 0, "peak": 0, "total": 0}
+
+    async def counted(user: str) -> list[str]:  # the real read, counted
+        if user == big.fan:
+            reads["now"] += 1
+            reads["total"] += 1
+            reads["peak"] = max(reads["peak"], reads["now"])
+        try:
+            return await real(user)
+        finally:
+            if user == big.fan:
+                reads["now"] -= 1
+
+    monkeypatch.setattr(reader, "big_followees", counted)
+    second = uid("star2")  # followed in the graph during the burst: the last read must see it
+    burst = 300
+    channel = keys.channel(big.fan)
+    async with Peak(lambda: len(gateway._background)) as tasks:
+        pipe = big.redis.pipeline(transaction=False)
+        for _ in range(burst):
+            pipe.publish(channel, keys.CONTROL_FOLLOWING)
+        pipe.execute()
+        CassandraFollowGraph(cassandra, big.settings.cassandra_keyspace).follow(
+            big.fan, second, datetime.now(UTC)
+        )
+        big.redis.sadd(keys.big_accounts, second)
+        bump_following(big.redis, big.fan)  # as the worker does on a follow
+        big.redis.publish(channel, keys.CONTROL_FOLLOWING)
+        second_channel = keys.actor_channel(second).encode()
+        await eventually(
+            lambda: second_channel in set(big.redis.pubsub_channels()),
+            "the account followed during the burst subscribed",
+        )
+        await eventually(lambda: not gateway._refreshes, "the refreshes to end")
+    assert reads["peak"] == 1, reads
+    assert reads["total"] < burst // 10, reads  # coalesced: a few reads, not one per change
+    # One refresh task at a time (and nothing else was running).
+    assert tasks.peak <= 1, f"{tasks.peak} background tasks at once for one user's follows"
+    assert big.subscribed()  # the first star is still followed
+
+
+async def test_a_large_accounts_backlog_is_bounded_and_past_it_ends_in_reset(
+    gw: LiveGateway, big: BigAccount, stream: Any
+) -> None:
+    """Redis refuses the fan's timeline while the star posts a burst: the messages wait for the
+    one in flight (retried for ~3 s). They used to wait as one task each, without a bound; now
+    at most ``_ACTOR_QUEUE_MAX`` wait, past it the backlog is dropped and the fan gets ``reset``
+    (the items are in the outbox, so the refetch has them all), and the star's later posts come
+    live again once Redis answers."""
+    from gateway.app import _ACTOR_QUEUE_MAX
+
+    gateway = _gateway(gw)
+    saved = gateway.actor_retry_pause_s
+    gateway.actor_retry_pause_s = 1.0  # the first message holds the line for 1 + 2 s
+    await eventually(big.subscribed, "the star's channel subscribed")
+    timeline = keys.timeline(big.fan)
+    big.redis.set(timeline, "not a sorted set")  # every insert for the fan fails: WRONGTYPE
+    burst = 2 * _ACTOR_QUEUE_MAX + 100
+    posted: list[str] = []
+    try:
+        async with Peak(lambda: len(gateway._background)) as tasks:
+            with structlog.testing.capture_logs() as logs:
+                posted = big.post_many("burst", burst)
+                frame = await next_frame(stream, TIMEOUT)
+                assert frame == {"type": "reset"}, frame
+            big.redis.delete(timeline)  # Redis answers again
+            marker = big.post("marker")
+            for _ in range(burst + 10):  # what was still queued arrives, then the marker
+                frame = await next_frame(stream, 30)
+                if frame.get("type") == "activity" and frame["activity"]["id"] == marker:
+                    break
+            else:
+                pytest.fail("the marker never came")
+    finally:
+        big.redis.delete(timeline)
+        gateway.actor_retry_pause_s = saved
+    assert tasks.peak <= 2, f"{tasks.peak} tasks held for one actor's backlog"
+    dropped = [e for e in logs if e.get("event") == "actor_backlog_dropped"]
+    assert dropped and all(e["messages"] == _ACTOR_QUEUE_MAX + 1 for e in dropped), dropped
+    assert not gateway.tracked()["actor_messages_queued"]
+    assert set(posted) <= set(await all_feed_ids(gw, big.settings, big.fan))  # nothing lost
+
+
+async def all_feed_ids(live: LiveGateway, settings: Settings, user: str) -> list[str]:
+    """Every id of ``user``'s feed, page after page (bounded)."""
+    ids: list[str] = []
+    cursor: str | None = None
+    async with httpx.AsyncClient(base_url=live.base, timeout=TIMEOUT) as client:
+        for _ in range(50):
+            params = {"limit": "200", **({"cursor": cursor} if cursor else {})}
+            response = await client.get(
+                "/v1/feed", params=params,
+                headers={"Authorization": f"Bearer {token(settings, user)}"},
+            )
+            assert response.status_code == 200, response.text
+            body = response.json()
+            ids += [item["activity"]["id"] for item in body["items"]]
+            cursor = body["next"]
+            if cursor is None:
+                return ids
+    pytest.fail("the feed did not end within 50 pages")
 
 
 class Forwarder:
@@ -329,3 +493,83 @@ async def test_cassandra_outage_on_a_page_read_is_503_with_retry_after(settings:
             assert ready.status_code == 503
             assert ready.json()["dependencies"]["cassandra"]["ok"] is False
             assert str(settings.cassandra_port) not in ready.text
+
+
+# --- large accounts' items announced while the follower was offline ------------------------------
+async def _activity(ws: Any, timeout: float = TIMEOUT) -> dict[str, Any]:
+    frame = await next_frame(ws, timeout)
+    assert frame.get("type") == "activity", frame
+    return frame
+
+
+async def test_items_a_large_account_posted_while_the_follower_was_offline_are_resumed(
+    gw: LiveGateway, big: BigAccount
+) -> None:
+    """The contract's resume: every item after the cursor, in order, no gap. A large account's
+    items reach a follower's delivery stream only while a gateway holding the follower is
+    subscribed to the account's channel; those it posted while the follower was offline (the
+    stream alive, within the resume window) were skipped by the resume without a word."""
+    fan_token = token(big.settings, big.fan)
+    async with resumed_stream(gw.ws, fan_token) as (ws, _welcome):
+        await eventually(big.subscribed, "the star's channel subscribed")
+        seen = big.post("seen")
+        frame = await _activity(ws)
+        assert frame["activity"]["id"] == seen
+        cursor = frame["cursor"]
+    await eventually(lambda: not big.subscribed(), "the star's channel dropped (fan offline)")
+    missed = [big.post("missed-1"), big.post("missed-2")]
+    async with resumed_stream(gw.ws, fan_token, cursor) as (ws, welcome):
+        assert welcome["cursor"].partition(".")[0] == cursor.partition(".")[0]  # same stream
+        replayed = [await _activity(ws), await _activity(ws)]
+        assert [f["activity"]["id"] for f in replayed] == missed
+        live = big.post("live")
+        after = await _activity(ws)
+        assert after["activity"]["id"] == live
+    seqs = [int(f["cursor"].rpartition(".")[2]) for f in [frame, *replayed, after]]
+    assert seqs == list(range(seqs[0], seqs[0] + 4)), seqs  # no gap, no repeat
+
+
+async def test_a_large_account_followed_while_offline_makes_an_older_resume_reset(
+    gw: LiveGateway, big: BigAccount, cassandra: Any
+) -> None:
+    """What an account followed while the user was offline announced meanwhile is not in the
+    stream, and which of its items came after the cursor cannot be known: the resume is
+    answered with ``reset`` (the refetch has them), then live frames follow."""
+    fan_token = token(big.settings, big.fan)
+    async with resumed_stream(gw.ws, fan_token) as (ws, welcome):
+        await eventually(big.subscribed, "the star's channel subscribed")
+        cursor = welcome["cursor"]
+    await eventually(lambda: not big.subscribed(), "the star's channel dropped (fan offline)")
+    other = BigAccount(uid("star3"), big.fan, big.settings, big.redis)
+    CassandraFollowGraph(cassandra, big.settings.cassandra_keyspace).follow(
+        big.fan, other.star, datetime.now(UTC)
+    )
+    big.redis.sadd(keys.big_accounts, other.star)
+    bump_following(big.redis, big.fan)  # as the worker does on a follow
+    posted = other.post("while-offline")
+    async with resumed_stream(gw.ws, fan_token, cursor) as (ws, _welcome):
+        assert await next_frame(ws, TIMEOUT) == {"type": "reset"}
+        assert posted in await feed_ids(gw, big.settings, big.fan)  # what the refetch shows
+        await eventually(other.subscribed, "the new star's channel subscribed")
+        live = other.post("live")
+        assert (await _activity(ws))["activity"]["id"] == live
+    # The next connect resumes from a cursor after that point without a reset.
+    async with resumed_stream(gw.ws, fan_token) as (ws, _welcome):
+        await eventually(other.subscribed, "the new star's channel subscribed")
+        again = other.post("again")
+        assert (await _activity(ws))["activity"]["id"] == again
+
+
+async def test_an_item_announced_while_pubsub_was_down_reaches_the_connected_follower(
+    gw: LiveGateway, big: BigAccount, stream: Any
+) -> None:
+    """A user's own frames lost while the Pub/Sub connection was down are re-read from their
+    stream; a large account's announcement lost meanwhile was in no stream: the follower, still
+    connected, never got the item. The reconnect now catches their stream up."""
+    await eventually(big.subscribed, "the star's channel subscribed")
+    big.redis.client_kill_filter(_type="pubsub")  # every gateway's Pub/Sub connection drops
+    lost = big.post("during-outage")  # announced while nobody is subscribed
+    frame = await _activity(stream)
+    assert frame["activity"]["id"] == lost
+    after = big.post("after")
+    assert (await _activity(stream))["activity"]["id"] == after

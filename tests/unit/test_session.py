@@ -355,6 +355,34 @@ def test_resume_at_the_current_position_replays_nothing() -> None:
     assert drain(session) == []
 
 
+def test_resume_at_or_before_reset_through_resets_and_continues_live() -> None:
+    """Items may be missing from the stream up to ``reset_through`` (a large account followed
+    while offline): a resume there is answered with reset, one after it is replayed."""
+    session = started(12, reset_through=10)
+    resume(session, f"{EPOCH}.10")
+    assert [f["type"] for f in drain(session)] == ["reset"]
+    assert session.history_request() is None
+    session.receive_live(activity(13))
+    assert seqs(drain(session)) == [13]
+    later = started(12, reset_through=10)
+    resume(later, f"{EPOCH}.11")
+    assert later.history_request() == 11
+    later.receive_history(stream(12, 12), 1)
+    assert seqs(drain(later)) == [12]
+
+
+def test_rebase_after_start_reads_the_frames_added_before_the_welcome() -> None:
+    """The connect's catch-up added frames after the welcome's position: they are read from
+    the stream once the hold ends."""
+    session = new(5, hold=True)
+    drain(session)
+    session.rebase(EPOCH, 7)
+    session.start_live()
+    assert session.history_request() == 5
+    session.receive_history(stream(6, 7), 1)
+    assert seqs(drain(session)) == [6, 7]
+
+
 def test_resume_with_foreign_epoch_resets_and_continues_live() -> None:
     session = started(10)
     resume(session, "00000000.3")
