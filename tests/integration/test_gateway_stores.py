@@ -388,8 +388,14 @@ class Forwarder:
         async def close() -> None:
             if self._server is not None:
                 self._server.close()
-            for writer in list(self._pipes):
+            writers = list(self._pipes)
+            for writer in writers:
                 writer.close()
+            # Let the transports close their sockets before the loop stops (a closed writer's
+            # socket is released on a later loop iteration; stopping first leaked it).
+            for writer in writers:
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
 
         if self._thread.is_alive():
             asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)

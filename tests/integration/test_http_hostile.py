@@ -425,7 +425,9 @@ async def test_10mb_body_sent_whole_is_413(gw: LiveGateway, http: httpx.AsyncCli
     """A client that sends all 10 MB anyway gets the 413. The response is read by a reader that
     runs while the body is still being written (the server answers, then closes a connection
     whose body it never read, so the client's later writes may fail: that alone proves nothing).
-    The 413 must be read off the socket and logged, and the gateway serves on afterwards."""
+    The 413 must be read off the socket and logged, and the gateway serves on afterwards. (How
+    much of the body the client managed to write first is not a property of the server: the
+    loopback's socket buffers can take all 10 MB before the answer is read.)"""
     size = 10 * 1024 * 1024
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
 
@@ -464,7 +466,6 @@ async def test_10mb_body_sent_whole_is_413(gw: LiveGateway, http: httpx.AsyncCli
         assert json.loads(body)["error"]["code"] == "too_large"
         requests = [e for e in logs if e.get("event") == "http_request"]
     assert [(e["path"], e["status"]) for e in requests] == [("/v1/activities", 413)], requests
-    assert sent < size, "the whole body was read before the answer"
     assert (await http.get("/healthz")).status_code == 200
 
 
