@@ -27,8 +27,11 @@ bench: setup
 bench-quick: setup
 	$(PYTHON) -m feed.cli bench all --quick
 
+# ruff (lint and format) over everything; mypy --strict (pyproject.toml) over the product.
+LINT_PATHS := feed fanout gateway schemas infra bench tests
 lint: setup
-	$(PYTHON) -m ruff check feed fanout gateway schemas infra tests
+	$(PYTHON) -m ruff check $(LINT_PATHS)
+	$(PYTHON) -m ruff format --check $(LINT_PATHS)
 	$(PYTHON) -m mypy feed fanout gateway schemas
 
 # Re-resolve pyproject.toml's dependencies into requirements/*.lock (then commit both).

@@ -626,15 +626,11 @@ class _Paced:
     offer: _Offer
 
     def lag(self, ctx: BenchContext) -> int | None:
-        return committed_lag(
-            self.consumer, self.topic, ctx.settings.kafka_partitions, self.highs
-        )
+        return committed_lag(self.consumer, self.topic, ctx.settings.kafka_partitions, self.highs)
 
 
 @contextlib.contextmanager
-def _paced_worker(
-    ctx: BenchContext, phase: str, graph: FollowGraph, seed: int
-) -> Iterator[_Paced]:
+def _paced_worker(ctx: BenchContext, phase: str, graph: FollowGraph, seed: int) -> Iterator[_Paced]:
     """Start a worker on ``bench.<phase>.activities`` and wait until it has joined; on the way
     out (also on an error, also when set-up fails halfway) flush the producer and stop it all."""
     topic = f"bench.{phase}.activities"

@@ -51,8 +51,13 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
     def pick(q: float) -> float:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
-    return {"p50_ms": pick(0.50), "p95_ms": pick(0.95), "p99_ms": pick(0.99),
-            "max_ms": ordered[-1] * 1000, "samples": len(ordered)}
+    return {
+        "p50_ms": pick(0.50),
+        "p95_ms": pick(0.95),
+        "p99_ms": pick(0.99),
+        "max_ms": ordered[-1] * 1000,
+        "samples": len(ordered),
+    }
 
 
 def _used_memory(client: redis.Redis) -> int:
@@ -62,9 +67,11 @@ def _used_memory(client: redis.Redis) -> int:
 def _load_followers(session: Any, keyspace: str, edges: list[tuple[str, str]]) -> None:
     """(followee, follower) rows straight into the graph tables, in UNLOGGED batches."""
     add_follower = session.prepare(
-        f"INSERT INTO {keyspace}.followers (user_id, follower) VALUES (?, ?)")
+        f"INSERT INTO {keyspace}.followers (user_id, follower) VALUES (?, ?)"
+    )
     add_following = session.prepare(
-        f"INSERT INTO {keyspace}.following (user_id, followee) VALUES (?, ?)")
+        f"INSERT INTO {keyspace}.following (user_id, followee) VALUES (?, ?)"
+    )
     statements: list[tuple[Any, Any]] = []
     for start in range(0, len(edges), 100):
         batch = BatchStatement(batch_type=BatchType.UNLOGGED)
@@ -114,27 +121,48 @@ def run(ctx: Any) -> dict[str, Any]:
 
     def processor(client: redis.Redis, only_active: bool, limit: int) -> Processor:
         return Processor(
-            timelines=RedisTimelines(client, timeline_max=s.timeline_max, stream_history=100,
-                                     body_ttl_s=86_400, only_active=only_active),
-            history=history, graph=graph,
+            timelines=RedisTimelines(
+                client,
+                timeline_max=s.timeline_max,
+                stream_history=100,
+                body_ttl_s=86_400,
+                only_active=only_active,
+            ),
+            history=history,
+            graph=graph,
             followers=FollowerCache(graph, client, history=history, fanout_limit=limit),
             follow_backfill=0,
         )
 
     def activity(n: int, actor: str) -> Any:
-        return decode_activity(msgspec.json.encode({
-            "id": f"{ns}a{n}", "type": "Create", "actor": actor, "object": f"post:{n}",
-            "published": (T0 + timedelta(seconds=n)).isoformat(),
-            "extra": {"text": "x" * 120},
-        }))
+        return decode_activity(
+            msgspec.json.encode(
+                {
+                    "id": f"{ns}a{n}",
+                    "type": "Create",
+                    "actor": actor,
+                    "object": f"post:{n}",
+                    "published": (T0 + timedelta(seconds=n)).isoformat(),
+                    "extra": {"text": "x" * 120},
+                }
+            )
+        )
 
     stream = [activity(n, rng.choice(users)) for n in range(posts)]
 
     # --- memory: hot/cold (db 0) vs everyone hot (db 1) ---------------------------------------
-    db1 = redis.Redis(host=sync.connection_pool.connection_kwargs["host"],
-                      port=sync.connection_pool.connection_kwargs["port"], db=1)
-    results: dict[str, Any] = {"status": "ok", "users": len(users), "active_share": 0.2,
-                               "activities": posts, "follows_per_user": follows}
+    db1 = redis.Redis(
+        host=sync.connection_pool.connection_kwargs["host"],
+        port=sync.connection_pool.connection_kwargs["port"],
+        db=1,
+    )
+    results: dict[str, Any] = {
+        "status": "ok",
+        "users": len(users),
+        "active_share": 0.2,
+        "activities": posts,
+        "follows_per_user": follows,
+    }
     for label, client, only_active in (("hot_cold", sync, True), ("all_hot", db1, False)):
         p = processor(client, only_active, 0)
         before = _used_memory(sync)
@@ -147,8 +175,9 @@ def run(ctx: Any) -> dict[str, Any]:
     hot, every = results["hot_cold"], results["all_hot"]
     # Bodies are stored once per activity whoever is active: measure them apart (a sample).
     sample = [a.id for a in stream[:: max(1, posts // 50)]]
-    body_bytes = posts * sum(int(sync.memory_usage(f"a:{aid}") or 0) for aid in sample) / len(
-        sample)
+    body_bytes = (
+        posts * sum(int(sync.memory_usage(f"a:{aid}") or 0) for aid in sample) / len(sample)
+    )
     active_count = len(active) - len(readers)
     hot_timelines = max(0.0, hot["redis_bytes"] - body_bytes)
     all_timelines = max(1.0, every["redis_bytes"] - body_bytes)
@@ -179,15 +208,32 @@ def run(ctx: Any) -> dict[str, Any]:
     return results
 
 
-async def _measure_reads(ctx: Any, history: CassandraHistory, graph: CassandraFollowGraph,
-                         readers: list[str], prolific: list[str], reads: int) -> dict[str, Any]:
+async def _measure_reads(
+    ctx: Any,
+    history: CassandraHistory,
+    graph: CassandraFollowGraph,
+    readers: list[str],
+    prolific: list[str],
+    reads: int,
+) -> dict[str, Any]:
     s = ctx.settings
     client = aioredis.Redis.from_url(s.redis_url)
     try:
-        plain = FeedReader(AsyncRedisTimelines(client), history, body_ttl_s=86_400,
-                           active_ttl_s=7 * 86_400, timeline_max=s.timeline_max)
-        merged = FeedReader(AsyncRedisTimelines(client), history, body_ttl_s=86_400,
-                            active_ttl_s=7 * 86_400, timeline_max=s.timeline_max, graph=graph)
+        plain = FeedReader(
+            AsyncRedisTimelines(client),
+            history,
+            body_ttl_s=86_400,
+            active_ttl_s=7 * 86_400,
+            timeline_max=s.timeline_max,
+        )
+        merged = FeedReader(
+            AsyncRedisTimelines(client),
+            history,
+            body_ttl_s=86_400,
+            active_ttl_s=7 * 86_400,
+            timeline_max=s.timeline_max,
+            graph=graph,
+        )
         # The cursor 30 entries before the end of each reader's Redis part.
         boundary: dict[str, str] = {}
         for reader in readers:

@@ -459,7 +459,6 @@ def replay_dead_letters(
     return ReplayResult(replayed=replayed, truncated=truncated)
 
 
-
 def _commit(
     consumer: Consumer, offsets: list[TopicPartition], commits: list[Any], *, timeout: float
 ) -> None:

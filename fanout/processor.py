@@ -414,10 +414,7 @@ class Processor:
                 continue
             self._history.add_backfilled((activity_id, follower) for _, activity_id in live)
             inserted, pushed = self._timelines.insert(
-                [
-                    Insert(order_key(ts, aid), aid, bodies[aid], (follower,))
-                    for ts, aid in live
-                ]
+                [Insert(order_key(ts, aid), aid, bodies[aid], (follower,)) for ts, aid in live]
             )
             stats.inserted += inserted
             stats.pushed += pushed

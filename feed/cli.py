@@ -306,9 +306,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         else:
             h = record.headers
             cut = (
-                f" [truncated from {h.get('feed.original.size')} bytes]"
-                if record.truncated
-                else ""
+                f" [truncated from {h.get('feed.original.size')} bytes]" if record.truncated else ""
             )
             print(
                 f"{record.partition}/{record.offset} {h.get('feed.error')} "

@@ -113,7 +113,7 @@ class CassandraFollowGraph:
         concurrently (a cold cache meets hundreds of actors in one batch), later pages on
         demand."""
         statement = self._followers
-        statement.fetch_size = self._page_size  # type: ignore[attr-defined]
+        statement.fetch_size = self._page_size
         results = execute_concurrent(
             self._session,
             [(statement, (user,)) for user in users],

@@ -89,9 +89,7 @@ def _log_uncaught() -> None:
     as plain text otherwise)."""
     log = logging.getLogger("uncaught")
 
-    def excepthook(
-        kind: type[BaseException], exc: BaseException, tb: TracebackType | None
-    ) -> None:
+    def excepthook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
         if issubclass(kind, KeyboardInterrupt):
             sys.__excepthook__(kind, exc, tb)
             return
@@ -103,7 +101,8 @@ def _log_uncaught() -> None:
         thread = args.thread.name if args.thread is not None else "?"
         exc = args.exc_value if args.exc_value is not None else args.exc_type()
         log.error(
-            "uncaught_exception_in_thread %s", thread,
+            "uncaught_exception_in_thread %s",
+            thread,
             exc_info=(args.exc_type, exc, args.exc_traceback),
         )
 

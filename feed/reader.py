@@ -109,11 +109,17 @@ class FeedReader:
                 )
                 bodies = await asyncio.to_thread(self._history.bodies, [_aid(m) for m in members])
                 done = await self._timelines.rebuild(
-                    user, members, bodies, timeline_max=self._max, body_ttl_s=self._ttl,
+                    user,
+                    members,
+                    bodies,
+                    timeline_max=self._max,
+                    body_ttl_s=self._ttl,
                     token=token,
                 )
                 log.info(
-                    "timeline rebuilt from history", user_id=user, entries=len(members),
+                    "timeline rebuilt from history",
+                    user_id=user,
+                    entries=len(members),
                     complete=done,
                 )
                 again = self._rebuild_again.pop(user, None)
@@ -123,8 +129,12 @@ class FeedReader:
         except Exception as exc:
             # The lease expires and the next read or connect rebuilds; reads stay on Cassandra.
             self._rebuild_again.pop(user, None)
-            log.warning("timeline rebuild failed", user_id=user, error=type(exc).__name__,
-                        detail=str(exc)[:200])
+            log.warning(
+                "timeline rebuild failed",
+                user_id=user,
+                error=type(exc).__name__,
+                detail=str(exc)[:200],
+            )
 
     # --- large accounts ----------------------------------------------------------------------
     async def big_followees(self, user: str) -> list[str]:

@@ -300,6 +300,8 @@ class Settings:
 _SECRET_FIELDS = {"jwt_secret", "ingest_token"}
 #: Settings that are URLs and may carry a password (``redis://user:pass@host``).
 _URL_FIELDS = {"redis_url"}
+
+
 def redact_url(url: str) -> str:
     """``url`` with any password replaced by ``***`` (``redis://u:***@h:6379/0``), for logs and
     error messages. A malformed URL is redacted too: whatever stands before the last ``@`` may

@@ -38,6 +38,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import msgspec
 import redis
@@ -464,9 +465,7 @@ class RedisTimelines:
     def client(self) -> redis.Redis:
         return self._redis
 
-    def insert(
-        self, inserts: Sequence[Insert], *, release: Sequence[str] = ()
-    ) -> tuple[int, int]:
+    def insert(self, inserts: Sequence[Insert], *, release: Sequence[str] = ()) -> tuple[int, int]:
         """Insert each activity into its users' timelines. Returns (inserted, pushed).
 
         With ``only_active``, users without an ``active`` marker are skipped (Cassandra only).
@@ -500,9 +499,7 @@ class RedisTimelines:
         if not claims:
             return []
         holders = [actor for _, actor in claims]
-        others = self._claim(
-            args=[ttl_s, "\n".join(a for a, _ in claims), "\n".join(holders)]
-        )
+        others = self._claim(args=[ttl_s, "\n".join(a for a, _ in claims), "\n".join(holders)])
         for position, holder in zip(others[0::2], others[1::2], strict=True):
             holders[int(position) - 1] = _text(holder)
         return holders
@@ -744,13 +741,18 @@ class AsyncRedisPresence:
         entries = await self._redis.xrange(
             keys.deliveries(user), min=f"({seq}-0", max="+", count=limit
         )
-        return [(int(_text(eid).split("-", 1)[0]), fields[b"f"]) for eid, fields in entries]
+        # redis-py types stream entries loosely (``bytes | str | None``); this client decodes
+        # nothing, so each is an (id, {b"f": frame}) pair of bytes.
+        return [
+            (int(_text(eid).split("-", 1)[0]), _raw(fields[b"f"]))
+            for eid, fields in cast("list[tuple[bytes, dict[bytes, bytes]]]", entries or [])
+        ]
 
     async def oldest_seq(self, user: str) -> int | None:
         entries = await self._redis.xrange(keys.deliveries(user), count=1)
         if not entries:
             return None
-        return int(_text(entries[0][0]).split("-", 1)[0])
+        return int(_text(cast("bytes", entries[0][0])).split("-", 1)[0])
 
 
 def _new_epoch() -> str:
@@ -761,13 +763,17 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _decode_all(values: list[bytes]) -> list[str]:
-    return [v.decode() for v in values]
+def _raw(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def _decode_all(values: Sequence[bytes | str]) -> list[str]:
+    return [_text(v) for v in values]
 
 
 def _body_keys(members: list[str]) -> list[str]:
     return [keys.body(m.partition(":")[2]) for m in members]
 
 
-def _bodies(members: list[str], raw: list[bytes | None]) -> dict[str, bytes]:
-    return {m: b for m, b in zip(members, raw, strict=True) if b is not None}
+def _bodies(members: list[str], raw: Sequence[bytes | str | None]) -> dict[str, bytes]:
+    return {m: _raw(b) for m, b in zip(members, raw, strict=True) if b is not None}

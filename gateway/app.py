@@ -301,7 +301,8 @@ def _outages_as_503(endpoint: _Endpoint) -> _Endpoint:
                 raise
             error = _as_gateway_error(exc)
             log.warning(
-                "request_unavailable", path=request.scope.get("path"),
+                "request_unavailable",
+                path=request.scope.get("path"),
                 error=f"{type(exc).__name__}: {exc}"[:300],
             )
             raise error from None
@@ -518,8 +519,11 @@ class Gateway:
             for waiting, _message in queue:
                 dropped.update(waiting)
             log.error(
-                "actor_backlog_dropped", actor=actor, messages=len(queue) + 1,
-                users=len(dropped), action="reset",
+                "actor_backlog_dropped",
+                actor=actor,
+                messages=len(queue) + 1,
+                users=len(dropped),
+                action="reset",
             )
             queue.clear()
             self.hub.reset_users(dropped)
@@ -658,7 +662,9 @@ class Gateway:
             return await self.reader.big_followees(user)
         except Exception as exc:
             log.warning(
-                "actor_channels_failed", user_id=user, error=type(exc).__name__,
+                "actor_channels_failed",
+                user_id=user,
+                error=type(exc).__name__,
                 detail=str(exc)[:200],
             )
             return None
@@ -724,9 +730,7 @@ class Gateway:
         redis_client = self.redis
         presence_key = keys.presence(user)
         actors = sorted(self.hub.actors_of(user))
-        subscribed = not actors or await self.hub.actors_subscribed(
-            actors, _CATCH_UP_SUBSCRIBE_S
-        )
+        subscribed = not actors or await self.hub.actors_subscribed(actors, _CATCH_UP_SUBSCRIBE_S)
         pipe = redis_client.pipeline(transaction=False)
         fields = ["e", "s", _CAUGHT_UP_FLAG, _RESET_THROUGH]
         fields += [_CAUGHT_UP_PREFIX + actor for actor in actors]
@@ -735,8 +739,10 @@ class Gateway:
             pipe.zrevrangebylex(keys.outbox(actor), "+", "-", start=0, num=1)
         results = await pipe.execute()
         state = [_text(value) for value in results[0]]
-        heads = {actor: _text(head[0]) if head else "" for actor, head in zip(
-            actors, results[1:], strict=True)}
+        heads = {
+            actor: _text(head[0]) if head else ""
+            for actor, head in zip(actors, results[1:], strict=True)
+        }
         current_epoch, seq_text, flag, reset_text = state[:4]
         if current_epoch != epoch or seq_text is None:
             return None, None  # the stream was recreated meanwhile: the session resets anyway
@@ -765,8 +771,12 @@ class Gateway:
             )
         if offered or new_reset is not None:
             log.info(
-                "stream_caught_up", user_id=user, offered=offered, reset_through=new_reset,
-                accounts=len(actors), written=bool(written),
+                "stream_caught_up",
+                user_id=user,
+                offered=offered,
+                reset_through=new_reset,
+                accounts=len(actors),
+                written=bool(written),
             )
         if offered:
             now = await redis_client.hget(presence_key, "s")
@@ -837,7 +847,9 @@ class Gateway:
             if score is not None or body is None:
                 continue
             await timelines.insert_for(
-                [user], member, body,
+                [user],
+                member,
+                body,
                 timeline_max=s.timeline_max,
                 stream_history=s.stream_history,
                 body_ttl_s=s.body_ttl_days * 86_400,
@@ -963,7 +975,9 @@ async def _timed(name: str, check: Callable[[], Any]) -> dict[str, Any]:
         else:
             error = "unreachable"
         log.warning(
-            "dependency_unready", dependency=name, error=error,
+            "dependency_unready",
+            dependency=name,
+            error=error,
             detail=f"{type(exc).__name__}: {exc}"[:300],
         )
         return {"ok": False, "error": error}
@@ -1501,9 +1515,7 @@ async def _close_quietly(websocket: _StreamSocket, code: int, reason: str) -> No
     """Close with ``code`` and ``reason`` (cut to what a close frame holds); never raises for
     the client's sake: a close that cannot be written ends in dropping the connection."""
     try:
-        await asyncio.wait_for(
-            websocket.close(code, fit_close_reason(reason)), _CLOSE_TIMEOUT_S
-        )
+        await asyncio.wait_for(websocket.close(code, fit_close_reason(reason)), _CLOSE_TIMEOUT_S)
     except TimeoutError:
         websocket.abort()  # the client is not reading: the close frame cannot get out
         return
@@ -1622,9 +1634,7 @@ class StreamConnection:
         gateway = self._gateway
         started = time.monotonic()
         try:
-            await gateway.hub.register(
-                self, max_per_user=gateway.settings.max_connections_per_user
-            )
+            await gateway.hub.register(self, max_per_user=gateway.settings.max_connections_per_user)
         except TooManyConnections as exc:
             log.info("ws_rejected", reason="too_many_connections", limit=exc.limit)
             await _close_quietly(

@@ -147,8 +147,9 @@ def _ingest_errors(body_limit: int) -> dict[str, Any]:
     }
 
 
-def openapi_document(*, ingest_body_limit: int, follow_body_limit: int, max_limit: int,
-                     default_limit: int) -> dict[str, Any]:
+def openapi_document(
+    *, ingest_body_limit: int, follow_body_limit: int, max_limit: int, default_limit: int
+) -> dict[str, Any]:
     """The OpenAPI 3.1 document (a JSON-ready dict)."""
     accepted = {"description": "Accepted: produced to Kafka.", "content": _json(_ref("Accepted"))}
     ingest_security: list[dict[str, list[str]]] = [{"ingestToken": []}]
@@ -161,7 +162,7 @@ def openapi_document(*, ingest_body_limit: int, follow_body_limit: int, max_limi
             "version": "1",
             "description": (
                 "HTTP API of the real-time activity feed. Errors are always "
-                "`{\"error\": {\"code\", \"message\", \"field\"}}`. The live stream is the "
+                '`{"error": {"code", "message", "field"}}`. The live stream is the '
                 "WebSocket `GET /v1/stream` (not described here: see the README)."
             ),
         },

@@ -28,8 +28,14 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-__all__ = ["Decision", "Limit", "RedisRateLimiter", "connect_ip_key", "connect_user_key",
-           "ingest_key"]
+__all__ = [
+    "Decision",
+    "Limit",
+    "RedisRateLimiter",
+    "connect_ip_key",
+    "connect_user_key",
+    "ingest_key",
+]
 
 log = structlog.get_logger("gateway.ratelimit")
 

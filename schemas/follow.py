@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -35,7 +35,7 @@ _event = msgspec.json.Decoder(FollowEvent)
 _request = msgspec.json.Decoder(FollowRequest)
 
 
-def _decode(decoder: msgspec.json.Decoder, data: bytes):  # type: ignore[no-untyped-def]
+def _decode(decoder: msgspec.json.Decoder[Any], data: bytes) -> Any:
     if len(data) > MAX_FOLLOW_BYTES:
         raise ValidationError("", "too_large", f"body exceeds {MAX_FOLLOW_BYTES} bytes")
     try:

@@ -61,8 +61,11 @@ class Pipeline:
         try:
             self.worker.wait_http(f"{self.metrics_url}/healthz", timeout=60)
             self.gateway.wait_http(f"{self.gateway_url}/healthz", timeout=60)
-            wait_for(lambda: self.worker_metric("feed_assigned_partitions") > 0, timeout=60,
-                     message="worker partition assignment")
+            wait_for(
+                lambda: self.worker_metric("feed_assigned_partitions") > 0,
+                timeout=60,
+                message="worker partition assignment",
+            )
             yield self
         finally:
             self.gateway.stop(timeout=stop_timeout)

@@ -30,8 +30,9 @@ def hybrid(
     p = Pipeline(env, logs)
     create_topics(p.settings)
     second_port = free_port()
-    second = FeedProcess(["gateway"], {**env, "FEED_GATEWAY_PORT": str(second_port)},
-                         logs / "gateway-2.log")
+    second = FeedProcess(
+        ["gateway"], {**env, "FEED_GATEWAY_PORT": str(second_port)}, logs / "gateway-2.log"
+    )
     second.start()
     try:
         with p.running():
@@ -53,13 +54,17 @@ async def test_big_account_is_merged_at_read_time_and_pushed_live_once(
     star, online, offline, late = ids("star"), ids("online"), ids("offline"), ids("late")
     for fan in (online, offline, ids("third")):
         pipeline.follow(fan, star)
-    wait_for(lambda: versions.changes(redis_client.get(f"gv:{{{star}}}")) == 3, timeout=30,
-             message="follows applied")
+    wait_for(
+        lambda: versions.changes(redis_client.get(f"gv:{{{star}}}")) == 3,
+        timeout=30,
+        message="follows applied",
+    )
     # The star's first activity makes the worker classify it (3 followers > limit 2).
     first = ids("first")
     pipeline.produce(s.topic_activities, star, pipeline.activity(first, star))
-    wait_for(lambda: redis_client.sismember("big-accounts", star), timeout=30,
-             message="star marked big")
+    wait_for(
+        lambda: redis_client.sismember("big-accounts", star), timeout=30, message="star marked big"
+    )
     assert [a["id"] for a in pipeline.feed(offline)] == [first]
 
     headers = {"Authorization": f"Bearer {pipeline.token(online)}"}
@@ -69,8 +74,11 @@ async def test_big_account_is_merged_at_read_time_and_pushed_live_once(
     ):
         w1, w2 = await next_frame(ws1, 5), await next_frame(ws2, 5)
         assert w1["type"] == w2["type"] == "welcome"
-        wait_for(lambda: f"ac:{{{star}}}" in _channels(redis_client), timeout=10,
-                 message="actor channel subscribed")
+        wait_for(
+            lambda: f"ac:{{{star}}}" in _channels(redis_client),
+            timeout=10,
+            message="actor channel subscribed",
+        )
 
         # A new activity by the big account: live on both sockets, one delivery (same cursor).
         live = ids("live")
@@ -86,7 +94,8 @@ async def test_big_account_is_merged_at_read_time_and_pushed_live_once(
         pipeline.produce(s.topic_activities, star, pipeline.activity(marker, star))
         for ws, before in ((ws1, f1), (ws2, f2)):
             rest = await frames_until(
-                ws, lambda f: f.get("type") == "activity" and f["activity"]["id"] == marker,
+                ws,
+                lambda f: f.get("type") == "activity" and f["activity"]["id"] == marker,
                 timeout=10,
             )
             seen = [f for f in [*before, *rest] if f.get("type") != "welcome"]
@@ -103,13 +112,23 @@ async def test_big_account_is_merged_at_read_time_and_pushed_live_once(
         assert [a["id"] for a in pipeline.feed(offline)] == [marker, live, first]
 
         # Deleting it: connected followers get `removed`, and it leaves every feed.
-        delete = json.dumps({"id": ids("del"), "type": "Delete", "actor": star, "object": live,
-                             "published": datetime.now(UTC).isoformat()}).encode()
+        delete = json.dumps(
+            {
+                "id": ids("del"),
+                "type": "Delete",
+                "actor": star,
+                "object": live,
+                "published": datetime.now(UTC).isoformat(),
+            }
+        ).encode()
         pipeline.produce(s.topic_activities, star, delete)
         removed = await frames_until(ws1, lambda f: f.get("type") == "removed", timeout=10)
         assert removed[-1]["id"] == live
-        wait_for(lambda: [a["id"] for a in pipeline.feed(offline)] == [marker, first], timeout=10,
-                 message="deleted activity gone from the merged feed")
+        wait_for(
+            lambda: [a["id"] for a in pipeline.feed(offline)] == [marker, first],
+            timeout=10,
+            message="deleted activity gone from the merged feed",
+        )
 
         # A user who follows the star while connected starts receiving it live.
         async with websockets.connect(
@@ -117,16 +136,24 @@ async def test_big_account_is_merged_at_read_time_and_pushed_live_once(
         ) as ws3:
             assert (await next_frame(ws3, 5))["type"] == "welcome"
             pipeline.follow(late, star)
-            wait_for(lambda: versions.changes(redis_client.get(f"gv:{{{star}}}")) == 4,
-                     timeout=30,
-                     message="late follow applied")
+            wait_for(
+                lambda: versions.changes(redis_client.get(f"gv:{{{star}}}")) == 4,
+                timeout=30,
+                message="late follow applied",
+            )
             later = ids("later")
-            wait_for(lambda: f"ac:{{{star}}}" in _channels(redis_client), timeout=10,
-                     message="actor channel still subscribed")
+            wait_for(
+                lambda: f"ac:{{{star}}}" in _channels(redis_client),
+                timeout=10,
+                message="actor channel still subscribed",
+            )
             pipeline.produce(s.topic_activities, star, pipeline.activity(later, star))
             got = await frames_until(ws3, lambda f: f.get("type") == "activity", timeout=10)
             assert got[-1]["activity"]["id"] == later
 
     # Nobody following the star is connected any more: its channel is dropped.
-    wait_for(lambda: f"ac:{{{star}}}" not in _channels(redis_client), timeout=10,
-             message="actor channel unsubscribed")
+    wait_for(
+        lambda: f"ac:{{{star}}}" not in _channels(redis_client),
+        timeout=10,
+        message="actor channel unsubscribed",
+    )

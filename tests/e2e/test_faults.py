@@ -139,13 +139,16 @@ class Lane:
         return proc, f"http://127.0.0.1:{port}"
 
     def crashing_worker(self, name: str, crash_at: int, arm_file: Path) -> FeedProcess:
-        proc = FeedProcess([], {**self.env, "FEED_WORKER_METRICS_PORT": "0"},
-                           self.logdir / f"{name}.log")
+        proc = FeedProcess(
+            [], {**self.env, "FEED_WORKER_METRICS_PORT": "0"}, self.logdir / f"{name}.log"
+        )
         with proc.log.open("ab") as handle:
             proc.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.e2e.crash_after_apply", str(crash_at),
-                 str(arm_file)],
-                env=proc.env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", "tests.e2e.crash_after_apply", str(crash_at), str(arm_file)],
+                env=proc.env,
+                cwd=REPO,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         self.procs.append(proc)
@@ -171,15 +174,17 @@ class Lane:
         for fan, actors in self.follows.items():
             for actor in actors:
                 event = {"type": "follow", "follower": fan, "followee": actor, "at": at}
-                producer.produce(self.settings.topic_follows, key=fan.encode(),
-                                 value=json.dumps(event).encode())
+                producer.produce(
+                    self.settings.topic_follows, key=fan.encode(), value=json.dumps(event).encode()
+                )
         assert producer.flush(10) == 0
         wanted = {a: sum(a in actors for actors in self.follows.values()) for a in self.actors}
         wait_for(
             lambda: all(
                 versions.changes(self.redis.get(f"gv:{{{a}}}")) >= n for a, n in wanted.items()
             ),
-            timeout=60, message="follows applied",
+            timeout=60,
+            message="follows applied",
         )
 
     # expectations
@@ -200,7 +205,8 @@ class Lane:
             query = "limit=200" + (f"&cursor={cursor}" if cursor else "")
             status, body = http_get(
                 f"{self.gateway_url}/v1/feed?{query}",
-                headers={"Authorization": f"Bearer {self.token(user)}"}, timeout=5,
+                headers={"Authorization": f"Bearer {self.token(user)}"},
+                timeout=5,
             )
             if status != 200:
                 return None
@@ -223,30 +229,40 @@ class Lane:
 
             self._cassandra = open_cassandra(self.settings)
         ks = self.settings.cassandra_keyspace
-        rows = self._cassandra.execute(f"SELECT id FROM {ks}.timeline WHERE user_id = %s",
-                                       (user,))
+        rows = self._cassandra.execute(f"SELECT id FROM {ks}.timeline WHERE user_id = %s", (user,))
         return [row.id for row in rows]
 
     def committed_activities(self) -> dict[str, int]:
         """The group's committed offset of each activities partition (``topic/partition``)."""
-        lag = measure_lag(self.settings.kafka_bootstrap, self.settings.kafka_group,
-                          [self.settings.topic_activities], timeout=5)
+        lag = measure_lag(
+            self.settings.kafka_bootstrap,
+            self.settings.kafka_group,
+            [self.settings.topic_activities],
+            timeout=5,
+        )
         return {f"{p.topic}/{p.partition}": p.committed or 0 for p in lag.partitions}
 
     def lag(self) -> int | None:
         """Records not yet committed by the group, counting never-committed partitions from 0
         (the group starts at the earliest record); None if the broker did not answer."""
         try:
-            lag = measure_lag(self.settings.kafka_bootstrap, self.settings.kafka_group,
-                              [self.settings.topic_activities, self.settings.topic_follows],
-                              timeout=5)
+            lag = measure_lag(
+                self.settings.kafka_bootstrap,
+                self.settings.kafka_group,
+                [self.settings.topic_activities, self.settings.topic_follows],
+                timeout=5,
+            )
         except Exception:
             return None
         return sum(max(0, p.high - (p.committed or 0)) for p in lag.partitions)
 
     def dlq_records(self) -> int:
-        consumer = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap,
-                             "group.id": f"dlq-probe-{self.tag}"})
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.settings.kafka_bootstrap,
+                "group.id": f"dlq-probe-{self.tag}",
+            }
+        )
         try:
             total = 0
             for p in range(self.settings.kafka_partitions):
@@ -260,9 +276,7 @@ class Lane:
 
 
 @pytest.fixture
-def lane_factory(
-    fault_stack: FaultStack, tmp_path: Path
-) -> Iterator[Callable[..., Lane]]:
+def lane_factory(fault_stack: FaultStack, tmp_path: Path) -> Iterator[Callable[..., Lane]]:
     lanes: list[Lane] = []
 
     def make(**overrides: str) -> Lane:
@@ -291,14 +305,17 @@ class ActivityStream:
     """Produces ``count`` activities at ``rate``/s from a thread (round robin over the actors),
     numbered from ``first`` (a second stream of the lane starts after the first one's last)."""
 
-    def __init__(self, lane: Lane, count: int, rate: float, *, one_per_batch: bool = False,
-                 first: int = 0):
+    def __init__(
+        self, lane: Lane, count: int, rate: float, *, one_per_batch: bool = False, first: int = 0
+    ):
         self.lane = lane
         self.count = count
         self.rate = rate
         self.first = first
-        config: dict[str, Any] = {"bootstrap.servers": lane.settings.kafka_bootstrap,
-                                  "linger.ms": 0}
+        config: dict[str, Any] = {
+            "bootstrap.servers": lane.settings.kafka_bootstrap,
+            "linger.ms": 0,
+        }
         if one_per_batch:
             # INFRA.md: the test broker's high watermark is exact only for one-record batches.
             config["batch.num.messages"] = 1
@@ -323,11 +340,18 @@ class ActivityStream:
             n = self.first + i
             actor = self.lane.actors[n % len(self.lane.actors)]
             item = Sent(f"{self.lane.tag}-a{n:04d}", actor, self.base + timedelta(milliseconds=n))
-            body = {"id": item.aid, "type": "Create", "actor": actor, "object": f"post:{n}",
-                    "published": item.published.isoformat()}
+            body = {
+                "id": item.aid,
+                "type": "Create",
+                "actor": actor,
+                "object": f"post:{n}",
+                "published": item.published.isoformat(),
+            }
             self._producer.produce(
-                self.lane.settings.topic_activities, key=actor.encode(),
-                value=json.dumps(body).encode(), on_delivery=self._delivered(item),
+                self.lane.settings.topic_activities,
+                key=actor.encode(),
+                value=json.dumps(body).encode(),
+                on_delivery=self._delivered(item),
             )
             self._producer.poll(0)
         left = self._producer.flush(30)
@@ -390,8 +414,10 @@ class StreamClient:
         while not self.stopped:
             try:
                 async with websockets.connect(
-                    self.url, additional_headers={"Authorization": f"Bearer {self.token}"},
-                    open_timeout=3, close_timeout=1,
+                    self.url,
+                    additional_headers={"Authorization": f"Bearer {self.token}"},
+                    open_timeout=3,
+                    close_timeout=1,
                 ) as ws:
                     self._ws = ws
                     welcome = json.loads(await asyncio.wait_for(ws.recv(), 5))
@@ -441,8 +467,9 @@ class Clients:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="ws-clients",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="ws-clients", daemon=True
+        )
         self._thread.start()
         self._running: dict[int, tuple[StreamClient, Any]] = {}
 
@@ -555,27 +582,41 @@ def test_worker_killed_the_other_takes_over(
     lane = lane_factory(FEED_ACTIVE_DAYS="0")  # every follower hot: Redis holds every timeline
     a, a_url = lane.worker("worker-a")
     b, b_url = lane.worker("worker-b")
-    wait_for(lambda: _assigned(a_url) > 0 and _assigned(b_url) > 0
-             and _assigned(a_url) + _assigned(b_url) == 8,
-             timeout=60, message="the two workers split the 8 partitions")
+    wait_for(
+        lambda: (
+            _assigned(a_url) > 0
+            and _assigned(b_url) > 0
+            and _assigned(a_url) + _assigned(b_url) == 8
+        ),
+        timeout=60,
+        message="the two workers split the 8 partitions",
+    )
     lane.gateway()
     lane.apply_follows()
-    watcher = clients.start(StreamClient(lane.ws_url, lane.token(lane.followers[0]),
-                                         reconnect=False))
+    watcher = clients.start(
+        StreamClient(lane.ws_url, lane.token(lane.followers[0]), reconnect=False)
+    )
 
     stream = ActivityStream(lane, count=150, rate=30).start()
     stream.wait_sent(50, timeout=20)
-    wait_for(lambda: _log_events(b.log, "batch applied"), timeout=10,
-             message="worker b applying batches")
+    wait_for(
+        lambda: _log_events(b.log, "batch applied"), timeout=10, message="worker b applying batches"
+    )
     b.kill()
     killed = time.monotonic()
-    wait_for(lambda: _assigned(a_url) == 8, timeout=30,
-             message="the surviving worker takes every partition")
+    wait_for(
+        lambda: _assigned(a_url) == 8,
+        timeout=30,
+        message="the surviving worker takes every partition",
+    )
     takeover_s = time.monotonic() - killed
     sent = stream.finish(timeout=30)
-    wait_for(lambda: all(lane.redis_timeline(f) == lane.expected(f, sent)
-                         for f in lane.followers),
-             timeout=40, interval=0.1, message="every timeline complete after the takeover")
+    wait_for(
+        lambda: all(lane.redis_timeline(f) == lane.expected(f, sent) for f in lane.followers),
+        timeout=40,
+        interval=0.1,
+        message="every timeline complete after the takeover",
+    )
     recovery_s = time.monotonic() - killed
     # A kill -9 leaves the group only when the broker's session timeout expires, then the
     # survivor rejoins: SESSION_TIMEOUT_S + JOIN_S = 9 s; measured 9.0-9.5 s, bound 12 s (the
@@ -588,18 +629,29 @@ def test_worker_killed_the_other_takes_over(
     assert_stores(lane, sent)
     assert_http_feeds(lane, sent)
     expected = lane.expected(lane.followers[0], sent)
-    wait_for(lambda: len(watcher.activities()) >= len(expected), timeout=10,
-             message="every frame on the socket")
+    wait_for(
+        lambda: len(watcher.activities()) >= len(expected),
+        timeout=10,
+        message="every frame on the socket",
+    )
     assert sorted(watcher.ids()) == sorted(expected)
     assert_once_in_order(watcher.activities(), watcher.frames[0])
     assert a.alive()
     # What the killed worker had applied of the activities (what the survivor took over).
-    b_spans = [span for batch in _log_events(b.log, "batch applied")
-               for key, span in batch["offsets"].items()
-               if key.startswith(lane.settings.topic_activities)]
-    report("worker_killed_other_takes_over", recovery_s, capsys,
-           takeover_s=round(takeover_s, 3), activities=len(sent),
-           killed_worker_activity_records=sum(last - first + 1 for first, last in b_spans))
+    b_spans = [
+        span
+        for batch in _log_events(b.log, "batch applied")
+        for key, span in batch["offsets"].items()
+        if key.startswith(lane.settings.topic_activities)
+    ]
+    report(
+        "worker_killed_other_takes_over",
+        recovery_s,
+        capsys,
+        takeover_s=round(takeover_s, 3),
+        activities=len(sent),
+        killed_worker_activity_records=sum(last - first + 1 for first, last in b_spans),
+    )
 
 
 # --- 2. Redis is killed and restarted empty -------------------------------------------------------
@@ -614,8 +666,7 @@ def test_redis_restarted_empty_timelines_rebuilt_clients_reset(
     lane.apply_follows()
     live_fan, returning_fan, reader_fan, _cold_fan = lane.followers
     live = clients.start(StreamClient(lane.ws_url, lane.token(live_fan), reconnect=False))
-    returning = clients.start(StreamClient(lane.ws_url, lane.token(returning_fan),
-                                           reconnect=False))
+    returning = clients.start(StreamClient(lane.ws_url, lane.token(returning_fan), reconnect=False))
     assert lane.http_feed(reader_fan) == []  # marks the reader active (a hot timeline)
 
     stream = ActivityStream(lane, count=120, rate=30).start()
@@ -627,25 +678,37 @@ def test_redis_restarted_empty_timelines_rebuilt_clients_reset(
     before_kill = len(live.frames)
     server.kill()
     killed = time.monotonic()
-    wait_for(lambda: _log_events(worker.log, "store call failed; pausing consumption"),
-             timeout=10, message="the worker noticing Redis is gone")
+    wait_for(
+        lambda: _log_events(worker.log, "store call failed; pausing consumption"),
+        timeout=10,
+        message="the worker noticing Redis is gone",
+    )
     server.restart()  # same port, empty (no persistence)
     restarted = time.monotonic()
     sent_before_restart = stream.sent()
 
     # The connected client is told its stream is gone, then refetches over HTTP.
-    wait_for(lambda: live.index_of("reset", before_kill) is not None, timeout=20,
-             message="reset on the connected client")
+    wait_for(
+        lambda: live.index_of("reset", before_kill) is not None,
+        timeout=20,
+        message="reset on the connected client",
+    )
     reset_at = live.index_of("reset", before_kill)
     assert reset_at is not None
     reset_s = time.monotonic() - killed
-    refetched = wait_for(lambda: lane.http_feed(live_fan), timeout=20,
-                         message="HTTP feed after the reset")
+    refetched = wait_for(
+        lambda: lane.http_feed(live_fan), timeout=20, message="HTTP feed after the reset"
+    )
     # Everything accepted before the restart is readable again (rebuilt from Cassandra).
-    wait_for(lambda: all(set(lane.expected(f, sent_before_restart)) <= set(lane.http_feed(f)
-                                                                           or ())
-                         for f in lane.followers),
-             timeout=30, interval=0.2, message="feeds hold everything sent before the restart")
+    wait_for(
+        lambda: all(
+            set(lane.expected(f, sent_before_restart)) <= set(lane.http_feed(f) or ())
+            for f in lane.followers
+        ),
+        timeout=30,
+        interval=0.2,
+        message="feeds hold everything sent before the restart",
+    )
     recovery_s = time.monotonic() - killed
     # The gateway's Pub/Sub link retries 0.05 s after the loss, then 0.1 s, 0.2 s (hub.py) while
     # Redis is down (0.02-0.11 s measured): the reset reached the client 0.06-0.17 s after the
@@ -659,8 +722,11 @@ def test_redis_restarted_empty_timelines_rebuilt_clients_reset(
     clients.start(returning)
     resumed_at = returning.index_of("welcome", 1)
     assert resumed_at is not None and returning.cursor is not None
-    wait_for(lambda: returning.index_of("reset", resumed_at) is not None, timeout=10,
-             message="reset after resuming with a cursor of the lost stream")
+    wait_for(
+        lambda: returning.index_of("reset", resumed_at) is not None,
+        timeout=10,
+        message="reset after resuming with a cursor of the lost stream",
+    )
     assert old_cursor is not None
 
     sent = stream.finish(timeout=30)
@@ -669,19 +735,25 @@ def test_redis_restarted_empty_timelines_rebuilt_clients_reset(
     # The connected client's view (its refetch plus what came live after the reset) is complete,
     # and the frames after the reset are gap-free on the new stream.
     expected_live = lane.expected(live_fan, sent)
-    wait_for(lambda: set(expected_live) <= set(refetched) | set(live.ids(reset_at)),
-             timeout=20, message="the live client's view complete")
+    wait_for(
+        lambda: set(expected_live) <= set(refetched) | set(live.ids(reset_at)),
+        timeout=20,
+        message="the live client's view complete",
+    )
     # A second phase after the restart: each of its activities reaches the still-connected
     # client live, exactly once, on the new stream (the first phase may have ended before the
     # reset, leaving nothing live to check).
     phase2_at = len(live.frames)
-    second = ActivityStream(lane, count=20, rate=40, first=stream.count).start().finish(
-        timeout=30)
+    second = ActivityStream(lane, count=20, rate=40, first=stream.count).start().finish(timeout=30)
     expected_second = lane.expected(live_fan, second)
-    wait_for(lambda: set(expected_second) <= set(live.ids(phase2_at)), timeout=10,
-             message="the second phase live on the connected client")
+    wait_for(
+        lambda: set(expected_second) <= set(live.ids(phase2_at)),
+        timeout=10,
+        message="the second phase live on the connected client",
+    )
     assert sorted(i for i in live.ids(phase2_at) if i in set(expected_second)) == sorted(
-        expected_second)
+        expected_second
+    )
     after_reset = live.activities(reset_at)
     epochs = {seq_of(f)[0] for f in after_reset}
     assert len(epochs) == 1, epochs
@@ -694,8 +766,14 @@ def test_redis_restarted_empty_timelines_rebuilt_clients_reset(
     wait_http_complete(lane, sent + second, timeout=10)
     assert worker.alive()
     assert lane.dlq_records() == 0
-    report("redis_restarted_empty", recovery_s, capsys, reset_s=round(reset_s, 3),
-           redis_down_s=round(restarted - killed, 3), activities=len(sent))
+    report(
+        "redis_restarted_empty",
+        recovery_s,
+        capsys,
+        reset_s=round(reset_s, 3),
+        redis_down_s=round(restarted - killed, 3),
+        activities=len(sent),
+    )
 
 
 # --- 3. Cassandra is stopped for 20 s -------------------------------------------------------------
@@ -763,10 +841,18 @@ def test_cassandra_stopped_lag_grows_then_drains_without_dlq(
     assert len(backoffs) <= 15, f"{len(backoffs)} attempts in a ~25 s outage"
     assert all(d <= 15.0 for d in delays), delays
     # recovery_s: from Cassandra answering again (restart() returned) to the lag drained.
-    report("cassandra_stopped_20s", recovery_s, capsys,
-           stop_s=round(stopped - stopping, 3), down_s=round(restarting - stopped, 3),
-           restart_s=round(restarted - restarting, 3), max_lag=max(lags),
-           attempts=len(backoffs), retry_in_s=delays, activities=len(sent))
+    report(
+        "cassandra_stopped_20s",
+        recovery_s,
+        capsys,
+        stop_s=round(stopped - stopping, 3),
+        down_s=round(restarting - stopped, 3),
+        restart_s=round(restarted - restarting, 3),
+        max_lag=max(lags),
+        attempts=len(backoffs),
+        retry_in_s=delays,
+        activities=len(sent),
+    )
 
 
 def _metric(url: str, name: str) -> float:
@@ -784,8 +870,10 @@ def test_gateway_killed_clients_resume_without_gap(
     gateway = lane.gateway("gateway-1")
     lane.apply_follows()
     fans = lane.followers[:3]
-    streams = {fan: clients.start(StreamClient(lane.ws_url, lane.token(fan), reconnect=True))
-               for fan in fans}
+    streams = {
+        fan: clients.start(StreamClient(lane.ws_url, lane.token(fan), reconnect=True))
+        for fan in fans
+    }
 
     stream = ActivityStream(lane, count=120, rate=30).start()
     stream.wait_sent(40, timeout=20)
@@ -796,8 +884,10 @@ def test_gateway_killed_clients_resume_without_gap(
     ready = stream.sent()
 
     def caught_up() -> bool:
-        return all(c.welcomes >= 2 and set(lane.expected(f, ready)) <= set(c.ids())
-                   for f, c in streams.items())
+        return all(
+            c.welcomes >= 2 and set(lane.expected(f, ready)) <= set(c.ids())
+            for f, c in streams.items()
+        )
 
     wait_for(caught_up, timeout=30, interval=0.05, message="clients resumed and caught up")
     recovery_s = time.monotonic() - killed
@@ -812,6 +902,7 @@ def test_gateway_killed_clients_resume_without_gap(
     sent = stream.finish(timeout=30)
     for fan, client in streams.items():
         expected = lane.expected(fan, sent)
+
         def arrived(c: StreamClient = client, e: list[str] = expected) -> bool:
             return len(c.activities()) >= len(e)
 
@@ -821,20 +912,32 @@ def test_gateway_killed_clients_resume_without_gap(
         assert_once_in_order(client.activities(), client.frames[0])
     assert_http_feeds(lane, sent)
     assert worker.alive()
-    report("gateway_killed_clients_resume", recovery_s, capsys, start_s=round(start_s, 3),
-           resume_s=round(resume_s, 3), clients=len(streams), activities=len(sent))
+    report(
+        "gateway_killed_clients_resume",
+        recovery_s,
+        capsys,
+        start_s=round(start_s, 3),
+        resume_s=round(resume_s, 3),
+        clients=len(streams),
+        activities=len(sent),
+    )
 
 
 # --- 5. the worker dies between its writes and its offset commit ----------------------------------
 def test_worker_killed_between_apply_and_commit_replays_without_duplicates(
-    lane_factory: Callable[..., Lane], clients: Clients, tmp_path: Path,
+    lane_factory: Callable[..., Lane],
+    clients: Clients,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     lane = lane_factory(FEED_ACTIVE_DAYS="0")
     arm = tmp_path / "arm"
     crashing = lane.crashing_worker("crashing", crash_at=4, arm_file=arm)
-    wait_for(lambda: _log_events(crashing.log, "partitions assigned"), timeout=60,
-             message="the crashing worker joining the group")
+    wait_for(
+        lambda: _log_events(crashing.log, "partitions assigned"),
+        timeout=60,
+        message="the crashing worker joining the group",
+    )
     lane.gateway()
     lane.apply_follows()
     watched = lane.followers[0]
@@ -854,13 +957,20 @@ def test_worker_killed_between_apply_and_commit_replays_without_duplicates(
     entries_at_kill = sum(len(lane.redis_timeline(fan)) for fan in lane.followers)
 
     worker, worker_url = lane.worker("worker")
-    wait_for(lambda: _assigned(worker_url) == 8, timeout=45, interval=0.1,
-             message="the new worker holding every partition")
+    wait_for(
+        lambda: _assigned(worker_url) == 8,
+        timeout=45,
+        interval=0.1,
+        message="the new worker holding every partition",
+    )
     assigned_s = time.monotonic() - killed
     sent = stream.finish(timeout=30)
-    wait_for(lambda: all(lane.redis_timeline(f) == lane.expected(f, sent)
-                         for f in lane.followers),
-             timeout=45, interval=0.1, message="every timeline complete after the replay")
+    wait_for(
+        lambda: all(lane.redis_timeline(f) == lane.expected(f, sent) for f in lane.followers),
+        timeout=45,
+        interval=0.1,
+        message="every timeline complete after the replay",
+    )
     recovery_s = time.monotonic() - killed
     # The new worker's join waits out the dead member's session (SESSION_TIMEOUT_S), then the
     # group rebalances in two join rounds (JOIN_S each): 12 s; measured 11.6-12.7 s, bound 15 s.
@@ -877,17 +987,27 @@ def test_worker_killed_between_apply_and_commit_replays_without_duplicates(
     first = {key: span[0] for b in reversed(batches) for key, span in b["offsets"].items()}
     resumed = {key: offset for key, offset in first.items() if key in committed}
     assert resumed and all(offset == committed[key] for key, offset in resumed.items()), (
-        resumed, committed)
+        resumed,
+        committed,
+    )
     total = sum(len(lane.expected(fan, sent)) for fan in lane.followers)
     assert sum(b["inserted"] for b in batches) == total - entries_at_kill
     # ... and pushed nothing twice: every activity reached the socket exactly once.
     expected = lane.expected(watched, sent)
     # A replayed record is applied before the newer ones: a duplicate push would arrive before
     # the last frame, so waiting for the count is enough to see it.
-    wait_for(lambda: len(watcher.activities()) >= len(expected), timeout=10,
-             message="every frame on the socket")
+    wait_for(
+        lambda: len(watcher.activities()) >= len(expected),
+        timeout=10,
+        message="every frame on the socket",
+    )
     assert sorted(watcher.ids()) == sorted(expected)
     assert_once_in_order(watcher.activities(), watcher.frames[0])
-    report("worker_killed_between_apply_and_commit", recovery_s, capsys,
-           assigned_s=round(assigned_s, 3), replayed_records=len(applied) - sum(committed.values()),
-           activities=len(sent))
+    report(
+        "worker_killed_between_apply_and_commit",
+        recovery_s,
+        capsys,
+        assigned_s=round(assigned_s, 3),
+        replayed_records=len(applied) - sum(committed.values()),
+        activities=len(sent),
+    )

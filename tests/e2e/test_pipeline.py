@@ -119,8 +119,9 @@ async def test_publish_reaches_followers_socket_feed_and_history(
             assert error is None, error
             origin.append((message.partition(), message.offset()))
 
-        pipeline.producer.produce(s.topic_activities, key=u1.encode(), value=bad,
-                                  on_delivery=delivered)
+        pipeline.producer.produce(
+            s.topic_activities, key=u1.encode(), value=bad, on_delivery=delivered
+        )
         assert pipeline.producer.flush(10) == 0 and len(origin) == 1
         after = ids("after")
         pipeline.produce(s.topic_activities, u1, pipeline.activity(after, u1))
@@ -135,8 +136,11 @@ async def test_publish_reaches_followers_socket_feed_and_history(
     assert headers["feed.origin.topic"] == s.topic_activities.encode()
     assert (int(headers["feed.origin.partition"]), int(headers["feed.origin.offset"])) == origin[0]
     # One record dead-lettered, counted once.
-    wait_for(lambda: pipeline.worker_metric("feed_dlq_total") >= dlq_before + 1, timeout=10,
-             message="the dead letter counted")
+    wait_for(
+        lambda: pipeline.worker_metric("feed_dlq_total") >= dlq_before + 1,
+        timeout=10,
+        message="the dead letter counted",
+    )
     assert pipeline.worker_metric("feed_dlq_total") == dlq_before + 1
     assert pipeline.worker.alive()
 
@@ -174,18 +178,23 @@ async def test_no_secret_ever_reaches_the_logs(
     token = pipeline.token(user)
     forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
     statuses = [
-        http_get(f"{pipeline.gateway_url}/v1/feed",
-                 headers={"Authorization": f"Bearer {bearer}"})[0]
+        http_get(f"{pipeline.gateway_url}/v1/feed", headers={"Authorization": f"Bearer {bearer}"})[
+            0
+        ]
         for bearer in (token, forged)
     ]
     statuses.append(http_get(f"{pipeline.gateway_url}/v1/feed?token={token}")[0])
     # The JWT is accepted, the forged one is not; HTTP reads take the token only as a header.
     assert statuses == [200, 401, 401]
     ingest: dict[str, int] = {}
-    for name, bearer in (("valid", s.ingest_token.reveal()),
-                         ("wrong", "wrong-ingest-token-xxxxxxxx")):
+    for name, bearer in (
+        ("valid", s.ingest_token.reveal()),
+        ("wrong", "wrong-ingest-token-xxxxxxxx"),
+    ):
         request = urllib.request.Request(
-            f"{pipeline.gateway_url}/v1/activities", data=b"{}", method="POST",
+            f"{pipeline.gateway_url}/v1/activities",
+            data=b"{}",
+            method="POST",
             headers={"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"},
         )
         with pytest.raises(urllib.error.HTTPError) as refused:
@@ -202,14 +211,23 @@ async def test_no_secret_ever_reaches_the_logs(
         async with websockets.connect(f"{pipeline.ws_url}?token={forged}") as ws:
             await next_frame(ws, 5)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001, closed.value
-    secrets = [s.jwt_secret.reveal(), s.ingest_token.reveal(), token, forged,
-               token.split(".")[2], "wrong-ingest-token-xxxxxxxx"]
+    secrets = [
+        s.jwt_secret.reveal(),
+        s.ingest_token.reveal(),
+        token,
+        forged,
+        token.split(".")[2],
+        "wrong-ingest-token-xxxxxxxx",
+    ]
     # The accepted connection's summary line is written when it ends (after the client's close):
     # the scan below reads the logs only once both connections are logged.
     wait_for(
-        lambda: len(log_events(pipeline.gateway.log, "ws_connection")) == connections + 1
-        and len(log_events(pipeline.gateway.log, "ws_rejected")) == rejections + 1,
-        timeout=10, message="both WebSocket connections logged",
+        lambda: (
+            len(log_events(pipeline.gateway.log, "ws_connection")) == connections + 1
+            and len(log_events(pipeline.gateway.log, "ws_rejected")) == rejections + 1
+        ),
+        timeout=10,
+        message="both WebSocket connections logged",
     )
     for proc in (pipeline.worker, pipeline.gateway):
         text = proc.log.read_text(errors="replace")
@@ -247,8 +265,9 @@ async def test_both_processes_export_their_metrics(
     consumed_activities = f'feed_activities_consumed_total{{topic="{s.topic_activities}"}}'
     feed_ok = 'feed_gateway_http_requests_total{route="/v1/feed",status="200"}'
     pushed = "feed_gateway_messages_pushed_total"
-    start = wait_for(lambda: _settled_worker_metrics(pipeline), timeout=20,
-                     message="the worker idle")
+    start = wait_for(
+        lambda: _settled_worker_metrics(pipeline), timeout=20, message="the worker idle"
+    )
     pipeline.follow(online, actor)
     pipeline.follow(reader, actor)
     assert pipeline.feed(reader) == []  # a read marks the reader active
@@ -259,15 +278,23 @@ async def test_both_processes_export_their_metrics(
     ) as ws:
         assert (await next_frame(ws, 5))["type"] == "welcome"
         worker_before = wait_for(
-            lambda: (text := _settled_worker_metrics(pipeline)) is not None
-            and metric_value(text, consumed_follows)
-            == metric_value(start, consumed_follows) + 2 and text,
-            timeout=20, message="both follows applied",
+            lambda: (
+                (text := _settled_worker_metrics(pipeline)) is not None
+                and metric_value(text, consumed_follows)
+                == metric_value(start, consumed_follows) + 2
+                and text
+            ),
+            timeout=20,
+            message="both follows applied",
         )
         gateway_before = wait_for(
-            lambda: (text := _gateway_metrics(pipeline))
-            and metric_value(text, pushed) == metric_value(gateway_start, pushed) + 1 and text,
-            timeout=10, message="the welcome counted",
+            lambda: (
+                (text := _gateway_metrics(pipeline))
+                and metric_value(text, pushed) == metric_value(gateway_start, pushed) + 1
+                and text
+            ),
+            timeout=10,
+            message="the welcome counted",
         )
         aids = [ids(f"m-a{i}") for i in range(n)]
         for aid in aids:
@@ -277,17 +304,25 @@ async def test_both_processes_export_their_metrics(
         )
         assert [f["activity"]["id"] for f in frames] == aids
         worker_after = wait_for(
-            lambda: (text := _settled_worker_metrics(pipeline)) is not None
-            and metric_value(text, consumed_activities)
-            == metric_value(worker_before, consumed_activities) + n and text,
-            timeout=20, message="the activities applied",
+            lambda: (
+                (text := _settled_worker_metrics(pipeline)) is not None
+                and metric_value(text, consumed_activities)
+                == metric_value(worker_before, consumed_activities) + n
+                and text
+            ),
+            timeout=20,
+            message="the activities applied",
         )
     assert [a["id"] for a in pipeline.feed(online)] == aids[::-1]
     assert [a["id"] for a in pipeline.feed(reader)] == aids[::-1]
     gateway_after = wait_for(
-        lambda: (text := _gateway_metrics(pipeline))
-        and metric_value(text, pushed) == metric_value(gateway_before, pushed) + n and text,
-        timeout=10, message="the frames counted",
+        lambda: (
+            (text := _gateway_metrics(pipeline))
+            and metric_value(text, pushed) == metric_value(gateway_before, pushed) + n
+            and text
+        ),
+        timeout=10,
+        message="the frames counted",
     )
 
     def worker_delta(name: str) -> float:
@@ -300,8 +335,11 @@ async def test_both_processes_export_their_metrics(
     assert worker_delta("feed_batch_size_sum") == n
     batches = worker_delta("feed_batch_size_count")
     assert 1 <= batches <= n
-    for name in ("feed_batch_seconds_count", 'feed_store_call_seconds_count{store="redis"}',
-                 'feed_store_call_seconds_count{store="cassandra"}'):
+    for name in (
+        "feed_batch_seconds_count",
+        'feed_store_call_seconds_count{store="redis"}',
+        'feed_store_call_seconds_count{store="cassandra"}',
+    ):
         assert worker_delta(name) == batches, name
     # Every follower is active: n entries in each Redis timeline and n history rows each.
     assert worker_delta("feed_timeline_inserts_total") == 2 * n
@@ -313,12 +351,18 @@ async def test_both_processes_export_their_metrics(
     assert gateway_delta(feed_ok) == 2
     assert gateway_delta("feed_gateway_slow_client_closes_total") == 0
     assert metric_value(gateway_after, "feed_gateway_connections") == 0
-    for name in ('feed_dlq_total{reason="malformed_json"}', "feed_consumer_lag_sum",
-                 "feed_errors_total"):
+    for name in (
+        'feed_dlq_total{reason="malformed_json"}',
+        "feed_consumer_lag_sum",
+        "feed_errors_total",
+    ):
         assert name in worker_after, name
     ready = http_get(f"{pipeline.metrics_url}/readyz")
     assert ready[0] == 200 and json.loads(ready[1])["checks"] == {
-        "redis": True, "cassandra": True, "kafka": True}
+        "redis": True,
+        "cassandra": True,
+        "kafka": True,
+    }
     status, body = http_get(f"{pipeline.gateway_url}/readyz")
     assert status == 200, body
 
@@ -332,8 +376,14 @@ def test_dlq_command_lists_and_replays_once(pipeline: Pipeline) -> None:
     env = {**os.environ, **pipeline.env}
 
     def feed(*args: str) -> str:
-        return subprocess.run([sys.executable, "-m", "feed.cli", "dlq", *args], env=env,
-                              capture_output=True, text=True, timeout=90, check=True).stdout
+        return subprocess.run(
+            [sys.executable, "-m", "feed.cli", "dlq", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=True,
+        ).stdout
 
     records = [json.loads(line) for line in feed("list", "--json").splitlines() if line]
     malformed = [r for r in records if r["headers"].get("feed.error") == "malformed_json"]
@@ -346,11 +396,16 @@ def test_dlq_command_lists_and_replays_once(pipeline: Pipeline) -> None:
     assert first.startswith(f"replayed {before} "), first
     # The replayed bytes are still malformed: the worker dead-letters them again (a new record).
     wait_for(
-        lambda: sum(
-            1 for line in feed("list", "--json").splitlines()
-            if line and json.loads(line)["headers"].get("feed.error") == "malformed_json"
-        ) == 2 * before,
-        timeout=60, message="the replayed record dead-lettered again",
+        lambda: (
+            sum(
+                1
+                for line in feed("list", "--json").splitlines()
+                if line and json.loads(line)["headers"].get("feed.error") == "malformed_json"
+            )
+            == 2 * before
+        ),
+        timeout=60,
+        message="the replayed record dead-lettered again",
     )
     # The replay group's position was committed: only the new record is replayed, not the old.
     assert feed("replay", "--code", "malformed_json").startswith(f"replayed {before} ")

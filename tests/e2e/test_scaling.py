@@ -67,9 +67,15 @@ def test_two_workers_split_partitions_and_hand_over_on_clean_stop(
     b, b_url = _worker(env, tmp_path / "b.log")
     try:
         # 1. The two workers split the 8 partitions (4 activities + 4 follows).
-        wait_for(lambda: _assigned(a_url) > 0 and _assigned(b_url) > 0
-                 and _assigned(a_url) + _assigned(b_url) == 8,
-                 timeout=60, message="partitions split between two workers")
+        wait_for(
+            lambda: (
+                _assigned(a_url) > 0
+                and _assigned(b_url) > 0
+                and _assigned(a_url) + _assigned(b_url) == 8
+            ),
+            timeout=60,
+            message="partitions split between two workers",
+        )
 
         actors = [ids(f"actor{n}") for n in range(8)]
         followers = [ids(f"fan{n}") for n in range(6)]
@@ -77,24 +83,35 @@ def test_two_workers_split_partitions_and_hand_over_on_clean_stop(
         t0 = datetime.now(UTC)
         for fan in followers:
             for actor in actors:
-                event = {"type": "follow", "follower": fan, "followee": actor,
-                         "at": t0.isoformat()}
-                producer.produce(settings.topic_follows, key=fan.encode(),
-                                 value=json.dumps(event).encode())
+                event = {"type": "follow", "follower": fan, "followee": actor, "at": t0.isoformat()}
+                producer.produce(
+                    settings.topic_follows, key=fan.encode(), value=json.dumps(event).encode()
+                )
         producer.flush(10)
-        wait_for(lambda: all(versions.changes(redis_client.get(f"gv:{{{actor}}}")) == len(followers)
-                             for actor in actors),
-                 timeout=30, message="follows applied")
+        wait_for(
+            lambda: all(
+                versions.changes(redis_client.get(f"gv:{{{actor}}}")) == len(followers)
+                for actor in actors
+            ),
+            timeout=30,
+            message="follows applied",
+        )
 
         def publish(first: int, count: int) -> list[str]:
             sent = []
             for n in range(first, first + count):
                 actor = actors[n % len(actors)]
                 aid = ids(f"act{n}")
-                body = {"id": aid, "type": "Create", "actor": actor, "object": f"o:{n}",
-                        "published": (t0 + timedelta(milliseconds=n)).isoformat()}
-                producer.produce(settings.topic_activities, key=actor.encode(),
-                                 value=json.dumps(body).encode())
+                body = {
+                    "id": aid,
+                    "type": "Create",
+                    "actor": actor,
+                    "object": f"o:{n}",
+                    "published": (t0 + timedelta(milliseconds=n)).isoformat(),
+                }
+                producer.produce(
+                    settings.topic_activities, key=actor.encode(), value=json.dumps(body).encode()
+                )
                 sent.append(aid)
             producer.flush(10)
             return sent
@@ -102,8 +119,11 @@ def test_two_workers_split_partitions_and_hand_over_on_clean_stop(
         sent = publish(0, 160)
         # 2. One worker stops cleanly: it finishes its batch, commits and leaves the group.
         assert b.stop(timeout=30) == 0
-        wait_for(lambda: _assigned(a_url) == 8, timeout=30,
-                 message="the remaining worker takes all partitions")
+        wait_for(
+            lambda: _assigned(a_url) == 8,
+            timeout=30,
+            message="the remaining worker takes all partitions",
+        )
         sent += publish(160, 80)
 
         # 3. Every activity lands in every follower's timeline.

@@ -49,8 +49,10 @@ def _feed(pipeline: Pipeline, user: str) -> list[str]:
     cursor = ""
     for _ in range(50):
         query = f"?limit=3&cursor={cursor}" if cursor else "?limit=3"
-        status, body = http_get(f"{pipeline.gateway_url}/v1/feed{query}",
-                                headers={"Authorization": f"Bearer {pipeline.token(user)}"})
+        status, body = http_get(
+            f"{pipeline.gateway_url}/v1/feed{query}",
+            headers={"Authorization": f"Bearer {pipeline.token(user)}"},
+        )
         assert status == 200, body
         page = json.loads(body)
         seen += [item["activity"]["id"] for item in page["items"]]
@@ -71,11 +73,15 @@ def _produce(pipeline: Pipeline, model: Model, sequence: list[tuple[Any, ...]], 
             if follower == followee:
                 continue
             clock += 1
-            event = {"type": kind, "follower": f"{ns}-u{follower}",
-                     "followee": f"{ns}-u{followee}",
-                     "at": (T0 + timedelta(seconds=clock)).isoformat()}
-            pipeline.producer.produce(s.topic_follows, key=event["follower"].encode(),
-                                      value=json.dumps(event).encode())
+            event = {
+                "type": kind,
+                "follower": f"{ns}-u{follower}",
+                "followee": f"{ns}-u{followee}",
+                "at": (T0 + timedelta(seconds=clock)).isoformat(),
+            }
+            pipeline.producer.produce(
+                s.topic_follows, key=event["follower"].encode(), value=json.dumps(event).encode()
+            )
             if kind == "follow":
                 model.following.add((follower, followee))
             else:
@@ -83,51 +89,86 @@ def _produce(pipeline: Pipeline, model: Model, sequence: list[tuple[Any, ...]], 
         elif kind in ("post", "delete_then_post"):
             actor, to, minute = op[1], frozenset(op[2] - {op[1]}), op[3]
             if kind == "delete_then_post":  # same key: applied before the create, to the DLQ
-                early = {"id": f"{ns}-e{n}", "type": "Delete", "actor": f"{ns}-u{actor}",
-                         "object": f"{ns}-a{n}", "published": T0.isoformat()}
-                pipeline.producer.produce(s.topic_activities, key=early["actor"].encode(),
-                                          value=json.dumps(early).encode())
+                early = {
+                    "id": f"{ns}-e{n}",
+                    "type": "Delete",
+                    "actor": f"{ns}-u{actor}",
+                    "object": f"{ns}-a{n}",
+                    "published": T0.isoformat(),
+                }
+                pipeline.producer.produce(
+                    s.topic_activities,
+                    key=early["actor"].encode(),
+                    value=json.dumps(early).encode(),
+                )
             published = T0 + timedelta(minutes=minute)
-            body = {"id": f"{ns}-a{n}", "type": "Create", "actor": f"{ns}-u{actor}",
-                    "object": f"post:{n}", "published": published.isoformat(),
-                    "to": [f"{ns}-u{u}" for u in sorted(to)]}
-            pipeline.producer.produce(s.topic_activities, key=body["actor"].encode(),
-                                      value=json.dumps(body).encode())
+            body = {
+                "id": f"{ns}-a{n}",
+                "type": "Create",
+                "actor": f"{ns}-u{actor}",
+                "object": f"post:{n}",
+                "published": published.isoformat(),
+                "to": [f"{ns}-u{u}" for u in sorted(to)],
+            }
+            pipeline.producer.produce(
+                s.topic_activities, key=body["actor"].encode(), value=json.dumps(body).encode()
+            )
             posted.append(body)
             model.posts[body["id"]] = (actor, int(published.timestamp() * 1_000_000), to)
         elif kind == "dup" and posted:
             body = posted[op[1] % len(posted)]
-            pipeline.producer.produce(s.topic_activities, key=body["actor"].encode(),
-                                      value=json.dumps(body).encode())
+            pipeline.producer.produce(
+                s.topic_activities, key=body["actor"].encode(), value=json.dumps(body).encode()
+            )
         elif kind == "redup" and posted:
-            again = dict(posted[op[1] % len(posted)], object=f"post:edited-{n}",
-                         to=[f"{ns}-u{u}" for u in range(USERS)],
-                         published=(T0 + timedelta(minutes=op[2], seconds=7)).isoformat())
-            pipeline.producer.produce(s.topic_activities, key=again["actor"].encode(),
-                                      value=json.dumps(again).encode())
+            again = dict(
+                posted[op[1] % len(posted)],
+                object=f"post:edited-{n}",
+                to=[f"{ns}-u{u}" for u in range(USERS)],
+                published=(T0 + timedelta(minutes=op[2], seconds=7)).isoformat(),
+            )
+            pipeline.producer.produce(
+                s.topic_activities, key=again["actor"].encode(), value=json.dumps(again).encode()
+            )
         elif kind == "xdelete" and posted:
             target = posted[op[1] % len(posted)]
             other = f"{ns}-u{op[2]}"
             if other != target["actor"]:
-                xdelete = {"id": f"{ns}-x{n}", "type": "Delete", "actor": other,
-                           "object": target["id"], "published": T0.isoformat()}
-                pipeline.producer.produce(s.topic_activities, key=other.encode(),
-                                          value=json.dumps(xdelete).encode())
+                xdelete = {
+                    "id": f"{ns}-x{n}",
+                    "type": "Delete",
+                    "actor": other,
+                    "object": target["id"],
+                    "published": T0.isoformat(),
+                }
+                pipeline.producer.produce(
+                    s.topic_activities, key=other.encode(), value=json.dumps(xdelete).encode()
+                )
         elif kind == "delete" and posted:
             target = posted[op[1] % len(posted)]
-            delete = {"id": f"{ns}-d{n}", "type": "Delete", "actor": target["actor"],
-                      "object": target["id"], "published": T0.isoformat()}
-            pipeline.producer.produce(s.topic_activities, key=target["actor"].encode(),
-                                      value=json.dumps(delete).encode())
+            delete = {
+                "id": f"{ns}-d{n}",
+                "type": "Delete",
+                "actor": target["actor"],
+                "object": target["id"],
+                "published": T0.isoformat(),
+            }
+            pipeline.producer.produce(
+                s.topic_activities, key=target["actor"].encode(), value=json.dumps(delete).encode()
+            )
             model.deleted.add(target["id"])
     assert pipeline.producer.flush(10) == 0
 
 
-@settings(max_examples=5, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=5,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(sequence=ops)
-def test_pipeline_feeds_equal_the_model(sequence: list[tuple[Any, ...]],
-                                        pipeline: Pipeline) -> None:
+def test_pipeline_feeds_equal_the_model(
+    sequence: list[tuple[Any, ...]], pipeline: Pipeline
+) -> None:
     ns = f"k{uuid.uuid4().hex[:8]}"
     model = Model()
     _produce(pipeline, model, sequence, ns)
@@ -141,4 +182,3 @@ def test_pipeline_feeds_equal_the_model(sequence: list[tuple[Any, ...]],
             if time.monotonic() > deadline:
                 raise AssertionError(f"user {user}: {got} != {expected}; sequence={sequence}")
             time.sleep(0.2)
-

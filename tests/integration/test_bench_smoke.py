@@ -115,15 +115,15 @@ def test_quick_fanout_writes_the_report_and_plots(quick_run: tuple[Path, dict[st
         "skewed/ZADD": (skewed["inserts_per_s"] / zadd, f"ZADD {zadd:,.0f}/s"),
         "history/raw": (history["history_rows_per_s"] / raw, f"just before, {raw:,.0f} rows/s"),
         "history/raw_fresh": (
-            history["history_rows_per_s"] / raw_fresh, f"fresh server, {raw_fresh:,.0f} rows/s"
+            history["history_rows_per_s"] / raw_fresh,
+            f"fresh server, {raw_fresh:,.0f} rows/s",
         ),
         "drain 2 vs 1": (speedup, "1 worker"),
     }
     assert redis_only["ratio_to_redis_zadd"] == pytest.approx(rows["redis_only/ZADD"][0])
     assert skewed["ratio_to_redis_zadd"] == pytest.approx(rows["skewed/ZADD"][0])
     assert history["ratio_to_cassandra_batch"] == pytest.approx(rows["history/raw"][0])
-    assert history["ratio_to_cassandra_batch_fresh"] == pytest.approx(
-        rows["history/raw_fresh"][0])
+    assert history["ratio_to_cassandra_batch_fresh"] == pytest.approx(rows["history/raw_fresh"][0])
     assert results["fanout"]["drain"]["speedup_2_vs_1"] == pytest.approx(speedup)
     for name, (ratio, reference) in rows.items():
         assert f"{reference} | {_x(ratio)} |" in report, (name, _x(ratio))

@@ -41,8 +41,13 @@ def _closed_env(**extra: str) -> tuple[dict[str, str], int]:
 
 def _run(args: list[str], env: dict[str, str]) -> tuple[int, str, str, float]:
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "feed.cli", *args], env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "feed.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return result.returncode, result.stdout, result.stderr, time.monotonic() - started
 
 
@@ -64,8 +69,9 @@ KAFKA_COMMANDS = [
 ]
 
 
-@pytest.mark.parametrize(("args", "command"), KAFKA_COMMANDS,
-                         ids=[" ".join(args) for args, _ in KAFKA_COMMANDS])
+@pytest.mark.parametrize(
+    ("args", "command"), KAFKA_COMMANDS, ids=[" ".join(args) for args, _ in KAFKA_COMMANDS]
+)
 def test_kafka_commands_fail_within_their_timeout_in_one_line(
     args: list[str], command: str
 ) -> None:
@@ -73,8 +79,7 @@ def test_kafka_commands_fail_within_their_timeout_in_one_line(
     code, stdout, stderr, elapsed = _run(args, env)
     assert code == 1, (code, stderr[-2000:])
     assert elapsed < DEFAULT_TIMEOUT_S + STARTUP_S, elapsed
-    _assert_one_line(
-        stderr, f"feed {command}: cannot reach Kafka at 127.0.0.1:{port} within 5 s")
+    _assert_one_line(stderr, f"feed {command}: cannot reach Kafka at 127.0.0.1:{port} within 5 s")
     assert stdout == ""
 
 
@@ -111,10 +116,12 @@ def test_migrate_with_kafka_up_fails_naming_cassandra(stack_env: dict[str, str])
 
 @pytest.mark.parametrize(
     ("args", "flag"),
-    [(["lag", "--lag-threshold", "0"], "--lag-threshold"),
-     (["lag", "--watch", "--interval", "-1"], "--interval"),
-     (["lag", "--max-replicas", "0"], "--max-replicas"),
-     (["dlq", "list", "--limit", "0"], "--limit")],
+    [
+        (["lag", "--lag-threshold", "0"], "--lag-threshold"),
+        (["lag", "--watch", "--interval", "-1"], "--interval"),
+        (["lag", "--max-replicas", "0"], "--max-replicas"),
+        (["dlq", "list", "--limit", "0"], "--limit"),
+    ],
     ids=["lag-threshold", "interval", "max-replicas", "limit"],
 )
 def test_bad_flags_are_refused_before_anything_is_reached(args: list[str], flag: str) -> None:

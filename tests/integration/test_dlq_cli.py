@@ -45,13 +45,23 @@ class _Origin:
 
 
 def _feed(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "feed.cli", "dlq", *args],
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "feed.cli", "dlq", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def _read_all(settings: Settings, topic: str, count: int) -> list[Any]:
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "log_level": 0,
-                         "group.id": f"reader-{uuid.uuid4().hex[:8]}"})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "log_level": 0,
+            "group.id": f"reader-{uuid.uuid4().hex[:8]}",
+        }
+    )
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
     out: list[Any] = []
@@ -70,18 +80,25 @@ def test_list_reads_every_record_and_replay_passes_over_truncated_copies(
     stack_env: dict[str, str],
 ) -> None:
     tag = uuid.uuid4().hex[:8]
-    env = dict(stack_env, FEED_TOPIC_ACTIVITIES=f"dlqcli-act-{tag}",
-               FEED_TOPIC_FOLLOWS=f"dlqcli-fol-{tag}", FEED_TOPIC_DLQ=f"dlqcli-dlq-{tag}",
-               FEED_KAFKA_GROUP=f"dlqcli-{tag}", FEED_KAFKA_PARTITIONS="1")
+    env = dict(
+        stack_env,
+        FEED_TOPIC_ACTIVITIES=f"dlqcli-act-{tag}",
+        FEED_TOPIC_FOLLOWS=f"dlqcli-fol-{tag}",
+        FEED_TOPIC_DLQ=f"dlqcli-dlq-{tag}",
+        FEED_KAFKA_GROUP=f"dlqcli-{tag}",
+        FEED_KAFKA_PARTITIONS="1",
+    )
     settings = Settings.from_env(env)
     create_topics(settings)
     # Batched on purpose (linger): the broker's watermark then under-reports (INFRA.md).
     letters = DeadLetters.from_config(
-        dead_letter_producer_config(settings, **{"linger.ms": 50}), settings.topic_dlq)
+        dead_letter_producer_config(settings, **{"linger.ms": 50}), settings.topic_dlq
+    )
     origin = settings.topic_activities
     for offset in range(6):
-        letters.send(_Origin(origin, offset, b"{oops%d" % offset), code="malformed_json",
-                     reason="not JSON")
+        letters.send(
+            _Origin(origin, offset, b"{oops%d" % offset), code="malformed_json", reason="not JSON"
+        )
     letters.send(_Origin(origin, 6, b"x" * 2_000_000), code="too_large", reason="too large")
     letters.send(_Origin(origin, 7, b'{"type":"Delete"}'), code="forbidden", reason="not yours")
     letters.flush(10)
@@ -100,7 +117,8 @@ def test_list_reads_every_record_and_replay_passes_over_truncated_copies(
     assert "passed over 1 truncated record(s)" in replay.stdout
     replayed = _read_all(settings, origin, 7)  # the truncated copy would be among them
     assert sorted(m.value() for m in replayed) == sorted(
-        [b"{oops%d" % n for n in range(6)] + [b'{"type":"Delete"}'])
+        [b"{oops%d" % n for n in range(6)] + [b'{"type":"Delete"}']
+    )
     assert all(dict(m.headers())["feed.replayed.from"] for m in replayed)
     again = _feed(env, "replay")
     assert again.returncode == 0 and again.stdout.startswith("replayed 0 record(s)")
@@ -120,7 +138,8 @@ def test_a_missing_dlq_topic_is_reported_in_one_line_and_not_created(
         assert result.returncode == 1 and result.stdout == ""
         assert result.stderr == (
             f"feed dlq {action}: topic {topic!r} does not exist at "
-            f"{stack_env['FEED_KAFKA_BOOTSTRAP']} (feed migrate creates it)\n")
+            f"{stack_env['FEED_KAFKA_BOOTSTRAP']} (feed migrate creates it)\n"
+        )
     assert time.monotonic() - started < 20
     admin = AdminClient({"bootstrap.servers": stack_env["FEED_KAFKA_BOOTSTRAP"], "log_level": 0})
     assert topic not in admin.list_topics(timeout=10).topics

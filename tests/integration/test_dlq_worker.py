@@ -66,19 +66,26 @@ class _Worker:
         return metric_value(body.decode(), name) if status == 200 else 0.0
 
     def committed(self) -> int | None:
-        consumer = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap,
-                             "group.id": self.settings.kafka_group, "log_level": 0})
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.settings.kafka_bootstrap,
+                "group.id": self.settings.kafka_group,
+                "log_level": 0,
+            }
+        )
         try:
             [tp] = consumer.committed(
-                [TopicPartition(self.settings.topic_activities, 0)], timeout=10)
+                [TopicPartition(self.settings.topic_activities, 0)], timeout=10
+            )
             return tp.offset if tp.offset >= 0 else None
         finally:
             consumer.close()
 
 
 @pytest.fixture
-def start_worker(request: pytest.FixtureRequest, stack_env: dict[str, str],
-                 tmp_path: Path) -> Iterator[Callable[..., _Worker]]:
+def start_worker(
+    request: pytest.FixtureRequest, stack_env: dict[str, str], tmp_path: Path
+) -> Iterator[Callable[..., _Worker]]:
     """Start a ``feed fanout`` on topics and a group of its own (one partition each); with
     ``dlq_topic=False`` its DLQ topic is not created. Stopped by pid at the end."""
     started: list[_Worker] = []
@@ -94,8 +101,11 @@ def start_worker(request: pytest.FixtureRequest, stack_env: dict[str, str],
         w.process.start()
         started.append(w)
         w.process.wait_http(f"{w.metrics_url}/healthz", timeout=60)
-        wait_for(lambda: w.alive() and w.metric("feed_assigned_partitions") > 0, timeout=60,
-                 message="worker partition assignment")
+        wait_for(
+            lambda: w.alive() and w.metric("feed_assigned_partitions") > 0,
+            timeout=60,
+            message="worker partition assignment",
+        )
         return w
 
     try:
@@ -108,28 +118,47 @@ def start_worker(request: pytest.FixtureRequest, stack_env: dict[str, str],
 def _create(settings: Settings, *topics: str) -> None:
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "log_level": 0})
     futures = admin.create_topics(
-        [NewTopic(t, num_partitions=1, replication_factor=1) for t in topics])
+        [NewTopic(t, num_partitions=1, replication_factor=1) for t in topics]
+    )
     for future in futures.values():
         future.result(timeout=30)
 
 
 def _activity(aid: str) -> bytes:
-    return json.dumps({"id": aid, "type": "Create", "actor": "u-" + aid, "object": "post:1",
-                       "published": datetime.now(UTC).isoformat()}).encode()
+    return json.dumps(
+        {
+            "id": aid,
+            "type": "Create",
+            "actor": "u-" + aid,
+            "object": "post:1",
+            "published": datetime.now(UTC).isoformat(),
+        }
+    ).encode()
 
 
 def _produce(settings: Settings, records: list[tuple[bytes, bytes]]) -> None:
     # The broker accepts records far larger than a default producer sends: allow them here.
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap,
-                         "message.max.bytes": 1_000_000_000, "linger.ms": 0, "log_level": 0})
+    producer = Producer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "message.max.bytes": 1_000_000_000,
+            "linger.ms": 0,
+            "log_level": 0,
+        }
+    )
     for key, value in records:
         producer.produce(settings.topic_activities, key=key, value=value, partition=0)
         assert producer.flush(30) == 0
 
 
 def _read_topic(settings: Settings, topic: str, count: int, timeout: float) -> list[Any]:
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "log_level": 0,
-                         "group.id": f"dlq-reader-{uuid.uuid4().hex[:8]}"})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "log_level": 0,
+            "group.id": f"dlq-reader-{uuid.uuid4().hex[:8]}",
+        }
+    )
     metadata = consumer.list_topics(topic, timeout=10)
     consumer.assign([TopicPartition(topic, p, 0) for p in metadata.topics[topic].partitions])
     records: list[Any] = []
@@ -147,8 +176,11 @@ def _read_topic(settings: Settings, topic: str, count: int, timeout: float) -> l
 
 def _record_size(message: Any) -> int:
     headers = message.headers() or []
-    return (len(message.key() or b"") + len(message.value() or b"")
-            + sum(len(k) + len(v or b"") for k, v in headers))
+    return (
+        len(message.key() or b"")
+        + len(message.value() or b"")
+        + sum(len(k) + len(v or b"") for k, v in headers)
+    )
 
 
 def test_records_too_large_to_copy_go_to_the_dlq_truncated_and_the_worker_goes_on(
@@ -164,8 +196,11 @@ def test_records_too_large_to_copy_go_to_the_dlq_truncated_and_the_worker_goes_o
     _produce(s, [(b"u-big", big), (b"u-huge", huge), (long_key, b"not json"), (b"u1", good)])
 
     # The worker consumes past all four and commits: the valid record after them is applied.
-    wait_for(lambda: worker.alive() and worker.committed() == 4, timeout=90,
-             message="offsets committed past the oversized records")
+    wait_for(
+        lambda: worker.alive() and worker.committed() == 4,
+        timeout=90,
+        message="offsets committed past the oversized records",
+    )
     dead = _read_topic(s, s.topic_dlq, 3, timeout=30)
     first, second, third = dead
     for message, original in ((first, big), (second, huge)):
@@ -198,8 +233,11 @@ def test_a_record_larger_than_the_clients_default_fetch_limit_does_not_stall_the
     huge = b"h" * 120_000_000
     _produce(s, [(b"u-huge", huge), (b"u1", _activity(uuid.uuid4().hex[:12]))])
     del huge
-    wait_for(lambda: worker.alive() and worker.committed() == 2, timeout=90,
-             message="offsets committed past the 120 MB record")
+    wait_for(
+        lambda: worker.alive() and worker.committed() == 2,
+        timeout=90,
+        message="offsets committed past the 120 MB record",
+    )
     [dead] = _read_topic(s, s.topic_dlq, 1, timeout=30)
     headers = {k: (v or b"").decode() for k, v in dead.headers()}
     assert headers["feed.original.size"] == "120000000" and headers["feed.truncated"] == "true"
@@ -213,16 +251,21 @@ def test_a_missing_dlq_topic_pauses_the_worker_until_the_topic_exists(
     _produce(s, [(b"u1", b"{oops"), (b"u1", _activity(uuid.uuid4().hex[:12]))])
 
     # The DLQ write fails and is retried (paused, like a store outage), more than once.
-    wait_for(lambda: worker.alive()
-             and worker.metric('feed_errors_total{kind="dlq_unavailable"}') >= 2,
-             timeout=60, message="the DLQ write retried while the topic is missing")
+    wait_for(
+        lambda: worker.alive() and worker.metric('feed_errors_total{kind="dlq_unavailable"}') >= 2,
+        timeout=60,
+        message="the DLQ write retried while the topic is missing",
+    )
     assert worker.committed() is None  # nothing committed past the record
     admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap, "log_level": 0})
     assert s.topic_dlq not in admin.list_topics(timeout=10).topics  # not auto-created
 
     _create(s, s.topic_dlq)
-    wait_for(lambda: worker.alive() and worker.committed() == 2, timeout=60,
-             message="offsets committed once the DLQ topic exists")
+    wait_for(
+        lambda: worker.alive() and worker.committed() == 2,
+        timeout=60,
+        message="offsets committed once the DLQ topic exists",
+    )
     [dead] = _read_topic(s, s.topic_dlq, 1, timeout=30)
     assert dead.value() == b"{oops"
     assert dict(dead.headers())["feed.error"] == b"malformed_json"
@@ -261,8 +304,14 @@ def test_dead_letters_are_kept_until_the_broker_has_them_and_cut_further_when_re
     topic = f"dlq-letters-{uuid.uuid4().hex[:8]}"
     _create(settings, topic)
     config = dead_letter_producer_config(
-        settings, **{"message.max.bytes": 100_000, "queue.buffering.max.messages": 1,
-                     "linger.ms": 0, "log_level": 0})
+        settings,
+        **{
+            "message.max.bytes": 100_000,
+            "queue.buffering.max.messages": 1,
+            "linger.ms": 0,
+            "log_level": 0,
+        },
+    )
     letters = DeadLetters(Producer(config), topic, max_message_bytes=DLQ_MESSAGE_MAX_BYTES)
     big = b"z" * 900_000
     letters.send(_Origin(0, b"u0", big), code="too_large", reason="too large")

@@ -66,8 +66,12 @@ more_ops = st.lists(
     st.one_of(
         st.tuples(st.just("follow"), st.integers(0, USERS - 1), st.integers(0, USERS - 1)),
         st.tuples(st.just("unfollow"), st.integers(0, USERS - 1), st.integers(0, USERS - 1)),
-        st.tuples(st.just("post"), st.integers(0, USERS - 1),
-                  st.frozensets(st.integers(0, USERS - 1), max_size=2), st.integers(0, 5)),
+        st.tuples(
+            st.just("post"),
+            st.integers(0, USERS - 1),
+            st.frozensets(st.integers(0, USERS - 1), max_size=2),
+            st.integers(0, 5),
+        ),
         st.tuples(st.just("delete"), st.integers(0, 30)),
         st.tuples(st.just("dup"), st.integers(0, 30)),
         # a second create of a posted id by its actor, re-stamped and changed: a no-op
@@ -76,8 +80,12 @@ more_ops = st.lists(
         st.tuples(st.just("steal"), st.integers(0, 30), st.integers(0, USERS - 1)),
         st.tuples(st.just("xdelete"), st.integers(0, 30), st.integers(0, USERS - 1)),
         # a delete of an id before its actor creates it (not_found), then the create: delivered
-        st.tuples(st.just("delete_then_post"), st.integers(0, USERS - 1),
-                  st.frozensets(st.integers(0, USERS - 1), max_size=2), st.integers(0, 5)),
+        st.tuples(
+            st.just("delete_then_post"),
+            st.integers(0, USERS - 1),
+            st.frozensets(st.integers(0, USERS - 1), max_size=2),
+            st.integers(0, 5),
+        ),
     ),
     min_size=1,
     max_size=25,
@@ -88,19 +96,28 @@ ops = st.builds(lambda a, b: a + b, initial_follows, more_ops)
 
 
 class Pipeline:
-    def __init__(self, redis_client: Any, cassandra: Any, keyspace: str, limit: int,
-                 async_redis: aioredis.Redis) -> None:
+    def __init__(
+        self,
+        redis_client: Any,
+        cassandra: Any,
+        keyspace: str,
+        limit: int,
+        async_redis: aioredis.Redis,
+    ) -> None:
         graph = CassandraFollowGraph(cassandra, keyspace)
         history = CassandraHistory(cassandra, keyspace)
         self.processor = Processor(
-            timelines=RedisTimelines(redis_client, timeline_max=4, stream_history=10,
-                                     body_ttl_s=600),
-            history=history, graph=graph,
+            timelines=RedisTimelines(
+                redis_client, timeline_max=4, stream_history=10, body_ttl_s=600
+            ),
+            history=history,
+            graph=graph,
             followers=FollowerCache(graph, redis_client, history=history, fanout_limit=limit),
             follow_backfill=200,
         )
-        self.reader = FeedReader(AsyncRedisTimelines(async_redis), history, body_ttl_s=600,
-                                 timeline_max=4, graph=graph)
+        self.reader = FeedReader(
+            AsyncRedisTimelines(async_redis), history, body_ttl_s=600, timeline_max=4, graph=graph
+        )
 
     async def feed(self, user: str) -> list[str]:
         seen: list[str] = []
@@ -152,10 +169,18 @@ def _apply(pipeline: Pipeline, model: Model, sequence: list[tuple[Any, ...]], ns
                 early = pipeline.processor.apply([(n, _delete(f"{ns}-e{n}", uid(actor), aid))])
                 assert [r.code for _, r in early.rejected] == ["not_found"]
             published = T0 + timedelta(minutes=minute)  # ties on purpose: ordered by id
-            activity = decode_activity(msgspec.json.encode({
-                "id": aid, "type": "Create", "actor": uid(actor), "object": f"post:{n}",
-                "published": published.isoformat(), "to": [uid(u) for u in sorted(to)],
-            }))
+            activity = decode_activity(
+                msgspec.json.encode(
+                    {
+                        "id": aid,
+                        "type": "Create",
+                        "actor": uid(actor),
+                        "object": f"post:{n}",
+                        "published": published.isoformat(),
+                        "to": [uid(u) for u in sorted(to)],
+                    }
+                )
+            )
             assert pipeline.processor.apply([(n, activity)]).rejected == []
             posted.append(activity)
             model.posts[aid] = (actor, int(published.timestamp() * 1_000_000), to)
@@ -163,21 +188,35 @@ def _apply(pipeline: Pipeline, model: Model, sequence: list[tuple[Any, ...]], ns
             pipeline.processor.apply([(n, posted[op[1] % len(posted)])])
         elif kind == "redup" and posted:
             original = posted[op[1] % len(posted)]
-            again = decode_activity(msgspec.json.encode({
-                "id": original.id, "type": "Create", "actor": original.actor,
-                "object": f"post:edited-{n}", "to": [uid(u) for u in range(USERS)],
-                "published": (T0 + timedelta(minutes=op[2], seconds=7)).isoformat(),
-            }))
+            again = decode_activity(
+                msgspec.json.encode(
+                    {
+                        "id": original.id,
+                        "type": "Create",
+                        "actor": original.actor,
+                        "object": f"post:edited-{n}",
+                        "to": [uid(u) for u in range(USERS)],
+                        "published": (T0 + timedelta(minutes=op[2], seconds=7)).isoformat(),
+                    }
+                )
+            )
             assert pipeline.processor.apply([(n, again)]).rejected == []
         elif kind == "steal" and posted:
             original = posted[op[1] % len(posted)]
             thief = uid(op[2])
             if thief != original.actor:
-                stolen = decode_activity(msgspec.json.encode({
-                    "id": original.id, "type": "Create", "actor": thief,
-                    "object": f"post:stolen-{n}", "published": T0.isoformat(),
-                    "to": [uid(u) for u in range(USERS)],
-                }))
+                stolen = decode_activity(
+                    msgspec.json.encode(
+                        {
+                            "id": original.id,
+                            "type": "Create",
+                            "actor": thief,
+                            "object": f"post:stolen-{n}",
+                            "published": T0.isoformat(),
+                            "to": [uid(u) for u in range(USERS)],
+                        }
+                    )
+                )
                 rejected = pipeline.processor.apply([(n, stolen)]).rejected
                 assert [r.code for _, r in rejected] == ["id_conflict"]
         elif kind == "xdelete" and posted:
@@ -194,10 +233,17 @@ def _apply(pipeline: Pipeline, model: Model, sequence: list[tuple[Any, ...]], ns
 
 
 def _delete(aid: str, actor: str, target: str) -> Activity:
-    return decode_activity(msgspec.json.encode({
-        "id": aid, "type": "Delete", "actor": actor, "object": target,
-        "published": T0.isoformat(),
-    }))
+    return decode_activity(
+        msgspec.json.encode(
+            {
+                "id": aid,
+                "type": "Delete",
+                "actor": actor,
+                "object": target,
+                "published": T0.isoformat(),
+            }
+        )
+    )
 
 
 @settings(
@@ -205,21 +251,23 @@ def _delete(aid: str, actor: str, target: str) -> Activity:
 )
 @given(sequence=ops)
 def test_feeds_equal_the_model_with_and_without_read_time_merge(
-    sequence: list[tuple[Any, ...]], redis_client: Any, cassandra: Any, settings: Any,
+    sequence: list[tuple[Any, ...]],
+    redis_client: Any,
+    cassandra: Any,
+    settings: Any,
     loop: asyncio.AbstractEventLoop,
 ) -> None:
     async_redis = aioredis.Redis.from_url(settings.redis_url)
     try:
         for limit in (0, 1):  # 0: unlimited fan-out on write; 1: anyone with 2+ followers is big
             ns = f"m{uuid.uuid4().hex[:8]}"
-            pipeline = Pipeline(redis_client, cassandra, settings.cassandra_keyspace, limit,
-                                async_redis)
+            pipeline = Pipeline(
+                redis_client, cassandra, settings.cassandra_keyspace, limit, async_redis
+            )
             model = Model()
             _apply(pipeline, model, sequence, ns)
             for user in range(USERS):
                 got = loop.run_until_complete(pipeline.feed(f"{ns}-u{user}"))
-                assert got == model.timeline(user), (
-                    f"limit={limit} user={user} sequence={sequence}"
-                )
+                assert got == model.timeline(user), f"limit={limit} user={user} sequence={sequence}"
     finally:
         loop.run_until_complete(async_redis.aclose())

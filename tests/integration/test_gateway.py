@@ -517,9 +517,7 @@ async def test_frame_over_64k_closes_1009(gw: Running) -> None:
 
 
 # --- HTTP: feed -----------------------------------------------------------------------------------
-async def test_feed_pages_newest_first(
-    http: httpx.AsyncClient, timelines: RedisTimelines
-) -> None:
+async def test_feed_pages_newest_first(http: httpx.AsyncClient, timelines: RedisTimelines) -> None:
     user = uid()
     activities = [make_activity("x", n) for n in range(5)]
     for activity in activities:
@@ -579,8 +577,15 @@ async def test_feed_bad_limit_is_400_naming_limit(http: httpx.AsyncClient, limit
         " 5",
         "5\n",
     ],
-    ids=["superscript", "arabic-indic", "5000-digits", "5000-digits-leading-zeros", "fullwidth",
-         "space", "newline"],
+    ids=[
+        "superscript",
+        "arabic-indic",
+        "5000-digits",
+        "5000-digits-leading-zeros",
+        "fullwidth",
+        "space",
+        "newline",
+    ],
 )
 async def test_feed_limit_in_unicode_or_too_many_digits_is_400(
     http: httpx.AsyncClient, limit: str
@@ -610,8 +615,15 @@ def _position(key: str) -> str:
         "\u00b2",
         "p\u00b2\u00b2",
     ],
-    ids=["superscript", "arabic-indic", "one-superscript", "no-id", "5000-chars", "bare-digit",
-         "non-base64"],
+    ids=[
+        "superscript",
+        "arabic-indic",
+        "one-superscript",
+        "no-id",
+        "5000-chars",
+        "bare-digit",
+        "non-base64",
+    ],
 )
 async def test_feed_cursor_with_unicode_digits_or_garbage_is_400(
     http: httpx.AsyncClient, cursor: str
@@ -725,9 +737,7 @@ async def test_ingest_streamed_body_over_1mib_is_413(http: httpx.AsyncClient) ->
     assert response.status_code == 413
 
 
-async def test_idempotency_key_makes_a_retry_a_no_op(
-    http: httpx.AsyncClient, gw: Running
-) -> None:
+async def test_idempotency_key_makes_a_retry_a_no_op(http: httpx.AsyncClient, gw: Running) -> None:
     activity = make_activity(uid("actor"))
     headers = {**INGEST, "Idempotency-Key": uid("key")}
     first = await http.post("/v1/activities", content=body_of(activity), headers=headers)
@@ -892,8 +902,13 @@ async def test_dev_token_route(http: httpx.AsyncClient, gw: Running) -> None:
 
 def test_uvicorn_log_lines_lose_their_tokens() -> None:
     record = logging.LogRecord(
-        "uvicorn.error", logging.INFO, __file__, 1, '%s - "WebSocket %s" [accepted]',
-        ("127.0.0.1:5", "/v1/stream?token=abc.def.ghi&x=1"), None,
+        "uvicorn.error",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "WebSocket %s" [accepted]',
+        ("127.0.0.1:5", "/v1/stream?token=abc.def.ghi&x=1"),
+        None,
     )
     _RedactTokens().filter(record)
     assert "abc.def.ghi" not in record.getMessage()
@@ -1009,9 +1024,7 @@ async def test_redis_down_gateway_stays_up_and_says_so() -> None:
             ready = await client.get("/readyz")
             assert ready.status_code == 503
             assert ready.json()["dependencies"]["redis"]["ok"] is False
-            feed = await client.get(
-                "/v1/feed", headers={"Authorization": f"Bearer {token(uid())}"}
-            )
+            feed = await client.get("/v1/feed", headers={"Authorization": f"Bearer {token(uid())}"})
             assert feed.status_code == 503
             assert feed.json()["error"]["code"] == "unavailable"
             assert "retry-after" in feed.headers

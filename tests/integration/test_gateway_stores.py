@@ -86,12 +86,18 @@ class BigAccount:
         """A new activity of the star, announced as the worker does; its id."""
         activity_id = uid(tag)
         body = json.dumps(
-            {"id": activity_id, "type": "Create", "actor": self.star, "object": f"post:{tag}",
-             "published": datetime.now(UTC).isoformat()}
+            {
+                "id": activity_id,
+                "type": "Create",
+                "actor": self.star,
+                "object": f"post:{tag}",
+                "published": datetime.now(UTC).isoformat(),
+            }
         ).encode()
         member = order_key(int(datetime.now(UTC).timestamp() * 1_000_000), activity_id)
-        timelines = RedisTimelines(self.redis, timeline_max=800, stream_history=1000,
-                                   body_ttl_s=3600)
+        timelines = RedisTimelines(
+            self.redis, timeline_max=800, stream_history=1000, body_ttl_s=3600
+        )
         assert timelines.add_to_outboxes([(self.star, Insert(member, activity_id, body, []))]) == 1
         return activity_id
 
@@ -103,13 +109,19 @@ class BigAccount:
         for n in range(count):
             activity_id = uid(f"{tag}{n}")
             body = json.dumps(
-                {"id": activity_id, "type": "Create", "actor": self.star,
-                 "object": f"post:{tag}{n}", "published": datetime.now(UTC).isoformat()}
+                {
+                    "id": activity_id,
+                    "type": "Create",
+                    "actor": self.star,
+                    "object": f"post:{tag}{n}",
+                    "published": datetime.now(UTC).isoformat(),
+                }
             ).encode()
             member = order_key(now + n, activity_id)
             items.append((self.star, Insert(member, activity_id, body, [])))
-        timelines = RedisTimelines(self.redis, timeline_max=800, stream_history=1000,
-                                   body_ttl_s=3600)
+        timelines = RedisTimelines(
+            self.redis, timeline_max=800, stream_history=1000, body_ttl_s=3600
+        )
         assert timelines.add_to_outboxes(items) == count
         return [item.activity_id for _, item in items]
 
@@ -253,7 +265,10 @@ class Peak:
 
 
 async def test_a_burst_of_following_changes_is_one_read_in_flight_and_the_last_state_wins(
-    gw: LiveGateway, big: BigAccount, stream: Any, cassandra: Any,
+    gw: LiveGateway,
+    big: BigAccount,
+    stream: Any,
+    cassandra: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Every follow or unfollow publishes a control frame on the follower's channel; each one
@@ -355,7 +370,8 @@ async def all_feed_ids(live: LiveGateway, settings: Settings, user: str) -> list
         for _ in range(50):
             params = {"limit": "200", **({"cursor": cursor} if cursor else {})}
             response = await client.get(
-                "/v1/feed", params=params,
+                "/v1/feed",
+                params=params,
                 headers={"Authorization": f"Bearer {token(settings, user)}"},
             )
             assert response.status_code == 200, response.text
@@ -428,8 +444,9 @@ class Forwarder:
 @contextlib.contextmanager
 def serving(settings: Settings) -> Iterator[LiveGateway]:
     """The gateway for ``settings`` on a free port, without waiting for its dependencies."""
-    settings = dataclasses.replace(settings, gateway_host="127.0.0.1", gateway_port=0,
-                                   drain_s=3.0, allowed_origins=())
+    settings = dataclasses.replace(
+        settings, gateway_host="127.0.0.1", gateway_port=0, drain_s=3.0, allowed_origins=()
+    )
     server = build_server(settings)
     live = LiveGateway(server, threading.Thread(), settings)
 

@@ -46,8 +46,10 @@ def test_timeline_pages_without_gaps_including_ties(
     stamps = [10**k + d for k in range(1, 16) for d in range(-3, 3)]
     rows = [(user, stamps[n // 3], f"{a}-{n:03d}", "x") for n in range(250)]
     history.write_timeline_rows(rows)
-    expected = [order_key(ts, aid) for ts, aid in sorted(((ts, aid) for _, ts, aid, _ in rows),
-                                                         reverse=True)]
+    expected = [
+        order_key(ts, aid)
+        for ts, aid in sorted(((ts, aid) for _, ts, aid, _ in rows), reverse=True)
+    ]
     seen: list[str] = []
     before = None
     while True:
@@ -98,15 +100,18 @@ def test_migrate_adds_the_deleted_column_to_an_old_activities_table(
     ks = ids("old").replace("-", "_")
     cassandra.execute(
         f"CREATE KEYSPACE {ks} WITH replication = {{'class': 'SimpleStrategy', "
-        "'replication_factor': 1}", timeout=60
+        "'replication_factor': 1}",
+        timeout=60,
     )
     try:
         cassandra.execute(
             f"CREATE TABLE {ks}.activities (id text PRIMARY KEY, actor text, ts bigint,"
-            " body blob, recipients blob)", timeout=60
+            " body blob, recipients blob)",
+            timeout=60,
         )
-        cassandra.execute(f"INSERT INTO {ks}.activities (id, actor, ts, body) VALUES"
-                          " ('a', 'u', 1, 0x7b7d)")
+        cassandra.execute(
+            f"INSERT INTO {ks}.activities (id, actor, ts, body) VALUES ('a', 'u', 1, 0x7b7d)"
+        )
         create_schema(cassandra, ks)
         create_schema(cassandra, ks)  # idempotent
         history = CassandraHistory(cassandra, ks)
@@ -177,7 +182,7 @@ def test_batches_stay_under_the_byte_budget_with_multi_byte_ids(
     history = Recording(cassandra, settings.cassandra_keyspace)
     wide = "\u6f22\u5b57" * 50  # 100 characters, 300 bytes in UTF-8
     tag = ids("x")
-    actor, aid = f"{wide[:-len(tag)]}{tag}", f"{tag}{wide[len(tag):]}"
+    actor, aid = f"{wide[: -len(tag)]}{tag}", f"{tag}{wide[len(tag) :]}"
     users = [f"{n:04d}{wide[4:]}" + tag for n in range(150)]
     record = HistoryRecord(aid, actor, 1000, b'{"id":"x"}', users)
     history.put_activities([record])

@@ -105,13 +105,15 @@ def test_a_second_create_with_another_published_changes_nothing(
     processor.apply([(0, act(b, u1, 2)), (1, act(b, u1, 9, object="post:later"))])
     assert timeline(processor, u2) == [b, a]
     assert processor._timelines.page(u2, None, 10).members == [
-        order_key(first_us(2), b), order_key(first_us(1), a)
+        order_key(first_us(2), b),
+        order_key(first_us(1), a),
     ]
     assert [f["activity"]["id"] for f in _frames(redis_client, u2)] == [a, b]
     assert _body(redis_client, processor, a) == (json.loads(msgspec.json.encode(first)),) * 2
     assert timeline(processor, ids("u9")) == []
     assert processor._history.outbox(u1, 10) == [
-        order_key(first_us(2), b), order_key(first_us(1), a)
+        order_key(first_us(2), b),
+        order_key(first_us(1), a),
     ]
 
 

@@ -53,8 +53,9 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def forge(header: dict[str, Any], claims: dict[str, Any], key: bytes | None,
-          digest: Any = hashlib.sha256) -> str:
+def forge(
+    header: dict[str, Any], claims: dict[str, Any], key: bytes | None, digest: Any = hashlib.sha256
+) -> str:
     """A JWT built by hand (no library would build most of these)."""
     signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
     signature = b"" if key is None else hmac.new(key, signing_input.encode(), digest).digest()
@@ -73,10 +74,12 @@ def forged_tokens(victim: str) -> dict[str, str]:
         "another secret": forge({"alg": "HS256", "typ": "JWT"}, good, b"x" * 48),
         "alg none": forge({"alg": "none", "typ": "JWT"}, good, None),
         "alg None, signed": forge({"alg": "None", "typ": "JWT"}, good, secret),
-        "HS512 with the right secret": forge({"alg": "HS512", "typ": "JWT"}, good, secret,
-                                             hashlib.sha512),
-        "HS384 with the right secret": forge({"alg": "HS384", "typ": "JWT"}, good, secret,
-                                             hashlib.sha384),
+        "HS512 with the right secret": forge(
+            {"alg": "HS512", "typ": "JWT"}, good, secret, hashlib.sha512
+        ),
+        "HS384 with the right secret": forge(
+            {"alg": "HS384", "typ": "JWT"}, good, secret, hashlib.sha384
+        ),
         "RS256 header, HMAC signature": forge({"alg": "RS256", "typ": "JWT"}, good, secret),
         "expired beyond the leeway": forge(
             {"alg": "HS256"}, {**good, "exp": now - LEEWAY_S - 30}, secret
@@ -120,8 +123,9 @@ def _activities(owner: str, tag: str) -> list[Activity]:
     ]
 
 
-def _store(settings: Settings, cassandra: Any, rclient: redis.Redis, user: str,
-           activities: list[Activity]) -> None:
+def _store(
+    settings: Settings, cassandra: Any, rclient: redis.Redis, user: str, activities: list[Activity]
+) -> None:
     history = CassandraHistory(cassandra, settings.cassandra_keyspace)
     records = [
         HistoryRecord(a.id, a.actor, published_us(a), encode_activity(a), [user])
@@ -160,8 +164,9 @@ def bearer(value: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {value}"}
 
 
-async def all_pages(http: httpx.AsyncClient, headers: dict[str, str], path: str = "/v1/feed",
-                    limit: int = 5) -> tuple[list[str], list[str]]:
+async def all_pages(
+    http: httpx.AsyncClient, headers: dict[str, str], path: str = "/v1/feed", limit: int = 5
+) -> tuple[list[str], list[str]]:
     """Every item id of a feed, page by page; and the cursors seen."""
     ids: list[str] = []
     cursors: list[str] = []
@@ -195,8 +200,20 @@ async def test_each_user_reads_exactly_their_own_feed(
 
 @pytest.mark.parametrize(
     "query",
-    ["user={v}", "sub={v}", "user_id={v}", "uid={v}", "for={v}", "actor={v}", "owner={v}",
-     "user={v}&user={v}", "sub={v}&limit=200", "user[]={v}", "filter=user:{v}", "as={v}"],
+    [
+        "user={v}",
+        "sub={v}",
+        "user_id={v}",
+        "uid={v}",
+        "for={v}",
+        "actor={v}",
+        "owner={v}",
+        "user={v}&user={v}",
+        "sub={v}&limit=200",
+        "user[]={v}",
+        "filter=user:{v}",
+        "as={v}",
+    ],
 )
 async def test_query_parameters_naming_the_victim_are_ignored(
     http: httpx.AsyncClient, people: People, query: str
@@ -211,10 +228,22 @@ async def test_query_parameters_naming_the_victim_are_ignored(
 
 @pytest.mark.parametrize(
     "path",
-    ["/v1/feed/{v}", "/v1/feeds/{v}", "/v1/users/{v}/feed", "/v1/feed;user={v}",
-     "/v1/feed%2F{v}", "/v1/feed/..%2F{v}", "/v1//feed?user={v}", "/V1/FEED?user={v}",
-     "/v1/feed/?user={v}", "/v1/feed/../feed?user={v}", "/v1/feed#{v}", "/v1/stream?user={v}",
-     "/v1/timeline/{v}", "/dev/token?user={v}"],
+    [
+        "/v1/feed/{v}",
+        "/v1/feeds/{v}",
+        "/v1/users/{v}/feed",
+        "/v1/feed;user={v}",
+        "/v1/feed%2F{v}",
+        "/v1/feed/..%2F{v}",
+        "/v1//feed?user={v}",
+        "/V1/FEED?user={v}",
+        "/v1/feed/?user={v}",
+        "/v1/feed/../feed?user={v}",
+        "/v1/feed#{v}",
+        "/v1/stream?user={v}",
+        "/v1/timeline/{v}",
+        "/dev/token?user={v}",
+    ],
 )
 async def test_path_variants_never_reach_the_victim(
     http: httpx.AsyncClient, people: People, path: str
@@ -234,7 +263,8 @@ async def test_a_cursor_from_the_victims_page_reads_only_the_attackers_feed(
     assert len(victim_cursors) >= 3  # some in the hot tier, some past it into history
     for cursor in victim_cursors:
         response = await http.get(
-            "/v1/feed", params={"cursor": cursor, "limit": 200},
+            "/v1/feed",
+            params={"cursor": cursor, "limit": 200},
             headers=bearer(token(people.attacker)),
         )
         assert response.status_code in (200, 400)
@@ -248,7 +278,8 @@ async def test_query_tokens_are_refused_on_http(http: httpx.AsyncClient, people:
     alone = await http.get("/v1/feed", params={"token": token(people.victim)})
     assert alone.status_code == 401
     beside = await http.get(
-        "/v1/feed", params={"token": token(people.victim), "access_token": token(people.victim)},
+        "/v1/feed",
+        params={"token": token(people.victim), "access_token": token(people.victim)},
         headers=bearer(token(people.attacker)),
     )
     assert beside.status_code == 200
@@ -279,9 +310,7 @@ async def test_malformed_authorization_headers_are_401(
     assert not leaked(people, response.text)
 
 
-async def test_clock_skew_is_bounded_by_the_leeway(
-    http: httpx.AsyncClient, people: People
-) -> None:
+async def test_clock_skew_is_bounded_by_the_leeway(http: httpx.AsyncClient, people: People) -> None:
     secret = TEST_JWT_SECRET.encode()
     now = int(time.time())
     within = forge({"alg": "HS256"}, {"sub": people.attacker, "exp": now - LEEWAY_S + 3}, secret)
@@ -306,12 +335,21 @@ async def _close_code(ws: ClientConnection) -> int | None:
 
 def _publish(rclient: redis.Redis, user: str, activity_id: str, minute: int) -> None:
     activity = Activity(
-        id=activity_id, type="Create", actor=f"{user}-friend", object="live",
+        id=activity_id,
+        type="Create",
+        actor=f"{user}-friend",
+        object="live",
         published=datetime(2026, 4, 1, tzinfo=UTC) + timedelta(minutes=minute),
     )
     RedisTimelines(rclient, timeline_max=100, stream_history=100, body_ttl_s=600).insert(
-        [Insert(order_key(published_us(activity), activity.id), activity.id,
-                encode_activity(activity), [user])]
+        [
+            Insert(
+                order_key(published_us(activity), activity.id),
+                activity.id,
+                encode_activity(activity),
+                [user],
+            )
+        ]
     )
 
 
@@ -364,9 +402,7 @@ async def test_resume_with_the_victims_cursors_gives_reset_or_own_items_only(
             assert frame["activity"]["id"] in people.attacker_items
 
 
-async def test_stream_header_token_wins_over_query_token(
-    gw: LiveGateway, people: People
-) -> None:
+async def test_stream_header_token_wins_over_query_token(gw: LiveGateway, people: People) -> None:
     async with connect(
         f"{gw.ws}?token={token(people.victim)}",
         additional_headers=bearer(token(people.attacker)),

@@ -34,22 +34,33 @@ def test_lag_per_partition_total_and_uncommitted_partitions(stack_env: dict[str,
     )
     settings = Settings.from_env(env)
     create_topics(settings)
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 0,
-                         "batch.num.messages": 1})
+    producer = Producer(
+        {"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 0, "batch.num.messages": 1}
+    )
     produced = {0: 12, 1: 5, 2: 3}
     for partition, count in produced.items():
         for n in range(count):
             producer.produce(settings.topic_activities, value=b"x%d" % n, partition=partition)
             producer.flush(10)  # one record per batch: exact watermarks on this broker
     committed = {0: 4, 1: 5}  # partition 2: never committed
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
-                         "group.id": settings.kafka_group, "enable.auto.commit": False})
-    consumer.commit(offsets=[TopicPartition(settings.topic_activities, p, o)
-                             for p, o in committed.items()], asynchronous=False)
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": settings.kafka_group,
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.commit(
+        offsets=[TopicPartition(settings.topic_activities, p, o) for p, o in committed.items()],
+        asynchronous=False,
+    )
     consumer.close()
 
-    lag = measure_lag(settings.kafka_bootstrap, settings.kafka_group,
-                      [settings.topic_activities, settings.topic_follows])
+    lag = measure_lag(
+        settings.kafka_bootstrap,
+        settings.kafka_group,
+        [settings.topic_activities, settings.topic_follows],
+    )
     rows = {(r.topic, r.partition): r for r in lag.partitions}
     for partition, count in produced.items():
         row = rows[(settings.topic_activities, partition)]
@@ -65,19 +76,32 @@ def test_lag_per_partition_total_and_uncommitted_partitions(stack_env: dict[str,
     assert len(follows) == 3 and all(r.lag is None for r in follows)
 
     # The CLI prints the same as one JSON object on stdout (logs go to stderr).
-    result = subprocess.run([sys.executable, "-m", "feed.cli", "lag", "--json"],
-                            env={**os.environ, **env}, capture_output=True, text=True,
-                            timeout=60, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "feed.cli", "lag", "--json"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     data: dict[str, Any] = json.loads(result.stdout)
     assert data["group"] == settings.kafka_group and data["total"] == expected_total
     cli_rows = {(r["topic"], r["partition"]): r for r in data["partitions"]}
     assert cli_rows[(settings.topic_activities, 2)] == {
-        "topic": settings.topic_activities, "partition": 2, "committed": None,
-        "high": produced[2], "lag": None,
+        "topic": settings.topic_activities,
+        "partition": 2,
+        "committed": None,
+        "high": produced[2],
+        "lag": None,
     }
-    table = subprocess.run([sys.executable, "-m", "feed.cli", "lag", "--lag-threshold", "3"],
-                           env={**os.environ, **env}, capture_output=True, text=True,
-                           timeout=60, check=True).stdout
+    table = subprocess.run(
+        [sys.executable, "-m", "feed.cli", "lag", "--lag-threshold", "3"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     assert "TOTAL" in table and str(expected_total) in table
     replicas = desired_replicas(expected_total, 6, lag_threshold=3, max_replicas=16)
     assert replicas == min(16, 6, math.ceil(expected_total / 3))

@@ -175,9 +175,15 @@ def test_document_lists_every_route_and_response(gw: GatewayProcess) -> None:
     doc = httpx.get(f"{gw.base}/openapi.json", timeout=10).json()
     assert doc["openapi"].startswith("3.1")
     paths = doc["paths"]
-    assert {("post", "/v1/activities"), ("post", "/v1/follows"), ("delete", "/v1/follows"),
-            ("get", "/v1/feed"), ("get", "/healthz"), ("get", "/readyz"),
-            ("get", "/metrics")} <= {(m, p) for p, ops in paths.items() for m in ops}
+    assert {
+        ("post", "/v1/activities"),
+        ("post", "/v1/follows"),
+        ("delete", "/v1/follows"),
+        ("get", "/v1/feed"),
+        ("get", "/healthz"),
+        ("get", "/readyz"),
+        ("get", "/metrics"),
+    } <= {(m, p) for p, ops in paths.items() for m in ops}
     ingest = paths["/v1/activities"]["post"]
     assert {"202", "400", "401", "413", "415", "422", "429", "503"} <= set(ingest["responses"])
     assert "Retry-After" in ingest["responses"]["429"]["headers"]

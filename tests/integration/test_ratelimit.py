@@ -178,8 +178,9 @@ async def test_ingest_burst_then_429_with_retry_after_then_allowed(
         error = throttled.json()["error"]
         assert error["code"] == "throttled" and "10 requests/s" in error["message"]
         # Follows share the token's bucket.
-        follow = await http.post("/v1/follows", json={"follower": "a", "followee": "b"},
-                                 headers=headers)
+        follow = await http.post(
+            "/v1/follows", json={"follower": "a", "followee": "b"}, headers=headers
+        )
         assert follow.status_code == 429
 
         async def accepted() -> bool:

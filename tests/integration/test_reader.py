@@ -24,7 +24,7 @@ async def test_paging_crosses_into_history(
     history = CassandraHistory(cassandra, settings.cassandra_keyspace)
     # Published times crossing digit boundaries (9 -> 10, 99 -> 100, ...), two activities each
     # (ties broken by id): an order that compared unpadded numbers as text would differ.
-    stamps = [10**k + d for k in range(1, 9) for d in (-1, 0)][:total // 2]
+    stamps = [10**k + d for k in range(1, 9) for d in (-1, 0)][: total // 2]
     records = [
         HistoryRecord(f"{a}-{n:03d}", actor, stamps[n // 2], msgspec.json.encode({"n": n}), [user])
         for n in range(total)
@@ -114,9 +114,10 @@ async def test_2000_items_with_a_cap_of_800_page_without_gap_or_repeat(
     graph = CassandraFollowGraph(cassandra, settings.cassandra_keyspace)
     history = CassandraHistory(cassandra, settings.cassandra_keyspace)
     processor = Processor(
-        timelines=RedisTimelines(redis_client, timeline_max=800, stream_history=10,
-                                 body_ttl_s=600),
-        history=history, graph=graph, followers=FollowerCache(graph, redis_client),
+        timelines=RedisTimelines(redis_client, timeline_max=800, stream_history=10, body_ttl_s=600),
+        history=history,
+        graph=graph,
+        followers=FollowerCache(graph, redis_client),
         follow_backfill=0,
     )
     processor.apply([(0, follow(reader_user, actor, 1))])

@@ -36,11 +36,14 @@ async def test_a_rebuild_whose_lease_was_lost_does_not_mark_the_timeline_complet
         assert await timelines.touch(user, 3600, "B") == 2  # someone is rebuilding
         _lose(redis_client, user)  # Redis restarted
         assert await timelines.touch(user, 3600, "C") == 1  # a new rebuild, lease C
-        assert await timelines.rebuild(user, [], {}, timeline_max=10, body_ttl_s=60,
-                                       token="A") is False
+        assert (
+            await timelines.rebuild(user, [], {}, timeline_max=10, body_ttl_s=60, token="A")
+            is False
+        )
         assert await timelines.touch(user, 3600, "D") == 2  # still not complete
-        assert await timelines.rebuild(user, [], {}, timeline_max=10, body_ttl_s=60,
-                                       token="C") is True
+        assert (
+            await timelines.rebuild(user, [], {}, timeline_max=10, body_ttl_s=60, token="C") is True
+        )
         assert await timelines.touch(user, 3600, "E") == 0  # hot
         # A builder that died: once its lease expires the next touch takes over.
         redis_client.set(f"seen:{{{user}}}", "b", ex=3600)
@@ -80,8 +83,9 @@ async def test_reader_rebuilds_again_when_redis_lost_the_lease_of_its_rebuild(
     first = [write(n) for n in range(3)]
     paused = Paused()
     client = aioredis.Redis.from_url(settings.redis_url)
-    reader = FeedReader(AsyncRedisTimelines(client), paused, body_ttl_s=60,
-                        active_ttl_s=3600, timeline_max=50)
+    reader = FeedReader(
+        AsyncRedisTimelines(client), paused, body_ttl_s=60, active_ttl_s=3600, timeline_max=50
+    )
     try:
         assert await reader.touch(user) is False  # a rebuild starts...
         assert await asyncio.to_thread(paused.read.wait, 10)  # ...and has read Cassandra
@@ -109,8 +113,9 @@ async def test_an_online_user_without_an_active_marker_is_still_written_and_push
     client = aioredis.Redis.from_url(settings.redis_url)
     try:
         await AsyncRedisPresence(client, ttl_s=60).attach(online)  # connected; 'seen' was lost
-        timelines = RedisTimelines(redis_client, timeline_max=10, stream_history=10,
-                                   body_ttl_s=60, only_active=True)
+        timelines = RedisTimelines(
+            redis_client, timeline_max=10, stream_history=10, body_ttl_s=60, only_active=True
+        )
         aid = ids("a")
         inserted, pushed = timelines.insert(
             [Insert(order_key(1, aid), aid, b'{"id":"x"}', [online, offline])]

@@ -78,8 +78,9 @@ def test_paging_with_exclusive_cursor(redis_client: redis.Redis, ids: Callable[[
         before = page.members[-1]
     assert len(seen) == len(set(seen)) == 10
     # Newest first by published time, computed without the code under test.
-    assert [m.split(":", 1)[1] for m in seen] == [f"{a}-{ts}" for ts in sorted(stamps,
-                                                                             reverse=True)]
+    assert [m.split(":", 1)[1] for m in seen] == [
+        f"{a}-{ts}" for ts in sorted(stamps, reverse=True)
+    ]
 
 
 def test_many_recipients_are_split_across_calls(

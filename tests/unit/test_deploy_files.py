@@ -203,8 +203,7 @@ def feed_services() -> dict[str, dict[str, Any]]:
     services = compose()["services"]
     image = services["migrate"]["image"]
     return {
-        name: svc for name, svc in services.items()
-        if svc.get("image") == image or "build" in svc
+        name: svc for name, svc in services.items() if svc.get("image") == image or "build" in svc
     }
 
 
@@ -351,9 +350,8 @@ def test_helpers_flag_what_they_should() -> None:
     assert promql_problems("rate(feed_store_call_seconds[5m])")
     assert promql_problems("sum by (kind) (rate(feed_dlq_total[5m]))")
     assert promql_problems('feed_errors_total{reason="x"}')
-    assert promql_problems(
-        "histogram_quantile(0.99, sum by (le, store) (rate(feed_store_call_seconds_bucket[5m])))"
-    ) == []
+    p99 = "histogram_quantile(0.99, sum by (le, store) (rate(feed_store_call_seconds_bucket[5m])))"
+    assert promql_problems(p99) == []
     assert documented_default_problem("FEED_TIMELINE_MAX", "`801`")
     assert documented_default_problem("FEED_TIMELINE_MAX", "eight hundred")
     assert documented_default_problem("FEED_DRAIN_S", "`10`") is None
@@ -366,14 +364,20 @@ def test_helpers_flag_what_they_should() -> None:
 
 def test_gateway_metrics_module_is_used_when_importable() -> None:
     import gateway.metrics  # noqa: F401 - the gateway's metric names must be importable
+
     assert "feed_gateway_connections" in code_metrics()
     assert "feed_gateway_push_latency_seconds_bucket" in code_metrics()
 
 
 # === every file parses =========================================================================
 def test_every_yaml_and_json_file_parses() -> None:
-    yaml_files = [COMPOSE, PROMETHEUS, DATASOURCES, DASHBOARD_PROVIDERS,
-                  *sorted(K8S.glob("*.yaml"))]
+    yaml_files = [
+        COMPOSE,
+        PROMETHEUS,
+        DATASOURCES,
+        DASHBOARD_PROVIDERS,
+        *sorted(K8S.glob("*.yaml")),
+    ]
     for path in yaml_files:
         docs = load_yaml_all(path)
         assert docs, f"{path} is empty"
@@ -414,8 +418,9 @@ def test_dockerfile_is_multi_stage_non_root_with_healthcheck() -> None:
     final_base = re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m[1], m[0]), froms[-1].split()[0])
     assert re.match(r"python:3\.11(\.\d+)?-slim", final_base), final_base
     stage = final_stage()
-    copies = [m[1] for kw, rest in stage
-              if kw == "COPY" and (m := re.search(r"--from=(\S+)", rest))]
+    copies = [
+        m[1] for kw, rest in stage if kw == "COPY" and (m := re.search(r"--from=(\S+)", rest))
+    ]
     assert copies, "the runtime stage copies the venv from the builder"
     stages = {m[1] for f in froms[:-1] if (m := re.search(r"\bAS\s+(\S+)", f, re.I))}
     assert set(copies) <= stages, f"COPY --from={copies}: stages are {stages}"
@@ -440,8 +445,9 @@ def test_dockerfile_settings_and_install() -> None:
     env = " ".join(rest for kw, rest in final_stage() if kw == "ENV")
     assert re.search(r"\bFEED_GATEWAY_HOST=0\.0\.0\.0\b", env)
     assert re.search(r"\bFEED_WORKER_METRICS_HOST=0\.0\.0\.0\b", env)
-    exposed = {int(p.split("/")[0]) for kw, rest in final_stage() if kw == "EXPOSE"
-               for p in rest.split()}
+    exposed = {
+        int(p.split("/")[0]) for kw, rest in final_stage() if kw == "EXPOSE" for p in rest.split()
+    }
     assert {DEFAULTS.gateway_port, DEFAULTS.worker_metrics_port} <= exposed
     runs = " ".join(rest for kw, rest in dockerfile_instructions() if kw == "RUN")
     assert "pip" in runs and not re.search(r"\[(?:[^\]]*,)?\s*(dev|local|bench)\b", runs), (
@@ -469,15 +475,21 @@ def test_the_benchmark_and_the_dev_launcher_stay_out_of_the_wheel_and_the_image(
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     packages = project["tool"]["setuptools"]["packages"]
     assert not [p for p in packages if p.split(".")[0] in {"bench", "infra", "tests"}], packages
-    copies = [rest.split()[0] for kw, rest in dockerfile_instructions() if kw == "COPY"
-              and "--from=" not in rest]
+    copies = [
+        rest.split()[0]
+        for kw, rest in dockerfile_instructions()
+        if kw == "COPY" and "--from=" not in rest
+    ]
     assert not [c for c in copies if c.rstrip("/").split("/")[0] in {"bench", "infra"}], copies
     assert (ROOT / "bench" / "__init__.py").is_file() and (ROOT / "infra" / "__init__.py").is_file()
 
 
 def test_docker_build_context_has_what_the_dockerfile_copies() -> None:
-    ignore = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
-              if line.strip() and not line.startswith("#")]
+    ignore = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     allowed = [p[1:].rstrip("/") for p in ignore if p.startswith("!")]
     excludes_all = "*" in ignore
     for kw, rest in dockerfile_instructions():
@@ -488,10 +500,11 @@ def test_docker_build_context_has_what_the_dockerfile_copies() -> None:
             assert (ROOT / source).exists(), f"COPY {source}: no such file"
             if excludes_all:
                 src = source.rstrip("/")
-                assert any(src == a or src.startswith(a + "/") or a.startswith(src + "/")
-                           for a in allowed), f".dockerignore excludes {source}"
+                assert any(
+                    src == a or src.startswith(a + "/") or a.startswith(src + "/") for a in allowed
+                ), f".dockerignore excludes {source}"
     # Every package of the wheel is in the context.
-    packages = re.search(r'packages\s*=\s*\[([^\]]*)\]', (ROOT / "pyproject.toml").read_text())
+    packages = re.search(r"packages\s*=\s*\[([^\]]*)\]", (ROOT / "pyproject.toml").read_text())
     assert packages
     dockerfile = DOCKERFILE.read_text()
     # Subpackages come with their top-level directory.
@@ -520,7 +533,10 @@ def test_compose_feed_services_have_valid_settings() -> None:
             settings.require_gateway()
         assert settings.kafka_group == DEFAULTS.kafka_group
         assert (settings.topic_activities, settings.topic_follows, settings.topic_dlq) == (
-            DEFAULTS.topic_activities, DEFAULTS.topic_follows, DEFAULTS.topic_dlq)
+            DEFAULTS.topic_activities,
+            DEFAULTS.topic_follows,
+            DEFAULTS.topic_dlq,
+        )
         host = settings.kafka_bootstrap.partition(":")[0]
         assert host in compose()["services"], f"{name}: Kafka host {host!r} is not a service"
         assert settings.cassandra_hosts[0] in compose()["services"]
@@ -532,8 +548,13 @@ def test_compose_topology() -> None:
     assert kafka["image"] == "apache/kafka:3.8.0"
     kenv = {k: str(v) for k, v in kafka["environment"].items()}
     assert set(kenv["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
-    assert {"KAFKA_NODE_ID", "KAFKA_LISTENERS", "KAFKA_ADVERTISED_LISTENERS",
-            "KAFKA_CONTROLLER_LISTENER_NAMES", "KAFKA_CONTROLLER_QUORUM_VOTERS"} <= kenv.keys()
+    assert {
+        "KAFKA_NODE_ID",
+        "KAFKA_LISTENERS",
+        "KAFKA_ADVERTISED_LISTENERS",
+        "KAFKA_CONTROLLER_LISTENER_NAMES",
+        "KAFKA_CONTROLLER_QUORUM_VOTERS",
+    } <= kenv.keys()
     assert services["cassandra"]["image"] == "cassandra:4.1"
     assert services["redis"]["image"] == "redis:7-alpine"
     for name in ("kafka", "cassandra", "redis"):
@@ -556,8 +577,9 @@ def test_compose_topology() -> None:
             assert grace > settings.drain_s, f"{name}: stop_grace_period <= FEED_DRAIN_S"
     assert by_role == {"migrate": 1, "fanout": 2, "gateway": 2}
     build = services["migrate"]["build"]
-    assert (COMPOSE.parent / build["context"] / build.get("dockerfile", "Dockerfile")).resolve() \
-        == DOCKERFILE.resolve()
+    assert (
+        COMPOSE.parent / build["context"] / build.get("dockerfile", "Dockerfile")
+    ).resolve() == DOCKERFILE.resolve()
     assert {"prometheus", "grafana"} <= services.keys()
 
 
@@ -602,7 +624,8 @@ def test_grafana_provisioning() -> None:
         source, target = str(volume).split(":")[:2]
         mounts[target] = source
     assert (COMPOSE.parent / mounts["/etc/grafana/provisioning"]).resolve() == (
-        INFRA / "grafana" / "provisioning").resolve()
+        INFRA / "grafana" / "provisioning"
+    ).resolve()
     providers = load_yaml(DASHBOARD_PROVIDERS)["providers"]
     path = providers[0]["options"]["path"]
     assert (COMPOSE.parent / mounts[path]).resolve() == DASHBOARDS.resolve()
@@ -654,11 +677,18 @@ def test_dashboard_metrics_exist_in_the_code() -> None:
         assert not promql_problems(expr), f"{expr}: {promql_problems(expr)}"
     used = set().union(*(_METRIC.findall(e) for e in exprs))
     required = {
-        "feed_consumer_lag_sum", "feed_consumer_lag", "feed_activities_consumed_total",
-        "feed_timeline_inserts_total", "feed_batch_size_bucket",
-        "feed_store_call_seconds_bucket", "feed_dlq_total", "feed_errors_total",
-        "feed_gateway_connections", "feed_gateway_messages_pushed_total",
-        "feed_gateway_push_latency_seconds_bucket", "feed_gateway_slow_client_closes_total",
+        "feed_consumer_lag_sum",
+        "feed_consumer_lag",
+        "feed_activities_consumed_total",
+        "feed_timeline_inserts_total",
+        "feed_batch_size_bucket",
+        "feed_store_call_seconds_bucket",
+        "feed_dlq_total",
+        "feed_errors_total",
+        "feed_gateway_connections",
+        "feed_gateway_messages_pushed_total",
+        "feed_gateway_push_latency_seconds_bucket",
+        "feed_gateway_slow_client_closes_total",
     }
     assert required <= used, f"missing panels for {required - used}"
     assert any("by (le, store)" in e and "0.99" in e for e in exprs), "store p99 by store"
@@ -673,8 +703,9 @@ def test_k8s_feed_env_names_are_settings() -> None:
     for obj, container in workloads():
         names = {item["name"] for item in container.get("env") or []}
         assert not unknown_feed_names(names), f"{obj['metadata']['name']}: {names}"
-    secret_keys = {k for s in k8s("Secret") for k in {*(s.get("stringData") or {}),
-                                                       *(s.get("data") or {})}}
+    secret_keys = {
+        k for s in k8s("Secret") for k in {*(s.get("stringData") or {}), *(s.get("data") or {})}
+    }
     assert {"FEED_JWT_SECRET", "FEED_INGEST_TOKEN"} <= secret_keys
     assert not {"FEED_JWT_SECRET", "FEED_INGEST_TOKEN"} & configmap_data().keys(), (
         "secrets belong in the Secret"
@@ -744,7 +775,8 @@ def test_k8s_services_select_their_pods() -> None:
     for service in k8s("Service"):
         selector = service["spec"]["selector"]
         matches = [
-            (d, c) for d, c in ((gateway, gw_container), (fanout, fo_container))
+            (d, c)
+            for d, c in ((gateway, gw_container), (fanout, fo_container))
             if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
         ]
         assert len(matches) == 1, f"Service {service['metadata']['name']} selects no Deployment"
@@ -791,8 +823,10 @@ def test_keda_scaled_object_matches_the_group_and_partitions() -> None:
         assert meta.get("offsetResetPolicy", "latest") == "earliest", (
             "the group starts from the earliest record"
         )
-    assert any(t["metadata"]["topic"] == settings.topic_activities == DEFAULTS.topic_activities
-               for t in triggers)
+    assert any(
+        t["metadata"]["topic"] == settings.topic_activities == DEFAULTS.topic_activities
+        for t in triggers
+    )
     partitions = int(configmap_data()["FEED_KAFKA_PARTITIONS"])
     assert partitions == settings.kafka_partitions
     low, high = scaled["spec"].get("minReplicaCount", 0), scaled["spec"]["maxReplicaCount"]
@@ -801,10 +835,18 @@ def test_keda_scaled_object_matches_the_group_and_partitions() -> None:
     text = (K8S / "fanout-scaledobject.yaml").read_text()
     assert "ceil(total_lag / lagThreshold)" in text and "min(maxReplicaCount, partitions" in text
     threshold = int(triggers[0]["metadata"]["lagThreshold"])
-    assert desired_replicas(10**12, partitions, lag_threshold=threshold,
-                            max_replicas=high, min_replicas=low) == high
-    assert desired_replicas(0, partitions, lag_threshold=threshold,
-                            max_replicas=high, min_replicas=low) == low
+    assert (
+        desired_replicas(
+            10**12, partitions, lag_threshold=threshold, max_replicas=high, min_replicas=low
+        )
+        == high
+    )
+    assert (
+        desired_replicas(
+            0, partitions, lag_threshold=threshold, max_replicas=high, min_replicas=low
+        )
+        == low
+    )
 
 
 def test_gateway_hpa_on_cpu() -> None:
@@ -815,8 +857,11 @@ def test_gateway_hpa_on_cpu() -> None:
     gateway, _ = deployment_for("gateway")
     assert hpa["spec"]["scaleTargetRef"]["name"] == gateway["metadata"]["name"]
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
-    cpu = [m for m in hpa["spec"]["metrics"]
-           if m["type"] == "Resource" and m["resource"]["name"] == "cpu"]
+    cpu = [
+        m
+        for m in hpa["spec"]["metrics"]
+        if m["type"] == "Resource" and m["resource"]["name"] == "cpu"
+    ]
     assert cpu and cpu[0]["resource"]["target"]["type"] == "Utilization"
     # Autoscaled Deployments leave replicas to the autoscalers.
     for role in ("fanout", "gateway"):
@@ -842,8 +887,10 @@ def test_kustomization_lists_every_manifest() -> None:
     assert kustomization["namespace"] in namespaces
     for _path, doc in k8s_docs():
         if doc["kind"] != "Namespace":
-            assert doc["metadata"].get("namespace", kustomization["namespace"]) == (
-                kustomization["namespace"])
+            assert (
+                doc["metadata"].get("namespace", kustomization["namespace"])
+                == (kustomization["namespace"])
+            )
 
 
 # === docs/operations.md ========================================================================
@@ -859,9 +906,11 @@ def test_operations_doc_lists_every_setting_with_its_default() -> None:
 
 def test_operations_doc_alerts_and_queries_use_real_metrics() -> None:
     text = OPERATIONS.read_text()
-    rule_files = [load_yaml_text for block in fenced(text, "yaml")
-                  if isinstance(load_yaml_text := yaml.safe_load(block), dict)
-                  and "groups" in load_yaml_text]
+    rule_files = [
+        load_yaml_text
+        for block in fenced(text, "yaml")
+        if isinstance(load_yaml_text := yaml.safe_load(block), dict) and "groups" in load_yaml_text
+    ]
     assert rule_files, "docs/operations.md has Prometheus alerting rules in a ```yaml block"
     alerts = [rule for doc in rule_files for group in doc["groups"] for rule in group["rules"]]
     assert len(alerts) >= 6
@@ -872,9 +921,13 @@ def test_operations_doc_alerts_and_queries_use_real_metrics() -> None:
     for expr in exprs:
         assert not promql_problems(expr), f"{expr}: {promql_problems(expr)}"
     used = set().union(*(_METRIC.findall(e) for e in exprs))
-    for needed in ("feed_consumer_lag_sum", "feed_dlq_total", "feed_errors_total",
-                   "feed_gateway_push_latency_seconds_bucket",
-                   "feed_gateway_slow_client_closes_total"):
+    for needed in (
+        "feed_consumer_lag_sum",
+        "feed_dlq_total",
+        "feed_errors_total",
+        "feed_gateway_push_latency_seconds_bucket",
+        "feed_gateway_slow_client_closes_total",
+    ):
         assert needed in used, f"no alert example on {needed}"
 
 

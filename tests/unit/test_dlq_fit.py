@@ -34,7 +34,7 @@ def test_a_large_value_is_cut_to_its_first_bytes_with_its_size_in_a_header(
     limit = 8_000
     key, cut, headers = fit_record(b"u1", value, HEADERS, limit)
     assert key == b"u1" and value.startswith(cut) and 0 < len(cut) < len(value)
-    extra = dict(headers[len(HEADERS):])
+    extra = dict(headers[len(HEADERS) :])
     assert extra == {"feed.truncated": b"true", "feed.original.size": str(value_size).encode()}
     assert headers[: len(HEADERS)] == HEADERS
     assert _size(key, cut, headers) <= limit
@@ -47,7 +47,7 @@ def test_a_key_that_takes_most_of_the_room_is_cut_too() -> None:
     out_key, value, headers = fit_record(key, b"{oops", HEADERS, 8_000)
     assert out_key is not None and key.startswith(out_key) and 0 < len(out_key) < len(key)
     assert value == b"{oops"
-    extra = dict(headers[len(HEADERS):])
+    extra = dict(headers[len(HEADERS) :])
     assert extra["feed.original.key.size"] == b"50000"
     assert extra["feed.original.size"] == b"5" and extra["feed.truncated"] == b"true"
     assert _size(out_key, value, headers) <= 8_000

@@ -22,8 +22,9 @@ def _flatten(calls: list[list[object]], head: int, fixed: int) -> list[tuple[obj
 
 @pytest.mark.parametrize("sizes", [[1], [0, 3], [10_000], [5000, 5000, 5000], [1] * 3000])
 def test_chunks_keep_every_user_once_and_stay_bounded(sizes: list[int]) -> None:
-    groups = [([f"m{g}", f"b{g}"], [f"u{g}-{n}" for n in range(size)])
-              for g, size in enumerate(sizes)]
+    groups = [
+        ([f"m{g}", f"b{g}"], [f"u{g}-{n}" for n in range(size)]) for g, size in enumerate(sizes)
+    ]
     calls = _chunks([1, 2, 3], groups)
     flat = _flatten(calls, 3, 2)
     assert all(call[:3] == [1, 2, 3] for call in calls)

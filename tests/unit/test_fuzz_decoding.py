@@ -172,8 +172,9 @@ json_scalars = (
 )
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=5)
-    | st.dictionaries(st.text(max_size=10), inner, max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5)
+    ),
     max_leaves=25,
 )
 hostile_strings = st.one_of(
@@ -272,8 +273,20 @@ def mangled(draw: st.DrawFn, documents: st.SearchStrategy[Any]) -> bytes:
         data = b"{" + extra + b"," + data[1:]
     elif how == "splice":
         at = draw(st.integers(0, len(data)))
-        junk = draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\xf4\x90\x80\x80",
-                                     b"\x00", b"\\ud800", b'\\"', b"\xc0\xaf"]))
+        junk = draw(
+            st.sampled_from(
+                [
+                    b"\xff",
+                    b"\xc3",
+                    b"\xed\xa0\x80",
+                    b"\xf4\x90\x80\x80",
+                    b"\x00",
+                    b"\\ud800",
+                    b'\\"',
+                    b"\xc0\xaf",
+                ]
+            )
+        )
         data = data[:at] + junk + data[at:]
     elif how == "truncate":
         data = data[: draw(st.integers(0, len(data)))]
@@ -384,8 +397,9 @@ def test_near_valid_client_frames(data: bytes) -> None:
         st.one_of(
             st.text(max_size=300),
             mangled(near_valid_frames()).map(lambda b: b.decode("utf-8", "replace")),
-            st.builds(lambda n: '{"type":"resume","cursor":"' + "x" * n + '"}',
-                      st.integers(0, 70_000)),
+            st.builds(
+                lambda n: '{"type":"resume","cursor":"' + "x" * n + '"}', st.integers(0, 70_000)
+            ),
         ),
         min_size=1,
         max_size=12,
@@ -432,8 +446,9 @@ def test_session_binary_frames(data: bytes) -> None:
 MONSTER_SECONDS = 0.05
 
 
-def bounded(decode: Callable[[Any], Any], data: bytes | str, *,
-            seconds: float = MONSTER_SECONDS) -> None:
+def bounded(
+    decode: Callable[[Any], Any], data: bytes | str, *, seconds: float = MONSTER_SECONDS
+) -> None:
     """``decode(data)`` returns or raises ValidationError, in bounded time and memory.
 
     Time is the best of three untraced calls (tracemalloc slows allocation-heavy decodes ~20x);
@@ -461,20 +476,31 @@ def bounded(decode: Callable[[Any], Any], data: bytes | str, *,
 
 
 DECODERS: list[Callable[[Any], Any]] = [
-    activity_or_error, activities_or_error, follow_or_error, frame_or_error,
+    activity_or_error,
+    activities_or_error,
+    follow_or_error,
+    frame_or_error,
 ]
 _VALID = {
-    "id": "a-1", "type": "Create", "actor": "u1", "object": "post:1",
+    "id": "a-1",
+    "type": "Create",
+    "actor": "u1",
+    "object": "post:1",
     "published": "2026-11-22T10:00:00Z",
 }
 MONSTERS: dict[str, bytes] = {
     "open_arrays_100k": b"[" * 100_000,
     "open_objects_100k": b'{"a":' * 100_000,
     "closed_arrays_100k": b"[" * 100_000 + b"]" * 100_000,
-    "nested_in_extra": render({**_VALID})[:-1] + b',"extra":{"x":' + b"[" * 5000 + b"]" * 5000
+    "nested_in_extra": render({**_VALID})[:-1]
+    + b',"extra":{"x":'
+    + b"[" * 5000
+    + b"]" * 5000
     + b"}}",
-    "nested_in_unknown_field": b'{"type":"resume","cursor":"x","z":' + b"[" * 20_000
-    + b"]" * 20_000 + b"}",
+    "nested_in_unknown_field": b'{"type":"resume","cursor":"x","z":'
+    + b"[" * 20_000
+    + b"]" * 20_000
+    + b"}",
     "nested_in_batch": b"[" + render(_VALID) + b"," + b"[" * 50_000 + b"]" * 50_000 + b"]",
     "string_2mb": b'"' + b"x" * (2 << 20) + b'"',
     "id_1mb": render({**_VALID, "id": "x" * (1 << 20)}),
@@ -488,8 +514,7 @@ MONSTERS: dict[str, bytes] = {
     "negative_infinity": b'{"type":"resume","cursor":-Infinity}',
     "huge_number": render({**_VALID})[:-1] + b',"extra":{"x":1e999999}}',
     "long_integer": render({**_VALID})[:-1] + b',"extra":{"x":' + b"9" * 30_000 + b"}}",
-    "duplicate_keys": b'{"id":"a","id":"b","id":' + b'"' + b"c" * 200 + b'",'
-    + render(_VALID)[1:],
+    "duplicate_keys": b'{"id":"a","id":"b","id":' + b'"' + b"c" * 200 + b'",' + render(_VALID)[1:],
     "invalid_utf8_in_id": render(_VALID).replace(b"a-1", b"a-\xff\xfe"),
     "overlong_utf8": render(_VALID).replace(b"u1", b"u\xc0\xaf"),
     "lone_surrogate_escape": render(_VALID).replace(b"u1", b"u\\udc80"),

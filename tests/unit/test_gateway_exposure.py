@@ -60,9 +60,7 @@ def test_without_dev_mode_any_address_is_fine_and_no_dev_route(host: str) -> Non
 
 
 def test_feed_gateway_command_says_why_it_will_not_start() -> None:
-    env = {
-        key: value for key, value in os.environ.items() if not key.startswith("FEED_")
-    }
+    env = {key: value for key, value in os.environ.items() if not key.startswith("FEED_")}
     env.update(
         PYTHONPATH=str(ROOT),
         FEED_JWT_SECRET=SECRET,

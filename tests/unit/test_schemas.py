@@ -109,8 +109,16 @@ def test_to_entries_and_follow_ids_reject_a_trailing_newline() -> None:
         decode_follow_request(enc({"follower": "u1\n", "followee": "u2"}))
     assert info.value.field == "follower"
     with pytest.raises(ValidationError) as info:
-        decode_follow_event(enc({"type": "follow", "follower": "u1", "followee": "u2\n",
-                                 "at": "2026-11-22T10:00:00Z"}))
+        decode_follow_event(
+            enc(
+                {
+                    "type": "follow",
+                    "follower": "u1",
+                    "followee": "u2\n",
+                    "at": "2026-11-22T10:00:00Z",
+                }
+            )
+        )
     assert info.value.field == "followee"
 
 
@@ -151,8 +159,11 @@ def test_published_more_than_the_skew_ahead_is_refused() -> None:
 def test_a_follow_dated_far_ahead_is_refused() -> None:
     # A follow dated 9999 could never be undone by an unfollow (the later event wins).
     with pytest.raises(ValidationError) as info:
-        decode_follow_event(enc({"type": "follow", "follower": "u2", "followee": "u1",
-                                 "at": "9999-01-01T00:00:00Z"}))
+        decode_follow_event(
+            enc(
+                {"type": "follow", "follower": "u2", "followee": "u1", "at": "9999-01-01T00:00:00Z"}
+            )
+        )
     assert (info.value.field, info.value.code) == ("at", "in_the_future")
 
 

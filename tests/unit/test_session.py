@@ -28,15 +28,21 @@ def activity(seq: int, epoch: str = EPOCH, ident: str | None = None, pad: int = 
     """A frame exactly as the fan-out script builds it."""
     body = json.dumps({"id": ident or f"a-{seq}", "pad": "x" * pad}, separators=(",", ":"))
     return (
-        b'{"type":"activity","cursor":"' + f"{epoch}.{seq}".encode() + b'","activity":'
-        + body.encode() + b"}"
+        b'{"type":"activity","cursor":"'
+        + f"{epoch}.{seq}".encode()
+        + b'","activity":'
+        + body.encode()
+        + b"}"
     )
 
 
 def removed(seq: int, ident: str, epoch: str = EPOCH) -> bytes:
     return (
-        b'{"type":"removed","cursor":"' + f"{epoch}.{seq}".encode() + b'","id":'
-        + json.dumps(ident).encode() + b"}"
+        b'{"type":"removed","cursor":"'
+        + f"{epoch}.{seq}".encode()
+        + b'","id":'
+        + json.dumps(ident).encode()
+        + b"}"
     )
 
 

@@ -25,8 +25,13 @@ class FakeMessage:
     def __init__(self, partition: int, offset: int) -> None:
         self._partition = partition
         self._offset = offset
-        body = {"id": f"a-{partition}-{offset}", "type": "Create", "actor": "u1",
-                "object": "o", "published": "2026-01-01T00:00:00Z"}
+        body = {
+            "id": f"a-{partition}-{offset}",
+            "type": "Create",
+            "actor": "u1",
+            "object": "o",
+            "published": "2026-01-01T00:00:00Z",
+        }
         self._value = json.dumps(body).encode()
 
     def topic(self) -> str:
@@ -135,12 +140,16 @@ class FakeDLQ:
         pass
 
 
-def make(
-    consumer: FakeConsumer, processor: FakeProcessor, **kw: Any
-) -> tuple[Worker, FakeDLQ]:
+def make(consumer: FakeConsumer, processor: FakeProcessor, **kw: Any) -> tuple[Worker, FakeDLQ]:
     dlq = FakeDLQ()
-    worker = Worker(Settings(), consumer=consumer, processor=processor,  # type: ignore[arg-type]
-                    dead_letters=dlq, metrics=WorkerMetrics(), **kw)  # type: ignore[arg-type]
+    worker = Worker(
+        Settings(),
+        consumer=consumer,
+        processor=processor,  # type: ignore[arg-type]
+        dead_letters=dlq,
+        metrics=WorkerMetrics(),
+        **kw,
+    )  # type: ignore[arg-type]
     return worker, dlq
 
 
@@ -234,8 +243,7 @@ def test_the_probe_cuts_a_long_wait_once_the_store_is_back(
     monkeypatch.setattr(worker_module, "_PROBE_EVERY_S", 0.01)
     answers = iter([False, False, True])
     consumer = FakeConsumer([])
-    worker, _ = make(consumer, FakeProcessor([], consumer.log),
-                     probe=lambda: next(answers, True))
+    worker, _ = make(consumer, FakeProcessor([], consumer.log), probe=lambda: next(answers, True))
     started = time.monotonic()
     worker._back_off(10, redis.exceptions.ConnectionError("down"))  # a wait of 30-60 s
     # Three probes 10 ms apart: measured 0.030-0.031 s over 90 runs on the loaded 2-core machine.
@@ -407,15 +415,21 @@ def test_a_dlq_that_cannot_be_written_pauses_the_worker_and_commits_nothing_unti
         pause(partitions)
 
     consumer.pause = record_pause  # type: ignore[method-assign]
-    worker = Worker(Settings(), consumer=consumer, processor=processor,  # type: ignore[arg-type]
-                    dead_letters=dlq, metrics=WorkerMetrics())  # type: ignore[arg-type]
+    worker = Worker(
+        Settings(),
+        consumer=consumer,
+        processor=processor,  # type: ignore[arg-type]
+        dead_letters=dlq,
+        metrics=WorkerMetrics(),
+    )  # type: ignore[arg-type]
     run_until(worker, lambda: bool(consumer.commits))
     assert consumer.log == ["apply", *["dlq down"] * 4, "dlq flushed", "commit"]
     assert consumer.commits == [{(TOPIC, 0): 2}]
     assert dlq.sent == ["{oops"]  # one copy, however many attempts
     assert len(paused) == 4 and not consumer.paused
     text = worker._metrics.registry.get_sample_value(
-        "feed_errors_total", {"kind": "dlq_unavailable"})
+        "feed_errors_total", {"kind": "dlq_unavailable"}
+    )
     assert text == 4
 
 
@@ -428,8 +442,13 @@ def test_a_revoke_while_the_dlq_is_down_keeps_the_batch_pending_and_copies_once(
     consumer = FakeConsumer([])
     processor = PipelinedProcessor(consumer.log)
     dlq = FlakyDLQ(1, consumer.log)
-    worker = Worker(Settings(), consumer=consumer, processor=processor,  # type: ignore[arg-type]
-                    dead_letters=dlq, metrics=WorkerMetrics())  # type: ignore[arg-type]
+    worker = Worker(
+        Settings(),
+        consumer=consumer,
+        processor=processor,  # type: ignore[arg-type]
+        dead_letters=dlq,
+        metrics=WorkerMetrics(),
+    )  # type: ignore[arg-type]
     worker._on_assign(consumer, [TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)])
     worker._pending = worker._prepare([MalformedMessage(0, 0), FakeMessage(1, 5)])
     worker._on_revoke(consumer, [TopicPartition(TOPIC, 1)])  # must not raise
