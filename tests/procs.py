@@ -43,7 +43,8 @@ def http_get(
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+        with exc:  # the error holds the response and its socket
+            return exc.code, exc.read()
     except OSError:
         return 0, b""
 

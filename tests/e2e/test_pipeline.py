@@ -200,6 +200,7 @@ async def test_no_secret_ever_reaches_the_logs(
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=5).close()
         ingest[name] = refused.value.code
+        refused.value.close()  # the error holds the response and its socket
     # The ingest token passes authentication (``{}`` then fails validation); the wrong one not.
     assert ingest == {"valid": 400, "wrong": 401}
     connections = len(log_events(pipeline.gateway.log, "ws_connection"))
