@@ -43,12 +43,6 @@ def demo_follows() -> list[tuple[str, str]]:
     return pairs
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -83,12 +77,13 @@ def _metric(url: str, name: str) -> float:
 
 def run_dev(args: argparse.Namespace) -> int:
     from infra import LocalStack
+    from infra.servers import free_port
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="feed-dev-"))
     workdir.mkdir(parents=True, exist_ok=True)
     logs = workdir / "logs"
     logs.mkdir(exist_ok=True)
-    port = args.port if args.port and _port_free(args.port) else _free_port()
+    port = args.port if args.port and _port_free(args.port) else free_port()
     stop = {"now": False}
 
     def request_stop(*_: object) -> None:
@@ -115,7 +110,7 @@ def run_dev(args: argparse.Namespace) -> int:
         metrics_urls = []
         try:
             for n in range(max(1, args.workers)):
-                worker_env = dict(env, FEED_WORKER_METRICS_PORT=str(_free_port()))
+                worker_env = dict(env, FEED_WORKER_METRICS_PORT=str(free_port()))
                 metrics_urls.append(
                     f"http://127.0.0.1:{worker_env['FEED_WORKER_METRICS_PORT']}/metrics"
                 )

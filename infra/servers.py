@@ -116,6 +116,12 @@ def free_ports(count: int = 1, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """One TCP port that was free on ``host`` a moment ago: the project's one free-port helper
+    (the tests, ``feed dev`` and the bench all use this or :func:`free_ports`)."""
+    return free_ports(1, host)[0]
+
+
 def _tcp_open(host: str, port: int, timeout: float = 0.5) -> bool:
     """True when something accepts TCP connections on host:port."""
     try:

@@ -9,20 +9,15 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from infra.servers import free_port
+
 __all__ = ["FeedProcess", "free_port", "http_get", "metric_value", "stop_process"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:

@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -40,7 +39,7 @@ from gateway.auth import mint_token
 from gateway.server import GatewayServer, _RedactTokens, build_server
 from gateway.timers import TICK_S
 from schemas import Activity, encode_activity, published_us
-from tests.procs import stop_process
+from tests.procs import free_port, stop_process
 
 JWT_SECRET = "gateway-test-secret-" + "k" * 40
 INGEST_TOKEN = "gateway-ingest-token-0123456789"
@@ -49,16 +48,10 @@ TIMEOUT = 10.0
 
 
 # --- servers --------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _redis_server() -> tuple[subprocess.Popen[bytes], str]:
     """A redis-server of the caller's own on a free port (stop it with ``stop_process``)."""
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
@@ -1016,7 +1009,7 @@ async def test_shutdown_closes_sockets_with_1001_within_drain(redis_url: str) ->
 
 
 async def test_redis_down_gateway_stays_up_and_says_so() -> None:
-    dead = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens there
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     running = _start(_settings(dead))
     try:
         async with httpx.AsyncClient(base_url=running.base, timeout=TIMEOUT) as client:
@@ -1121,7 +1114,7 @@ async def test_connections_past_the_per_user_cap_close_4029(redis_url: str) -> N
 
 # --- outages and exposure ------------------------------------------------------------------------
 async def test_readyz_names_the_failed_dependency_but_no_address() -> None:
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     running = _start(_settings(f"redis://127.0.0.1:{port}/0"))
     try:
         async with httpx.AsyncClient(base_url=running.base, timeout=TIMEOUT) as client:
@@ -1177,7 +1170,7 @@ async def test_accepted_ingest_is_202_even_if_its_idempotency_key_cannot_be_reco
 
 
 async def test_odd_host_header_on_an_error_path_is_still_a_json_error() -> None:
-    running = _start(_settings(f"redis://127.0.0.1:{_free_port()}/0"))  # Redis down: a 503 path
+    running = _start(_settings(f"redis://127.0.0.1:{free_port()}/0"))  # Redis down: a 503 path
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", running.server.port)
         writer.write(
@@ -1223,10 +1216,10 @@ async def test_gateway_process_writes_only_json_lines_third_party_included(
     (stdlib logging wrote uvicorn's warning as plain ``WARNING:uvicorn.error:...``)."""
     from tests.procs import FeedProcess
 
-    port = _free_port()
+    port = free_port()
     env = {
         "FEED_REDIS_URL": redis_url,
-        "FEED_KAFKA_BOOTSTRAP": f"127.0.0.1:{_free_port()}",  # nothing listens there
+        "FEED_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",  # nothing listens there
         "FEED_JWT_SECRET": JWT_SECRET,
         "FEED_INGEST_TOKEN": INGEST_TOKEN,
         "FEED_GATEWAY_HOST": "127.0.0.1",
