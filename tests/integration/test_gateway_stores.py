@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import threading
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -36,7 +35,6 @@ from feed.settings import Settings
 from feed.timeline_redis import Insert, RedisTimelines
 from gateway.app import Gateway
 from gateway.auth import mint_token
-from gateway.server import build_server
 from tests.e2e.harness import next_frame, resumed_stream
 from tests.integration.test_http_hostile import LiveGateway, live_gateway
 from tests.procs import free_port
@@ -441,38 +439,9 @@ class Forwarder:
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
 
-@contextlib.contextmanager
-def serving(settings: Settings) -> Iterator[LiveGateway]:
+def serving(settings: Settings) -> contextlib.AbstractContextManager[LiveGateway]:
     """The gateway for ``settings`` on a free port, without waiting for its dependencies."""
-    settings = dataclasses.replace(
-        settings, gateway_host="127.0.0.1", gateway_port=0, drain_s=3.0, allowed_origins=()
-    )
-    server = build_server(settings)
-    live = LiveGateway(server, threading.Thread(), settings)
-
-    def serve() -> None:
-        try:
-            server.run()
-        except BaseException as exc:  # surfaced below
-            live.errors.append(exc)
-
-    live.thread = threading.Thread(target=serve, name="gateway-no-cassandra", daemon=True)
-    live.thread.start()
-    deadline = time.monotonic() + 60
-    while not (server.started and server.port):
-        if live.errors or not live.thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail(f"gateway did not start: {live.errors}")
-        time.sleep(0.01)
-    live.port = server.port
-    live.base = f"http://127.0.0.1:{server.port}"
-    live.ws = f"ws://127.0.0.1:{server.port}/v1/stream"
-    try:
-        yield live
-    finally:
-        server.should_exit = True
-        live.thread.join(20)
-        assert not live.thread.is_alive(), "gateway did not stop"
-    assert not live.errors, live.errors
+    return live_gateway(settings, wait_ready=False)
 
 
 async def test_followed_accounts_are_read_once_cassandra_connects_then_reset_and_live(

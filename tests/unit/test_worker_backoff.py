@@ -140,8 +140,10 @@ class FakeDLQ:
         pass
 
 
-def make(consumer: FakeConsumer, processor: FakeProcessor, **kw: Any) -> tuple[Worker, FakeDLQ]:
-    dlq = FakeDLQ()
+def make(
+    consumer: FakeConsumer, processor: FakeProcessor, dlq: FakeDLQ | None = None, **kw: Any
+) -> tuple[Worker, FakeDLQ]:
+    dlq = dlq if dlq is not None else FakeDLQ()
     worker = Worker(
         Settings(),
         consumer=consumer,
@@ -415,13 +417,7 @@ def test_a_dlq_that_cannot_be_written_pauses_the_worker_and_commits_nothing_unti
         pause(partitions)
 
     consumer.pause = record_pause  # type: ignore[method-assign]
-    worker = Worker(
-        Settings(),
-        consumer=consumer,
-        processor=processor,  # type: ignore[arg-type]
-        dead_letters=dlq,
-        metrics=WorkerMetrics(),
-    )  # type: ignore[arg-type]
+    worker, _ = make(consumer, processor, dlq)
     run_until(worker, lambda: bool(consumer.commits))
     assert consumer.log == ["apply", *["dlq down"] * 4, "dlq flushed", "commit"]
     assert consumer.commits == [{(TOPIC, 0): 2}]
@@ -442,13 +438,7 @@ def test_a_revoke_while_the_dlq_is_down_keeps_the_batch_pending_and_copies_once(
     consumer = FakeConsumer([])
     processor = PipelinedProcessor(consumer.log)
     dlq = FlakyDLQ(1, consumer.log)
-    worker = Worker(
-        Settings(),
-        consumer=consumer,
-        processor=processor,  # type: ignore[arg-type]
-        dead_letters=dlq,
-        metrics=WorkerMetrics(),
-    )  # type: ignore[arg-type]
+    worker, _ = make(consumer, processor, dlq)
     worker._on_assign(consumer, [TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)])
     worker._pending = worker._prepare([MalformedMessage(0, 0), FakeMessage(1, 5)])
     worker._on_revoke(consumer, [TopicPartition(TOPIC, 1)])  # must not raise
