@@ -18,8 +18,12 @@ __all__ = [
     "deliveries",
     "following_version",
     "graph_version",
+    "idempotency",
     "outbox",
     "presence",
+    "rate_connect_ip",
+    "rate_connect_user",
+    "rate_ingest",
     "rebuilding",
     "timeline",
 ]
@@ -103,3 +107,25 @@ CONTROL_FOLLOWING = b'{"type":"_following"}'
 
 #: Set of the accounts fanned out at read time (more than FEED_FANOUT_LIMIT followers). Sticky.
 big_accounts = "big-accounts"
+
+
+def idempotency(key_digest: str) -> str:
+    """String (JSON, with a TTL): the stored answer of an ingest request, by the sha256 hex digest
+    of its ``Idempotency-Key`` header (never the key itself)."""
+    return f"idem:{key_digest}"
+
+
+def rate_ingest(token_digest: str) -> str:
+    """Hash: the ingest token bucket of one ingest token, by a digest of the token (never the
+    token)."""
+    return f"rl:ingest:{token_digest}"
+
+
+def rate_connect_user(user: str) -> str:
+    """Hash: the WebSocket connect token bucket of one user."""
+    return f"rl:connect:user:{{{user}}}"
+
+
+def rate_connect_ip(ip: str) -> str:
+    """Hash: the WebSocket connect token bucket of one client address (at most 64 characters)."""
+    return f"rl:connect:ip:{ip[:64]}"

@@ -1302,7 +1302,7 @@ class _Idempotency:
                 field="Idempotency-Key",
             )
         self._redis = client
-        self._name = "idem:" + hashlib.sha256(key.encode()).hexdigest()
+        self._name = keys.idempotency(hashlib.sha256(key.encode()).hexdigest())
         self._digest = hashlib.sha256(body).hexdigest()
 
     async def begin(self) -> tuple[int, bytes] | None:

@@ -28,6 +28,8 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
+from feed import keys
+
 __all__ = [
     "Decision",
     "Limit",
@@ -106,15 +108,15 @@ def _digest(value: str) -> str:
 
 def ingest_key(token: str) -> str:
     """The ingest bucket of a token: its hash, never the token."""
-    return f"rl:ingest:{_digest(token)}"
+    return keys.rate_ingest(_digest(token))
 
 
 def connect_user_key(user: str) -> str:
-    return f"rl:connect:user:{{{user}}}"
+    return keys.rate_connect_user(user)
 
 
 def connect_ip_key(ip: str) -> str:
-    return f"rl:connect:ip:{ip[:64]}"
+    return keys.rate_connect_ip(ip)
 
 
 class RedisRateLimiter:
