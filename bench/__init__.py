@@ -1,28 +1,28 @@
 """``feed bench``: one command that starts the local stack, drives load and writes a report.
 
-``run_bench(args)`` (called by ``feed.cli``; ``args`` has ``scenario`` in
-{fanout, e2e, gateway, all}, ``quick``, ``model`` and ``out``):
+``run_bench(args, environ)`` (called by ``feed.cli``; ``args`` has ``scenario`` in
+{fanout, reads, e2e, gateway, all}, ``quick``, ``model`` and ``out``; ``environ`` is the process
+environment, which only :mod:`bench.options` reads):
 
 1. ``--model``: print the capacity model (:mod:`bench.capacity`) and return.
-2. Start :class:`infra.LocalStack` (Redis, the Kafka-protocol broker, Cassandra) under the bench
+2. Read the ``FEED_BENCH_*`` switches once (:class:`bench.options.BenchOptions`); a bad value
+   stops here with one line naming the variable (exit 2), before any server starts.
+3. Start :class:`infra.LocalStack` (Redis, the Kafka-protocol broker, Cassandra) under the bench
    work folder, create the topics and the schema.
-3. Run the scenarios: ``fanout`` (:mod:`bench.fanout`), ``e2e`` (:mod:`bench.e2e`) and
+4. Run the scenarios: ``fanout`` (:mod:`bench.fanout`), ``e2e`` (:mod:`bench.e2e`) and
    ``gateway``, which is dispatched to ``bench.gateway.run(ctx)`` when that module exists
    (signature: ``run(ctx: BenchContext) -> dict`` with at least a ``"status"`` key; it may add
    entries to ``ctx.results["targets"]``) and otherwise recorded as "not yet implemented".
-4. Write ``<out>/<timestamp>/`` with ``results.json``, ``report.md`` and PNG plots
+5. Write ``<out>/<timestamp>/`` with ``results.json``, ``report.md`` and PNG plots
    (:mod:`bench.report`).
 
 Everything started (stack, workers, gateway, peer processes) is stopped by pid at the end, also on
-Ctrl-C, SIGTERM or an error. Environment switches: ``FEED_BENCH_SKIP_PEERS=1`` (no peer venv),
-``FEED_BENCH_PROFILE=1`` (py-spy the worker during the first drain), ``FEED_BENCH_WORKDIR``
-(where the stack and the peer venv live), ``FEED_BENCH_KEEP=1`` (keep the stack's data folder).
-``FEED_BENCH_PHASES=redis_only,history`` runs only those phases of the fanout scenario;
-``FEED_BENCH_GATEWAY_RATES=8000,10000`` sweeps only those offered rates in the gateway scenario,
-``FEED_BENCH_GATEWAY_SIDES=peer`` measures only that side of it.
+Ctrl-C, SIGTERM or an error. The environment switches (``FEED_BENCH_SKIP_PEERS``,
+``FEED_BENCH_PHASES``, ...) are listed in :mod:`bench.options` and docs/benchmarks.md.
 
 Exit status: 0 when every requested scenario ran (targets missed or a peer that could not be
-installed do not change it), 1 when a scenario failed, 130 when interrupted.
+installed do not change it), 1 when a scenario failed, 2 when a switch is invalid, 130 when
+interrupted.
 """
 
 from __future__ import annotations
@@ -33,10 +33,14 @@ import os
 import platform
 import shutil
 import signal
+import sys
 import time
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from bench.options import BenchOptions, BenchOptionsError
 
 __all__ = ["run_bench"]
 
@@ -47,10 +51,9 @@ _BENCH_INGEST_TOKEN = "bench-only-ingest-token-0123456789"
 _REPO = Path(__file__).resolve().parents[1]
 
 
-def _workdir(out_root: Path) -> Path:
-    override = os.environ.get("FEED_BENCH_WORKDIR")
-    if override:
-        return Path(override)
+def _workdir(out_root: Path, options: BenchOptions) -> Path:
+    if options.workdir is not None:
+        return options.workdir
     if out_root.name == "results":
         return out_root.parent / "work"  # bench/results -> bench/work (both git-ignored)
     return out_root / "work"
@@ -60,11 +63,16 @@ def _interrupt(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_bench(args: argparse.Namespace) -> int:
+def run_bench(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if getattr(args, "model", False):
         from bench.capacity import print_model
 
         return print_model(args)
+    try:
+        options = BenchOptions.from_env(environ)
+    except BenchOptionsError as exc:
+        print(f"feed bench: configuration error: {exc}", file=sys.stderr)
+        return 2
 
     from rich.console import Console
     from rich.progress import (
@@ -76,7 +84,7 @@ def run_bench(args: argparse.Namespace) -> int:
         TimeElapsedColumn,
     )
 
-    from bench.context import BenchContext, env_flag, plan_for
+    from bench.context import BenchContext, plan_for
     from bench.processes import Children
     from bench.report import write_report
     from feed.settings import Settings
@@ -93,9 +101,9 @@ def run_bench(args: argparse.Namespace) -> int:
         outdir = out_root / f"{stamp}-{suffix}"
         suffix += 1
     outdir.mkdir(parents=True)
-    workdir = _workdir(out_root)
+    workdir = _workdir(out_root, options)
     workdir.mkdir(parents=True, exist_ok=True)
-    plan = plan_for(quick)
+    plan = plan_for(quick, options)
     console = Console(stderr=True)
     children = Children()
     started = time.monotonic()
@@ -111,7 +119,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "memory_gb": _memory_gb(),
             "plan": plan.as_dict(),
             "outdir": str(outdir),
-            "skip_peers": env_flag("FEED_BENCH_SKIP_PEERS"),
+            "skip_peers": options.skip_peers,
             # Other work on the machine shows up in every figure: note how busy it was.
             "load_average_start": list(os.getloadavg()),
         },
@@ -150,7 +158,7 @@ def run_bench(args: argparse.Namespace) -> int:
             stack.start()
             progress.update(task, description=f"stack ready in {stack.startup_seconds:.1f}s")
             progress.stop_task(task)
-            env = _child_env(stack)
+            env = _child_env(stack, options)
             settings = Settings.from_env(env)
             _migrate(settings)
             results["meta"]["servers"] = _server_versions(stack)
@@ -165,9 +173,8 @@ def run_bench(args: argparse.Namespace) -> int:
                 progress=progress,
                 console=console,
                 results=results,
+                options=options,
                 errors=results["errors"],
-                skip_peers=env_flag("FEED_BENCH_SKIP_PEERS"),
-                profile=env_flag("FEED_BENCH_PROFILE"),
             )
             for name in scenarios:
                 results[name] = _run_scenario(ctx, name)
@@ -188,7 +195,7 @@ def run_bench(args: argparse.Namespace) -> int:
         stack.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if not env_flag("FEED_BENCH_KEEP"):
+        if not options.keep:
             shutil.rmtree(stack.workdir, ignore_errors=True)
         results["meta"]["seconds"] = time.monotonic() - started
         results["meta"]["load_average_end"] = list(os.getloadavg())
@@ -229,8 +236,8 @@ def _run_scenario(ctx: Any, name: str) -> dict[str, Any]:
         return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
 
 
-def _child_env(stack: Any) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEED_")}
+def _child_env(stack: Any, options: BenchOptions) -> dict[str, str]:
+    env = options.inherited()
     env.update(stack.env())
     env.update(
         # INFRA.md: the test broker's group join takes ~session.timeout/2.

@@ -1,8 +1,8 @@
-"""What every scenario shares: the plan (sizes), the running stack, clients, children, results."""
+"""What every scenario shares: the plan (sizes), the switches, the running stack, clients,
+children, results."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from bench.options import BenchOptions
 from bench.processes import Children
 from feed.settings import Settings
 
@@ -18,7 +19,7 @@ __all__ = ["BenchContext", "Plan", "plan_for"]
 
 @dataclass(frozen=True)
 class Plan:
-    """Sizes of one run. ``plan_for(quick)`` gives the two presets."""
+    """Sizes of one run. ``plan_for(quick, options)`` gives the two presets (and overrides)."""
 
     quick: bool
     # graphs
@@ -61,19 +62,17 @@ class Plan:
         return asdict(self)
 
 
-def plan_for(quick: bool) -> Plan:
-    """The preset for ``--quick`` or a full run; ``FEED_BENCH_BACKLOG=N`` overrides the size of
-    the 1- vs 2-worker backlog (activities) for slower or busier machines."""
+def plan_for(quick: bool, options: BenchOptions) -> Plan:
+    """The preset for ``--quick`` or a full run, with the sizes the switches override
+    (``FEED_BENCH_BACKLOG``: the 1- vs 2-worker backlog, for slower or busier machines;
+    ``FEED_BENCH_E2E_RATE``; ``FEED_BENCH_SOAK_S``)."""
     plan = _preset(quick)
-    backlog = os.environ.get("FEED_BENCH_BACKLOG", "").strip()
-    if backlog:
-        plan = replace(plan, backlog=max(100, int(backlog)))
-    rate = os.environ.get("FEED_BENCH_E2E_RATE", "").strip()
-    if rate:
-        plan = replace(plan, e2e_rate=max(1.0, float(rate)))
-    soak = os.environ.get("FEED_BENCH_SOAK_S", "").strip()
-    if soak:
-        plan = replace(plan, soak_s=max(5.0, float(soak)))
+    if options.backlog is not None:
+        plan = replace(plan, backlog=options.backlog)
+    if options.e2e_rate is not None:
+        plan = replace(plan, e2e_rate=options.e2e_rate)
+    if options.soak_s is not None:
+        plan = replace(plan, soak_s=options.soak_s)
     return plan
 
 
@@ -152,15 +151,25 @@ class BenchContext:
     children: Children
     progress: Any
     console: Any
+    #: The ``FEED_BENCH_*`` switches, read once by :func:`bench.run_bench`.
+    options: BenchOptions = field(default_factory=BenchOptions)
     results: dict[str, Any] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
-    skip_peers: bool = False
-    profile: bool = False
     #: Scratch shared between scenarios (e.g. which graphs are already loaded).
     state: dict[str, Any] = field(default_factory=dict)
     _redis: Any = None
     _cassandra: Any = None
     _topics: set[str] = field(default_factory=set)
+
+    @property
+    def skip_peers(self) -> bool:
+        """``FEED_BENCH_SKIP_PEERS``: do not install or run the peers."""
+        return self.options.skip_peers
+
+    @property
+    def profile(self) -> bool:
+        """``FEED_BENCH_PROFILE``: py-spy the first worker during the first drain."""
+        return self.options.profile
 
     # --- clients -----------------------------------------------------------------------------
     @property
@@ -250,7 +259,3 @@ class BenchContext:
                 visible=True,
             )
             self.progress.stop_task(task_id)
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}

@@ -23,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-from bench.context import BenchContext, env_flag
+from bench.context import BenchContext
 from bench.graphs import FollowGraph
 from bench.load import WorkerSet, activity_bytes, new_producer
 from bench.processes import cpu_seconds, free_port, rss_bytes, wait_http
@@ -44,7 +44,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     # Per-follower Cassandra rows are off by default, as in the fan-out scenario's Redis-tier
     # figure: at 500 activities/s they are 50,000 rows/s, twice the raw insert ceiling of the
     # single Cassandra 2.1 node on this machine, and would measure Cassandra, not delivery.
-    history = env_flag("FEED_BENCH_E2E_HISTORY")
+    history = ctx.options.e2e_history
     result: dict[str, Any] = {
         "status": "ok",
         "history": history,

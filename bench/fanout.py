@@ -55,6 +55,7 @@ from bench.load import (
     series,
 )
 from bench.load import activity_bytes as _activity_bytes
+from bench.options import FANOUT_PHASES
 from bench.peers import PeerError, ensure_stream_framework_venv, run_stream_framework
 from bench.processes import cpu_seconds, metric_sum, rss_bytes
 from feed import keys
@@ -62,7 +63,7 @@ from feed import keys
 __all__ = ["PHASES", "build_graphs", "ensure_graph_loaded", "run"]
 
 #: The scenario's phases, in order; ``FEED_BENCH_PHASES=redis_only,history`` runs a subset.
-PHASES = ("redis_only", "drain_2_workers", "skewed", "history", "sweep", "soak")
+PHASES = FANOUT_PHASES
 
 #: Targets from the issue (checked and shown in the report; never enforced by the harness).
 TARGET_ZADD_RATIO = 0.4
@@ -113,8 +114,9 @@ def run(ctx: BenchContext) -> dict[str, Any]:
             ctx.children,
             ctx.workdir,
             timeout=plan.peer_install_timeout_s,
+            env=ctx.options.install_env(),
         )
-    wanted = _phases_wanted()
+    wanted = set(ctx.options.phases or PHASES)
     try:
         if wanted != set(PHASES):
             ctx.log(f"FEED_BENCH_PHASES: only {', '.join(sorted(wanted))}")
@@ -168,20 +170,6 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     if ctx.errors:
         out["status"] = "partial"
     return out
-
-
-def _phases_wanted() -> set[str]:
-    raw = os.environ.get("FEED_BENCH_PHASES", "").strip()
-    if not raw:
-        return set(PHASES)
-    wanted = {p.strip() for p in raw.split(",") if p.strip()}
-    unknown = wanted - set(PHASES)
-    if unknown:
-        raise ValueError(
-            f"FEED_BENCH_PHASES: unknown phase(s) {', '.join(sorted(unknown))}; "
-            f"known: {', '.join(PHASES)}"
-        )
-    return wanted
 
 
 # --- 1. graphs ------------------------------------------------------------------------------
@@ -307,6 +295,7 @@ def _peers(
                     redis_db=1,
                     log=ctx.logs_dir() / f"peer-stream-framework-{name}.log",
                     timeout=ctx.plan.peer_timeout_s,
+                    env=ctx.options.install_env(),
                 )
             except (PeerError, ValueError) as exc:
                 entry[name] = {"error": str(exc)}

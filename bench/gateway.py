@@ -96,25 +96,10 @@ class GatewayPlan:
     quiet_budget_s: float  # ... and this long over one side's sweep
 
 
-def _rates_from_env() -> tuple[int, ...] | None:
-    """``FEED_BENCH_GATEWAY_RATES=8000,10000``: sweep only these offered rates (msg/s)."""
-    raw = os.environ.get("FEED_BENCH_GATEWAY_RATES", "").strip()
-    if not raw:
-        return None
-    try:
-        rates = tuple(int(part) for part in raw.split(",") if part.strip())
-    except ValueError:
-        raise ValueError(
-            f"FEED_BENCH_GATEWAY_RATES must be comma-separated integers, got {raw!r}"
-        ) from None
-    if not rates or any(rate <= 0 for rate in rates):
-        raise ValueError(f"FEED_BENCH_GATEWAY_RATES must list rates > 0, got {raw!r}")
-    return rates
-
-
-def plan_for(quick: bool) -> GatewayPlan:
+def plan_for(quick: bool, rates: tuple[int, ...] | None = None) -> GatewayPlan:
+    """The preset for ``--quick`` or a full run; ``rates`` (``FEED_BENCH_GATEWAY_RATES``, through
+    :class:`bench.options.BenchOptions`) sweeps only these offered rates (msg/s)."""
     plan = _default_plan(quick)
-    rates = _rates_from_env()
     if rates is not None:
         plan = replace(plan, rates=rates, extra_rates=())
     return plan
@@ -609,7 +594,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     from bench.peer_socketio import raise_nofile
 
     nofile = raise_nofile()
-    gp = plan_for(ctx.plan.quick)
+    gp = plan_for(ctx.plan.quick, ctx.options.gateway_rates)
     result: dict[str, Any] = {
         "status": "ok",
         "clients": gp.clients,
@@ -639,15 +624,8 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         sides.append(Side("peer", "python-socketio", "socketio"))
     else:
         result["peer_status"] = peer_note
-    raw_sides = os.environ.get("FEED_BENCH_GATEWAY_SIDES", "").replace(" ", "")
-    only = [key for key in raw_sides.split(",") if key]
+    only = ctx.options.gateway_sides
     if only:  # e.g. "peer": measure only that side (a diagnostic; the ratio needs both)
-        unknown = sorted(set(only) - {"ours", "peer"})
-        if unknown:
-            raise ValueError(
-                f"FEED_BENCH_GATEWAY_SIDES: unknown side(s) {', '.join(unknown)} "
-                "(expected ours and/or peer)"
-            )
         sides = [side for side in sides if side.key in only]
         result["sides_measured"] = [side.key for side in sides]
     started = time.monotonic()

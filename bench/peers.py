@@ -9,10 +9,10 @@ as a subprocess, on the same graph (handed over as a JSON file) and the same Red
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,13 @@ class PeerError(RuntimeError):
 
 
 def ensure_stream_framework_venv(
-    children: Children, workdir: Path, *, timeout: float = 600.0
+    children: Children, workdir: Path, *, timeout: float = 600.0, env: Mapping[str, str]
 ) -> Path:
     """The peer venv's python, creating the venv and installing the pins if needed.
 
-    The installer's processes are the bench's children: stopped by pid if the bench stops.
+    The installer's processes are the bench's children: stopped by pid if the bench stops. They
+    run in ``env``: the caller's environment without the project's virtualenv markers
+    (:meth:`bench.options.BenchOptions.install_env`).
     """
     venv = workdir / "peer-stream-framework"
     python = venv / "bin" / "python"
@@ -54,7 +56,7 @@ def ensure_stream_framework_venv(
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise PeerError(f"peer install timed out after {timeout}s (see {log})")
-        proc = children.spawn(argv, env=_install_env(), log=log)
+        proc = children.spawn(argv, env=dict(env), log=log)
         try:
             proc.wait(timeout=remaining)
         except subprocess.TimeoutExpired:
@@ -69,14 +71,6 @@ def ensure_stream_framework_venv(
     return python
 
 
-def _install_env() -> dict[str, str]:
-    """The environment minus the project's virtualenv markers (the peer venv is its own)."""
-    dropped = {"VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"}
-    env = {k: v for k, v in os.environ.items() if k not in dropped}
-    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
-    return env
-
-
 def run_stream_framework(
     children: Children,
     python: Path,
@@ -87,8 +81,9 @@ def run_stream_framework(
     redis_db: int,
     log: Path,
     timeout: float,
+    env: Mapping[str, str],
 ) -> dict[str, Any]:
-    """Run the peer script in its venv; returns its JSON result."""
+    """Run the peer script in its venv (in ``env``, as the install); returns its JSON result."""
     argv = [
         str(python),
         str(_SCRIPT),
@@ -107,7 +102,7 @@ def run_stream_framework(
     ]
     out = log.with_suffix(".json")
     with out.open("wb") as stdout:
-        proc = children.spawn(argv, env=_install_env(), log=log, stdout=stdout.fileno())
+        proc = children.spawn(argv, env=dict(env), log=log, stdout=stdout.fileno())
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -24,6 +24,10 @@ from the server under test and from each other, so neither steals the server's e
 
 Payloads are the same on both sides: an activity of ~300 bytes whose ``extra`` carries the send
 timestamp. Every loop here is bounded in count and time.
+
+Being a process entry point, the ``__main__`` block hands ``os.environ`` to :func:`main`, which
+reads one variable from it, ``FEED_JWT_SECRET`` (set by the bench for its own gateway), through
+:func:`bench.options.client_jwt_secret`.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -164,8 +168,10 @@ def _pct(ordered: list[float], q: float) -> float | None:
 
 # --- clients ----------------------------------------------------------------------------------
 class Clients:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, secret: str | None) -> None:
+        """``secret``: the gateway's JWT secret, to mint each user's token (``--kind ours``)."""
         self.args = args
+        self._secret = secret
         self.recorder = Recorder()
         self.connected: dict[str, Any] = {}
         self.failed: list[str] = []
@@ -224,7 +230,9 @@ class Clients:
             return {}
         from gateway.auth import mint_token
 
-        secret = os.environ["FEED_JWT_SECRET"]
+        if self._secret is None:
+            raise ValueError("--kind ours needs the gateway's JWT secret (FEED_JWT_SECRET)")
+        secret = self._secret
         return {u: mint_token(secret, u, 6 * 3600) for u in self.users()}
 
     async def _one(
@@ -607,14 +615,23 @@ def _run(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None, environ: Mapping[str, str]) -> int:
+    """The load process's entry point; ``environ`` is its environment (the ``__main__`` block
+    hands over ``os.environ``), read only for ``FEED_JWT_SECRET`` (``clients --kind ours``)."""
+    from bench.options import BenchOptionsError, client_jwt_secret
     from bench.peer_socketio import raise_nofile
 
     args = _parser().parse_args(argv)
-    raise_nofile()
     if args.command == "clients":
-        _run(Clients(args).run())
+        try:
+            secret = client_jwt_secret(environ) if args.kind == "ours" else None
+        except BenchOptionsError as exc:
+            print(f"bench.ws_clients: configuration error: {exc}", file=sys.stderr)
+            return 2
+        raise_nofile()
+        _run(Clients(args, secret).run())
         return 0
+    raise_nofile()
     users = [u for u in json.loads(args.users_file.read_text()) if u]
     if not users:
         print(json.dumps({"error": "no users to publish to"}))
@@ -643,4 +660,4 @@ def _ended(kind: Any) -> bool:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(None, os.environ))

@@ -1,4 +1,5 @@
-"""The ``feed`` command. The only module that reads ``os.environ`` (into :class:`Settings`).
+"""The ``feed`` command, the product's entry point: it reads ``os.environ`` into
+:class:`Settings` (and ``feed bench`` hands it to the bench, which reads its switches once).
 
 A command that cannot reach what it needs (Kafka, Cassandra) exits with code 1 within a bounded
 time (``--timeout``, or ``--wait`` for ``migrate``), printing one line on stderr that names the
@@ -15,7 +16,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -345,8 +346,11 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    run_bench: Callable[[argparse.Namespace], int] = _from_checkout("bench", "feed bench").run_bench
-    return run_bench(args)
+    run_bench: Callable[[argparse.Namespace, Mapping[str, str]], int] = _from_checkout(
+        "bench", "feed bench"
+    ).run_bench
+    # The bench reads its FEED_BENCH_* switches from this, once (bench.options).
+    return run_bench(args, os.environ)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,17 @@
 """Typed settings, read once from the ``FEED_*`` environment.
 
-Only the entry points (``feed.cli``) read ``os.environ``; everything below receives a
-:class:`Settings`. A bad or missing value raises :class:`SettingsError` naming the variable.
-Secrets are wrapped in :class:`Secret`, whose ``repr``/``str`` never show the value.
+Only the entry points read ``os.environ``; everything below them receives a :class:`Settings`
+(or, in the bench, a :class:`bench.options.BenchOptions`). The entry points are:
+
+- ``feed.cli``, the ``feed`` command: every subcommand builds its :class:`Settings` from it, and
+  ``feed bench`` hands it to ``bench.run_bench``, which reads it once into ``BenchOptions``;
+- ``feed.dev`` (``feed dev``, dev only), which copies it as the base environment of the local
+  stack's processes;
+- outside the runtime package: the bench's load processes (``python -m bench.ws_clients``, for
+  ``FEED_JWT_SECRET``) and ``infra.servers`` (``FEED_CASSANDRA_HOME``, the test/dev servers).
+
+A bad or missing value raises :class:`SettingsError` naming the variable. Secrets are wrapped in
+:class:`Secret`, whose ``repr``/``str`` never show the value.
 """
 
 from __future__ import annotations
