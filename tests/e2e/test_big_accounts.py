@@ -15,8 +15,8 @@ import websockets
 from feed import versions
 from feed.kafka import create_topics
 from tests.conftest import wait_for
-from tests.e2e.harness import Pipeline, frames_until, isolated_env, next_frame
-from tests.procs import FeedProcess, free_port
+from tests.support.pipeline import Pipeline, frames_until, isolated_env, next_frame
+from tests.support.procs import FeedProcess, free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -32,8 +32,8 @@ from typing import Any
 import pytest
 
 from feed import keys
-from tests.e2e.harness import Pipeline
-from tests.procs import free_port
+from tests.support.pipeline import Pipeline
+from tests.support.procs import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -41,7 +41,7 @@ from feed.lag import measure_lag
 from feed.settings import Settings
 from gateway.auth import mint_token
 from tests.conftest import TEST_INGEST_TOKEN, TEST_JWT_SECRET, wait_for
-from tests.procs import FeedProcess, free_port, http_get, metric_value
+from tests.support.procs import FeedProcess, free_port, http_get, metric_value
 
 pytestmark = pytest.mark.e2e
 

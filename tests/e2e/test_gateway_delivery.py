@@ -51,8 +51,8 @@ from feed import keys, versions
 from feed.kafka import create_topics
 from feed.settings import Settings
 from tests.conftest import wait_for
-from tests.e2e.harness import Pipeline, isolated_env, log_events, next_frame, resumed_stream
-from tests.procs import FeedProcess, free_port, http_get, metric_value
+from tests.support.pipeline import Pipeline, isolated_env, log_events, next_frame, resumed_stream
+from tests.support.procs import FeedProcess, free_port, http_get, metric_value
 
 pytestmark = pytest.mark.e2e
 

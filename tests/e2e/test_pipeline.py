@@ -20,8 +20,8 @@ from confluent_kafka import Consumer
 
 from feed.settings import Settings
 from tests.conftest import wait_for
-from tests.e2e.harness import Pipeline, frames_until, log_events, next_frame
-from tests.procs import free_port, http_get, metric_value
+from tests.support.pipeline import Pipeline, frames_until, log_events, next_frame
+from tests.support.procs import free_port, http_get, metric_value
 
 pytestmark = pytest.mark.e2e
 

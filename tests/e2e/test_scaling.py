@@ -20,7 +20,7 @@ from feed import versions
 from feed.kafka import create_topics
 from feed.settings import Settings
 from tests.conftest import wait_for
-from tests.procs import FeedProcess, free_port, http_get, metric_value
+from tests.support.procs import FeedProcess, free_port, http_get, metric_value
 
 pytestmark = pytest.mark.e2e
 

@@ -26,9 +26,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from feed.kafka import create_topics
-from tests.e2e.harness import Pipeline, isolated_env
-from tests.integration.test_feed_semantics import T0, USERS, Model, ops
-from tests.procs import http_get
+from tests.support.feed_model import T0, USERS, Model, ops
+from tests.support.pipeline import Pipeline, isolated_env
+from tests.support.procs import http_get
 
 pytestmark = pytest.mark.e2e
 

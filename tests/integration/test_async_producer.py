@@ -10,7 +10,7 @@ import pytest
 
 from feed.kafka import AsyncProducer, KafkaUnavailable, producer_config
 from feed.settings import Settings
-from tests.procs import free_port
+from tests.support.procs import free_port
 
 
 async def test_a_record_the_producer_refuses_is_reported_as_unavailable(

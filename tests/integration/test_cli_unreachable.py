@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.conftest import TEST_INGEST_TOKEN, TEST_JWT_SECRET
-from tests.procs import free_port
+from tests.support.procs import free_port
 
 #: Python start-up and imports on a loaded 2-core machine, on top of a command's own bound.
 STARTUP_S = 4.0

@@ -31,7 +31,7 @@ from fanout.dlq import (
 from feed.kafka import create_topics
 from feed.settings import Settings
 from tests.conftest import wait_for
-from tests.procs import FeedProcess, free_port, http_get, metric_value
+from tests.support.procs import FeedProcess, free_port, http_get, metric_value
 
 
 def _env(stack_env: dict[str, str], prefix: str) -> dict[str, str]:

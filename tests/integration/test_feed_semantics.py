@@ -16,83 +16,23 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
 import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from fanout.followers import FollowerCache
 from fanout.processor import Processor
-from feed.cursor import order_key
 from feed.graph_cassandra import CassandraFollowGraph
 from feed.history_cassandra import CassandraHistory
 from feed.reader import FeedReader
 from feed.timeline_redis import AsyncRedisTimelines, RedisTimelines
 from schemas.activity import Activity, decode_activity
 from schemas.follow import FollowEvent
-
-USERS = 6
-T0 = datetime(2026, 11, 1, tzinfo=UTC)
-
-
-@dataclass
-class Model:
-    """What every timeline must be: order-independent, so it only needs the final state."""
-
-    following: set[tuple[int, int]] = field(default_factory=set)
-    posts: dict[str, tuple[int, int, frozenset[int]]] = field(default_factory=dict)
-    deleted: set[str] = field(default_factory=set)
-
-    def timeline(self, user: int) -> list[str]:
-        visible = [
-            (order_key(ts, aid), aid)
-            for aid, (actor, ts, to) in self.posts.items()
-            if aid not in self.deleted and ((user, actor) in self.following or user in to)
-        ]
-        return [aid for _, aid in sorted(visible, reverse=True)]
-
-
-initial_follows = st.lists(
-    st.tuples(st.just("follow"), st.integers(0, USERS - 1), st.integers(0, USERS - 1)),
-    min_size=8,
-    max_size=20,
-)
-more_ops = st.lists(
-    st.one_of(
-        st.tuples(st.just("follow"), st.integers(0, USERS - 1), st.integers(0, USERS - 1)),
-        st.tuples(st.just("unfollow"), st.integers(0, USERS - 1), st.integers(0, USERS - 1)),
-        st.tuples(
-            st.just("post"),
-            st.integers(0, USERS - 1),
-            st.frozensets(st.integers(0, USERS - 1), max_size=2),
-            st.integers(0, 5),
-        ),
-        st.tuples(st.just("delete"), st.integers(0, 30)),
-        st.tuples(st.just("dup"), st.integers(0, 30)),
-        # a second create of a posted id by its actor, re-stamped and changed: a no-op
-        st.tuples(st.just("redup"), st.integers(0, 30), st.integers(0, 5)),
-        # another actor creates a posted id (id_conflict) or deletes it (forbidden): no-ops
-        st.tuples(st.just("steal"), st.integers(0, 30), st.integers(0, USERS - 1)),
-        st.tuples(st.just("xdelete"), st.integers(0, 30), st.integers(0, USERS - 1)),
-        # a delete of an id before its actor creates it (not_found), then the create: delivered
-        st.tuples(
-            st.just("delete_then_post"),
-            st.integers(0, USERS - 1),
-            st.frozensets(st.integers(0, USERS - 1), max_size=2),
-            st.integers(0, 5),
-        ),
-    ),
-    min_size=1,
-    max_size=25,
-)
-#: A dense follow graph first (so that, with a tiny limit, most posting actors are big), then
-#: everything interleaved.
-ops = st.builds(lambda a, b: a + b, initial_follows, more_ops)
+from tests.support.feed_model import T0, USERS, Model, ops
 
 
 class Pipeline:

@@ -39,7 +39,7 @@ from gateway.auth import mint_token
 from gateway.server import GatewayServer, _RedactTokens, build_server
 from gateway.timers import TICK_S
 from schemas import Activity, encode_activity, published_us
-from tests.procs import free_port, stop_process
+from tests.support.procs import free_port, stop_process
 
 JWT_SECRET = "gateway-test-secret-" + "k" * 40
 INGEST_TOKEN = "gateway-ingest-token-0123456789"
@@ -1214,7 +1214,7 @@ async def test_gateway_process_writes_only_json_lines_third_party_included(
     request makes uvicorn log a warning, a broker that is not there makes librdkafka complain,
     a bad frame closes a WebSocket. Every line the process wrote must be one JSON object
     (stdlib logging wrote uvicorn's warning as plain ``WARNING:uvicorn.error:...``)."""
-    from tests.procs import FeedProcess
+    from tests.support.procs import FeedProcess
 
     port = free_port()
     env = {

@@ -35,9 +35,9 @@ from feed.settings import Settings
 from feed.timeline_redis import Insert, RedisTimelines
 from gateway.app import Gateway
 from gateway.auth import mint_token
-from tests.e2e.harness import next_frame, resumed_stream
-from tests.integration.test_http_hostile import LiveGateway, live_gateway
-from tests.procs import free_port
+from tests.support.live_gateway import LiveGateway, live_gateway
+from tests.support.pipeline import next_frame, resumed_stream
+from tests.support.procs import free_port
 
 TIMEOUT = 15.0
 

@@ -11,8 +11,7 @@ Reading "to the end" of a topic: this broker's high watermark is wrong for batch
 (INFRA.md), so the test does not trust it. It produces one marker record to every partition after
 the barrage; a partition has been read far enough once its marker arrived.
 
-``live_gateway`` and ``read_activities`` are used by the other live-gateway tests
-(``test_openapi``, ``test_ratelimit``, ``test_isolation``).
+The live gateway and ``read_activities`` are in :mod:`tests.support.live_gateway`.
 """
 
 from __future__ import annotations
@@ -21,154 +20,22 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 import gateway.app
 from feed.settings import Settings
-from gateway.server import GatewayServer, build_server
 from tests.conftest import TEST_INGEST_TOKEN
+from tests.support.live_gateway import LiveGateway, activity, live_gateway, read_activities
 
 TIMEOUT = 15.0
 INGEST = {"Authorization": f"Bearer {TEST_INGEST_TOKEN}", "Content-Type": "application/json"}
-
-
-# --- a live gateway on the session stack ------------------------------------------------------
-@dataclasses.dataclass
-class LiveGateway:
-    server: GatewayServer
-    thread: threading.Thread
-    settings: Settings
-    base: str = ""
-    ws: str = ""
-    port: int = 0
-    errors: list[BaseException] = dataclasses.field(default_factory=list)
-
-
-@contextlib.contextmanager
-def live_gateway(
-    settings: Settings, *, wait_ready: bool = True, **app_kwargs: Any
-) -> Iterator[LiveGateway]:
-    """Serve the gateway for ``settings`` (the stack's Redis, broker, Cassandra) on a free port.
-
-    The app opens its own clients from the settings: a real Kafka producer, Redis, Cassandra.
-    With ``wait_ready``, until ``/readyz`` says every dependency is reachable; without, as soon as
-    it listens.
-    """
-    settings = dataclasses.replace(
-        settings, gateway_host="127.0.0.1", gateway_port=0, drain_s=3.0, allowed_origins=()
-    )
-    server = build_server(settings, **app_kwargs)
-    live = LiveGateway(server, threading.Thread(), settings)
-
-    def serve() -> None:
-        try:
-            server.run()
-        except BaseException as exc:  # surfaced below
-            live.errors.append(exc)
-
-    live.thread = threading.Thread(target=serve, name="live-gateway", daemon=True)
-    live.thread.start()
-    deadline = time.monotonic() + 60
-    while not (server.started and server.port):
-        if live.errors or not live.thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail(f"gateway did not start: {live.errors}")
-        time.sleep(0.01)
-    live.port = server.port
-    live.base = f"http://127.0.0.1:{server.port}"
-    live.ws = f"ws://127.0.0.1:{server.port}/v1/stream"
-    try:
-        if wait_ready:
-            _wait_ready(live, deadline)
-        yield live
-    finally:
-        server.should_exit = True
-        live.thread.join(20)
-        assert not live.thread.is_alive(), "gateway did not stop"
-    assert not live.errors, live.errors
-
-
-def _wait_ready(live: LiveGateway, deadline: float) -> None:
-    """Until ``/readyz`` says every dependency is reachable (Cassandra connects in the
-    background: before that, pages stop at the hot tier)."""
-    body = ""
-    while time.monotonic() < deadline:
-        response = httpx.get(f"{live.base}/readyz", timeout=5)
-        if response.status_code == 200:
-            return
-        body = response.text
-        time.sleep(0.1)
-    pytest.fail(f"gateway not ready: {body}")
-
-
-def read_activities(settings: Settings, topic: str | None = None) -> Counter[str]:
-    """Every activity id in ``topic`` (default: the activities topic), counted, read from the
-    beginning with a fresh consumer group, up to a marker produced to each partition now."""
-    topic = topic or settings.topic_activities
-    marker_actor = f"marker-{uuid.uuid4().hex[:12]}"
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
-    partitions = sorted(producer.list_topics(topic, timeout=10).topics[topic].partitions)
-    markers: dict[int, str] = {}
-    for partition in partitions:
-        marker = f"{marker_actor}-p{partition}"
-        markers[partition] = marker
-        value = activity_json(marker, marker_actor)
-        producer.produce(topic, key=marker_actor.encode(), value=value, partition=partition)
-    assert producer.flush(15) == 0, "markers were not delivered"
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"hostile-check-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-        }
-    )
-    counts: Counter[str] = Counter()
-    pending = set(partitions)
-    try:
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        deadline = time.monotonic() + 60
-        while pending:
-            if time.monotonic() > deadline:
-                pytest.fail(f"markers of partitions {sorted(pending)} never arrived")
-            for message in consumer.consume(500, timeout=0.5):
-                if message.error():
-                    continue
-                try:
-                    activity_id = json.loads(message.value())["id"]
-                except (ValueError, KeyError, TypeError):
-                    continue
-                counts[activity_id] += 1
-                if activity_id == markers.get(message.partition()):
-                    pending.discard(message.partition())
-    finally:
-        consumer.close()
-    return counts
-
-
-def activity(activity_id: str, actor: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "id": activity_id,
-        "type": "Create",
-        "actor": actor,
-        "object": f"post:{activity_id}",
-        "published": datetime.now(UTC).isoformat(),
-        **extra,
-    }
-
-
-def activity_json(activity_id: str, actor: str, **extra: Any) -> bytes:
-    return json.dumps(activity(activity_id, actor, **extra)).encode()
 
 
 # --- fixtures ---------------------------------------------------------------------------------

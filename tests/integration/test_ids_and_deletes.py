@@ -27,7 +27,7 @@ from feed.graph_cassandra import CassandraFollowGraph
 from feed.history_cassandra import CassandraHistory, HistoryRecord
 from feed.reader import FeedReader
 from feed.timeline_redis import AsyncRedisTimelines, Insert, RedisTimelines
-from tests.integration.test_processor import T0, act, delete, follow, timeline
+from tests.support.processor import T0, act, delete, follow, timeline
 
 
 def _processor(

@@ -40,7 +40,7 @@ from feed.timeline_redis import Insert, RedisTimelines
 from gateway.auth import mint_token
 from schemas import Activity, encode_activity, published_us
 from tests.conftest import TEST_JWT_SECRET
-from tests.integration.test_http_hostile import LiveGateway, live_gateway
+from tests.support.live_gateway import LiveGateway, live_gateway
 
 TIMEOUT = 10.0
 LEEWAY_S = 5

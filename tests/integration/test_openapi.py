@@ -26,7 +26,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from feed.settings import Secret
 from gateway.auth import mint_token
 from tests.conftest import TEST_INGEST_TOKEN, TEST_JWT_SECRET
-from tests.procs import FeedProcess, free_port, http_get, metric_value
+from tests.support.procs import FeedProcess, free_port, http_get, metric_value
 
 #: Examples per operation and generation mode (positive, negative): 8 operations.
 MAX_EXAMPLES = 100

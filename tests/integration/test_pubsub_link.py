@@ -20,7 +20,7 @@ import redis.exceptions
 
 from feed.settings import Settings
 from gateway.pubsub import PubSubLink
-from tests.procs import free_port, stop_process
+from tests.support.procs import free_port, stop_process
 
 DEADLINE_S = 10.0
 

@@ -31,7 +31,7 @@ from gateway.auth import mint_token
 from gateway.ratelimit import Limit, RedisRateLimiter, ingest_key
 from gateway.session import CLOSE_RATE_LIMITED
 from tests.conftest import TEST_JWT_SECRET
-from tests.integration.test_http_hostile import LiveGateway, activity, live_gateway
+from tests.support.live_gateway import LiveGateway, activity, live_gateway
 
 TIMEOUT = 10.0
 _ips = itertools.count(20)

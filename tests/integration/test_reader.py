@@ -63,7 +63,7 @@ async def test_cold_user_is_written_to_history_only_and_rebuilt_on_read(
     from fanout.followers import FollowerCache
     from fanout.processor import Processor
     from feed.graph_cassandra import CassandraFollowGraph
-    from tests.integration.test_processor import act, follow
+    from tests.support.processor import act, follow
 
     hot, cold, actor = ids("hot"), ids("cold"), ids("actor")
     graph = CassandraFollowGraph(cassandra, settings.cassandra_keyspace)
@@ -108,7 +108,7 @@ async def test_2000_items_with_a_cap_of_800_page_without_gap_or_repeat(
     from fanout.followers import FollowerCache
     from fanout.processor import Processor
     from feed.graph_cassandra import CassandraFollowGraph
-    from tests.integration.test_processor import act, follow
+    from tests.support.processor import act, follow
 
     reader_user, actor = ids("reader"), ids("actor")
     graph = CassandraFollowGraph(cassandra, settings.cassandra_keyspace)

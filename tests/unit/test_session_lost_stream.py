@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gateway.session import PRESENCE_PREFIX, presence_frame
-from tests.unit.test_session import EPOCH, activity, drain, seqs, started, stream
+from tests.support.stream_session import EPOCH, activity, drain, seqs, started, stream
 
 NEW = "ffff0000"
 

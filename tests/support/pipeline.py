@@ -1,4 +1,10 @@
-"""Shared pieces of the end-to-end tests: the processes, producing, reading, frames."""
+"""The end-to-end pipeline of the tests: a worker and a gateway process on the session stack.
+
+:class:`Pipeline` runs ``feed fanout`` and ``feed gateway`` (``tests.support.procs``) on topics and
+a consumer group of its own (``isolated_env``), produces to the real broker and reads feeds and
+streams back; ``next_frame``/``frames_until``/``resumed_stream`` read WebSocket frames with
+deadlines, ``log_events`` the processes' JSON logs.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from confluent_kafka import Producer
 from feed.settings import Settings
 from gateway.auth import mint_token
 from tests.conftest import wait_for
-from tests.procs import FeedProcess, free_port, http_get, metric_value
+from tests.support.procs import FeedProcess, free_port, http_get, metric_value
 
 __all__ = ["Pipeline", "frames_until", "isolated_env", "log_events", "next_frame"]
 
