@@ -1,14 +1,16 @@
 """The gateway over real sockets: uvicorn on port 0, a real redis-server, websockets and httpx.
 
-Frames are published the way the fan-out worker does it (``RedisTimelines.insert``). Kafka is not
-involved: ingest endpoints get a producer that records what it was asked to send (the end-to-end
-tests use the real broker).
+Frames are published the way the fan-out worker does it (``RedisTimelines.insert``). Ingest
+produces to the session stack's real Kafka-protocol broker, on topics of this module's own; the
+tests read back what the broker holds (``tests.support.live_gateway.read_records``). A broker that
+is down is a port nothing listens on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import os
@@ -32,13 +34,14 @@ from websockets.exceptions import ConnectionClosed
 from websockets.typing import Origin
 
 from feed.cursor import order_key
-from feed.kafka import KafkaUnavailable
+from feed.kafka import AsyncProducer, create_topics, producer_config
 from feed.settings import Secret, Settings
 from feed.timeline_redis import Insert, RedisTimelines
 from gateway.auth import mint_token
 from gateway.server import GatewayServer, _RedactTokens, build_server
 from gateway.timers import TICK_S
 from schemas import Activity, encode_activity, published_us
+from tests.support.live_gateway import read_records
 from tests.support.procs import free_port, stop_process
 
 JWT_SECRET = "gateway-test-secret-" + "k" * 40
@@ -83,34 +86,41 @@ def redis_url() -> Iterator[str]:
         stop_process(proc)
 
 
-class RecordingProducer:
-    """Stands in for the Kafka producer at the gateway boundary: records ``send_many`` calls."""
+class HookedProducer(AsyncProducer):
+    """The gateway's real Kafka producer (``feed.kafka.AsyncProducer``, to the real broker), with a
+    hook a test sets to act at the moment the records are handed over (e.g. stop Redis)."""
 
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, list[tuple[bytes, bytes]]]] = []
-        self.fail = False
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
         #: Called as the records are taken (a test's way to make a server fail at that moment).
         self.on_send: Callable[[], None] | None = None
-        self._lock = threading.Lock()
 
     async def send_many(
         self, topic: str, records: Iterable[tuple[bytes, bytes]], *, timeout: float = 30.0
     ) -> int:
-        batch = list(records)
         if self.on_send is not None:
             self.on_send()
-        if self.fail:
-            raise KafkaUnavailable("broker unavailable (test)")
-        with self._lock:
-            self.calls.append((topic, batch))
-        return len(batch)
+        return await super().send_many(topic, records, timeout=timeout)
 
-    def list_topics(self, timeout: float | None = None) -> dict[str, Any]:
-        return {}
 
-    def records(self, topic: str) -> list[tuple[bytes, bytes]]:
-        with self._lock:
-            return [r for t, batch in self.calls if t == topic for r in batch]
+#: The broker and the topics of this module's gateways (set by the ``_broker`` fixture).
+_KAFKA: dict[str, Any] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _broker(settings: Settings) -> Iterator[None]:
+    """The session stack's broker, with topics of this module's own (so what a test reads back
+    is what this module's gateways produced)."""
+    tag = uuid.uuid4().hex[:8]
+    topics = {
+        "topic_activities": f"gw-act-{tag}",
+        "topic_follows": f"gw-fol-{tag}",
+        "topic_dlq": f"gw-dlq-{tag}",
+    }
+    create_topics(dataclasses.replace(settings, **topics))
+    _KAFKA.update(kafka_bootstrap=settings.kafka_bootstrap, **topics)
+    yield
+    _KAFKA.clear()
 
 
 @dataclass
@@ -118,7 +128,7 @@ class Running:
     server: GatewayServer
     thread: threading.Thread
     settings: Settings
-    producer: RecordingProducer
+    producer: HookedProducer
     base: str = ""
     ws: str = ""
     errors: list[BaseException] = field(default_factory=list)
@@ -128,7 +138,12 @@ class Running:
         self.server.should_exit = True
         self.thread.join(timeout)
         assert not self.thread.is_alive(), "gateway did not stop"
+        self.producer.close(1.0)  # the test's, not the app's: closed here
         return time.monotonic() - started
+
+    def records(self, topic: str) -> list[tuple[bytes, bytes]]:
+        """The ``(key, value)`` records the broker holds in ``topic``."""
+        return read_records(self.settings, topic)
 
 
 def _settings(url: str, **overrides: Any) -> Settings:
@@ -149,8 +164,14 @@ def _settings(url: str, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
-def _start(settings: Settings, **app_kwargs: Any) -> Running:
-    producer = RecordingProducer()
+def _start(settings: Settings, *, kafka_bootstrap: str | None = None, **app_kwargs: Any) -> Running:
+    """Serve ``settings`` in a thread, producing to the module's topics on the session broker (or
+    on ``kafka_bootstrap``)."""
+    assert _KAFKA, "the _broker fixture sets the broker"
+    settings = dataclasses.replace(settings, **_KAFKA)
+    if kafka_bootstrap is not None:
+        settings = dataclasses.replace(settings, kafka_bootstrap=kafka_bootstrap)
+    producer = HookedProducer(producer_config(settings, logger=logging.getLogger("librdkafka")))
     server = build_server(settings, producer=producer, dev_mode=True, **app_kwargs)
     running = Running(server, threading.Thread(), settings, producer)
 
@@ -173,7 +194,7 @@ def _start(settings: Settings, **app_kwargs: Any) -> Running:
 
 
 @pytest.fixture(scope="session")
-def gw(redis_url: str) -> Iterator[Running]:
+def gw(redis_url: str, _broker: None) -> Iterator[Running]:
     running = _start(_settings(redis_url))
     try:
         yield running
@@ -652,7 +673,7 @@ async def test_ingest_one_activity(http: httpx.AsyncClient, gw: Running) -> None
     response = await http.post("/v1/activities", content=body_of(activity), headers=INGEST)
     assert response.status_code == 202
     assert response.json() == {"accepted": 1}
-    records = gw.producer.records(gw.settings.topic_activities)
+    records = gw.records(gw.settings.topic_activities)
     assert (activity.actor.encode(), encode_activity(activity)) in records
 
 
@@ -661,7 +682,7 @@ async def test_ingest_a_batch(http: httpx.AsyncClient, gw: Running) -> None:
     response = await http.post("/v1/activities", content=body_of(*batch), headers=INGEST)
     assert response.status_code == 202
     assert response.json() == {"accepted": 3}
-    keys = [k for k, _ in gw.producer.records(gw.settings.topic_activities)]
+    keys = [k for k, _ in gw.records(gw.settings.topic_activities)]
     assert all(a.actor.encode() in keys for a in batch)
 
 
@@ -706,11 +727,11 @@ async def test_ingest_bad_item_in_batch_names_its_index(http: httpx.AsyncClient)
 
 
 async def test_ingest_malformed_json_is_400(http: httpx.AsyncClient, gw: Running) -> None:
-    before = len(gw.producer.calls)
+    before = len(gw.records(gw.settings.topic_activities))
     response = await http.post("/v1/activities", content=b"{nope", headers=INGEST)
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "malformed_json"
-    assert len(gw.producer.calls) == before
+    assert len(gw.records(gw.settings.topic_activities)) == before
 
 
 async def test_ingest_body_over_1mib_is_413(http: httpx.AsyncClient) -> None:
@@ -734,11 +755,11 @@ async def test_idempotency_key_makes_a_retry_a_no_op(http: httpx.AsyncClient, gw
     activity = make_activity(uid("actor"))
     headers = {**INGEST, "Idempotency-Key": uid("key")}
     first = await http.post("/v1/activities", content=body_of(activity), headers=headers)
-    count = len(gw.producer.records(gw.settings.topic_activities))
+    count = len(gw.records(gw.settings.topic_activities))
     again = await http.post("/v1/activities", content=body_of(activity), headers=headers)
     assert first.status_code == again.status_code == 202
     assert first.json() == again.json() == {"accepted": 1}
-    assert len(gw.producer.records(gw.settings.topic_activities)) == count
+    assert len(gw.records(gw.settings.topic_activities)) == count
 
 
 async def test_idempotency_key_with_another_body_is_422(http: httpx.AsyncClient) -> None:
@@ -751,19 +772,24 @@ async def test_idempotency_key_with_another_body_is_422(http: httpx.AsyncClient)
 
 
 async def test_failed_produce_is_503_and_frees_the_idempotency_key(
-    http: httpx.AsyncClient, gw: Running
+    http: httpx.AsyncClient, gw: Running, redis_url: str
 ) -> None:
     activity = make_activity(uid("actor"))
     headers = {**INGEST, "Idempotency-Key": uid("key")}
-    gw.producer.fail = True
+    # A gateway on the same Redis whose broker is down: nothing listens on its port.
+    down = _start(_settings(redis_url), kafka_bootstrap=f"127.0.0.1:{free_port()}")
     try:
-        failed = await http.post("/v1/activities", content=body_of(activity), headers=headers)
+        async with httpx.AsyncClient(base_url=down.base, timeout=60) as client:
+            failed = await client.post("/v1/activities", content=body_of(activity), headers=headers)
     finally:
-        gw.producer.fail = False
+        down.stop()
     assert failed.status_code == 503
     assert "retry-after" in failed.headers
+    # The key was freed: the retry, through a gateway whose broker is up, is accepted.
     retried = await http.post("/v1/activities", content=body_of(activity), headers=headers)
     assert retried.status_code == 202
+    records = gw.records(gw.settings.topic_activities)
+    assert records.count((activity.actor.encode(), encode_activity(activity))) == 1
 
 
 async def test_follow_and_unfollow_produce_follow_events(
@@ -776,7 +802,7 @@ async def test_follow_and_unfollow_produce_follow_events(
     assert response.status_code == 202
     events = [
         (key, json.loads(value))
-        for key, value in gw.producer.records(gw.settings.topic_follows)
+        for key, value in gw.records(gw.settings.topic_follows)
         if key == follower.encode()
     ]
     assert [e["type"] for _, e in events] == ["follow", "unfollow"]
@@ -1161,7 +1187,7 @@ async def test_accepted_ingest_is_202_even_if_its_idempotency_key_cannot_be_reco
                 "/v1/activities", content=body_of(activity), headers=headers
             )
         assert response.status_code == 202, response.text  # accepted: no retry asked for
-        records = running.producer.records(running.settings.topic_activities)
+        records = running.records(running.settings.topic_activities)
         assert (activity.actor.encode(), encode_activity(activity)) in records
     finally:
         running.producer.on_send = None

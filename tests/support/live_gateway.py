@@ -28,7 +28,18 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from feed.settings import Settings
 from gateway.server import GatewayServer, build_server
 
-__all__ = ["LiveGateway", "activity", "activity_json", "live_gateway", "read_activities"]
+__all__ = [
+    "MARKER_PREFIX",
+    "LiveGateway",
+    "activity",
+    "activity_json",
+    "live_gateway",
+    "read_activities",
+    "read_records",
+]
+
+#: Key prefix of the marker records :func:`read_records` produces (never returned by it).
+MARKER_PREFIX = "marker-"
 
 
 @dataclasses.dataclass
@@ -98,18 +109,17 @@ def _wait_ready(live: LiveGateway, deadline: float) -> None:
     pytest.fail(f"gateway not ready: {body}")
 
 
-def read_activities(settings: Settings, topic: str | None = None) -> Counter[str]:
-    """Every activity id in ``topic`` (default: the activities topic), counted, read from the
-    beginning with a fresh consumer group, up to a marker produced to each partition now."""
+def read_records(settings: Settings, topic: str | None = None) -> list[tuple[bytes, bytes]]:
+    """Every ``(key, value)`` record in ``topic`` (default: the activities topic), read from the
+    beginning with a fresh consumer group up to a marker produced to each partition now, in
+    offset order per partition. Markers (keys starting with ``MARKER_PREFIX``, of this read or an
+    earlier one) are left out."""
     topic = topic or settings.topic_activities
-    marker_actor = f"marker-{uuid.uuid4().hex[:12]}"
+    marker_actor = f"{MARKER_PREFIX}{uuid.uuid4().hex[:12]}"
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
     partitions = sorted(producer.list_topics(topic, timeout=10).topics[topic].partitions)
-    markers: dict[int, str] = {}
     for partition in partitions:
-        marker = f"{marker_actor}-p{partition}"
-        markers[partition] = marker
-        value = activity_json(marker, marker_actor)
+        value = activity_json(f"{marker_actor}-p{partition}", marker_actor)
         producer.produce(topic, key=marker_actor.encode(), value=value, partition=partition)
     assert producer.flush(15) == 0, "markers were not delivered"
     consumer = Consumer(
@@ -120,7 +130,7 @@ def read_activities(settings: Settings, topic: str | None = None) -> Counter[str
             "auto.offset.reset": "earliest",
         }
     )
-    counts: Counter[str] = Counter()
+    records: list[tuple[bytes, bytes]] = []
     pending = set(partitions)
     try:
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
@@ -131,15 +141,26 @@ def read_activities(settings: Settings, topic: str | None = None) -> Counter[str
             for message in consumer.consume(500, timeout=0.5):
                 if message.error():
                     continue
-                try:
-                    activity_id = json.loads(message.value())["id"]
-                except (ValueError, KeyError, TypeError):
-                    continue
-                counts[activity_id] += 1
-                if activity_id == markers.get(message.partition()):
+                key, value = message.key() or b"", message.value() or b""
+                if key == marker_actor.encode():
                     pending.discard(message.partition())
+                elif not key.startswith(MARKER_PREFIX.encode()):
+                    records.append((key, value))
     finally:
         consumer.close()
+    return records
+
+
+def read_activities(settings: Settings, topic: str | None = None) -> Counter[str]:
+    """Every activity id in ``topic`` (default: the activities topic), counted (records read as
+    by :func:`read_records`; values that are not activities are left out)."""
+    counts: Counter[str] = Counter()
+    for _key, value in read_records(settings, topic):
+        try:
+            activity_id = json.loads(value)["id"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        counts[activity_id] += 1
     return counts
 
 
