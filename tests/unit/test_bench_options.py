@@ -55,7 +55,7 @@ def test_every_switch_is_parsed() -> None:
     assert options.backlog == 20_000
     assert options.e2e_rate == 250.0
     assert options.soak_s == 30.5
-    assert options.phases == {"redis_only", "history"}
+    assert options.phases == frozenset({"redis_only", "history"})
     assert options.gateway_rates == (8000, 10000)
     assert options.gateway_sides == ("peer",)
 
@@ -165,10 +165,12 @@ def _environ_reads(path: Path) -> list[int]:
     """Lines of ``path`` that touch ``os.environ`` / ``os.getenv`` outside a ``__main__`` block."""
     tree = ast.parse(path.read_text(), str(path))
     main_lines: set[int] = set()
-    for node in tree.body:
-        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
-            main_lines.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
-    lines = []
+    for statement in tree.body:
+        if isinstance(statement, ast.If) and "__main__" in ast.unparse(statement.test):
+            main_lines.update(
+                range(statement.lineno, (statement.end_lineno or statement.lineno) + 1)
+            )
+    lines: list[int] = []
     for node in ast.walk(tree):
         if (
             isinstance(node, ast.Attribute)
