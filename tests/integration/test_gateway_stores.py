@@ -26,6 +26,8 @@ import httpx
 import pytest
 import redis
 import structlog
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from fanout.followers import BIG_SENTINEL
 from feed import keys, versions
@@ -33,6 +35,7 @@ from feed.cursor import order_key
 from feed.graph_cassandra import CassandraFollowGraph
 from feed.settings import Settings
 from feed.timeline_redis import Insert, RedisTimelines
+from gateway import closecodes
 from gateway.auth import mint_token
 from gateway.resources import Gateway
 from tests.e2e.harness import next_frame, resumed_stream
@@ -465,6 +468,23 @@ async def test_followed_accounts_are_read_once_cassandra_connects_then_reset_and
                 assert missed in await feed_ids(live, settings, big.fan)
     finally:
         forwarder.stop()
+
+
+# --- Redis outage --------------------------------------------------------------------------------
+async def test_a_connect_without_redis_is_closed_1013_and_counted(settings: Settings) -> None:
+    """A gateway whose Redis does not answer cannot subscribe a user's channel: the connect is
+    closed with 1013 (try again later), and, like every close the gateway decides, counted in
+    ``feed_gateway_closes_total{code}`` (this one was not: it was closed apart from the others)."""
+    unreachable = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    with serving(unreachable) as live:
+        async with connect(f"{live.ws}?token={token(settings, uid('early'))}") as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 30)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == closecodes.TRY_AGAIN_LATER.code
+        async with httpx.AsyncClient(base_url=live.base, timeout=TIMEOUT) as client:
+            metrics = (await client.get("/metrics")).text
+        assert 'feed_gateway_closes_total{code="1013"} 1.0' in metrics, metrics[-2000:]
 
 
 # --- Cassandra outage ----------------------------------------------------------------------------
