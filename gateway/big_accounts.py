@@ -33,7 +33,7 @@ from gateway.errors import REDIS_ERRORS
 if TYPE_CHECKING:
     from gateway.resources import Gateway
 
-__all__ = ["ACTOR_QUEUE_MAX", "BigAccounts", "text"]
+__all__ = ["ACTOR_QUEUE_MAX", "BigAccounts"]
 
 log = structlog.get_logger("gateway")
 
@@ -58,7 +58,7 @@ _RESET_THROUGH = "r"
 _CATCH_UP_SUBSCRIBE_S = 5.0
 
 
-def text(value: bytes | str | None) -> Any:
+def _text(value: bytes | str | None) -> Any:
     """A Redis reply as ``str`` (None stays None)."""
     return value.decode() if isinstance(value, bytes) else value
 
@@ -361,9 +361,9 @@ class BigAccounts:
         for actor in actors:
             pipe.zrevrangebylex(keys.outbox(actor), "+", "-", start=0, num=1)
         results = await pipe.execute()
-        state = [text(value) for value in results[0]]
+        state = [_text(value) for value in results[0]]
         heads = {
-            actor: text(head[0]) if head else ""
+            actor: _text(head[0]) if head else ""
             for actor, head in zip(actors, results[1:], strict=True)
         }
         current_epoch, seq_text, flag, reset_text = state[:4]
@@ -426,7 +426,7 @@ class BigAccounts:
             while not self.closing and self._gateway.hub.connections_of(user):
                 self._catch_up_again.discard(user)
                 try:
-                    epoch = text(await self._gateway.redis.hget(keys.presence(user), "e"))
+                    epoch = _text(await self._gateway.redis.hget(keys.presence(user), "e"))
                     if epoch is not None:
                         await self.catch_up(user, epoch)
                 except REDIS_ERRORS as exc:
@@ -454,9 +454,9 @@ class BigAccounts:
         pipe.zcard(keys.timeline(user))
         pipe.zrange(keys.timeline(user), 0, 0)
         *ranges, size, oldest = await pipe.execute()
-        members = sorted({text(m) for found in ranges for m in found})
+        members = sorted({_text(m) for found in ranges for m in found})
         if size >= s.timeline_max and oldest:
-            floor = text(oldest[0])
+            floor = _text(oldest[0])
             members = [m for m in members if m > floor]
         if not members:
             return 0

@@ -6,23 +6,21 @@ Every error of the HTTP API is produced here, by :func:`http_error`, as a :class
 stream connect is turned into its close code here, by :func:`close_for` (an entry of
 :mod:`gateway.closecodes`). Handlers raise; they do not build error responses or pick codes.
 
-The mapping (the product's exceptions all derive from :class:`schemas.errors.FeedError`):
+The mapping (the product's exceptions all derive from :class:`schemas.errors.FeedError`), as
+exception: HTTP answer / close code:
 
-==========================  =====================================  ============================
-exception                   HTTP                                   WebSocket close
-==========================  =====================================  ============================
-:class:`GatewayError`       its own status/code/field              -
-:class:`ConnectRejected`    -                                      its own close code
-``ValidationError``         400, the decoder's code, its field     -
-``CursorError``             400 ``invalid_cursor`` (``cursor``)    -
-``AuthError``               401 ``unauthorized`` + WWW-Authenticate  4001
-``TooManyConnections``      -                                      4029
-``HubUnavailable``          -                                      1013
-``KafkaUnavailable``        503 ``kafka_unavailable``              -
-a store outage              503 ``unavailable`` + Retry-After      1013
-Starlette ``HTTPException``  its status                             -
-anything else               500 ``internal`` (logged)              -
-==========================  =====================================  ============================
+* :class:`GatewayError`: its own status, code, field and headers / -
+* :class:`ConnectRejected`: - / its own close code (origin 4003, connect rate 4029)
+* ``ValidationError``: 400, the decoder's code and field / -
+* ``CursorError``: 400 ``invalid_cursor``, field ``cursor`` / -
+* ``AuthError``: 401 ``unauthorized`` with ``WWW-Authenticate: Bearer`` / 4001
+* ``TooManyConnections``: - / 4029, naming the limit
+* ``HubUnavailable``: - / 1013
+* ``KafkaUnavailable``: 503 ``kafka_unavailable`` with ``Retry-After`` / -
+* a store outage: 503 ``unavailable`` with ``Retry-After`` / 1013 (any Redis error: 1013)
+* Starlette's ``HTTPException``: its status, a code for it / -
+* anything else: 500 ``internal`` (logged with its traceback; nothing of it in the body) / -,
+  the exception propagates.
 
 A store outage (:func:`store_outage`) is Redis or Cassandra saying "cannot serve now" (down,
 loading, failing over, out of memory): the library's own exception types, which cannot derive
