@@ -32,6 +32,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from feed.kafka import KafkaUnavailable, producer_config, quiet
 from feed.settings import Settings
+from schemas.errors import FeedError
 
 __all__ = [
     "DLQ_MESSAGE_MAX_BYTES",
@@ -57,7 +58,7 @@ MIN_COPY_BYTES = 8192
 _QUEUED, _IN_FLIGHT, _DELIVERED = 0, 1, 2
 
 
-class DeadLetterUnavailable(Exception):
+class DeadLetterUnavailable(FeedError):
     """Some dead-letter records are not in the broker yet (retry :meth:`DeadLetters.flush`)."""
 
 

@@ -42,6 +42,7 @@ from feed.logging import get_logger
 from feed.timeline_redis import Insert, RedisTimelines, Removal
 from feed.versions import BUMP, new_token
 from schemas.activity import Activity, encode_activity, published_us
+from schemas.errors import FeedError
 from schemas.follow import FollowEvent
 
 __all__ = ["BatchStats", "Processor", "RejectedRecord"]
@@ -49,7 +50,7 @@ __all__ = ["BatchStats", "Processor", "RejectedRecord"]
 log = get_logger("fanout")
 
 
-class RejectedRecord(Exception):
+class RejectedRecord(FeedError):
     """A well-formed record that can never be applied (e.g. deleting someone else's activity)."""
 
     def __init__(self, code: str, message: str, field: str = "") -> None:

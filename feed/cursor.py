@@ -16,6 +16,7 @@ import binascii
 import re
 
 from schemas.activity import is_valid_id
+from schemas.errors import FeedError
 
 __all__ = [
     "CursorError",
@@ -36,7 +37,7 @@ _STREAM = re.compile(r"(?P<epoch>[a-z0-9]{1,16})\.(?P<seq>[0-9]{1,18})")
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 
 
-class CursorError(ValueError):
+class CursorError(FeedError, ValueError):
     """A cursor that this server did not issue, or that is malformed."""
 
 

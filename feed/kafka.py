@@ -17,6 +17,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic  # where confluent_kafka.admin imports it from
 
 from feed.settings import Settings
+from schemas.errors import FeedError
 
 __all__ = [
     "AsyncProducer",
@@ -29,7 +30,7 @@ __all__ = [
 ]
 
 
-class KafkaUnavailable(RuntimeError):
+class KafkaUnavailable(FeedError, RuntimeError):
     """The broker did not answer, or did not accept a record, in time. The message is one line
     that names the broker (``bootstrap.servers``: no credentials)."""
 
@@ -206,6 +207,11 @@ class AsyncProducer:
         except TimeoutError:
             raise KafkaUnavailable("timed out waiting for the broker") from None
         return len(futures)
+
+    def list_topics(self, *, timeout: float = 2.0) -> Any:
+        """The cluster's metadata (blocking, at most ``timeout`` s): the gateway's readiness
+        probe of Kafka. Raises ``KafkaException`` when the broker does not answer."""
+        return self._producer.list_topics(timeout=timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         self._producer.flush(timeout)

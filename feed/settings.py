@@ -22,12 +22,14 @@ import ipaddress
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from schemas.errors import FeedError
+
 __all__ = ["Secret", "Settings", "SettingsError"]
 
 T = TypeVar("T")
 
 
-class SettingsError(ValueError):
+class SettingsError(FeedError, ValueError):
     """A FEED_* variable is missing or invalid. The message names it (never its secret value)."""
 
 

@@ -23,6 +23,7 @@ import jwt
 
 from feed.settings import Secret
 from schemas.activity import ID_RE
+from schemas.errors import FeedError
 
 __all__ = [
     "ALGORITHM",
@@ -47,7 +48,7 @@ MAX_TOKEN_CHARS = 4096
 MAX_EXP = 253_402_300_799
 
 
-class AuthError(Exception):
+class AuthError(FeedError):
     """A missing, malformed, expired or forged credential. ``reason`` is safe to log."""
 
     def __init__(self, reason: str, message: str) -> None:

@@ -55,6 +55,7 @@ from feed import keys
 from feed.timeline_redis import AsyncRedisPresence
 from gateway.pubsub import PubSubLink
 from gateway.session import RESET_CONTROL, presence_frame
+from schemas.errors import FeedError
 
 __all__ = ["Hub", "HubUnavailable", "LocalConnection", "TooManyConnections"]
 
@@ -69,11 +70,11 @@ _REATTACH_ATTEMPTS = 5
 _REATTACH_PAUSE_S = 0.2
 
 
-class HubUnavailable(RuntimeError):
+class HubUnavailable(FeedError, RuntimeError):
     """The Pub/Sub connection could not confirm a subscription in time."""
 
 
-class TooManyConnections(Exception):
+class TooManyConnections(FeedError):
     """The user already holds the most local connections allowed."""
 
     def __init__(self, user: str, limit: int) -> None:

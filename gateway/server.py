@@ -27,7 +27,8 @@ import uvicorn
 from starlette.applications import Starlette
 
 from feed.settings import Settings
-from gateway.app import Gateway, create_app
+from gateway.app import create_app
+from gateway.resources import Gateway
 from gateway.websocket import protocol_class
 from schemas.frames import MAX_INBOUND_FRAME
 

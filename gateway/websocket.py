@@ -4,10 +4,10 @@
 handshake, keepalive pings, limits and close handling) with a few things changed, because a
 gateway holds thousands of mostly idle connections and each of these cost memory for nothing:
 
-* the receive queue is :class:`_Inbox` (a list and at most one waiting future) instead of an
+* the receive queue is :class:`Inbox` (a list and at most one waiting future) instead of an
   ``asyncio.Queue`` (three deques and an ``asyncio.Event`` with a fourth, ~3 KiB per connection,
   for a queue with one consumer that is almost always empty);
-* the "transport is writable" flag is :class:`_Flag` (a bool, and a future only while a writer
+* the "transport is writable" flag is :class:`Flag` (a bool, and a future only while a writer
   waits) instead of an ``asyncio.Event`` (a deque, ~0.8 KiB);
 * the keepalive ping is scheduled on the process's coarse timers (:mod:`gateway.timers`), not as
   an event-loop timer of its own (~0.6 KiB per connection under uvloop), and a connection's first
@@ -34,10 +34,10 @@ from typing import Any
 
 from gateway.timers import timers
 
-__all__ = ["first_ping_delay", "protocol_class", "text_frame_header"]
+__all__ = ["Flag", "Inbox", "first_ping_delay", "protocol_class", "text_frame_header"]
 
 
-class _Inbox:
+class Inbox:
     """What uvicorn's protocol needs of its ``asyncio.Queue``: one consumer, no bound.
 
     :meth:`get` returns a future (already done when an item is waiting), so a reader waiting
@@ -79,30 +79,32 @@ class _Inbox:
         return future
 
 
-class _Flag:
+class Flag:
     """What uvicorn's protocol needs of its ``writable`` ``asyncio.Event``."""
 
-    __slots__ = ("_set", "_waiters")
+    __slots__ = ("_waiters", "value")
 
     def __init__(self) -> None:
-        self._set = True
+        #: Whether the flag is set (read as an attribute on the hot path, see
+        #: ``write_text_now``: no method call per write).
+        self.value = True
         self._waiters: list[asyncio.Future[None]] | None = None
 
     def is_set(self) -> bool:
-        return self._set
+        return self.value
 
     def set(self) -> None:
-        self._set = True
+        self.value = True
         waiters, self._waiters = self._waiters, None
         for waiter in waiters or ():
             if not waiter.done():
                 waiter.set_result(None)
 
     def clear(self) -> None:
-        self._set = False
+        self.value = False
 
     async def wait(self) -> bool:
-        while not self._set:
+        while not self.value:
             waiter = asyncio.get_running_loop().create_future()
             if self._waiters is None:
                 self._waiters = []
@@ -144,8 +146,8 @@ def _build() -> type[asyncio.Protocol] | None:
     class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self.queue = _Inbox()  # type: ignore[assignment]
-            self.writable = _Flag()  # type: ignore[assignment]
+            self.queue = Inbox()  # type: ignore[assignment]
+            self.writable = Flag()  # type: ignore[assignment]
 
         def handle_connect(self, event: Any) -> None:
             super().handle_connect(event)
@@ -174,7 +176,7 @@ def _build() -> type[asyncio.Protocol] | None:
             open, the transport's buffer is full, an extension such as permessage-deflate is
             on, or a frame is not valid UTF-8)."""
             if (
-                not self.writable._set  # type: ignore[attr-defined]
+                not self.writable.value  # type: ignore[attr-defined]
                 or self.close_sent
                 or self.disconnected
                 or not self.handshake_complete

@@ -11,7 +11,7 @@ from schemas.activity import (
     encode_activity,
     published_us,
 )
-from schemas.errors import ValidationError
+from schemas.errors import FeedError, ValidationError
 from schemas.follow import FollowEvent, FollowRequest, decode_follow_event, decode_follow_request
 from schemas.frames import (
     MAX_INBOUND_FRAME,
@@ -37,6 +37,7 @@ __all__ = [
     "ActivityFrame",
     "ErrorBody",
     "ErrorDetail",
+    "FeedError",
     "FeedItem",
     "FeedPage",
     "FollowEvent",

@@ -1,4 +1,12 @@
-"""The one validation error every decoder in :mod:`schemas` raises.
+"""The product's one exception base, :class:`FeedError`, and the one validation error every
+decoder in :mod:`schemas` raises.
+
+Every error the product raises on purpose derives from :class:`FeedError` (``feed``, ``fanout``,
+``gateway`` and ``schemas`` alike; a class that also is a ``ValueError`` or ``RuntimeError`` keeps
+that base too), so a caller can tell "the product refused or could not do this" from a bug or a
+library's exception, and the gateway turns all of them into responses and close codes in one
+place (:mod:`gateway.errors`). This module is at the bottom of the import graph (it imports no
+other package of the product), so every package can derive from it.
 
 A bad input is reported with the field it concerns (a dotted path such as ``to[3]``; empty for the
 whole document), a short machine-readable ``code`` and a human message that states the limit that
@@ -12,14 +20,18 @@ import re
 
 import msgspec
 
-__all__ = ["DECODE_ERRORS", "ValidationError", "from_decode_error", "from_msgspec"]
+__all__ = ["DECODE_ERRORS", "FeedError", "ValidationError", "from_decode_error", "from_msgspec"]
 
 _AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 _INVALID_UTF8 = re.compile(r"invalid utf-?8", re.IGNORECASE)
 _MISSING = re.compile(r"^Object missing required field `(?P<name>[^`]+)`")
 
 
-class ValidationError(ValueError):
+class FeedError(Exception):
+    """The base of every exception the product raises on purpose."""
+
+
+class ValidationError(FeedError, ValueError):
     """Invalid input: names the field, the code and the limit it broke."""
 
     def __init__(self, field: str, code: str, message: str) -> None:

@@ -58,7 +58,8 @@ pytestmark = pytest.mark.e2e
 
 #: Per-connection send-queue bound of this module's gateways: small, so a stuck client trips it
 #: after a few hundred activities. A resume replays the stream in pages of 100 frames
-#: (``gateway.app.HISTORY_PAGE``) and a page must fit in the bound, so frames stay < 650 bytes.
+#: (``gateway.connection.HISTORY_PAGE``) and a page must fit in the bound, so frames stay
+#: < 650 bytes.
 SEND_QUEUE_BYTES = 64 * 1024
 DRAIN_S = 5.0
 #: The stuck-client test's latency bounds (derived in the test from measured noise): the readers'

@@ -26,6 +26,8 @@ import httpx
 import pytest
 import redis
 import structlog
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from fanout.followers import BIG_SENTINEL
 from feed import keys, versions
@@ -33,8 +35,9 @@ from feed.cursor import order_key
 from feed.graph_cassandra import CassandraFollowGraph
 from feed.settings import Settings
 from feed.timeline_redis import Insert, RedisTimelines
-from gateway.app import Gateway
+from gateway import closecodes
 from gateway.auth import mint_token
+from gateway.resources import Gateway
 from tests.support.live_gateway import LiveGateway, live_gateway
 from tests.support.pipeline import next_frame, resumed_stream
 from tests.support.procs import free_port
@@ -60,10 +63,10 @@ def _gateway(live: LiveGateway) -> Gateway:
 @pytest.fixture
 def fast_retries(gw: LiveGateway) -> Iterator[Gateway]:
     gateway = _gateway(gw)
-    saved = gateway.actor_retry_pause_s, gateway.actor_refresh_pause_s
-    gateway.actor_retry_pause_s, gateway.actor_refresh_pause_s = 0.05, 0.2
+    saved = gateway.big_accounts.actor_retry_pause_s, gateway.big_accounts.actor_refresh_pause_s
+    gateway.big_accounts.actor_retry_pause_s, gateway.big_accounts.actor_refresh_pause_s = 0.05, 0.2
     yield gateway
-    gateway.actor_retry_pause_s, gateway.actor_refresh_pause_s = saved
+    gateway.big_accounts.actor_retry_pause_s, gateway.big_accounts.actor_refresh_pause_s = saved
 
 
 def token(settings: Settings, user: str) -> str:
@@ -212,8 +215,8 @@ async def test_push_that_fails_once_is_repaired_by_its_retry(
     gw: LiveGateway, big: BigAccount, stream: Any
 ) -> None:
     gateway = _gateway(gw)
-    saved = gateway.actor_retry_pause_s
-    gateway.actor_retry_pause_s = 1.0  # room to repair Redis between two attempts
+    saved = gateway.big_accounts.actor_retry_pause_s
+    gateway.big_accounts.actor_retry_pause_s = 1.0  # room to repair Redis between two attempts
     await eventually(big.subscribed, "the star's channel subscribed")
     timeline = keys.timeline(big.fan)
     big.redis.set(timeline, "not a sorted set")
@@ -232,7 +235,7 @@ async def test_push_that_fails_once_is_repaired_by_its_retry(
             frame = await next_frame(stream, TIMEOUT)
     finally:
         big.redis.delete(timeline)
-        gateway.actor_retry_pause_s = saved
+        gateway.big_accounts.actor_retry_pause_s = saved
     assert frame["type"] == "activity" and frame["activity"]["id"] == posted  # no reset
 
 
@@ -294,7 +297,7 @@ async def test_a_burst_of_following_changes_is_one_read_in_flight_and_the_last_s
     second = uid("star2")  # followed in the graph during the burst: the last read must see it
     burst = 300
     channel = keys.channel(big.fan)
-    async with Peak(lambda: len(gateway._background)) as tasks:
+    async with Peak(lambda: gateway.tracked()["background_tasks"]) as tasks:
         pipe = big.redis.pipeline(transaction=False)
         for _ in range(burst):
             pipe.publish(channel, keys.CONTROL_FOLLOWING)
@@ -310,7 +313,7 @@ async def test_a_burst_of_following_changes_is_one_read_in_flight_and_the_last_s
             lambda: second_channel in set(big.redis.pubsub_channels()),
             "the account followed during the burst subscribed",
         )
-        await eventually(lambda: not gateway._refreshes, "the refreshes to end")
+        await eventually(lambda: not gateway.tracked()["refreshes"], "the refreshes to end")
     assert reads["peak"] == 1, reads
     assert reads["total"] < burst // 10, reads  # coalesced: a few reads, not one per change
     # One refresh task at a time (and nothing else was running).
@@ -323,21 +326,21 @@ async def test_a_large_accounts_backlog_is_bounded_and_past_it_ends_in_reset(
 ) -> None:
     """Redis refuses the fan's timeline while the star posts a burst: the messages wait for the
     one in flight (retried for ~3 s). They used to wait as one task each, without a bound; now
-    at most ``_ACTOR_QUEUE_MAX`` wait, past it the backlog is dropped and the fan gets ``reset``
+    at most ``ACTOR_QUEUE_MAX`` wait, past it the backlog is dropped and the fan gets ``reset``
     (the items are in the outbox, so the refetch has them all), and the star's later posts come
     live again once Redis answers."""
-    from gateway.app import _ACTOR_QUEUE_MAX
+    from gateway.big_accounts import ACTOR_QUEUE_MAX
 
     gateway = _gateway(gw)
-    saved = gateway.actor_retry_pause_s
-    gateway.actor_retry_pause_s = 1.0  # the first message holds the line for 1 + 2 s
+    saved = gateway.big_accounts.actor_retry_pause_s
+    gateway.big_accounts.actor_retry_pause_s = 1.0  # the first message holds the line for 1 + 2 s
     await eventually(big.subscribed, "the star's channel subscribed")
     timeline = keys.timeline(big.fan)
     big.redis.set(timeline, "not a sorted set")  # every insert for the fan fails: WRONGTYPE
-    burst = 2 * _ACTOR_QUEUE_MAX + 100
+    burst = 2 * ACTOR_QUEUE_MAX + 100
     posted: list[str] = []
     try:
-        async with Peak(lambda: len(gateway._background)) as tasks:
+        async with Peak(lambda: gateway.tracked()["background_tasks"]) as tasks:
             with structlog.testing.capture_logs() as logs:
                 posted = big.post_many("burst", burst)
                 frame = await next_frame(stream, TIMEOUT)
@@ -352,10 +355,10 @@ async def test_a_large_accounts_backlog_is_bounded_and_past_it_ends_in_reset(
                 pytest.fail("the marker never came")
     finally:
         big.redis.delete(timeline)
-        gateway.actor_retry_pause_s = saved
+        gateway.big_accounts.actor_retry_pause_s = saved
     assert tasks.peak <= 2, f"{tasks.peak} tasks held for one actor's backlog"
     dropped = [e for e in logs if e.get("event") == "actor_backlog_dropped"]
-    assert dropped and all(e["messages"] == _ACTOR_QUEUE_MAX + 1 for e in dropped), dropped
+    assert dropped and all(e["messages"] == ACTOR_QUEUE_MAX + 1 for e in dropped), dropped
     assert not gateway.tracked()["actor_messages_queued"]
     assert set(posted) <= set(await all_feed_ids(gw, big.settings, big.fan))  # nothing lost
 
@@ -465,6 +468,23 @@ async def test_followed_accounts_are_read_once_cassandra_connects_then_reset_and
                 assert missed in await feed_ids(live, settings, big.fan)
     finally:
         forwarder.stop()
+
+
+# --- Redis outage --------------------------------------------------------------------------------
+async def test_a_connect_without_redis_is_closed_1013_and_counted(settings: Settings) -> None:
+    """A gateway whose Redis does not answer cannot subscribe a user's channel: the connect is
+    closed with 1013 (try again later), and, like every close the gateway decides, counted in
+    ``feed_gateway_closes_total{code}`` (this one was not: it was closed apart from the others)."""
+    unreachable = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    with serving(unreachable) as live:
+        async with connect(f"{live.ws}?token={token(settings, uid('early'))}") as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 30)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == closecodes.TRY_AGAIN_LATER.code
+        async with httpx.AsyncClient(base_url=live.base, timeout=TIMEOUT) as client:
+            metrics = (await client.get("/metrics")).text
+        assert 'feed_gateway_closes_total{code="1013"} 1.0' in metrics, metrics[-2000:]
 
 
 # --- Cassandra outage ----------------------------------------------------------------------------

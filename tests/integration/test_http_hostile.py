@@ -29,7 +29,7 @@ import httpx
 import pytest
 import structlog
 
-import gateway.app
+import gateway.routes.ingest
 from feed.settings import Settings
 from tests.conftest import TEST_INGEST_TOKEN
 from tests.support.live_gateway import LiveGateway, activity, live_gateway, read_activities
@@ -516,7 +516,7 @@ async def test_client_gone_mid_body_is_not_a_server_error(gw: LiveGateway) -> No
 async def test_body_that_trickles_past_the_deadline_is_408(
     gw: LiveGateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(gateway.app, "BODY_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(gateway.routes.ingest, "BODY_TIMEOUT_S", 0.5)
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     try:
         writer.write(_head("Content-Length: 5000\r\n") + b'{"id": "a-')

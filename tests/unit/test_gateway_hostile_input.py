@@ -73,7 +73,7 @@ class _Transport:
 
 
 class _Protocol:
-    """Where ``_StreamSocket`` finds the transport: ``send`` is a method of the protocol."""
+    """Where ``StreamSocket`` finds the transport: ``send`` is a method of the protocol."""
 
     def __init__(self, error: Exception | None) -> None:
         self.transport = _Transport()
@@ -91,10 +91,10 @@ async def _no_receive() -> dict[str, object]:
 
 
 async def test_close_reason_is_cut_to_123_bytes_before_it_reaches_the_server() -> None:
-    from gateway.app import _close_quietly, _StreamSocket
+    from gateway.transport import StreamSocket, close_quietly
 
     protocol = _Protocol(None)
-    await _close_quietly(_StreamSocket(_no_receive, protocol.send), 1003, "\u20ac" * 100)
+    await close_quietly(StreamSocket(_no_receive, protocol.send), 1003, "\u20ac" * 100)
     (message,) = protocol.sent
     reason = str(message["reason"])
     assert 120 <= len(reason.encode()) <= 123 and set(reason) == {"\u20ac"}
@@ -106,8 +106,8 @@ async def test_a_close_the_protocol_refuses_drops_the_connection_instead_of_rais
     after its own timeout): the connection is dropped at once."""
     from websockets.exceptions import ProtocolError
 
-    from gateway.app import _close_quietly, _StreamSocket
+    from gateway.transport import StreamSocket, close_quietly
 
     protocol = _Protocol(ProtocolError("control frame too long"))
-    await _close_quietly(_StreamSocket(_no_receive, protocol.send), 1003, "any")
+    await close_quietly(StreamSocket(_no_receive, protocol.send), 1003, "any")
     assert protocol.transport.aborted

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 
 from feed.settings import Settings
-from gateway.app import _handshake
+from gateway.admission import handshake
 from gateway.timers import TICK_S, Timers
 from gateway.websocket import (
-    _Flag,
-    _Inbox,
+    Flag,
+    Inbox,
     first_ping_delay,
     protocol_class,
     text_frame_header,
@@ -92,7 +92,7 @@ def test_a_failing_callback_does_not_stop_the_others() -> None:
 
 def test_inbox_hands_items_in_order_to_one_reader() -> None:
     async def scenario() -> None:
-        inbox = _Inbox()
+        inbox = Inbox()
         assert inbox.empty()
         inbox.put_nowait(1)
         inbox.put_nowait(2)
@@ -117,7 +117,7 @@ def test_inbox_hands_items_in_order_to_one_reader() -> None:
 
 def test_flag_blocks_writers_while_cleared() -> None:
     async def scenario() -> None:
-        flag = _Flag()
+        flag = Flag()
         assert flag.is_set()
         assert await flag.wait() is True
         flag.clear()
@@ -148,20 +148,20 @@ def _scope(headers: list[tuple[bytes, bytes]], query: bytes = b"") -> dict[str, 
 
 def test_handshake_reads_origin_ip_and_the_bearer_token() -> None:
     scope = _scope([(b"Origin", b"http://a.example"), (b"authorization", b"Bearer  tok-1 ")])
-    assert _handshake(scope) == ("http://a.example", "10.1.2.3", "tok-1")
+    assert handshake(scope) == ("http://a.example", "10.1.2.3", "tok-1")
 
 
 def test_handshake_token_from_the_query_when_no_bearer_header() -> None:
     scope = _scope([(b"authorization", b"Basic abc")], b"a=1&token=first&token=last")
-    assert _handshake(scope) == (None, "10.1.2.3", "last")
+    assert handshake(scope) == (None, "10.1.2.3", "last")
     scope = _scope([], b"token=t%2B1")
-    assert _handshake(scope)[2] == "t+1"
+    assert handshake(scope)[2] == "t+1"
 
 
 def test_handshake_without_credentials_or_client() -> None:
     scope = _scope([], b"tokens=x")
     scope["client"] = None
-    assert _handshake(scope) == (None, "unknown", "")
+    assert handshake(scope) == (None, "unknown", "")
 
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 300, 65535, 65536, 70000])
@@ -214,8 +214,8 @@ def _drain(session: Any, stream: dict[int, bytes], oldest: int) -> list[bytes]:
 
 
 def test_frames_before_the_session_starts_are_bounded_and_none_is_lost() -> None:
-    from gateway.app import _EARLY_MAX_FRAMES, StreamConnection
     from gateway.auth import UserClaims
+    from gateway.connection import EARLY_MAX_FRAMES, StreamConnection
     from gateway.session import RESET_CONTROL, presence_frame
 
     gateway = SimpleNamespace(settings=Settings(send_queue_bytes=1 << 20), hold_live_s=0.0)
@@ -229,7 +229,7 @@ def test_frames_before_the_session_starts_are_bounded_and_none_is_lost() -> None
             conn.deliver(presence_frame(epoch, 6_999))
             conn.deliver(RESET_CONTROL)
     early = conn._early
-    assert early is not None and len(early) <= _EARLY_MAX_FRAMES
+    assert early is not None and len(early) <= EARLY_MAX_FRAMES
     session = conn._start_session(epoch, attached)
     sent = [json.loads(frame) for frame in _drain(session, stream, oldest=1)]
     assert sent[0]["type"] == "welcome"
