@@ -80,6 +80,7 @@ from gateway.auth import (
 from gateway.hub import Hub, HubUnavailable, TooManyConnections
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.openapi import openapi_document
+from gateway.pubsub import RedisSubscriber
 from gateway.ratelimit import (
     Limit,
     RedisRateLimiter,
@@ -436,7 +437,9 @@ class Gateway:
         self._caught_up_script = self._redis.register_script(_CAUGHT_UP_SCRIPT)
         self._presence = AsyncRedisPresence(self._redis, ttl_s=s.resume_window_s)
         self._hub = Hub(
-            self._redis, self._presence, refresh_interval_s=max(1.0, s.resume_window_s / 3)
+            RedisSubscriber(self._redis),
+            self._presence,
+            refresh_interval_s=max(1.0, s.resume_window_s / 3),
         )
         self._hub.on_actor_message = self._on_actor_message
         self._hub.on_following_changed = self._on_following_changed

@@ -24,6 +24,7 @@ from fanout.followers import FollowerCache
 from fanout.processor import Processor
 from feed.cursor import order_key
 from feed.graph_cassandra import CassandraFollowGraph
+from feed.graph_versions_redis import RedisGraphVersions
 from feed.history_cassandra import CassandraHistory, HistoryRecord
 from feed.reader import FeedReader
 from feed.timeline_redis import AsyncRedisTimelines, Insert, RedisTimelines
@@ -45,7 +46,10 @@ def _processor(
         timelines=RedisTimelines(redis_client, timeline_max=50, stream_history=100, body_ttl_s=600),
         history=history,
         graph=graph,
-        followers=FollowerCache(graph, redis_client, history=history, fanout_limit=fanout_limit),
+        versions=RedisGraphVersions(redis_client),
+        followers=FollowerCache(
+            graph, RedisGraphVersions(redis_client), history=history, fanout_limit=fanout_limit
+        ),
         follow_backfill=follow_backfill,
     )
 

@@ -16,6 +16,7 @@ from fanout.followers import FollowerCache
 from fanout.processor import Processor, RejectedRecord
 from feed import keys
 from feed.graph_cassandra import CassandraFollowGraph
+from feed.graph_versions_redis import RedisGraphVersions
 from feed.history_cassandra import CassandraHistory
 from feed.timeline_redis import AsyncRedisPresence, RedisTimelines
 from schemas.activity import Activity, decode_activity
@@ -31,7 +32,8 @@ def processor(redis_client: Any, cassandra: Any, settings: Any) -> Iterator[Proc
         timelines=RedisTimelines(redis_client, timeline_max=50, stream_history=100, body_ttl_s=600),
         history=CassandraHistory(cassandra, settings.cassandra_keyspace),
         graph=graph,
-        followers=FollowerCache(graph, redis_client),
+        versions=RedisGraphVersions(redis_client),
+        followers=FollowerCache(graph, RedisGraphVersions(redis_client)),
         follow_backfill=3,
     )
     yield p
@@ -147,7 +149,8 @@ def test_follower_cache_sees_follows_from_other_workers(
         timelines=RedisTimelines(redis_client, timeline_max=50, stream_history=100, body_ttl_s=60),
         history=CassandraHistory(cassandra, settings.cassandra_keyspace),
         graph=graph,
-        followers=FollowerCache(graph, redis_client),
+        versions=RedisGraphVersions(redis_client),
+        followers=FollowerCache(graph, RedisGraphVersions(redis_client)),
         follow_backfill=0,
     )
     other.apply([(0, follow(u3, u1, 2))])
@@ -193,7 +196,8 @@ def test_a_deferred_write_that_failed_is_run_again_by_complete(
         timelines=timelines,
         history=CassandraHistory(cassandra, settings.cassandra_keyspace),
         graph=graph,
-        followers=FollowerCache(graph, redis_client),
+        versions=RedisGraphVersions(redis_client),
+        followers=FollowerCache(graph, RedisGraphVersions(redis_client)),
     )
     try:
         u1, u2, a = ids("u1"), ids("u2"), ids("a")
@@ -220,7 +224,8 @@ def test_without_history_rows_recipients_follow_the_redis_write_and_deletes_stil
         timelines=RedisTimelines(redis_client, timeline_max=50, stream_history=100, body_ttl_s=600),
         history=history,
         graph=graph,
-        followers=FollowerCache(graph, redis_client),
+        versions=RedisGraphVersions(redis_client),
+        followers=FollowerCache(graph, RedisGraphVersions(redis_client)),
         history_timelines=False,
     )
     try:
@@ -257,7 +262,10 @@ def _hybrid(redis_client: Any, cassandra: Any, settings: Any, limit: int) -> Pro
         timelines=RedisTimelines(redis_client, timeline_max=50, stream_history=100, body_ttl_s=600),
         history=history,
         graph=graph,
-        followers=FollowerCache(graph, redis_client, history=history, fanout_limit=limit),
+        versions=RedisGraphVersions(redis_client),
+        followers=FollowerCache(
+            graph, RedisGraphVersions(redis_client), history=history, fanout_limit=limit
+        ),
         follow_backfill=3,
     )
 
