@@ -39,7 +39,7 @@ import asyncio
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from feed.history_cassandra import HistoryRecord, Stored
 from feed.timeline_redis import Insert, Presence, Removal, TimelinePage
@@ -415,3 +415,22 @@ class Subscriber(Protocol):
     ) -> SubscriberLink:
         """Connect; raises ``redis.exceptions.ConnectionError`` (or ``TimeoutError``) if not."""
         ...
+
+
+if TYPE_CHECKING:  # the Redis and Cassandra stores conform (mypy checks this body)
+
+    def _conforms() -> None:
+        from typing import Any
+
+        from feed.graph_cassandra import CassandraFollowGraph
+        from feed.graph_versions_redis import RedisGraphVersions
+        from feed.history_cassandra import CassandraHistory
+        from feed.timeline_redis import AsyncRedisPresence, AsyncRedisTimelines, RedisTimelines
+
+        c: Any = None
+        _t: Timelines = RedisTimelines(c, timeline_max=1, stream_history=1, body_ttl_s=1)
+        _a: AsyncTimelines = AsyncRedisTimelines(c)
+        _d: DeliveryStream = AsyncRedisPresence(c, ttl_s=1)
+        _v: GraphVersions = RedisGraphVersions(c)
+        _h: History = CassandraHistory(c, "ks")
+        _g: FollowGraph = CassandraFollowGraph(c, "ks")

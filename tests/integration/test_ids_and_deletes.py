@@ -28,7 +28,8 @@ from feed.graph_versions_redis import RedisGraphVersions
 from feed.history_cassandra import CassandraHistory, HistoryRecord
 from feed.reader import FeedReader
 from feed.timeline_redis import AsyncRedisTimelines, Insert, RedisTimelines
-from tests.integration.test_processor import T0, act, delete, follow, timeline
+from tests.integration.test_processor import timeline
+from tests.support.events import T0, act, delete, follow
 
 
 def _processor(

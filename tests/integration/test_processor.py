@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import msgspec
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -19,10 +17,7 @@ from feed.graph_cassandra import CassandraFollowGraph
 from feed.graph_versions_redis import RedisGraphVersions
 from feed.history_cassandra import CassandraHistory
 from feed.timeline_redis import AsyncRedisPresence, RedisTimelines
-from schemas.activity import Activity, decode_activity
-from schemas.follow import FollowEvent
-
-T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
+from tests.support.events import act, delete, follow
 
 
 @pytest.fixture
@@ -38,26 +33,6 @@ def processor(redis_client: Any, cassandra: Any, settings: Any) -> Iterator[Proc
     )
     yield p
     p.close()
-
-
-def act(aid: str, actor: str, minute: int, **extra: Any) -> Activity:
-    body = {
-        "id": aid,
-        "type": "Create",
-        "actor": actor,
-        "object": f"post:{aid}",
-        "published": (T0 + timedelta(minutes=minute)).isoformat(),
-        **extra,
-    }
-    return decode_activity(msgspec.json.encode(body))
-
-
-def delete(aid: str, actor: str, target: str) -> Activity:
-    return act(aid, actor, 999, type="Delete", object=target)
-
-
-def follow(follower: str, followee: str, second: int, kind: str = "follow") -> FollowEvent:
-    return FollowEvent(kind, follower, followee, T0 + timedelta(seconds=second))  # type: ignore[arg-type]
 
 
 def timeline(p: Processor, user: str) -> list[str]:

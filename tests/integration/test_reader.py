@@ -64,7 +64,7 @@ async def test_cold_user_is_written_to_history_only_and_rebuilt_on_read(
     from fanout.processor import Processor
     from feed.graph_cassandra import CassandraFollowGraph
     from feed.graph_versions_redis import RedisGraphVersions
-    from tests.integration.test_processor import act, follow
+    from tests.support.events import act, follow
 
     hot, cold, actor = ids("hot"), ids("cold"), ids("actor")
     graph = CassandraFollowGraph(cassandra, settings.cassandra_keyspace)
@@ -111,7 +111,7 @@ async def test_2000_items_with_a_cap_of_800_page_without_gap_or_repeat(
     from fanout.processor import Processor
     from feed.graph_cassandra import CassandraFollowGraph
     from feed.graph_versions_redis import RedisGraphVersions
-    from tests.integration.test_processor import act, follow
+    from tests.support.events import act, follow
 
     reader_user, actor = ids("reader"), ids("actor")
     graph = CassandraFollowGraph(cassandra, settings.cassandra_keyspace)
