@@ -13,8 +13,9 @@ against them and against Redis and Cassandra alike):
   order, to the links subscribed to its channel when it was published.
 
 What they do not model: TTLs (nothing expires; :meth:`MemoryRedis.flush` loses everything at
-once, as a Redis restart does), network failures other than a notifier link's loss
-(:meth:`MemoryLink.kill`, :attr:`MemoryNotifier.refuse`), and Cassandra's consistency levels.
+once, as a Redis restart does), network failures other than the notifier's (a link lost:
+:meth:`MemoryLink.kill`; no connection: :attr:`MemoryNotifier.refuse`; a half-open link:
+:attr:`MemoryNotifier.silent`), and Cassandra's consistency levels.
 
 One :class:`MemoryRedis` is one Redis: the sync and async timelines, the delivery stream and the
 graph versions built on the same one see each other's writes, as they would on one server.
@@ -122,7 +123,8 @@ class MemoryLink:
 
     def ping(self) -> None:
         self._check()
-        self._soon(self._on_pong)
+        if not self._notifier.silent:
+            self._soon(self._on_pong)
 
     def deliver(self, channel: bytes, message: bytes) -> None:
         self._soon(functools.partial(self._on_message, channel, message))
@@ -152,6 +154,8 @@ class MemoryNotifier:
         self.published: list[tuple[bytes, bytes]] = []
         #: While True, :meth:`open` fails as an unreachable server would.
         self.refuse = False
+        #: While True, links answer no PING (a half-open connection).
+        self.silent = False
 
     async def open(
         self,
