@@ -55,7 +55,10 @@ class HistorySuite:
         assert everything == sorted(everything, reverse=True) and len(everything) == 4
         paged: list[str] = []
         before: str | None = None
-        while page := history.page_timeline(user, before, 2):
+        for _ in range(len(everything) + 1):  # bounded: a page that repeats must not loop
+            page = history.page_timeline(user, before, 2)
+            if not page:
+                break
             paged += page
             before = page[-1]
         assert paged == everything
