@@ -1,19 +1,22 @@
 """The store interfaces: one protocol per concept, each stating what it guarantees.
 
 The fan-out worker (``fanout.processor``), the reader (``feed.reader``) and the gateway's hub
-(``gateway.hub``) are written against these protocols, never against a backend. Beside them:
+(``gateway.hub``) are written against these protocols, never against a backend. Each has a
+real implementation and an in-memory one (for unit tests):
 
-=====================  =========================================  ===========================
-Concept                Real implementation                        In memory (unit tests)
-=====================  =========================================  ===========================
-:class:`Timelines`     ``feed.timeline_redis.RedisTimelines``     ``feed.memory.MemoryTimelines``
-:class:`AsyncTimelines`  ``feed.timeline_redis.AsyncRedisTimelines``  ``MemoryAsyncTimelines``
-:class:`DeliveryStream`  ``feed.timeline_redis.AsyncRedisPresence``   ``MemoryDeliveryStream``
-:class:`History`       ``feed.history_cassandra.CassandraHistory``  ``MemoryHistory``
-:class:`FollowGraph`   ``feed.graph_cassandra.CassandraFollowGraph``  ``MemoryFollowGraph``
-:class:`GraphVersions`  ``feed.graph_versions_redis.RedisGraphVersions``  ``MemoryGraphVersions``
-:class:`Subscriber`    ``gateway.pubsub.RedisSubscriber``         ``MemoryNotifier``
-=====================  =========================================  ===========================
+* :class:`Timelines` (the workers' side): ``feed.timeline_redis.RedisTimelines``;
+  ``feed.memory.MemoryTimelines``.
+* :class:`AsyncTimelines` (the gateway's side): ``feed.timeline_redis.AsyncRedisTimelines``;
+  ``feed.memory.MemoryAsyncTimelines``.
+* :class:`DeliveryStream`: ``feed.timeline_redis.AsyncRedisPresence``;
+  ``feed.memory.MemoryDeliveryStream``.
+* :class:`History`: ``feed.history_cassandra.CassandraHistory``; ``feed.memory.MemoryHistory``.
+* :class:`FollowGraph`: ``feed.graph_cassandra.CassandraFollowGraph``;
+  ``feed.memory.MemoryFollowGraph``.
+* :class:`GraphVersions`: ``feed.graph_versions_redis.RedisGraphVersions``;
+  ``feed.memory.MemoryGraphVersions``.
+* :class:`Subscriber` (the notifier, as the hub reads it): ``gateway.pubsub.RedisSubscriber``;
+  ``feed.memory.MemoryNotifier``.
 
 Every protocol's docstring answers the same five questions: is a repeated call idempotent; what
 is atomic; in which order things happen or are returned; is delivery at-most-once or
@@ -28,9 +31,12 @@ The notifier is not one object: activity and ``removed`` frames are published by
 * **At-most-once.** A message reaches the subscribers of its channel at the moment it is
   published, in publish order per channel, or never (no subscriber, a connection down). Nothing
   is stored for later.
-* **Gaps are detected by the delivery stream, not by the notifier.** Every frame a client may
-  miss also went into the user's :class:`DeliveryStream` with a ``seq``; a subscriber that was
-  (or may have been) disconnected reads the stream after the last ``seq`` it delivered.
+* **Gaps are detected elsewhere, never by the notifier.** Every frame for a client also went
+  into the user's :class:`DeliveryStream` with a ``seq``: a subscriber that was (or may have
+  been) disconnected reads the stream after the last ``seq`` it delivered. A large account's
+  announcement lost with a link is caught up by the gateway once it has subscribed again
+  (``gateway.hub``'s ``on_resubscribed``); a lost follow-changed notice shows as a new
+  version (:class:`GraphVersions`) on the next read.
 """
 
 from __future__ import annotations
@@ -146,6 +152,8 @@ class AsyncTimelines(Protocol):
     * **Large accounts** (:meth:`big_state`): the follow version is never repeated
       (:class:`GraphVersions`), and the set of large accounts only grows, so (version, size) is
       a cache key that changes with every relevant change.
+    * **At-most-once push, gaps by ``seq``**, as :class:`Timelines`: :meth:`insert_for` and
+      :meth:`remove_for` push through the same step.
     """
 
     async def insert_for(
@@ -222,6 +230,9 @@ class DeliveryStream(Protocol):
     * **Ordered.** :meth:`frames_after` returns frames by ascending ``seq``.
     * **Bounded.** The stream keeps at least the newest ``stream_history`` frames (Redis trims
       approximately: it may keep more); :meth:`oldest_seq` says where it starts.
+    * **Read, not pushed: repeatable.** A frame can be read any number of times until it is
+      trimmed; a consumer that resumes after the last ``seq`` it delivered delivers each frame
+      once (the live push, by contrast, is at-most-once).
     * **Gap detection.** A consumer that delivered up to ``seq`` reads :meth:`frames_after`; if
       :meth:`oldest_seq` is above ``seq + 1`` the frames between are gone (resume is impossible:
       reset). A lost presence (Redis restart) shows as a new epoch on :meth:`attach`, and as the
@@ -260,6 +271,10 @@ class History(Protocol):
       keys newest first, strictly older than ``before``, so a page continues from Redis into
       history at the same position with no gap and no repeat.
     * **Bounded reads.** :meth:`recipients` yields pages; body reads are chunked.
+    * **Durable, applied at-least-once.** A write that returned is kept (ownership rows at
+      ``LOCAL_QUORUM``); callers retry failed writes, which idempotency makes safe. No push.
+    * **No gap to detect in a read:** pages continue at a cursor; an entry whose activity was
+      deleted has no body (:meth:`bodies` leaves it out), so readers skip it.
     """
 
     def put_activities(
@@ -308,7 +323,10 @@ class FollowGraph(Protocol):
     * **Atomic: no.** The two directions are two writes; a failed call is made again.
     * **Ordered reads.** :meth:`following_among` returns followees ascending.
     * **Bounded memory.** :meth:`followers` and :meth:`following` yield pages.
-    * Changes are announced through :class:`GraphVersions`, not by the graph itself.
+    * **Applied at-least-once** (the fan-out replays events after a failure): safe, since the
+      event time decides.
+    * **Changes are detected through** :class:`GraphVersions` (a new version per change), not
+      by the graph itself.
     """
 
     def follow(self, follower: str, followee: str, at: datetime) -> None: ...
@@ -350,6 +368,8 @@ class GraphVersions(Protocol):
     * **Atomic: one round trip, not one step.** :meth:`follow_changed` bumps both versions, reads
       whether the followee is large and publishes the control notice together; each part is
       atomic on its own.
+    * **Ordered: only by equality.** A version counts changes since the store last lost it,
+      but caches compare versions for equality only, never for order.
     * **At-most-once notice.** The follower's gateways get ``feed.keys.CONTROL_FOLLOWING`` on the
       user's channel if they are subscribed then; one that missed it still sees the new version
       (:meth:`AsyncTimelines.big_state`) on its next read: the version, not the notice, is the
@@ -401,6 +421,8 @@ class Subscriber(Protocol):
       reaches ``on_message`` (while the link is open); one published before may not.
     * **Ordered.** Messages of one channel arrive in publish order.
     * **At-most-once.** Nothing published while a link is down or unsubscribed is delivered later.
+    * **Idempotent subscribe.** Subscribing a channel twice is one subscription (each request
+      is confirmed); one unsubscribe ends it. **Atomic:** each request on its own.
     * **Gap detection** is the subscriber's: when a link is lost (``closed``), the hub opens a new
       one, subscribes again and has every connection check its delivery stream.
     """
