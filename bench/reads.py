@@ -35,6 +35,7 @@ from fanout.followers import FollowerCache
 from fanout.processor import Processor
 from feed.cursor import encode_position
 from feed.graph_cassandra import CassandraFollowGraph
+from feed.graph_versions_redis import RedisGraphVersions
 from feed.history_cassandra import CassandraHistory
 from feed.reader import FeedReader
 from feed.timeline_redis import AsyncRedisTimelines, RedisTimelines
@@ -130,7 +131,10 @@ def run(ctx: Any) -> dict[str, Any]:
             ),
             history=history,
             graph=graph,
-            followers=FollowerCache(graph, client, history=history, fanout_limit=limit),
+            versions=RedisGraphVersions(client),
+            followers=FollowerCache(
+                graph, RedisGraphVersions(client), history=history, fanout_limit=limit
+            ),
             follow_backfill=0,
         )
 

@@ -1,7 +1,8 @@
 """Follower lists for fan-out, cached per worker and invalidated across workers.
 
-Every change to a user's followers sets ``gv:{user}`` in Redis to a new version (``feed.versions``:
-never a value seen before, even after Redis lost its data). Before using cached lists for a batch,
+Every change to a user's followers sets its version to a new one
+(:class:`feed.interfaces.GraphVersions`; ``gv:{user}`` in Redis: never a value seen before, even
+after Redis lost its data). Before using cached lists for a batch,
 the worker reads the current versions of all the batch's actors in one round trip (plus one to
 install a version where none exists) and reloads the lists whose version moved, so a follow
 applied by another worker is seen by the next batch. Lists are read from Cassandra in pages;
@@ -20,33 +21,26 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 
-import redis
-
-from feed import keys
-from feed.graph_cassandra import CassandraFollowGraph
-from feed.history_cassandra import CassandraHistory
-from feed.versions import current
+from feed.graph_versions_redis import BIG_SENTINEL
+from feed.interfaces import FollowGraph, GraphVersions, History
 
 __all__ = ["BIG_SENTINEL", "FollowerCache"]
-
-#: Member kept in ``big-accounts`` so that "no big account" and "Redis lost the set" differ.
-BIG_SENTINEL = ""
 
 
 class FollowerCache:
     def __init__(
         self,
-        graph: CassandraFollowGraph,
-        client: redis.Redis,
+        graph: FollowGraph,
+        versions: GraphVersions,
         *,
-        history: CassandraHistory | None = None,
+        history: History | None = None,
         fanout_limit: int = 0,
         max_entries: int = 2_000_000,
     ) -> None:
         """``max_entries`` bounds the cache: each cached list costs one plus its followers
         (:attr:`size`); the least recently used lists are evicted past it."""
         self._graph = graph
-        self._redis = client
+        self._versions = versions
         self._history = history
         self._limit = fanout_limit
         self._max = max_entries
@@ -57,16 +51,9 @@ class FollowerCache:
         """Current followers of each user; ``None`` for big accounts (merged at read time)."""
         if not users:
             return {}
-        names = [keys.graph_version(u) for u in users]
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.mget(names)
-        if self._limit:
-            pipe.smismember(keys.big_accounts, list(users))
-            pipe.scard(keys.big_accounts)
-        results = pipe.execute()
-        versions = current(self._redis, names, results[0])
-        big = [bool(b) for b in results[1]] if self._limit else [False] * len(users)
-        if self._limit and results[2] == 0:
+        state = self._versions.follower_state(users, big=bool(self._limit))
+        versions, big = state.versions, state.big
+        if state.big_lost:
             big = self._restore_big(users)
         out: dict[str, tuple[str, ...] | None] = {}
         missing: dict[str, bytes] = {}
@@ -93,13 +80,13 @@ class FollowerCache:
     def mark_big(self, user: str) -> None:
         if self._history is not None:
             self._history.mark_big(user)
-        self._redis.sadd(keys.big_accounts, BIG_SENTINEL, user)
+        self._versions.add_big([user])
         self.invalidate([user])
 
     def _restore_big(self, users: Sequence[str]) -> list[bool]:
-        """Redis lost ``big-accounts`` (restart): reload it from Cassandra."""
+        """The store lost the large-account set (a Redis restart): reload it from history."""
         known = self._history.big_accounts() if self._history is not None else set()
-        self._redis.sadd(keys.big_accounts, BIG_SENTINEL, *known)
+        self._versions.add_big(known)
         return [u in known for u in users]
 
     def _collect(self, pages: Iterator[list[str]]) -> tuple[str, ...] | None:

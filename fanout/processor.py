@@ -19,6 +19,11 @@ worker then prepares the next batch (its Cassandra writes) while Redis applies t
 :meth:`Processor.complete` before committing. The durable-rows-first order holds for every
 activity; Redis writes stay in batch order (one thread, first in first out); deletes and follows
 wait for every earlier Redis write first, so they never race an insert of the same activity.
+
+The stores are the protocols of ``feed.interfaces`` (:class:`~feed.interfaces.Timelines`,
+:class:`~feed.interfaces.History`, :class:`~feed.interfaces.FollowGraph`,
+:class:`~feed.interfaces.GraphVersions`): the worker passes the Redis and Cassandra ones, unit
+tests the in-memory ones of ``feed.memory``.
 """
 
 from __future__ import annotations
@@ -30,17 +35,21 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import msgspec
-import redis
 from cassandra import OperationTimedOut, ReadTimeout
 
 from fanout.followers import FollowerCache
-from feed import keys
 from feed.cursor import order_key, split_order_key
-from feed.graph_cassandra import CassandraFollowGraph
-from feed.history_cassandra import BODIES_CHUNK, CassandraHistory, HistoryRecord
+from feed.history_cassandra import BODIES_CHUNK
+from feed.interfaces import (
+    FollowGraph,
+    GraphVersions,
+    History,
+    HistoryRecord,
+    Insert,
+    Removal,
+    Timelines,
+)
 from feed.logging import get_logger
-from feed.timeline_redis import Insert, RedisTimelines, Removal
-from feed.versions import BUMP, new_token
 from schemas.activity import Activity, encode_activity, published_us
 from schemas.errors import FeedError
 from schemas.follow import FollowEvent
@@ -88,23 +97,23 @@ class Processor:
     def __init__(
         self,
         *,
-        timelines: RedisTimelines,
-        history: CassandraHistory,
-        graph: CassandraFollowGraph,
+        timelines: Timelines,
+        history: History,
+        graph: FollowGraph,
+        versions: GraphVersions,
         followers: FollowerCache,
         history_timelines: bool = True,
         follow_backfill: int = 200,
         tombstone_ttl_s: int = 14 * 86_400,
     ) -> None:
         self._timelines = timelines
-        self._redis: redis.Redis = timelines.client
+        self._versions = versions
         self._history = history
         self._graph = graph
         self._followers = followers
         self._history_timelines = history_timelines
         self._backfill = follow_backfill
         self._tombstone_ttl = tombstone_ttl_s
-        self._bump = self._redis.register_script(BUMP)
         self._writer: ThreadPoolExecutor | None = None
         self._in_flight: list[Future[tuple[int, int]]] = []
 
@@ -371,15 +380,10 @@ class Processor:
             self._graph.follow(event.follower, event.followee, event.at)
         else:
             self._graph.unfollow(event.follower, event.followee, event.at)
-        pipe = self._redis.pipeline(transaction=False)
-        # New versions (never a value seen before, even after Redis lost its data): every
-        # cache of the followee's followers or of the follower's followees reloads.
-        self._bump(keys=[keys.graph_version(event.followee)], args=[new_token()], client=pipe)
-        self._bump(keys=[keys.following_version(event.follower)], args=[new_token()], client=pipe)
-        pipe.sismember(keys.big_accounts, event.followee)
-        # Gateways holding the follower re-read whose actor channels to follow (never forwarded).
-        pipe.publish(keys.channel(event.follower), keys.CONTROL_FOLLOWING)
-        followee_is_big = bool(pipe.execute()[2])
+        # New versions (never a value seen before): every cache of the followee's followers or
+        # of the follower's followees reloads, and the follower's gateways re-read whose actor
+        # channels to follow (one round trip).
+        followee_is_big = self._versions.follow_changed(event.follower, event.followee)
         self._followers.invalidate([event.followee])
         # Whatever the order the two events were applied in, the graph holds the later one:
         # backfill or clean up according to the graph, not to this event alone.

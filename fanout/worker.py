@@ -48,6 +48,7 @@ from fanout.dlq import DeadLetters, DeadLetterUnavailable, dead_letter_producer_
 from fanout.followers import FollowerCache
 from fanout.metrics import WorkerMetrics
 from fanout.processor import BatchStats, Processor
+from feed.graph_versions_redis import RedisGraphVersions
 from feed.kafka import KafkaUnavailable, consumer_config
 from feed.lag import measure_lag
 from feed.logging import get_logger
@@ -581,11 +582,15 @@ def build_worker(
         body_ttl_s=settings.body_ttl_days * 86_400,
         only_active=settings.active_days > 0,
     )
+    versions = RedisGraphVersions(client)
     processor = Processor(
         timelines=timelines,
         history=history,
         graph=graph,
-        followers=FollowerCache(graph, client, history=history, fanout_limit=settings.fanout_limit),
+        versions=versions,
+        followers=FollowerCache(
+            graph, versions, history=history, fanout_limit=settings.fanout_limit
+        ),
         history_timelines=settings.fanout_history,
         follow_backfill=settings.follow_backfill,
         tombstone_ttl_s=settings.body_ttl_days * 86_400,

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -152,6 +152,7 @@ def cmd_fanout(_args: argparse.Namespace) -> int:
     from fanout.http import serve_worker_http, worker_checks
     from fanout.metrics import WorkerMetrics
     from fanout.worker import build_worker, install_signal_handlers
+    from feed.history_cassandra import CassandraHistory
     from feed.logging import get_logger
 
     settings = _settings()
@@ -164,7 +165,7 @@ def cmd_fanout(_args: argparse.Namespace) -> int:
         # Kafka and Redis outages are waited out by the running worker; the driver needs one
         # Cassandra node at start.
         return _fail("fanout", f"cannot reach Cassandra at {_cassandra_address(settings)}")
-    session = worker._processor._history.session
+    session = cast(CassandraHistory, worker._processor._history).session  # the store it built
 
     try:
         server = serve_worker_http(

@@ -25,6 +25,10 @@ Large accounts (``FEED_FANOUT_LIMIT``): their activities are not fanned out on w
 the merge of the user's own timeline page and, for each large account the user follows, that
 account's outbox page (Redis, then Cassandra) — all in the same order and cut at the same cursor,
 so paging stays gap-free and repeat-free.
+
+The stores are protocols (``feed.interfaces``: :class:`~feed.interfaces.AsyncTimelines`,
+:class:`~feed.interfaces.History`, :class:`~feed.interfaces.FollowGraph`): the gateway passes
+Redis and Cassandra, unit tests the in-memory stores of ``feed.memory``.
 """
 
 from __future__ import annotations
@@ -36,10 +40,8 @@ from collections import OrderedDict
 import msgspec
 
 from feed.cursor import decode_position, encode_position
-from feed.graph_cassandra import CassandraFollowGraph
-from feed.history_cassandra import CassandraHistory
+from feed.interfaces import AsyncTimelines, FollowGraph, History
 from feed.logging import get_logger
-from feed.timeline_redis import AsyncRedisTimelines
 from schemas.http import FeedItem, FeedPage
 
 __all__ = ["FeedReader"]
@@ -59,13 +61,13 @@ def _aid(member: str) -> str:
 class FeedReader:
     def __init__(
         self,
-        timelines: AsyncRedisTimelines,
-        history: CassandraHistory | None,
+        timelines: AsyncTimelines,
+        history: History | None,
         *,
         body_ttl_s: int,
         active_ttl_s: int = 0,
         timeline_max: int = 800,
-        graph: CassandraFollowGraph | None = None,
+        graph: FollowGraph | None = None,
     ) -> None:
         self._timelines = timelines
         self._history = history

@@ -14,7 +14,8 @@ Guarantees (what ``gateway.app`` relies on):
   When the connection is re-established (only ever by this hub), every affected connection is
   told to :meth:`~LocalConnection.check_gap`: it re-reads its delivery stream after the last frame
   it delivered. A half-open connection is detected by PINGs on an idle connection.
-* **No await per message.** The connection is a :class:`gateway.pubsub.PubSubLink`: each chunk
+* **No await per message.** The connection (``feed.interfaces.Subscriber``; in production a
+  :class:`gateway.pubsub.PubSubLink` from ``gateway.pubsub.RedisSubscriber``): each chunk
   read from Redis is parsed at once and its messages dispatched synchronously to the local
   connections (which write to their sockets right there when they can).
 * **Large accounts' channels, only while needed.** :meth:`Hub.follow_actors` records which large
@@ -29,10 +30,10 @@ Guarantees (what ``gateway.app`` relies on):
   for the gateway (``feed.keys.CONTROL_FOLLOWING``: whom the user follows changed) and goes to
   ``on_following_changed``, never to a client.
 * **Presence kept alive.** Every ``refresh_interval_s`` the presence and delivery stream of every
-  locally connected user get their TTL renewed (``AsyncRedisPresence.refresh``).
+  locally connected user get their TTL renewed (``DeliveryStream.refresh``).
 * **Presence restored.** Redis may lose presence hashes and delivery streams (a restart empties
   it). After every Pub/Sub re-subscription, and for every user whose presence a refresh found
-  gone, the hub re-attaches the user's presence (``AsyncRedisPresence.attach``: the same epoch
+  gone, the hub re-attaches the user's presence (``DeliveryStream.attach``: the same epoch
   if it survived, a new one if not) *before* telling the connections to check for gaps, and
   hands each connection a presence frame (``gateway.session.presence_frame``) through
   :meth:`LocalConnection.deliver`: a session on a lost epoch sends ``reset`` and follows the
@@ -47,13 +48,11 @@ import contextlib
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
 from feed import keys
-from feed.timeline_redis import AsyncRedisPresence
-from gateway.pubsub import PubSubLink
+from feed.interfaces import DeliveryStream, Subscriber, SubscriberLink
 from gateway.session import RESET_CONTROL, presence_frame
 from schemas.errors import FeedError
 
@@ -103,8 +102,8 @@ class LocalConnection(Protocol):
 class Hub:
     def __init__(
         self,
-        redis_client: aioredis.Redis,
-        presence: AsyncRedisPresence,
+        subscriber: Subscriber,
+        presence: DeliveryStream,
         *,
         refresh_interval_s: float,
         subscribe_timeout_s: float = 5.0,
@@ -112,7 +111,7 @@ class Hub:
         ping_timeout_s: float = 5.0,
         reconnect_max_s: float = 5.0,
     ) -> None:
-        self._redis = redis_client
+        self._subscriber = subscriber
         self._presence = presence
         self._refresh_interval = refresh_interval_s
         self._subscribe_timeout = subscribe_timeout_s
@@ -125,7 +124,7 @@ class Hub:
         self._confirmed: set[bytes] = set()
         self._resync: set[bytes] = set()  # confirm -> tell the user's connections to check gaps
         self._waiters: dict[bytes, list[asyncio.Future[None]]] = {}
-        self._pubsub: PubSubLink | None = None
+        self._pubsub: SubscriberLink | None = None
         self._ping_sent: float | None = None
         self._connected = asyncio.Event()
         self._empty = asyncio.Event()
@@ -358,7 +357,7 @@ class Hub:
         for channel in batch:
             pending[channel] = pending.get(channel, 0) + 1
         try:
-            pubsub.send("SUBSCRIBE", *batch)
+            pubsub.subscribe(*batch)
         except _REDIS_ERRORS as exc:
             for channel in batch:
                 self._unpend(channel)
@@ -396,7 +395,7 @@ class Hub:
         if pubsub is None or not self._connected.is_set():
             return  # the reader subscribes only wanted channels when it (re)connects
         try:
-            pubsub.send("UNSUBSCRIBE", *channels)
+            pubsub.unsubscribe(*channels)
         except _REDIS_ERRORS as exc:
             log.warning("pubsub_unsubscribe_failed", error=str(exc))
 
@@ -404,8 +403,7 @@ class Hub:
         self._pending.clear()
         self._confirmed.clear()
         self._ping_sent = None
-        self._pubsub = await PubSubLink.open(
-            self._redis,
+        self._pubsub = await self._subscriber.open(
             timeout_s=self._subscribe_timeout,
             on_message=self._dispatch,
             on_subscribe=self._confirm,
@@ -442,7 +440,7 @@ class Hub:
                 if now - self._ping_sent > self._ping_timeout:
                     raise redis.exceptions.TimeoutError("no PONG on the Pub/Sub connection")
             elif now - pubsub.last_seen > self._idle_ping:
-                pubsub.send("PING")
+                pubsub.ping()
                 self._ping_sent = now
 
     def _pong(self) -> None:

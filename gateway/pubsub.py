@@ -12,11 +12,16 @@ What it does (and no more, since it only ever SUBSCRIBEs, UNSUBSCRIBEs and PINGs
   keepalive), TLS (``rediss://``, redis-py's own SSL context from the URL's options) or a Unix
   socket, then ``AUTH`` (with the username if the URL has one) before anything else;
 * :meth:`send` writes a command at once (no await: the socket's buffer takes it);
+  :meth:`subscribe`, :meth:`unsubscribe` and :meth:`ping` are the commands the hub sends;
 * replies: ``message`` → ``on_message``, ``subscribe`` → ``on_subscribe(channel)``, ``pong`` (or
   ``PONG`` outside subscriber mode) → ``on_pong``; an error reply is logged;
 * :attr:`closed` is a future done when the connection is lost, with the reason as its result.
 
 Nothing here retries: the hub reconnects and re-subscribes (``gateway.hub``).
+
+:class:`RedisSubscriber` opens links for the hub: it is the Redis implementation of
+``feed.interfaces.Subscriber`` (whose guarantees it keeps: confirmed subscriptions, per-channel
+order, at-most-once).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
-__all__ = ["PubSubLink"]
+__all__ = ["PubSubLink", "RedisSubscriber"]
 
 log = structlog.get_logger("gateway.pubsub")
 
@@ -145,6 +150,15 @@ class PubSubLink(asyncio.Protocol):
             raise redis.exceptions.ConnectionError("the Pub/Sub connection is closed")
         transport.write(hiredis.pack_command(args))
 
+    def subscribe(self, *channels: bytes) -> None:
+        self.send("SUBSCRIBE", *channels)
+
+    def unsubscribe(self, *channels: bytes) -> None:
+        self.send("UNSUBSCRIBE", *channels)
+
+    def ping(self) -> None:
+        self.send("PING")
+
     def close(self) -> None:
         transport = self._transport
         if transport is not None:
@@ -213,3 +227,27 @@ class PubSubLink(asyncio.Protocol):
     def _lost(self, why: str) -> None:
         if not self.closed.done():
             self.closed.set_result(why)  # also ends a _call() waiting for its reply
+
+
+class RedisSubscriber:
+    """``feed.interfaces.Subscriber`` on Redis: opens :class:`PubSubLink` connections to the
+    server ``client`` uses."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+
+    async def open(
+        self,
+        *,
+        timeout_s: float,
+        on_message: Callable[[bytes, bytes], None],
+        on_subscribe: Callable[[bytes], None],
+        on_pong: Callable[[], None],
+    ) -> PubSubLink:
+        return await PubSubLink.open(
+            self._client,
+            timeout_s=timeout_s,
+            on_message=on_message,
+            on_subscribe=on_subscribe,
+            on_pong=on_pong,
+        )

@@ -32,6 +32,7 @@ from feed.timeline_redis import AsyncRedisPresence, AsyncRedisTimelines
 from gateway.big_accounts import BigAccounts
 from gateway.hub import Hub
 from gateway.metrics import GatewayMetrics
+from gateway.pubsub import RedisSubscriber
 from gateway.ratelimit import Limit, RedisRateLimiter
 from schemas.errors import FeedError
 
@@ -143,7 +144,9 @@ class Gateway:
         self._limiter = RedisRateLimiter(self._redis)
         self._presence = AsyncRedisPresence(self._redis, ttl_s=s.resume_window_s)
         self._hub = Hub(
-            self._redis, self._presence, refresh_interval_s=max(1.0, s.resume_window_s / 3)
+            RedisSubscriber(self._redis),
+            self._presence,
+            refresh_interval_s=max(1.0, s.resume_window_s / 3),
         )
         big = self.big_accounts
         big.open()

@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from fanout.followers import FollowerCache
 from fanout.processor import Processor
 from feed.graph_cassandra import CassandraFollowGraph
+from feed.graph_versions_redis import RedisGraphVersions
 from feed.history_cassandra import CassandraHistory
 from feed.reader import FeedReader
 from feed.timeline_redis import AsyncRedisTimelines, RedisTimelines
@@ -52,7 +53,10 @@ class Pipeline:
             ),
             history=history,
             graph=graph,
-            followers=FollowerCache(graph, redis_client, history=history, fanout_limit=limit),
+            versions=RedisGraphVersions(redis_client),
+            followers=FollowerCache(
+                graph, RedisGraphVersions(redis_client), history=history, fanout_limit=limit
+            ),
             follow_backfill=200,
         )
         self.reader = FeedReader(

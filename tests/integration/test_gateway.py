@@ -1074,9 +1074,10 @@ async def test_hub_keeps_nothing_for_users_who_left(redis_url: str, rclient: red
 
     from feed.timeline_redis import AsyncRedisPresence
     from gateway.hub import Hub
+    from gateway.pubsub import RedisSubscriber
 
     client = aioredis.Redis.from_url(redis_url)
-    hub = Hub(client, AsyncRedisPresence(client, ttl_s=60), refresh_interval_s=30)
+    hub = Hub(RedisSubscriber(client), AsyncRedisPresence(client, ttl_s=60), refresh_interval_s=30)
     await hub.start()
     try:
         await eventually(lambda: hub.connected, "Pub/Sub connected")

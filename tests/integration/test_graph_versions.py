@@ -16,6 +16,7 @@ from fanout.followers import FollowerCache
 from fanout.processor import Processor
 from feed import keys
 from feed.graph_cassandra import CassandraFollowGraph
+from feed.graph_versions_redis import RedisGraphVersions
 from feed.history_cassandra import CassandraHistory
 from feed.timeline_redis import RedisTimelines
 from infra import RedisServer
@@ -43,12 +44,13 @@ def test_a_cached_follower_list_is_reloaded_after_redis_lost_its_versions(
     again: either way the cache must reload, not serve the list it read before."""
     client = redis.Redis.from_url(private_redis.url, socket_timeout=5)
     graph = CassandraFollowGraph(cassandra, settings.cassandra_keyspace)
-    cache = FollowerCache(graph, client)
+    cache = FollowerCache(graph, RedisGraphVersions(client))
     other = Processor(
         timelines=RedisTimelines(client, timeline_max=10, stream_history=10, body_ttl_s=60),
         history=CassandraHistory(cassandra, settings.cassandra_keyspace),
         graph=graph,
-        followers=FollowerCache(graph, client),
+        versions=RedisGraphVersions(client),
+        followers=FollowerCache(graph, RedisGraphVersions(client)),
         follow_backfill=0,
     )
     a, b, f1, f2, f3 = ids("a"), ids("b"), ids("f1"), ids("f2"), ids("f3")

@@ -24,10 +24,12 @@ from fanout.followers import FollowerCache
 from fanout.processor import Processor
 from feed.cursor import order_key
 from feed.graph_cassandra import CassandraFollowGraph
+from feed.graph_versions_redis import RedisGraphVersions
 from feed.history_cassandra import CassandraHistory, HistoryRecord
 from feed.reader import FeedReader
 from feed.timeline_redis import AsyncRedisTimelines, Insert, RedisTimelines
-from tests.support.processor import T0, act, delete, follow, timeline
+from tests.support.events import T0, act, delete, follow
+from tests.support.processor import timeline
 
 
 def _processor(
@@ -45,7 +47,10 @@ def _processor(
         timelines=RedisTimelines(redis_client, timeline_max=50, stream_history=100, body_ttl_s=600),
         history=history,
         graph=graph,
-        followers=FollowerCache(graph, redis_client, history=history, fanout_limit=fanout_limit),
+        versions=RedisGraphVersions(redis_client),
+        followers=FollowerCache(
+            graph, RedisGraphVersions(redis_client), history=history, fanout_limit=fanout_limit
+        ),
         follow_backfill=follow_backfill,
     )
 

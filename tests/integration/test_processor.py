@@ -14,9 +14,11 @@ from fanout.followers import FollowerCache
 from fanout.processor import Processor, RejectedRecord
 from feed import keys
 from feed.graph_cassandra import CassandraFollowGraph
+from feed.graph_versions_redis import RedisGraphVersions
 from feed.history_cassandra import CassandraHistory
 from feed.timeline_redis import AsyncRedisPresence, RedisTimelines
-from tests.support.processor import act, delete, follow, timeline
+from tests.support.events import act, delete, follow
+from tests.support.processor import timeline
 
 
 @pytest.fixture
@@ -26,7 +28,8 @@ def processor(redis_client: Any, cassandra: Any, settings: Any) -> Iterator[Proc
         timelines=RedisTimelines(redis_client, timeline_max=50, stream_history=100, body_ttl_s=600),
         history=CassandraHistory(cassandra, settings.cassandra_keyspace),
         graph=graph,
-        followers=FollowerCache(graph, redis_client),
+        versions=RedisGraphVersions(redis_client),
+        followers=FollowerCache(graph, RedisGraphVersions(redis_client)),
         follow_backfill=3,
     )
     yield p
@@ -115,7 +118,8 @@ def test_follower_cache_sees_follows_from_other_workers(
         timelines=RedisTimelines(redis_client, timeline_max=50, stream_history=100, body_ttl_s=60),
         history=CassandraHistory(cassandra, settings.cassandra_keyspace),
         graph=graph,
-        followers=FollowerCache(graph, redis_client),
+        versions=RedisGraphVersions(redis_client),
+        followers=FollowerCache(graph, RedisGraphVersions(redis_client)),
         follow_backfill=0,
     )
     other.apply([(0, follow(u3, u1, 2))])
@@ -161,7 +165,8 @@ def test_a_deferred_write_that_failed_is_run_again_by_complete(
         timelines=timelines,
         history=CassandraHistory(cassandra, settings.cassandra_keyspace),
         graph=graph,
-        followers=FollowerCache(graph, redis_client),
+        versions=RedisGraphVersions(redis_client),
+        followers=FollowerCache(graph, RedisGraphVersions(redis_client)),
     )
     try:
         u1, u2, a = ids("u1"), ids("u2"), ids("a")
@@ -188,7 +193,8 @@ def test_without_history_rows_recipients_follow_the_redis_write_and_deletes_stil
         timelines=RedisTimelines(redis_client, timeline_max=50, stream_history=100, body_ttl_s=600),
         history=history,
         graph=graph,
-        followers=FollowerCache(graph, redis_client),
+        versions=RedisGraphVersions(redis_client),
+        followers=FollowerCache(graph, RedisGraphVersions(redis_client)),
         history_timelines=False,
     )
     try:
@@ -225,7 +231,10 @@ def _hybrid(redis_client: Any, cassandra: Any, settings: Any, limit: int) -> Pro
         timelines=RedisTimelines(redis_client, timeline_max=50, stream_history=100, body_ttl_s=600),
         history=history,
         graph=graph,
-        followers=FollowerCache(graph, redis_client, history=history, fanout_limit=limit),
+        versions=RedisGraphVersions(redis_client),
+        followers=FollowerCache(
+            graph, RedisGraphVersions(redis_client), history=history, fanout_limit=limit
+        ),
         follow_backfill=3,
     )
 

@@ -63,7 +63,8 @@ async def test_cold_user_is_written_to_history_only_and_rebuilt_on_read(
     from fanout.followers import FollowerCache
     from fanout.processor import Processor
     from feed.graph_cassandra import CassandraFollowGraph
-    from tests.support.processor import act, follow
+    from feed.graph_versions_redis import RedisGraphVersions
+    from tests.support.events import act, follow
 
     hot, cold, actor = ids("hot"), ids("cold"), ids("actor")
     graph = CassandraFollowGraph(cassandra, settings.cassandra_keyspace)
@@ -74,7 +75,8 @@ async def test_cold_user_is_written_to_history_only_and_rebuilt_on_read(
         ),
         history=history,
         graph=graph,
-        followers=FollowerCache(graph, redis_client),
+        versions=RedisGraphVersions(redis_client),
+        followers=FollowerCache(graph, RedisGraphVersions(redis_client)),
         follow_backfill=0,
     )
     client = aioredis.Redis.from_url(settings.redis_url)
@@ -108,7 +110,8 @@ async def test_2000_items_with_a_cap_of_800_page_without_gap_or_repeat(
     from fanout.followers import FollowerCache
     from fanout.processor import Processor
     from feed.graph_cassandra import CassandraFollowGraph
-    from tests.support.processor import act, follow
+    from feed.graph_versions_redis import RedisGraphVersions
+    from tests.support.events import act, follow
 
     reader_user, actor = ids("reader"), ids("actor")
     graph = CassandraFollowGraph(cassandra, settings.cassandra_keyspace)
@@ -117,7 +120,8 @@ async def test_2000_items_with_a_cap_of_800_page_without_gap_or_repeat(
         timelines=RedisTimelines(redis_client, timeline_max=800, stream_history=10, body_ttl_s=600),
         history=history,
         graph=graph,
-        followers=FollowerCache(graph, redis_client),
+        versions=RedisGraphVersions(redis_client),
+        followers=FollowerCache(graph, RedisGraphVersions(redis_client)),
         follow_backfill=0,
     )
     processor.apply([(0, follow(reader_user, actor, 1))])

@@ -1,1 +1,1 @@
-"""Helpers shared by the test modules: each module here owns one kind of test fixture."""
+"""Helpers shared by the test modules (never imported from one test module into another)."""

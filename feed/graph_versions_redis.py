@@ -1,0 +1,63 @@
+"""Follow-graph versions, the large-account set and the follow-changed notice, in Redis.
+
+The Redis implementation of :class:`feed.interfaces.GraphVersions` (its guarantees are stated
+there). Keys: ``gv:{user}`` (the user's followers), ``fv:{user}`` (whom the user follows), both
+``<changes>.<token>`` set by :data:`feed.versions.BUMP`; the set ``big-accounts`` with the
+sentinel :data:`BIG_SENTINEL`; the notice is ``feed.keys.CONTROL_FOLLOWING`` published on the
+follower's channel (``feed.keys.channel``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import redis
+
+from feed import keys
+from feed.interfaces import FollowerState
+from feed.versions import BUMP, current, new_token
+
+__all__ = ["BIG_SENTINEL", "RedisGraphVersions"]
+
+#: Member kept in ``big-accounts`` so that "no big account" and "Redis lost the set" differ.
+BIG_SENTINEL = ""
+
+
+class RedisGraphVersions:
+    """:class:`feed.interfaces.GraphVersions` on a synchronous Redis client (the workers')."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._redis = client
+        self._bump = client.register_script(BUMP)
+
+    def follower_state(self, users: Sequence[str], *, big: bool) -> FollowerState:
+        """One round trip (MGET, and with ``big`` SMISMEMBER and SCARD), plus one to install a
+        version where none exists (``feed.versions.current``)."""
+        if not users:
+            return FollowerState([], [], False)
+        names = [keys.graph_version(u) for u in users]
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.mget(names)
+        if big:
+            pipe.smismember(keys.big_accounts, list(users))
+            pipe.scard(keys.big_accounts)
+        results = pipe.execute()
+        versions = current(self._redis, names, results[0])
+        if not big:
+            return FollowerState(versions, [False] * len(users), False)
+        return FollowerState(versions, [bool(b) for b in results[1]], results[2] == 0)
+
+    def add_big(self, users: Iterable[str]) -> None:
+        self._redis.sadd(keys.big_accounts, BIG_SENTINEL, *users)
+
+    def follow_changed(self, follower: str, followee: str) -> bool:
+        """One pipeline (one round trip): both bumps, SISMEMBER, PUBLISH."""
+        pipe = self._redis.pipeline(transaction=False)
+        # New versions (never a value seen before, even after Redis lost its data): every
+        # cache of the followee's followers or of the follower's followees reloads.
+        self._bump(keys=[keys.graph_version(followee)], args=[new_token()], client=pipe)
+        self._bump(keys=[keys.following_version(follower)], args=[new_token()], client=pipe)
+        pipe.sismember(keys.big_accounts, followee)
+        # Gateways holding the follower re-read whose actor channels to follow (never forwarded).
+        pipe.publish(keys.channel(follower), keys.CONTROL_FOLLOWING)
+        return bool(pipe.execute()[2])
