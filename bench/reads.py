@@ -37,7 +37,7 @@ from feed.cursor import encode_position
 from feed.graph_cassandra import CassandraFollowGraph
 from feed.history_cassandra import CassandraHistory
 from feed.reader import FeedReader
-from feed.timeline_redis import AsyncRedisTimelines, RedisTimelines
+from feed.timelines_redis import AsyncRedisTimelines, RedisTimelines
 from schemas.activity import decode_activity
 
 __all__ = ["run"]

@@ -39,7 +39,7 @@ from feed.cursor import order_key, split_order_key
 from feed.graph_cassandra import CassandraFollowGraph
 from feed.history_cassandra import BODIES_CHUNK, CassandraHistory, HistoryRecord
 from feed.logging import get_logger
-from feed.timeline_redis import Insert, RedisTimelines, Removal
+from feed.timelines_redis import Insert, RedisTimelines, Removal
 from feed.versions import BUMP, new_token
 from schemas.activity import Activity, encode_activity, published_us
 from schemas.follow import FollowEvent

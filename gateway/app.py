@@ -65,10 +65,11 @@ from websockets.exceptions import WebSocketException
 
 from feed import keys
 from feed.cursor import CursorError, decode_position
+from feed.delivery_redis import AsyncRedisPresence
 from feed.kafka import AsyncProducer, KafkaUnavailable, producer_config
 from feed.reader import FeedReader
 from feed.settings import Settings
-from feed.timeline_redis import AsyncRedisPresence, AsyncRedisTimelines
+from feed.timelines_redis import AsyncRedisTimelines
 from gateway.auth import (
     AuthError,
     UserClaims,

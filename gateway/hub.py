@@ -52,7 +52,7 @@ import redis.exceptions
 import structlog
 
 from feed import keys
-from feed.timeline_redis import AsyncRedisPresence
+from feed.delivery_redis import AsyncRedisPresence
 from gateway.pubsub import PubSubLink
 from gateway.session import RESET_CONTROL, presence_frame
 

@@ -32,7 +32,7 @@ from feed.cursor import order_key
 from feed.graph_cassandra import CassandraFollowGraph
 from feed.history_cassandra import CassandraHistory
 from feed.reader import FeedReader
-from feed.timeline_redis import AsyncRedisTimelines, RedisTimelines
+from feed.timelines_redis import AsyncRedisTimelines, RedisTimelines
 from schemas.activity import Activity, decode_activity
 from schemas.follow import FollowEvent
 

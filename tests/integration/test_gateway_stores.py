@@ -32,7 +32,7 @@ from feed import keys, versions
 from feed.cursor import order_key
 from feed.graph_cassandra import CassandraFollowGraph
 from feed.settings import Settings
-from feed.timeline_redis import Insert, RedisTimelines
+from feed.timelines_redis import Insert, RedisTimelines
 from gateway.app import Gateway
 from gateway.auth import mint_token
 from tests.e2e.harness import next_frame, resumed_stream

@@ -17,7 +17,7 @@ from fanout.processor import Processor
 from feed import keys
 from feed.graph_cassandra import CassandraFollowGraph
 from feed.history_cassandra import CassandraHistory
-from feed.timeline_redis import RedisTimelines
+from feed.timelines_redis import RedisTimelines
 from infra import RedisServer
 from schemas.follow import FollowEvent
 

@@ -26,7 +26,7 @@ from feed.cursor import order_key
 from feed.graph_cassandra import CassandraFollowGraph
 from feed.history_cassandra import CassandraHistory, HistoryRecord
 from feed.reader import FeedReader
-from feed.timeline_redis import AsyncRedisTimelines, Insert, RedisTimelines
+from feed.timelines_redis import AsyncRedisTimelines, Insert, RedisTimelines
 from tests.integration.test_processor import T0, act, delete, follow, timeline
 
 

@@ -15,9 +15,10 @@ import redis.asyncio as aioredis
 from fanout.followers import FollowerCache
 from fanout.processor import Processor, RejectedRecord
 from feed import keys
+from feed.delivery_redis import AsyncRedisPresence
 from feed.graph_cassandra import CassandraFollowGraph
 from feed.history_cassandra import CassandraHistory
-from feed.timeline_redis import AsyncRedisPresence, RedisTimelines
+from feed.timelines_redis import RedisTimelines
 from schemas.activity import Activity, decode_activity
 from schemas.follow import FollowEvent
 

@@ -11,7 +11,8 @@ import redis.asyncio as aioredis
 
 from feed import keys
 from feed.cursor import order_key
-from feed.timeline_redis import AsyncRedisPresence, Insert, RedisTimelines, Removal
+from feed.delivery_redis import AsyncRedisPresence
+from feed.timelines_redis import Insert, RedisTimelines, Removal
 
 
 def _timelines(client: redis.Redis, cap: int = 5) -> RedisTimelines:
