@@ -618,7 +618,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
             "both servers: uvicorn, one process, ws=websockets-sansio (ours: its lean "
             "subclass, gateway.websocket), no permessage-deflate "
             "(clients do not offer it); ours: feed gateway, frames published by the fan-out Lua "
-            "script (timeline + delivery stream + PUBLISH u:{uid}); peer: python-socketio "
+            "script (timeline + delivery stream + PUBLISH per user); peer: python-socketio "
             "AsyncServer + AsyncRedisManager, room per user, emits via "
             "AsyncRedisManager(write_only=True); ~300-byte payload; clients (aiohttp) and "
             "publisher in separate processes; all on 127.0.0.1"

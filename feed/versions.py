@@ -1,8 +1,9 @@
 """Versions of a user's follow-graph state in Redis, for the caches built on it.
 
-``gv:{user}`` (the user's followers: the fan-out workers' follower lists) and ``fv:{user}`` (whom
-the user follows: the gateways' large-account lists) hold ``<changes>.<token>``: the number of
-changes since Redis last lost the key, then a fresh random token. Every change sets a new value
+``keys.graph_version(user)`` (the user's followers: the fan-out workers' follower lists) and
+``keys.following_version(user)`` (whom the user follows: the gateways' large-account lists) hold
+``<changes>.<token>``: the number of changes since Redis last lost the key, then a fresh random
+token. Every change sets a new value
 (:data:`BUMP`), and a cache reloads an entry whose version differs from the one it was read
 under.
 
