@@ -153,12 +153,12 @@ def activity_keys(activity_id: str) -> tuple[str, str]:
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def fanout_user_keys(user: str) -> tuple[bytes, bytes, bytes, bytes, bytes]:
-    """A user's presence, active marker, timeline and delivery stream (the four ``KEYS`` per user
-    of ``feed/lua/fanout.lua``, in that order), then their channel. Encoded, because the fan-out
-    is the hot path and ``redis-py`` sends ``bytes`` for about half the cost of ``str``."""
+def fanout_user_keys(user: str) -> tuple[tuple[bytes, bytes, bytes, bytes], bytes]:
+    """A user's (presence, active marker, timeline, delivery stream) — the four ``KEYS`` per user
+    of ``feed/lua/fanout.lua``, in that order — and their channel. Encoded and cached (the
+    fan-out is the hot path, and a worker fans out to the same followers again and again)."""
     tag = f"{{{user}}}".encode()
-    return b"on:" + tag, b"seen:" + tag, b"tl:" + tag, b"dl:" + tag, b"u:" + tag
+    return (b"on:" + tag, b"seen:" + tag, b"tl:" + tag, b"dl:" + tag), b"u:" + tag
 
 
 def remove_user_keys(user: str) -> tuple[str, str, str]:

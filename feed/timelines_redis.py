@@ -172,8 +172,8 @@ def _fanout_calls(
     args = list(head)
     in_call = 0
     for user, mine in per_user.items():
-        on, seen, tl, dl, channel = user_keys(user)
-        call_keys += (on, seen, tl, dl)
+        user_keys_of, channel = user_keys(user)
+        call_keys += user_keys_of
         mine.append(channel)
         args.append(b" ".join(mine))
         in_call += len(mine) - 1

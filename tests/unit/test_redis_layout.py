@@ -152,7 +152,7 @@ def test_every_lua_script_documents_its_keys_and_reads_keys_only_through_keys() 
 
 def test_the_script_key_groups_match_the_names() -> None:
     user = "u-1"
-    on, seen, tl, dl, channel = keys.fanout_user_keys(user)
+    (on, seen, tl, dl), channel = keys.fanout_user_keys(user)
     assert (on, seen, tl, dl, channel) == tuple(
         k.encode()
         for k in (
