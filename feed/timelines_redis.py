@@ -220,9 +220,11 @@ def _execute_packed(
                 replies.append(error)
         return replies
 
+    def fail(_error: Exception) -> None:
+        connection.disconnect()  # type: ignore[no-untyped-call]  # redis-py
+
     try:
-        disconnect = connection.disconnect
-        return connection.retry.call_with_retry(run, lambda _e: disconnect())  # type: ignore[no-untyped-call]
+        return connection.retry.call_with_retry(run, fail)
     finally:
         pool.release(connection)
 
@@ -286,12 +288,13 @@ class RedisTimelines:
                 _execute_packed(self._redis, [("EVALSHA", sha, len(k), *k, *a) for k, a in again])
             )
             results = [next(rerun) if isinstance(r, NoScriptError) else r for r in results]
-        for reply in replies:
-            if isinstance(reply, Exception) and not isinstance(reply, NoScriptError):
-                raise reply
-        for reply in results:
-            if isinstance(reply, Exception):
-                raise reply
+        # As pipeline.execute() does: the first error, once every command ran.
+        errors = [
+            r for r in replies if isinstance(r, Exception) and not isinstance(r, NoScriptError)
+        ]
+        errors += [r for r in results if isinstance(r, Exception)]
+        if errors:
+            raise errors[0]
         return _totals(results)
 
     def claim(self, claims: Sequence[tuple[str, str]], ttl_s: int) -> list[str]:
