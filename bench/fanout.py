@@ -473,7 +473,7 @@ def _redis_memory(ctx: BenchContext, graph: FollowGraph, before: int) -> dict[st
     body_keys = []
     cursor = 0
     for _ in range(20):
-        cursor, found = client.scan(cursor, match="a:*", count=1000)
+        cursor, found = client.scan(cursor, match=keys.body_pattern(), count=1000)
         body_keys.extend(found)
         if cursor == 0 or len(body_keys) >= 200:
             break
@@ -488,7 +488,7 @@ def _redis_memory(ctx: BenchContext, graph: FollowGraph, before: int) -> dict[st
         "timeline_bytes_per_entry": sampled_bytes / sampled_entries if sampled_entries else None,
         "body_bytes_avg": sum(body_sizes) / len(body_sizes) if body_sizes else None,
         "note": "bytes_per_entry = INFO used_memory delta / entries held (bodies amortised in); "
-        "timeline_bytes_per_entry = MEMORY USAGE of sampled tl:{user} sets / their entries",
+        "timeline_bytes_per_entry = MEMORY USAGE of sampled timeline sets / their entries",
     }
 
 

@@ -6,7 +6,7 @@ connections, and its clients, would still take a share of the two cores from the
 
 * **ours** — ``feed gateway`` (uvicorn, one process), with history reads off (the workload needs
   no Cassandra). Messages reach it exactly as the fan-out worker publishes them: the fan-out Lua
-  script (:meth:`feed.timeline_redis.RedisTimelines.insert`) inserts into the user's timeline,
+  script (:meth:`feed.timelines_redis.RedisTimelines.insert`) inserts into the user's timeline,
   gives the frame the next delivery seq, appends it to the user's delivery stream and PUBLISHes
   the complete frame on ``u:{uid}`` (users are online because their client is connected);
 * **peer** — python-socketio ``AsyncServer`` + ``AsyncRedisManager`` under uvicorn, one worker
@@ -603,7 +603,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
             "both servers: uvicorn, one process, ws=websockets-sansio (ours: its lean "
             "subclass, gateway.websocket), no permessage-deflate "
             "(clients do not offer it); ours: feed gateway, frames published by the fan-out Lua "
-            "script (timeline + delivery stream + PUBLISH u:{uid}); peer: python-socketio "
+            "script (timeline + delivery stream + PUBLISH per user); peer: python-socketio "
             "AsyncServer + AsyncRedisManager, room per user, emits via "
             "AsyncRedisManager(write_only=True); ~300-byte payload; clients (aiohttp) and "
             "publisher in separate processes; all on 127.0.0.1"

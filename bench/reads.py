@@ -33,12 +33,13 @@ from cassandra.query import BatchStatement, BatchType
 
 from fanout.followers import FollowerCache
 from fanout.processor import Processor
+from feed import keys
 from feed.cursor import encode_position
 from feed.graph_cassandra import CassandraFollowGraph
 from feed.graph_versions_redis import RedisGraphVersions
 from feed.history_cassandra import CassandraHistory
 from feed.reader import FeedReader
-from feed.timeline_redis import AsyncRedisTimelines, RedisTimelines
+from feed.timelines_redis import AsyncRedisTimelines, RedisTimelines
 from schemas.activity import decode_activity
 
 __all__ = ["run"]
@@ -114,7 +115,7 @@ def run(ctx: Any) -> dict[str, Any]:
     active = set(rng.sample(users, len(users) // 5)) | set(readers)
     pipe = sync.pipeline(transaction=False)
     for user in active:
-        pipe.set(f"seen:{{{user}}}", "1", ex=7 * 86_400)
+        pipe.set(keys.active(user), "1", ex=7 * 86_400)
     pipe.execute()
 
     graph = CassandraFollowGraph(session, s.cassandra_keyspace)
@@ -180,7 +181,7 @@ def run(ctx: Any) -> dict[str, Any]:
     # Bodies are stored once per activity whoever is active: measure them apart (a sample).
     sample = [a.id for a in stream[:: max(1, posts // 50)]]
     body_bytes = (
-        posts * sum(int(sync.memory_usage(f"a:{aid}") or 0) for aid in sample) / len(sample)
+        posts * sum(int(sync.memory_usage(keys.body(aid)) or 0) for aid in sample) / len(sample)
     )
     active_count = len(active) - len(readers)
     hot_timelines = max(0.0, hot["redis_bytes"] - body_bytes)
@@ -241,7 +242,7 @@ async def _measure_reads(
         # The cursor 30 entries before the end of each reader's Redis part.
         boundary: dict[str, str] = {}
         for reader in readers:
-            members = await client.zrevrange(f"tl:{{{reader}}}", 0, -1)
+            members = await client.zrevrange(keys.timeline(reader), 0, -1)
             if len(members) > 30:
                 boundary[reader] = encode_position(members[-31].decode())
         rng = random.Random(11)
@@ -264,7 +265,7 @@ async def _measure_reads(
             "read_crossing_redis_to_cassandra": _percentiles(crossing) if crossing else None,
             "read_with_merged_large_accounts": _percentiles(merged_first),
             "reader_timeline_entries": len(prolific) * 0
-            + int(await client.zcard(f"tl:{{{readers[0]}}}")),
+            + int(await client.zcard(keys.timeline(readers[0]))),
         }
     finally:
         await client.aclose()

@@ -17,7 +17,7 @@ from the server under test and from each other, so neither steals the server's e
 ``publish``
     One step: messages at a fixed offered rate for a fixed time, each to a random connected user,
     then prints one JSON line (sent count, achieved rate, its own CPU). For our gateway it writes
-    exactly as the fan-out worker does, through :meth:`feed.timeline_redis.RedisTimelines.insert`
+    exactly as the fan-out worker does, through :meth:`feed.timelines_redis.RedisTimelines.insert`
     (the fan-out Lua script: timeline ZADD, delivery seq, stream XADD, PUBLISH of the complete
     frame on ``u:{uid}``; one script call per tick). For the peer it emits with
     ``socketio.AsyncRedisManager(url, write_only=True)`` to room ``user:<id>`` (PEERS.md).
@@ -474,7 +474,7 @@ def publish_ours(args: argparse.Namespace, users: list[str]) -> dict[str, Any]:
     import redis
 
     from feed.cursor import order_key
-    from feed.timeline_redis import Insert, RedisTimelines
+    from feed.timelines_redis import Insert, RedisTimelines
 
     client = redis.Redis.from_url(args.redis_url, socket_timeout=30)
     timelines = RedisTimelines(

@@ -54,7 +54,7 @@ from feed.lag import measure_lag
 from feed.logging import get_logger
 from feed.settings import Settings
 from feed.stores import CassandraFollowGraph, CassandraHistory, open_cassandra
-from feed.timeline_redis import RedisTimelines
+from feed.timelines_redis import RedisTimelines
 from schemas.activity import Activity, decode_activity
 from schemas.errors import ValidationError
 from schemas.follow import FollowEvent, decode_follow_event

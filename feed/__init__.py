@@ -7,6 +7,7 @@ Import the submodules you need; this package imports nothing heavy on its own.
 __all__ = [
     "cli",
     "cursor",
+    "delivery_redis",
     "dev",
     "graph_cassandra",
     "history_cassandra",
@@ -17,5 +18,5 @@ __all__ = [
     "reader",
     "settings",
     "stores",
-    "timeline_redis",
+    "timelines_redis",
 ]

@@ -4,11 +4,11 @@ The fan-out worker (``fanout.processor``), the reader (``feed.reader``) and the 
 (``gateway.hub``) are written against these protocols, never against a backend. Each has a
 real implementation and an in-memory one (for unit tests):
 
-* :class:`Timelines` (the workers' side): ``feed.timeline_redis.RedisTimelines``;
+* :class:`Timelines` (the workers' side): ``feed.timelines_redis.RedisTimelines``;
   ``feed.memory.MemoryTimelines``.
-* :class:`AsyncTimelines` (the gateway's side): ``feed.timeline_redis.AsyncRedisTimelines``;
+* :class:`AsyncTimelines` (the gateway's side): ``feed.timelines_redis.AsyncRedisTimelines``;
   ``feed.memory.MemoryAsyncTimelines``.
-* :class:`DeliveryStream`: ``feed.timeline_redis.AsyncRedisPresence``;
+* :class:`DeliveryStream`: ``feed.delivery_redis.AsyncRedisPresence``;
   ``feed.memory.MemoryDeliveryStream``.
 * :class:`History`: ``feed.history_cassandra.CassandraHistory``; ``feed.memory.MemoryHistory``.
 * :class:`FollowGraph`: ``feed.graph_cassandra.CassandraFollowGraph``;
@@ -47,8 +47,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
+from feed.delivery_redis import Presence
 from feed.history_cassandra import HistoryRecord, Stored
-from feed.timeline_redis import Insert, Presence, Removal, TimelinePage
+from feed.timelines_redis import Insert, Removal, TimelinePage
 
 __all__ = [
     "AsyncTimelines",
@@ -444,10 +445,11 @@ if TYPE_CHECKING:  # the Redis and Cassandra stores conform (mypy checks this bo
     def _conforms() -> None:
         from typing import Any
 
+        from feed.delivery_redis import AsyncRedisPresence
         from feed.graph_cassandra import CassandraFollowGraph
         from feed.graph_versions_redis import RedisGraphVersions
         from feed.history_cassandra import CassandraHistory
-        from feed.timeline_redis import AsyncRedisPresence, AsyncRedisTimelines, RedisTimelines
+        from feed.timelines_redis import AsyncRedisTimelines, RedisTimelines
 
         c: Any = None
         _t: Timelines = RedisTimelines(c, timeline_max=1, stream_history=1, body_ttl_s=1)

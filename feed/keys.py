@@ -1,21 +1,30 @@
-"""Redis key and channel names.
+"""Redis key and channel names: the one module that spells them.
 
 Every per-user key carries the user id as a Redis Cluster hash tag (``{uid}``), so all of one
-user's keys live in one slot and the per-user scripts stay slot-local.
+user's keys live in one slot. No other module (nor any script in ``feed/lua/``) writes a key
+prefix: the stores build names here and hand them to the scripts through ``KEYS`` (channels
+through ``ARGV``), and ``tests/unit/test_redis_layout.py`` fails on a prefix literal elsewhere.
+The groups at the end (:func:`fanout_user_keys`, ...) are the per-user or per-activity ``KEYS``
+of the multi-user scripts, in the order those scripts read them.
 """
 
 from __future__ import annotations
 
+import functools
+
 __all__ = [
     "CONTROL_FOLLOWING",
     "active",
+    "activity_keys",
     "actor_channel",
     "big_accounts",
     "body",
+    "body_pattern",
     "channel",
     "claim",
     "deleted",
     "deliveries",
+    "fanout_user_keys",
     "following_version",
     "graph_version",
     "idempotency",
@@ -25,6 +34,7 @@ __all__ = [
     "rate_connect_user",
     "rate_ingest",
     "rebuilding",
+    "remove_user_keys",
     "timeline",
 ]
 
@@ -129,3 +139,29 @@ def rate_connect_user(user: str) -> str:
 def rate_connect_ip(ip: str) -> str:
     """Hash: the WebSocket connect token bucket of one client address (at most 64 characters)."""
     return f"rl:connect:ip:{ip[:64]}"
+
+
+def body_pattern() -> str:
+    """``SCAN`` pattern matching every activity body key (:func:`body`): for tools and benches."""
+    return body("*")
+
+
+def activity_keys(activity_id: str) -> tuple[str, str]:
+    """An activity's (deleted marker, body): its ``KEYS`` in the fan-out, outbox, rebuild and
+    body-cache scripts."""
+    return f"d:{activity_id}", f"a:{activity_id}"
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def fanout_user_keys(user: str) -> tuple[tuple[bytes, bytes, bytes, bytes], bytes]:
+    """A user's (presence, active marker, timeline, delivery stream) — the four ``KEYS`` per user
+    of ``feed/lua/fanout.lua``, in that order — and their channel. Encoded and cached (the
+    fan-out is the hot path, and a worker fans out to the same followers again and again)."""
+    tag = f"{{{user}}}".encode()
+    return (b"on:" + tag, b"seen:" + tag, b"tl:" + tag, b"dl:" + tag), b"u:" + tag
+
+
+def remove_user_keys(user: str) -> tuple[str, str, str]:
+    """A user's (timeline, presence, delivery stream): the three ``KEYS`` per user of
+    ``feed/lua/remove.lua``."""
+    return f"tl:{{{user}}}", f"on:{{{user}}}", f"dl:{{{user}}}"

@@ -19,7 +19,7 @@ its lease expires.
 Deletes: Cassandra never returns a deleted activity's body, so a deleted entry left in some
 timeline is skipped. A rebuild and the re-caching of bodies read from Cassandra write Redis
 through scripts that check each activity's deleted marker atomically, so one that read Cassandra
-just before a Delete does not write the activity back (``feed.timeline_redis``).
+just before a Delete does not write the activity back (``feed.timelines_redis``).
 
 Large accounts (``FEED_FANOUT_LIMIT``): their activities are not fanned out on write. A page is
 the merge of the user's own timeline page and, for each large account the user follows, that
@@ -39,7 +39,7 @@ from collections import OrderedDict
 
 import msgspec
 
-from feed.cursor import decode_position, encode_position
+from feed.cursor import decode_position, encode_position, split_order_key
 from feed.interfaces import AsyncTimelines, FollowGraph, History
 from feed.logging import get_logger
 from schemas.http import FeedItem, FeedPage
@@ -55,7 +55,7 @@ _BIG_CHECK_MAX = 1000
 
 
 def _aid(member: str) -> str:
-    return member.partition(":")[2]
+    return split_order_key(member)[1]
 
 
 class FeedReader:

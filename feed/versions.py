@@ -1,8 +1,9 @@
 """Versions of a user's follow-graph state in Redis, for the caches built on it.
 
-``gv:{user}`` (the user's followers: the fan-out workers' follower lists) and ``fv:{user}`` (whom
-the user follows: the gateways' large-account lists) hold ``<changes>.<token>``: the number of
-changes since Redis last lost the key, then a fresh random token. Every change sets a new value
+``keys.graph_version(user)`` (the user's followers: the fan-out workers' follower lists) and
+``keys.following_version(user)`` (whom the user follows: the gateways' large-account lists) hold
+``<changes>.<token>``: the number of changes since Redis last lost the key, then a fresh random
+token. Every change sets a new value
 (:data:`BUMP`), and a cache reloads an entry whose version differs from the one it was read
 under.
 
@@ -22,16 +23,13 @@ from collections.abc import Sequence
 import redis
 import redis.asyncio as aioredis
 
+from feed import scripts
+
 __all__ = ["BUMP", "changes", "current", "current_async", "new_token"]
 
-#: KEYS[1]: the version key; ARGV[1]: a fresh token. Returns the new number of changes.
-BUMP = """
-local v = redis.call('GET', KEYS[1])
-local n = 0
-if v then n = tonumber(string.match(v, '^(%d+)')) or 0 end
-redis.call('SET', KEYS[1], (n + 1) .. '.' .. ARGV[1])
-return n + 1
-"""
+#: The script that sets a version anew (``feed/lua/version_bump.lua``; KEYS[1]: the version key,
+#: ARGV[1]: a fresh token; returns the new number of changes). Its users register it once.
+BUMP = scripts.source("version_bump")
 
 
 def new_token() -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import jwt
 
 from feed.settings import Secret
-from schemas.activity import ID_RE
+from schemas.activity import is_valid_id
 from schemas.errors import FeedError
 
 __all__ = [
@@ -38,9 +38,6 @@ __all__ = [
 ALGORITHM = "HS256"
 _ALGORITHMS = [ALGORITHM]
 _REQUIRED = ["exp", "sub"]
-#: The one user-id rule (``schemas.activity``): 1-128 characters, no whitespace or control
-#: character anywhere (a trailing newline included).
-_USER_ID = ID_RE
 #: A bearer token longer than this is not one of ours (and is not worth decoding).
 MAX_TOKEN_CHARS = 4096
 #: Latest ``exp`` accepted: 9999-12-31T23:59:59Z (a larger number is no date; a huge integer
@@ -96,7 +93,7 @@ def verify_user_token(token: str, secret: Secret, *, leeway_s: int) -> UserClaim
         # that does not convert): still just an invalid token, never a server error.
         raise AuthError("invalid", "the token is not a valid JWT") from None
     user = claims.get("sub")
-    if not isinstance(user, str) or not _USER_ID.match(user):
+    if not isinstance(user, str) or not is_valid_id(user):  # the one user-id rule
         raise AuthError("bad_subject", "the `sub` claim is not a valid user id")
     exp = claims.get("exp")
     if not isinstance(exp, int | float) or isinstance(exp, bool):
@@ -108,7 +105,7 @@ def verify_user_token(token: str, secret: Secret, *, leeway_s: int) -> UserClaim
 
 def mint_token(secret: Secret | str, user: str, ttl_s: int, *, now: float | None = None) -> str:
     """A user JWT for ``user`` valid for ``ttl_s`` seconds (``feed token``, dev page, tests)."""
-    if not _USER_ID.match(user):
+    if not is_valid_id(user):
         raise ValueError("user id must be 1-128 printable characters without whitespace")
     if ttl_s <= 0:
         raise ValueError("ttl_s must be positive")

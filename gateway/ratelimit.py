@@ -1,10 +1,11 @@
 """Rate limits: token buckets in Redis, shared by every gateway process.
 
 A bucket holds at most ``burst`` tokens and gains ``rate`` tokens per second; a request takes one.
-One Lua script reads, refills and takes, so the check is **atomic**: concurrent requests on any
-number of gateways never take the same token twice. The script uses the Redis server's clock
-(``TIME``), so gateways with skewed clocks agree. Each call touches one key (slot-local in Redis
-Cluster); a bucket key expires once it would be full again, so idle clients cost nothing.
+One Lua script (``feed/lua/token_bucket.lua``) reads, refills and takes, so the check is
+**atomic**: concurrent requests on any number of gateways never take the same token twice. The
+script uses the Redis server's clock (``TIME``), so gateways with skewed clocks agree. Each call
+touches one key (slot-local in Redis Cluster); a bucket key expires once it would be full again,
+so idle clients cost nothing.
 
 Buckets used by the gateway (settings in ``feed.settings``):
 
@@ -28,7 +29,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from feed import keys
+from feed import keys, scripts
 
 __all__ = [
     "Decision",
@@ -40,39 +41,6 @@ __all__ = [
 ]
 
 log = structlog.get_logger("gateway.ratelimit")
-
-# KEYS[1] the bucket (hash: t = tokens, ts = last update, µs of the server clock)
-# ARGV[1] rate (tokens per second, > 0), ARGV[2] burst (tokens, >= 1), ARGV[3] cost
-# Returns {1 if taken else 0, µs until `cost` tokens are available (0 if taken)}.
-_TOKEN_BUCKET = """
-local rate = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local state = redis.call('HMGET', KEYS[1], 't', 'ts')
-local tokens = tonumber(state[1])
-local ts = tonumber(state[2])
-if tokens == nil or ts == nil then
-  tokens = burst
-  ts = now
-end
-if now > ts then
-  tokens = math.min(burst, tokens + (now - ts) * rate / 1000000)
-  ts = now
-end
-local taken = 0
-local wait = 0
-if tokens >= cost then
-  tokens = tokens - cost
-  taken = 1
-else
-  wait = math.ceil((cost - tokens) * 1000000 / rate)
-end
-redis.call('HSET', KEYS[1], 't', string.format('%.6f', tokens), 'ts', string.format('%.0f', ts))
-redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) * 1000 / rate) + 1000)
-return {taken, wait}
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +92,7 @@ class RedisRateLimiter:
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
-        self._script = client.register_script(_TOKEN_BUCKET)
+        self._script = client.register_script(scripts.source("token_bucket"))
         #: Checks that failed open because Redis was unreachable (tests, logs).
         self.failed_open = 0
 

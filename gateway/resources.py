@@ -25,10 +25,11 @@ import structlog
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.requests import HTTPConnection
 
+from feed.delivery_redis import AsyncRedisPresence
 from feed.kafka import AsyncProducer, producer_config
 from feed.reader import FeedReader
 from feed.settings import Settings
-from feed.timeline_redis import AsyncRedisPresence, AsyncRedisTimelines
+from feed.timelines_redis import AsyncRedisTimelines
 from gateway.big_accounts import BigAccounts
 from gateway.hub import Hub
 from gateway.metrics import GatewayMetrics

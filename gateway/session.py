@@ -18,7 +18,7 @@ Output
     :meth:`~Session.close_code` — ``None`` or ``(code, reason)``: close the socket with it.
 
 Delivery model. Every frame the gateway pushes comes from the user's delivery stream
-(``feed.timeline_redis``): it carries a stream cursor ``<epoch>.<seq>`` and seqs are consecutive.
+(``feed.delivery_redis``): it carries a stream cursor ``<epoch>.<seq>`` and seqs are consecutive.
 The session keeps ``last``, the seq of the last frame it queued for the client, and only ever queues
 ``last + 1`` — so the client sees no repeat and no gap:
 
@@ -60,17 +60,17 @@ requested while that total is at most half the bound, so a long replay streams a
 
 from __future__ import annotations
 
-import re
-
 from feed.cursor import CursorError, decode_stream
 from schemas.errors import ValidationError
 from schemas.frames import (
     MAX_INBOUND_FRAME,
+    PRESENCE_HEAD,
     Reset,
     UnknownFrameType,
     Welcome,
     decode_client_frame,
     encode_frame,
+    stream_position,
 )
 
 __all__ = [
@@ -102,17 +102,10 @@ CLOSE_TOO_SLOW = 4008
 CLOSE_RATE_LIMITED = 4029
 
 _RESET = encode_frame(Reset())
-_CURSOR_KEY = b'"cursor":"'
-#: The cursor is the second key of every frame the fan-out script builds: look only this far.
-_CURSOR_WINDOW = 64
-#: Longest ``<epoch>.<seq>`` (16 + 1 + 18 characters, see ``feed.cursor``).
-_CURSOR_MAX = 35
-#: A stream cursor as this server issues it (``feed.cursor``), in ASCII only.
-_STREAM_CURSOR = re.compile(r"[a-z0-9]{1,16}\.[0-9]{1,18}")
 #: Frames of the gateway itself (never forwarded to a client) start with this.
 _CONTROL_PREFIX = b'{"type":"_'
 #: The user's presence is attached at the given position (see :func:`presence_frame`).
-PRESENCE_PREFIX = b'{"type":"_presence"'
+PRESENCE_PREFIX = PRESENCE_HEAD[: PRESENCE_HEAD.index(b",")]
 #: Items may have missed the user's delivery stream (the hub hands this in, see
 #: :meth:`Session.missed_outside_stream`): the client must refetch.
 RESET_CONTROL = b'{"type":"_reset"}'
@@ -135,25 +128,7 @@ def fit_close_reason(reason: str) -> str:
 def presence_frame(epoch: str, seq: int) -> bytes:
     """The in-process frame saying "the user's delivery stream is at ``epoch.seq``" (the hub
     hands it to the user's connections after re-attaching presence)."""
-    return PRESENCE_PREFIX + b',"cursor":"' + f"{epoch}.{seq}".encode() + b'"}'
-
-
-def stream_position(frame: bytes) -> tuple[str, int] | None:
-    """``(epoch, seq)`` of a pushed frame, read with string operations (no JSON decoding)."""
-    start = frame.find(_CURSOR_KEY, 0, _CURSOR_WINDOW)
-    if start < 0:
-        return None
-    start += len(_CURSOR_KEY)
-    end = frame.find(b'"', start, start + _CURSOR_MAX + 1)
-    if end < 0:
-        return None
-    epoch, dot, seq = frame[start:end].partition(b".")
-    if not dot or not epoch or not seq.isdigit() or len(seq) > 18:
-        return None
-    try:
-        return epoch.decode("ascii"), int(seq)
-    except UnicodeDecodeError:
-        return None
+    return PRESENCE_HEAD + f"{epoch}.{seq}".encode() + b'"}'
 
 
 class Session:
@@ -453,13 +428,8 @@ class Session:
         return self._holding or self._asked is not None or self._wanted
 
     def _resume(self, cursor: str) -> None:
-        if not _STREAM_CURSOR.fullmatch(cursor):
-            # Only what this server issues: ASCII digits (``\d`` would take "٣" for 3) and no
-            # trailing newline (which ``$`` lets through).
-            self._reset()
-            return
         try:
-            position = decode_stream(cursor)
+            position = decode_stream(cursor)  # only what this server issues (feed.cursor)
         except CursorError:
             self._reset()
             return

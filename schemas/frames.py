@@ -1,8 +1,12 @@
 """WebSocket frames of ``GET /v1/stream``.
 
-Server frames are built as bytes by the fan-out script and the gateway (one encoding, shared by
-every connection of a user); these structs document them and are used in tests and for the few
-frames the gateway builds itself. Client frames are decoded with :func:`decode_client_frame`.
+Server frames are built as bytes by the Redis scripts and the gateway (one encoding, shared by
+every connection of a user). This module is their one owner: the structs below define them, and
+the byte pieces (``*_HEAD``, ``*_MIDDLE``, ``*_TAIL``) are what the scripts splice around a cursor
+and a body (they receive them through ``ARGV``; no frame text is written in Lua). A unit test
+decodes spliced frames with these structs, so the pieces and the structs cannot drift apart.
+:func:`stream_position` reads the cursor of a spliced frame back by the same pieces. Client
+frames are decoded with :func:`decode_client_frame`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,15 @@ import msgspec
 from schemas.errors import DECODE_ERRORS, ValidationError, from_decode_error
 
 __all__ = [
+    "ACTIVITY_HEAD",
+    "ACTIVITY_MIDDLE",
+    "ACTIVITY_TAIL",
+    "CURSOR_HEADS",
     "MAX_INBOUND_FRAME",
+    "PRESENCE_HEAD",
+    "REMOVED_HEAD",
+    "REMOVED_MIDDLE",
+    "REMOVED_TAIL",
     "ActivityFrame",
     "ClientFrame",
     "Removed",
@@ -24,10 +36,30 @@ __all__ = [
     "Welcome",
     "decode_client_frame",
     "encode_frame",
+    "stream_position",
 ]
 
 MAX_INBOUND_FRAME = 64 * 1024
 Cursor = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+
+
+#: ``activity`` frame: ``ACTIVITY_HEAD + <epoch>.<seq> + ACTIVITY_MIDDLE + <activity JSON> +
+#: ACTIVITY_TAIL`` (what :class:`ActivityFrame` encodes to; spliced by ``feed/lua/fanout.lua``).
+ACTIVITY_HEAD = b'{"type":"activity","cursor":"'
+ACTIVITY_MIDDLE = b'","activity":'
+ACTIVITY_TAIL = b"}"
+#: ``removed`` frame: ``REMOVED_HEAD + <epoch>.<seq> + REMOVED_MIDDLE + <id as a JSON string> +
+#: REMOVED_TAIL`` (the order :class:`Removed` decodes; spliced by ``feed/lua/remove.lua``).
+REMOVED_HEAD = b'{"type":"removed","cursor":"'
+REMOVED_MIDDLE = b'","id":'
+REMOVED_TAIL = b"}"
+#: The gateway's in-process ``_presence`` frame (never sent to a client): ``PRESENCE_HEAD +
+#: <epoch>.<seq> + b'"}'`` (``gateway.session.presence_frame``).
+PRESENCE_HEAD = b'{"type":"_presence","cursor":"'
+#: The frames that carry a delivery cursor, by the piece before it (:func:`stream_position`).
+CURSOR_HEADS = (ACTIVITY_HEAD, REMOVED_HEAD, PRESENCE_HEAD)
+#: Longest ``<epoch>.<seq>`` (16 + 1 + 18 characters, see ``feed.cursor``).
+_CURSOR_MAX = 35
 
 
 class Welcome(msgspec.Struct, tag_field="type", tag="welcome"):
@@ -102,6 +134,29 @@ def _shown(value: str) -> str:
     while end > 0 and len(shown := ascii(value[:end])) > _SHOWN_MAX - 3:
         end -= 1
     return shown + "..."
+
+
+def stream_position(frame: bytes) -> tuple[str, int] | None:
+    """``(epoch, seq)`` of a frame that starts with one of :data:`CURSOR_HEADS`, read with
+    string operations (no JSON decoding); None for any other frame or a malformed cursor
+    (anything but ``<1-16 of a-z0-9>.<1-18 ASCII digits>`` closed by a quote)."""
+    for head in CURSOR_HEADS:
+        if frame.startswith(head):
+            break
+    else:
+        return None
+    start = len(head)
+    end = frame.find(b'"', start, start + _CURSOR_MAX + 1)
+    if end < 0:
+        return None
+    epoch, dot, seq = frame[start:end].partition(b".")
+    if not dot or not 0 < len(epoch) <= 16 or not 0 < len(seq) <= 18:
+        return None
+    if not (epoch.isascii() and epoch.isalnum() and epoch == epoch.lower()):
+        return None
+    if not (seq.isascii() and seq.isdigit()):
+        return None
+    return epoch.decode("ascii"), int(seq)
 
 
 def encode_frame(frame: Welcome | ActivityFrame | Removed | Reset) -> bytes:

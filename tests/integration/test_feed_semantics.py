@@ -30,7 +30,7 @@ from feed.graph_cassandra import CassandraFollowGraph
 from feed.graph_versions_redis import RedisGraphVersions
 from feed.history_cassandra import CassandraHistory
 from feed.reader import FeedReader
-from feed.timeline_redis import AsyncRedisTimelines, RedisTimelines
+from feed.timelines_redis import AsyncRedisTimelines, RedisTimelines
 from schemas.activity import Activity, decode_activity
 from schemas.follow import FollowEvent
 from tests.support.feed_model import T0, USERS, Model, ops

@@ -36,7 +36,7 @@ from websockets.typing import Origin
 from feed.cursor import order_key
 from feed.kafka import AsyncProducer, create_topics, producer_config
 from feed.settings import Secret, Settings
-from feed.timeline_redis import Insert, RedisTimelines
+from feed.timelines_redis import Insert, RedisTimelines
 from gateway.auth import mint_token
 from gateway.server import GatewayServer, _RedactTokens, build_server
 from gateway.timers import TICK_S
@@ -381,7 +381,7 @@ async def test_published_frame_reaches_the_socket(gw: Running, timelines: RedisT
 
 
 async def test_removed_frame_reaches_the_socket(gw: Running, timelines: RedisTimelines) -> None:
-    from feed.timeline_redis import Removal
+    from feed.timelines_redis import Removal
 
     user = uid()
     ws, _ = await welcomed(gw, user)
@@ -1072,7 +1072,7 @@ class _Conn:
 async def test_hub_keeps_nothing_for_users_who_left(redis_url: str, rclient: redis.Redis) -> None:
     import redis.asyncio as aioredis
 
-    from feed.timeline_redis import AsyncRedisPresence
+    from feed.delivery_redis import AsyncRedisPresence
     from gateway.hub import Hub
     from gateway.pubsub import RedisSubscriber
 

@@ -34,7 +34,7 @@ from feed import keys, versions
 from feed.cursor import order_key
 from feed.graph_cassandra import CassandraFollowGraph
 from feed.settings import Settings
-from feed.timeline_redis import Insert, RedisTimelines
+from feed.timelines_redis import Insert, RedisTimelines
 from gateway import closecodes
 from gateway.auth import mint_token
 from gateway.resources import Gateway

@@ -18,7 +18,7 @@ from feed import keys
 from feed.graph_cassandra import CassandraFollowGraph
 from feed.graph_versions_redis import RedisGraphVersions
 from feed.history_cassandra import CassandraHistory
-from feed.timeline_redis import RedisTimelines
+from feed.timelines_redis import RedisTimelines
 from infra import RedisServer
 from schemas.follow import FollowEvent
 

@@ -27,7 +27,7 @@ from feed.graph_cassandra import CassandraFollowGraph
 from feed.graph_versions_redis import RedisGraphVersions
 from feed.history_cassandra import CassandraHistory, HistoryRecord
 from feed.reader import FeedReader
-from feed.timeline_redis import AsyncRedisTimelines, Insert, RedisTimelines
+from feed.timelines_redis import AsyncRedisTimelines, Insert, RedisTimelines
 from tests.support.events import T0, act, delete, follow
 from tests.support.processor import timeline
 

@@ -13,10 +13,11 @@ import redis.asyncio as aioredis
 from fanout.followers import FollowerCache
 from fanout.processor import Processor, RejectedRecord
 from feed import keys
+from feed.delivery_redis import AsyncRedisPresence
 from feed.graph_cassandra import CassandraFollowGraph
 from feed.graph_versions_redis import RedisGraphVersions
 from feed.history_cassandra import CassandraHistory
-from feed.timeline_redis import AsyncRedisPresence, RedisTimelines
+from feed.timelines_redis import RedisTimelines
 from tests.support.events import act, delete, follow
 from tests.support.processor import timeline
 

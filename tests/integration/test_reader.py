@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from feed.cursor import CursorError, order_key
 from feed.history_cassandra import CassandraHistory, HistoryRecord
 from feed.reader import FeedReader
-from feed.timeline_redis import AsyncRedisTimelines, Insert, RedisTimelines
+from feed.timelines_redis import AsyncRedisTimelines, Insert, RedisTimelines
 
 
 async def test_paging_crosses_into_history(

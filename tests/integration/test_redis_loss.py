@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from feed.cursor import order_key
 from feed.history_cassandra import CassandraHistory, HistoryRecord
 from feed.reader import FeedReader
-from feed.timeline_redis import AsyncRedisTimelines
+from feed.timelines_redis import AsyncRedisTimelines
 
 
 def _lose(redis_client: Any, user: str) -> None:
@@ -107,7 +107,8 @@ async def test_reader_rebuilds_again_when_redis_lost_the_lease_of_its_rebuild(
 async def test_an_online_user_without_an_active_marker_is_still_written_and_pushed(
     redis_client: Any, settings: Any, ids: Callable[[str], str]
 ) -> None:
-    from feed.timeline_redis import AsyncRedisPresence, Insert, RedisTimelines
+    from feed.delivery_redis import AsyncRedisPresence
+    from feed.timelines_redis import Insert, RedisTimelines
 
     online, offline = ids("online"), ids("offline")
     client = aioredis.Redis.from_url(settings.redis_url)
@@ -129,7 +130,7 @@ async def test_an_online_user_without_an_active_marker_is_still_written_and_push
 async def test_refresh_reports_users_whose_presence_redis_lost(
     redis_client: Any, settings: Any, ids: Callable[[str], str]
 ) -> None:
-    from feed.timeline_redis import AsyncRedisPresence
+    from feed.delivery_redis import AsyncRedisPresence
 
     kept, lost = ids("kept"), ids("lost")
     client = aioredis.Redis.from_url(settings.redis_url)

@@ -11,7 +11,9 @@ import redis.asyncio as aioredis
 
 from feed import keys
 from feed.cursor import order_key
-from feed.timeline_redis import AsyncRedisPresence, Insert, RedisTimelines, Removal
+from feed.delivery_redis import AsyncRedisPresence
+from feed.timelines_redis import Insert, RedisTimelines, Removal
+from schemas import frames as schema_frames
 
 
 def _timelines(client: redis.Redis, cap: int = 5) -> RedisTimelines:
@@ -134,6 +136,44 @@ def test_only_online_users_get_frames_in_sequence(
     stream = redis_client.xrange(keys.deliveries(online))
     assert [eid for eid, _ in stream] == [b"1-0", b"2-0", b"3-0"]
     assert redis_client.exists(keys.deliveries(offline)) == 0
+
+
+def test_the_scripts_frames_are_the_schemas_frames(
+    redis_client: redis.Redis,
+    settings,
+    ids: Callable[[str], str],  # type: ignore[no-untyped-def]
+) -> None:
+    """The frames the fan-out and remove scripts splice from ``schemas.frames``' pieces are, byte
+    for byte, what the frame structs encode, and ``stream_position`` reads their cursors."""
+    online, a = ids("on"), ids("a")
+    epoch = _attach(settings, online)
+    t = _timelines(redis_client, cap=10)
+    item = _insert(5, a, [online])
+    assert t.insert([item]) == (1, 1)
+    assert t.remove([Removal(item.member, a, [online])]) == (1, 1)
+    stream = [fields[b"f"] for _, fields in redis_client.xrange(keys.deliveries(online))]
+    assert stream[0] == schema_frames.encode_frame(
+        schema_frames.ActivityFrame(f"{epoch}.1", msgspec.Raw(item.body))
+    )
+    removed = msgspec.json.decode(stream[1], type=schema_frames.Removed)
+    assert (removed.id, removed.cursor) == (a, f"{epoch}.2")
+    assert [schema_frames.stream_position(f) for f in stream] == [(epoch, 1), (epoch, 2)]
+
+
+def test_insert_loads_the_script_again_after_redis_lost_it(
+    redis_client: redis.Redis, ids: Callable[[str], str]
+) -> None:
+    """The fan-out runs its script by EVALSHA on a packed pipeline: a Redis that lost its script
+    cache (restart, SCRIPT FLUSH) answers NOSCRIPT, and the store loads the script and runs the
+    calls again, so nothing is lost and nothing is doubled."""
+    users = [ids(f"u{n}") for n in range(3)]
+    a = ids("a")
+    t = _timelines(redis_client, cap=10)
+    redis_client.script_flush()
+    assert t.insert([_insert(1, a, users)]) == (3, 0)
+    assert all(t.page(u, None, 10).members == [order_key(1, a)] for u in users)
+    redis_client.script_flush()
+    assert t.insert([_insert(1, a, users), _insert(2, f"{a}-2", users[:1])]) == (1, 0)
 
 
 def _attach(settings, user: str) -> str:  # type: ignore[no-untyped-def]

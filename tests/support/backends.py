@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from cassandra.cluster import Session
 
 from feed import keys
+from feed.delivery_redis import AsyncRedisPresence
 from feed.graph_cassandra import CassandraFollowGraph
 from feed.graph_versions_redis import RedisGraphVersions
 from feed.history_cassandra import CassandraHistory
@@ -31,7 +32,7 @@ from feed.memory import (
     MemoryRedis,
     MemoryTimelines,
 )
-from feed.timeline_redis import AsyncRedisPresence, AsyncRedisTimelines, RedisTimelines
+from feed.timelines_redis import AsyncRedisTimelines, RedisTimelines
 from gateway.pubsub import RedisSubscriber
 
 __all__ = ["Backend", "memory_backend", "real_backend"]

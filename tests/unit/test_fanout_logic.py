@@ -7,32 +7,25 @@ import pytest
 
 from fanout.processor import _recipients
 from feed.lag import desired_replicas, partition_lag
-from feed.timeline_redis import _MAX_USERS, _chunks
+from feed.timelines_redis import _MAX_USERS, _chunks
 from schemas.activity import decode_activity
-
-
-def _flatten(calls: list[list[object]], head: int, fixed: int) -> list[tuple[object, list[str]]]:
-    groups = []
-    for call in calls:
-        for i in range(head, len(call), fixed + 1):
-            users = str(call[i + fixed]).split("\n")
-            groups.append((tuple(call[i : i + fixed]), users))
-    return groups
 
 
 @pytest.mark.parametrize("sizes", [[1], [0, 3], [10_000], [5000, 5000, 5000], [1] * 3000])
 def test_chunks_keep_every_user_once_and_stay_bounded(sizes: list[int]) -> None:
     groups = [
-        ([f"m{g}", f"b{g}"], [f"u{g}-{n}" for n in range(size)]) for g, size in enumerate(sizes)
+        ((f"m{g}", f"b{g}"), [f"u{g}-{n}" for n in range(size)]) for g, size in enumerate(sizes)
     ]
-    calls = _chunks([1, 2, 3], groups)
-    flat = _flatten(calls, 3, 2)
-    assert all(call[:3] == [1, 2, 3] for call in calls)
-    per_call = [sum(len(str(a).split("\n")) for a in call[5::3]) for call in calls]
-    assert all(n <= _MAX_USERS for n in per_call)
+    calls = _chunks(groups)
+    assert all(sum(len(users) for _, users in call) <= _MAX_USERS for call in calls)
+    flat = [(fixed, list(users)) for call in calls for fixed, users in call]
     users = [u for _, us in flat for u in us]
     assert users == [u for _, us in groups for u in us]
     assert all(us and all(us) for _, us in flat)
+    assert all(
+        fixed == (f"m{u[0][1 : u[0].index('-')]}", f"b{u[0][1 : u[0].index('-')]}")
+        for fixed, u in flat
+    )
 
 
 def test_recipients_are_followers_then_extra_to() -> None:

@@ -18,6 +18,7 @@ from schemas import (
     decode_follow_event,
     decode_follow_request,
     encode_activity,
+    frames,
     published_us,
 )
 from schemas.activity import ID_RE, is_valid_id
@@ -249,3 +250,68 @@ def test_client_frames() -> None:
 def test_error_as_dict_for_http() -> None:
     err = error_of(enc({**GOOD, "id": "x" * 200}))
     assert set(err.as_dict()) == {"code", "message", "field"}
+
+
+# --- frames spliced by the Redis scripts from schemas.frames' pieces --------------------------
+def _activity_frame(cursor: str, body: bytes) -> bytes:
+    """Exactly what feed/lua/fanout.lua splices (head .. cursor .. middle .. body .. tail)."""
+    return (
+        frames.ACTIVITY_HEAD
+        + cursor.encode()
+        + frames.ACTIVITY_MIDDLE
+        + body
+        + frames.ACTIVITY_TAIL
+    )
+
+
+def _removed_frame(cursor: str, activity_id: str) -> bytes:
+    """Exactly what feed/lua/remove.lua splices (the id as a JSON string)."""
+    return (
+        frames.REMOVED_HEAD
+        + cursor.encode()
+        + frames.REMOVED_MIDDLE
+        + msgspec.json.encode(activity_id)
+        + frames.REMOVED_TAIL
+    )
+
+
+def test_a_spliced_activity_frame_is_the_activity_frame_type() -> None:
+    body = b'{"id":"a-1","actor":"u\\"1","extra":{"cursor":"x.1"}}'
+    frame = _activity_frame("ab12.7", body)
+    decoded = msgspec.json.decode(frame, type=frames.ActivityFrame)
+    assert (decoded.cursor, bytes(decoded.activity)) == ("ab12.7", body)
+    # byte for byte what the struct encodes: the pieces and the struct cannot drift apart
+    assert frame == frames.encode_frame(frames.ActivityFrame("ab12.7", msgspec.Raw(body)))
+
+
+def test_a_spliced_removed_frame_is_the_removed_type() -> None:
+    decoded = msgspec.json.decode(_removed_frame("ab12.8", 'a "quoted" id'), type=frames.Removed)
+    assert (decoded.cursor, decoded.id) == ("ab12.8", 'a "quoted" id')
+
+
+def test_stream_position_reads_the_cursor_after_the_known_heads() -> None:
+    assert frames.stream_position(_activity_frame("ab12.42", b"{}")) == ("ab12", 42)
+    assert frames.stream_position(_removed_frame("e1.7", "x")) == ("e1", 7)
+    assert frames.stream_position(frames.PRESENCE_HEAD + b'e9.0"}') == ("e9", 0)
+    # a body that carries a "cursor" key of its own is never read
+    body = b'{"cursor":"ff.999","pad":"' + b"x" * 100 + b'"}'
+    assert frames.stream_position(_activity_frame("ab12.5", body)) == ("ab12", 5)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"{}",
+        b'{"type":"welcome","user":"u","cursor":"e1.5"}',  # no frame of the stream
+        b'{"type":"activity","cursor":"e1"}',
+        b'{"type":"activity","cursor":"e1.x"}',
+        b'{"type":"activity","cursor":".5"}',
+        b'{"type":"activity","cursor":"E1.5"}',
+        b'{"type":"activity","cursor":"e1.5',
+        b'{"type":"activity","cursor":"e1.1234567890123456789"}',
+        b'{"type":"activity","cursor":"e1.\xd9\xa3"}',  # an Arabic-Indic digit
+        b' {"type":"activity","cursor":"e1.5"}',
+    ],
+)
+def test_stream_position_rejects_what_the_scripts_never_build(frame: bytes) -> None:
+    assert frames.stream_position(frame) is None

@@ -1,0 +1,527 @@
+"""Hot timelines in Redis: the fan-out workers' writer and the gateway's reader.
+
+Guarantees (what callers may rely on):
+
+* **Idempotent.** A timeline is a sorted set of order keys (``feed.cursor.order_key``); inserting
+  the same activity again is a no-op and does not push again. An activity that the cap trims
+  straight away (older than the user's newest ``timeline_max`` entries, so it is in Cassandra
+  only) is not pushed either: it is no new item of the hot timeline, and its replay would find it
+  missing from Redis and push it a second time. Bodies are stored once per activity
+  (``keys.body``, with a TTL), not once per follower.
+* **Capped.** Each timeline keeps the newest ``timeline_max`` entries; older ones live in Cassandra.
+* **Atomic per call.** Each script call inserts (or removes) a group of entries, trims, and
+  for every *online* recipient (one with a presence hash, see ``feed.delivery_redis``) assigns
+  the next delivery ``seq``, appends the frame to the user's delivery stream and publishes it on
+  the user's channel — all in one step, so a frame's ``seq`` order is the order it reached the
+  timeline, and a resume that reads the stream after subscribing sees no gap. A call carries at
+  most ``_MAX_USERS`` users' inserts (one pipeline of calls per batch).
+* **Deleted stays deleted.** Once a Delete has set an activity's deleted marker
+  (``keys.deleted``, :meth:`RedisTimelines.mark_deleted`), every script that writes timelines or
+  bodies checks it atomically and leaves the activity out: a fan-out replayed by another worker,
+  a timeline rebuild or a body re-cache that read the activity before the delete cannot write it
+  back. The marker is a cache of the durable flag in Cassandra (kept ``FEED_BODY_TTL_DAYS``).
+* Offline users cost one HGET, one ZADD and one ZREMRANGEBYRANK per user per call, however many
+  of the call's activities they receive: no publish, no stream.
+* **Hot and cold** (``only_active``): users with neither an ``active`` marker (``keys.active``)
+  nor a presence hash are skipped (Cassandra only). An online user is always written and pushed
+  to, so a Redis that lost its active markers (restart) does not silence connected clients once
+  the gateway has re-attached their presence (``AsyncRedisPresence.refresh``, ``gateway.hub``).
+
+The scripts live in ``feed/lua/`` (one file each, its ``KEYS``/``ARGV`` layout at its top) and
+are registered once per store. Every key a script touches is declared in ``KEYS`` (built by
+``feed.keys``); channel names and frame pieces (``schemas.frames``) travel in ``ARGV``. A
+multi-user call still touches many users' keys, which live in different Redis Cluster slots:
+declaring them makes the scripts cluster-ready in form, but running them on a cluster needs the
+calls grouped by slot (issue 14). Today, shard by user id on the client side to scale Redis out
+(docs/operations.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+import hiredis
+import msgspec
+import redis
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, ResponseError
+
+from feed import keys, scripts, versions
+from feed.cursor import split_order_key
+from schemas import frames
+
+__all__ = [
+    "AsyncRedisTimelines",
+    "Insert",
+    "RedisTimelines",
+    "Removal",
+    "TimelinePage",
+]
+
+#: Most users one script call handles (keeps each call's Redis pause short).
+_MAX_USERS = 8192
+#: Most members one set command names or returns (SMISMEMBER, SSCAN COUNT).
+_SET_ARGS = 1000
+_json = msgspec.json.Encoder()
+_ACTIVITY_FRAME = [frames.ACTIVITY_HEAD, frames.ACTIVITY_MIDDLE, frames.ACTIVITY_TAIL]
+_REMOVED_FRAME = [frames.REMOVED_HEAD, frames.REMOVED_MIDDLE, frames.REMOVED_TAIL]
+_G = TypeVar("_G")
+_Args = list[str | int | bytes]
+#: One script call: its KEYS and its ARGV.
+_Call = tuple[list[str | bytes], _Args]
+
+
+@dataclass(frozen=True, slots=True)
+class Insert:
+    """One activity to insert into the timelines of ``users``."""
+
+    member: str
+    activity_id: str
+    body: bytes
+    users: Sequence[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Removal:
+    """One activity to remove from the timelines of ``users``."""
+
+    member: str
+    activity_id: str
+    users: Sequence[str]
+
+
+@dataclass(frozen=True, slots=True)
+class TimelinePage:
+    members: list[str]
+    bodies: dict[str, bytes]
+
+
+def _chunks(groups: Iterable[tuple[_G, Sequence[str]]]) -> list[list[tuple[_G, Sequence[str]]]]:
+    """``groups`` (a fixed part and its users) split into calls of at most ``_MAX_USERS`` users
+    each, in order, so each script run stays short; a group larger than that is split across
+    calls (each part with the group's fixed part). No part is empty."""
+    calls: list[list[tuple[_G, Sequence[str]]]] = []
+    current: list[tuple[_G, Sequence[str]]] = []
+    in_call = 0
+    for fixed, users in groups:
+        start = 0
+        while start < len(users):
+            part = users[start : start + max(1, _MAX_USERS - in_call)]
+            current.append((fixed, part))
+            in_call += len(part)
+            start += len(part)
+            if in_call >= _MAX_USERS:
+                calls.append(current)
+                current, in_call = [], 0
+    if current:
+        calls.append(current)
+    return calls
+
+
+def _remove_calls(hist: int, removals: Iterable[tuple[str, str, Sequence[str]]]) -> list[_Call]:
+    """The ``remove.lua`` calls for (member, activity id, users) removals: per user three KEYS
+    (:func:`feed.keys.remove_user_keys`) and its channel in ARGV, ``_MAX_USERS`` users a call."""
+    calls: list[_Call] = []
+    groups = (((member, _id_json(aid)), users) for member, aid, users in removals if users)
+    for chunk in _chunks(groups):
+        call_keys: list[str | bytes] = []
+        args: _Args = [hist, *_REMOVED_FRAME]
+        for (member, id_json), users in chunk:
+            args += [member, id_json, len(users)]
+            for user in users:
+                call_keys.extend(keys.remove_user_keys(user))
+                args.append(keys.channel(user))
+        calls.append((call_keys, args))
+    return calls
+
+
+def _fanout_calls(
+    inserts: Sequence[Insert], head: _Args
+) -> tuple[list[tuple[str, bytes]], list[_Call]]:
+    """The bodies to SET and the ``fanout.lua`` calls for ``inserts``: every user's inserts
+    grouped into one call (in insert order), at most ``_MAX_USERS`` inserts per call. KEYS: the
+    activities' (deleted marker, body), then per user :func:`feed.keys.fanout_user_keys`."""
+    members: list[str] = []
+    activity_keys: list[str] = []
+    bodies: list[tuple[str, bytes]] = []
+    per_user: dict[str, list[bytes]] = {}
+    get = per_user.get
+    indexes: dict[str, bytes] = {}  # member -> its 1-based index, as the script reads it
+    for insert in inserts:
+        if not insert.users:
+            continue
+        index = indexes.get(insert.member)
+        if index is None:
+            deleted, body = keys.activity_keys(insert.activity_id)
+            bodies.append((body, insert.body))
+            activity_keys += (deleted, body)
+            members.append(insert.member)
+            index = indexes[insert.member] = b"%d" % len(members)
+        for user in insert.users:
+            mine = get(user)
+            if mine is None:
+                per_user[user] = [index]
+            else:
+                mine.append(index)
+    head = [*head, len(members), *_ACTIVITY_FRAME, *members]
+    user_keys = keys.fanout_user_keys
+    calls: list[_Call] = []
+    call_keys: list[str | bytes] = list(activity_keys)
+    args = list(head)
+    in_call = 0
+    for user, mine in per_user.items():
+        user_keys_of, channel = user_keys(user)
+        call_keys += user_keys_of
+        mine.append(channel)
+        args.append(b" ".join(mine))
+        in_call += len(mine) - 1
+        if in_call >= _MAX_USERS:
+            calls.append((call_keys, args))
+            call_keys, args, in_call = list(activity_keys), list(head), 0
+    if in_call:
+        calls.append((call_keys, args))
+    return bodies, calls
+
+
+def _id_json(activity_id: str) -> bytes:
+    return _json.encode(activity_id)
+
+
+def _totals(results: Sequence[Sequence[int | bytes]]) -> tuple[int, int]:
+    return sum(int(r[0]) for r in results), sum(int(r[1]) for r in results)
+
+
+def _execute_packed(
+    client: redis.Redis, commands: list[tuple[str | int | bytes, ...]]
+) -> list[Any]:
+    """The replies to ``commands``, sent as one pipeline on one connection of ``client``'s pool,
+    with error replies in place (as ``pipeline.execute(raise_on_error=False)`` returns them).
+
+    The fan-out's hot path: it packs with ``hiredis.pack_command`` directly, which costs a
+    fraction of ``redis-py``'s own packing per argument (the fan-out sends five per user). A
+    connection error is retried with the connection's own policy, like ``redis-py``'s pipelines
+    (the commands are idempotent: SET, the idempotent scripts, DEL).
+    """
+    # hiredis' stub types its argument as a 1-tuple; it takes a tuple of any length.
+    pack = cast("Callable[[tuple[str | int | bytes, ...]], bytes]", hiredis.pack_command)
+    packed = [b"".join([pack(command) for command in commands])]
+    pool = client.connection_pool
+    connection = pool.get_connection()
+
+    def run() -> list[Any]:
+        connection.send_packed_command(packed)  # type: ignore[no-untyped-call]  # redis-py
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(connection.read_response())
+            except ResponseError as error:
+                replies.append(error)
+        return replies
+
+    def fail(_error: Exception) -> None:
+        connection.disconnect()  # type: ignore[no-untyped-call]  # redis-py
+
+    try:
+        return connection.retry.call_with_retry(run, fail)
+    finally:
+        pool.release(connection)
+
+
+class RedisTimelines:
+    """Synchronous writer and reader (the fan-out worker's side)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        timeline_max: int,
+        stream_history: int,
+        body_ttl_s: int,
+        only_active: bool = False,
+    ) -> None:
+        self._redis = client
+        self._max = timeline_max
+        self._hist = stream_history
+        self._ttl = body_ttl_s
+        self._only_active = "1" if only_active else "0"
+        self._fanout = client.register_script(scripts.source("fanout"))
+        self._remove = client.register_script(scripts.source("remove"))
+        self._outbox_add = client.register_script(scripts.source("outbox_add"))
+        self._outbox_remove = client.register_script(scripts.source("outbox_remove"))
+        self._claim = client.register_script(scripts.source("claim"))
+
+    @property
+    def client(self) -> redis.Redis:
+        return self._redis
+
+    def insert(self, inserts: Sequence[Insert], *, release: Sequence[str] = ()) -> tuple[int, int]:
+        """Insert each activity into its users' timelines. Returns (inserted, pushed).
+
+        With ``only_active``, users without an ``active`` marker are skipped (Cassandra only).
+        One pipeline: the bodies, then script calls of at most ``_MAX_USERS`` inserts each, every
+        user's inserts grouped into one call (one ZADD per user rather than one per insert), then
+        the deletion of the ``release`` ids' claims (:meth:`claim`). An activity deleted
+        meanwhile (:meth:`mark_deleted`) is skipped, atomically, and its body is not kept.
+        """
+        bodies, calls = _fanout_calls(inserts, [self._max, self._hist, self._only_active])
+        if not calls:
+            if release:
+                self._redis.delete(*[keys.claim(a) for a in release])
+            return 0, 0
+        commands: list[tuple[str | int | bytes, ...]] = [
+            ("SET", key, body, "EX", self._ttl) for key, body in bodies
+        ]
+        sha = self._fanout.sha
+        commands += [("EVALSHA", sha, len(k), *k, *a) for k, a in calls]
+        if release:
+            commands.append(("DEL", *[keys.claim(a) for a in release]))
+        replies = _execute_packed(self._redis, commands)
+        results = replies[len(bodies) : len(bodies) + len(calls)]
+        if any(isinstance(r, NoScriptError) for r in results):
+            # Redis lost its script cache (restart, SCRIPT FLUSH): load it and run the calls that
+            # did not run (a call runs whole or not at all, and the script is idempotent).
+            self._redis.script_load(self._fanout.script)
+            again = [c for c, r in zip(calls, results, strict=True) if isinstance(r, NoScriptError)]
+            rerun = iter(
+                _execute_packed(self._redis, [("EVALSHA", sha, len(k), *k, *a) for k, a in again])
+            )
+            results = [next(rerun) if isinstance(r, NoScriptError) else r for r in results]
+        # As pipeline.execute() does: the first error, once every command ran.
+        errors = [
+            r for r in replies if isinstance(r, Exception) and not isinstance(r, NoScriptError)
+        ]
+        errors += [r for r in results if isinstance(r, Exception)]
+        if errors:
+            raise errors[0]
+        return _totals(results)
+
+    def claim(self, claims: Sequence[tuple[str, str]], ttl_s: int) -> list[str]:
+        """Claim each (activity id, actor) for ``ttl_s`` unless already claimed: one script
+        call. Returns, per id, the actor holding the claim now (this one, or whoever claimed
+        first). The script runs alone, so of concurrent claims of one id exactly one gets it.
+        Actors travel newline-joined and only the ids held by someone else come back
+        (measured with 500 ids: a tenth of the client time of a SET NX + GET pipeline)."""
+        if not claims:
+            return []
+        holders = [actor for _, actor in claims]
+        others = self._claim(
+            keys=[keys.claim(a) for a, _ in claims], args=[ttl_s, "\n".join(holders)]
+        )
+        for position, holder in zip(others[0::2], others[1::2], strict=True):
+            holders[int(position) - 1] = _text(holder)
+        return holders
+
+    def mark_deleted(self, activity_ids: Sequence[str], ttl_s: int) -> None:
+        """Set the deleted markers: from now on the scripts never write these activities back."""
+        if not activity_ids:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for activity_id in activity_ids:
+            pipe.set(keys.deleted(activity_id), 1, ex=ttl_s)
+        pipe.execute()
+
+    def remove(self, removals: Sequence[Removal]) -> tuple[int, int]:
+        """Remove activities from users' timelines. Returns (removed, pushed)."""
+        calls = _remove_calls(self._hist, ((r.member, r.activity_id, r.users) for r in removals))
+        if not calls:
+            return 0, 0
+        if len(calls) == 1:
+            return _totals([self._remove(keys=calls[0][0], args=calls[0][1])])
+        pipe = self._redis.pipeline(transaction=False)
+        for call_keys, args in calls:
+            self._remove(keys=call_keys, args=args, client=pipe)
+        return _totals(pipe.execute())
+
+    def add_to_outboxes(self, items: Sequence[tuple[str, Insert]]) -> int:
+        """Large accounts' (actor, activity): capped outbox + actor-channel announcement."""
+        if not items:
+            return 0
+        call_keys: list[str] = []
+        args: _Args = [self._max, self._ttl]
+        for actor, item in items:
+            call_keys += (*keys.activity_keys(item.activity_id), keys.outbox(actor))
+            args += [item.member, item.body, keys.actor_channel(actor)]
+        return int(self._outbox_add(keys=call_keys, args=args))
+
+    def remove_from_outbox(self, actor: str, member: str) -> int:
+        return int(
+            self._outbox_remove(keys=[keys.outbox(actor)], args=[member, keys.actor_channel(actor)])
+        )
+
+    def delete_bodies(self, activity_ids: Iterable[str]) -> None:
+        names = [keys.body(a) for a in activity_ids]
+        if names:
+            self._redis.delete(*names)
+
+    def page(self, user: str, before: str | None, limit: int) -> TimelinePage:
+        members = _decode_all(
+            self._redis.zrevrangebylex(
+                keys.timeline(user), f"({before}" if before else "+", "-", start=0, num=limit
+            )
+        )
+        return TimelinePage(members, _bodies(members, self._redis.mget(_body_keys(members))))
+
+    def size(self, user: str) -> int:
+        return int(self._redis.zcard(keys.timeline(user)))
+
+
+class AsyncRedisTimelines:
+    """Asynchronous reader (the gateway's side)."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._redis = client
+        self._touch = client.register_script(scripts.source("touch"))
+        self._rebuild = client.register_script(scripts.source("rebuild"))
+        self._cache_bodies = client.register_script(scripts.source("cache_bodies"))
+        self._fanout = client.register_script(scripts.source("fanout"))
+        self._remove = client.register_script(scripts.source("remove"))
+
+    async def insert_for(
+        self,
+        users: Sequence[str],
+        member: str,
+        body: bytes,
+        *,
+        timeline_max: int,
+        stream_history: int,
+        body_ttl_s: int,
+    ) -> tuple[int, int]:
+        """The fan-out script for one activity and ``users`` (a gateway delivering a large
+        account's activity to its connected followers). Idempotent: the first insert wins and
+        assigns the one delivery ``seq``, however many gateways try."""
+        bodies, calls = _fanout_calls(
+            [Insert(member, split_order_key(member)[1], body, users)],
+            [timeline_max, stream_history, "0"],
+        )
+        for key, value in bodies:
+            await self._redis.set(key, value, ex=body_ttl_s)
+        return _totals([await self._fanout(keys=k, args=a) for k, a in calls])
+
+    async def remove_for(
+        self, users: Sequence[str], member: str, *, stream_history: int
+    ) -> tuple[int, int]:
+        calls = _remove_calls(stream_history, [(member, split_order_key(member)[1], users)])
+        return _totals([await self._remove(keys=k, args=a) for k, a in calls])
+
+    async def page(self, user: str, before: str | None, limit: int) -> TimelinePage:
+        members = _decode_all(
+            await self._redis.zrevrangebylex(
+                keys.timeline(user), f"({before}" if before else "+", "-", start=0, num=limit
+            )
+        )
+        if not members:
+            return TimelinePage([], {})
+        return TimelinePage(members, _bodies(members, await self._redis.mget(_body_keys(members))))
+
+    async def touch(self, user: str, active_ttl_s: int, token: str = "1") -> int:
+        """Mark the user active. 0: hot (Redis is complete); 1: rebuild now — the caller holds
+        the rebuild lease ``token`` and must call :meth:`rebuild` with it; 2: being rebuilt
+        (read Cassandra)."""
+        touch_keys = [keys.active(user), keys.rebuilding(user)]
+        return int(await self._touch(keys=touch_keys, args=[active_ttl_s, token]))
+
+    async def rebuild(
+        self,
+        user: str,
+        members: list[str],
+        bodies: dict[str, bytes],
+        *,
+        timeline_max: int,
+        body_ttl_s: int,
+        token: str = "1",
+    ) -> bool:
+        """Load a timeline read from Cassandra into Redis and end the rebuild, in one script.
+
+        ``bodies`` maps activity ids to bodies; a member without a body (deleted) is left out,
+        and so is one whose activity was deleted after the Cassandra read (its deleted marker is
+        checked atomically), so a rebuild that races a Delete never writes it back. The timeline
+        is marked complete only if the lease ``token`` still holds (False if not: Redis restarted
+        or the lease expired meanwhile; a newer rebuild finishes the job).
+        """
+        call_keys = [keys.timeline(user), keys.active(user), keys.rebuilding(user)]
+        args: _Args = [token, timeline_max, body_ttl_s]
+        for member in members:
+            activity_id = split_order_key(member)[1]
+            body = bodies.get(activity_id)
+            if body is not None:
+                call_keys += keys.activity_keys(activity_id)
+                args += [member, body]
+        return bool(await self._rebuild(keys=call_keys, args=args))
+
+    async def big_state(self, user: str) -> tuple[bytes, int]:
+        """(version of whom ``user`` follows, size of the big-accounts set): one round trip, and
+        one more to install a version if ``user`` has none (``feed.versions.current``)."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.get(keys.following_version(user))
+        pipe.scard(keys.big_accounts)
+        version, size = await pipe.execute()
+        version = await versions.current_async(self._redis, keys.following_version(user), version)
+        return version, int(size)
+
+    async def big_accounts(self) -> list[str]:
+        """The members of the big-accounts set, sentinel left out (``SSCAN``: each command
+        returns about ``_SET_ARGS`` members)."""
+        members = [m async for m in self._redis.sscan_iter(keys.big_accounts, count=_SET_ARGS)]
+        return [_text(m) for m in dict.fromkeys(members) if m]  # SSCAN may repeat a member
+
+    async def big_among(self, users: Sequence[str]) -> list[str]:
+        """Which of ``users`` are big accounts: ``SMISMEMBER`` commands of at most ``_SET_ARGS``
+        users each (one pipeline), so no single command grows with ``users``."""
+        if not users:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for start in range(0, len(users), _SET_ARGS):
+            pipe.smismember(keys.big_accounts, list(users[start : start + _SET_ARGS]))
+        flags = [flag for chunk in await pipe.execute() for flag in chunk]
+        return [u for u, flag in zip(users, flags, strict=True) if flag]
+
+    async def outbox_pages(
+        self, actors: Sequence[str], before: str | None, limit: int
+    ) -> dict[str, list[str]]:
+        """Each large account's newest order keys older than ``before`` (Redis part only)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for actor in actors:
+            pipe.zrevrangebylex(
+                keys.outbox(actor), f"({before}" if before else "+", "-", start=0, num=limit
+            )
+        results = await pipe.execute()
+        return {a: _decode_all(r) for a, r in zip(actors, results, strict=True)}
+
+    async def bodies(self, members: list[str]) -> dict[str, bytes]:
+        if not members:
+            return {}
+        return _bodies(members, await self._redis.mget(_body_keys(members)))
+
+    async def cache_bodies(self, bodies: dict[str, bytes], ttl_s: int) -> int:
+        """Cache bodies read from Cassandra, except those of activities deleted since the read
+        (checked atomically). Returns how many were cached."""
+        if not bodies:
+            return 0
+        call_keys: list[str] = []
+        args: _Args = [ttl_s]
+        for activity_id, body in bodies.items():
+            call_keys += keys.activity_keys(activity_id)
+            args.append(body)
+        return int(await self._cache_bodies(keys=call_keys, args=args))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _raw(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def _decode_all(values: Sequence[bytes | str]) -> list[str]:
+    return [_text(v) for v in values]
+
+
+def _body_keys(members: list[str]) -> list[str]:
+    return [keys.body(split_order_key(m)[1]) for m in members]
+
+
+def _bodies(members: list[str], raw: Sequence[bytes | str | None]) -> dict[str, bytes]:
+    return {m: _raw(b) for m, b in zip(members, raw, strict=True) if b is not None}

@@ -1,0 +1,173 @@
+"""The Redis layout has one owner: ``feed.keys`` spells every key, ``feed/lua/*.lua`` hold the
+scripts (each loaded by a store), and nothing else writes a key prefix.
+
+The scan covers the string literals of the product and tooling packages (``feed``, ``fanout``,
+``gateway``, ``schemas``, ``bench``, ``infra``; f-strings included, docstrings left out: prose may
+describe the layout) and the whole text of every ``.lua`` file. Tests are left out on purpose:
+they may pin the layout with literals of their own, as an independent check of it.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import re
+import tokenize
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from feed import keys, scripts
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("feed", "fanout", "gateway", "schemas", "bench", "infra")
+LUA = ROOT / "feed" / "lua"
+_SENTINEL = "\x00user"
+
+
+def _prefixes() -> set[str]:
+    """The first segment (``tl:``, ``rl:``, ...) of every name a one-argument function of
+    ``feed.keys`` builds, and the fixed names (``big-accounts``)."""
+    found = {keys.big_accounts}
+    for name in keys.__all__:
+        value = getattr(keys, name)
+        if not callable(value):
+            continue
+        try:
+            built = value(_SENTINEL)
+        except TypeError:
+            continue  # not a name of one argument (body_pattern)
+        if isinstance(built, str) and _SENTINEL in built:
+            found.add(built.split(":", 1)[0] + ":")
+    return found
+
+
+PREFIXES = _prefixes()
+#: A prefix as the start of a key: not inside a longer word, and followed by a hash tag, a
+#: placeholder (``<id>``, ``*``), an id character or the end of the literal.
+_PREFIX_RE = re.compile(
+    r"(?<![\w.:/-])(?:"
+    + "|".join(re.escape(p) for p in sorted(PREFIXES, key=len, reverse=True))
+    + r")(?=[{<*\w'\"])"
+)
+
+
+def _python_strings(source: str) -> Iterator[tuple[int, str]]:
+    """(line, literal) of every string literal but the docstrings."""
+    docstrings = {
+        node.body[0].lineno
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+        and isinstance(node.body[0].value.value, str)
+    }
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.STRING and token.start[0] not in docstrings:
+            yield token.start[0], token.string
+
+
+def offences(path: Path) -> list[str]:
+    """``path:line: literal`` for every key-prefix literal in a ``.py`` file's strings (f-strings
+    included, docstrings not) or anywhere in a ``.lua`` file."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".lua":
+        pieces: Iterator[tuple[int, str]] = iter(enumerate(text.splitlines(), 1))
+    else:
+        pieces = _python_strings(text)
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    return [
+        f"{shown}:{line}: {piece.strip()[:80]}"
+        for line, piece in pieces
+        if _PREFIX_RE.search(piece)
+    ]
+
+
+def _sources() -> list[Path]:
+    files = [p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))]
+    files = [p for p in files if "__pycache__" not in p.parts]
+    return [p for p in files if p != ROOT / "feed" / "keys.py"] + sorted(LUA.glob("*.lua"))
+
+
+def test_the_prefixes_are_the_ones_keys_defines() -> None:
+    assert {"tl:", "on:", "dl:", "seen:", "rb:", "a:", "d:", "c:", "ob:", "u:", "ac:"} <= PREFIXES
+    assert {"gv:", "fv:", "idem:", "rl:", keys.big_accounts} <= PREFIXES
+
+
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        'k = f"tl:{{{user}}}"',
+        "k = 'a:' + aid",
+        'match = "a:*"',
+        'x = 1\nhelp = "the marker (``d:<id>``)"',
+        'BIG = "big-accounts"',
+    ],
+)
+def test_the_scan_finds_a_prefix_literal(tmp_path: Path, snippet: str) -> None:
+    bad = tmp_path / "probe.py"
+    bad.write_text(snippet + "\n", encoding="utf-8")
+    assert offences(bad), snippet
+    lua = tmp_path / "probe.lua"
+    lua.write_text("redis.call('GET', 'seen:{' .. ARGV[1] .. '}')\n", encoding="utf-8")
+    assert offences(lua)
+
+
+def test_the_scan_leaves_prose_alone() -> None:
+    for text in ('"depends on: the caller"', '"a: b"', '"http://x"', '"reason: 12:30"'):
+        assert not _PREFIX_RE.search(text), text
+
+
+def test_no_key_prefix_outside_feed_keys() -> None:
+    found = [line for path in _sources() for line in offences(path)]
+    assert found == [], "key names belong to feed/keys.py:\n" + "\n".join(found)
+
+
+def test_every_lua_script_is_loaded_by_a_store() -> None:
+    code = "\n".join(
+        p.read_text(encoding="utf-8")
+        for package in PACKAGES
+        for p in (ROOT / package).rglob("*.py")
+        if "__pycache__" not in p.parts
+    )
+    loaded = set(re.findall(r"""source\(\s*["']([a-z0-9_]+)["']\s*\)""", code))
+    names = {p.stem for p in LUA.glob("*.lua")}
+    assert names, "no scripts found"
+    assert names - loaded == set(), "scripts no store loads"
+    assert loaded - names == set(), "scripts loaded but missing"
+    for name in names:
+        assert scripts.source(name).strip()
+
+
+def test_every_lua_script_documents_its_keys_and_reads_keys_only_through_keys() -> None:
+    for path in LUA.glob("*.lua"):
+        text = path.read_text(encoding="utf-8")
+        assert "KEYS" in text.split("\nlocal", 1)[0], f"{path.name}: no KEYS layout at its top"
+        # Every key argument of redis.call is a KEYS entry or a local bound to one: no
+        # concatenation builds a name.
+        assert not re.search(r"redis\.call\('[A-Z]+',\s*'[^']*'\s*\.\.", text), path.name
+
+
+def test_the_script_key_groups_match_the_names() -> None:
+    user = "u-1"
+    (on, seen, tl, dl), channel = keys.fanout_user_keys(user)
+    assert (on, seen, tl, dl, channel) == tuple(
+        k.encode()
+        for k in (
+            keys.presence(user),
+            keys.active(user),
+            keys.timeline(user),
+            keys.deliveries(user),
+            keys.channel(user),
+        )
+    )
+    assert keys.remove_user_keys(user) == (
+        keys.timeline(user),
+        keys.presence(user),
+        keys.deliveries(user),
+    )
+    assert keys.activity_keys("a-1") == (keys.deleted("a-1"), keys.body("a-1"))
+    pattern = keys.body_pattern()
+    assert pattern.endswith("*") and keys.body("a-1").startswith(pattern[:-1])
