@@ -47,6 +47,7 @@ from feed.interfaces import (
     TimelinePage,
 )
 from feed.versions import new_token
+from schemas import frames
 
 __all__ = [
     "MemoryAsyncTimelines",
@@ -60,13 +61,11 @@ __all__ = [
     "MemoryTimelines",
 ]
 
-_ACTIVITY_HEAD = b'{"type":"activity","cursor":"'
-_REMOVED_HEAD = b'{"type":"removed","cursor":"'
 _json = msgspec.json.Encoder()
 
 
 def _aid(member: str) -> str:
-    return member.partition(":")[2]
+    return split_order_key(member)[1]
 
 
 def _newest(members: Iterable[str], before: str | None, limit: int) -> list[str]:
@@ -267,7 +266,8 @@ class MemoryRedis:
                 if member not in timeline:
                     continue  # trimmed at once: not a new item of the hot timeline
                 body = self.bodies.get(_aid(member), b"null")
-                if self.deliver(user, _ACTIVITY_HEAD, b'","activity":' + body + b"}", hist):
+                tail = frames.ACTIVITY_MIDDLE + body + frames.ACTIVITY_TAIL
+                if self.deliver(user, frames.ACTIVITY_HEAD, tail, hist):
                     pushed += 1
             if not timeline:
                 del self.timelines[user]
@@ -278,13 +278,13 @@ class MemoryRedis:
     ) -> tuple[int, int]:
         removed = pushed = 0
         for member, activity_id, users in removals:
-            tail = b'","id":' + _json.encode(activity_id) + b"}"
+            tail = frames.REMOVED_MIDDLE + _json.encode(activity_id) + frames.REMOVED_TAIL
             for user in users:
                 timeline = self.timelines.get(user)
                 if timeline is not None and member in timeline:
                     timeline.discard(member)
                     removed += 1
-                    pushed += self.deliver(user, _REMOVED_HEAD, tail, hist)
+                    pushed += self.deliver(user, frames.REMOVED_HEAD, tail, hist)
         return removed, pushed
 
     @staticmethod

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from feed import keys, scripts
+from feed.cursor import split_order_key
 from gateway.errors import REDIS_ERRORS
 
 if TYPE_CHECKING:
@@ -462,7 +463,7 @@ class BigAccounts:
             return 0
         pipe = redis_client.pipeline(transaction=False)
         pipe.zmscore(keys.timeline(user), members)
-        pipe.mget([keys.body(m.partition(":")[2]) for m in members])
+        pipe.mget([keys.body(split_order_key(m)[1]) for m in members])
         scores, bodies = await pipe.execute()
         timelines = self._gateway.timelines
         offered = 0

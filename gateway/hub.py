@@ -1,6 +1,6 @@
 """The process-wide registry of local WebSocket connections and their one Pub/Sub connection.
 
-Guarantees (what ``gateway.app`` relies on):
+Guarantees (what ``gateway.connection`` and ``gateway.big_accounts`` rely on):
 
 * **Subscribed only where needed.** One Redis Pub/Sub connection per gateway process. A user's
   channel (``feed.keys.channel``) is SUBSCRIBEd when their first local connection registers and

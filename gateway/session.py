@@ -1,7 +1,7 @@
 """The ``GET /v1/stream`` protocol of one connection, as a state machine with no I/O.
 
 Like the protocol core of python-websockets, :class:`Session` never touches a socket, Redis or a
-clock. The adapter (``gateway.app``) feeds it *events* and asks it for *output*:
+clock. The adapter (``gateway.connection``) feeds it *events* and asks it for *output*:
 
 Events in
     :meth:`~Session.receive_text` / :meth:`~Session.receive_bytes` — a client frame;
@@ -38,12 +38,12 @@ and follows the new epoch: a live frame of another epoch, a history answer of an
 a presence frame (:func:`presence_frame`, handed in through :meth:`~Session.receive_live` by the
 hub after it re-attached the user's presence; never forwarded to the client).
 
-Items outside the stream. A large account's activity reaches a connected follower's stream only
-if a gateway inserts it (``gateway.app``); when that could not be done (Redis failed, or whom the
-user follows could not be read at connect), the hub hands in :data:`RESET_CONTROL` and the session
-sends ``reset``: the client refetches over HTTP, where the item is (merged from the account's
-outbox), instead of never learning it missed it. Items such an account posted while the user was
-offline are added to the stream before the session starts (``Gateway.catch_up``); when that
+Items outside the stream. A large account's activity reaches a connected follower's stream only if a
+gateway inserts it (``gateway.big_accounts``); when that could not be done (Redis failed, or whom
+the user follows could not be read at connect), the hub hands in :data:`RESET_CONTROL` and the
+session sends ``reset``: the client refetches over HTTP, where the item is (merged from the
+account's outbox), instead of never learning it missed it. Items such an account posted while the
+user was offline are added to the stream before the session starts (``BigAccounts.catch_up``); when that
 cannot be done for a position (an account followed while offline), the session is given
 ``reset_through``: a resume at or before that seq is answered with ``reset``.
 
@@ -61,6 +61,7 @@ requested while that total is at most half the bound, so a long replay streams a
 from __future__ import annotations
 
 from feed.cursor import CursorError, decode_stream
+from gateway import closecodes
 from schemas.errors import ValidationError
 from schemas.frames import (
     MAX_INBOUND_FRAME,
@@ -91,15 +92,15 @@ __all__ = [
     "stream_position",
 ]
 
-# Close codes of the public contract (CONTRACT.md, "WebSocket").
-CLOSE_GOING_AWAY = 1001
-CLOSE_UNSUPPORTED = 1003
-CLOSE_INVALID_FRAME = 1007
-CLOSE_TOO_BIG = 1009
-CLOSE_UNAUTHORIZED = 4001
-CLOSE_FORBIDDEN = 4003
-CLOSE_TOO_SLOW = 4008
-CLOSE_RATE_LIMITED = 4029
+# Close codes of the public contract (CONTRACT.md, "WebSocket"), from the one table.
+CLOSE_GOING_AWAY = closecodes.GOING_AWAY.code
+CLOSE_UNSUPPORTED = closecodes.UNSUPPORTED.code
+CLOSE_INVALID_FRAME = closecodes.INVALID_FRAME.code
+CLOSE_TOO_BIG = closecodes.TOO_BIG.code
+CLOSE_UNAUTHORIZED = closecodes.UNAUTHORIZED.code
+CLOSE_FORBIDDEN = closecodes.FORBIDDEN.code
+CLOSE_TOO_SLOW = closecodes.TOO_SLOW.code
+CLOSE_RATE_LIMITED = closecodes.RATE_LIMITED.code
 
 _RESET = encode_frame(Reset())
 #: Frames of the gateway itself (never forwarded to a client) start with this.
@@ -150,7 +151,7 @@ class Session:
         self.user = user
         self._epoch = epoch
         #: A resume at or before this seq of ``epoch`` is answered with ``reset``: items may be
-        #: missing from the stream before it (``gateway.app.Gateway.catch_up``).
+        #: missing from the stream before it (``gateway.big_accounts.BigAccounts.catch_up``).
         self._reset_through = reset_through
         self._last = seq  # seq of the last frame queued for the client
         self._known = seq  # highest seq known to exist in the stream

@@ -1,4 +1,4 @@
-"""Where the gateway relies on another library's internals, the library's version is pinned to a
+"""Where the product relies on another library's internals, the library's version is pinned to a
 range in pyproject.toml, and this test checks both that the installed release is in that range and
 that the internals still have the shape relied on: an upgrade fails here, loudly, not in
 production (no server needed).
@@ -14,7 +14,12 @@ The reaches, each behind one small adapter:
 * ``gateway.server.GatewayServer``: uvicorn's ``Server.servers`` and
   ``config.timeout_graceful_shutdown``;
 * the close codes uvicorn sends itself (1011 on a keepalive timeout, 1012 on shutdown), which
-  ``gateway.closecodes`` documents.
+  ``gateway.closecodes`` documents;
+* redis-py's connection layer: ``feed.timelines_redis``'s packed fan-out pipeline takes a pool
+  connection without a command name and drives it (``send_packed_command``, ``read_response``,
+  ``retry.call_with_retry``, ``disconnect``), packing with ``hiredis.pack_command``;
+  ``gateway.pubsub`` opens its own connection from the pool's ``connection_kwargs`` and
+  ``connection_class``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import hiredis
 import pytest
+import redis
 import uvicorn
 from packaging.requirements import Requirement
 from packaging.version import Version
@@ -176,3 +183,31 @@ def test_uvicorns_server_has_what_the_graceful_shutdown_uses() -> None:
     timeout left for HTTP requests."""
     assert "self.servers" in inspect.getsource(uvicorn.Server.startup)
     assert "self.config.timeout_graceful_shutdown" in inspect.getsource(uvicorn.Server.shutdown)
+
+
+def test_the_installed_redis_py_is_in_the_pinned_range() -> None:
+    installed = importlib.metadata.version("redis")
+    assert in_declared_range("redis", installed), (
+        f"redis {installed} is outside {declared('redis').specifier}: check the reaches this "
+        "module lists, then move the pin"
+    )
+
+
+def test_redis_py_connections_have_the_shape_the_packed_pipeline_and_pubsub_use() -> None:
+    pool = redis.ConnectionPool(host="127.0.0.1", port=1)  # never connected here
+    try:
+        # get_connection() with no command name (feed.timelines_redis._execute_packed)
+        inspect.signature(pool.get_connection).bind()
+        assert callable(pool.release)
+        assert pool.connection_kwargs["host"] == "127.0.0.1"  # gateway.pubsub
+        connection = pool.connection_class(**pool.connection_kwargs)
+        for name in ("send_packed_command", "read_response", "disconnect"):
+            assert callable(getattr(connection, name)), name
+        assert callable(connection.retry.call_with_retry)
+    finally:
+        pool.disconnect()
+
+
+def test_hiredis_packs_a_tuple_of_mixed_arguments_as_one_command() -> None:
+    packed = hiredis.pack_command(("SET", b"k", 1))  # type: ignore[arg-type]
+    assert packed == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n1\r\n"
