@@ -4,8 +4,10 @@ Every per-user key carries the user id as a Redis Cluster hash tag (``{uid}``), 
 user's keys live in one slot. No other module (nor any script in ``feed/lua/``) writes a key
 prefix: the stores build names here and hand them to the scripts through ``KEYS`` (channels
 through ``ARGV``), and ``tests/unit/test_redis_layout.py`` fails on a prefix literal elsewhere.
-The groups at the end (:func:`fanout_user_keys`, ...) are the per-user or per-activity ``KEYS``
-of the multi-user scripts, in the order those scripts read them.
+The groups at the end (:func:`fanout_user_key`, ...) are the per-user or per-activity ``KEYS``
+of the multi-user scripts, in the order those scripts read them. One exception, measured: the
+fan-out declares one key per user and names the user's other keys from its hash tag
+(:data:`FANOUT_USER_PREFIXES`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import functools
 
 __all__ = [
     "CONTROL_FOLLOWING",
+    "FANOUT_USER_PREFIXES",
     "active",
     "activity_keys",
     "actor_channel",
@@ -24,7 +27,7 @@ __all__ = [
     "claim",
     "deleted",
     "deliveries",
-    "fanout_user_keys",
+    "fanout_user_key",
     "following_version",
     "graph_version",
     "idempotency",
@@ -153,12 +156,23 @@ def activity_keys(activity_id: str) -> tuple[str, str]:
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def fanout_user_keys(user: str) -> tuple[tuple[bytes, bytes, bytes, bytes], bytes]:
-    """A user's (presence, active marker, timeline, delivery stream) — the four ``KEYS`` per user
-    of ``feed/lua/fanout.lua``, in that order — and their channel. Encoded and cached (the
-    fan-out is the hot path, and a worker fans out to the same followers again and again)."""
-    tag = f"{{{user}}}".encode()
-    return (b"on:" + tag, b"seen:" + tag, b"tl:" + tag, b"dl:" + tag), b"u:" + tag
+def fanout_user_key(user: str) -> bytes:
+    """The one ``KEYS`` entry per user of ``feed/lua/fanout.lua``: the user's timeline, encoded
+    and cached (the fan-out is the hot path, and a worker fans out to the same followers again
+    and again). The script builds the user's other keys from its hash tag and
+    :data:`FANOUT_USER_PREFIXES`: see that."""
+    return timeline(user).encode()
+
+
+#: The prefixes ``feed/lua/fanout.lua`` gets in ``ARGV`` to name a user's other keys and channel
+#: from the hash tag ``{uid}`` of the timeline key it was given: timeline (the declared key),
+#: presence, active marker, delivery stream, channel. All of one user's keys share the tag, so
+#: they live in the declared key's slot (also on a Redis Cluster). Declaring all four keys per
+#: user in ``KEYS`` instead cost the worker a quarter of its fan-out rate (feed bench fanout,
+#: redis_only: docs/benchmarks.md), as every argument is packed, sent and parsed per user.
+FANOUT_USER_PREFIXES: tuple[str, ...] = tuple(
+    name("").removesuffix("{}") for name in (timeline, presence, active, deliveries, channel)
+)
 
 
 def remove_user_keys(user: str) -> tuple[str, str, str]:

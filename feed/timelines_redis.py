@@ -67,6 +67,7 @@ _SET_ARGS = 1000
 _json = msgspec.json.Encoder()
 _ACTIVITY_FRAME = [frames.ACTIVITY_HEAD, frames.ACTIVITY_MIDDLE, frames.ACTIVITY_TAIL]
 _REMOVED_FRAME = [frames.REMOVED_HEAD, frames.REMOVED_MIDDLE, frames.REMOVED_TAIL]
+_USER_PREFIXES = list(keys.FANOUT_USER_PREFIXES)
 _G = TypeVar("_G")
 _Args = list[str | int | bytes]
 #: One script call: its KEYS and its ARGV.
@@ -142,7 +143,7 @@ def _fanout_calls(
 ) -> tuple[list[tuple[str, bytes]], list[_Call]]:
     """The bodies to SET and the ``fanout.lua`` calls for ``inserts``: every user's inserts
     grouped into one call (in insert order), at most ``_MAX_USERS`` inserts per call. KEYS: the
-    activities' (deleted marker, body), then per user :func:`feed.keys.fanout_user_keys`."""
+    activities' (deleted marker, body), then per user :func:`feed.keys.fanout_user_key`."""
     members: list[str] = []
     activity_keys: list[str] = []
     bodies: list[tuple[str, bytes]] = []
@@ -165,18 +166,16 @@ def _fanout_calls(
                 per_user[user] = [index]
             else:
                 mine.append(index)
-    head = [*head, len(members), *_ACTIVITY_FRAME, *members]
-    user_keys = keys.fanout_user_keys
+    head = [*head, len(members), *_ACTIVITY_FRAME, *_USER_PREFIXES, *members]
+    user_key = keys.fanout_user_key
     calls: list[_Call] = []
     call_keys: list[str | bytes] = list(activity_keys)
     args = list(head)
     in_call = 0
     for user, mine in per_user.items():
-        user_keys_of, channel = user_keys(user)
-        call_keys += user_keys_of
-        mine.append(channel)
+        call_keys.append(user_key(user))
         args.append(b" ".join(mine))
-        in_call += len(mine) - 1
+        in_call += len(mine)
         if in_call >= _MAX_USERS:
             calls.append((call_keys, args))
             call_keys, args, in_call = list(activity_keys), list(head), 0

@@ -1,17 +1,21 @@
 -- Fan-out: insert activities into users' timelines, trim, and deliver to the online ones.
 -- Run by feed.timelines_redis (RedisTimelines.insert, AsyncRedisTimelines.insert_for).
 --
--- KEYS (built by feed.keys; n activities, then per user four keys, feed.keys.fanout_user_keys):
+-- KEYS (built by feed.keys; n activities, then one key per user, feed.keys.fanout_user_key):
 --   KEYS[2j-1], KEYS[2j]    deleted marker and body of activity j (j = 1..n)
---   KEYS[2n+4k+1 .. +4]     user k's presence, active marker, timeline, delivery stream (k = 0..)
+--   KEYS[2n+k]              user k's timeline (k = 1..)
+-- A user's presence, active marker, delivery stream and channel are named from the hash tag of
+-- their timeline key and the prefixes in ARGV 8..12 (feed.keys.FANOUT_USER_PREFIXES): the same
+-- tag, so the same slot as the declared key. One key per user, not four: every argument costs
+-- the client and the server per user, and declaring four cost the worker a quarter of its
+-- fan-out rate (docs/benchmarks.md).
 -- ARGV:
 --   1 max (timeline cap), 2 hist (stream length), 3 only_active ('1'/'0'), 4 n,
 --   5..7 the activity frame's head, middle and tail (schemas.frames.ACTIVITY_*),
---   8..7+n the order keys (members) of activities 1..n,
+--   8..12 the prefixes of the timeline, presence, active marker, delivery stream and channel,
+--   13..12+n the order keys (members) of activities 1..n,
 --   then per user k one value: the indexes of its activities (1-based, in the order the user
---   must receive them), each followed by a space, then its channel (feed.keys.channel; no
---   whitespace, as no id has any). One value, not two: every argument costs the client and the
---   server a little, per user, and the channel is read only for an online user.
+--   must receive them), separated by spaces.
 --
 -- Grouped by user: each user's new members are added with one ZADD (per 1000), trimmed once and
 -- delivered in call order (one HINCRBY for all their seqs); a member the trim removed at once is
@@ -22,10 +26,12 @@ local hist = ARGV[2]
 local only_active = ARGV[3] == '1'
 local n = tonumber(ARGV[4])
 local head, middle, tail = ARGV[5], ARGV[6], ARGV[7]
+local tl_prefix_len = #ARGV[8]
+local on_prefix, seen_prefix, dl_prefix, channel_prefix = ARGV[9], ARGV[10], ARGV[11], ARGV[12]
 local members = {}
 local body_key = {}
 for j = 1, n do
-  local member = ARGV[7 + j]
+  local member = ARGV[12 + j]
   if redis.call('EXISTS', KEYS[2 * j - 1]) == 1 then
     -- deleted since the caller read it: never written back (nor its body)
     redis.call('DEL', KEYS[2 * j])
@@ -38,15 +44,17 @@ end
 local bodies = {}
 local inserted, pushed = 0, 0
 local k = 2 * n
-for i = 8 + n, #ARGV do
-  local on, seen, tl, dl = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
-  k = k + 4
+for i = 13 + n, #ARGV do
+  k = k + 1
+  local tl = KEYS[k]
+  local tag = string.sub(tl, tl_prefix_len + 1)
+  local on = on_prefix .. tag
   local ep = redis.call('HGET', on, 'e')
   -- inactive and offline: Cassandra only; the timeline is rebuilt on the next read or connect
   -- (an online user is always written and pushed to, even if Redis lost their active marker)
-  if ep or not only_active or redis.call('EXISTS', seen) == 1 then
+  if ep or not only_active or redis.call('EXISTS', seen_prefix .. tag) == 1 then
     local mine = {}
-    for j in string.gmatch(ARGV[i], '(%d+) ') do
+    for j in string.gmatch(ARGV[i], '%d+') do
       local member = members[tonumber(j)]
       if member then mine[#mine + 1] = member end
     end
@@ -91,7 +99,8 @@ for i = 8 + n, #ARGV do
     end
     if #fresh > 0 then
       local seq = redis.call('HINCRBY', on, 's', #fresh) - #fresh
-      local channel = string.match(ARGV[i], '(%S+)$')
+      local dl = dl_prefix .. tag
+      local channel = channel_prefix .. tag
       for _, member in ipairs(fresh) do
         local body = bodies[member]
         if not body then

@@ -152,17 +152,12 @@ def test_every_lua_script_documents_its_keys_and_reads_keys_only_through_keys() 
 
 def test_the_script_key_groups_match_the_names() -> None:
     user = "u-1"
-    (on, seen, tl, dl), channel = keys.fanout_user_keys(user)
-    assert (on, seen, tl, dl, channel) == tuple(
-        k.encode()
-        for k in (
-            keys.presence(user),
-            keys.active(user),
-            keys.timeline(user),
-            keys.deliveries(user),
-            keys.channel(user),
-        )
-    )
+    assert keys.fanout_user_key(user) == keys.timeline(user).encode()
+    # fanout.lua names a user's other keys from the declared timeline key's hash tag
+    tag = keys.timeline(user)[len(keys.FANOUT_USER_PREFIXES[0]) :]
+    assert tag == "{" + user + "}"
+    named = (keys.timeline, keys.presence, keys.active, keys.deliveries, keys.channel)
+    assert [prefix + tag for prefix in keys.FANOUT_USER_PREFIXES] == [n(user) for n in named]
     assert keys.remove_user_keys(user) == (
         keys.timeline(user),
         keys.presence(user),
