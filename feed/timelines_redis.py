@@ -28,8 +28,11 @@ Guarantees (what callers may rely on):
   the gateway has re-attached their presence (``AsyncRedisPresence.refresh``, ``gateway.hub``).
 
 The scripts live in ``feed/lua/`` (one file each, its ``KEYS``/``ARGV`` layout at its top) and
-are registered once per store. Every key a script touches is declared in ``KEYS`` (built by
-``feed.keys``); channel names and frame pieces (``schemas.frames``) travel in ``ARGV``. A
+are registered once per store. The scripts take their keys in ``KEYS`` (built by ``feed.keys``);
+channel names and frame pieces (``schemas.frames``) travel in ``ARGV``. One measured exception:
+the fan-out declares one key per user (the timeline) and names the user's other keys and channel
+from its hash tag (``feed.keys.FANOUT_USER_PREFIXES``), which keeps them in the declared key's
+slot. A
 multi-user call still touches many users' keys, which live in different Redis Cluster slots:
 declaring them makes the scripts cluster-ready in form, but running them on a cluster needs the
 calls grouped by slot (issue 14). Today, shard by user id on the client side to scale Redis out
