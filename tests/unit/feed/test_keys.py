@@ -20,7 +20,7 @@ import pytest
 
 from feed import keys, scripts
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PACKAGES = ("feed", "fanout", "gateway", "schemas", "bench", "infra")
 LUA = ROOT / "feed" / "lua"
 _SENTINEL = "\x00user"
