@@ -3,7 +3,7 @@
 Every per-user key carries the user id as a Redis Cluster hash tag (``{uid}``), so all of one
 user's keys live in one slot. No other module (nor any script in ``feed/lua/``) writes a key
 prefix: the stores build names here and hand them to the scripts through ``KEYS`` (channels
-through ``ARGV``), and ``tests/unit/test_redis_layout.py`` fails on a prefix literal elsewhere.
+through ``ARGV``), and ``tests/unit/feed/test_keys.py`` fails on a prefix literal elsewhere.
 The groups at the end (:func:`fanout_user_key`, ...) are the per-user or per-activity ``KEYS``
 of the multi-user scripts, in the order those scripts read them. One exception, measured: the
 fan-out declares one key per user and names the user's other keys from its hash tag

@@ -4,7 +4,8 @@
 #   requirements/dev.lock      runtime + the dev extra (tests, the local stack, the benchmark)
 #   requirements/runtime.lock  runtime only (the Docker image); same versions as dev.lock
 # and stamp both with the hash of pyproject.toml's dependency tables, which
-# tests/unit/test_lock.py recomputes: a change to pyproject.toml without `make lock` fails it.
+# tests/unit/infra/test_lockstamp.py recomputes: a change to pyproject.toml without
+# `make lock` fails it.
 # The resolver is uv (pinned below), installed into the project's .venv.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -1,6 +1,6 @@
 """The hash of pyproject.toml's dependency tables, stamped into requirements/*.lock by
-``make lock`` (infra/lock.sh) and recomputed by tests/unit/test_lock.py: a change to the
-declared dependencies without a new lock fails the tests."""
+``make lock`` (infra/lock.sh) and recomputed by tests/unit/infra/test_lockstamp.py: a change to
+the declared dependencies without a new lock fails the tests."""
 
 from __future__ import annotations
 

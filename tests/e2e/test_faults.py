@@ -144,7 +144,13 @@ class Lane:
         )
         with proc.log.open("ab") as handle:
             proc.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.e2e.crash_after_apply", str(crash_at), str(arm_file)],
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.support.crash_after_apply",
+                    str(crash_at),
+                    str(arm_file),
+                ],
                 env=proc.env,
                 cwd=REPO,
                 stdout=handle,

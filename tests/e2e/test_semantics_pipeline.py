@@ -1,7 +1,7 @@
 """The feed-semantics property, through the real pipeline: hypothesis sequences of follow,
 unfollow, post, delete and duplicate deliveries are produced to Kafka, applied by a `feed fanout`
 process and read over HTTP from a `feed gateway` process. After the pipeline drains, every user's
-feed (paged) equals the reference model of tests/integration/test_feed_semantics.py.
+feed (paged) equals the reference model of tests/integration/fanout/test_processor_semantics.py.
 
 The worker runs with FEED_FANOUT_LIMIT=1, so most posting actors take the read-time-merge path;
 the processor-level test covers both paths side by side with many more examples.

@@ -1,7 +1,8 @@
 """The fan-out Processor's domain logic on the in-memory stores (``feed.memory``): no servers.
 
-The same processor runs on Redis and Cassandra in ``tests/integration/test_processor.py``; the
-stores themselves meet one shared suite on both (``tests/support/suites``)."""
+The same processor runs on Redis and Cassandra in
+``tests/integration/fanout/test_processor.py``; the stores themselves meet one shared suite on
+both (``tests/support/suites``). The pure recipient rule is tested here too."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from collections.abc import Callable, Iterator
 import msgspec
 import pytest
 
-from fanout.processor import RejectedRecord
+from fanout.processor import RejectedRecord, _recipients
 from feed import keys
 from feed.memory import MemoryDeliveryStream, MemoryGraphVersions
+from schemas.activity import decode_activity
 from tests.support.events import act, delete, follow
 from tests.support.memory_world import World, make
 
@@ -184,3 +186,20 @@ def test_without_history_rows_a_delete_still_reaches_every_recipient(ids: Ids) -
 async def _attach(world: World, user: str) -> int:
     """Connect ``user`` (a presence): returns the stream's current seq."""
     return (await MemoryDeliveryStream(world.redis).attach(user)).seq
+
+
+def test_recipients_are_followers_then_extra_to() -> None:
+    activity = decode_activity(
+        msgspec.json.encode(
+            {
+                "id": "a",
+                "type": "Create",
+                "actor": "u1",
+                "object": "o",
+                "published": "2026-01-01T00:00:00Z",
+                "to": ["u9", "u2", "u9"],
+            }
+        )
+    )
+    assert _recipients(activity.to, ("u2", "u3")) == ("u2", "u3", "u9")
+    assert _recipients([], ("u2",)) == ("u2",)

@@ -2,7 +2,7 @@
 
 Pages cross from the hot timeline into history, cold users are rebuilt once, and large accounts
 are merged at read time. The same reader runs on Redis and Cassandra in
-``tests/integration/test_reader.py``."""
+``tests/integration/feed/test_reader.py``."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ import pytest
 
 from feed import keys, scripts
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PACKAGES = ("feed", "fanout", "gateway", "schemas", "bench", "infra")
 LUA = ROOT / "feed" / "lua"
 _SENTINEL = "\x00user"
@@ -166,3 +166,10 @@ def test_the_script_key_groups_match_the_names() -> None:
     assert keys.activity_keys("a-1") == (keys.deleted("a-1"), keys.body("a-1"))
     pattern = keys.body_pattern()
     assert pattern.endswith("*") and keys.body("a-1").startswith(pattern[:-1])
+
+
+def test_keys_share_a_hash_tag_per_user() -> None:
+    names = [keys.timeline("u1"), keys.presence("u1"), keys.deliveries("u1"), keys.channel("u1")]
+    assert all("{u1}" in n for n in names)
+    assert len(set(names)) == 4
+    assert keys.body("a-1") == "a:a-1"

@@ -1,4 +1,4 @@
-"""Cursor and key encoding."""
+"""Cursor encoding (``feed.cursor``): order keys, feed positions and stream cursors."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from feed import keys
 from feed.cursor import (
     CursorError,
     StreamCursor,
@@ -57,13 +56,6 @@ def test_stream_cursor() -> None:
     for bad in ("", "ab", "ab.", ".3", "AB.3", "ab.-1", "ab.3.4", "p" + "x" * 30 + ".1"):
         with pytest.raises(CursorError):
             decode_stream(bad)
-
-
-def test_keys_share_a_hash_tag_per_user() -> None:
-    names = [keys.timeline("u1"), keys.presence("u1"), keys.deliveries("u1"), keys.channel("u1")]
-    assert all("{u1}" in n for n in names)
-    assert len(set(names)) == 4
-    assert keys.body("a-1") == "a:a-1"
 
 
 # Digits that are not ASCII: str.isdigit() and \d accept them, int() reads some of them.

@@ -1,6 +1,6 @@
 """The in-memory stores (``feed.memory``) meet the shared suite of every store protocol: the
 same checks the Redis and Cassandra implementations meet in
-``tests/integration/test_store_suites.py``."""
+``tests/integration/feed/test_interfaces.py``."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Test only: a fan-out worker that dies (SIGKILL) between applying a batch and committing it.
 
-``python -m tests.e2e.crash_after_apply N ARM_FILE`` runs the same worker as ``feed fanout``
+``python -m tests.support.crash_after_apply N ARM_FILE`` runs the same worker as ``feed fanout``
 (settings from ``FEED_*``), with an ``after_apply`` hook: once ``ARM_FILE`` exists, the Nth batch
 applied after that is followed by ``kill -9`` of the process itself — its writes to Redis and
 Cassandra are done, its offsets are not committed, so a restarted worker replays it.

@@ -20,7 +20,7 @@ import pytest
 
 from bench.capacity import ASSUMED, figures_from_results, model
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 PLOTS = ("latency.png", "throughput.png", "lag.png", "memory.png")
 
 

@@ -22,7 +22,7 @@ from bench.options import (
     client_jwt_secret,
 )
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+BENCH = Path(__file__).resolve().parents[3] / "bench"
 
 
 def test_unset_or_empty_variables_mean_the_defaults() -> None:

@@ -21,7 +21,7 @@ from packaging.version import Version
 
 from infra.lockstamp import dependency_stamp
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 LOCKS = ROOT / "requirements"
 PROJECT = "feed-backend"
 _PIN = re.compile(

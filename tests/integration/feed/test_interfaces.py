@@ -1,5 +1,5 @@
 """The Redis and Cassandra stores meet the shared suite of every store protocol: the same checks
-the in-memory stores (``feed.memory``) meet in ``tests/unit/feed/test_memory_stores.py``."""
+the in-memory stores (``feed.memory``) meet in ``tests/unit/feed/test_memory.py``."""
 
 from __future__ import annotations
 

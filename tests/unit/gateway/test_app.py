@@ -16,7 +16,7 @@ import pytest
 from feed.settings import Secret, Settings, SettingsError
 from gateway.app import create_app
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SECRET = "exposure-test-secret-" + "q" * 40
 INGEST = "exposure-ingest-token-0123456789"
 
