@@ -38,13 +38,13 @@ and follows the new epoch: a live frame of another epoch, a history answer of an
 a presence frame (:func:`presence_frame`, handed in through :meth:`~Session.receive_live` by the
 hub after it re-attached the user's presence; never forwarded to the client).
 
-Items outside the stream. A large account's activity reaches a connected follower's stream only if a
-gateway inserts it (``gateway.big_accounts``); when that could not be done (Redis failed, or whom
+Items outside the stream. A large account's activity reaches a connected follower's stream only if
+a gateway inserts it (``gateway.big_accounts``); when that could not be done (Redis failed, or whom
 the user follows could not be read at connect), the hub hands in :data:`RESET_CONTROL` and the
 session sends ``reset``: the client refetches over HTTP, where the item is (merged from the
 account's outbox), instead of never learning it missed it. Items such an account posted while the
-user was offline are added to the stream before the session starts (``BigAccounts.catch_up``); when that
-cannot be done for a position (an account followed while offline), the session is given
+user was offline are added to the stream before the session starts (``BigAccounts.catch_up``); when
+that cannot be done for a position (an account followed while offline), the session is given
 ``reset_through``: a resume at or before that seq is answered with ``reset``.
 
 Hold. Until the client's first frame (or :meth:`start_live`, which the adapter calls after a short
