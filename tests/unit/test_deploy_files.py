@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import fnmatch
 import json
 import math
 import re
@@ -482,6 +483,34 @@ def test_the_benchmark_and_the_dev_launcher_stay_out_of_the_wheel_and_the_image(
     ]
     assert not [c for c in copies if c.rstrip("/").split("/")[0] in {"bench", "infra"}], copies
     assert (ROOT / "bench" / "__init__.py").is_file() and (ROOT / "infra" / "__init__.py").is_file()
+
+
+def test_the_wheel_lists_every_package_and_data_file_of_the_product() -> None:
+    """setuptools' explicit ``packages`` list takes no subpackage by itself: a package folder
+    missing from it is missing from the wheel and the image (``gateway.routes`` once was), and
+    so is a data file no ``package-data`` pattern matches (the Lua scripts)."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
+    tops = {name.split(".")[0] for name in listed}
+    found = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for top in tops
+        for init in (ROOT / top).rglob("__init__.py")
+    }
+    assert found - listed == set(), "packages missing from [tool.setuptools] packages"
+    patterns = setuptools.get("package-data", {})
+    for top in tops:
+        for path in (ROOT / top).rglob("*"):
+            if not path.is_file() or path.suffix in {".py", ".pyc"} or "__pycache__" in path.parts:
+                continue
+            package = path.parent
+            while not (package / "__init__.py").is_file():
+                package = package.parent
+            name = ".".join(package.relative_to(ROOT).parts)
+            relative = path.relative_to(package).as_posix()
+            assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns.get(name, [])), (
+                f"{path.relative_to(ROOT)} is not package data of {name}: it is not in the wheel"
+            )
 
 
 def test_docker_build_context_has_what_the_dockerfile_copies() -> None:
