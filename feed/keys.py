@@ -152,7 +152,7 @@ def body_pattern() -> str:
 def activity_keys(activity_id: str) -> tuple[str, str]:
     """An activity's (deleted marker, body): its ``KEYS`` in the fan-out, outbox, rebuild and
     body-cache scripts."""
-    return f"d:{activity_id}", f"a:{activity_id}"
+    return deleted(activity_id), body(activity_id)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -178,4 +178,4 @@ FANOUT_USER_PREFIXES: tuple[str, ...] = tuple(
 def remove_user_keys(user: str) -> tuple[str, str, str]:
     """A user's (timeline, presence, delivery stream): the three ``KEYS`` per user of
     ``feed/lua/remove.lua``."""
-    return f"tl:{{{user}}}", f"on:{{{user}}}", f"dl:{{{user}}}"
+    return timeline(user), presence(user), deliveries(user)
