@@ -538,13 +538,15 @@ def write_plots(outdir: Path, results: dict[str, Any]) -> dict[str, Path]:
         ax.legend()
     else:
         _no_data(ax, "no fan-out batches observed")
-    ax.set_title("fan-out worker: batch apply time (≤500 records)")
-    ax.set_xlabel("time since worker start (s)")
-    ax.set_ylabel("ms")
-    fig.tight_layout()
-    paths["latency"] = outdir / "latency.png"
-    fig.savefig(paths["latency"], dpi=100)
-    plt.close(fig)
+    paths["latency"] = _save(
+        fig,
+        ax,
+        outdir,
+        "latency",
+        "fan-out worker: batch apply time (≤500 records)",
+        "time since worker start (s)",
+        "ms",
+    )
 
     # throughput versus offered rate
     steps = _get(results, "fanout", "sweep", "steps") or []
@@ -595,13 +597,15 @@ def write_plots(outdir: Path, results: dict[str, Any]) -> dict[str, Path]:
     e2e = results.get("e2e") or {}
     if isinstance(e2e.get("delivered_per_s"), (int, float)) and e2e.get("expected_per_s"):
         ax.plot([e2e["expected_per_s"]], [e2e["delivered_per_s"]], "s", label="e2e deliveries/s")
-    ax.set_title("throughput versus offered rate")
-    ax.set_xlabel("offered timeline inserts/s")
-    ax.set_ylabel("achieved timeline inserts/s")
-    fig.tight_layout()
-    paths["throughput"] = outdir / "throughput.png"
-    fig.savefig(paths["throughput"], dpi=100)
-    plt.close(fig)
+    paths["throughput"] = _save(
+        fig,
+        ax,
+        outdir,
+        "throughput",
+        "throughput versus offered rate",
+        "offered timeline inserts/s",
+        "achieved timeline inserts/s",
+    )
 
     # lag while the backlog drains
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -624,13 +628,15 @@ def write_plots(outdir: Path, results: dict[str, Any]) -> dict[str, Path]:
         ax.legend()
     else:
         _no_data(ax, "no drain data")
-    ax.set_title("consumer lag while the backlog drains")
-    ax.set_xlabel("time since worker start (s)")
-    ax.set_ylabel("lag (records)")
-    fig.tight_layout()
-    paths["lag"] = outdir / "lag.png"
-    fig.savefig(paths["lag"], dpi=100)
-    plt.close(fig)
+    paths["lag"] = _save(
+        fig,
+        ax,
+        outdir,
+        "lag",
+        "consumer lag while the backlog drains",
+        "time since worker start (s)",
+        "lag (records)",
+    )
 
     # worker RSS
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -652,14 +658,24 @@ def write_plots(outdir: Path, results: dict[str, Any]) -> dict[str, Path]:
         ax.legend(fontsize=8)
     else:
         _no_data(ax, "no RSS samples")
-    ax.set_title("fan-out worker RSS")
-    ax.set_xlabel("time since worker start (s)")
-    ax.set_ylabel("MB")
-    fig.tight_layout()
-    paths["memory"] = outdir / "memory.png"
-    fig.savefig(paths["memory"], dpi=100)
-    plt.close(fig)
+    paths["memory"] = _save(
+        fig, ax, outdir, "memory", "fan-out worker RSS", "time since worker start (s)", "MB"
+    )
     return paths
+
+
+def _save(fig: Any, ax: Any, outdir: Path, name: str, title: str, xlabel: str, ylabel: str) -> Path:
+    """Title and label ``ax``, write ``fig`` to ``outdir/<name>.png`` and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    path = outdir / f"{name}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _no_data(ax: Any, text: str) -> None:
