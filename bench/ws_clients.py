@@ -474,7 +474,8 @@ def publish_ours(args: argparse.Namespace, users: list[str]) -> dict[str, Any]:
     import redis
 
     from feed.cursor import order_key
-    from feed.timelines_redis import Insert, RedisTimelines
+    from feed.interfaces import Insert
+    from feed.timelines_redis import RedisTimelines
 
     client = redis.Redis.from_url(args.redis_url, socket_timeout=30)
     timelines = RedisTimelines(

@@ -25,20 +25,14 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import cast
 
 import redis.asyncio as aioredis
 
 from feed import keys, scripts
+from feed.interfaces import Presence
 
-__all__ = ["AsyncRedisPresence", "Presence"]
-
-
-@dataclass(frozen=True, slots=True)
-class Presence:
-    epoch: str
-    seq: int
+__all__ = ["AsyncRedisPresence"]
 
 
 class AsyncRedisPresence:

@@ -28,7 +28,6 @@ Guarantees:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 
 from cassandra import ConsistencyLevel
 from cassandra.cluster import Session
@@ -36,8 +35,9 @@ from cassandra.concurrent import execute_concurrent
 from cassandra.query import BatchStatement, BatchType
 
 from feed.cursor import order_key, split_order_key
+from feed.interfaces import HistoryRecord, Stored
 
-__all__ = ["BODIES_CHUNK", "CassandraHistory", "HistoryRecord", "Stored"]
+__all__ = ["BODIES_CHUNK", "CassandraHistory"]
 
 #: Rows per UNLOGGED batch and batches in flight (INFRA.md measured 50-200 and 32 as good).
 BATCH_ROWS = 100
@@ -55,32 +55,6 @@ OWNERSHIP_CL = ConsistencyLevel.LOCAL_QUORUM
 BODIES_CHUNK = 500
 #: Rows per page when reading recipient rows.
 RECIPIENT_PAGE = 5000
-
-
-@dataclass(frozen=True, slots=True)
-class HistoryRecord:
-    """One activity and the users whose timelines it reaches."""
-
-    activity_id: str
-    actor: str
-    ts: int
-    body: bytes
-    users: Sequence[str]
-
-
-@dataclass(frozen=True, slots=True)
-class Stored:
-    """What Cassandra holds for an activity id: its owner and order time (kept after a delete),
-    its body (``None`` once deleted) and whether it was deleted."""
-
-    actor: str
-    ts: int
-    body: bytes | None
-    deleted: bool
-
-    @property
-    def live(self) -> bool:
-        return not self.deleted and self.body is not None
 
 
 class CassandraHistory:

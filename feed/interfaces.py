@@ -47,10 +47,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
-from feed.delivery_redis import Presence
-from feed.history_cassandra import HistoryRecord, Stored
-from feed.timelines_redis import Insert, Removal, TimelinePage
-
 __all__ = [
     "AsyncTimelines",
     "DeliveryStream",
@@ -68,6 +64,67 @@ __all__ = [
     "TimelinePage",
     "Timelines",
 ]
+
+
+# The values the stores take and return (owned here, with the protocols; every implementation
+# imports them from this module).
+
+
+@dataclass(frozen=True, slots=True)
+class Insert:
+    """One activity to insert into the timelines of ``users``."""
+
+    member: str
+    activity_id: str
+    body: bytes
+    users: Sequence[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Removal:
+    """One activity to remove from the timelines of ``users``."""
+
+    member: str
+    activity_id: str
+    users: Sequence[str]
+
+
+@dataclass(frozen=True, slots=True)
+class TimelinePage:
+    members: list[str]
+    bodies: dict[str, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    epoch: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRecord:
+    """One activity and the users whose timelines it reaches."""
+
+    activity_id: str
+    actor: str
+    ts: int
+    body: bytes
+    users: Sequence[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """What Cassandra holds for an activity id: its owner and order time (kept after a delete),
+    its body (``None`` once deleted) and whether it was deleted."""
+
+    actor: str
+    ts: int
+    body: bytes | None
+    deleted: bool
+
+    @property
+    def live(self) -> bool:
+        return not self.deleted and self.body is not None
 
 
 class Timelines(Protocol):

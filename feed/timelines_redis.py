@@ -42,7 +42,6 @@ calls grouped by slot (issue 14). Today, shard by user id on the client side to 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import hiredis
@@ -53,14 +52,12 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from feed import keys, scripts, versions
 from feed.cursor import split_order_key
+from feed.interfaces import Insert, Removal, TimelinePage
 from schemas import frames
 
 __all__ = [
     "AsyncRedisTimelines",
-    "Insert",
     "RedisTimelines",
-    "Removal",
-    "TimelinePage",
 ]
 
 #: Most users one script call handles (keeps each call's Redis pause short).
@@ -75,31 +72,6 @@ _G = TypeVar("_G")
 _Args = list[str | int | bytes]
 #: One script call: its KEYS and its ARGV.
 _Call = tuple[list[str | bytes], _Args]
-
-
-@dataclass(frozen=True, slots=True)
-class Insert:
-    """One activity to insert into the timelines of ``users``."""
-
-    member: str
-    activity_id: str
-    body: bytes
-    users: Sequence[str]
-
-
-@dataclass(frozen=True, slots=True)
-class Removal:
-    """One activity to remove from the timelines of ``users``."""
-
-    member: str
-    activity_id: str
-    users: Sequence[str]
-
-
-@dataclass(frozen=True, slots=True)
-class TimelinePage:
-    members: list[str]
-    bodies: dict[str, bytes]
 
 
 def _chunks(groups: Iterable[tuple[_G, Sequence[str]]]) -> list[list[tuple[_G, Sequence[str]]]]:

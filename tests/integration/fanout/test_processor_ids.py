@@ -25,9 +25,10 @@ from fanout.processor import Processor
 from feed.cursor import order_key
 from feed.graph_cassandra import CassandraFollowGraph
 from feed.graph_versions_redis import RedisGraphVersions
-from feed.history_cassandra import CassandraHistory, HistoryRecord
+from feed.history_cassandra import CassandraHistory
+from feed.interfaces import HistoryRecord, Insert
 from feed.reader import FeedReader
-from feed.timelines_redis import AsyncRedisTimelines, Insert, RedisTimelines
+from feed.timelines_redis import AsyncRedisTimelines, RedisTimelines
 from tests.support.events import T0, act, delete, follow
 from tests.support.processor import timeline
 

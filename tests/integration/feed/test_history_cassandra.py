@@ -10,7 +10,8 @@ from cassandra.query import BatchStatement
 
 from feed.cursor import order_key
 from feed.graph_cassandra import CassandraFollowGraph
-from feed.history_cassandra import BATCH_BYTES, CassandraHistory, HistoryRecord, Stored
+from feed.history_cassandra import BATCH_BYTES, CassandraHistory
+from feed.interfaces import HistoryRecord, Stored
 from feed.stores import create_schema
 
 

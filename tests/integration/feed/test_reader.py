@@ -11,9 +11,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from feed.cursor import CursorError, order_key
-from feed.history_cassandra import CassandraHistory, HistoryRecord
+from feed.history_cassandra import CassandraHistory
+from feed.interfaces import HistoryRecord, Insert
 from feed.reader import FeedReader
-from feed.timelines_redis import AsyncRedisTimelines, Insert, RedisTimelines
+from feed.timelines_redis import AsyncRedisTimelines, RedisTimelines
 
 
 async def test_paging_crosses_into_history(

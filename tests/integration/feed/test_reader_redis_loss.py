@@ -16,7 +16,8 @@ import msgspec
 import redis.asyncio as aioredis
 
 from feed.cursor import order_key
-from feed.history_cassandra import CassandraHistory, HistoryRecord
+from feed.history_cassandra import CassandraHistory
+from feed.interfaces import HistoryRecord
 from feed.reader import FeedReader
 from feed.timelines_redis import AsyncRedisTimelines
 
@@ -108,7 +109,8 @@ async def test_an_online_user_without_an_active_marker_is_still_written_and_push
     redis_client: Any, settings: Any, ids: Callable[[str], str]
 ) -> None:
     from feed.delivery_redis import AsyncRedisPresence
-    from feed.timelines_redis import Insert, RedisTimelines
+    from feed.interfaces import Insert
+    from feed.timelines_redis import RedisTimelines
 
     online, offline = ids("online"), ids("offline")
     client = aioredis.Redis.from_url(settings.redis_url)

@@ -12,7 +12,8 @@ import redis.asyncio as aioredis
 from feed import keys
 from feed.cursor import order_key
 from feed.delivery_redis import AsyncRedisPresence
-from feed.timelines_redis import Insert, RedisTimelines, Removal
+from feed.interfaces import Insert, Removal
+from feed.timelines_redis import RedisTimelines
 from schemas import frames as schema_frames
 
 

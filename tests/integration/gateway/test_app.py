@@ -34,9 +34,10 @@ from websockets.exceptions import ConnectionClosed
 from websockets.typing import Origin
 
 from feed.cursor import order_key
+from feed.interfaces import Insert
 from feed.kafka import AsyncProducer, create_topics, producer_config
 from feed.settings import Secret, Settings
-from feed.timelines_redis import Insert, RedisTimelines
+from feed.timelines_redis import RedisTimelines
 from gateway.auth import mint_token
 from gateway.server import GatewayServer, _RedactTokens, build_server
 from gateway.timers import TICK_S
@@ -381,7 +382,7 @@ async def test_published_frame_reaches_the_socket(gw: Running, timelines: RedisT
 
 
 async def test_removed_frame_reaches_the_socket(gw: Running, timelines: RedisTimelines) -> None:
-    from feed.timelines_redis import Removal
+    from feed.interfaces import Removal
 
     user = uid()
     ws, _ = await welcomed(gw, user)

@@ -33,8 +33,9 @@ from fanout.followers import BIG_SENTINEL
 from feed import keys, versions
 from feed.cursor import order_key
 from feed.graph_cassandra import CassandraFollowGraph
+from feed.interfaces import Insert
 from feed.settings import Settings
-from feed.timelines_redis import Insert, RedisTimelines
+from feed.timelines_redis import RedisTimelines
 from gateway import closecodes
 from gateway.auth import mint_token
 from gateway.resources import Gateway

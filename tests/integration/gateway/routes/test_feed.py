@@ -34,9 +34,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from feed.cursor import order_key
-from feed.history_cassandra import CassandraHistory, HistoryRecord
+from feed.history_cassandra import CassandraHistory
+from feed.interfaces import HistoryRecord, Insert
 from feed.settings import Secret, Settings
-from feed.timelines_redis import Insert, RedisTimelines
+from feed.timelines_redis import RedisTimelines
 from gateway.auth import mint_token
 from schemas import Activity, encode_activity, published_us
 from tests.conftest import TEST_JWT_SECRET
