@@ -49,8 +49,8 @@ class Plan:
     # ceilings
     redis_benchmark_requests: int
     cassandra_ceiling_rows: int
-    # e2e
-    e2e_rate: float
+    # e2e: the offered rates swept (activities/s), each for a warm-up and then e2e_seconds
+    e2e_rates: tuple[float, ...]
     e2e_clients: int
     e2e_seconds: float
     e2e_warmup_s: float
@@ -65,12 +65,14 @@ class Plan:
 def plan_for(quick: bool, options: BenchOptions) -> Plan:
     """The preset for ``--quick`` or a full run, with the sizes the switches override
     (``FEED_BENCH_BACKLOG``: the 1- vs 2-worker backlog, for slower or busier machines;
-    ``FEED_BENCH_E2E_RATE``; ``FEED_BENCH_SOAK_S``)."""
+    ``FEED_BENCH_E2E_RATE`` or ``FEED_BENCH_E2E_RATES``; ``FEED_BENCH_SOAK_S``)."""
     plan = _preset(quick)
     if options.backlog is not None:
         plan = replace(plan, backlog=options.backlog)
-    if options.e2e_rate is not None:
-        plan = replace(plan, e2e_rate=options.e2e_rate)
+    if options.e2e_rates is not None:
+        plan = replace(plan, e2e_rates=options.e2e_rates)
+    elif options.e2e_rate is not None:
+        plan = replace(plan, e2e_rates=(options.e2e_rate,))
     if options.soak_s is not None:
         plan = replace(plan, soak_s=options.soak_s)
     return plan
@@ -101,7 +103,7 @@ def _preset(quick: bool) -> Plan:
             soak_sample_s=0.5,
             redis_benchmark_requests=200_000,
             cassandra_ceiling_rows=20_000,
-            e2e_rate=50,
+            e2e_rates=(50.0,),
             e2e_clients=50,
             e2e_seconds=10,
             e2e_warmup_s=2,
@@ -131,9 +133,9 @@ def _preset(quick: bool) -> Plan:
         soak_sample_s=5.0,
         redis_benchmark_requests=2_000_000,
         cassandra_ceiling_rows=300_000,
-        e2e_rate=500,
+        e2e_rates=(50.0, 100.0, 250.0, 500.0, 750.0),
         e2e_clients=1_000,
-        e2e_seconds=30,
+        e2e_seconds=20,
         e2e_warmup_s=5,
         sample_interval_s=0.5,
         drain_timeout_s=900,

@@ -60,14 +60,18 @@ class BenchOptions:
     profile: bool = False
     #: ``FEED_BENCH_KEEP=1``: keep the stack's data folder after the run.
     keep: bool = False
-    #: ``FEED_BENCH_E2E_HISTORY=1``: the e2e worker also writes per-follower Cassandra rows.
-    e2e_history: bool = False
+    #: ``FEED_BENCH_E2E_HISTORY=1`` / ``=0``: the e2e sweep runs only with / only without
+    #: per-follower Cassandra rows (``None``, unset: with both, one after the other).
+    e2e_history: bool | None = None
     #: ``FEED_BENCH_WORKDIR=DIR``: where the stack's data and the peer's virtualenv live.
     workdir: Path | None = None
     #: ``FEED_BENCH_BACKLOG=N``: activities of the 1- vs 2-worker backlog (at least 100).
     backlog: int | None = None
-    #: ``FEED_BENCH_E2E_RATE=N``: the e2e offered rate in activities/s (at least 1).
+    #: ``FEED_BENCH_E2E_RATE=N``: the e2e scenario's only offered rate, in activities/s (at
+    #: least 1).
     e2e_rate: float | None = None
+    #: ``FEED_BENCH_E2E_RATES=50,100,250``: the offered rates the e2e scenario sweeps.
+    e2e_rates: tuple[float, ...] | None = None
     #: ``FEED_BENCH_SOAK_S=N``: seconds of the memory soak (at least 5).
     soak_s: float | None = None
     #: ``FEED_BENCH_PHASES=a,b``: the fan-out phases to run (``None``: all of them).
@@ -93,10 +97,11 @@ class BenchOptions:
             skip_peers=bool(get("FEED_BENCH_SKIP_PEERS", _flag)),
             profile=bool(get("FEED_BENCH_PROFILE", _flag)),
             keep=bool(get("FEED_BENCH_KEEP", _flag)),
-            e2e_history=bool(get("FEED_BENCH_E2E_HISTORY", _flag)),
+            e2e_history=get("FEED_BENCH_E2E_HISTORY", _flag),
             workdir=get("FEED_BENCH_WORKDIR", lambda _name, raw: Path(raw)),
             backlog=get("FEED_BENCH_BACKLOG", _at_least_int(100)),
             e2e_rate=get("FEED_BENCH_E2E_RATE", _at_least_float(1.0)),
+            e2e_rates=get("FEED_BENCH_E2E_RATES", _float_rates),
             soak_s=get("FEED_BENCH_SOAK_S", _at_least_float(5.0)),
             phases=get("FEED_BENCH_PHASES", _phases),
             gateway_rates=get("FEED_BENCH_GATEWAY_RATES", _rates),
@@ -185,6 +190,16 @@ def _rates(name: str, raw: str) -> tuple[int, ...]:
         raise BenchOptionsError(f"{name} must be comma-separated integers, got {raw!r}") from None
     if not rates or any(rate <= 0 for rate in rates):
         raise BenchOptionsError(f"{name} must list rates > 0, got {raw!r}")
+    return rates
+
+
+def _float_rates(name: str, raw: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(part) for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise BenchOptionsError(f"{name} must be comma-separated numbers, got {raw!r}") from None
+    if not rates or any(not math.isfinite(rate) or rate < 1 for rate in rates):
+        raise BenchOptionsError(f"{name} must list finite rates of at least 1, got {raw!r}")
     return rates
 
 

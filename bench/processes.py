@@ -159,15 +159,21 @@ def metric_sum(text: str | None, name: str, labels: dict[str, str] | None = None
     return total
 
 
-def histogram_buckets(text: str | None, name: str) -> list[tuple[float, float]]:
-    """Cumulative ``(le, count)`` pairs of a histogram without labels (summed over label sets)."""
+def histogram_buckets(
+    text: str | None, name: str, labels: dict[str, str] | None = None
+) -> list[tuple[float, float]]:
+    """Cumulative ``(le, count)`` pairs of a histogram, summed over its label sets (only those
+    carrying ``labels``, when given)."""
     if not text:
         return []
     buckets: dict[float, float] = {}
     for match in _SAMPLE.finditer(text):
         if match.group(1) != f"{name}_bucket":
             continue
-        le = re.search(r'le="([^"]+)"', match.group(2) or "")
+        label_text = match.group(2) or ""
+        if labels and not all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+            continue
+        le = re.search(r'le="([^"]+)"', label_text)
         if not le:
             continue
         bound = float("inf") if le.group(1) == "+Inf" else float(le.group(1))

@@ -4,7 +4,8 @@ Plots (each written even when its data is missing, with a note saying so):
 
 * ``latency.png`` — latency percentiles over time: e2e publish→receive (when the e2e scenario ran)
   and the fan-out worker's batch apply time (from its ``feed_batch_seconds`` histogram).
-* ``throughput.png`` — achieved versus offered rate (the fan-out sweep; e2e delivery when run).
+* ``throughput.png`` — achieved versus offered rate (the fan-out sweep).
+* ``e2e_sweep.png`` — e2e p50/p99 latency against offered rate, history rows off and on.
 * ``lag.png`` — consumer lag while each backlog drains (1 and 2 workers, skewed, history on).
 * ``memory.png`` — worker RSS over time in each phase.
 """
@@ -18,7 +19,7 @@ from typing import Any
 
 __all__ = ["PLOTS", "write_report"]
 
-PLOTS = ("latency.png", "throughput.png", "lag.png", "memory.png")
+PLOTS = ("latency.png", "throughput.png", "e2e_sweep.png", "lag.png", "memory.png")
 _QUICK_NOTE = "quick (smoke run: the harness works; figures are not meaningful)"
 
 
@@ -234,7 +235,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         "- `latency.png` — latency percentiles over time (e2e publish→receive; "
         "worker batch apply time)"
     )
-    add("- `throughput.png` — achieved versus offered rate (fan-out sweep; e2e delivery)")
+    add("- `throughput.png` — achieved versus offered rate (fan-out sweep)")
+    add("- `e2e_sweep.png` — e2e p50/p99 latency against offered rate")
     add("- `lag.png` — consumer lag while each backlog drains")
     add("- `memory.png` — worker RSS over time")
     add("")
@@ -452,35 +454,75 @@ def _div(a: Any, b: Any) -> float | None:
 
 
 def _e2e_section(add: Any, e2e: dict[str, Any]) -> None:
-    add("## End to end (Kafka → worker → Redis → gateway → WebSocket)")
+    add("## End to end (Kafka → worker → Redis → gateway → WebSocket), swept over offered rates")
     add("")
     add(f"Status: **{e2e.get('status')}**" + (f" — {e2e.get('error')}" if e2e.get("error") else ""))
+    for error in e2e.get("errors") or []:
+        add(f"- {error}")
     add("")
-    latency = e2e.get("latency_ms") or {}
-    if latency:
+    runs = [r for r in e2e.get("runs") or [] if not r.get("skipped")]
+    if not runs:
+        return
+    add(
+        f"{_num(e2e.get('clients'))} connected followers; each rate for a "
+        f"{_num(e2e.get('warmup_s'))} s warm-up (its deliveries count for loss only) and "
+        f"{_num(e2e.get('seconds'))} s measured. {e2e.get('config', '')}."
+    )
+    add("")
+    best = e2e.get("max_rate_p99_under_100ms") or {}
+    for mode, rate in best.items():
         add(
-            f"- Offered {_num(e2e.get('offered_activities_per_s'))} activities/s for "
-            f"{_num(e2e.get('seconds'))} s to {_num(e2e.get('clients'))} connected followers "
-            f"({_num(e2e.get('expected_deliveries'))} deliveries expected, "
-            f"{_num(e2e.get('delivered'))} received, loss {_num(e2e.get('loss_ratio'), 4)})."
+            f"- Highest rate with p99 < 100 ms and nothing lost or repeated, history rows "
+            f"{mode}: **{_num(rate)} activities/s**"
         )
+    add("")
+    add("| history rows | offered/s | p50 ms | p95 ms | p99 ms | max ms | delivered | lost | dup |")
+    add("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in e2e.get("runs") or []:
+        mode = "on" if r.get("history") else "off"
+        if r.get("skipped"):
+            add(f"| {mode} | {_num(r.get('rate'))} | skipped: a lower rate was overwhelmed |||||||")
+            continue
+        lat = r.get("latency_ms") or {}
         add(
-            f"- Publish→receive latency: p50 {_num(latency.get('p50'), 1)} ms, p95 "
-            f"{_num(latency.get('p95'), 1)} ms, p99 {_num(latency.get('p99'), 1)} ms, p99.9 "
-            f"{_num(latency.get('p999'), 1)} ms, max {_num(latency.get('max'), 1)} ms "
-            f"(after a {_num(e2e.get('warmup_s'))} s warm-up at the same rate, whose deliveries "
-            "count for loss only)."
+            f"| {mode} | {_num(r.get('rate'))} | {_num(lat.get('p50'), 1)} | "
+            f"{_num(lat.get('p95'), 1)} | {_num(lat.get('p99'), 1)} | {_num(lat.get('max'), 1)} | "
+            f"{_num(r.get('delivered'))} | {_num(r.get('lost'))} | {_num(r.get('duplicates'))} |"
         )
-        warm = e2e.get("warmup_latency_ms") or {}
-        if warm:
-            add(
-                f"- Warm-up (the worker's caches filling): p50 {_num(warm.get('p50'), 1)} ms, "
-                f"p99 {_num(warm.get('p99'), 1)} ms, max {_num(warm.get('max'), 1)} ms."
-            )
-        add(
-            f"- Delivered {_num(e2e.get('delivered_per_s'))} messages/s; gateway RSS "
-            f"{_num(e2e.get('gateway_rss_mb'), 1)} MB."
-        )
+    add("")
+    add(
+        "Where the time goes: each stage's latency from the activity's Kafka record timestamp "
+        "(cumulative p50 / p99 in ms; `feed.stages`). Servers' stages from their histograms, "
+        "the client's exact."
+    )
+    add("")
+    head = " | ".join(
+        f"{'on' if r.get('history') else 'off'} {_num(r.get('rate'))}/s" for r in runs
+    )
+    add(f"| stage | where | {head} |")
+    add("|---|---|" + "---:|" * len(runs))
+    names = [row["stage"] for row in runs[0].get("stages_ms") or []]
+    for index, name in enumerate(names):
+        cells = []
+        where = ""
+        for r in runs:
+            row = (r.get("stages_ms") or [])[index]
+            where = row.get("where", "")
+            cells.append(f"{_num(row.get('p50'), 1)} / {_num(row.get('p99'), 1)}")
+        add(f"| {name} | {where} | " + " | ".join(cells) + " |")
+    add("")
+    add("CPU of each process over the measured window, in cores (the machine has 2):")
+    add("")
+    add(f"| process | {head} |")
+    add("|---|" + "---:|" * len(runs))
+    for name in runs[0].get("cores") or {}:
+        cells = [_num((r.get("cores") or {}).get(name), 2) for r in runs]
+        add(f"| {name} | " + " | ".join(cells) + " |")
+    add("")
+    add(
+        "`broker` is the Kafka-protocol test broker and `bench` the load generator (the producer "
+        "and the WebSocket clients): test rig, not this project."
+    )
     add("")
 
 
@@ -594,9 +636,6 @@ def write_plots(outdir: Path, results: dict[str, Any]) -> dict[str, Path]:
         ax.legend(fontsize=8)
     else:
         _no_data(ax, "no sweep data")
-    e2e = results.get("e2e") or {}
-    if isinstance(e2e.get("delivered_per_s"), (int, float)) and e2e.get("expected_per_s"):
-        ax.plot([e2e["expected_per_s"]], [e2e["delivered_per_s"]], "s", label="e2e deliveries/s")
     paths["throughput"] = _save(
         fig,
         ax,
@@ -605,6 +644,40 @@ def write_plots(outdir: Path, results: dict[str, Any]) -> dict[str, Path]:
         "throughput versus offered rate",
         "offered timeline inserts/s",
         "achieved timeline inserts/s",
+    )
+
+    # e2e: latency against offered rate
+    fig, ax = plt.subplots(figsize=(8, 5))
+    runs = [r for r in _get(results, "e2e", "runs") or [] if not r.get("skipped")]
+    for history in (False, True):
+        rows = sorted(
+            (r for r in runs if bool(r.get("history")) == history), key=lambda r: r["rate"]
+        )
+        if not rows:
+            continue
+        rates = [r["rate"] for r in rows]
+        mode = "on" if history else "off"
+        for key, style in (("p50", "-o"), ("p99", "--o")):
+            ax.plot(
+                rates,
+                [(r.get("latency_ms") or {}).get(key) for r in rows],
+                style,
+                label=f"{key}, history rows {mode}",
+            )
+    if runs:
+        ax.axhline(100, color="red", linestyle=":", linewidth=0.8, label="100 ms")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    else:
+        _no_data(ax, "e2e did not run")
+    paths["e2e_sweep"] = _save(
+        fig,
+        ax,
+        outdir,
+        "e2e_sweep",
+        "e2e publish → WebSocket read latency against offered rate",
+        "offered activities/s",
+        "ms",
     )
 
     # lag while the backlog drains

@@ -221,6 +221,8 @@ class DeadLetters:
     def flush(self, timeout: float = 5.0) -> None:
         """Produce again what was not taken, wait up to ``timeout`` s for the broker, and raise
         :class:`DeadLetterUnavailable` unless every record sent so far is in it."""
+        if not self._letters:
+            return  # nothing sent since the last flush (the common case: no producer call)
         deadline = time.monotonic() + timeout
         for letter in self._letters:
             if letter.state == _QUEUED:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from feed.stages import WORKER_STAGES, StageHistogram
+
 __all__ = ["WorkerMetrics"]
 
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -57,6 +59,14 @@ class WorkerMetrics:
             registry=r,
         )
         self.lag_sum = Gauge("feed_consumer_lag_sum", "Total consumer lag", registry=r)
+        self.stages = StageHistogram(
+            "feed_stage_latency_seconds",
+            "Time from a record's Kafka timestamp to each stage of its batch "
+            "(consumed, durable, published, committed; see feed.stages)",
+            label="stage",
+            values=WORKER_STAGES,
+            registry=r,
+        )
         self.assigned = Gauge(
             "feed_assigned_partitions", "Partitions assigned to this worker", registry=r
         )

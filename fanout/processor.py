@@ -50,11 +50,13 @@ from feed.interfaces import (
     Timelines,
 )
 from feed.logging import get_logger
+from feed.stages import now_ms
 from schemas.activity import Activity, encode_activity, published_us
 from schemas.errors import FeedError
 from schemas.follow import FollowEvent
 
 __all__ = ["BatchStats", "Processor", "RejectedRecord"]
+
 
 log = get_logger("fanout")
 
@@ -80,6 +82,8 @@ class BatchStats:
     redis_s: float = 0.0
     cassandra_s: float = 0.0
     rejected: list[tuple[int, RejectedRecord]] = field(default_factory=list)
+    #: When the last Redis write of the batch finished (ms since the epoch; ``feed.stages``).
+    published_ms: float | None = None
     #: Redis writes still in flight (``apply(..., defer=True)``); :meth:`Processor.complete`.
     deferred: list[_Deferred] = field(default_factory=list)
 
@@ -91,6 +95,9 @@ class _Deferred:
 
     run: Callable[[], tuple[int, int]]
     future: Future[tuple[int, int]] | None
+    #: When the timelines, delivery streams and Pub/Sub got the batch, in ms since the epoch
+    #: (set by the thread that ran the write).
+    done_ms: float | None = None
 
 
 class Processor:
@@ -116,6 +123,7 @@ class Processor:
         self._tombstone_ttl = tombstone_ttl_s
         self._writer: ThreadPoolExecutor | None = None
         self._in_flight: list[Future[tuple[int, int]]] = []
+        self._origins: Sequence[int | None] = ()
 
     def close(self) -> None:
         """Wait for the Redis writes in flight and stop the writer thread."""
@@ -125,14 +133,21 @@ class Processor:
 
     # --- batches -----------------------------------------------------------------------------
     def apply(
-        self, events: Sequence[tuple[int, Activity | FollowEvent]], *, defer: bool = False
+        self,
+        events: Sequence[tuple[int, Activity | FollowEvent]],
+        *,
+        defer: bool = False,
+        origins: Sequence[int | None] = (),
     ) -> BatchStats:
         """Apply decoded events in order; ``int`` is the caller's index, used in ``rejected``.
 
         With ``defer``, the Redis write of the trailing run of activities may still be in flight
         when this returns: call :meth:`complete` on the result before treating it as applied.
+        ``origins``: by the caller's index, when each record entered the pipeline (its Kafka
+        timestamp, in ms): the ``ts`` of the frames pushed for it.
         """
         stats = BatchStats()
+        self._origins = origins
         run: list[tuple[int, Activity]] = []
         for index, event in events:
             if isinstance(event, Activity) and not event.is_delete:
@@ -175,6 +190,7 @@ class Processor:
             stats.redis_s += time.perf_counter() - started
             stats.inserted += inserted
             stats.pushed += pushed
+            stats.published_ms = deferred.done_ms or now_ms()
             stats.deferred.pop(0)
         return stats
 
@@ -185,13 +201,13 @@ class Processor:
                 future.result()
         self._in_flight = []
 
-    def _defer(self, run: Callable[[], tuple[int, int]], stats: BatchStats) -> None:
+    def _defer(self, deferred: _Deferred, stats: BatchStats) -> None:
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="redis-writer")
         self._in_flight = [f for f in self._in_flight if not f.done()]
-        future = self._writer.submit(run)
+        deferred.future = future = self._writer.submit(deferred.run)
         self._in_flight.append(future)
-        stats.deferred.append(_Deferred(run, future))
+        stats.deferred.append(deferred)
 
     # --- activities --------------------------------------------------------------------------
     def _own(
@@ -277,6 +293,12 @@ class Processor:
             return
         records, to, new, release = self._own(run, stats)
         stats.activities += len(records)
+        origins = self._origins
+        origin: dict[str, int | None] = {}
+        if origins:
+            for index, activity in run:
+                if activity.id not in origin and index < len(origins):
+                    origin[activity.id] = origins[index]
         timelines = self._timelines
         if not records:
             if release:
@@ -308,7 +330,14 @@ class Processor:
             stats.history_rows += history.put_deliveries(records, timelines=True)
             stats.cassandra_s += time.perf_counter() - started
         inserts = [
-            Insert(order_key(r.ts, r.activity_id), r.activity_id, r.body, r.users) for r in records
+            Insert(
+                order_key(r.ts, r.activity_id),
+                r.activity_id,
+                r.body,
+                r.users,
+                origin.get(r.activity_id),
+            )
+            for r in records
         ]
         # Large accounts: no fan-out on write; their outbox is merged into feeds at read time and
         # announced on their actor channel to the gateways where followers are connected.
@@ -320,16 +349,18 @@ class Processor:
 
         def write() -> tuple[int, int]:
             result = timelines.insert(inserts, release=release)
+            deferred.done_ms = now_ms()  # published: the online followers have it
             if big:
                 timelines.add_to_outboxes(big)
             if recipients_after:
                 history.put_deliveries(records, timelines=False)
             return result
 
+        deferred = _Deferred(write, None)
         if defer:
-            self._defer(write, stats)
+            self._defer(deferred, stats)
         else:
-            stats.deferred.append(_Deferred(write, None))
+            stats.deferred.append(deferred)
 
     # --- deletes -----------------------------------------------------------------------------
     def _apply_delete(self, event: Activity, stats: BatchStats) -> None:

@@ -53,6 +53,7 @@ from feed.kafka import KafkaUnavailable, consumer_config
 from feed.lag import measure_lag
 from feed.logging import get_logger
 from feed.settings import Settings
+from feed.stages import now_ms, record_ts_ms
 from feed.stores import CassandraFollowGraph, CassandraHistory, open_cassandra
 from feed.timelines_redis import RedisTimelines
 from schemas.activity import Activity, decode_activity
@@ -96,6 +97,11 @@ class _Batch:
     stats: BatchStats
     dlq: int
     started: float
+    #: The records' Kafka timestamps (ms; None if unknown), and when the batch was consumed and
+    #: its Cassandra writes done (``feed.stages``).
+    origins: list[int | None]
+    consumed_ms: float
+    durable_ms: float
 
 
 class _Stopping(Exception):
@@ -130,6 +136,9 @@ class Worker:
         self._held: list[Any] = []
         #: The batch whose Redis write is in flight (committed by :meth:`_finish`).
         self._pending: _Batch | None = None
+        #: Offsets of applied batches not committed yet (``commit_interval_ms``).
+        self._uncommitted: dict[tuple[str, int], int] = {}
+        self._committed_at = float("-inf")  # the first batch is committed at once
         self.batches = 0
         self.healthy = True
 
@@ -159,11 +168,12 @@ class Worker:
                     messages, self._held = self._held, []
                 else:
                     messages = self._next_batch(s.fanout_batch)
+                consumed_ms = now_ms()
                 try:
                     if messages:
                         # Batch N+1's Cassandra writes run while batch N's Redis write is in
                         # flight; N is committed once its Redis write is done.
-                        batch = self._prepare(messages)
+                        batch = self._prepare(messages, consumed_ms)
                         self._finish_pending()
                         self._pending = batch
                     else:
@@ -175,6 +185,7 @@ class Worker:
                     break
                 self._maybe_report_lag()
             self._finish_pending_without_retry("stopping")
+            self._flush_commits()
         finally:
             log.info("worker stopping: leaving the group")
             try:
@@ -191,6 +202,7 @@ class Worker:
         messages: list[Any] = self._consumer.consume(num_messages=size, timeout=0)
         if messages or self._pending is not None:
             return messages  # with a batch in flight: finish it rather than wait here
+        self._flush_commits()  # nothing to apply: commit what waits before waiting
         first = self._consumer.poll(0.2)
         if first is None:
             return []
@@ -243,6 +255,7 @@ class Worker:
     def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         gone = {(p.topic, p.partition) for p in partitions}
         self._finish_pending_without_retry("partitions revoked", keep=self._assignment - gone)
+        self._flush_commits(gone)  # the next owner starts where this one got to
         self._assignment -= gone
         if self._held:  # the new owner consumes them from the committed offset
             self._held = [m for m in self._held if (m.topic(), m.partition()) not in gone]
@@ -250,13 +263,17 @@ class Worker:
         log.info("partitions revoked", partitions=_names(partitions))
 
     # --- one batch ---------------------------------------------------------------------------
-    def _prepare(self, messages: Sequence[Any]) -> _Batch:
-        """Decode and apply ``messages``; their Redis write may still be in flight."""
+    def _prepare(self, messages: Sequence[Any], consumed_ms: float | None = None) -> _Batch:
+        """Decode and apply ``messages``; their Redis write may still be in flight.
+        ``consumed_ms``: when the consumer handed them over (now, if not given)."""
         started = time.perf_counter()
+        if consumed_ms is None:
+            consumed_ms = now_ms()
         s = self._settings
         events: list[tuple[int, Activity | FollowEvent]] = []
         offsets: dict[tuple[str, int], int] = {}
         first: dict[tuple[str, int], int] = {}
+        origins: list[int | None] = [None] * len(messages)
         dlq = 0
         for index, message in enumerate(messages):
             error = message.error()
@@ -265,6 +282,7 @@ class Worker:
                     self._metrics.errors.labels(kind="kafka").inc()
                     log.warning("consume error", error=str(error))
                 continue
+            origins[index] = record_ts_ms(message)
             topic = message.topic()
             offsets[(topic, message.partition())] = message.offset() + 1
             first.setdefault((topic, message.partition()), message.offset())
@@ -285,8 +303,10 @@ class Worker:
         ):
             # Deletes and follows wait for every earlier Redis write (and its commit).
             self._finish_pending()
-        stats = self._apply(messages, events, defer=True)
-        return _Batch(messages, events, offsets, first, stats, dlq, started)
+        stats = self._apply(messages, events, defer=True, origins=origins)
+        return _Batch(
+            messages, events, offsets, first, stats, dlq, started, origins, consumed_ms, now_ms()
+        )
 
     def _finish(self, batch: _Batch, *, retry: bool = True) -> None:
         """Wait for the batch's Redis write (retrying like any store call), dead-letter its
@@ -313,6 +333,11 @@ class Worker:
         elapsed = time.perf_counter() - batch.started
         self.batches += 1
         m = self._metrics
+        stages, origins = m.stages, batch.origins
+        stages.observe_since("consumed", origins, batch.consumed_ms)
+        stages.observe_since("durable", origins, batch.durable_ms)
+        stages.observe_since("published", origins, stats.published_ms or batch.durable_ms)
+        stages.observe_since("committed", origins, now_ms())
         m.batch_size.observe(len(messages))
         m.batch_seconds.observe(elapsed)
         m.inserts.inc(stats.inserted)
@@ -342,9 +367,10 @@ class Worker:
         events: list[tuple[int, Activity | FollowEvent]],
         *,
         defer: bool = False,
+        origins: Sequence[int | None] = (),
     ) -> BatchStats:
         return self._retrying(
-            lambda: self._processor.apply(events, defer=defer),
+            lambda: self._processor.apply(events, defer=defer, origins=origins),
             lambda: self._apply_one_by_one(messages, events),
         )
 
@@ -490,8 +516,26 @@ class Worker:
         self._dlq.send(message, code=code, reason=reason, field=field, attempts=attempts)
 
     def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        """``offsets``' records are applied: commit them now, or with a later batch's if the
+        last commit is less than ``commit_interval_ms`` old (each commit is a broker round trip
+        in the batch loop). What waits is committed at the latest when the worker goes idle,
+        stops, or loses the partitions; a crash meanwhile replays it, which is idempotent."""
+        self._uncommitted.update(offsets)
+        interval = self._settings.commit_interval_ms / 1000
+        if time.monotonic() - self._committed_at >= interval:
+            self._flush_commits()
+
+    def _flush_commits(self, partitions: set[tuple[str, int]] | None = None) -> None:
+        """Commit the applied offsets not committed yet (only those of ``partitions``)."""
+        if partitions is None:
+            offsets, self._uncommitted = self._uncommitted, {}
+        else:
+            offsets = {tp: o for tp, o in self._uncommitted.items() if tp in partitions}
+            for tp in offsets:
+                del self._uncommitted[tp]
         if not offsets:
             return
+        self._committed_at = time.monotonic()
         try:
             self._consumer.commit(
                 offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],

@@ -78,6 +78,9 @@ class Insert:
     activity_id: str
     body: bytes
     users: Sequence[str]
+    #: When the activity entered the pipeline (its Kafka record's timestamp), in ms since the
+    #: epoch: the ``ts`` of the frames pushed for it (``schemas.frames.activity_tail``).
+    ts_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -266,7 +266,7 @@ class MemoryRedis:
                 if member not in timeline:
                     continue  # trimmed at once: not a new item of the hot timeline
                 body = self.bodies.get(_aid(member), b"null")
-                tail = frames.ACTIVITY_MIDDLE + body + frames.ACTIVITY_TAIL
+                tail = frames.ACTIVITY_MIDDLE + body + frames.activity_tail(members[member].ts_ms)
                 if self.deliver(user, frames.ACTIVITY_HEAD, tail, hist):
                     pushed += 1
             if not timeline:

@@ -151,6 +151,7 @@ class Settings:
     fanout_batch: int = 500
     fanout_history: bool = True
     fanout_attempts: int = 5
+    commit_interval_ms: int = 100
     fanout_limit: int = 10_000
     active_days: int = 7
     worker_metrics_port: int = 9100
@@ -208,6 +209,7 @@ class Settings:
             "fanout_batch": _int(1, 100_000),
             "fanout_history": _bool,
             "fanout_attempts": _int(1, 100),
+            "commit_interval_ms": _int(0, 60_000),
             "fanout_limit": _int(0, 1_000_000_000),
             "active_days": _int(0, 3650),
             "worker_metrics_port": _int(0, 65535),

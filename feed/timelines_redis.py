@@ -120,6 +120,7 @@ def _fanout_calls(
     grouped into one call (in insert order), at most ``_MAX_USERS`` inserts per call. KEYS: the
     activities' (deleted marker, body), then per user :func:`feed.keys.fanout_user_key`."""
     members: list[str] = []
+    tails: list[bytes] = []
     activity_keys: list[str] = []
     bodies: list[tuple[str, bytes]] = []
     per_user: dict[str, list[bytes]] = {}
@@ -134,6 +135,7 @@ def _fanout_calls(
             bodies.append((body, insert.body))
             activity_keys += (deleted, body)
             members.append(insert.member)
+            tails.append(b"" if insert.ts_ms is None else frames.activity_tail(insert.ts_ms))
             index = indexes[insert.member] = b"%d" % len(members)
         for user in insert.users:
             mine = get(user)
@@ -141,7 +143,7 @@ def _fanout_calls(
                 per_user[user] = [index]
             else:
                 mine.append(index)
-    head = [*head, len(members), *_ACTIVITY_FRAME, *_USER_PREFIXES, *members]
+    head = [*head, len(members), *_ACTIVITY_FRAME, *_USER_PREFIXES, *members, *tails]
     user_key = keys.fanout_user_key
     calls: list[_Call] = []
     call_keys: list[str | bytes] = list(activity_keys)

@@ -22,6 +22,7 @@ from typing import Any
 import structlog
 from starlette.types import Message
 
+from feed.stages import now_ms
 from gateway import closecodes
 from gateway.auth import UserClaims
 from gateway.errors import REDIS_ERRORS
@@ -30,6 +31,7 @@ from gateway.resources import Gateway
 from gateway.session import PRESENCE_PREFIX, RESET_CONTROL, Session
 from gateway.timers import timers
 from gateway.transport import StreamSocket, close_connection, reject
+from schemas.frames import frame_ts_ms
 
 __all__ = ["EARLY_MAX_FRAMES", "HISTORY_PAGE", "StreamConnection", "essential_early"]
 
@@ -67,6 +69,7 @@ class StreamConnection:
         "_hold",
         "_interrupted",
         "_main",
+        "_opened_ms",
         "_pending_since",
         "_pump_again",
         "_pump_task",
@@ -94,6 +97,9 @@ class StreamConnection:
         self._pending_since: float | None = None
         self._client_code: int | None = None
         self._pushed = 0
+        #: Deliveries of activities that entered the pipeline before this are replays (a resume)
+        #: and are left out of the delivery latency.
+        self._opened_ms = now_ms()
 
     @property
     def user(self) -> str:
@@ -316,7 +322,18 @@ class StreamConnection:
             return False
         session.frame_sent(written)
         self._sent(len(frames))
+        self._delivered(frames)
         return True
+
+    def _delivered(self, frames: list[bytes]) -> None:
+        """Count the delivery latency of the activity frames just written (``feed.stages``)."""
+        at = now_ms()
+        opened = self._opened_ms
+        latency = self._gateway.metrics.delivery_latency
+        for frame in frames:
+            ts = frame_ts_ms(frame)
+            if ts is not None and ts >= opened:
+                latency.observe_ms("", at - ts)
 
     def _sent(self, count: int) -> None:
         metrics = self._gateway.metrics
@@ -367,6 +384,7 @@ class StreamConnection:
             await websocket.send_text(frame.decode())
             session.frame_sent(len(frame))
             self._sent(1)
+            self._delivered([frame])
 
     async def _pump_loop(self, session: Session) -> None:
         presence = self._gateway.presence

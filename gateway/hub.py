@@ -53,8 +53,10 @@ import structlog
 
 from feed import keys
 from feed.interfaces import DeliveryStream, Subscriber, SubscriberLink
+from feed.stages import StageHistogram, now_ms
 from gateway.session import RESET_CONTROL, presence_frame
 from schemas.errors import FeedError
+from schemas.frames import frame_ts_ms
 
 __all__ = ["Hub", "HubUnavailable", "LocalConnection", "TooManyConnections"]
 
@@ -110,8 +112,10 @@ class Hub:
         idle_ping_s: float = 5.0,
         ping_timeout_s: float = 5.0,
         reconnect_max_s: float = 5.0,
+        received: StageHistogram | None = None,
     ) -> None:
         self._subscriber = subscriber
+        self._received = received
         self._presence = presence
         self._refresh_interval = refresh_interval_s
         self._subscribe_timeout = subscribe_timeout_s
@@ -461,6 +465,10 @@ class Hub:
                 self.on_following_changed(user)
             return
         self.messages += 1
+        if self._received is not None:
+            ts = frame_ts_ms(frame)
+            if ts is not None:
+                self._received.observe_ms("received", now_ms() - ts)
         for conn in list(self._conns.get(user, ())):
             try:
                 conn.deliver(frame)

@@ -3,10 +3,16 @@
 Each :class:`GatewayMetrics` owns a ``CollectorRegistry`` (not the global one), so several apps in
 one process (tests) do not collide and ``GET /metrics`` shows exactly the gateway's series.
 
+``feed_delivery_latency_seconds`` is the product's headline figure: from the activity's Kafka
+record timestamp (HTTP ingest: the time it accepted the request) to the socket write of each live
+delivery, read from the ``ts`` the worker puts at the end of every activity frame
+(``schemas.frames.frame_ts_ms``). ``feed_stage_latency_seconds{stage="received"}`` is the same
+origin to the Pub/Sub message's arrival (``feed.stages`` lists every stage of both processes).
+Frames replayed to a connection that was not open yet when the activity entered the pipeline (a
+resume) are not counted: their wait is the client's absence, not the pipeline's.
+
 ``feed_gateway_push_latency_seconds`` measures *queue-to-socket*: from the moment a frame is handed
 to a connection (Pub/Sub message received, or history read answered) until the socket accepted it.
-The frames carry no publish timestamp, so publish-to-socket cannot be derived here; the fan-out's
-own metrics cover the earlier part of the path.
 
 ``feed_gateway_gc_pause_seconds`` times the process's garbage collections (once
 :meth:`GatewayMetrics.watch_gc` is called; the app does it while it is open): a full collection
@@ -28,6 +34,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from feed.stages import StageHistogram
 
 __all__ = ["CONTENT_TYPE", "GatewayMetrics"]
 
@@ -69,6 +77,20 @@ class GatewayMetrics:
             "feed_gateway_push_latency_seconds",
             "Queue-to-socket latency of pushed frames.",
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.delivery_latency = StageHistogram(
+            "feed_delivery_latency_seconds",
+            "Time from an activity's Kafka record timestamp (or ingest time) to the socket write "
+            "of each live delivery.",
+            registry=r,
+        )
+        self.stages = StageHistogram(
+            "feed_stage_latency_seconds",
+            "Time from an activity's Kafka record timestamp to a stage of its delivery in the "
+            "gateway (received: the Pub/Sub message arrived).",
+            label="stage",
+            values=("received",),
             registry=r,
         )
         self.slow_client_closes = Counter(

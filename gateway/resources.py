@@ -148,6 +148,7 @@ class Gateway:
             RedisSubscriber(self._redis),
             self._presence,
             refresh_interval_s=max(1.0, s.resume_window_s / 3),
+            received=self.metrics.stages,
         )
         big = self.big_accounts
         big.open()

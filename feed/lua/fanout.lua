@@ -14,6 +14,8 @@
 --   5..7 the activity frame's head, middle and tail (schemas.frames.ACTIVITY_*),
 --   8..12 the prefixes of the timeline, presence, active marker, delivery stream and channel,
 --   13..12+n the order keys (members) of activities 1..n,
+--   13+n..12+2n their frames' tails (schemas.frames.activity_tail: the tail with the activity's
+--   'ts'), or '' for the plain tail of ARGV 7,
 --   then per user k one value: the indexes of its activities (1-based, in the order the user
 --   must receive them), separated by spaces.
 --
@@ -30,6 +32,7 @@ local tl_prefix_len = #ARGV[8]
 local on_prefix, seen_prefix, dl_prefix, channel_prefix = ARGV[9], ARGV[10], ARGV[11], ARGV[12]
 local members = {}
 local body_key = {}
+local tail_of = {}
 for j = 1, n do
   local member = ARGV[12 + j]
   if redis.call('EXISTS', KEYS[2 * j - 1]) == 1 then
@@ -39,12 +42,14 @@ for j = 1, n do
   else
     members[j] = member
     body_key[member] = KEYS[2 * j]
+    local own = ARGV[12 + n + j]
+    tail_of[member] = own ~= '' and own or tail
   end
 end
 local bodies = {}
 local inserted, pushed = 0, 0
 local k = 2 * n
-for i = 13 + n, #ARGV do
+for i = 13 + 2 * n, #ARGV do
   k = k + 1
   local tl = KEYS[k]
   local tag = string.sub(tl, tl_prefix_len + 1)
@@ -109,7 +114,7 @@ for i = 13 + n, #ARGV do
         end
         seq = seq + 1
         -- the cursor is the stream cursor <epoch>.<seq> (feed.cursor.StreamCursor)
-        local frame = head .. ep .. '.' .. seq .. middle .. body .. tail
+        local frame = head .. ep .. '.' .. seq .. middle .. body .. tail_of[member]
         redis.call('XADD', dl, 'MAXLEN', '~', hist, seq .. '-0', 'f', frame)
         redis.call('PUBLISH', channel, frame)
         pushed = pushed + 1

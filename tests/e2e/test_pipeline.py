@@ -298,12 +298,19 @@ async def test_both_processes_export_their_metrics(
             message="the welcome counted",
         )
         aids = [ids(f"m-a{i}") for i in range(n)]
+        produced_ms = []
         for aid in aids:
+            produced_ms.append(time.time() * 1000)
             pipeline.produce(s.topic_activities, actor, pipeline.activity(aid, actor))
         frames = await frames_until(
             ws, lambda f: f.get("activity", {}).get("id") == aids[-1], timeout=10
         )
+        received_ms = time.time() * 1000
         assert [f["activity"]["id"] for f in frames] == aids
+        # Each frame carries when its activity entered the pipeline: its record's timestamp.
+        for frame, produced in zip(frames, produced_ms, strict=True):
+            assert isinstance(frame["ts"], int)
+            assert produced - 1 <= frame["ts"] <= received_ms
         worker_after = wait_for(
             lambda: (
                 (text := _settled_worker_metrics(pipeline)) is not None
@@ -352,6 +359,43 @@ async def test_both_processes_export_their_metrics(
     assert gateway_delta(feed_ok) == 2
     assert gateway_delta("feed_gateway_slow_client_closes_total") == 0
     assert metric_value(gateway_after, "feed_gateway_connections") == 0
+    # Stage latencies (feed.stages): each activity passed each stage once, in pipeline order,
+    # and the one live delivery of each was measured from record to socket.
+    stage_sums = []
+    for stage in ("consumed", "durable", "published", "committed"):
+        labels = f'{{stage="{stage}"}}'
+        assert worker_delta(f"feed_stage_latency_seconds_count{labels}") == n, stage
+        stage_sums.append(worker_delta(f"feed_stage_latency_seconds_sum{labels}"))
+    assert 0 < stage_sums[0] <= stage_sums[1] <= stage_sums[2] <= stage_sums[3], stage_sums
+    received = 'feed_stage_latency_seconds_count{stage="received"}'
+    assert gateway_delta(received) == n
+    assert gateway_delta("feed_delivery_latency_seconds_count") == n
+    delivered_s = gateway_delta("feed_delivery_latency_seconds_sum")
+    # (a record's timestamp is in whole ms, so each latency may read up to 1 ms long)
+    assert stage_sums[0] <= delivered_s <= n * (received_ms - min(produced_ms) + 1) / 1000
+    # A resume replays frames of activities that entered the pipeline before the connection:
+    # pushed, but not counted as deliveries (their wait was the client's absence).
+    async with websockets.connect(
+        ws_url, additional_headers={"Authorization": f"Bearer {pipeline.token(online)}"}
+    ) as ws:
+        assert (await next_frame(ws, 5))["type"] == "welcome"
+        await ws.send(json.dumps({"type": "resume", "cursor": frames[0]["cursor"]}))
+        replayed = await frames_until(
+            ws, lambda f: f.get("activity", {}).get("id") == aids[-1], timeout=10
+        )
+        assert [f["activity"]["id"] for f in replayed] == aids[1:]
+    replay_after = wait_for(
+        lambda: (
+            (text := _gateway_metrics(pipeline))
+            and metric_value(text, pushed) == metric_value(gateway_after, pushed) + n
+            and text
+        ),
+        timeout=10,
+        message="the welcome and the replayed frames counted as pushed",
+    )
+    assert metric_value(replay_after, "feed_delivery_latency_seconds_count") == metric_value(
+        gateway_after, "feed_delivery_latency_seconds_count"
+    )
     for name in (
         'feed_dlq_total{reason="malformed_json"}',
         "feed_consumer_lag_sum",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import replace
 
 import msgspec
 import redis
@@ -159,6 +160,21 @@ def test_the_scripts_frames_are_the_schemas_frames(
     removed = msgspec.json.decode(stream[1], type=schema_frames.Removed)
     assert (removed.id, removed.cursor) == (a, f"{epoch}.2")
     assert [schema_frames.stream_position(f) for f in stream] == [(epoch, 1), (epoch, 2)]
+    # With the record's timestamp, in one call beside an insert without one: each its own tail.
+    b, c = ids("b"), ids("c")
+    timed = replace(_insert(6, b, [online]), ts_ms=1_765_000_000_123)
+    assert t.insert([timed, _insert(7, c, [online])]) == (2, 2)
+    stream = [fields[b"f"] for _, fields in redis_client.xrange(keys.deliveries(online))]
+    assert stream[2:] == [
+        schema_frames.encode_frame(
+            schema_frames.ActivityFrame(f"{epoch}.3", msgspec.Raw(timed.body), 1_765_000_000_123)
+        ),
+        schema_frames.encode_frame(
+            schema_frames.ActivityFrame(f"{epoch}.4", msgspec.Raw(_insert(7, c, [online]).body))
+        ),
+    ]
+    assert schema_frames.frame_ts_ms(stream[2]) == 1_765_000_000_123
+    assert schema_frames.frame_ts_ms(stream[3]) is None
 
 
 def test_insert_loads_the_script_again_after_redis_lost_it(

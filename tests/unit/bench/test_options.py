@@ -135,8 +135,8 @@ def test_the_plans_take_the_overrides() -> None:
     )
     default = plan_for(True, BenchOptions())
     plan = plan_for(True, options)
-    assert (plan.backlog, plan.e2e_rate, plan.soak_s) == (1234, 77.0, 42.0)
-    assert plan.backlog != default.backlog and plan.e2e_rate != default.e2e_rate
+    assert (plan.backlog, plan.e2e_rates, plan.soak_s) == (1234, (77.0,), 42.0)
+    assert plan.backlog != default.backlog and plan.e2e_rates != default.e2e_rates
     assert plan.uniform_users == default.uniform_users
     assert gateway_plan_for(False, (8000,)).rates == (8000,)
     assert gateway_plan_for(False, (8000,)).extra_rates == ()
@@ -196,3 +196,17 @@ def test_no_bench_module_reads_the_environment_itself() -> None:
     assert len(modules) > 10
     reads = {p.name: lines for p in modules if (lines := _environ_reads(p))}
     assert reads == {}, f"bench modules reading os.environ (file: lines): {reads}"
+
+
+def test_the_e2e_sweep_takes_its_rates_and_one_history_mode() -> None:
+    options = BenchOptions.from_env(
+        {"FEED_BENCH_E2E_RATES": "50, 100,250.5", "FEED_BENCH_E2E_HISTORY": "0"}
+    )
+    assert options.e2e_rates == (50.0, 100.0, 250.5)
+    assert options.e2e_history is False
+    assert BenchOptions.from_env({}).e2e_history is None  # both, one after the other
+    assert plan_for(False, options).e2e_rates == (50.0, 100.0, 250.5)
+    assert plan_for(False, BenchOptions()).e2e_rates == (50.0, 100.0, 250.0, 500.0, 750.0)
+    for raw in ("fast", "0,100", "nan", ","):
+        with pytest.raises(BenchOptionsError, match="FEED_BENCH_E2E_RATES"):
+            BenchOptions.from_env({"FEED_BENCH_E2E_RATES": raw})

@@ -65,3 +65,21 @@ def test_the_limit_comes_from_the_producers_message_max_bytes() -> None:
     with pytest.raises(ValueError, match=r"message\.max\.bytes"):
         DeadLetters(Producer(config), "dlq", max_message_bytes=MIN_COPY_BYTES)
     assert DLQ_MESSAGE_MAX_BYTES - RECORD_FRAMING_BYTES > 32 * 1024  # a valid event fits whole
+
+
+class _CountingProducer:
+    def __init__(self) -> None:
+        self.flushes = 0
+
+    def flush(self, timeout: float) -> int:
+        self.flushes += 1
+        return 0
+
+
+def test_a_flush_with_nothing_sent_is_not_a_producer_call() -> None:
+    """The worker flushes the DLQ after every batch; nearly every batch sent nothing to it, and
+    a librdkafka flush costs a wait in the batch loop even then."""
+    producer = _CountingProducer()
+    letters = DeadLetters(producer, "feed.activities.dlq", max_message_bytes=DLQ_MESSAGE_MAX_BYTES)  # type: ignore[arg-type]
+    letters.flush(5.0)
+    assert producer.flushes == 0 and letters.pending == 0

@@ -203,3 +203,24 @@ def test_recipients_are_followers_then_extra_to() -> None:
     )
     assert _recipients(activity.to, ("u2", "u3")) == ("u2", "u3", "u9")
     assert _recipients([], ("u2",)) == ("u2",)
+
+
+async def test_pushed_frames_carry_when_their_record_entered_the_pipeline(
+    world: World, ids: Ids
+) -> None:
+    """``origins`` (the records' Kafka timestamps, by the caller's index) become each frame's
+    ``ts``; the first record of an id gives it, and a record without one gives a frame without
+    it (feed.stages measures delivery latency from it)."""
+    star, fan, a = ids("star"), ids("fan"), ids("a")
+    world.processor.apply([(0, follow(fan, star, 1))])
+    await _attach(world, fan)
+    origins = [1_765_000_000_123, 1_765_000_000_456, None]
+    events = [(0, act(f"{a}-0", star, 0)), (1, act(f"{a}-1", star, 1)), (2, act(f"{a}-2", star, 2))]
+    world.processor.apply(events, origins=origins)
+    frames = [msgspec.json.decode(f) for _, f in world.redis.streams[fan]]
+    assert [(f["activity"]["id"], f.get("ts")) for f in frames] == [
+        (f"{a}-0", origins[0]),
+        (f"{a}-1", origins[1]),
+        (f"{a}-2", None),
+    ]
+    assert "ts" not in frames[2]

@@ -43,6 +43,9 @@ class FakeMessage:
     def offset(self) -> int:
         return self._offset
 
+    def timestamp(self) -> tuple[int, int]:
+        return 1, 1_765_000_000_000  # TIMESTAMP_CREATE_TIME, in ms
+
     def value(self) -> bytes:
         return self._value
 
@@ -112,7 +115,9 @@ class FakeProcessor:
         self.calls = 0
         self.log = log
 
-    def apply(self, events: list[tuple[int, Any]], *, defer: bool = False) -> BatchStats:
+    def apply(
+        self, events: list[tuple[int, Any]], *, defer: bool = False, origins: Any = ()
+    ) -> BatchStats:
         self.calls += 1
         if self.errors:
             raise self.errors.pop(0)
@@ -141,11 +146,17 @@ class FakeDLQ:
 
 
 def make(
-    consumer: FakeConsumer, processor: FakeProcessor, dlq: FakeDLQ | None = None, **kw: Any
+    consumer: FakeConsumer,
+    processor: FakeProcessor,
+    dlq: FakeDLQ | None = None,
+    *,
+    commit_interval_ms: int = 0,
+    **kw: Any,
 ) -> tuple[Worker, FakeDLQ]:
+    """A worker on fakes; it commits after every batch unless given an interval."""
     dlq = dlq if dlq is not None else FakeDLQ()
     worker = Worker(
-        Settings(),
+        Settings(commit_interval_ms=commit_interval_ms),
         consumer=consumer,
         processor=processor,  # type: ignore[arg-type]
         dead_letters=dlq,
@@ -283,7 +294,9 @@ class PipelinedProcessor(FakeProcessor):
         super().__init__([], log)
         self.complete_errors = complete_errors or []
 
-    def apply(self, events: list[tuple[int, Any]], *, defer: bool = False) -> BatchStats:
+    def apply(
+        self, events: list[tuple[int, Any]], *, defer: bool = False, origins: Any = ()
+    ) -> BatchStats:
         stats = super().apply([(i, e) for i, e in events if hasattr(e, "id")])
         self.log[-1] = "apply " + ",".join(getattr(e, "id", "follow") for _, e in events)
         stats.deferred.append(object())  # type: ignore[arg-type]
@@ -469,7 +482,9 @@ class RejectingProcessor(FakeProcessor):
     """Applies every record but rejects the second one of each batch, as the real processor does
     with an id owned by another actor."""
 
-    def apply(self, events: list[tuple[int, Any]], *, defer: bool = False) -> BatchStats:
+    def apply(
+        self, events: list[tuple[int, Any]], *, defer: bool = False, origins: Any = ()
+    ) -> BatchStats:
         stats = super().apply(events, defer=defer)
         index = events[1][0]
         stats.rejected.append(
@@ -486,3 +501,42 @@ def test_a_rejected_record_is_dead_lettered_with_its_code_and_field() -> None:
     run_until(worker, lambda: bool(consumer.commits))
     assert [json.loads(v)["id"] for v in dlq.sent] == ["a-0-1"]
     assert (dlq.why[0]["code"], dlq.why[0]["field"]) == ("id_conflict", "id")
+
+
+def test_applied_batches_within_the_commit_interval_are_committed_together_when_idle() -> None:
+    """``commit_interval_ms``: batches applied back to back share one commit (a broker round trip
+    less in the loop for each), made as soon as the worker has nothing to apply."""
+    consumer = FakeConsumer([[FakeMessage(0, 0)], [FakeMessage(0, 1)], [FakeMessage(1, 7)]])
+    processor = PipelinedProcessor(consumer.log)
+    worker, dlq = make(consumer, processor, commit_interval_ms=60_000)
+    run_until(worker, lambda: len(consumer.commits) == 2)
+    # the first batch at once (no commit for a minute before it), the next two together
+    assert consumer.commits == [{(TOPIC, 0): 1}, {(TOPIC, 0): 2, (TOPIC, 1): 8}]
+    last_complete = max(i for i, entry in enumerate(consumer.log) if entry == "complete")
+    assert consumer.log[last_complete + 1 :] == ["commit"]
+    assert dlq.sent == []
+
+
+def test_a_revoke_commits_what_waits_for_the_revoked_partitions_only() -> None:
+    from confluent_kafka import TopicPartition
+
+    consumer = FakeConsumer([])
+    processor = PipelinedProcessor(consumer.log)
+    worker, _dlq = make(consumer, processor, commit_interval_ms=60_000)
+    worker._on_assign(consumer, [TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)])
+    worker._commit({(TOPIC, 0): 3})  # the first commit: made at once
+    worker._commit({(TOPIC, 0): 5, (TOPIC, 1): 9})  # within the interval: waits
+    assert consumer.commits == [{(TOPIC, 0): 3}]
+    worker._on_revoke(consumer, [TopicPartition(TOPIC, 1)])
+    assert consumer.commits == [{(TOPIC, 0): 3}, {(TOPIC, 1): 9}]
+    worker._flush_commits()  # what stopping (or going idle) does
+    assert consumer.commits == [{(TOPIC, 0): 3}, {(TOPIC, 1): 9}, {(TOPIC, 0): 5}]
+
+
+def test_stopping_commits_what_waits() -> None:
+    consumer = FakeConsumer([[FakeMessage(0, 0)], [FakeMessage(0, 1)]])
+    processor = PipelinedProcessor(consumer.log)
+    worker, _dlq = make(consumer, processor, commit_interval_ms=60_000)
+    worker._committed_at = time.monotonic()  # so the first batch's commit waits as well
+    run_until(worker, lambda: processor.applied[-1:] == ["a-0-1"])
+    assert consumer.commits[-1] == {(TOPIC, 0): 2}

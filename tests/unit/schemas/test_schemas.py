@@ -284,6 +284,37 @@ def test_a_spliced_activity_frame_is_the_activity_frame_type() -> None:
     assert frame == frames.encode_frame(frames.ActivityFrame("ab12.7", msgspec.Raw(body)))
 
 
+def test_a_spliced_activity_frame_with_its_ts_is_the_activity_frame_type() -> None:
+    body = b'{"id":"a-1","actor":"u1","extra":{"ts":17}}'
+    frame = _activity_frame("ab12.7", body)[: -len(frames.ACTIVITY_TAIL)] + frames.activity_tail(
+        1_765_000_000_123
+    )
+    decoded = msgspec.json.decode(frame, type=frames.ActivityFrame)
+    assert (decoded.cursor, bytes(decoded.activity), decoded.ts) == (
+        "ab12.7",
+        body,
+        1_765_000_000_123,
+    )
+    assert frame == frames.encode_frame(
+        frames.ActivityFrame("ab12.7", msgspec.Raw(body), 1_765_000_000_123)
+    )
+    assert frames.frame_ts_ms(frame) == 1_765_000_000_123
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"id":"a-1"}',
+        b'{"id":"a-1","extra":{"ts":1765000000123}}',  # a body's own ts is never taken for it
+        b'{"id":"a-1","x":","ts":1765000000123"}',
+    ],
+)
+def test_a_frame_without_ts_has_none(body: bytes) -> None:
+    assert frames.frame_ts_ms(_activity_frame("ab12.7", body)) is None
+    assert frames.activity_tail(None) == frames.activity_tail(0) == frames.ACTIVITY_TAIL
+    assert frames.frame_ts_ms(b"") is None and frames.frame_ts_ms(b"}") is None
+
+
 def test_a_spliced_removed_frame_is_the_removed_type() -> None:
     decoded = msgspec.json.decode(_removed_frame("ab12.8", 'a "quoted" id'), type=frames.Removed)
     assert (decoded.cursor, decoded.id) == ("ab12.8", 'a "quoted" id')
