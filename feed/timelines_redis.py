@@ -62,6 +62,10 @@ __all__ = [
 
 #: Most users one script call handles (keeps each call's Redis pause short).
 _MAX_USERS = 8192
+#: The smallest fan-out call (``_inserts_per_call``): a few ms of Redis at 5-10 µs an insert.
+_MIN_CALL_INSERTS = 256
+#: Inserts per call per activity of the batch (the activity keys each call repeats).
+_INSERTS_PER_ACTIVITY = 16
 #: Most members one set command names or returns (SMISMEMBER, SSCAN COUNT).
 _SET_ARGS = 1000
 _json = msgspec.json.Encoder()
@@ -144,6 +148,7 @@ def _fanout_calls(
             else:
                 mine.append(index)
     head = [*head, len(members), *_ACTIVITY_FRAME, *_USER_PREFIXES, *members, *tails]
+    cap = _inserts_per_call(len(members))
     user_key = keys.fanout_user_key
     calls: list[_Call] = []
     call_keys: list[str | bytes] = list(activity_keys)
@@ -153,12 +158,21 @@ def _fanout_calls(
         call_keys.append(user_key(user))
         args.append(b" ".join(mine))
         in_call += len(mine)
-        if in_call >= _MAX_USERS:
+        if in_call >= cap:
             calls.append((call_keys, args))
             call_keys, args, in_call = list(activity_keys), list(head), 0
     if in_call:
         calls.append((call_keys, args))
     return bodies, calls
+
+
+def _inserts_per_call(activities: int) -> int:
+    """Inserts per ``fanout.lua`` call for a batch of ``activities``: small calls for small
+    batches, so that other clients wait at most one short call (each is its own round trip, see
+    :func:`_execute_packed`); a large batch gets calls large enough that repeating the batch's
+    activity keys and members in each (every call needs them) stays a few percent of its
+    arguments."""
+    return min(_MAX_USERS, max(_MIN_CALL_INSERTS, _INSERTS_PER_ACTIVITY * activities))
 
 
 def _id_json(activity_id: str) -> bytes:
@@ -170,10 +184,19 @@ def _totals(results: Sequence[Sequence[int | bytes]]) -> tuple[int, int]:
 
 
 def _execute_packed(
-    client: redis.Redis, commands: list[tuple[str | int | bytes, ...]]
+    client: redis.Redis,
+    commands: list[tuple[str | int | bytes, ...]],
+    rounds: Sequence[int] = (),
 ) -> list[Any]:
     """The replies to ``commands``, sent as one pipeline on one connection of ``client``'s pool,
     with error replies in place (as ``pipeline.execute(raise_on_error=False)`` returns them).
+
+    ``rounds``: split the pipeline into round trips of that many commands each (the rest in a
+    last one): the next is sent once the replies to the last are read. Redis reads a client's
+    whole pipeline and runs every command in it before it serves another client, so a long
+    fan-out sent at once makes every other client wait for all of it; sent call by call, the
+    others wait for one call at most (the worker's own claims and follower versions for the next
+    batch, the gateways' reads).
 
     The fan-out's hot path: it packs with ``hiredis.pack_command`` directly, which costs a
     fraction of ``redis-py``'s own packing per argument (the fan-out sends five per user). A
@@ -182,18 +205,27 @@ def _execute_packed(
     """
     # hiredis' stub types its argument as a 1-tuple; it takes a tuple of any length.
     pack = cast("Callable[[tuple[str | int | bytes, ...]], bytes]", hiredis.pack_command)
-    packed = [b"".join([pack(command) for command in commands])]
+    sizes = list(rounds)
+    sizes.append(len(commands) - sum(sizes))
+    packets: list[tuple[list[bytes], int]] = []
+    start = 0
+    for size in sizes:
+        if size > 0:
+            chunk = commands[start : start + size]
+            packets.append(([b"".join([pack(command) for command in chunk])], size))
+            start += size
     pool = client.connection_pool
     connection = pool.get_connection()
 
     def run() -> list[Any]:
-        connection.send_packed_command(packed)  # type: ignore[no-untyped-call]  # redis-py
         replies: list[Any] = []
-        for _ in commands:
-            try:
-                replies.append(connection.read_response())
-            except ResponseError as error:
-                replies.append(error)
+        for packed, count in packets:
+            connection.send_packed_command(packed)  # type: ignore[no-untyped-call]  # redis-py
+            for _ in range(count):
+                try:
+                    replies.append(connection.read_response())
+                except ResponseError as error:
+                    replies.append(error)
         return replies
 
     def fail(_error: Exception) -> None:
@@ -253,7 +285,10 @@ class RedisTimelines:
         commands += [("EVALSHA", sha, len(k), *k, *a) for k, a in calls]
         if release:
             commands.append(("DEL", *[keys.claim(a) for a in release]))
-        replies = _execute_packed(self._redis, commands)
+        # One round trip per script call (the bodies go with the first, the claims' release with
+        # the last): see _execute_packed.
+        rounds = [len(bodies) + 1, *([1] * (len(calls) - 1))]
+        replies = _execute_packed(self._redis, commands, rounds)
         results = replies[len(bodies) : len(bodies) + len(calls)]
         if any(isinstance(r, NoScriptError) for r in results):
             # Redis lost its script cache (restart, SCRIPT FLUSH): load it and run the calls that
