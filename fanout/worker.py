@@ -138,6 +138,7 @@ class Worker:
         self._pending: _Batch | None = None
         #: Offsets of applied batches not committed yet (``commit_interval_ms``).
         self._uncommitted: dict[tuple[str, int], int] = {}
+        self._uncommitted_origins: list[int | None] = []  # their records' Kafka timestamps
         self._committed_at = float("-inf")  # the first batch is committed at once
         self.batches = 0
         self.healthy = True
@@ -329,7 +330,7 @@ class Worker:
             self._dlq.flush(_DLQ_FLUSH_S)
         if self._after_apply is not None:
             self._after_apply()
-        self._commit(offsets)
+        self._commit(offsets, batch.origins)
         elapsed = time.perf_counter() - batch.started
         self.batches += 1
         m = self._metrics
@@ -337,7 +338,6 @@ class Worker:
         stages.observe_since("consumed", origins, batch.consumed_ms)
         stages.observe_since("durable", origins, batch.durable_ms)
         stages.observe_since("published", origins, stats.published_ms or batch.durable_ms)
-        stages.observe_since("committed", origins, now_ms())
         m.batch_size.observe(len(messages))
         m.batch_seconds.observe(elapsed)
         m.inserts.inc(stats.inserted)
@@ -515,20 +515,25 @@ class Worker:
         )
         self._dlq.send(message, code=code, reason=reason, field=field, attempts=attempts)
 
-    def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
+    def _commit(
+        self, offsets: dict[tuple[str, int], int], origins: Sequence[int | None] = ()
+    ) -> None:
         """``offsets``' records are applied: commit them now, or with a later batch's if the
         last commit is less than ``commit_interval_ms`` old (each commit is a broker round trip
         in the batch loop). What waits is committed at the latest when the worker goes idle,
         stops, or loses the partitions; a crash meanwhile replays it, which is idempotent."""
         self._uncommitted.update(offsets)
+        self._uncommitted_origins.extend(origins)
         interval = self._settings.commit_interval_ms / 1000
         if time.monotonic() - self._committed_at >= interval:
             self._flush_commits()
 
     def _flush_commits(self, partitions: set[tuple[str, int]] | None = None) -> None:
         """Commit the applied offsets not committed yet (only those of ``partitions``)."""
+        origins: list[int | None] = []
         if partitions is None:
             offsets, self._uncommitted = self._uncommitted, {}
+            origins, self._uncommitted_origins = self._uncommitted_origins, []
         else:
             offsets = {tp: o for tp, o in self._uncommitted.items() if tp in partitions}
             for tp in offsets:
@@ -545,6 +550,9 @@ class Worker:
             # A rebalance took the partitions: the new owner replays, which is idempotent.
             self._metrics.errors.labels(kind="commit").inc()
             log.warning("offset commit failed", error=str(exc))
+            return
+        # feed.stages' `committed`: the records whose offsets this commit carried
+        self._metrics.stages.observe_since("committed", origins, now_ms())
 
     def _maybe_report_lag(self) -> None:
         now = time.monotonic()

@@ -10,6 +10,8 @@ stage          measured   the moment
 ``consumed``   worker     the worker's consumer handed the record to the batch loop
 ``durable``    worker     the batch's Cassandra writes are done
 ``published``  worker     its Redis write is done (timelines, delivery streams, Pub/Sub)
+                         -- all of it: the frames of its first script calls may reach
+                         the gateway before the last call returns
 ``committed``  worker     its offsets are committed to Kafka
 ``received``   gateway    the gateway read the Pub/Sub message of one delivery
 ``written``    gateway    the gateway wrote that delivery to the socket

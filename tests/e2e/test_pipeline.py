@@ -239,13 +239,16 @@ async def test_no_secret_ever_reaches_the_logs(
 
 def _settled_worker_metrics(pipeline: Pipeline) -> str | None:
     """The worker's metrics once every record it consumed is in a finished batch (a batch's
-    counters are updated after its commit), else None."""
+    counters are updated after it is applied) and its offset committed (when the worker goes
+    idle, FEED_COMMIT_INTERVAL_MS), else None."""
     status, body = http_get(f"{pipeline.metrics_url}/metrics")
     if status != 200:
         return None
     text = body.decode()
     consumed = metric_value(text, "feed_activities_consumed_total")
-    return text if metric_value(text, "feed_batch_size_sum") == consumed else None
+    committed = metric_value(text, 'feed_stage_latency_seconds_count{stage="committed"}')
+    settled = metric_value(text, "feed_batch_size_sum") == consumed == committed
+    return text if settled else None
 
 
 def _gateway_metrics(pipeline: Pipeline) -> str:

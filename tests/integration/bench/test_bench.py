@@ -21,30 +21,37 @@ import pytest
 from bench.capacity import ASSUMED, figures_from_results, model
 
 REPO = Path(__file__).resolve().parents[3]
-PLOTS = ("latency.png", "throughput.png", "lag.png", "memory.png")
+PLOTS = ("latency.png", "throughput.png", "e2e_sweep.png", "lag.png", "memory.png")
 
 
 def _positive(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    out = tmp_path_factory.mktemp("bench")
-    env = {**os.environ, "FEED_BENCH_SKIP_PEERS": "1"}
+def _quick_bench(
+    scenario: str, out: Path, timeout: float, **switches: str
+) -> tuple[Path, dict[str, Any]]:
+    """``feed bench <scenario> --quick --out <out>`` without the peer: its run folder and
+    results."""
+    env = {**os.environ, "FEED_BENCH_SKIP_PEERS": "1", **switches}
     done = subprocess.run(
-        [sys.executable, "-m", "feed.cli", "bench", "fanout", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "feed.cli", "bench", scenario, "--quick", "--out", str(out)],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
-        timeout=170,
+        timeout=timeout,
         check=False,
     )
     assert done.returncode == 0, f"feed bench failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     runs = [p for p in out.iterdir() if (p / "results.json").is_file()]
     assert len(runs) == 1, f"expected one run folder in {out}: {list(out.iterdir())}"
     return runs[0], json.loads((runs[0] / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    return _quick_bench("fanout", tmp_path_factory.mktemp("bench"), 170)
 
 
 @pytest.mark.timeout(200)
@@ -189,3 +196,27 @@ def test_capacity_model_uses_measured_figures_and_scales_with_load() -> None:
     assert big["redis_memory"]["bytes_per_entry"] == 90.0
     with pytest.raises(ValueError):
         model(rate=-1)
+
+
+@pytest.mark.timeout(240)
+def test_quick_e2e_reports_every_stage_and_every_processs_cpu(tmp_path: Path) -> None:
+    """``feed bench e2e --quick``: every delivery arrives once, every stage of feed.stages was
+    measured in pipeline order, and the CPU of every process is in the report (the harness,
+    never speed)."""
+    run, results = _quick_bench("e2e", tmp_path, 220, FEED_BENCH_E2E_HISTORY="0")
+    e2e = results["e2e"]
+    assert e2e["status"] == "ok", e2e
+    [row] = e2e["runs"]
+    assert row["history"] is False and row["rate"] == 50.0
+    assert row["lost"] == 0 and row["duplicates"] == 0
+    assert row["delivered"] == row["expected_deliveries"] > 0
+    stages = {s["stage"]: s for s in row["stages_ms"]}
+    assert list(stages) == ["consumed", "durable", "published", "received", "written", "read"]
+    assert all(_positive(s["count"]) and _positive(s["p99"]) for s in stages.values()), stages
+    p50s = [stages[name]["p50"] for name in ("consumed", "durable", "published")]
+    assert p50s == sorted(p50s), p50s  # one record passes them in this order
+    assert set(row["cores"]) == {"broker", "redis", "cassandra", "worker", "gateway", "bench"}
+    assert all(_positive(v) for v in row["cores"].values()), row["cores"]
+    report = (run / "report.md").read_text()
+    assert "| stage | where | off 50/s |" in report
+    assert (run / "e2e_sweep.png").stat().st_size > 0
