@@ -555,18 +555,20 @@ def _overwhelmed(row: dict[str, Any]) -> bool:
 def _histogram_delta(
     before: Any, after: Any, metric: str, label: str | None
 ) -> list[tuple[float, float]]:
-    labels = {"stage": label} if label else None
-    texts_before = before if isinstance(before, list) else [before]
-    texts_after = after if isinstance(after, list) else [after]
-    old: dict[float, float] = {}
-    for text in texts_before:
-        for bound, count in histogram_buckets(text, metric, labels):
-            old[bound] = old.get(bound, 0.0) + count
-    new: dict[float, float] = {}
-    for text in texts_after:
-        for bound, count in histogram_buckets(text, metric, labels):
-            new[bound] = new.get(bound, 0.0) + count
+    """Cumulative ``(le, count)`` of ``metric`` (its ``stage`` ``label``, if given) observed between
+    two scrapes, each one text or a list of texts (several workers), summed."""
+    old = _summed_buckets(before, metric, label)
+    new = _summed_buckets(after, metric, label)
     return [(bound, count - old.get(bound, 0.0)) for bound, count in sorted(new.items())]
+
+
+def _summed_buckets(texts: Any, metric: str, label: str | None) -> dict[float, float]:
+    labels = {"stage": label} if label else None
+    summed: dict[float, float] = {}
+    for text in texts if isinstance(texts, list) else [texts]:
+        for bound, count in histogram_buckets(text, metric, labels):
+            summed[bound] = summed.get(bound, 0.0) + count
+    return summed
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -123,7 +123,6 @@ class Processor:
         self._tombstone_ttl = tombstone_ttl_s
         self._writer: ThreadPoolExecutor | None = None
         self._in_flight: list[Future[tuple[int, int]]] = []
-        self._origins: Sequence[int | None] = ()
 
     def close(self) -> None:
         """Wait for the Redis writes in flight and stop the writer thread."""
@@ -147,13 +146,12 @@ class Processor:
         timestamp, in ms): the ``ts`` of the frames pushed for it.
         """
         stats = BatchStats()
-        self._origins = origins
         run: list[tuple[int, Activity]] = []
         for index, event in events:
             if isinstance(event, Activity) and not event.is_delete:
                 run.append((index, event))
                 continue
-            self._apply_activities(run, stats)
+            self._apply_activities(run, stats, origins)
             self.complete(stats)
             self._wait_in_flight()  # earlier batches' writes too: never race a delete or follow
             run = []
@@ -164,7 +162,7 @@ class Processor:
                     self._apply_delete(event, stats)
             except RejectedRecord as rejected:
                 stats.rejected.append((index, rejected))
-        self._apply_activities(run, stats, defer=defer)
+        self._apply_activities(run, stats, origins, defer=defer)
         if not defer:
             self.complete(stats)
         return stats
@@ -287,14 +285,18 @@ class Processor:
         return records, to, new, release
 
     def _apply_activities(
-        self, run: list[tuple[int, Activity]], stats: BatchStats, *, defer: bool = False
+        self,
+        run: list[tuple[int, Activity]],
+        stats: BatchStats,
+        origins: Sequence[int | None],
+        *,
+        defer: bool = False,
     ) -> None:
         if not run:
             return
         records, to, new, release = self._own(run, stats)
         stats.activities += len(records)
-        origins = self._origins
-        origin: dict[str, int | None] = {}
+        origin: dict[str, int | None] = {}  # the first record of each id gives its frames' ts
         if origins:
             for index, activity in run:
                 if activity.id not in origin and index < len(origins):

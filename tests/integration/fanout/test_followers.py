@@ -13,14 +13,12 @@ import pytest
 import redis
 
 from fanout.followers import FollowerCache
-from fanout.processor import Processor
 from feed import keys
 from feed.graph_cassandra import CassandraFollowGraph
 from feed.graph_versions_redis import RedisGraphVersions
-from feed.history_cassandra import CassandraHistory
-from feed.timelines_redis import RedisTimelines
 from infra import RedisServer
 from schemas.follow import FollowEvent
+from tests.support.processor import real_processor
 
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 
@@ -45,13 +43,14 @@ def test_a_cached_follower_list_is_reloaded_after_redis_lost_its_versions(
     client = redis.Redis.from_url(private_redis.url, socket_timeout=5)
     graph = CassandraFollowGraph(cassandra, settings.cassandra_keyspace)
     cache = FollowerCache(graph, RedisGraphVersions(client))
-    other = Processor(
-        timelines=RedisTimelines(client, timeline_max=10, stream_history=10, body_ttl_s=60),
-        history=CassandraHistory(cassandra, settings.cassandra_keyspace),
-        graph=graph,
-        versions=RedisGraphVersions(client),
-        followers=FollowerCache(graph, RedisGraphVersions(client)),
+    other = real_processor(
+        client,
+        cassandra,
+        settings.cassandra_keyspace,
         follow_backfill=0,
+        timeline_max=10,
+        stream_history=10,
+        body_ttl_s=60,
     )
     a, b, f1, f2, f3 = ids("a"), ids("b"), ids("f1"), ids("f2"), ids("f3")
     try:

@@ -19,20 +19,12 @@ from feed.graph_versions_redis import RedisGraphVersions
 from feed.history_cassandra import CassandraHistory
 from feed.timelines_redis import RedisTimelines
 from tests.support.events import act, delete, follow
-from tests.support.processor import timeline
+from tests.support.processor import real_processor, timeline
 
 
 @pytest.fixture
 def processor(redis_client: Any, cassandra: Any, settings: Any) -> Iterator[Processor]:
-    graph = CassandraFollowGraph(cassandra, settings.cassandra_keyspace)
-    p = Processor(
-        timelines=RedisTimelines(redis_client, timeline_max=50, stream_history=100, body_ttl_s=600),
-        history=CassandraHistory(cassandra, settings.cassandra_keyspace),
-        graph=graph,
-        versions=RedisGraphVersions(redis_client),
-        followers=FollowerCache(graph, RedisGraphVersions(redis_client)),
-        follow_backfill=3,
-    )
+    p = real_processor(redis_client, cassandra, settings.cassandra_keyspace)
     yield p
     p.close()
 
@@ -114,14 +106,8 @@ def test_follower_cache_sees_follows_from_other_workers(
     u1, u2, u3 = ids("u1"), ids("u2"), ids("u3")
     processor.apply([(0, follow(u2, u1, 1)), (1, act(ids("a1"), u1, 1))])
     # Another worker (its own Processor and cache) applies a follow.
-    graph = CassandraFollowGraph(cassandra, settings.cassandra_keyspace)
-    other = Processor(
-        timelines=RedisTimelines(redis_client, timeline_max=50, stream_history=100, body_ttl_s=60),
-        history=CassandraHistory(cassandra, settings.cassandra_keyspace),
-        graph=graph,
-        versions=RedisGraphVersions(redis_client),
-        followers=FollowerCache(graph, RedisGraphVersions(redis_client)),
-        follow_backfill=0,
+    other = real_processor(
+        redis_client, cassandra, settings.cassandra_keyspace, follow_backfill=0, body_ttl_s=60
     )
     other.apply([(0, follow(u3, u1, 2))])
     other.close()
@@ -226,18 +212,7 @@ def _attach(settings: Any, user: str) -> None:
 
 def _hybrid(redis_client: Any, cassandra: Any, settings: Any, limit: int) -> Processor:
     """A Processor whose accounts with more than ``limit`` followers are fanned out at read time."""
-    graph = CassandraFollowGraph(cassandra, settings.cassandra_keyspace)
-    history = CassandraHistory(cassandra, settings.cassandra_keyspace)
-    return Processor(
-        timelines=RedisTimelines(redis_client, timeline_max=50, stream_history=100, body_ttl_s=600),
-        history=history,
-        graph=graph,
-        versions=RedisGraphVersions(redis_client),
-        followers=FollowerCache(
-            graph, RedisGraphVersions(redis_client), history=history, fanout_limit=limit
-        ),
-        follow_backfill=3,
-    )
+    return real_processor(redis_client, cassandra, settings.cassandra_keyspace, fanout_limit=limit)
 
 
 def test_a_follow_of_a_big_account_removes_nothing_the_follower_has(

@@ -20,45 +20,19 @@ import pytest
 import redis.asyncio as aioredis
 from cassandra import ReadTimeout
 
-from fanout.followers import FollowerCache
 from fanout.processor import Processor
 from feed.cursor import order_key
-from feed.graph_cassandra import CassandraFollowGraph
-from feed.graph_versions_redis import RedisGraphVersions
 from feed.history_cassandra import CassandraHistory
 from feed.interfaces import HistoryRecord, Insert
 from feed.reader import FeedReader
-from feed.timelines_redis import AsyncRedisTimelines, RedisTimelines
+from feed.timelines_redis import AsyncRedisTimelines
 from tests.support.events import T0, act, delete, follow
-from tests.support.processor import timeline
-
-
-def _processor(
-    redis_client: Any,
-    cassandra: Any,
-    settings: Any,
-    *,
-    history: CassandraHistory | None = None,
-    fanout_limit: int = 0,
-    follow_backfill: int = 3,
-) -> Processor:
-    graph = CassandraFollowGraph(cassandra, settings.cassandra_keyspace)
-    history = history or CassandraHistory(cassandra, settings.cassandra_keyspace)
-    return Processor(
-        timelines=RedisTimelines(redis_client, timeline_max=50, stream_history=100, body_ttl_s=600),
-        history=history,
-        graph=graph,
-        versions=RedisGraphVersions(redis_client),
-        followers=FollowerCache(
-            graph, RedisGraphVersions(redis_client), history=history, fanout_limit=fanout_limit
-        ),
-        follow_backfill=follow_backfill,
-    )
+from tests.support.processor import real_processor, timeline
 
 
 @pytest.fixture
 def processor(redis_client: Any, cassandra: Any, settings: Any) -> Iterator[Processor]:
-    p = _processor(redis_client, cassandra, settings)
+    p = real_processor(redis_client, cassandra, settings.cassandra_keyspace)
     yield p
     p.close()
 
@@ -167,7 +141,7 @@ def test_nothing_overwrites_another_activitys_body_through_the_outbox_path(
 ) -> None:
     """A large account (fanned out at read time: outbox, actor channel) can neither take over
     another actor's id nor change its own activity's body by creating the id again."""
-    p = _processor(redis_client, cassandra, settings, fanout_limit=1)
+    p = real_processor(redis_client, cassandra, settings.cassandra_keyspace, fanout_limit=1)
     try:
         star, small, f1, f2, fan = (ids(n) for n in ("star", "small", "f1", "f2", "fan"))
         victim, own = ids("victim"), ids("own")
@@ -275,7 +249,7 @@ async def test_a_rebuild_that_read_cassandra_before_a_delete_does_not_write_it_b
 ) -> None:
     """The steps of a cold user's rebuild (feed.reader) in the order that loses: the rebuild
     reads Cassandra, then the Delete is applied, then the rebuild writes Redis."""
-    p = _processor(redis_client, cassandra, settings)
+    p = real_processor(redis_client, cassandra, settings.cassandra_keyspace)
     client = aioredis.Redis.from_url(settings.redis_url)
     timelines = AsyncRedisTimelines(client)
     history = CassandraHistory(cassandra, settings.cassandra_keyspace)
@@ -309,7 +283,7 @@ async def test_a_body_recache_or_a_late_fan_out_after_a_delete_writes_nothing_ba
     """A reader that read a body from Cassandra before the delete, and a fan-out of the same
     activity by another worker (a rebalance) that read it before the delete, both write Redis
     after it: neither brings the activity back."""
-    p = _processor(redis_client, cassandra, settings)
+    p = real_processor(redis_client, cassandra, settings.cassandra_keyspace)
     client = aioredis.Redis.from_url(settings.redis_url)
     timelines = AsyncRedisTimelines(client)
     history = CassandraHistory(cassandra, settings.cassandra_keyspace)
@@ -365,7 +339,7 @@ def test_an_unfollow_of_a_large_outbox_reads_bounded_pages_and_outlives_a_timeou
     redis_client: Any, cassandra: Any, settings: Any, ids: Callable[[str], str]
 ) -> None:
     history = _TimingOutHistory(cassandra, settings.cassandra_keyspace)
-    p = _processor(redis_client, cassandra, settings, history=history)
+    p = real_processor(redis_client, cassandra, settings.cassandra_keyspace, history=history)
     try:
         star, fan = ids("star"), ids("fan")
         count = 1200
@@ -404,8 +378,8 @@ def test_concurrent_batches_of_two_actors_creating_the_same_ids(
     """Two workers apply, at the same moment, batches of two actors that both create the same
     new ids (different partitions): every id ends with exactly one owner, and only that owner's
     version is anywhere."""
-    first = _processor(redis_client, cassandra, settings)
-    second = _processor(redis_client, cassandra, settings)
+    first = real_processor(redis_client, cassandra, settings.cassandra_keyspace)
+    second = real_processor(redis_client, cassandra, settings.cassandra_keyspace)
     try:
         u1, u2, f1, f2 = ids("u1"), ids("u2"), ids("f1"), ids("f2")
         first.apply([(0, follow(f1, u1, 1)), (1, follow(f2, u2, 2))])

@@ -31,20 +31,8 @@ from fanout.dlq import (
 from feed.kafka import create_topics
 from feed.settings import Settings
 from tests.conftest import wait_for
-from tests.support.procs import FeedProcess, free_port, http_get, metric_value
-
-
-def _env(stack_env: dict[str, str], prefix: str) -> dict[str, str]:
-    tag = uuid.uuid4().hex[:8]
-    return {
-        **stack_env,
-        "FEED_TOPIC_ACTIVITIES": f"{prefix}-act-{tag}",
-        "FEED_TOPIC_FOLLOWS": f"{prefix}-fol-{tag}",
-        "FEED_TOPIC_DLQ": f"{prefix}-dlq-{tag}",
-        "FEED_KAFKA_GROUP": f"{prefix}-{tag}",
-        "FEED_KAFKA_PARTITIONS": "1",
-        "FEED_WORKER_METRICS_PORT": str(free_port()),
-    }
+from tests.support.pipeline import isolated_env
+from tests.support.procs import FeedProcess, http_get, metric_value
 
 
 class _Worker:
@@ -91,7 +79,8 @@ def start_worker(
     started: list[_Worker] = []
 
     def start(*, dlq_topic: bool = True) -> _Worker:
-        env = _env(stack_env, request.node.name[5:20].strip("_").replace("_", "-"))
+        prefix = request.node.name[5:20].strip("_").replace("_", "-")
+        env = isolated_env(stack_env, prefix, FEED_KAFKA_PARTITIONS="1")
         settings = Settings.from_env(env)
         if dlq_topic:
             create_topics(settings)
