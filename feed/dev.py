@@ -2,7 +2,8 @@
 
 Starts Redis, the Kafka-protocol broker and Cassandra (``infra``), runs ``feed migrate``, starts
 ``--workers`` fan-out workers and one gateway as child processes, publishes a demo graph and then
-activities at ``--rate`` per second. Prints the stack's ``FEED_*`` settings (one ``NAME=value`` per
+activities at ``--rate`` per second (:class:`DemoTraffic`: posts, and likes and comments that
+notify the post's author). Prints the stack's ``FEED_*`` settings (one ``NAME=value`` per
 line), the page URL and a development token. Ctrl-C (or SIGTERM) stops everything it started.
 """
 
@@ -19,18 +20,19 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import msgspec
 from confluent_kafka import Producer
 
 from feed.settings import Settings
 
-__all__ = ["DEMO_USERS", "demo_follows", "run_dev"]
+__all__ = ["DEMO_USERS", "DemoTraffic", "demo_follows", "run_dev"]
 
 DEMO_USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
-_VERBS = ["Create", "Like", "Share", "Comment", "Follow"]
 _OBJECTS = ["post", "photo", "video", "article", "comment"]
 
 
@@ -41,6 +43,66 @@ def demo_follows() -> list[tuple[str, str]]:
         for step in (1, 2, 3):
             pairs.append((follower, DEMO_USERS[(i + step) % len(DEMO_USERS)]))
     return pairs
+
+
+class DemoTraffic:
+    """The demo's activities, one at a time: users write posts and the others react to them.
+
+    * ``Create`` of ``post:<n>`` (``n`` counts up from 1) by a random demo user; the generator
+      remembers the last :attr:`RECENT` posts and their authors.
+    * ``Like`` and ``Comment`` of one of those recent posts by a user other than its author, with
+      ``"notify": [<author>]``: the author gets a notification, grouped by type and post, so a
+      popular post reads "alice and 3 others liked post:9". The actor is never in ``notify``.
+    * The rest keeps the older mix: a ``Share`` of a recent post, a ``Follow`` of another demo
+      user, or a ``Create`` of some other object (``photo:<k>``, ``video:<k>``, ...); none of these
+      notifies anyone.
+
+    Every choice comes from ``rng``, and ids are ``<prefix>-<sequence>``: a seeded ``rng`` and a
+    fixed prefix give the same activities every time (apart from ``published``, the caller's).
+    """
+
+    #: How many of the newest posts are liked and commented on (few, so that groups form).
+    RECENT = 8
+    #: Shares of each kind of activity (weights for ``rng.choices``).
+    WEIGHTS = {"post": 3, "like": 4, "comment": 2, "other": 2}
+
+    def __init__(self, rng: random.Random, prefix: str = "demo") -> None:
+        self._rng = rng
+        self._prefix = prefix
+        self._posts: deque[tuple[str, str]] = deque(maxlen=self.RECENT)
+        self._post_count = 0
+        self._sent = 0
+
+    def next(self, published: datetime) -> dict[str, Any]:
+        """The next activity as a JSON-ready dict (the contract's activity fields)."""
+        rng = self._rng
+        kind = rng.choices(list(self.WEIGHTS), weights=list(self.WEIGHTS.values()))[0]
+        if not self._posts:
+            kind = "post"  # nothing to react to yet
+        actor = rng.choice(DEMO_USERS)
+        activity: dict[str, Any] = {"id": f"{self._prefix}-{self._sent}", "actor": actor}
+        self._sent += 1
+        if kind == "post":
+            self._post_count += 1
+            post = f"post:{self._post_count}"
+            self._posts.append((post, actor))
+            activity.update(type="Create", object=post)
+        elif kind in ("like", "comment"):
+            post, author = rng.choice(self._posts)
+            actor = rng.choice([u for u in DEMO_USERS if u != author])
+            verb = "Like" if kind == "like" else "Comment"
+            activity.update(actor=actor, type=verb, object=post, notify=[author])
+        else:
+            verb = rng.choice(["Share", "Follow", "Create"])
+            if verb == "Share":
+                obj = rng.choice(self._posts)[0]
+            elif verb == "Follow":
+                obj = "user:" + rng.choice([u for u in DEMO_USERS if u != actor])
+            else:
+                obj = f"{rng.choice([o for o in _OBJECTS if o != 'post'])}:{rng.randrange(1000)}"
+            activity.update(type=verb, object=obj)
+        activity["published"] = published.isoformat()
+        return activity
 
 
 def _port_free(port: int) -> bool:
@@ -180,7 +242,7 @@ def _demo_traffic(
         event = {"type": "follow", "follower": follower, "followee": followee, "at": now}
         producer.produce(settings.topic_follows, key=follower.encode(), value=encoder.encode(event))
     producer.flush(10)
-    rng = random.Random()
+    traffic = DemoTraffic(random.Random(), prefix=f"demo-{int(time.time() * 1000)}")
     interval = 1.0 / max(0.1, args.rate)
     started = time.monotonic()
     next_report = started + 10
@@ -192,17 +254,11 @@ def _demo_traffic(
     while not stop["now"]:
         if args.duration and time.monotonic() - started > args.duration:
             break
-        actor = rng.choice(DEMO_USERS)
-        verb = rng.choice(_VERBS)
-        activity = {
-            "id": f"demo-{int(time.time() * 1000)}-{sent}",
-            "type": verb,
-            "actor": actor,
-            "object": f"{rng.choice(_OBJECTS)}:{rng.randrange(1000)}",
-            "published": datetime.now(UTC).isoformat(),
-        }
+        activity = traffic.next(datetime.now(UTC))
         producer.produce(
-            settings.topic_activities, key=actor.encode(), value=encoder.encode(activity)
+            settings.topic_activities,
+            key=activity["actor"].encode(),
+            value=encoder.encode(activity),
         )
         producer.poll(0)
         sent += 1
