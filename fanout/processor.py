@@ -46,8 +46,11 @@ from feed.interfaces import (
     History,
     HistoryRecord,
     Insert,
+    Notifications,
+    Notify,
     Removal,
     Timelines,
+    Unnotify,
 )
 from feed.logging import get_logger
 from feed.stages import now_ms
@@ -79,6 +82,8 @@ class BatchStats:
     inserted: int = 0
     pushed: int = 0
     history_rows: int = 0
+    #: Notification groups written (``feed.notify``; replays included).
+    notified: int = 0
     redis_s: float = 0.0
     cassandra_s: float = 0.0
     rejected: list[tuple[int, RejectedRecord]] = field(default_factory=list)
@@ -112,6 +117,7 @@ class Processor:
         history_timelines: bool = True,
         follow_backfill: int = 200,
         tombstone_ttl_s: int = 14 * 86_400,
+        notifications: Notifications | None = None,
     ) -> None:
         self._timelines = timelines
         self._versions = versions
@@ -121,6 +127,7 @@ class Processor:
         self._history_timelines = history_timelines
         self._backfill = follow_backfill
         self._tombstone_ttl = tombstone_ttl_s
+        self._notifications = notifications
         self._writer: ThreadPoolExecutor | None = None
         self._in_flight: list[Future[tuple[int, int]]] = []
 
@@ -349,6 +356,8 @@ class Processor:
             if followers[r.actor] is None
         ]
 
+        notify = self._notify_ops(records)
+
         def write() -> tuple[int, int]:
             result = timelines.insert(inserts, release=release)
             deferred.done_ms = now_ms()  # published: the online followers have it
@@ -356,6 +365,9 @@ class Processor:
                 timelines.add_to_outboxes(big)
             if recipients_after:
                 history.put_deliveries(records, timelines=False)
+            if notify:
+                assert self._notifications is not None
+                stats.notified += self._notifications.apply(notify)
             return result
 
         deferred = _Deferred(write, None)
@@ -363,6 +375,21 @@ class Processor:
             self._defer(deferred, stats)
         else:
             stats.deferred.append(deferred)
+
+    def _notify_ops(self, records: Sequence[HistoryRecord]) -> list[Notify]:
+        """The notification feed entries of ``records`` (their stored bodies' ``notify``, the
+        actor left out): written in the same Redis step as the timelines, before the commit."""
+        if self._notifications is None:
+            return []
+        ops: list[Notify] = []
+        for r in records:
+            if b'"notify"' not in r.body:
+                continue
+            head = _notified.decode(r.body)
+            for user in dict.fromkeys(head.notify):
+                if user != r.actor:
+                    ops.append(Notify(user, r.activity_id, r.actor, r.ts, head.type, head.object))
+        return ops
 
     # --- deletes -----------------------------------------------------------------------------
     def _apply_delete(self, event: Activity, stats: BatchStats) -> None:
@@ -392,6 +419,12 @@ class Processor:
             )
         actor, ts = stored.actor, stored.ts
         self._timelines.mark_deleted([target], self._tombstone_ttl)
+        if self._notifications is not None and stored.body is not None:
+            # before the durable delete, which forgets the body (and so who was notified): a
+            # delete replayed after that has nothing left to remove here
+            notified = _notified.decode(stored.body).notify
+            unnotify = [Unnotify(u, target) for u in dict.fromkeys(notified) if u != actor]
+            stats.notified += self._notifications.apply(unnotify)
         self._history.mark_deleted(target, actor, ts)
         member = order_key(ts, target)
         for users in self._history.recipients(target):
@@ -521,6 +554,15 @@ class _Addressed(msgspec.Struct):
 
 
 _addressed = msgspec.json.Decoder(_Addressed)
+
+
+class _Notified(msgspec.Struct):
+    type: str
+    object: str
+    notify: list[str] = []
+
+
+_notified = msgspec.json.Decoder(_Notified)
 
 
 def _addressees(body: bytes) -> list[str]:

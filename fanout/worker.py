@@ -52,6 +52,8 @@ from feed.graph_versions_redis import RedisGraphVersions
 from feed.kafka import KafkaUnavailable, consumer_config
 from feed.lag import measure_lag
 from feed.logging import get_logger
+from feed.notify_cassandra import CassandraNotifyStore
+from feed.notify_redis import NotifyRedis
 from feed.settings import Settings
 from feed.stages import now_ms, record_ts_ms
 from feed.stores import CassandraFollowGraph, CassandraHistory, open_cassandra
@@ -646,6 +648,12 @@ def build_worker(
         history_timelines=settings.fanout_history,
         follow_backfill=settings.follow_backfill,
         tombstone_ttl_s=settings.body_ttl_days * 86_400,
+        notifications=NotifyRedis(
+            client,
+            CassandraNotifyStore(session, settings.cassandra_keyspace),
+            limits=settings.notify_limits(),
+            ttl_s=settings.notify_ttl_s,
+        ),
     )
     consumer = Consumer(consumer_config(settings))
     dead_letters = DeadLetters.from_config(

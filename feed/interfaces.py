@@ -48,6 +48,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
 __all__ = [
+    "ActorPage",
+    "AsyncNotifications",
     "AsyncTimelines",
     "DeliveryStream",
     "FollowGraph",
@@ -56,6 +58,11 @@ __all__ = [
     "History",
     "HistoryRecord",
     "Insert",
+    "Mark",
+    "Notifications",
+    "Notify",
+    "NotifyOp",
+    "NotifyPage",
     "Presence",
     "Removal",
     "Stored",
@@ -63,6 +70,7 @@ __all__ = [
     "SubscriberLink",
     "TimelinePage",
     "Timelines",
+    "Unnotify",
 ]
 
 
@@ -128,6 +136,61 @@ class Stored:
     @property
     def live(self) -> bool:
         return not self.deleted and self.body is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Notify:
+    """Activity ``activity_id`` (by ``actor``, ``published`` µs ``ts``) reaches ``user``'s
+    notification feed, in the group of its ``type`` + ``object`` (``feed.notify``)."""
+
+    user: str
+    activity_id: str
+    actor: str
+    ts: int
+    type: str
+    object: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unnotify:
+    """Activity ``activity_id`` was deleted: out of ``user``'s notification feed."""
+
+    user: str
+    activity_id: str
+
+
+NotifyOp = Notify | Unnotify
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyPage:
+    """A page of groups, newest-updated first: each group's JSON (``feed.notify.group_json``),
+    the position of the last one if there are more (a group position is the order key
+    ``<last µs>:<group id>``), and the user's counts."""
+
+    groups: list[bytes]
+    next: str | None
+    unseen: int
+    unread: int
+
+
+@dataclass(frozen=True, slots=True)
+class ActorPage:
+    """A page of a group's actors, newest first, and where the next page starts."""
+
+    actors: list[str]
+    next: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """Mark groups seen (``read=False``) or read (and seen): every group (``all``), every group
+    at or above position ``through``, or the groups listed (unknown ids are ignored)."""
+
+    read: bool
+    all: bool = False
+    groups: Sequence[str] = ()
+    through: str | None = None
 
 
 class Timelines(Protocol):
@@ -498,6 +561,40 @@ class Subscriber(Protocol):
     ) -> SubscriberLink:
         """Connect; raises ``redis.exceptions.ConnectionError`` (or ``TimeoutError``) if not."""
         ...
+
+
+class Notifications(Protocol):
+    """Notification feeds as the fan-out workers write them (synchronous).
+
+    * **Idempotent.** An activity a user already has in their notification feed changes nothing
+      (a replay); removing one they do not have changes nothing.
+    * **Atomic per user and call.** Each user's operations of a call are applied in one step:
+      grouping, counts and the live frames of the groups that changed.
+    * **Ordered.** Operations apply in the order given; groups are paged by position.
+    * **Durable before it returns**, applied at-least-once: a failed call is simply made again.
+    * **At-most-once push** of ``notification`` frames to the user's online connections; the
+      client's gap detector is ``GET /v1/notifications`` (read again after a reconnect).
+    """
+
+    def apply(self, ops: Sequence[NotifyOp]) -> int:
+        """Apply the operations; returns how many groups changed (or were written again)."""
+        ...
+
+
+class AsyncNotifications(Protocol):
+    """Notification feeds as the gateway reads and marks them (asyncio): same state and rules
+    as :class:`Notifications`. A mark is atomic, returns the new (unseen, unread) and tells the
+    user's online connections (``notification_counts``, at-most-once)."""
+
+    async def page(self, user: str, before: str | None, limit: int) -> NotifyPage: ...
+
+    async def actors(self, user: str, gid: str, after: str | None, limit: int) -> ActorPage | None:
+        """A page of the group's actors (None if the user has no such group)."""
+        ...
+
+    async def counts(self, user: str) -> tuple[int, int]: ...
+
+    async def mark(self, user: str, mark: Mark) -> tuple[int, int]: ...
 
 
 if TYPE_CHECKING:  # the Redis and Cassandra stores conform (mypy checks this body)

@@ -31,6 +31,7 @@ __all__ = [
     "following_version",
     "graph_version",
     "idempotency",
+    "notify_keys",
     "outbox",
     "presence",
     "rate_connect_ip",
@@ -142,6 +143,52 @@ def rate_connect_user(user: str) -> str:
 def rate_connect_ip(ip: str) -> str:
     """Hash: the WebSocket connect token bucket of one client address (at most 64 characters)."""
     return f"rl:connect:ip:{ip[:64]}"
+
+
+def notify_data(user: str) -> str:
+    """Hash: the user's notification feed (items, group headers, open groups, actors' newest
+    times, the loaded marker): ``feed/lua/notify.lua`` says what each field holds."""
+    return f"nd:{{{user}}}"
+
+
+def notify_groups(user: str) -> str:
+    """Sorted set (lex): the user's notification groups by position ``<last µs>:<group id>``."""
+    return f"ng:{{{user}}}"
+
+
+def notify_items(user: str) -> str:
+    """Sorted set (lex): each group's activities in time order."""
+    return f"ni:{{{user}}}"
+
+
+def notify_actors(user: str) -> str:
+    """Sorted set (lex): each group's distinct actors, newest first."""
+    return f"na:{{{user}}}"
+
+
+def notify_unseen(user: str) -> str:
+    """Set: the ids of the user's unseen notification groups (its size is the unseen count)."""
+    return f"ns:{{{user}}}"
+
+
+def notify_unread(user: str) -> str:
+    """Set: the ids of the user's unread notification groups (its size is the unread count)."""
+    return f"nr:{{{user}}}"
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def notify_keys(user: str) -> tuple[str, ...]:
+    """The ``KEYS`` of ``feed/lua/notify.lua`` for one user, in its order: data, groups, items,
+    actors, unseen, unread, presence. One slot (the user's hash tag)."""
+    return (
+        notify_data(user),
+        notify_groups(user),
+        notify_items(user),
+        notify_actors(user),
+        notify_unseen(user),
+        notify_unread(user),
+        presence(user),
+    )
 
 
 def body_pattern() -> str:

@@ -20,9 +20,12 @@ import dataclasses
 import hmac
 import ipaddress
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from schemas.errors import FeedError
+
+if TYPE_CHECKING:
+    from feed.notify import NotifyLimits
 
 __all__ = ["Secret", "Settings", "SettingsError"]
 
@@ -154,6 +157,11 @@ class Settings:
     commit_interval_ms: int = 100
     fanout_limit: int = 10_000
     active_days: int = 7
+    #: Notification feeds (``feed.notify``): how long a group stays open from its first
+    #: activity, the most activities in one group, the most groups a user keeps.
+    notify_window_s: int = 86_400
+    notify_group_max: int = 1000
+    notify_max_groups: int = 200
     worker_metrics_port: int = 9100
     worker_metrics_host: str = "127.0.0.1"
     body_ttl_days: int = 14
@@ -212,6 +220,9 @@ class Settings:
             "commit_interval_ms": _int(0, 60_000),
             "fanout_limit": _int(0, 1_000_000_000),
             "active_days": _int(0, 3650),
+            "notify_window_s": _int(1, 30 * 86_400),
+            "notify_group_max": _int(1, 10_000),
+            "notify_max_groups": _int(1, 10_000),
             "worker_metrics_port": _int(0, 65535),
             "worker_metrics_host": _nonempty,
             "body_ttl_days": _int(1, 3650),
@@ -279,6 +290,17 @@ class Settings:
         return out
 
     # --- requirements of each process ----------------------------------------------------------
+    def notify_limits(self) -> NotifyLimits:
+        """The bounds of every notification feed."""
+        from feed.notify import NotifyLimits
+
+        return NotifyLimits(self.notify_window_s, self.notify_group_max, self.notify_max_groups)
+
+    @property
+    def notify_ttl_s(self) -> int:
+        """How long an unused notification feed stays in Redis (0: kept): ``active_days``."""
+        return self.active_days * 86_400
+
     def require_gateway(self) -> None:
         if self.jwt_secret is None:
             raise SettingsError("FEED_JWT_SECRET: required by the gateway (at least 32 bytes)")

@@ -81,6 +81,14 @@ def schema_statements(keyspace: str, replication_factor: int = 1) -> list[str]:
         " user_id text, followee text, PRIMARY KEY ((user_id), followee))",
         # Accounts over FEED_FANOUT_LIMIT followers: merged at read time. Sticky.
         f"CREATE TABLE IF NOT EXISTS {ks}.big_accounts (user_id text PRIMARY KEY)",
+        # Notification feeds (feed.notify_cassandra): each user's groups and their activities,
+        # one partition per user; everything else a group shows is derived from these.
+        f"CREATE TABLE IF NOT EXISTS {ks}.notify_groups ("
+        " user_id text, gid text, gkey text, type text, object text, opened bigint,"
+        " open boolean, seen boolean, read boolean, PRIMARY KEY ((user_id), gid))",
+        f"CREATE TABLE IF NOT EXISTS {ks}.notify_items ("
+        " user_id text, gid text, aid text, actor text, ts bigint,"
+        " PRIMARY KEY ((user_id), gid, aid))",
     ]
 
 

@@ -42,6 +42,13 @@ from gateway.metrics import GatewayMetrics
 from gateway.resources import Gateway, Producer
 from gateway.routes.feed import feed_page
 from gateway.routes.ingest import follow, ingest_activities
+from gateway.routes.notifications import (
+    notification_actors,
+    notification_counts,
+    notification_page,
+    notifications_read,
+    notifications_seen,
+)
 from gateway.routes.ops import dev_token, healthz, metrics_endpoint, openapi_json, page, readyz
 
 __all__ = ["STREAM_PATH", "Gateway", "GatewayApp", "GatewayError", "Producer", "create_app"]
@@ -104,6 +111,15 @@ def create_app(
         Route("/v1/feed", outages_as_503(feed_page), methods=["GET"]),
         Route("/v1/activities", outages_as_503(ingest_activities), methods=["POST"]),
         Route("/v1/follows", outages_as_503(follow), methods=["POST", "DELETE"]),
+        Route("/v1/notifications", outages_as_503(notification_page), methods=["GET"]),
+        Route("/v1/notifications/counts", outages_as_503(notification_counts), methods=["GET"]),
+        Route(
+            "/v1/notifications/{group}/actors",
+            outages_as_503(notification_actors),
+            methods=["GET"],
+        ),
+        Route("/v1/notifications/seen", outages_as_503(notifications_seen), methods=["POST"]),
+        Route("/v1/notifications/read", outages_as_503(notifications_read), methods=["POST"]),
         WebSocketRoute(STREAM_PATH, stream),
     ]
     if dev_mode:

@@ -27,6 +27,7 @@ from starlette.requests import HTTPConnection
 
 from feed.delivery_redis import AsyncRedisPresence
 from feed.kafka import AsyncProducer, producer_config
+from feed.notify_redis import AsyncNotifyRedis
 from feed.reader import FeedReader
 from feed.settings import Settings
 from feed.timelines_redis import AsyncRedisTimelines
@@ -85,6 +86,9 @@ class Gateway:
         self._hub: Hub | None = None
         self._presence: AsyncRedisPresence | None = None
         self._timelines: AsyncRedisTimelines | None = None
+        self._notifications: AsyncNotifyRedis | None = None
+        #: The durable notification feeds, once Cassandra is connected.
+        self.notify_store: Any = None
         self._limiter: RedisRateLimiter | None = None
         self.ingest_limit = Limit(settings.ingest_rate, settings.ingest_burst)
         self.connect_limit = Limit(settings.connect_rate, settings.connect_burst)
@@ -123,6 +127,10 @@ class Gateway:
     def timelines(self) -> AsyncRedisTimelines:
         return _opened(self._timelines)
 
+    @property
+    def notifications(self) -> AsyncNotifyRedis:
+        return _opened(self._notifications)
+
     def tracked(self) -> dict[str, int]:
         """Sizes of the large-account state (:meth:`BigAccounts.tracked`)."""
         return self.big_accounts.tracked()
@@ -143,6 +151,12 @@ class Gateway:
             self._redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
         self._timelines = AsyncRedisTimelines(self._redis)
         self._limiter = RedisRateLimiter(self._redis)
+        self._notifications = AsyncNotifyRedis(
+            self._redis,
+            lambda: self.notify_store,
+            needs_durable=self.uses_cassandra,
+            ttl_s=s.notify_ttl_s,
+        )
         self._presence = AsyncRedisPresence(self._redis, ttl_s=s.resume_window_s)
         self._hub = Hub(
             RedisSubscriber(self._redis),
@@ -166,6 +180,9 @@ class Gateway:
             history = None
             if self.cassandra is not None:
                 history = await asyncio.to_thread(_history, self.cassandra, s.cassandra_keyspace)
+                self.notify_store = await asyncio.to_thread(
+                    _notify_store, self.cassandra, s.cassandra_keyspace
+                )
             self._reader = self._make_reader(history)
             if self.uses_cassandra and self.cassandra is None:
                 self._tasks.append(asyncio.create_task(self._connect_cassandra()))
@@ -223,7 +240,7 @@ class Gateway:
         delay = 1.0
         while not self._closing:
             try:
-                session, history = await in_daemon_thread(
+                session, history, notify_store = await in_daemon_thread(
                     self._open_cassandra, on_orphan=lambda opened: opened[0].cluster.shutdown()
                 )
             except Exception as exc:
@@ -233,16 +250,18 @@ class Gateway:
                 continue
             self.cassandra = session
             self._owns_cassandra = True
+            self.notify_store = notify_store
             self._reader = self._make_reader(history)
             log.info("cassandra_connected")
             return
 
-    def _open_cassandra(self) -> tuple[Any, Any]:
+    def _open_cassandra(self) -> tuple[Any, Any, Any]:
         from feed.stores import open_cassandra  # the driver is slow to import; only when needed
 
         session = open_cassandra(self.settings)
+        keyspace = self.settings.cassandra_keyspace
         try:
-            return session, _history(session, self.settings.cassandra_keyspace)
+            return session, _history(session, keyspace), _notify_store(session, keyspace)
         except BaseException:
             session.cluster.shutdown()
             raise
@@ -283,6 +302,12 @@ def _history(session: Any, keyspace: str) -> Any:
     from feed.history_cassandra import CassandraHistory
 
     return CassandraHistory(session, keyspace)
+
+
+def _notify_store(session: Any, keyspace: str) -> Any:
+    from feed.notify_cassandra import CassandraNotifyStore
+
+    return CassandraNotifyStore(session, keyspace)
 
 
 def _kafka_probe(producer: Any) -> Callable[..., Any] | None:

@@ -105,6 +105,8 @@ CLOSE_RATE_LIMITED = closecodes.RATE_LIMITED.code
 _RESET = encode_frame(Reset())
 #: Frames of the gateway itself (never forwarded to a client) start with this.
 _CONTROL_PREFIX = b'{"type":"_'
+#: ``notification``, ``notification_removed`` and ``notification_counts`` frames.
+_NOTIFICATION_PREFIX = b'{"type":"notification'
 #: The user's presence is attached at the given position (see :func:`presence_frame`).
 PRESENCE_PREFIX = PRESENCE_HEAD[: PRESENCE_HEAD.index(b",")]
 #: Items may have missed the user's delivery stream (the hub hands this in, see
@@ -283,6 +285,11 @@ class Session:
                 self.missed_outside_stream()
             return  # the gateway's own frames never reach the client
         if position is None:
+            if frame.startswith(_NOTIFICATION_PREFIX):
+                # notification feeds (feed.notify): live hints outside the stream, at-most-once;
+                # GET /v1/notifications is their source of truth
+                self._enqueue(frame, None)
+                self._check_bound()
             return  # not a stream frame: nothing the contract lets us forward
         epoch, seq = position
         if epoch != self._epoch:

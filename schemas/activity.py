@@ -22,6 +22,7 @@ __all__ = [
     "MAX_BATCH",
     "MAX_BATCH_BYTES",
     "MAX_EXTRA_BYTES",
+    "MAX_NOTIFY",
     "MAX_RECIPIENTS",
     "Activity",
     "ActivityId",
@@ -50,6 +51,8 @@ ObjectRef = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
 Published = Annotated[datetime, msgspec.Meta(tz=True)]
 
 MAX_RECIPIENTS = 100
+#: Most users one activity notifies (``notify``).
+MAX_NOTIFY = 100
 MAX_EXTRA_BYTES = 4096
 #: Upper bound of one encoded event; everything inside it is bounded by the field limits.
 MAX_ACTIVITY_BYTES = 32 * 1024
@@ -94,6 +97,8 @@ class Activity(msgspec.Struct, omit_defaults=True):
     target: ObjectRef | None = None
     to: Annotated[list[UserId], msgspec.Meta(max_length=MAX_RECIPIENTS)] = []
     extra: dict[str, Any] | None = None
+    #: Users whose notification feed gets this activity (``feed.notify``), the actor left out.
+    notify: Annotated[list[UserId], msgspec.Meta(max_length=MAX_NOTIFY)] = []
 
     @property
     def is_delete(self) -> bool:

@@ -13,6 +13,7 @@ from feed.memory import (
     MemoryRedis,
     MemoryTimelines,
 )
+from feed.notify import MemoryNotifications
 
 __all__ = ["World", "make"]
 
@@ -24,6 +25,7 @@ class World:
     history: MemoryHistory
     graph: MemoryFollowGraph
     processor: Processor
+    notifications: MemoryNotifications
 
     def timeline(self, user: str) -> list[str]:
         """The user's hot timeline (activity ids, newest first); history must agree."""
@@ -55,5 +57,6 @@ def make(
         followers=FollowerCache(graph, versions, history=history, fanout_limit=fanout_limit),
         history_timelines=history_timelines,
         follow_backfill=backfill,
+        notifications=(notifications := MemoryNotifications()),
     )
-    return World(redis, timelines, history, graph, processor)
+    return World(redis, timelines, history, graph, processor, notifications)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -113,6 +115,28 @@ class Pipeline:
         )
         assert status == 200, body
         return [item["activity"] for item in json.loads(body)["items"]]
+
+    def call(
+        self, user: str, path: str, body: Any = None, *, token: str | None = None
+    ) -> tuple[int, Any]:
+        """An HTTP call to the gateway as ``user`` (a POST of ``body`` as JSON, if given):
+        (status, decoded JSON body)."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            self.gateway_url + path,
+            data=data,
+            method="GET" if data is None else "POST",
+            headers={
+                "Authorization": f"Bearer {token or self.token(user)}",
+                "Content-Type": "application/json",
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, json.loads(exc.read() or b"null")
 
     def worker_metric(self, name: str) -> float:
         status, body = http_get(f"{self.metrics_url}/metrics")

@@ -15,6 +15,9 @@ from fanout.processor import Processor
 from feed.graph_cassandra import CassandraFollowGraph
 from feed.graph_versions_redis import RedisGraphVersions
 from feed.history_cassandra import CassandraHistory
+from feed.notify import NotifyLimits
+from feed.notify_cassandra import CassandraNotifyStore
+from feed.notify_redis import NotifyRedis
 from feed.timelines_redis import RedisTimelines
 
 __all__ = ["real_processor", "timeline"]
@@ -50,6 +53,12 @@ def real_processor(
             graph, RedisGraphVersions(redis_client), history=history, fanout_limit=fanout_limit
         ),
         follow_backfill=follow_backfill,
+        notifications=NotifyRedis(
+            redis_client,
+            CassandraNotifyStore(cassandra, keyspace),
+            limits=NotifyLimits(),
+            ttl_s=600,
+        ),
     )
 
 

@@ -224,3 +224,24 @@ async def test_pushed_frames_carry_when_their_record_entered_the_pipeline(
         (f"{a}-2", None),
     ]
     assert "ts" not in frames[2]
+
+
+def test_notify_reaches_each_listed_user_but_the_actor_once_and_a_delete_undoes_it(
+    world: World, ids: Ids
+) -> None:
+    owner, ann, bob, a, b = ids("owner"), ids("ann"), ids("bob"), ids("a"), ids("b")
+    like = {"type": "Like", "object": "post:1"}
+    world.processor.apply(
+        [
+            (0, act(a, ann, 1, notify=[owner, ann, owner, bob], **like)),
+            (1, act(b, bob, 2, notify=[owner], **like)),
+            (2, act(a, ann, 1, notify=[owner], **like)),  # a replay
+        ]
+    )
+    groups = world.notifications.book(owner).ordered()
+    assert [sorted(g.items) for g in groups] == [sorted([a, b])]
+    assert [sorted(g.items) for g in world.notifications.book(bob).ordered()] == [[a]]
+    assert world.notifications.book(ann).ordered() == []  # never the actor
+    world.processor.apply([(0, delete(ids("d"), ann, a))])
+    assert [sorted(g.items) for g in world.notifications.book(owner).ordered()] == [[b]]
+    assert world.notifications.book(bob).ordered() == []

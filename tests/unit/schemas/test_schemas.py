@@ -188,6 +188,14 @@ def test_to_is_limited_to_100_recipients() -> None:
     assert error_of(enc({**GOOD, "to": ["ok", "bad id"]})).field == "to[1]"
 
 
+def test_notify_is_limited_to_100_valid_user_ids() -> None:
+    ok = decode_activity(enc({**GOOD, "notify": [f"u{n}" for n in range(100)]}))
+    assert len(ok.notify) == 100
+    err = error_of(enc({**GOOD, "notify": [f"u{n}" for n in range(101)]}))
+    assert (err.field, err.code) == ("notify", "too_long")
+    assert error_of(enc({**GOOD, "notify": ["ok", "bad id"]})).field == "notify[1]"
+
+
 def test_extra_is_limited_to_4_kib() -> None:
     err = error_of(enc({**GOOD, "extra": {"blob": "x" * 5000}}))
     assert (err.field, err.code) == ("extra", "too_large")

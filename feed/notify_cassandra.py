@@ -1,0 +1,164 @@
+"""The durable copy of the notification feeds, in Cassandra.
+
+Two tables, one partition per user (``feed.stores.schema_statements``): ``notify_groups`` (a
+group's key, type, object, ``opened``, whether it is its key's open group, seen, read) and
+``notify_items`` (a group's activities: id, actor, ``published`` µs). Everything else a group
+shows (actors and their order, counts, ``first``/``last``, position) is derived from its items
+when a user's feed is loaded into Redis (``feed/lua/notify.lua``, command ``load``).
+
+* **Written after Redis decided**, as the mutations ``notify.lua`` returns, each with the write
+  version it gave (``USING TIMESTAMP``): versions increase per user, so the rows converge to
+  Redis's state whatever order concurrent writers' statements land in (a gateway's mark and a
+  worker's new activity, or a replay's rewrite).
+* **Idempotent**: a mutation written twice is the same cell at the same timestamp.
+* Written and read at ``LOCAL_QUORUM``: a load after a write that returned sees it.
+* **Bounded reads**: a user's partition holds at most ``FEED_NOTIFY_MAX_GROUPS`` groups of at
+  most ``FEED_NOTIFY_GROUP_MAX`` activities (plus rows of dropped groups' tombstones).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from cassandra import ConsistencyLevel
+from cassandra.cluster import Session
+from cassandra.concurrent import execute_concurrent
+
+from feed.notify import NotifyRows
+
+__all__ = ["CassandraNotifyStore"]
+
+_CL = ConsistencyLevel.LOCAL_QUORUM
+_CONCURRENCY = 32
+
+
+class CassandraNotifyStore:
+    def __init__(self, session: Session, keyspace: str) -> None:
+        self.session = session
+        ks = keyspace
+        prepare = session.prepare
+        self._put_group = prepare(
+            f"INSERT INTO {ks}.notify_groups (user_id, gid, gkey, type, object, opened, open,"
+            " seen, read) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+        )
+        self._close_group = prepare(
+            f"UPDATE {ks}.notify_groups USING TIMESTAMP ? SET open = false"
+            " WHERE user_id = ? AND gid = ?"
+        )
+        self._mark_group = prepare(
+            f"UPDATE {ks}.notify_groups USING TIMESTAMP ? SET seen = ?, read = ?"
+            " WHERE user_id = ? AND gid = ?"
+        )
+        self._del_group = prepare(
+            f"DELETE FROM {ks}.notify_groups USING TIMESTAMP ? WHERE user_id = ? AND gid = ?"
+        )
+        self._put_item = prepare(
+            f"INSERT INTO {ks}.notify_items (user_id, gid, aid, actor, ts)"
+            " VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"
+        )
+        self._del_item = prepare(
+            f"DELETE FROM {ks}.notify_items USING TIMESTAMP ?"
+            " WHERE user_id = ? AND gid = ? AND aid = ?"
+        )
+        self._del_items = prepare(
+            f"DELETE FROM {ks}.notify_items USING TIMESTAMP ? WHERE user_id = ? AND gid = ?"
+        )
+        self._get_groups = prepare(
+            f"SELECT gid, gkey, type, object, opened, open, seen, read FROM {ks}.notify_groups"
+            " WHERE user_id = ?"
+        )
+        self._get_items = prepare(
+            f"SELECT gid, aid, actor, ts FROM {ks}.notify_items WHERE user_id = ?"
+        )
+        for statement in (
+            self._put_group,
+            self._close_group,
+            self._mark_group,
+            self._del_group,
+            self._put_item,
+            self._del_item,
+            self._del_items,
+            self._get_groups,
+            self._get_items,
+        ):
+            statement.consistency_level = _CL
+
+    def write(self, changes: Sequence[tuple[str, Sequence[str]]]) -> int:
+        """Apply ``notify.lua``'s mutations, per user (a flat list of strings each); returns the
+        statements run. Raises on the first failure (the caller retries: idempotent)."""
+        statements: list[tuple[object, tuple[object, ...]]] = []
+        for user, out in changes:
+            i = 0
+            while i < len(out):
+                kind = out[i]
+                if kind == "G":
+                    gid, gkey, type_, object_, opened, open_, seen, read, v = out[i + 1 : i + 10]
+                    statements.append(
+                        (
+                            self._put_group,
+                            (
+                                user,
+                                gid,
+                                gkey,
+                                type_,
+                                object_,
+                                int(opened),
+                                open_ == "1",
+                                seen == "1",
+                                read == "1",
+                                int(v),
+                            ),
+                        )
+                    )
+                    i += 10
+                elif kind == "I":
+                    gid, aid, actor, ts, v = out[i + 1 : i + 6]
+                    statements.append((self._put_item, (user, gid, aid, actor, int(ts), int(v))))
+                    i += 6
+                elif kind == "X":
+                    gid, aid, v = out[i + 1 : i + 4]
+                    statements.append((self._del_item, (int(v), user, gid, aid)))
+                    i += 4
+                elif kind == "D":
+                    gid, v = out[i + 1 : i + 3]
+                    statements.append((self._del_group, (int(v), user, gid)))
+                    statements.append((self._del_items, (int(v), user, gid)))
+                    i += 3
+                elif kind == "C":
+                    gid, v = out[i + 1 : i + 3]
+                    statements.append((self._close_group, (int(v), user, gid)))
+                    i += 3
+                elif kind == "S":
+                    gid, seen, read, v = out[i + 1 : i + 5]
+                    statements.append(
+                        (self._mark_group, (int(v), seen == "1", read == "1", user, gid))
+                    )
+                    i += 5
+                else:
+                    raise ValueError(f"unknown notification mutation {kind!r}")
+        if statements:
+            execute_concurrent(
+                self.session, statements, concurrency=_CONCURRENCY, raise_on_first_error=True
+            )
+        return len(statements)
+
+    def load(self, user: str) -> NotifyRows:
+        """The user's groups and items (every row, paged by the driver)."""
+        groups = [
+            (
+                r.gid,
+                r.gkey or "",
+                r.type or "",
+                r.object or "",
+                r.opened or 0,
+                bool(r.open),
+                bool(r.seen),
+                bool(r.read),
+            )
+            for r in self.session.execute(self._get_groups, (user,))
+            if r.gkey is not None  # a row left by a late update of a dropped group
+        ]
+        items = [
+            (r.gid, r.aid, r.actor, r.ts) for r in self.session.execute(self._get_items, (user,))
+        ]
+        return NotifyRows(groups, items)

@@ -1,0 +1,222 @@
+"""Notification feeds in Redis: the hot copy that decides, with Cassandra as the durable copy.
+
+Every change of a user's notification feed is one call of ``feed/lua/notify.lua`` on that
+user's keys (one slot: works unchanged on a Redis Cluster). The script applies the rules of
+``feed.notify`` atomically, publishes the ``notification`` frames to the user's channel when
+they are online, and returns the mutations that the caller then writes to Cassandra
+(``feed.notify_cassandra``), each with a version that orders it.
+
+Hot and cold. A user's keys exist while they are in use: every call renews their TTL
+(``FEED_ACTIVE_DAYS``; 0 keeps them). A call on a user whose keys are gone (never loaded, expired,
+or lost with Redis) answers ``L``: the caller reads the user's rows from Cassandra, loads them
+(``load``, which does nothing if another caller loaded first) and calls again. Nothing a worker
+wrote is lost that way: it writes Cassandra before it commits its Kafka offsets, and a batch
+that Redis lost before that is replayed (a replay of an activity the feed already has writes
+its group's rows again). Without Cassandra (``durable`` None) a user with no keys starts empty.
+
+Costs (one user per script call, calls pipelined): the worker sends one round trip per batch,
+then one more for the users it had to load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import redis
+import redis.asyncio as aioredis
+
+from feed import keys, scripts
+from feed.interfaces import ActorPage, Mark, Notify, NotifyOp, NotifyPage
+from feed.notify import NotifyLimits, NotifyRows, group_key
+from schemas.errors import FeedError
+
+if TYPE_CHECKING:  # the Cassandra driver is slow to import: the gateway imports it when needed
+    from feed.notify_cassandra import CassandraNotifyStore
+
+__all__ = ["AsyncNotifyRedis", "NotifyRedis", "NotifyUnavailable"]
+
+
+#: One argument of a script call, as redis-py takes it.
+Arg: TypeAlias = str | int
+
+
+class NotifyUnavailable(FeedError):
+    """The user's feed must be loaded from Cassandra, and Cassandra is not connected yet."""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _args(ops: Sequence[NotifyOp], limits: NotifyLimits) -> list[Arg]:
+    args: list[Arg] = [limits.window_us, limits.group_max, limits.max_groups]
+    for op in ops:
+        if isinstance(op, Notify):
+            args += [
+                "a",
+                op.activity_id,
+                op.actor,
+                op.ts,
+                group_key(op.type, op.object),
+                op.type,
+                op.object,
+            ]
+        else:
+            args += ["d", op.activity_id, "", "", "", "", ""]
+    return args
+
+
+def _load_args(rows: NotifyRows) -> list[Arg]:
+    args: list[Arg] = [len(rows.groups)]
+    for gid, gkey, type_, object_, opened, open_, seen, read in rows.groups:
+        args += [gid, gkey, type_, object_, opened, int(open_), int(seen), int(read)]
+    for gid, aid, actor, ts in rows.items:
+        args += [gid, aid, actor, ts]
+    return args
+
+
+def _head(ttl_s: int, user: str, command: str) -> list[Arg]:
+    return [command, ttl_s, keys.channel(user)]
+
+
+class NotifyRedis:
+    """The workers' side (:class:`feed.interfaces.Notifications`), synchronous."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        durable: CassandraNotifyStore | None,
+        *,
+        limits: NotifyLimits,
+        ttl_s: int,
+    ) -> None:
+        self._redis = client
+        self._durable = durable
+        self._limits = limits
+        self._ttl = ttl_s
+        self._script = client.register_script(scripts.source("notify"))
+
+    def apply(self, ops: Sequence[NotifyOp]) -> int:
+        if not ops:
+            return 0
+        by_user: dict[str, list[NotifyOp]] = {}
+        for op in ops:
+            by_user.setdefault(op.user, []).append(op)
+        replies = self._run(by_user)
+        cold = [u for u, reply in replies.items() if _is_cold(reply)]
+        if cold:
+            self._load(cold)
+            replies.update(self._run({u: by_user[u] for u in cold}))
+        changes = []
+        for user, reply in replies.items():
+            if _is_cold(reply):
+                raise RuntimeError(f"notification feed of {user!r} could not be loaded")
+            changes.append((user, [_text(v) for v in reply]))
+        if self._durable is not None:
+            self._durable.write(changes)
+        return sum(reply.count("G") for _, reply in changes)
+
+    def _run(self, by_user: dict[str, list[NotifyOp]]) -> dict[str, list[Any]]:
+        pipe = self._redis.pipeline(transaction=False)
+        for user, user_ops in by_user.items():
+            self._script(
+                keys=keys.notify_keys(user),
+                args=_head(self._ttl, user, "apply") + _args(user_ops, self._limits),
+                client=pipe,
+            )
+        return dict(zip(by_user, pipe.execute(), strict=True))
+
+    def _load(self, users: list[str]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for user in users:
+            rows = self._durable.load(user) if self._durable else NotifyRows([], [])
+            self._script(
+                keys=keys.notify_keys(user),
+                args=_head(self._ttl, user, "load") + _load_args(rows),
+                client=pipe,
+            )
+        pipe.execute()
+
+
+def _is_cold(reply: Any) -> bool:
+    return isinstance(reply, list) and len(reply) == 1 and _text(reply[0]) == "L"
+
+
+class AsyncNotifyRedis:
+    """The gateway's side (:class:`feed.interfaces.AsyncNotifications`), asyncio.
+
+    ``durable`` returns the Cassandra store, or None while it is not connected; ``needs_durable``
+    says whether a cold user must wait for it (:class:`NotifyUnavailable`) or starts empty.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        durable: Callable[[], CassandraNotifyStore | None],
+        *,
+        needs_durable: bool,
+        ttl_s: int,
+    ) -> None:
+        self._redis = client
+        self._durable = durable
+        self._needs_durable = needs_durable
+        self._ttl = ttl_s
+        self._script = client.register_script(scripts.source("notify"))
+
+    async def _call(self, user: str, command: str, *args: Arg) -> list[Any]:
+        head = _head(self._ttl, user, command)
+        for _ in range(3):
+            reply = await self._script(keys=keys.notify_keys(user), args=head + list(args))
+            if not _is_cold(reply):
+                return list(reply)
+            await self._load(user)
+        raise NotifyUnavailable(f"the notification feed of {user!r} could not be loaded")
+
+    async def _load(self, user: str) -> None:
+        store = self._durable()
+        if store is None and self._needs_durable:
+            raise NotifyUnavailable("Cassandra is not connected yet")
+        rows = await asyncio.to_thread(store.load, user) if store else NotifyRows([], [])
+        await self._script(
+            keys=keys.notify_keys(user), args=_head(self._ttl, user, "load") + _load_args(rows)
+        )
+
+    async def page(self, user: str, before: str | None, limit: int) -> NotifyPage:
+        reply = await self._call(user, "page", before or "", limit)
+        nxt = _text(reply[3])
+        return NotifyPage(
+            [bytes(g) if isinstance(g, bytes) else g.encode() for g in reply[4:]],
+            nxt or None,
+            int(reply[1]),
+            int(reply[2]),
+        )
+
+    async def actors(self, user: str, gid: str, after: str | None, limit: int) -> ActorPage | None:
+        reply = await self._call(user, "actors", gid, after or "", limit)
+        if _text(reply[0]) == "N":
+            return None
+        nxt = _text(reply[1])
+        return ActorPage([_text(a) for a in reply[2:]], nxt or None)
+
+    async def counts(self, user: str) -> tuple[int, int]:
+        reply = await self._call(user, "counts")
+        return int(reply[1]), int(reply[2])
+
+    async def mark(self, user: str, mark: Mark) -> tuple[int, int]:
+        store = self._durable()
+        if store is None and self._needs_durable:
+            raise NotifyUnavailable("Cassandra is not connected yet")
+        kind = "read" if mark.read else "seen"
+        if mark.all:
+            args: list[Arg] = [kind, "all"]
+        elif mark.through is not None:
+            args = [kind, "through", mark.through]
+        else:
+            args = [kind, "groups", *mark.groups]
+        reply = await self._call(user, "mark", *args)
+        mutations = [_text(v) for v in reply[3:]]
+        if mutations and store is not None:
+            await asyncio.to_thread(store.write, [(user, mutations)])
+        return int(reply[1]), int(reply[2])

@@ -1,0 +1,153 @@
+"""Notification feeds on the real Redis and Cassandra against the reference model
+(``feed.notify.NotifyBook``), step by step.
+
+Random sequences of notify activities (with duplicates of ids: replays), deletes, seen/read marks
+(all, a list of groups, through a position) and evictions of a user's Redis copy (the next call
+loads it from Cassandra) run through :class:`feed.notify_redis.NotifyRedis` (the workers' side)
+and :class:`feed.notify_redis.AsyncNotifyRedis` (the gateway's side). After every step each
+user's groups, read page by page, each group's actors, read page by page, and the counts must
+equal the model's. Small bounds (3 activities per group, 4 groups, a 2 s window) make every
+bound happen often.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import msgspec
+import pytest
+import redis
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from feed import keys
+from feed.interfaces import Mark, Notify, Unnotify
+from feed.notify import MemoryNotifications, NotifyLimits
+from feed.notify_cassandra import CassandraNotifyStore
+from feed.notify_redis import AsyncNotifyRedis, NotifyRedis
+from feed.settings import Settings
+
+LIMITS = NotifyLimits(window_s=2, group_max=3, max_groups=4)
+USERS = 2
+IDS = 8
+S = 1_000_000
+
+attrs = st.tuples(
+    st.sampled_from(["ann", "bob", "cy"]),  # actor
+    st.integers(0, 4).map(lambda s: 1_700_000_000 * S + s * S),  # published µs
+    st.sampled_from(["Like", "Comment"]),
+    st.sampled_from(["post:1", "post:1", "post:2"]),
+)
+step = st.one_of(
+    st.tuples(st.just("add"), st.integers(0, USERS - 1), st.integers(0, IDS - 1)),
+    st.tuples(st.just("add"), st.integers(0, USERS - 1), st.integers(0, IDS - 1)),
+    st.tuples(st.just("del"), st.integers(0, USERS - 1), st.integers(0, IDS - 1)),
+    st.tuples(
+        st.just("mark"),
+        st.integers(0, USERS - 1),
+        st.tuples(st.booleans(), st.sampled_from(["all", "groups", "through"]), st.integers(0, 9)),
+    ),
+    st.tuples(st.just("evict"), st.integers(0, USERS - 1), st.just(0)),
+)
+
+
+def _evict(client: redis.Redis, user: str) -> None:
+    client.delete(*keys.notify_keys(user)[:6])
+
+
+async def _read_all(store: Any, user: str) -> dict[str, Any]:
+    """Every group (pages of 2), each group's actors (pages of 2), the counts."""
+    groups: list[Any] = []
+    before = None
+    counts = None
+    for _ in range(20):
+        page = await store.page(user, before, 2)
+        counts = (page.unseen, page.unread)
+        groups += [msgspec.json.decode(g) for g in page.groups]
+        before = page.next
+        if before is None:
+            break
+    actors = {}
+    for group in groups:
+        names: list[str] = []
+        after = None
+        for _ in range(20):
+            got = await store.actors(user, group["id"], after, 2)
+            assert got is not None, group["id"]
+            names += got.actors
+            after = got.next
+            if after is None:
+                break
+        actors[group["id"]] = names
+    return {"groups": groups, "actors": actors, "counts": counts, "n": await store.counts(user)}
+
+
+@pytest.fixture
+def stores(redis_client: redis.Redis, cassandra: Any, settings: Settings) -> Any:
+    durable = CassandraNotifyStore(cassandra, settings.cassandra_keyspace)
+    worker = NotifyRedis(redis_client, durable, limits=LIMITS, ttl_s=600)
+    return worker, durable
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    table=st.lists(attrs, min_size=IDS, max_size=IDS), steps=st.lists(step, min_size=4, max_size=30)
+)
+def test_redis_and_cassandra_match_the_model_after_every_step(
+    stores: Any,
+    redis_client: redis.Redis,
+    settings: Settings,
+    table: list[tuple[str, int, str, str]],
+    steps: list[tuple[str, int, Any]],
+) -> None:
+    worker, durable = stores
+    run = uuid.uuid4().hex[:8]
+    users = [f"n{u}-{run}" for u in range(USERS)]
+    aids = [f"a{i}-{run}" for i in range(IDS)]
+    model = MemoryNotifications(LIMITS)
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        gateway = AsyncNotifyRedis(client, lambda: durable, needs_durable=True, ttl_s=600)
+        try:
+            for number, (kind, u, arg) in enumerate(steps):
+                user = users[u]
+                if kind == "add":
+                    actor, ts, type_, object_ = table[arg]
+                    ops: list[Any] = [Notify(user, aids[arg], actor, ts, type_, object_)]
+                    worker.apply(ops)
+                    model.apply(ops)
+                elif kind == "del":
+                    ops = [Unnotify(user, aids[arg])]
+                    worker.apply(ops)
+                    model.apply(ops)
+                elif kind == "mark":
+                    read, mode, pick = arg
+                    ordered = model.book(user).ordered()
+                    if mode == "all" or not ordered:
+                        mark = Mark(read=read, all=True)
+                    elif mode == "groups":
+                        mark = Mark(read=read, groups=[g.gid for g in ordered[pick % 2 :: 2]])
+                    else:
+                        mark = Mark(read=read, through=ordered[pick % len(ordered)].position)
+                    got = await gateway.mark(user, mark)
+                    assert got == await model.mark(user, mark), (number, steps)
+                else:
+                    _evict(redis_client, user)
+                for other in users:
+                    real = await _read_all(gateway, other)
+                    expected = await _read_all(model, other)
+                    assert real == expected, (number, steps)
+            # and Cassandra alone holds the same: evict everyone, read again
+            for user in users:
+                _evict(redis_client, user)
+                assert await _read_all(gateway, user) == await _read_all(model, user)
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
