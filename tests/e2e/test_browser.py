@@ -399,6 +399,10 @@ async def test_bell_badge_clears_on_the_other_tab_when_one_tab_reads(
         opened = time.monotonic()
         await tab1.click("#bell")
         assert await tab1.is_visible("#notifs")
+        # The panel shows the one group, and no "older" button (its page had no `next`).
+        assert await tab1.is_visible("#notif-list li.notif-group")
+        assert not await tab1.is_visible("#notif-more")
+        assert not await tab1.is_visible("#notif-empty")
         for n, tab in enumerate(tabs):
             await _until(
                 functools.partial(_no_badge, tab),
