@@ -52,7 +52,8 @@ class DemoTraffic:
       remembers the last :attr:`RECENT` posts and their authors.
     * ``Like`` and ``Comment`` of one of those recent posts by a user other than its author, with
       ``"notify": [<author>]``: the author gets a notification, grouped by type and post, so a
-      popular post reads "alice and 3 others liked post:9". The actor is never in ``notify``.
+      popular post reads "alice and 3 others liked post:9". The actor is never in ``notify``. A
+      user likes a post at most once (a post everyone has liked gets a comment instead).
     * The rest keeps the older mix: a ``Share`` of a recent post, a ``Follow`` of another demo
       user, or a ``Create`` of some other object (``photo:<k>``, ``video:<k>``, ...); none of these
       notifies anyone.
@@ -69,7 +70,8 @@ class DemoTraffic:
     def __init__(self, rng: random.Random, prefix: str = "demo") -> None:
         self._rng = rng
         self._prefix = prefix
-        self._posts: deque[tuple[str, str]] = deque(maxlen=self.RECENT)
+        #: The recent posts: (object, author, users who liked it).
+        self._posts: deque[tuple[str, str, set[str]]] = deque(maxlen=self.RECENT)
         self._post_count = 0
         self._sent = 0
 
@@ -85,12 +87,18 @@ class DemoTraffic:
         if kind == "post":
             self._post_count += 1
             post = f"post:{self._post_count}"
-            self._posts.append((post, actor))
+            self._posts.append((post, actor, set()))
             activity.update(type="Create", object=post)
         elif kind in ("like", "comment"):
-            post, author = rng.choice(self._posts)
-            actor = rng.choice([u for u in DEMO_USERS if u != author])
-            verb = "Like" if kind == "like" else "Comment"
+            post, author, likers = rng.choice(self._posts)
+            others = [u for u in DEMO_USERS if u != author]
+            if kind == "like" and len(likers) < len(others):
+                actor = rng.choice([u for u in others if u not in likers])
+                likers.add(actor)
+                verb = "Like"
+            else:
+                actor = rng.choice(others)
+                verb = "Comment"
             activity.update(actor=actor, type=verb, object=post, notify=[author])
         else:
             verb = rng.choice(["Share", "Follow", "Create"])

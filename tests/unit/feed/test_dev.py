@@ -59,6 +59,11 @@ def test_likes_and_comments_notify_the_author_of_an_existing_post() -> None:
     assert kinds["Like"] > kinds["Comment"] > 0
 
 
+def test_a_user_likes_a_post_at_most_once() -> None:
+    likes = [(a["actor"], a["object"]) for a in _run(9, 3000) if a["type"] == "Like"]
+    assert likes and len(likes) == len(set(likes))
+
+
 def test_the_first_activity_is_a_post() -> None:
     for seed in range(20):
         first = _run(seed, 1)[0]
