@@ -16,7 +16,9 @@ And the notification bell, in two tabs of one user (two pages of one Chromium, e
 WebSocket): a Like by another user with ``notify: [user]``, produced to Kafka, shows as an unread
 count of 1 on both tabs' badges and as the group in both lists; opening the bell in tab 1 marks
 it read, and tab 2's badge clears through the ``notification_counts`` frame, without a reload and
-without tab 2 sending a request of its own.
+without tab 2 sending a request of its own. A notification that arrives while the gateway is
+down (its live frame goes nowhere) shows on the badge after the page reconnects, from the counts
+the page refetches then.
 
 Every wait has a deadline (polling, never a bare sleep standing in for a condition).
 """
@@ -428,6 +430,63 @@ async def test_bell_badge_clears_on_the_other_tab_when_one_tab_reads(
     )
     assert status == 200, body
     assert json.loads(body)["unread"] == 0
+
+
+async def test_bell_counts_are_refetched_after_a_reconnect(
+    live_pipeline: Pipeline, cassandra: Any, ids: Callable[[str], str], tmp_path: Path
+) -> None:
+    p = live_pipeline
+    s = p.settings
+    ks = s.cassandra_keyspace
+    user, liker = ids("poster"), ids("liker")
+    post = f"post:{ids('post')}"
+
+    async with _browser_page(tmp_path) as tab:
+        requests: list[tuple[str, str]] = []
+        loaded: list[str] = []
+        tab.on("request", functools.partial(_record_request, requests))
+        tab.on("response", functools.partial(_record_list, loaded))
+        await tab.goto(f"{p.gateway_url}/?user={user}", wait_until="domcontentloaded")
+        await tab.wait_for_selector('#state[data-s="live"]', timeout=15_000)
+        await _until(functools.partial(_nonempty, loaded), timeout=5, what="the notification list")
+        await _until(functools.partial(_no_badge_and_empty, tab), timeout=5, what="no badge")
+
+        # --- the gateway dies; a Like for `user` is applied meanwhile ----------------------------
+        p.gateway.kill()
+        await tab.wait_for_selector('#state[data-s="offline"]', timeout=10_000)
+        like = ids("like")
+        p.produce(
+            s.topic_activities,
+            liker,
+            p.activity(like, liker, type="Like", object=post, notify=[user]),
+        )
+
+        # The worker applies it to Redis (which publishes the live frame, to no gateway) and
+        # then to Cassandra: once it is in Cassandra, the frame is gone for good.
+        async def stored() -> bool:
+            rows = await asyncio.to_thread(
+                cassandra.execute,
+                f"SELECT aid FROM {ks}.notify_items WHERE user_id = %s",
+                (user,),
+            )
+            return like in [row.aid for row in rows]
+
+        await _until(stored, timeout=20, what="the like in the user's durable notifications")
+        assert await _badge(tab) == (False, "0")
+        before = len(requests)
+
+        # --- a new gateway: the page reconnects and refetches the counts ------------------------
+        p.gateway.start()
+        await asyncio.to_thread(p.gateway.wait_http, f"{p.gateway_url}/healthz", timeout=30)
+        await tab.wait_for_selector('#state[data-s="live"]', timeout=30_000)
+
+        async def shows_one() -> bool:
+            return await _badge(tab) == (True, "1")
+
+        await _until(shows_one, timeout=NOTIFY_BOUND_S, what="the badge to show 1 after reconnect")
+        assert ("GET", "notifications/counts") in requests[before:], requests[before:]
+        assert await _frames(tab, "notification") == []  # so the badge came from the refetch
+        assert len(await _frames(tab, "welcome")) == 2
 
 
 async def _no_badge(page: Any) -> bool:
