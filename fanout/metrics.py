@@ -27,6 +27,11 @@ class WorkerMetrics:
         self.pushed = Counter(
             "feed_notifications_published_total", "Frames published to online users", registry=r
         )
+        self.notified = Counter(
+            "feed_notify_groups_written_total",
+            "Notification groups written (created, changed or written again by a replay)",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "feed_batch_size",
             "Records per consumed batch",

@@ -345,6 +345,7 @@ class Worker:
         m.inserts.inc(stats.inserted)
         m.history_rows.inc(stats.history_rows)
         m.pushed.inc(stats.pushed)
+        m.notified.inc(stats.notified)
         m.store_seconds.labels(store="redis").observe(stats.redis_s)
         m.store_seconds.labels(store="cassandra").observe(stats.cassandra_s)
         log.info(
@@ -356,6 +357,7 @@ class Worker:
             inserted=stats.inserted,
             pushed=stats.pushed,
             history_rows=stats.history_rows,
+            notified=stats.notified,
             dlq=dlq,
             ms=round(elapsed * 1000, 1),
             redis_ms=round(stats.redis_s * 1000, 1),
@@ -607,7 +609,15 @@ def _with_rejected(total: BatchStats, prepared: BatchStats) -> BatchStats:
 
 
 def _merge(total: BatchStats, stats: BatchStats) -> None:
-    for name in ("activities", "deletes", "follows", "inserted", "pushed", "history_rows"):
+    for name in (
+        "activities",
+        "deletes",
+        "follows",
+        "inserted",
+        "pushed",
+        "history_rows",
+        "notified",
+    ):
         setattr(total, name, getattr(total, name) + getattr(stats, name))
     total.rejected.extend(stats.rejected)
 

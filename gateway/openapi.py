@@ -18,6 +18,7 @@ import msgspec
 from schemas import (
     MAX_BATCH,
     MAX_EXTRA_BYTES,
+    MAX_NOTIFY,
     MAX_RECIPIENTS,
     Accepted,
     Activity,
@@ -84,6 +85,10 @@ def _components() -> dict[str, Any]:
     props["to"]["description"] = (
         f"Extra recipients besides the actor's followers (at most {MAX_RECIPIENTS})."
     )
+    props["notify"]["description"] = (
+        f"Users whose notification feed gets this activity (at most {MAX_NOTIFY}; never its "
+        "actor), grouped by `type` + `object`."
+    )
     props["extra"]["description"] = f"A small JSON object, at most {MAX_EXTRA_BYTES} bytes encoded."
     schemas["FollowRequest"]["description"] = "`follower` starts or stops following `followee`."
     schemas["FollowRequest"]["properties"]["followee"]["description"] = "Not the follower."
@@ -132,7 +137,216 @@ def _components() -> dict[str, Any]:
         },
         "required": ["ready", "dependencies"],
     }
+    schemas.update(_notification_schemas())
     return schemas
+
+
+def _notification_schemas() -> dict[str, Any]:
+    count = {"type": "integer", "minimum": 0}
+    user_id = {"type": "string", "minLength": 1, "maxLength": 128, "pattern": r"^\S+$"}
+    counts = {
+        "type": "object",
+        "description": "How many of the caller's notification groups are unseen and unread.",
+        "properties": {"unseen": count, "unread": count},
+        "required": ["unseen", "unread"],
+    }
+    group = {
+        "type": "object",
+        "description": (
+            "Notifications of one `type` + `object` while the group was open "
+            "(`FEED_NOTIFY_WINDOW_S` from its first activity)."
+        ),
+        "properties": {
+            "id": {"type": "string"},
+            "type": {"type": "string"},
+            "object": {"type": "string"},
+            "actors": {
+                "type": "array",
+                "items": {"type": "string"},
+                "maxItems": 10,
+                "description": "The newest distinct actors, newest first.",
+            },
+            "actor_count": {"type": "integer", "minimum": 1},
+            "activity_count": {"type": "integer", "minimum": 1},
+            "first": {"type": "string", "format": "date-time"},
+            "last": {"type": "string", "format": "date-time"},
+            "seen": {"type": "boolean"},
+            "read": {"type": "boolean"},
+        },
+        "required": [
+            "id",
+            "type",
+            "object",
+            "actors",
+            "actor_count",
+            "activity_count",
+            "first",
+            "last",
+            "seen",
+            "read",
+        ],
+    }
+    next_cursor = {
+        "type": ["string", "null"],
+        "description": "Cursor of the next (older) page, or null at the end.",
+    }
+    return {
+        "NotificationCounts": counts,
+        "NotificationGroup": group,
+        "NotificationPage": {
+            "type": "object",
+            "properties": {
+                "groups": {"type": "array", "items": _ref("NotificationGroup")},
+                "next": next_cursor,
+                "unseen": count,
+                "unread": count,
+            },
+            "required": ["groups", "next", "unseen", "unread"],
+        },
+        "NotificationActors": {
+            "type": "object",
+            "properties": {"actors": {"type": "array", "items": user_id}, "next": next_cursor},
+            "required": ["actors", "next"],
+        },
+        "NotificationMark": {
+            "description": (
+                "What to mark, one way: every group, the groups listed (unknown ids are ignored), "
+                "or every group from the newest through a page's `next`."
+            ),
+            "oneOf": [
+                {
+                    "type": "object",
+                    "properties": {"all": {"const": True}},
+                    "required": ["all"],
+                    "additionalProperties": False,
+                },
+                {
+                    "type": "object",
+                    "properties": {
+                        "groups": {
+                            "type": "array",
+                            "items": {"type": "string", "minLength": 1, "maxLength": 200},
+                            "maxItems": 500,
+                        }
+                    },
+                    "required": ["groups"],
+                    "additionalProperties": False,
+                },
+                {
+                    "type": "object",
+                    "properties": {"cursor": {"type": "string", "minLength": 1, "maxLength": 400}},
+                    "required": ["cursor"],
+                    "additionalProperties": False,
+                },
+            ],
+        },
+    }
+
+
+def _notification_paths() -> dict[str, Any]:
+    user: list[dict[str, list[str]]] = [{"userToken": []}]
+    unauthorized = _error("The user token is missing, malformed, expired or forged.", auth=True)
+    unavailable = _error(
+        "A store is unreachable, or the caller's feed is being loaded; retry.", retry_after=True
+    )
+
+    def limit(most: int, default: int) -> dict[str, Any]:
+        return {
+            "name": "limit",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 1, "maximum": most, "default": default},
+        }
+
+    cursor = {
+        "name": "cursor",
+        "in": "query",
+        "required": False,
+        "description": "`next` of the previous page (opaque).",
+        "schema": {"type": "string"},
+    }
+    counts_ok = {"description": "The new counts.", "content": _json(_ref("NotificationCounts"))}
+
+    def mark(read: bool) -> dict[str, Any]:
+        what = "read (and seen)" if read else "seen"
+        return {
+            "post": {
+                "operationId": "markNotificationsRead" if read else "markNotificationsSeen",
+                "summary": f"Mark notification groups {what}",
+                "description": "The caller's other connections get the new counts live "
+                "(`notification_counts`).",
+                "security": user,
+                "requestBody": {"required": True, "content": _json(_ref("NotificationMark"))},
+                "responses": {
+                    "200": counts_ok,
+                    "400": _error("The body is not one of the three forms, or a bad cursor."),
+                    "401": unauthorized,
+                    "408": _error("The body did not arrive in time."),
+                    "413": _error("The body is too large."),
+                    "415": _error("The body is not `application/json` (UTF-8)."),
+                    "503": unavailable,
+                },
+            }
+        }
+
+    return {
+        "/v1/notifications": {
+            "get": {
+                "operationId": "readNotifications",
+                "summary": "The caller's notification groups, newest-updated first",
+                "security": user,
+                "parameters": [limit(100, 20), cursor],
+                "responses": {
+                    "200": {
+                        "description": "One page, with the counts.",
+                        "content": _json(_ref("NotificationPage")),
+                    },
+                    "400": _error("`limit` out of range or `cursor` not one of ours."),
+                    "401": unauthorized,
+                    "503": unavailable,
+                },
+            }
+        },
+        "/v1/notifications/counts": {
+            "get": {
+                "operationId": "notificationCounts",
+                "summary": "How many notification groups are unseen and unread",
+                "security": user,
+                "responses": {
+                    "200": {
+                        "description": "The counts.",
+                        "content": _json(_ref("NotificationCounts")),
+                    },
+                    "401": unauthorized,
+                    "503": unavailable,
+                },
+            }
+        },
+        "/v1/notifications/{group}/actors": {
+            "get": {
+                "operationId": "notificationActors",
+                "summary": "A notification group's actors, newest first",
+                "security": user,
+                "parameters": [
+                    {"name": "group", "in": "path", "required": True, "schema": {"type": "string"}},
+                    limit(100, 50),
+                    cursor,
+                ],
+                "responses": {
+                    "200": {
+                        "description": "One page of actors.",
+                        "content": _json(_ref("NotificationActors")),
+                    },
+                    "400": _error("`limit` out of range or `cursor` not one of ours."),
+                    "401": unauthorized,
+                    "404": _error("The caller has no such group."),
+                    "503": unavailable,
+                },
+            }
+        },
+        "/v1/notifications/seen": mark(False),
+        "/v1/notifications/read": mark(True),
+    }
 
 
 def _ingest_errors(body_limit: int) -> dict[str, Any]:
@@ -262,6 +476,7 @@ def openapi_document(
                     },
                 }
             },
+            **_notification_paths(),
             "/healthz": {
                 "get": {
                     "operationId": "health",

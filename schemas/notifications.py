@@ -12,7 +12,6 @@ from typing import Annotated
 
 import msgspec
 
-from schemas.activity import ActivityId
 from schemas.errors import DECODE_ERRORS, ValidationError, from_decode_error
 
 __all__ = ["MAX_MARK_BODY", "MAX_MARK_GROUPS", "MarkRequest", "decode_mark_request"]
@@ -20,11 +19,14 @@ __all__ = ["MAX_MARK_BODY", "MAX_MARK_GROUPS", "MarkRequest", "decode_mark_reque
 #: Most group ids in one mark, and the largest body read.
 MAX_MARK_GROUPS = 500
 MAX_MARK_BODY = 96 * 1024
+#: A group id as a client sends it back: any id this API issued is one; anything else is
+#: simply not a group of the caller's (ignored).
+GroupId = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 
 
 class MarkRequest(msgspec.Struct, forbid_unknown_fields=True):
     all: bool = False
-    groups: Annotated[list[ActivityId], msgspec.Meta(max_length=MAX_MARK_GROUPS)] | None = None
+    groups: Annotated[list[GroupId], msgspec.Meta(max_length=MAX_MARK_GROUPS)] | None = None
     cursor: Annotated[str, msgspec.Meta(min_length=1, max_length=400)] | None = None
 
 

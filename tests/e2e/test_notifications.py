@@ -199,6 +199,7 @@ async def test_notifications_reach_both_connections_and_marks_clear_the_other(
         timeout=10,
         message="the durable groups",
     )
+    assert pipeline.worker_metric("feed_notify_groups_written_total") > 0
 
 
 def test_bad_requests_name_the_field(pipeline: Pipeline, ids: Callable[[str], str]) -> None:

@@ -28,7 +28,7 @@ from gateway.auth import mint_token
 from tests.conftest import TEST_INGEST_TOKEN, TEST_JWT_SECRET
 from tests.support.procs import FeedProcess, free_port, http_get, metric_value
 
-#: Examples per operation and generation mode (positive, negative): 8 operations.
+#: Examples per operation and generation mode (positive, negative): 13 operations.
 MAX_EXAMPLES = 100
 SENT: dict[str, int] = {"requests": 0}
 
@@ -143,6 +143,7 @@ EXPLAINED_REJECTIONS = {
     (400, "invalid", "followee"),  # a user cannot follow themselves
     (400, "invalid_cursor", "cursor"),  # a string that is not one of our cursors
     (422, "idempotency_key_reused", "Idempotency-Key"),  # a generated key met again
+    (404, "not_found", "group"),  # a notification group id the caller does not have
 }
 
 
@@ -183,6 +184,11 @@ def test_document_lists_every_route_and_response(gw: GatewayProcess) -> None:
         ("get", "/healthz"),
         ("get", "/readyz"),
         ("get", "/metrics"),
+        ("get", "/v1/notifications"),
+        ("get", "/v1/notifications/counts"),
+        ("get", "/v1/notifications/{group}/actors"),
+        ("post", "/v1/notifications/seen"),
+        ("post", "/v1/notifications/read"),
     } <= {(m, p) for p, ops in paths.items() for m in ops}
     ingest = paths["/v1/activities"]["post"]
     assert {"202", "400", "401", "413", "415", "422", "429", "503"} <= set(ingest["responses"])
