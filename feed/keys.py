@@ -147,48 +147,25 @@ def rate_connect_ip(ip: str) -> str:
 
 def notify_data(user: str) -> str:
     """Hash: the user's notification feed (items, group headers, open groups, actors' newest
-    times, the loaded marker): ``feed/lua/notify.lua`` says what each field holds."""
+    times, the counts, the loaded marker): ``feed/lua/notify.lua`` says what each field holds."""
     return f"nd:{{{user}}}"
 
 
 def notify_groups(user: str) -> str:
-    """Sorted set (lex): the user's notification groups by position ``<last µs>:<group id>``."""
+    """Sorted set: the user's notification group ids, scored by their newest activity's time."""
     return f"ng:{{{user}}}"
 
 
 def notify_items(user: str) -> str:
-    """Sorted set (lex): each group's activities in time order."""
+    """Sorted set (lex): each group's activities in time order (and so its actors)."""
     return f"ni:{{{user}}}"
-
-
-def notify_actors(user: str) -> str:
-    """Sorted set (lex): each group's distinct actors, newest first."""
-    return f"na:{{{user}}}"
-
-
-def notify_unseen(user: str) -> str:
-    """Set: the ids of the user's unseen notification groups (its size is the unseen count)."""
-    return f"ns:{{{user}}}"
-
-
-def notify_unread(user: str) -> str:
-    """Set: the ids of the user's unread notification groups (its size is the unread count)."""
-    return f"nr:{{{user}}}"
 
 
 @functools.lru_cache(maxsize=1 << 14)
 def notify_keys(user: str) -> tuple[str, ...]:
     """The ``KEYS`` of ``feed/lua/notify.lua`` for one user, in its order: data, groups, items,
-    actors, unseen, unread, presence. One slot (the user's hash tag)."""
-    return (
-        notify_data(user),
-        notify_groups(user),
-        notify_items(user),
-        notify_actors(user),
-        notify_unseen(user),
-        notify_unread(user),
-        presence(user),
-    )
+    presence. One slot (the user's hash tag)."""
+    return (notify_data(user), notify_groups(user), notify_items(user), presence(user))
 
 
 def body_pattern() -> str:

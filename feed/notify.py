@@ -9,9 +9,9 @@ In one user's feed (a :class:`NotifyBook`):
   first activity and never changes) and holds fewer than ``group_max`` activities. Otherwise the
   activity opens a new group, which becomes the key's open group. Group ids are
   ``<key>-<opened µs>`` (``-2``, ``-3``... if that id is taken).
-* **A group** shows its distinct actors newest first (by each actor's newest activity in it; ties
-  by actor id), their count, its activity count, ``first`` and ``last`` (the oldest and newest
-  ``published`` of its activities), and whether it is seen and read.
+* **A group** shows its distinct actors newest first (by each actor's newest activity in it:
+  its ``published``, then its id), their count, its activity count, ``first`` and ``last`` (the
+  oldest and newest ``published`` of its activities), and whether it is seen and read.
 * **New activity.** Adding an activity to a group makes it unseen and unread and moves it by its
   ``last``: groups are ordered newest ``last`` first (ties by id), so a new activity brings its
   group to the top. Adding an activity id the user already has changes nothing (replays).
@@ -41,7 +41,6 @@ from feed.cursor import order_key
 from feed.interfaces import ActorPage, Mark, Notify, NotifyOp, NotifyPage
 
 __all__ = [
-    "MAX_TS",
     "MemoryNotifications",
     "NotifyBook",
     "NotifyLimits",
@@ -51,8 +50,6 @@ __all__ = [
     "iso_us",
 ]
 
-#: The newest order time; actors are ordered by ``MAX_TS - ts`` (newest first).
-MAX_TS = 10**16 - 1
 #: Most actors a group shows inline; the rest are paged (``GET .../actors``).
 INLINE_ACTORS = 10
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -108,12 +105,18 @@ class _Group:
     def position(self) -> str:
         return order_key(max(ts for _, ts in self.items.values()), self.gid)
 
+    def newest(self) -> list[tuple[str, str]]:
+        """Each actor with the position ``<ts16>\x1f<aid>`` of their newest activity here,
+        newest first."""
+        newest: dict[str, str] = {}
+        for aid, (actor, ts) in self.items.items():
+            at = f"{ts:016d}\x1f{aid}"
+            if at > newest.get(actor, ""):
+                newest[actor] = at
+        return sorted(newest.items(), key=lambda kv: kv[1], reverse=True)
+
     def actors(self) -> list[str]:
-        newest: dict[str, int] = {}
-        for actor, ts in self.items.values():
-            if ts > newest.get(actor, -1):
-                newest[actor] = ts
-        return [a for a, _ in sorted(newest.items(), key=lambda kv: (MAX_TS - kv[1], kv[0]))]
+        return [actor for actor, _ in self.newest()]
 
 
 def group_json(group: _Group) -> bytes:
@@ -221,15 +224,10 @@ class NotifyBook:
         group = self.groups.get(gid)
         if group is None:
             return None
-        newest: dict[str, int] = {}
-        for actor, ts in group.items.values():
-            newest[actor] = max(ts, newest.get(actor, -1))
-        keys = sorted(f"{MAX_TS - ts:016d}\x1f{actor}" for actor, ts in newest.items())
-        if after is not None:
-            keys = [k for k in keys if k > after]
-        more = len(keys) > limit
-        keys = keys[:limit]
-        return ActorPage([k.split("\x1f", 1)[1] for k in keys], keys[-1] if more else None)
+        newest = [(a, at) for a, at in group.newest() if after is None or at < after]
+        more = len(newest) > limit
+        newest = newest[:limit]
+        return ActorPage([a for a, _ in newest], newest[-1][1] if more else None)
 
 
 class MemoryNotifications:

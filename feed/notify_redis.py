@@ -50,8 +50,8 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _args(ops: Sequence[NotifyOp], limits: NotifyLimits) -> list[Arg]:
-    args: list[Arg] = [limits.window_us, limits.group_max, limits.max_groups]
+def _op_args(ops: Sequence[NotifyOp]) -> list[Arg]:
+    args: list[Arg] = []
     for op in ops:
         if isinstance(op, Notify):
             args += [
@@ -77,12 +77,24 @@ def _load_args(rows: NotifyRows) -> list[Arg]:
     return args
 
 
-def _head(ttl_s: int, user: str, command: str) -> list[Arg]:
-    return [command, ttl_s, keys.channel(user)]
+def _head(ttl_s: int, command: str) -> list[Arg]:
+    """ARGV 1-3 of every command: the command, the TTL, how often the TTL is renewed."""
+    return [command, ttl_s, min(86_400, ttl_s // 10)]
+
+
+#: Most operations in one ``apply`` script call (the call runs alone in Redis: a bound on how
+#: long any other client waits) and most users (4 ``KEYS`` each).
+_CALL_OPS = 2000
+_CALL_USERS = 500
 
 
 class NotifyRedis:
-    """The workers' side (:class:`feed.interfaces.Notifications`), synchronous."""
+    """The workers' side (:class:`feed.interfaces.Notifications`), synchronous.
+
+    The users of a batch go in few script calls (each one holds many users, one ``KEYS`` group
+    per user), pipelined in one round trip; the users that turn out to be cold are loaded and
+    called again in a second one.
+    """
 
     def __init__(
         self,
@@ -113,20 +125,39 @@ class NotifyRedis:
         for user, reply in replies.items():
             if _is_cold(reply):
                 raise RuntimeError(f"notification feed of {user!r} could not be loaded")
-            changes.append((user, [_text(v) for v in reply]))
+            changes.append((user, [_text(v) for v in reply[1:]]))
         if self._durable is not None:
             self._durable.write(changes)
         return sum(reply.count("G") for _, reply in changes)
 
     def _run(self, by_user: dict[str, list[NotifyOp]]) -> dict[str, list[Any]]:
         pipe = self._redis.pipeline(transaction=False)
+        calls: list[list[str]] = []
+        users: list[str] = []
+        args: list[Arg] = []
+        keys_: list[str] = []
+        ops = 0
+
+        def call() -> None:
+            head = _head(self._ttl, "apply")
+            limits = self._limits
+            head += [limits.window_us, limits.group_max, limits.max_groups, len(users)]
+            self._script(keys=keys_, args=head + args, client=pipe)
+            calls.append(list(users))
+
         for user, user_ops in by_user.items():
-            self._script(
-                keys=keys.notify_keys(user),
-                args=_head(self._ttl, user, "apply") + _args(user_ops, self._limits),
-                client=pipe,
-            )
-        return dict(zip(by_user, pipe.execute(), strict=True))
+            if users and (ops + len(user_ops) > _CALL_OPS or len(users) >= _CALL_USERS):
+                call()
+                users, args, keys_, ops = [], [], [], 0
+            users.append(user)
+            keys_ += keys.notify_keys(user)
+            args += [keys.channel(user), len(user_ops), *_op_args(user_ops)]
+            ops += len(user_ops)
+        call()
+        replies: dict[str, list[Any]] = {}
+        for users_of_call, reply in zip(calls, pipe.execute(), strict=True):
+            replies.update(zip(users_of_call, reply, strict=True))
+        return replies
 
     def _load(self, users: list[str]) -> None:
         pipe = self._redis.pipeline(transaction=False)
@@ -134,7 +165,7 @@ class NotifyRedis:
             rows = self._durable.load(user) if self._durable else NotifyRows([], [])
             self._script(
                 keys=keys.notify_keys(user),
-                args=_head(self._ttl, user, "load") + _load_args(rows),
+                args=[*_head(self._ttl, "load"), keys.channel(user), *_load_args(rows)],
                 client=pipe,
             )
         pipe.execute()
@@ -166,7 +197,7 @@ class AsyncNotifyRedis:
         self._script = client.register_script(scripts.source("notify"))
 
     async def _call(self, user: str, command: str, *args: Arg) -> list[Any]:
-        head = _head(self._ttl, user, command)
+        head = [*_head(self._ttl, command), keys.channel(user)]
         for _ in range(3):
             reply = await self._script(keys=keys.notify_keys(user), args=head + list(args))
             if not _is_cold(reply):
@@ -180,7 +211,8 @@ class AsyncNotifyRedis:
             raise NotifyUnavailable("Cassandra is not connected yet")
         rows = await asyncio.to_thread(store.load, user) if store else NotifyRows([], [])
         await self._script(
-            keys=keys.notify_keys(user), args=_head(self._ttl, user, "load") + _load_args(rows)
+            keys=keys.notify_keys(user),
+            args=[*_head(self._ttl, "load"), keys.channel(user), *_load_args(rows)],
         )
 
     async def page(self, user: str, before: str | None, limit: int) -> NotifyPage:

@@ -1,30 +1,38 @@
--- Notification feeds: one user's groups, their items and actors, seen/read, in one atomic step.
+-- Notification feeds: users' groups, their items and actors, seen/read and the counts.
 -- Run by feed.notify_redis (the worker's NotifyRedis.apply, the gateway's AsyncNotifyRedis).
--- The rules are those of feed.notify (the pure-Python reference, NotifyBook): keep them equal.
+-- The rules are those of feed.notify (the pure-Python reference, NotifyBook): keep them equal;
+-- tests/integration/feed/test_notify_redis.py checks this script against it step by step.
 --
--- KEYS (feed.keys.notify_keys, all of one user, one slot):
---   1 data     hash: 'i'US<aid> -> gid US actor US ts; 'g'US<gid> -> gkey US opened US position
---              US type US object; 'o'US<gkey> -> the open group; 'c'US<gid>US<actor> -> newest
---              ts US items; 'l' -> loaded marker; 'v' -> last write version (µs)
---   2 groups   sorted set (lex, scores 0): position = order key <last ts 16 digits>:<gid>
---   3 items    sorted set (lex): <gid> US <ts 16> US <aid> US <actor>
---   4 actors   sorted set (lex): <gid> US <10^16-1-ts, 16 digits> US <actor> (newest first)
---   5 unseen   set of gids;  6 unread  set of gids;  7 presence hash (field 'e': online)
--- ARGV: 1 command, 2 ttl_s (0: no expiry), 3 the user's channel, then per command (below).
+-- KEYS, 4 per user (feed.keys.notify_keys; one user's keys share a slot):
+--   data     hash: 'i'US<aid> -> gid US actor US ts16 (the user's items);
+--            'g'US<gid> -> the group's header: gkey US opened US first16 US last16 US items
+--              US actors US seen(0/1) read(0/1) US type US object;
+--            'o'US<gkey> -> the key's open group; 'c'US<gid>US<actor> -> the actor's items in it;
+--            'us', 'ur' -> the unseen and unread counts; 'l' -> loaded; 'v' -> last version;
+--            't' -> when the TTL was last renewed (s)
+--   groups   sorted set: gid, scored by its last activity's time (µs; exact in a double), so
+--            a new activity moves its group with one ZADD; ties ordered by gid. A group's
+--            position (cursors) is <last ts16>:<gid>
+--   items    sorted set (lex): <gid> US <ts16> US <aid> US <actor>. A group's actors, newest
+--            first, are the first occurrences of each actor in its items read newest first:
+--            ordered by each actor's newest (ts, aid). No set of actors is kept: a group's
+--            actor count is kept in its header, each actor's item count in 'c' (both exact).
+--   presence hash (field 'e' while the user is online)
+-- The two sorted sets hold a sentinel member '' (score -1) from the load on, so they never
+-- vanish when emptied: a user's keys live and expire together (one TTL, renewed at most once
+-- per refresh period: ARGV 2 ttl_s, 0 for none; ARGV 3 the refresh period).
+-- ARGV: 1 command, 2 ttl_s, 3 refresh_s, then per command (below).
 --
--- Every command but 'load' answers {'L'} and changes nothing when the user's state is not in
--- Redis (no 'l' marker): the caller loads it from Cassandra ('load') and asks again.
--- Writes answer the mutations the caller applies to Cassandra, each with a write version (µs,
--- from this Redis's clock, increasing per user): the durable copy converges to this one
--- whatever order the callers' Cassandra writes land in.
+-- A user whose keys are gone (no 'l') is answered 'L' and left unchanged: the caller loads the
+-- user's rows from Cassandra ('load') and asks again. Writes answer the mutations the caller
+-- writes to Cassandra, each with a version (µs from this Redis's clock, increasing per user):
 --   G gid gkey type object opened open seen read v | I gid aid actor ts v | X gid aid v |
---   D gid v | C gid v (closed: no longer the open group of its key) | S gid seen read v
-local KD, KG, KI, KA, KS, KR, KP = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+--   D gid v | C gid v (no longer its key's open group) | S gid seen read v
 local US = '\31'
-local cmd, ttl, channel = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local MAXTS = 9999999999999999
+local cmd, ttl, refresh = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 
 local function pad(n) return string.format('%016d', n) end
+local function int(n) return string.format('%d', n) end
 local function lo(gid) return '[' .. gid .. US end
 local function hi(gid) return '(' .. gid .. ' ' end  -- ' ' is the byte after US
 local function split(s, n)
@@ -37,25 +45,6 @@ local function split(s, n)
   end
   out[#out + 1] = string.sub(s, start)
   return out
-end
-
-local function touch()
-  if ttl > 0 then
-    for _, k in ipairs({KD, KG, KI, KA, KS, KR}) do redis.call('EXPIRE', k, ttl) end
-  end
-end
-
-local version
-local function next_version()
-  if not version then
-    local t = redis.call('TIME')
-    local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-    local last = tonumber(redis.call('HGET', KD, 'v') or '0')
-    version = math.max(now, last + 1)
-  else
-    version = version + 1
-  end
-  return string.format('%d', version)
 end
 
 local function iso(us)
@@ -80,354 +69,523 @@ local function iso(us)
   return out .. 'Z'
 end
 
-local function header(gid)
-  local h = redis.call('HGET', KD, 'g' .. US .. gid)
-  if not h then return nil end
-  local f = split(h, 5)
-  return {gkey = f[1], opened = tonumber(f[2]), position = f[3], type = f[4], object = f[5]}
-end
-
-local function put_header(gid, h)
-  redis.call('HSET', KD, 'g' .. US .. gid,
-    h.gkey .. US .. string.format('%d', h.opened) .. US .. h.position .. US .. h.type .. US
-    .. h.object)
-end
-
-local function item_ts(member)  -- <gid> US <ts> US <aid> US <actor>
-  local f = split(member, 4)
-  return tonumber(f[2]), f[3], f[4]
-end
-
--- The group as the API shows it (schemas.notifications.Group), JSON.
-local function view(gid)
-  local h = header(gid)
-  local first = redis.call('ZRANGEBYLEX', KI, lo(gid), hi(gid), 'LIMIT', 0, 1)[1]
-  local last = redis.call('ZREVRANGEBYLEX', KI, hi(gid), lo(gid), 'LIMIT', 0, 1)[1]
-  local count = redis.call('ZLEXCOUNT', KI, lo(gid), hi(gid))
-  local top = redis.call('ZRANGEBYLEX', KA, lo(gid), hi(gid), 'LIMIT', 0, 10)
-  local names = {}
-  for i, member in ipairs(top) do names[i] = cjson.encode(split(member, 3)[3]) end
-  local actors = redis.call('ZLEXCOUNT', KA, lo(gid), hi(gid))
-  local seen = redis.call('SISMEMBER', KS, gid) == 0
-  local read = redis.call('SISMEMBER', KR, gid) == 0
-  return '{"id":' .. cjson.encode(gid) .. ',"type":' .. cjson.encode(h.type)
-    .. ',"object":' .. cjson.encode(h.object) .. ',"actors":[' .. table.concat(names, ',')
-    .. '],"actor_count":' .. actors .. ',"activity_count":' .. count
-    .. ',"first":"' .. iso(item_ts(first)) .. '","last":"' .. iso(item_ts(last))
-    .. '","seen":' .. tostring(seen) .. ',"read":' .. tostring(read) .. '}'
-end
-
-local function counts()
-  return redis.call('SCARD', KS), redis.call('SCARD', KR)
-end
-
-local function online() return redis.call('HEXISTS', KP, 'e') == 1 end
-
-if redis.call('HEXISTS', KD, 'l') == 0 then
-  if cmd ~= 'load' then return {'L'} end
-  -- ARGV 4 n groups, then 8 per group: gid gkey type object opened open seen read,
-  -- then 4 per item: gid aid actor ts (each group's items, any order)
-  for _, k in ipairs({KD, KG, KI, KA, KS, KR}) do redis.call('DEL', k) end
-  local n = tonumber(ARGV[4])
-  local groups = {}
-  for j = 0, n - 1 do
-    local b = 5 + 8 * j
-    local gid = ARGV[b]
-    groups[gid] = {gkey = ARGV[b + 1], type = ARGV[b + 2], object = ARGV[b + 3],
-      opened = tonumber(ARGV[b + 4]), open = ARGV[b + 5] == '1', seen = ARGV[b + 6] == '1',
-      read = ARGV[b + 7] == '1', last = -1}
+local now_us
+local function clock()
+  if not now_us then
+    local t = redis.call('TIME')
+    now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
   end
-  local actor_ts = {}
-  for b = 5 + 8 * n, #ARGV, 4 do
-    local gid, aid, actor, ts = ARGV[b], ARGV[b + 1], ARGV[b + 2], tonumber(ARGV[b + 3])
-    local g = groups[gid]
-    if g then
-      redis.call('HSET', KD, 'i' .. US .. aid, gid .. US .. actor .. US .. pad(ts))
-      redis.call('ZADD', KI, 0, gid .. US .. pad(ts) .. US .. aid .. US .. actor)
-      if ts > g.last then g.last = ts end
-      local key = gid .. US .. actor
-      local a = actor_ts[key]
-      if not a then actor_ts[key] = {ts, 1} else
-        a[2] = a[2] + 1
-        if ts > a[1] then a[1] = ts end
-      end
-    end
-  end
-  for key, a in pairs(actor_ts) do
-    local f = split(key, 2)
-    redis.call('HSET', KD, 'c' .. US .. key, pad(a[1]) .. US .. a[2])
-    redis.call('ZADD', KA, 0, f[1] .. US .. pad(MAXTS - a[1]) .. US .. f[2])
-  end
-  for gid, g in pairs(groups) do
-    if g.last >= 0 then  -- a group row without items is the rest of a drop: left out
-      g.position = pad(g.last) .. ':' .. gid
-      put_header(gid, g)
-      redis.call('ZADD', KG, 0, g.position)
-      if g.open then redis.call('HSET', KD, 'o' .. US .. g.gkey, gid) end
-      if not g.seen then redis.call('SADD', KS, gid) end
-      if not g.read then redis.call('SADD', KR, gid) end
-    end
-  end
-  redis.call('HSET', KD, 'l', '1')
-  next_version()
-  redis.call('HSET', KD, 'v', string.format('%d', version))
-  touch()
-  return 1
+  return now_us
 end
 
-if cmd == 'load' then
-  touch()
-  return 0
+-- One user's state for the length of a command: their keys, and the headers read or changed.
+local U = {}
+U.__index = U
+
+local function user(base, channel)
+  local me = setmetatable({}, U)
+  me.KD, me.KG, me.KI, me.KP = KEYS[base], KEYS[base + 1], KEYS[base + 2], KEYS[base + 3]
+  me.channel = channel
+  me.headers = {}
+  me.out = {}
+  return me
 end
 
-local out = {}
-local function emit(...)
+function U:open()
+  local state = redis.call('HMGET', self.KD, 'l', 'v', 'us', 'ur', 't')
+  if not state[1] then return false end
+  self.version = tonumber(state[2] or '0')
+  self.unseen, self.unread = tonumber(state[3] or '0'), tonumber(state[4] or '0')
+  self.renewed = tonumber(state[5] or '0')
+  self.counts_changed = false
+  self.open_now = {}
+  return true
+end
+
+function U:next_version()
+  self.version = math.max(clock(), self.version + 1)
+  return int(self.version)
+end
+
+function U:emit(...)
+  local out = self.out
   for _, v in ipairs({...}) do out[#out + 1] = v end
 end
 
--- Remove every trace of a group (its items, actors, header, open pointer, flags).
-local function drop(gid)
-  local h = header(gid)
-  for _, member in ipairs(redis.call('ZRANGEBYLEX', KI, lo(gid), hi(gid))) do
-    local _, aid = item_ts(member)
-    redis.call('HDEL', KD, 'i' .. US .. aid)
+function U:parse(gid, raw)
+  if not raw then
+    self.headers[gid] = false
+    return nil
   end
-  redis.call('ZREMRANGEBYLEX', KI, lo(gid), hi(gid))
-  for _, member in ipairs(redis.call('ZRANGEBYLEX', KA, lo(gid), hi(gid))) do
-    redis.call('HDEL', KD, 'c' .. US .. gid .. US .. split(member, 3)[3])
-  end
-  redis.call('ZREMRANGEBYLEX', KA, lo(gid), hi(gid))
-  redis.call('HDEL', KD, 'g' .. US .. gid)
-  if redis.call('HGET', KD, 'o' .. US .. h.gkey) == gid then
-    redis.call('HDEL', KD, 'o' .. US .. h.gkey)
-  end
-  redis.call('ZREM', KG, h.position)
-  redis.call('SREM', KS, gid)
-  redis.call('SREM', KR, gid)
-  emit('D', gid, next_version())
+  local f = split(raw, 9)
+  local h = {gkey = f[1], opened = tonumber(f[2]), first = tonumber(f[3]),
+    last = tonumber(f[4]), count = tonumber(f[5]), actors = tonumber(f[6]),
+    seen = string.sub(f[7], 1, 1) == '1', read = string.sub(f[7], 2, 2) == '1', type = f[8],
+    object = f[9], dirty = false}
+  self.headers[gid] = h
+  return h
 end
 
-local function reposition(gid, h)
-  local last = redis.call('ZREVRANGEBYLEX', KI, hi(gid), lo(gid), 'LIMIT', 0, 1)[1]
-  local position = pad(item_ts(last)) .. ':' .. gid
-  if position ~= h.position then
-    redis.call('ZREM', KG, h.position)
-    h.position = position
-    redis.call('ZADD', KG, 0, position)
-    put_header(gid, h)
+function U:header(gid)
+  local h = self.headers[gid]
+  if h == nil then return self:parse(gid, redis.call('HGET', self.KD, 'g' .. US .. gid)) end
+  return h or nil
+end
+
+function U:encode(h)
+  return h.gkey .. US .. int(h.opened) .. US .. pad(h.first) .. US .. pad(h.last) .. US
+    .. h.count .. US .. h.actors .. US .. (h.seen and '1' or '0') .. (h.read and '1' or '0')
+    .. US .. h.type .. US .. h.object
+end
+
+-- Set a group's flags, keeping the counts.
+function U:flag(h, seen, read)
+  if h.seen ~= seen or h.read ~= read then h.flagged = true end
+  if h.seen ~= seen then
+    self.unseen = self.unseen + (seen and -1 or 1)
+    h.seen = seen
+    self.counts_changed = true
+  end
+  if h.read ~= read then
+    self.unread = self.unread + (read and -1 or 1)
+    h.read = read
+    self.counts_changed = true
+  end
+  h.dirty = true
+end
+
+-- Write the changed headers and the counts back (one HSET).
+function U:flush()
+  local args = {}
+  for gid, h in pairs(self.headers) do
+    if h and h.dirty then
+      args[#args + 1] = 'g' .. US .. gid
+      args[#args + 1] = self:encode(h)
+      h.dirty = false
+    end
+  end
+  if self.counts_changed then
+    args[#args + 1] = 'us'
+    args[#args + 1] = int(self.unseen)
+    args[#args + 1] = 'ur'
+    args[#args + 1] = int(self.unread)
+  end
+  args[#args + 1] = 'v'
+  args[#args + 1] = int(self.version)
+  redis.call('HSET', self.KD, unpack(args))
+end
+
+-- Renew the TTL of the user's keys if it was last renewed more than a refresh period ago.
+function U:touch()
+  local now = math.floor(clock() / 1000000)
+  if ttl > 0 and now - self.renewed >= refresh then
+    redis.call('HSET', self.KD, 't', int(now))
+    for _, k in ipairs({self.KD, self.KG, self.KI}) do redis.call('EXPIRE', k, ttl) end
   end
 end
 
-local function emit_group(gid, h)
-  emit('G', gid, h.gkey, h.type, h.object, string.format('%d', h.opened),
-    redis.call('HGET', KD, 'o' .. US .. h.gkey) == gid and '1' or '0',
-    redis.call('SISMEMBER', KS, gid) == 0 and '1' or '0',
-    redis.call('SISMEMBER', KR, gid) == 0 and '1' or '0', next_version())
-end
+function U:online() return redis.call('HEXISTS', self.KP, 'e') == 1 end
 
-if cmd == 'apply' then
-  -- ARGV 4 window (µs), 5 most items per group, 6 most groups, then 7 per operation:
-  -- 'a' aid actor ts gkey type object (notify) | 'd' aid '' '' '' '' '' (the activity is gone)
-  local window, group_max, max_groups = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-  local changed, order, existed = {}, {}, {}
-  local function mark_changed(gid)
-    if not changed[gid] then
-      changed[gid] = true
-      order[#order + 1] = gid
-    end
-  end
-  for b = 7, #ARGV, 7 do
-    local kind, aid = ARGV[b], ARGV[b + 1]
-    local item = redis.call('HGET', KD, 'i' .. US .. aid)
-    if kind == 'a' and item then
-      -- a replay: nothing changes; the durable copy of its group is written again
-      local f = split(item, 3)
-      emit_group(f[1], header(f[1]))
-      emit('I', f[1], aid, f[2], string.format('%d', tonumber(f[3])), next_version())
-    elseif kind == 'a' then
-      local actor, ts, gkey = ARGV[b + 2], tonumber(ARGV[b + 3]), ARGV[b + 4]
-      local gid = redis.call('HGET', KD, 'o' .. US .. gkey)
-      local h = gid and header(gid)
-      if not (h and ts - h.opened < window
-          and redis.call('ZLEXCOUNT', KI, lo(gid), hi(gid)) < group_max) then
-        if gid then emit('C', gid, next_version()) end
-        local base = gkey .. '-' .. string.format('%d', ts)
-        gid = base
-        local suffix = 1
-        while redis.call('HEXISTS', KD, 'g' .. US .. gid) == 1 do
-          suffix = suffix + 1
-          gid = base .. '-' .. suffix
+-- The group as the API shows it (schemas: feed.notify.group_json), JSON.
+-- A group's distinct actors, newest first, as (actor, its newest item's ts16 US aid), strictly
+-- after position 'after' (nil: from the newest), at most 'most' of them.
+function U:actors(gid, after, most)
+  local out, seen = {}, {}
+  local top = hi(gid)
+  local batch = 16
+  while #out < most do
+    local items = redis.call('ZREVRANGEBYLEX', self.KI, top, lo(gid), 'LIMIT', 0, batch)
+    for _, member in ipairs(items) do
+      local f = split(member, 4)
+      if not seen[f[4]] then
+        seen[f[4]] = true
+        local at = f[2] .. US .. f[3]
+        if not after or at < after then
+          out[#out + 1] = {f[4], at}
+          if #out == most then break end
         end
-        h = {gkey = gkey, opened = ts, position = pad(ts) .. ':' .. gid, type = ARGV[b + 5],
-          object = ARGV[b + 6]}
-        put_header(gid, h)
-        redis.call('ZADD', KG, 0, h.position)
-        redis.call('HSET', KD, 'o' .. US .. gkey, gid)
-        if existed[gid] == nil then existed[gid] = false end
-      elseif existed[gid] == nil then
-        existed[gid] = true
-      end
-      redis.call('HSET', KD, 'i' .. US .. aid, gid .. US .. actor .. US .. pad(ts))
-      redis.call('ZADD', KI, 0, gid .. US .. pad(ts) .. US .. aid .. US .. actor)
-      local ckey = 'c' .. US .. gid .. US .. actor
-      local c = redis.call('HGET', KD, ckey)
-      if not c then
-        redis.call('HSET', KD, ckey, pad(ts) .. US .. '1')
-        redis.call('ZADD', KA, 0, gid .. US .. pad(MAXTS - ts) .. US .. actor)
-      else
-        local f = split(c, 2)
-        local newest = tonumber(f[1])
-        if ts > newest then
-          redis.call('ZREM', KA, gid .. US .. pad(MAXTS - newest) .. US .. actor)
-          redis.call('ZADD', KA, 0, gid .. US .. pad(MAXTS - ts) .. US .. actor)
-          newest = ts
-        end
-        redis.call('HSET', KD, ckey, pad(newest) .. US .. (tonumber(f[2]) + 1))
-      end
-      reposition(gid, h)
-      redis.call('SADD', KS, gid)
-      redis.call('SADD', KR, gid)
-      emit('I', gid, aid, actor, string.format('%d', ts), next_version())
-      mark_changed(gid)
-    elseif item then  -- 'd'
-      local f = split(item, 3)
-      local gid, actor, ts = f[1], f[2], tonumber(f[3])
-      if existed[gid] == nil then existed[gid] = true end
-      redis.call('HDEL', KD, 'i' .. US .. aid)
-      redis.call('ZREM', KI, gid .. US .. pad(ts) .. US .. aid .. US .. actor)
-      emit('X', gid, aid, next_version())
-      if redis.call('ZLEXCOUNT', KI, lo(gid), hi(gid)) == 0 then
-        drop(gid)
-      else
-        local ckey = 'c' .. US .. gid .. US .. actor
-        local c = split(redis.call('HGET', KD, ckey), 2)
-        local newest, left = tonumber(c[1]), tonumber(c[2]) - 1
-        redis.call('ZREM', KA, gid .. US .. pad(MAXTS - newest) .. US .. actor)
-        if left == 0 then
-          redis.call('HDEL', KD, ckey)
-        else
-          if ts == newest then  -- their newest item went: find the next one
-            newest = -1
-            for _, member in ipairs(redis.call('ZRANGEBYLEX', KI, lo(gid), hi(gid))) do
-              local its, _, who = item_ts(member)
-              if who == actor and its > newest then newest = its end
-            end
-          end
-          redis.call('ZADD', KA, 0, gid .. US .. pad(MAXTS - newest) .. US .. actor)
-          redis.call('HSET', KD, ckey, pad(newest) .. US .. left)
-        end
-        reposition(gid, header(gid))
-      end
-      mark_changed(gid)
-    end
-  end
-  while redis.call('ZCARD', KG) > max_groups do
-    local oldest = redis.call('ZRANGE', KG, 0, 0)[1]
-    local gid = string.sub(oldest, 18)
-    if existed[gid] == nil then existed[gid] = true end
-    mark_changed(gid)
-    drop(gid)
-  end
-  local live = online()
-  local frames = {}
-  for _, gid in ipairs(order) do
-    local h = header(gid)
-    if h then
-      emit_group(gid, h)
-      if live then frames[#frames + 1] = {true, gid} end
-    elseif existed[gid] and live then
-      frames[#frames + 1] = {false, gid}
-    end
-  end
-  if #frames > 0 then
-    local unseen, unread = counts()
-    local tail = ',"unseen":' .. unseen .. ',"unread":' .. unread .. '}'
-    for _, f in ipairs(frames) do
-      if f[1] then
-        redis.call('PUBLISH', channel, '{"type":"notification","group":' .. view(f[2]) .. tail)
-      else
-        redis.call('PUBLISH', channel,
-          '{"type":"notification_removed","group":' .. cjson.encode(f[2]) .. tail)
       end
     end
+    if #items < batch then break end
+    top = '(' .. items[#items]
+    batch = math.min(batch * 4, 1024)
   end
-  if version then redis.call('HSET', KD, 'v', string.format('%d', version)) end
-  touch()
   return out
 end
 
+function U:view(gid)
+  local h = self:header(gid)
+  local names = {}
+  for i, a in ipairs(self:actors(gid, nil, 10)) do names[i] = cjson.encode(a[1]) end
+  return '{"id":' .. cjson.encode(gid) .. ',"type":' .. cjson.encode(h.type)
+    .. ',"object":' .. cjson.encode(h.object) .. ',"actors":[' .. table.concat(names, ',')
+    .. '],"actor_count":' .. h.actors .. ',"activity_count":' .. h.count
+    .. ',"first":"' .. iso(h.first) .. '","last":"' .. iso(h.last)
+    .. '","seen":' .. tostring(h.seen) .. ',"read":' .. tostring(h.read) .. '}'
+end
+
+function U:emit_group(gid, h)
+  local open = self.open_now[h.gkey]
+  if open == nil then open = redis.call('HGET', self.KD, 'o' .. US .. h.gkey) end
+  open = open == gid
+  self:emit('G', gid, h.gkey, h.type, h.object, int(h.opened), open and '1' or '0',
+    h.seen and '1' or '0', h.read and '1' or '0', self:next_version())
+end
+
+-- Remove every trace of a group: its items, actors, header, open pointer, flags.
+function U:drop(gid)
+  local h = self:header(gid)
+  local fields = {}
+  local actors = {}
+  for _, member in ipairs(redis.call('ZRANGEBYLEX', self.KI, lo(gid), hi(gid))) do
+    local f = split(member, 4)
+    fields[#fields + 1] = 'i' .. US .. f[3]
+    if not actors[f[4]] then
+      actors[f[4]] = true
+      fields[#fields + 1] = 'c' .. US .. gid .. US .. f[4]
+    end
+  end
+  fields[#fields + 1] = 'g' .. US .. gid
+  local open = self.open_now[h.gkey]
+  if open == nil then open = redis.call('HGET', self.KD, 'o' .. US .. h.gkey) end
+  if open == gid then
+    fields[#fields + 1] = 'o' .. US .. h.gkey
+    self.open_now[h.gkey] = false
+  end
+  for first = 1, #fields, 1000 do
+    redis.call('HDEL', self.KD, unpack(fields, first, math.min(#fields, first + 999)))
+  end
+  redis.call('ZREMRANGEBYLEX', self.KI, lo(gid), hi(gid))
+  redis.call('ZREM', self.KG, gid)
+  if not h.seen then self.unseen = self.unseen - 1 end
+  if not h.read then self.unread = self.unread - 1 end
+  self.counts_changed = true
+  self.headers[gid] = false
+  self:emit('D', gid, self:next_version())
+end
+
+function U:move(gid, h, last)
+  if last ~= h.last then
+    h.last = last
+    redis.call('ZADD', self.KG, last, gid)
+  end
+end
+
+-- Notify: add activity aid to the group of its key. Returns the group id, and whether the
+-- group existed before (nil for a replay: nothing changed).
+function U:add(aid, actor, ts, gkey, type_, object, window, group_max)
+  local base = gkey .. '-' .. int(ts)  -- the id of a group this activity would open
+  local got = redis.call('HMGET', self.KD, 'i' .. US .. aid, 'o' .. US .. gkey, 'g' .. US .. base)
+  if got[1] then
+    -- a replay: nothing changes; the durable copy of its group is written again
+    local f = split(got[1], 3)
+    self:emit_group(f[1], self:header(f[1]))
+    self:emit('I', f[1], aid, f[2], int(tonumber(f[3])), self:next_version())
+    return nil
+  end
+  if self.headers[base] == nil then self:parse(base, got[3] or nil) end
+  local gid = got[2]
+  self.open_now[gkey] = gid or false
+  local h, c
+  local ckey
+  if gid then
+    ckey = 'c' .. US .. gid .. US .. actor
+    if self.headers[gid] == nil then
+      local r = redis.call('HMGET', self.KD, 'g' .. US .. gid, ckey)
+      h, c = self:parse(gid, r[1]), r[2]
+    else
+      h, c = self.headers[gid] or nil, redis.call('HGET', self.KD, ckey)
+    end
+  end
+  local existed = true
+  local fields = {}
+  if not (h and ts - h.opened < window and h.count < group_max) then
+    if gid then self:emit('C', gid, self:next_version()) end
+    gid = base
+    local suffix = 1
+    while self:header(gid) do
+      suffix = suffix + 1
+      gid = base .. '-' .. suffix
+    end
+    h = {gkey = gkey, opened = ts, first = ts, last = ts, count = 0, actors = 0, seen = true,
+      read = true, type = type_, object = object}
+    self.headers[gid] = h
+    redis.call('ZADD', self.KG, ts, gid)
+    fields = {'o' .. US .. gkey, gid}
+    self.open_now[gkey] = gid
+    self.created = true
+    existed = false
+    ckey, c = 'c' .. US .. gid .. US .. actor, nil
+  end
+  if not c then h.actors = h.actors + 1 end
+  local tsp = pad(ts)
+  redis.call('HSET', self.KD, 'i' .. US .. aid, gid .. US .. actor .. US .. tsp, ckey,
+    (tonumber(c) or 0) + 1, unpack(fields))
+  redis.call('ZADD', self.KI, 0, gid .. US .. tsp .. US .. aid .. US .. actor)
+  h.count = h.count + 1
+  if ts < h.first then h.first = ts end
+  if ts > h.last then self:move(gid, h, ts) end
+  self:flag(h, false, false)
+  self:emit('I', gid, aid, actor, int(ts), self:next_version())
+  return gid, existed
+end
+
+-- Unnotify: take activity aid out of its group. Returns the group id and true (it existed),
+-- or nil if the user does not have the activity.
+function U:remove(aid)
+  local item = redis.call('HGET', self.KD, 'i' .. US .. aid)
+  if not item then return nil end
+  local f = split(item, 3)
+  local gid, actor, ts = f[1], f[2], tonumber(f[3])
+  local h = self:header(gid)
+  redis.call('HDEL', self.KD, 'i' .. US .. aid)
+  redis.call('ZREM', self.KI, gid .. US .. pad(ts) .. US .. aid .. US .. actor)
+  self:emit('X', gid, aid, self:next_version())
+  h.count = h.count - 1
+  if h.count == 0 then
+    self:drop(gid)
+    return gid, true
+  end
+  local ckey = 'c' .. US .. gid .. US .. actor
+  local left = tonumber(redis.call('HGET', self.KD, ckey)) - 1
+  if left == 0 then
+    redis.call('HDEL', self.KD, ckey)
+    h.actors = h.actors - 1
+  else
+    redis.call('HSET', self.KD, ckey, left)
+  end
+  if ts == h.first then
+    local first = redis.call('ZRANGEBYLEX', self.KI, lo(gid), hi(gid), 'LIMIT', 0, 1)[1]
+    h.first = tonumber(split(first, 4)[2])
+  end
+  if ts == h.last then
+    local last = redis.call('ZREVRANGEBYLEX', self.KI, hi(gid), lo(gid), 'LIMIT', 0, 1)[1]
+    self:move(gid, h, tonumber(split(last, 4)[2]))
+  end
+  h.dirty = true
+  return gid, true
+end
+
+-- Publish the frames of the groups that changed (the user is online).
+function U:publish(order, existed)
+  local tail = ',"unseen":' .. self.unseen .. ',"unread":' .. self.unread .. '}'
+  for _, gid in ipairs(order) do
+    if self:header(gid) then
+      redis.call('PUBLISH', self.channel,
+        '{"type":"notification","group":' .. self:view(gid) .. tail)
+    elseif existed[gid] then
+      redis.call('PUBLISH', self.channel,
+        '{"type":"notification_removed","group":' .. cjson.encode(gid) .. tail)
+    end
+  end
+end
+
+if cmd == 'apply' then
+  -- ARGV 4 window (µs), 5 most items per group, 6 most groups, 7 users, then per user: its
+  -- channel, its count of operations, and 7 values per operation:
+  -- 'a' aid actor ts gkey type object (notify) | 'd' aid '' '' '' '' '' (the activity is gone)
+  -- Answers one array per user: {'L'} (not loaded: nothing changed), or {'K', mutations...}.
+  local window, group_max, max_groups = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+  local replies = {}
+  local b = 8
+  for k = 1, tonumber(ARGV[7]) do
+    local me = user(4 * k - 3, ARGV[b])
+    local n = tonumber(ARGV[b + 1])
+    local first_op = b + 2
+    b = first_op + 7 * n
+    if not me:open() then
+      replies[k] = {'L'}
+    else
+      local changed, order, existed = {}, {}, {}
+      local function note(gid, was)
+        if existed[gid] == nil then existed[gid] = was end
+        if not changed[gid] then
+          changed[gid] = true
+          order[#order + 1] = gid
+        end
+      end
+      for o = first_op, b - 1, 7 do
+        local gid, was
+        if ARGV[o] == 'a' then
+          gid, was = me:add(ARGV[o + 1], ARGV[o + 2], tonumber(ARGV[o + 3]), ARGV[o + 4],
+            ARGV[o + 5], ARGV[o + 6], window, group_max)
+        else
+          gid, was = me:remove(ARGV[o + 1])
+        end
+        if gid then note(gid, was) end
+      end
+      while me.created and redis.call('ZCARD', me.KG) - 1 > max_groups do
+        local gid = redis.call('ZRANGEBYSCORE', me.KG, 0, '+inf', 'LIMIT', 0, 1)[1]
+        note(gid, true)
+        me:drop(gid)
+      end
+      for _, gid in ipairs(order) do
+        local h = me:header(gid)
+        if h and not existed[gid] then
+          me:emit_group(gid, h)  -- new: the whole row
+        elseif h and h.flagged then
+          me:emit('S', gid, h.seen and '1' or '0', h.read and '1' or '0', me:next_version())
+        end
+      end
+      me:flush()
+      if #order > 0 and me:online() then me:publish(order, existed) end
+      me:touch()
+      table.insert(me.out, 1, 'K')
+      replies[k] = me.out
+    end
+  end
+  return replies
+end
+
+local me = user(1, ARGV[4])
+
+if cmd == 'load' then
+  -- ARGV 4 the channel, 5 n groups, then 8 per group: gid gkey type object opened open seen
+  -- read, then 4 per item: gid aid actor ts (any order)
+  if redis.call('HEXISTS', me.KD, 'l') == 1 then
+    me:touch()
+    return 0
+  end
+  for _, k in ipairs({me.KD, me.KG, me.KI}) do redis.call('DEL', k) end
+  local n = tonumber(ARGV[5])
+  local groups = {}
+  for j = 0, n - 1 do
+    local b = 6 + 8 * j
+    groups[ARGV[b]] = {gkey = ARGV[b + 1], type = ARGV[b + 2], object = ARGV[b + 3],
+      opened = tonumber(ARGV[b + 4]), open = ARGV[b + 5] == '1', seen = ARGV[b + 6] == '1',
+      read = ARGV[b + 7] == '1', count = 0, actors = 0, first = math.huge, last = -1}
+  end
+  local actor_ts = {}
+  for b = 6 + 8 * n, #ARGV, 4 do
+    local gid, aid, actor, ts = ARGV[b], ARGV[b + 1], ARGV[b + 2], tonumber(ARGV[b + 3])
+    local g = groups[gid]
+    if g then
+      redis.call('HSET', me.KD, 'i' .. US .. aid, gid .. US .. actor .. US .. pad(ts))
+      redis.call('ZADD', me.KI, 0, gid .. US .. pad(ts) .. US .. aid .. US .. actor)
+      g.count = g.count + 1
+      if ts > g.last then g.last = ts end
+      if ts < g.first then g.first = ts end
+      local key = gid .. US .. actor
+      if not actor_ts[key] then
+        actor_ts[key] = 1
+        g.actors = g.actors + 1
+      else
+        actor_ts[key] = actor_ts[key] + 1
+      end
+    end
+  end
+  for key, n_items in pairs(actor_ts) do redis.call('HSET', me.KD, 'c' .. US .. key, n_items) end
+  local unseen, unread = 0, 0
+  for gid, g in pairs(groups) do
+    if g.count > 0 then  -- a group row without items is the rest of a drop: left out
+      redis.call('HSET', me.KD, 'g' .. US .. gid, me:encode(g))
+      redis.call('ZADD', me.KG, g.last, gid)
+      if g.open then redis.call('HSET', me.KD, 'o' .. US .. g.gkey, gid) end
+      if not g.seen then unseen = unseen + 1 end
+      if not g.read then unread = unread + 1 end
+    end
+  end
+  for _, k in ipairs({me.KG, me.KI}) do redis.call('ZADD', k, -1, '') end  -- sentinels
+  redis.call('HSET', me.KD, 'l', '1', 'v', int(clock()), 'us', int(unseen), 'ur', int(unread),
+    't', int(math.floor(clock() / 1000000)))
+  if ttl > 0 then
+    for _, k in ipairs({me.KD, me.KG, me.KI}) do redis.call('EXPIRE', k, ttl) end
+  end
+  return 1
+end
+
+if not me:open() then return {'L'} end
+me:touch()
+
 if cmd == 'counts' then
-  touch()
-  local unseen, unread = counts()
-  return {'C', unseen, unread}
+  return {'C', me.unseen, me.unread}
+end
+
+-- Groups in position order (newest first) strictly below position p ('' for the top), or, with
+-- at_or_above, every group at or above it: ties on the score are ordered by gid.
+local function below(p, limit)
+  local out = {}
+  local top = '+inf'
+  if p ~= '' then
+    local last, gid = string.sub(p, 1, 16), string.sub(p, 18)
+    for _, g in ipairs(redis.call('ZREVRANGEBYSCORE', me.KG, last, last)) do
+      if g < gid and #out <= limit then out[#out + 1] = {g, tonumber(last)} end
+    end
+    top = '(' .. last
+  end
+  local rest = redis.call('ZREVRANGEBYSCORE', me.KG, top, 0, 'WITHSCORES', 'LIMIT', 0,
+    limit + 1 - #out)
+  for i = 1, #rest, 2 do out[#out + 1] = {rest[i], tonumber(rest[i + 1])} end
+  return out
+end
+
+local function at_or_above(p)
+  local last, gid = string.sub(p, 1, 16), string.sub(p, 18)
+  local out = {}
+  for _, g in ipairs(redis.call('ZRANGEBYSCORE', me.KG, last, last)) do
+    if g >= gid then out[#out + 1] = g end
+  end
+  for _, g in ipairs(redis.call('ZRANGEBYSCORE', me.KG, '(' .. last, '+inf')) do
+    out[#out + 1] = g
+  end
+  return out
 end
 
 if cmd == 'page' then
-  -- ARGV 4 before (a position; '' for the newest), 5 limit
-  local before = ARGV[4] ~= '' and '(' .. ARGV[4] or '+'
-  local limit = tonumber(ARGV[5])
-  local positions = redis.call('ZREVRANGEBYLEX', KG, before, '-', 'LIMIT', 0, limit + 1)
-  local unseen, unread = counts()
+  -- ARGV 5 before (a position; '' for the newest), 6 limit
+  local limit = tonumber(ARGV[6])
+  local groups = below(ARGV[5], limit)
   local nxt = ''
-  if #positions > limit then
-    positions[#positions] = nil
-    nxt = positions[#positions]
+  if #groups > limit then
+    groups[#groups] = nil
+    nxt = pad(groups[#groups][2]) .. ':' .. groups[#groups][1]
   end
-  out = {'P', unseen, unread, nxt}
-  for _, position in ipairs(positions) do out[#out + 1] = view(string.sub(position, 18)) end
-  touch()
+  local out = {'P', me.unseen, me.unread, nxt}
+  for _, g in ipairs(groups) do out[#out + 1] = me:view(g[1]) end
   return out
 end
 
 if cmd == 'actors' then
-  -- ARGV 4 gid, 5 after ('' or <10^16-1-ts> US <actor>, as a page's next), 6 limit
-  local gid, after, limit = ARGV[4], ARGV[5], tonumber(ARGV[6])
-  touch()
-  if redis.call('HEXISTS', KD, 'g' .. US .. gid) == 0 then return {'N'} end
-  local start = after ~= '' and '(' .. gid .. US .. after or lo(gid)
-  local members = redis.call('ZRANGEBYLEX', KA, start, hi(gid), 'LIMIT', 0, limit + 1)
+  -- ARGV 5 gid, 6 after ('' or <ts16> US <aid>: a page's next), 7 limit
+  local gid, after, limit = ARGV[5], ARGV[6], tonumber(ARGV[7])
+  if not me:header(gid) then return {'N'} end
+  local actors = me:actors(gid, after ~= '' and after or nil, limit + 1)
   local nxt = ''
-  if #members > limit then
-    members[#members] = nil
-    nxt = string.sub(members[#members], #gid + 2)
+  if #actors > limit then
+    actors[#actors] = nil
+    nxt = actors[#actors][2]
   end
-  out = {'A', nxt}
-  for _, member in ipairs(members) do out[#out + 1] = split(member, 3)[3] end
+  local out = {'A', nxt}
+  for _, a in ipairs(actors) do out[#out + 1] = a[1] end
   return out
 end
 
 if cmd == 'mark' then
-  -- ARGV 4 'seen' | 'read', 5 'all' | 'groups' | 'through', then the gids, or one position:
+  -- ARGV 5 'seen' | 'read', 6 'all' | 'groups' | 'through', then the gids, or one position:
   -- every group at or above it (newer or equal) is marked
-  local read, mode = ARGV[4] == 'read', ARGV[5]
+  local read, mode = ARGV[5] == 'read', ARGV[6]
   local gids = {}
   if mode == 'all' then
-    gids = redis.call('SMEMBERS', KS)
-    if read then
-      local more = redis.call('SDIFF', KR, KS)
-      for _, gid in ipairs(more) do gids[#gids + 1] = gid end
-    end
+    gids = redis.call('ZRANGEBYSCORE', me.KG, 0, '+inf')
   elseif mode == 'through' then
-    for _, position in ipairs(redis.call('ZRANGEBYLEX', KG, '[' .. ARGV[6], '+')) do
-      gids[#gids + 1] = string.sub(position, 18)
-    end
+    gids = at_or_above(ARGV[7])
   else
-    for b = 6, #ARGV do gids[#gids + 1] = ARGV[b] end
+    for b = 7, #ARGV do gids[#gids + 1] = ARGV[b] end
   end
-  out = {'M', 0, 0}
   for _, gid in ipairs(gids) do
-    local was = redis.call('SREM', KS, gid) + (read and redis.call('SREM', KR, gid) or 0)
-    if was > 0 then
-      emit('S', gid, '1', redis.call('SISMEMBER', KR, gid) == 0 and '1' or '0', next_version())
+    local h = me:header(gid)
+    if h and (not h.seen or (read and not h.read)) then
+      me:flag(h, true, read or h.read)
+      me:emit('S', gid, '1', h.read and '1' or '0', me:next_version())
     end
   end
-  if version then redis.call('HSET', KD, 'v', string.format('%d', version)) end
-  out[2], out[3] = counts()
-  if online() then
-    redis.call('PUBLISH', channel, '{"type":"notification_counts","unseen":' .. out[2]
-      .. ',"unread":' .. out[3] .. '}')
+  me:flush()
+  if me:online() then
+    redis.call('PUBLISH', me.channel, '{"type":"notification_counts","unseen":' .. me.unseen
+      .. ',"unread":' .. me.unread .. '}')
   end
-  touch()
+  local out = {'M', me.unseen, me.unread}
+  for _, v in ipairs(me.out) do out[#out + 1] = v end
   return out
 end
 

@@ -55,7 +55,7 @@ step = st.one_of(
 
 
 def _evict(client: redis.Redis, user: str) -> None:
-    client.delete(*keys.notify_keys(user)[:6])
+    client.delete(*keys.notify_keys(user)[:3])
 
 
 async def _read_all(store: Any, user: str) -> dict[str, Any]:
