@@ -144,21 +144,33 @@ class CassandraNotifyStore:
 
     def load(self, user: str) -> NotifyRows:
         """The user's groups and items (every row, paged by the driver)."""
-        groups = [
-            (
-                r.gid,
-                r.gkey or "",
-                r.type or "",
-                r.object or "",
-                r.opened or 0,
-                bool(r.open),
-                bool(r.seen),
-                bool(r.read),
-            )
-            for r in self.session.execute(self._get_groups, (user,))
-            if r.gkey is not None  # a row left by a late update of a dropped group
-        ]
-        items = [
-            (r.gid, r.aid, r.actor, r.ts) for r in self.session.execute(self._get_items, (user,))
-        ]
-        return NotifyRows(groups, items)
+        return self.load_many([user])[user]
+
+    def load_many(self, users: Sequence[str]) -> dict[str, NotifyRows]:
+        """Several users' rows, their queries run concurrently (a worker batch may find many
+        cold recipients: one after the other, 500 of them took 2.4 s in ``feed bench notify``)."""
+        statements = [(self._get_groups, (u,)) for u in users]
+        statements += [(self._get_items, (u,)) for u in users]
+        results = execute_concurrent(
+            self.session, statements, concurrency=_CONCURRENCY, raise_on_first_error=True
+        )
+        rows = [list(result.result_or_exc) for result in results]
+        loaded = {}
+        for n, user in enumerate(users):
+            groups = [
+                (
+                    r.gid,
+                    r.gkey,
+                    r.type or "",
+                    r.object or "",
+                    r.opened or 0,
+                    bool(r.open),
+                    bool(r.seen),
+                    bool(r.read),
+                )
+                for r in rows[n]
+                if r.gkey is not None  # a row left by a late update of a dropped group
+            ]
+            items = [(r.gid, r.aid, r.actor, r.ts) for r in rows[len(users) + n]]
+            loaded[user] = NotifyRows(groups, items)
+        return loaded

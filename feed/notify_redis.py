@@ -161,8 +161,9 @@ class NotifyRedis:
 
     def _load(self, users: list[str]) -> None:
         pipe = self._redis.pipeline(transaction=False)
+        loaded = self._durable.load_many(users) if self._durable else {}
         for user in users:
-            rows = self._durable.load(user) if self._durable else NotifyRows([], [])
+            rows = loaded.get(user) or NotifyRows([], [])
             self._script(
                 keys=keys.notify_keys(user),
                 args=[*_head(self._ttl, "load"), keys.channel(user), *_load_args(rows)],
