@@ -2,10 +2,10 @@
 
 Three parts, in-process against the bench's stack except the HTTP reads:
 
-1. **Redis CPU per insert, notification vs timeline** (``redis_cpu``). Same Redis, one phase after
-   the other, Cassandra out of the timing: a phase of timeline inserts through
+1. **Redis CPU per insert, notification vs timeline** (``redis_cpu``). Same Redis, the two kinds
+   of phases alternated (two halves each), Cassandra out of the timing: timeline inserts through
    :meth:`feed.timelines_redis.RedisTimelines.insert` (batches of 200 activities, each fanned out
-   to 10-100 active followers), then a phase of notification inserts through
+   to 10-100 active followers), and notification inserts through
    :meth:`feed.notify_redis.NotifyRedis.apply` with ``durable=None`` (batches of 500 activities,
    each notifying 1-3 users; most activities join an open group of one of their recipient's few
    hot posts, a share opens a new group). Every feed is loaded before its phase, so neither phase
@@ -39,7 +39,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -254,7 +254,7 @@ class _Sizes:
 def _sizes(quick: bool) -> _Sizes:
     if quick:
         return _Sizes(1_000, 20_000, 300, 6_000, 1_000, 400, 12, (50, 100), 200, 1_000, 1)
-    return _Sizes(5_000, 300_000, 2_000, 100_000, 5_000, 4_000, 100, (50, 200), 2_000, 10_000, 2)
+    return _Sizes(5_000, 1_000_000, 2_000, 100_000, 5_000, 4_000, 100, (50, 200), 2_000, 10_000, 2)
 
 
 def run(ctx: Any) -> dict[str, Any]:
@@ -278,28 +278,46 @@ def run(ctx: Any) -> dict[str, Any]:
     return result
 
 
-def _measure(client: Any, work: Callable[[], int]) -> dict[str, Any]:
-    """Run ``work`` (returns the entries it inserted); Redis CPU, script time and wall time."""
-    cpu0, cmd0 = cpu_seconds(client.info("cpu")), command_stats(client.info("commandstats"))
-    started = time.perf_counter()
-    entries = work()
-    wall = time.perf_counter() - started
-    cpu1, cmd1 = cpu_seconds(client.info("cpu")), command_stats(client.info("commandstats"))
-    calls, usec = stat_delta(cmd0, cmd1, "evalsha")
-    cpu = cpu1 - cpu0
-    return {
-        "commands": command_breakdown(cmd0, cmd1, entries),
-        "entries": entries,
-        "seconds": wall,
-        "inserts_per_s": entries / wall if wall > 0 else None,
-        "redis_cpu_s": cpu,
-        "redis_cpu_us_per_entry": per_entry_us(cpu, entries),
-        "evalsha_calls": calls,
-        "evalsha_usec": usec,
-        "evalsha_us_per_entry": per_entry_us(usec / 1e6, entries),
-        "entries_per_script_call": entries / calls if calls else None,
-        "redis_cpu_share_of_wall": cpu / wall if wall > 0 else None,
-    }
+@dataclass
+class _Meter:
+    """Redis CPU (``INFO cpu``), commands (``INFO commandstats``) and wall time, summed over
+    the runs of one kind of work (the phases alternate, so both see the same machine)."""
+
+    entries: int = 0
+    wall: float = 0.0
+    cpu: float = 0.0
+    commands: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def run(self, client: Any, work: Callable[[], int]) -> None:
+        """Run ``work`` (returns the entries it inserted) and add what it cost."""
+        cpu0, cmd0 = cpu_seconds(client.info("cpu")), command_stats(client.info("commandstats"))
+        started = time.perf_counter()
+        entries = work()
+        self.wall += time.perf_counter() - started
+        cpu1, cmd1 = cpu_seconds(client.info("cpu")), command_stats(client.info("commandstats"))
+        self.cpu += cpu1 - cpu0
+        self.entries += entries
+        for command in cmd1:
+            calls, usec = stat_delta(cmd0, cmd1, command)
+            before = self.commands.get(command, (0, 0))
+            self.commands[command] = (before[0] + calls, before[1] + usec)
+
+    def figures(self) -> dict[str, Any]:
+        entries, wall, cpu = self.entries, self.wall, self.cpu
+        calls, usec = self.commands.get("evalsha", (0, 0))
+        return {
+            "commands": command_breakdown({}, self.commands, entries),
+            "entries": entries,
+            "seconds": wall,
+            "inserts_per_s": entries / wall if wall > 0 else None,
+            "redis_cpu_s": cpu,
+            "redis_cpu_us_per_entry": per_entry_us(cpu, entries),
+            "evalsha_calls": calls,
+            "evalsha_usec": usec,
+            "evalsha_us_per_entry": per_entry_us(usec / 1e6, entries),
+            "entries_per_script_call": entries / calls if calls else None,
+            "redis_cpu_share_of_wall": cpu / wall if wall > 0 else None,
+        }
 
 
 def _set_active(client: Any, users: Sequence[str]) -> None:
@@ -342,10 +360,10 @@ def _redis_cpu(ctx: Any, sizes: _Sizes, ns: str) -> dict[str, Any]:
     batches = [inserts[i : i + 200] for i in range(0, len(inserts), 200)]
     timelines.insert(batches[0][:1])  # the script cache, untimed (its entries stay)
 
-    def timeline_work() -> int:
+    def timeline_work(part: list[list[Insert]]) -> int:
         done = 0
-        with ctx.task("notify: timeline inserts (Redis only)", len(batches)) as update:
-            for batch in batches:
+        with ctx.task("notify: timeline inserts (Redis only)", len(part)) as update:
+            for batch in part:
                 done += timelines.insert(batch)[0]
                 update(advance=1)
         return done
@@ -373,18 +391,26 @@ def _redis_cpu(ctx: Any, sizes: _Sizes, ns: str) -> dict[str, Any]:
         ops += sum(len(a.notify) for a in more)
     notify_batches = [stream[i : i + 500] for i in range(0, len(stream), 500)]
 
-    def notify_work() -> int:
+    def notify_work(part: list[list[NotifyActivity]]) -> int:
         done = 0
-        with ctx.task("notify: notification inserts (Redis only)", len(notify_batches)) as update:
-            for batch in notify_batches:
+        with ctx.task("notify: notification inserts (Redis only)", len(part)) as update:
+            for batch in part:
                 batch_ops = [op for a in batch for op in a.ops()]
                 notifications.apply(batch_ops)
                 done += len(batch_ops)
                 update(advance=1)
         return done
 
-    timeline = _measure(client, timeline_work)
-    notify = _measure(client, notify_work)
+    # Alternated halves: timeline, notification, timeline, notification.
+    timeline_meter, notify_meter = _Meter(), _Meter()
+    for half in (0, 1):
+        tl_part = batches[half * len(batches) // 2 : (half + 1) * len(batches) // 2]
+        nt_part = notify_batches[
+            half * len(notify_batches) // 2 : (half + 1) * len(notify_batches) // 2
+        ]
+        timeline_meter.run(client, lambda part=tl_part: timeline_work(part))
+        notify_meter.run(client, lambda part=nt_part: notify_work(part))
+    timeline, notify = timeline_meter.figures(), notify_meter.figures()
     groups = [int(client.zcard(keys.notify_groups(u))) for u in recipients[:200]]
     timeline.update(
         activities=len(inserts),
