@@ -57,6 +57,7 @@ __all__ = [
     "cpu_seconds",
     "notify_workload",
     "per_entry_us",
+    "processor_cpu_split",
     "ratio",
     "run",
     "stat_delta",
@@ -130,6 +131,22 @@ def command_breakdown(
 def per_entry_us(seconds: float, entries: int) -> float | None:
     """µs per entry of ``seconds`` spread over ``entries`` (None without entries)."""
     return seconds * 1e6 / entries if entries > 0 else None
+
+
+def processor_cpu_split(without: Mapping[str, Any], with_: Mapping[str, Any]) -> dict[str, Any]:
+    """A cross-check of the Redis-only ratio from the two Processor phases: Redis CPU µs per
+    timeline insert (the phase without ``notify``), and per notification (what the phase with
+    ``notify`` spent beyond its own timeline inserts at that rate, over its notifications)."""
+    per_insert = per_entry_us(without["redis_cpu_s"], int(without["timeline_inserts"]))
+    if per_insert is None or not with_["notifications"]:
+        return {"redis_cpu_us_per_timeline_insert": per_insert}
+    extra = with_["redis_cpu_s"] - per_insert / 1e6 * with_["timeline_inserts"]
+    per_notification = per_entry_us(extra, int(with_["notifications"]))
+    return {
+        "redis_cpu_us_per_timeline_insert": per_insert,
+        "redis_cpu_us_per_notification": per_notification,
+        "ratio_cpu": ratio(per_notification, per_insert),
+    }
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -538,6 +555,7 @@ def _processor(ctx: Any, sizes: _Sizes, ns: str) -> dict[str, Any]:
     out["slowdown_with_notify"] = ratio(
         out["without_notify"]["activities_per_s"], out["with_notify"]["activities_per_s"]
     )
+    out.update(processor_cpu_split(out["without_notify"], out["with_notify"]))
     return out
 
 

@@ -525,6 +525,15 @@ def _notify_section(add: Any, notify: dict[str, Any]) -> None:
             f"| {_num(row.get('notifications_per_s'))} | {_num(row.get('redis_cpu_s'), 2)} |"
         )
     add("")
+    if proc.get("redis_cpu_us_per_notification") is not None:
+        add(
+            "Cross-check from these two phases: Redis CPU "
+            f"{_num(proc.get('redis_cpu_us_per_timeline_insert'), 2)} µs per timeline insert "
+            f"(without `notify`), {_num(proc.get('redis_cpu_us_per_notification'), 2)} µs per "
+            "notification (what the phase with `notify` spent beyond its timeline inserts): "
+            f"{_ratio(proc.get('ratio_cpu'))}."
+        )
+        add("")
     reads = notify.get("reads") or {}
     groups = reads.get("groups_per_reader") or {}
     add(

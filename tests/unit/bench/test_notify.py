@@ -15,6 +15,7 @@ from bench.notify import (
     cpu_seconds,
     notify_workload,
     per_entry_us,
+    processor_cpu_split,
     ratio,
     stat_delta,
 )
@@ -62,6 +63,22 @@ def test_per_entry_and_ratio_have_no_value_without_a_denominator() -> None:
     assert ratio(6.0, 2.0) == pytest.approx(3.0)
     assert ratio(None, 2.0) is None
     assert ratio(1.0, 0.0) is None
+
+
+def test_the_processor_split_charges_notifications_what_timelines_do_not_explain() -> None:
+    without = {"redis_cpu_s": 1.0, "timeline_inserts": 200_000, "notifications": 0}
+    with_ = {"redis_cpu_s": 1.5, "timeline_inserts": 100_000, "notifications": 5_000}
+    split = processor_cpu_split(without, with_)
+    assert split["redis_cpu_us_per_timeline_insert"] == pytest.approx(5.0)
+    # 1.5 s - 100,000 x 5 µs = 1.0 s over 5,000 notifications
+    assert split["redis_cpu_us_per_notification"] == pytest.approx(200.0)
+    assert split["ratio_cpu"] == pytest.approx(40.0)
+    assert processor_cpu_split(without, {**with_, "notifications": 0}) == {
+        "redis_cpu_us_per_timeline_insert": pytest.approx(5.0)
+    }
+    assert processor_cpu_split({**without, "timeline_inserts": 0}, with_) == {
+        "redis_cpu_us_per_timeline_insert": None
+    }
 
 
 def test_the_workload_notifies_one_to_three_users_never_the_actor() -> None:
@@ -136,6 +153,9 @@ def test_the_report_prints_each_ratio_as_the_quotient_of_its_figures() -> None:
             "batch": 500,
             "rounds": 2,
             "with_notify": {"activities_per_s": 100.0, "notifications_per_s": 180.0},
+            "redis_cpu_us_per_timeline_insert": 5.0,
+            "redis_cpu_us_per_notification": 200.0,
+            "ratio_cpu": 40.0,
         },
         "reads": {"http_page": {"p50_ms": 1.5, "p99_ms": 4.25, "samples": 10}},
     }
@@ -146,6 +166,8 @@ def test_the_report_prints_each_ratio_as_the_quotient_of_its_figures() -> None:
     assert "≤ 2x Redis CPU per entry — met." in text
     assert "| `expire` | 2.00 | 1.50 |" in text
     assert "| with `notify` | 100 | n/a | 180 | n/a |" in text
+    assert "5.00 µs per timeline insert" in text and "200.00 µs per" in text
+    assert "timeline inserts): 40.0x." in text
     assert "| `GET /v1/notifications` | 1.50 | n/a | 4.25 | n/a | 10 |" in text
     notify["redis_cpu"]["ratio_cpu"] = 2.5
     assert "**not met**" in render_markdown({"notify": notify})
