@@ -1,6 +1,6 @@
 """``feed bench notify``: what a notification feed costs beside a timeline (issue 17).
 
-Three parts, in-process against the bench's stack except the HTTP reads:
+Four parts, in-process against the bench's stack except the HTTP reads:
 
 1. **Redis CPU per insert, notification vs timeline** (``redis_cpu``). Same Redis, the two kinds
    of phases alternated (two halves each), Cassandra out of the timing: timeline inserts through
@@ -20,7 +20,10 @@ Three parts, in-process against the bench's stack except the HTTP reads:
    :class:`~feed.notify_cassandra.CassandraNotifyStore`: once without ``notify``, once with
    (alternated, two rounds each), giving timeline inserts/s and notification inserts/s of one
    phase and what ``notify`` costs the pipeline.
-3. **Reads** (``reads``). Readers whose feeds hold 50-200 groups (written through the worker's
+3. **Cold recipients** (``cold_inserts``). One batch notifying users whose feeds are in
+   Cassandra only (expired from Redis: the worker loads each before it writes), then the same
+   batch shape once they are hot.
+4. **Reads** (``reads``). Readers whose feeds hold 50-200 groups (written through the worker's
    code, with Cassandra). Against a live ``feed gateway`` on 127.0.0.1, one request at a time
    on one keep-alive connection: ``GET /v1/notifications`` (first page, limit 20) and ``GET
    /v1/notifications/counts`` p50/p99; a cold ``GET /v1/notifications`` (the user's Redis keys
@@ -266,12 +269,15 @@ class _Sizes:
     http_reads: int
     counts_calls: int
     cold_rounds: int
+    cold_users: int
 
 
 def _sizes(quick: bool) -> _Sizes:
     if quick:
-        return _Sizes(1_000, 20_000, 300, 6_000, 1_000, 400, 12, (50, 100), 200, 1_000, 1)
-    return _Sizes(5_000, 1_000_000, 2_000, 100_000, 5_000, 4_000, 100, (50, 200), 2_000, 10_000, 2)
+        return _Sizes(1_000, 20_000, 300, 6_000, 1_000, 400, 12, (50, 100), 200, 1_000, 1, 50)
+    return _Sizes(
+        5_000, 1_000_000, 2_000, 100_000, 5_000, 4_000, 100, (50, 200), 2_000, 10_000, 2, 500
+    )
 
 
 def run(ctx: Any) -> dict[str, Any]:
@@ -280,6 +286,7 @@ def run(ctx: Any) -> dict[str, Any]:
     result: dict[str, Any] = {"status": "ok", "goal_ratio": GOAL_RATIO}
     result["redis_cpu"] = _redis_cpu(ctx, sizes, ns)
     result["processor"] = _processor(ctx, sizes, ns)
+    result["cold_inserts"] = _cold_inserts(ctx, sizes, ns)
     result["reads"] = _reads(ctx, sizes, ns)
     cpu = result["redis_cpu"]
     ctx.results.setdefault("targets", []).append(
@@ -559,6 +566,43 @@ def _processor(ctx: Any, sizes: _Sizes, ns: str) -> dict[str, Any]:
     return out
 
 
+def _cold_inserts(ctx: Any, sizes: _Sizes, ns: str) -> dict[str, Any]:
+    """One batch notifying users whose feeds are in Cassandra only (the worker loads each one
+    first), against the same batch once they are hot: what a cold recipient costs."""
+    from feed.notify_cassandra import CassandraNotifyStore
+    from feed.notify_redis import NotifyRedis
+
+    s = ctx.settings
+    client = ctx.redis
+    users = [f"{ns}c{n}" for n in range(sizes.cold_users)]
+    store = CassandraNotifyStore(ctx.cassandra, s.cassandra_keyspace)
+    notifications = NotifyRedis(client, store, limits=s.notify_limits(), ttl_s=s.notify_ttl_s)
+    groups = 20
+    seed = [
+        Notify(u, f"{ns}cs{n}-{g}", f"{ns}fan{g}", _T0_US + 3 * 10**9 + g, "Like", f"post:{g}")
+        for n, u in enumerate(users)
+        for g in range(groups)
+    ]
+    with ctx.task("notify: cold users' feeds (Cassandra)", len(seed)) as update:
+        for i in range(0, len(seed), 1_000):
+            notifications.apply(seed[i : i + 1_000])
+            update(advance=len(seed[i : i + 1_000]))
+    for user in users:
+        client.delete(*[k for k in keys.notify_keys(user) if k != keys.presence(user)])
+    out: dict[str, Any] = {"users": len(users), "groups_per_user": groups}
+    for label in ("cold", "hot"):
+        batch = [
+            Notify(u, f"{ns}c{label}{n}", f"{ns}fan0", _T0_US + 4 * 10**9 + n, "Like", "post:0")
+            for n, u in enumerate(users)
+        ]
+        started = time.perf_counter()
+        notifications.apply(batch)
+        seconds = time.perf_counter() - started
+        out[label] = {"seconds": seconds, "ms_per_user": seconds * 1000 / len(users)}
+    out["ratio_cold_to_hot"] = ratio(out["cold"]["seconds"], out["hot"]["seconds"])
+    return out
+
+
 def _reads(ctx: Any, sizes: _Sizes, ns: str) -> dict[str, Any]:
     from bench.processes import free_port, wait_http
     from feed.notify_cassandra import CassandraNotifyStore
@@ -643,6 +687,7 @@ async def _counts_cost(ctx: Any, readers: list[str], calls: int) -> dict[str, An
             scripts, usec = stat_delta(cmd0, cmd1, "evalsha")
             out[f"{label}_in_process"] = {
                 "calls": count,
+                "commands": command_breakdown(cmd0, cmd1, count),
                 "redis_cpu_us_per_call": per_entry_us(cpu1 - cpu0, count),
                 "evalsha_us_per_call": per_entry_us(usec / 1e6, scripts),
                 "client_us_per_call": per_entry_us(wall, count),

@@ -461,10 +461,10 @@ def _notify_section(add: Any, notify: dict[str, Any]) -> None:
     cpu = notify.get("redis_cpu") or {}
     timeline, notes = cpu.get("timeline") or {}, cpu.get("notify") or {}
     add(
-        "Redis only (Cassandra out of the timing), same Redis, one phase after the other: "
+        "Redis only (Cassandra out of the timing), same Redis, the phases alternated: "
         f"{_num(timeline.get('activities'))} activities fanned out to "
         f"{_num(timeline.get('mean_followers'), 1)} active followers on average "
-        f"({timeline.get('activities_per_batch')} a batch, `RedisTimelines.insert`), then "
+        f"({timeline.get('activities_per_batch')} a batch, `RedisTimelines.insert`), and "
         f"{_num(notes.get('activities'))} activities notifying 1-3 of "
         f"{_num(notes.get('recipients'))} users ({notes.get('activities_per_batch')} a batch, "
         "`NotifyRedis.apply`, durable None; most join an open group of a hot post, 20% open "
@@ -534,6 +534,18 @@ def _notify_section(add: Any, notify: dict[str, Any]) -> None:
             f"{_ratio(proc.get('ratio_cpu'))}."
         )
         add("")
+    cold = notify.get("cold_inserts") or {}
+    if cold.get("cold"):
+        add(
+            f"Cold recipients: one batch notifying {_num(cold.get('users'))} users whose feeds "
+            f"({cold.get('groups_per_user')} groups each) are in Cassandra only took "
+            f"{_num(_get(cold, 'cold', 'seconds'), 2)} s "
+            f"({_num(_get(cold, 'cold', 'ms_per_user'), 2)} ms a user, loads included); the same "
+            f"batch once they are hot {_num(_get(cold, 'hot', 'seconds'), 2)} s "
+            f"({_num(_get(cold, 'hot', 'ms_per_user'), 2)} ms a user): "
+            f"{_ratio(cold.get('ratio_cold_to_hot'))}."
+        )
+        add("")
     reads = notify.get("reads") or {}
     groups = reads.get("groups_per_reader") or {}
     add(
@@ -565,6 +577,13 @@ def _notify_section(add: Any, notify: dict[str, Any]) -> None:
             f"| {_num(p.get('evalsha_us_per_call'), 1)} | {_num(p.get('client_us_per_call'), 1)} |"
         )
     add("")
+    commands = _get(reads, "counts_in_process", "commands") or []
+    if commands:
+        shown = ", ".join(
+            f"`{c['command']}` {_num(c.get('calls_per_entry'), 1)}" for c in commands[:8]
+        )
+        add(f"Redis commands of one counts call (calls each): {shown}.")
+        add("")
 
 
 def _div(a: Any, b: Any) -> float | None:

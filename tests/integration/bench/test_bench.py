@@ -244,6 +244,8 @@ def test_quick_notify_measures_both_inserts_and_the_reads(tmp_path: Path) -> Non
     assert _positive(proc["with_notify"]["timeline_inserts_per_s"])
     assert _positive(proc["without_notify"]["timeline_inserts_per_s"])
     assert proc["without_notify"]["notifications"] == 0
+    cold = notify["cold_inserts"]
+    assert _positive(cold["cold"]["ms_per_user"]) and _positive(cold["hot"]["ms_per_user"])
     reads = notify["reads"]
     assert reads["groups_mismatches"] == 0 and reads["http_errors"] == 0, reads
     assert reads["groups_per_reader"]["min"] >= 50

@@ -157,7 +157,20 @@ def test_the_report_prints_each_ratio_as_the_quotient_of_its_figures() -> None:
             "redis_cpu_us_per_notification": 200.0,
             "ratio_cpu": 40.0,
         },
-        "reads": {"http_page": {"p50_ms": 1.5, "p99_ms": 4.25, "samples": 10}},
+        "cold_inserts": {
+            "users": 10,
+            "groups_per_user": 20,
+            "cold": {"seconds": 0.5, "ms_per_user": 50.0},
+            "hot": {"seconds": 0.1, "ms_per_user": 10.0},
+            "ratio_cold_to_hot": ratio(0.5, 0.1),
+        },
+        "reads": {
+            "http_page": {"p50_ms": 1.5, "p99_ms": 4.25, "samples": 10},
+            "counts_in_process": {
+                "redis_cpu_us_per_call": 40.0,
+                "commands": [{"command": "expire", "calls_per_entry": 6.0, "usec_per_entry": 3}],
+            },
+        },
     }
     text = render_markdown({"notify": notify})
     assert "| Redis CPU µs (INFO cpu, sys+user) | 2.00 | 3.00 | 1.5x |" in text
@@ -169,6 +182,10 @@ def test_the_report_prints_each_ratio_as_the_quotient_of_its_figures() -> None:
     assert "5.00 µs per timeline insert" in text and "200.00 µs per" in text
     assert "timeline inserts): 40.0x." in text
     assert "| `GET /v1/notifications` | 1.50 | n/a | 4.25 | n/a | 10 |" in text
+    assert "took 0.50 s (50.00 ms a user, loads included)" in text
+    assert "0.10 s (10.00 ms a user): 5x." in text
+    assert "| counts | 40.0 | n/a | n/a |" in text
+    assert "(calls each): `expire` 6.0." in text
     notify["redis_cpu"]["ratio_cpu"] = 2.5
     assert "**not met**" in render_markdown({"notify": notify})
     failed = render_markdown({"notify": {"status": "failed", "error": "boom"}})
