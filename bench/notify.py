@@ -38,6 +38,7 @@ tests in ``tests/unit/bench/test_notify.py``). Everything started (the gateway) 
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 import uuid
@@ -115,7 +116,7 @@ def command_breakdown(
 ) -> list[dict[str, Any]]:
     """The commands that ran between two :func:`command_stats` (the scripts' own calls
     included: Redis counts them too), most time first: calls and µs per entry."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for command in after:
         calls, usec = stat_delta(before, after, command)
         if calls > 0 and command != "info":
@@ -432,8 +433,8 @@ def _redis_cpu(ctx: Any, sizes: _Sizes, ns: str) -> dict[str, Any]:
         nt_part = notify_batches[
             half * len(notify_batches) // 2 : (half + 1) * len(notify_batches) // 2
         ]
-        timeline_meter.run(client, lambda part=tl_part: timeline_work(part))
-        notify_meter.run(client, lambda part=nt_part: notify_work(part))
+        timeline_meter.run(client, functools.partial(timeline_work, tl_part))
+        notify_meter.run(client, functools.partial(notify_work, nt_part))
     timeline, notify = timeline_meter.figures(), notify_meter.figures()
     groups = [int(client.zcard(keys.notify_groups(u))) for u in recipients[:200]]
     timeline.update(
