@@ -1,18 +1,19 @@
 """``feed bench``: one command that starts the local stack, drives load and writes a report.
 
 ``run_bench(args, environ)`` (called by ``feed.cli``; ``args`` has ``scenario`` in
-{fanout, reads, e2e, gateway, all}, ``quick``, ``model`` and ``out``; ``environ`` is the process
-environment, which only :mod:`bench.options` reads):
+{fanout, reads, e2e, gateway, notify, all}, ``quick``, ``model`` and ``out``; ``environ`` is the
+process environment, which only :mod:`bench.options` reads):
 
 1. ``--model``: print the capacity model (:mod:`bench.capacity`) and return.
 2. Read the ``FEED_BENCH_*`` switches once (:class:`bench.options.BenchOptions`); a bad value
    stops here with one line naming the variable (exit 2), before any server starts.
 3. Start :class:`infra.LocalStack` (Redis, the Kafka-protocol broker, Cassandra) under the bench
    work folder, create the topics and the schema.
-4. Run the scenarios: ``fanout`` (:mod:`bench.fanout`), ``e2e`` (:mod:`bench.e2e`) and
-   ``gateway``, which is dispatched to ``bench.gateway.run(ctx)`` when that module exists
-   (signature: ``run(ctx: BenchContext) -> dict`` with at least a ``"status"`` key; it may add
-   entries to ``ctx.results["targets"]``) and otherwise recorded as "not yet implemented".
+4. Run the scenarios: ``fanout`` (:mod:`bench.fanout`), ``reads`` (:mod:`bench.reads`), ``e2e``
+   (:mod:`bench.e2e`), ``notify`` (:mod:`bench.notify`, notification feeds) and ``gateway``,
+   which is dispatched to ``bench.gateway.run(ctx)`` when that module exists (signature:
+   ``run(ctx: BenchContext) -> dict`` with at least a ``"status"`` key; it may add entries to
+   ``ctx.results["targets"]``) and otherwise recorded as "not yet implemented".
 5. Write ``<out>/<timestamp>/`` with ``results.json``, ``report.md`` and PNG plots
    (:mod:`bench.report`).
 
@@ -44,7 +45,7 @@ from bench.options import BenchOptions, BenchOptionsError
 
 __all__ = ["run_bench"]
 
-SCENARIOS = ("fanout", "reads", "e2e", "gateway")
+SCENARIOS = ("fanout", "reads", "e2e", "gateway", "notify")
 #: Secrets for the bench's own gateway only (127.0.0.1, torn down at the end).
 _BENCH_JWT_SECRET = "bench-only-jwt-secret-" + "b" * 32
 _BENCH_INGEST_TOKEN = "bench-only-ingest-token-0123456789"
@@ -219,6 +220,10 @@ def _run_scenario(ctx: Any, name: str) -> dict[str, Any]:
             from bench import e2e
 
             return e2e.run(ctx)
+        if name == "notify":
+            from bench import notify
+
+            return notify.run(ctx)
         if name == "gateway":
             if importlib.util.find_spec("bench.gateway") is None:
                 return {

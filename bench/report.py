@@ -208,6 +208,10 @@ def render_markdown(results: dict[str, Any]) -> str:
     if e2e:
         _e2e_section(add, e2e)
 
+    notify = results.get("notify")
+    if notify:
+        _notify_section(add, notify)
+
     gateway = results.get("gateway")
     if gateway:
         add("## Gateway vs python-socketio")
@@ -445,6 +449,141 @@ def _reads_section(add: Any, reads: dict[str, Any]) -> None:
             f"{_num(p.get('p99_ms'), 2)} | {_num(p.get('max_ms'), 2)} | {_num(p.get('samples'))} |"
         )
     add("")
+
+
+def _notify_section(add: Any, notify: dict[str, Any]) -> None:
+    add("## Notification feeds: inserts beside timeline inserts, page and count reads")
+    add("")
+    if notify.get("status") != "ok":
+        add(f"Status: **{notify.get('status')}** — {notify.get('error', '')}")
+        add("")
+        return
+    cpu = notify.get("redis_cpu") or {}
+    timeline, notes = cpu.get("timeline") or {}, cpu.get("notify") or {}
+    add(
+        "Redis only (Cassandra out of the timing), same Redis, the phases alternated: "
+        f"{_num(timeline.get('activities'))} activities fanned out to "
+        f"{_num(timeline.get('mean_followers'), 1)} active followers on average "
+        f"({timeline.get('activities_per_batch')} a batch, `RedisTimelines.insert`), and "
+        f"{_num(notes.get('activities'))} activities notifying 1-3 of "
+        f"{_num(notes.get('recipients'))} users ({notes.get('activities_per_batch')} a batch, "
+        "`NotifyRedis.apply`, durable None; most join an open group of a hot post, 20% open "
+        "a new one)."
+    )
+    add("")
+    add("| per inserted entry | timeline | notification | notification ÷ timeline |")
+    add("|---|---:|---:|---:|")
+    add(
+        f"| Redis CPU µs (INFO cpu, sys+user) | {_num(timeline.get('redis_cpu_us_per_entry'), 2)} "
+        f"| {_num(notes.get('redis_cpu_us_per_entry'), 2)} | {_ratio(cpu.get('ratio_cpu'))} |"
+    )
+    add(
+        f"| script µs (commandstats evalsha) | {_num(timeline.get('evalsha_us_per_entry'), 2)} "
+        f"| {_num(notes.get('evalsha_us_per_entry'), 2)} | {_ratio(cpu.get('ratio_evalsha'))} |"
+    )
+    add(
+        f"| entries per script call | {_num(timeline.get('entries_per_script_call'), 1)} "
+        f"| {_num(notes.get('entries_per_script_call'), 1)} | |"
+    )
+    add(
+        f"| client inserts/s | {_num(timeline.get('inserts_per_s'))} "
+        f"| {_num(notes.get('inserts_per_s'))} | {_ratio(cpu.get('ratio_inserts_per_s'))} |"
+    )
+    goal = notify.get("goal_ratio")
+    met = cpu.get("ratio_cpu") is not None and goal is not None and cpu["ratio_cpu"] <= goal
+    add("")
+    add(
+        f"Goal (issue 17): ≤ {_ratio(goal)} Redis CPU per entry — "
+        + ("met." if met else "**not met**.")
+    )
+    add("")
+    rows = notes.get("commands") or []
+    if rows:
+        add("Where a notification insert's Redis time goes (commandstats, the script's calls):")
+        add("")
+        add("| command | calls per entry | µs per entry |")
+        add("|---|---:|---:|")
+        for row in rows:
+            add(
+                f"| `{row['command']}` | {_num(row.get('calls_per_entry'), 2)} "
+                f"| {_num(row.get('usec_per_entry'), 2)} |"
+            )
+        add("")
+    proc = notify.get("processor") or {}
+    add(
+        "Through `fanout.processor.Processor` (history rows on, notifications in Redis and "
+        f"Cassandra), batches of {proc.get('batch')}, alternated over {proc.get('rounds')} rounds:"
+    )
+    add("")
+    add("| phase | activities/s | timeline inserts/s | notification inserts/s | Redis CPU s |")
+    add("|---|---:|---:|---:|---:|")
+    for key, label in (("without_notify", "without `notify`"), ("with_notify", "with `notify`")):
+        row = proc.get(key) or {}
+        add(
+            f"| {label} | {_num(row.get('activities_per_s'))} "
+            f"| {_num(row.get('timeline_inserts_per_s'))} "
+            f"| {_num(row.get('notifications_per_s'))} | {_num(row.get('redis_cpu_s'), 2)} |"
+        )
+    add("")
+    if proc.get("redis_cpu_us_per_notification") is not None:
+        add(
+            "Cross-check from these two phases: Redis CPU "
+            f"{_num(proc.get('redis_cpu_us_per_timeline_insert'), 2)} µs per timeline insert "
+            f"(without `notify`), {_num(proc.get('redis_cpu_us_per_notification'), 2)} µs per "
+            "notification (what the phase with `notify` spent beyond its timeline inserts): "
+            f"{_ratio(proc.get('ratio_cpu'))}."
+        )
+        add("")
+    cold = notify.get("cold_inserts") or {}
+    if cold.get("cold"):
+        add(
+            f"Cold recipients: one batch notifying {_num(cold.get('users'))} users whose feeds "
+            f"({cold.get('groups_per_user')} groups each) are in Cassandra only took "
+            f"{_num(_get(cold, 'cold', 'seconds'), 2)} s "
+            f"({_num(_get(cold, 'cold', 'ms_per_user'), 2)} ms a user, loads included); the same "
+            f"batch once they are hot {_num(_get(cold, 'hot', 'seconds'), 2)} s "
+            f"({_num(_get(cold, 'hot', 'ms_per_user'), 2)} ms a user): "
+            f"{_ratio(cold.get('ratio_cold_to_hot'))}."
+        )
+        add("")
+    reads = notify.get("reads") or {}
+    groups = reads.get("groups_per_reader") or {}
+    add(
+        f"Reads: {_num(reads.get('readers'))} users holding "
+        f"{groups.get('min')}-{groups.get('max')} "
+        "groups each; HTTP against a live gateway on 127.0.0.1, one request at a time "
+        f"(first page, limit {reads.get('page_limit')}); errors: {reads.get('http_errors')}."
+    )
+    add("")
+    add("| read | p50 ms | p95 ms | p99 ms | max ms | requests |")
+    add("|---|---:|---:|---:|---:|---:|")
+    for key, label in (
+        ("http_page", "`GET /v1/notifications`"),
+        ("http_counts", "`GET /v1/notifications/counts`"),
+        ("http_page_cold", "`GET /v1/notifications`, cold (loaded from Cassandra)"),
+    ):
+        p = reads.get(key) or {}
+        add(
+            f"| {label} | {_num(p.get('p50_ms'), 2)} | {_num(p.get('p95_ms'), 2)} | "
+            f"{_num(p.get('p99_ms'), 2)} | {_num(p.get('max_ms'), 2)} | {_num(p.get('samples'))} |"
+        )
+    add("")
+    add("| one call (`AsyncNotifyRedis`, in-process) | Redis CPU µs | script µs | client µs |")
+    add("|---|---:|---:|---:|")
+    for key, label in (("counts_in_process", "counts"), ("page_in_process", "first page")):
+        p = reads.get(key) or {}
+        add(
+            f"| {label} | {_num(p.get('redis_cpu_us_per_call'), 1)} "
+            f"| {_num(p.get('evalsha_us_per_call'), 1)} | {_num(p.get('client_us_per_call'), 1)} |"
+        )
+    add("")
+    commands = _get(reads, "counts_in_process", "commands") or []
+    if commands:
+        shown = ", ".join(
+            f"`{c['command']}` {_num(c.get('calls_per_entry'), 1)}" for c in commands[:8]
+        )
+        add(f"Redis commands of one counts call (calls each): {shown}.")
+        add("")
 
 
 def _div(a: Any, b: Any) -> float | None:

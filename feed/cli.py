@@ -407,7 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks (see docs/benchmarks.md)")
     p.add_argument(
-        "scenario", nargs="?", default="all", choices=["fanout", "reads", "e2e", "gateway", "all"]
+        "scenario",
+        nargs="?",
+        default="all",
+        choices=["fanout", "reads", "e2e", "gateway", "notify", "all"],
     )
     p.add_argument("--quick", action="store_true", help="one-minute smoke run")
     p.add_argument("--model", action="store_true", help="print the capacity model and exit")

@@ -220,3 +220,41 @@ def test_quick_e2e_reports_every_stage_and_every_processs_cpu(tmp_path: Path) ->
     report = (run / "report.md").read_text()
     assert "| stage | where | off 50/s |" in report
     assert (run / "e2e_sweep.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(200)
+def test_quick_notify_measures_both_inserts_and_the_reads(tmp_path: Path) -> None:
+    """``feed bench notify --quick``: Redis CPU per notification insert beside per timeline
+    insert, and their ratio; both insert rates through the Processor; the HTTP reads (warm and
+    cold) without an error; the figures in the report (the harness, never speed)."""
+    run, results = _quick_bench("notify", tmp_path, 180)
+    notify = results["notify"]
+    assert notify["status"] == "ok", notify
+    cpu = notify["redis_cpu"]
+    for side in ("timeline", "notify"):
+        phase = cpu[side]
+        assert _positive(phase["entries"]) and _positive(phase["inserts_per_s"]), side
+        assert _positive(phase["redis_cpu_us_per_entry"]), side
+        assert _positive(phase["evalsha_us_per_entry"]), side
+    ratio = cpu["notify"]["redis_cpu_us_per_entry"] / cpu["timeline"]["redis_cpu_us_per_entry"]
+    assert cpu["ratio_cpu"] == pytest.approx(ratio)
+    assert any(row["command"] == "evalsha" for row in cpu["notify"]["commands"])
+    proc = notify["processor"]
+    assert _positive(proc["with_notify"]["notifications_per_s"])
+    assert _positive(proc["with_notify"]["timeline_inserts_per_s"])
+    assert _positive(proc["without_notify"]["timeline_inserts_per_s"])
+    assert proc["without_notify"]["notifications"] == 0
+    cold = notify["cold_inserts"]
+    assert _positive(cold["cold"]["ms_per_user"]) and _positive(cold["hot"]["ms_per_user"])
+    reads = notify["reads"]
+    assert reads["groups_mismatches"] == 0 and reads["http_errors"] == 0, reads
+    assert reads["groups_per_reader"]["min"] >= 50
+    for key in ("http_page", "http_counts", "http_page_cold"):
+        assert _positive(reads[key]["p99_ms"]), key
+        assert reads[key]["p99_ms"] >= reads[key]["p50_ms"], key
+    assert _positive(reads["counts_in_process"]["redis_cpu_us_per_call"])
+    [target] = [t for t in results["targets"] if "notification insert" in t["name"]]
+    assert target["value"] == pytest.approx(ratio) and target["at_most"] is True
+    report = (run / "report.md").read_text()
+    assert "## Notification feeds" in report
+    assert f"| {_x(ratio)} |" in report
