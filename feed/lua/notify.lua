@@ -31,6 +31,21 @@
 local US = '\31'
 local cmd, ttl, refresh = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 
+if cmd == 'counts' then
+  -- the badge's read, first: it needs none of the definitions below (measured: their set-up
+  -- was most of a count's cost)
+  local state = redis.call('HMGET', KEYS[1], 'l', 'us', 'ur', 't')
+  if not state[1] then return {'L'} end
+  if ttl > 0 then
+    local now = tonumber(redis.call('TIME')[1])
+    if now - tonumber(state[4] or '0') >= refresh then
+      redis.call('HSET', KEYS[1], 't', now)
+      for k = 1, 3 do redis.call('EXPIRE', KEYS[k], ttl) end
+    end
+  end
+  return {'C', tonumber(state[2] or '0'), tonumber(state[3] or '0')}
+end
+
 local function pad(n) return string.format('%016d', n) end
 local function int(n) return string.format('%d', n) end
 local function lo(gid) return '[' .. gid .. US end
@@ -188,9 +203,11 @@ function U:online() return redis.call('HEXISTS', self.KP, 'e') == 1 end
 
 -- The group as the API shows it (schemas: feed.notify.group_json), JSON.
 -- A group's distinct actors, newest first, as (actor, its newest item's ts16 US aid), strictly
--- after position 'after' (nil: from the newest), at most 'most' of them.
+-- after position 'after' (nil: from the newest), at most 'most' of them. The scan of the items
+-- stops once every actor of the group was seen (the header counts them).
 function U:actors(gid, after, most)
   local out, seen = {}, {}
+  local known, all = 0, self:header(gid).actors
   local top = hi(gid)
   local batch = 16
   while #out < most do
@@ -199,6 +216,7 @@ function U:actors(gid, after, most)
       local f = split(member, 4)
       if not seen[f[4]] then
         seen[f[4]] = true
+        known = known + 1
         local at = f[2] .. US .. f[3]
         if not after or at < after then
           out[#out + 1] = {f[4], at}
@@ -206,7 +224,7 @@ function U:actors(gid, after, most)
         end
       end
     end
-    if #items < batch then break end
+    if #items < batch or known == all then break end
     top = '(' .. items[#items]
     batch = math.min(batch * 4, 1024)
   end
@@ -216,7 +234,9 @@ end
 function U:view(gid)
   local h = self:header(gid)
   local names = {}
-  for i, a in ipairs(self:actors(gid, nil, 10)) do names[i] = cjson.encode(a[1]) end
+  for i, a in ipairs(self:actors(gid, nil, math.min(10, h.actors))) do
+    names[i] = cjson.encode(a[1])
+  end
   return '{"id":' .. cjson.encode(gid) .. ',"type":' .. cjson.encode(h.type)
     .. ',"object":' .. cjson.encode(h.object) .. ',"actors":[' .. table.concat(names, ',')
     .. '],"actor_count":' .. h.actors .. ',"activity_count":' .. h.count
@@ -496,10 +516,6 @@ end
 
 if not me:open() then return {'L'} end
 me:touch()
-
-if cmd == 'counts' then
-  return {'C', me.unseen, me.unread}
-end
 
 -- Groups in position order (newest first) strictly below position p ('' for the top), or, with
 -- at_or_above, every group at or above it: ties on the score are ordered by gid.
