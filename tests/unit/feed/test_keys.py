@@ -173,3 +173,18 @@ def test_keys_share_a_hash_tag_per_user() -> None:
     assert all("{u1}" in n for n in names)
     assert len(set(names)) == 4
     assert keys.body("a-1") == "a:a-1"
+
+
+def test_a_users_notification_keys_and_channel_are_in_one_cluster_slot() -> None:
+    from redis.crc import key_slot
+
+    for user in ("u1", "alice", "ü-42", "x" * 128):
+        names = [*keys.notify_keys(user), keys.channel(user)]
+        assert len(set(names)) == len(names)
+        assert len({key_slot(n.encode()) for n in names}) == 1, names
+    assert keys.notify_keys("u1") == (
+        keys.notify_data("u1"),
+        keys.notify_groups("u1"),
+        keys.notify_items("u1"),
+        keys.presence("u1"),
+    )
