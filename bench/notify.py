@@ -67,6 +67,20 @@ __all__ = [
     "stat_delta",
 ]
 
+
+def _timelines(client: Any, s: Any) -> Any:
+    """The worker's timelines, as the settings configure them (only active users written)."""
+    from feed.timelines_redis import RedisTimelines
+
+    return RedisTimelines(
+        client,
+        timeline_max=s.timeline_max,
+        stream_history=s.stream_history,
+        body_ttl_s=s.body_ttl_days * 86_400,
+        only_active=True,
+    )
+
+
 #: The issue's goal: a notification insert costs at most this many timeline inserts, Redis CPU.
 GOAL_RATIO = 2.0
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -354,7 +368,6 @@ def _set_active(client: Any, users: Sequence[str]) -> None:
 
 def _redis_cpu(ctx: Any, sizes: _Sizes, ns: str) -> dict[str, Any]:
     from feed.notify_redis import NotifyRedis
-    from feed.timelines_redis import RedisTimelines
 
     s = ctx.settings
     client = ctx.redis
@@ -363,13 +376,7 @@ def _redis_cpu(ctx: Any, sizes: _Sizes, ns: str) -> dict[str, Any]:
     # --- timeline inserts: 200 activities a batch, 10-100 active followers each --------------
     users = [f"{ns}t{n}" for n in range(sizes.timeline_users)]
     _set_active(client, users)
-    timelines = RedisTimelines(
-        client,
-        timeline_max=s.timeline_max,
-        stream_history=s.stream_history,
-        body_ttl_s=s.body_ttl_days * 86_400,
-        only_active=True,
-    )
+    timelines = _timelines(client, s)
     inserts: list[Insert] = []
     planned = 0
     n = 0
@@ -467,7 +474,6 @@ def _processor(ctx: Any, sizes: _Sizes, ns: str) -> dict[str, Any]:
     from feed.history_cassandra import CassandraHistory
     from feed.notify_cassandra import CassandraNotifyStore
     from feed.notify_redis import NotifyRedis
-    from feed.timelines_redis import RedisTimelines
     from schemas.activity import decode_activity
 
     s = ctx.settings
@@ -488,13 +494,7 @@ def _processor(ctx: Any, sizes: _Sizes, ns: str) -> dict[str, Any]:
     store = CassandraNotifyStore(session, s.cassandra_keyspace)
     notifications = NotifyRedis(client, store, limits=s.notify_limits(), ttl_s=s.notify_ttl_s)
     processor = Processor(
-        timelines=RedisTimelines(
-            client,
-            timeline_max=s.timeline_max,
-            stream_history=s.stream_history,
-            body_ttl_s=s.body_ttl_days * 86_400,
-            only_active=True,
-        ),
+        timelines=_timelines(client, s),
         history=history,
         graph=graph,
         versions=versions,

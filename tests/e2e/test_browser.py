@@ -33,7 +33,6 @@ import json
 import os
 import re
 import time
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -42,8 +41,8 @@ from typing import Any
 import pytest
 
 from feed import keys
-from tests.support.pipeline import Pipeline
-from tests.support.procs import free_port, http_get
+from tests.support.pipeline import Pipeline, shared_env
+from tests.support.procs import http_get
 
 pytestmark = pytest.mark.e2e
 
@@ -101,15 +100,7 @@ def _playwright() -> Any:
 def live_pipeline(
     stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Pipeline]:
-
-    env = dict(
-        stack_env,
-        FEED_KAFKA_GROUP=f"browser-{uuid.uuid4().hex[:8]}",
-        FEED_WORKER_METRICS_PORT=str(free_port()),
-        FEED_GATEWAY_PORT=str(free_port()),
-        FEED_DEV_MODE="true",
-        FEED_DRAIN_S="2",
-    )
+    env = shared_env(stack_env, "browser", FEED_DEV_MODE="true", FEED_DRAIN_S="2")
     with Pipeline(env, tmp_path_factory.mktemp("browser")).running(stop_timeout=10) as p:
         yield p
 

@@ -16,7 +16,6 @@ on the test session's Redis, Kafka-protocol broker and Cassandra.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -25,8 +24,7 @@ import pytest
 import websockets
 
 from tests.conftest import wait_for
-from tests.support.pipeline import Pipeline, frames_until, next_frame
-from tests.support.procs import free_port
+from tests.support.pipeline import Pipeline, frames_until, next_frame, shared_env
 
 pytestmark = pytest.mark.e2e
 
@@ -35,12 +33,7 @@ pytestmark = pytest.mark.e2e
 def pipeline(
     stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Pipeline]:
-    env = dict(
-        stack_env,
-        FEED_KAFKA_GROUP=f"notify-{uuid.uuid4().hex[:8]}",
-        FEED_WORKER_METRICS_PORT=str(free_port()),
-        FEED_GATEWAY_PORT=str(free_port()),
-    )
+    env = shared_env(stack_env, "notify")
     with Pipeline(env, tmp_path_factory.mktemp("notify")).running() as p:
         yield p
 

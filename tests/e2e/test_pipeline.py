@@ -20,8 +20,8 @@ from confluent_kafka import Consumer
 
 from feed.settings import Settings
 from tests.conftest import wait_for
-from tests.support.pipeline import Pipeline, frames_until, log_events, next_frame
-from tests.support.procs import free_port, http_get, metric_value
+from tests.support.pipeline import Pipeline, frames_until, log_events, next_frame, shared_env
+from tests.support.procs import http_get, metric_value
 
 pytestmark = pytest.mark.e2e
 
@@ -30,12 +30,7 @@ pytestmark = pytest.mark.e2e
 def pipeline(
     stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Pipeline]:
-    env = dict(
-        stack_env,
-        FEED_KAFKA_GROUP=f"e2e-{uuid.uuid4().hex[:8]}",
-        FEED_WORKER_METRICS_PORT=str(free_port()),
-        FEED_GATEWAY_PORT=str(free_port()),
-    )
+    env = shared_env(stack_env, "e2e")
     with Pipeline(env, tmp_path_factory.mktemp("e2e")).running() as p:
         yield p
 

@@ -28,7 +28,19 @@ from gateway.auth import mint_token
 from tests.conftest import wait_for
 from tests.support.procs import FeedProcess, free_port, http_get, metric_value
 
-__all__ = ["Pipeline", "frames_until", "isolated_env", "log_events", "next_frame"]
+__all__ = ["Pipeline", "frames_until", "isolated_env", "log_events", "next_frame", "shared_env"]
+
+
+def shared_env(stack_env: dict[str, str], prefix: str, **extra: str) -> dict[str, str]:
+    """``stack_env`` with a consumer group of the caller's own and free ports for the worker's
+    metrics and the gateway, on the session's topics; ``extra`` settings override."""
+    return {
+        **stack_env,
+        "FEED_KAFKA_GROUP": f"{prefix}-{uuid.uuid4().hex[:8]}",
+        "FEED_WORKER_METRICS_PORT": str(free_port()),
+        "FEED_GATEWAY_PORT": str(free_port()),
+        **extra,
+    }
 
 
 def isolated_env(stack_env: dict[str, str], prefix: str, **extra: str) -> dict[str, str]:
