@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from feed.metrics import process_collectors
 from feed.stages import WORKER_STAGES, StageHistogram
 
 __all__ = ["WorkerMetrics"]
@@ -75,3 +76,4 @@ class WorkerMetrics:
         self.assigned = Gauge(
             "feed_assigned_partitions", "Partitions assigned to this worker", registry=r
         )
+        process_collectors(r)

@@ -14,6 +14,11 @@ resume) are not counted: their wait is the client's absence, not the pipeline's.
 ``feed_gateway_push_latency_seconds`` measures *queue-to-socket*: from the moment a frame is handed
 to a connection (Pub/Sub message received, or history read answered) until the socket accepted it.
 
+``feed_event_loop_lag_seconds`` is how late the event loop wakes a task that slept a fixed
+interval (:meth:`GatewayMetrics.watch_loop`): every frame, ping and request of the process waits at
+least that long. The registry also holds the process and platform collectors of
+``prometheus_client`` (``process_*``: RSS, CPU, open fds; ``python_gc_*``; ``python_info``).
+
 ``feed_gateway_gc_pause_seconds`` times the process's garbage collections (once
 :meth:`GatewayMetrics.watch_gc` is called; the app does it while it is open): a full collection
 walks every object the process tracks, so its pause grows with the number of connections.
@@ -21,6 +26,7 @@ walks every object the process tracks, so its pause grows with the number of con
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 from collections.abc import Callable
@@ -35,9 +41,10 @@ from prometheus_client import (
     generate_latest,
 )
 
+from feed.metrics import process_collectors
 from feed.stages import StageHistogram
 
-__all__ = ["CONTENT_TYPE", "GatewayMetrics"]
+__all__ = ["CONTENT_TYPE", "LOOP_LAG_INTERVAL_S", "GatewayMetrics"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -59,6 +66,9 @@ _LATENCY_BUCKETS = (
 )
 
 _GC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+#: How often the loop-lag probe sleeps and measures how late it woke.
+LOOP_LAG_INTERVAL_S = 0.25
 
 
 class GatewayMetrics:
@@ -141,6 +151,23 @@ class GatewayMetrics:
             registry=r,
         )
         self._gc_callback: Callable[[str, dict[str, Any]], None] | None = None
+        self.loop_lag = Histogram(
+            "feed_event_loop_lag_seconds",
+            "How late the event loop woke a task that slept a fixed interval "
+            f"({LOOP_LAG_INTERVAL_S} s): what every frame, ping and request waits at least.",
+            buckets=_LOOP_LAG_BUCKETS,
+            registry=r,
+        )
+        process_collectors(r)
+
+    async def watch_loop(self, interval_s: float = LOOP_LAG_INTERVAL_S) -> None:
+        """Measure the event loop's lag until cancelled (the app runs it while it is open)."""
+        loop = asyncio.get_running_loop()
+        observe = self.loop_lag.observe
+        while True:
+            started = loop.time()
+            await asyncio.sleep(interval_s)
+            observe(max(0.0, loop.time() - started - interval_s))
 
     def watch_gc(self) -> None:
         """Time every garbage collection of the process (until :meth:`unwatch_gc`)."""

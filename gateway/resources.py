@@ -187,6 +187,7 @@ class Gateway:
             if self.uses_cassandra and self.cassandra is None:
                 self._tasks.append(asyncio.create_task(self._connect_cassandra()))
         self.metrics.watch_gc()
+        self._tasks.append(asyncio.create_task(self.metrics.watch_loop(), name="loop-lag"))
         log.info(
             "gateway_started",
             redis_owned=self._owns_redis,

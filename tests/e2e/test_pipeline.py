@@ -400,6 +400,11 @@ async def test_both_processes_export_their_metrics(
         "feed_errors_total",
     ):
         assert name in worker_after, name
+    # Process metrics in both processes, the event loop's lag in the gateway's.
+    for text in (worker_after, gateway_after):
+        assert metric_value(text, "process_resident_memory_bytes") > 0
+        assert metric_value(text, "process_cpu_seconds_total") > 0
+    assert metric_value(gateway_after, "feed_event_loop_lag_seconds_count") > 0
     ready = http_get(f"{pipeline.metrics_url}/readyz")
     assert ready[0] == 200 and json.loads(ready[1])["checks"] == {
         "redis": True,
