@@ -119,7 +119,9 @@ def _registry_series(metrics_object: Any) -> dict[str, set[str]]:
             labels[name] = set(value._labelnames)
     series: dict[str, set[str]] = {}
     for family in metrics_object.registry.collect():
-        own = labels.get(family.name, set())
+        # custom collectors (feed.stages.StageHistogram) name their labels on their samples
+        sampled = {k for sample in family.samples for k in sample.labels} - {"le"}
+        own = labels.get(family.name, set()) | sampled
         for suffix in _EXPOSED_SUFFIXES[family.type]:
             extra = {"le"} if suffix == "_bucket" else set()
             series[family.name + suffix] = own | extra
