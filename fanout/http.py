@@ -35,7 +35,7 @@ class _Server(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that went away mid-reply: one log line, not a traceback on stderr.
-        log.info("worker http: connection dropped", client=str(client_address[0]))
+        log.info("worker_http_connection_dropped", client=str(client_address[0]))
 
 
 def serve_worker_http(

@@ -519,7 +519,7 @@ class Processor:
                     raise
                 size = max(_UNFOLLOW_MIN_PAGE, size // 4)
                 log.warning(
-                    "unfollow: a page read timed out; reading smaller pages",
+                    "unfollow_page_read_timed_out",
                     followee=followee,
                     page=size,
                     error=type(exc).__name__,

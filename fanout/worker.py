@@ -163,7 +163,7 @@ class Worker:
             on_lost=self._on_revoke,
         )
         log.info(
-            "worker started", group=s.kafka_group, topics=[s.topic_activities, s.topic_follows]
+            "worker_started", group=s.kafka_group, topics=[s.topic_activities, s.topic_follows]
         )
         try:
             while not self._stop.is_set():
@@ -184,18 +184,18 @@ class Worker:
                 except _Stopping:
                     # The batch being retried stays uncommitted (replayed); one still in flight
                     # is committed below if its write succeeds.
-                    log.warning("stopped during retries: the batch stays uncommitted")
+                    log.warning("stopped_during_retries")
                     break
                 self._maybe_report_lag()
             self._finish_pending_without_retry("stopping")
             self._flush_commits()
         finally:
-            log.info("worker stopping: leaving the group")
+            log.info("worker_stopping")
             try:
                 self._consumer.close()
             finally:
                 self._processor.close()
-            log.info("worker stopped", batches=self.batches)
+            log.info("worker_stopped", batches=self.batches)
 
     def _next_batch(self, size: int) -> list[Any]:
         """Up to ``size`` records, without waiting for a full batch: what the client has already
@@ -240,7 +240,7 @@ class Worker:
             # The Redis write, or the DLQ write (its records are kept and sent again), failed.
             kept = {tp: o for tp, o in batch.offsets.items() if keep and tp in keep}
             log.warning(
-                "batch in flight not written",
+                "batch_in_flight_not_written",
                 why=why,
                 error=type(exc).__name__,
                 retried_later_for=len(kept),
@@ -253,17 +253,17 @@ class Worker:
     def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         self._assignment |= {(p.topic, p.partition) for p in partitions}
         self._metrics.assigned.set(len(self._assignment))
-        log.info("partitions assigned", partitions=_names(partitions))
+        log.info("partitions_assigned", partitions=_names(partitions))
 
     def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         gone = {(p.topic, p.partition) for p in partitions}
-        self._finish_pending_without_retry("partitions revoked", keep=self._assignment - gone)
+        self._finish_pending_without_retry("partitions_revoked", keep=self._assignment - gone)
         self._flush_commits(gone)  # the next owner starts where this one got to
         self._assignment -= gone
         if self._held:  # the new owner consumes them from the committed offset
             self._held = [m for m in self._held if (m.topic(), m.partition()) not in gone]
         self._metrics.assigned.set(len(self._assignment))
-        log.info("partitions revoked", partitions=_names(partitions))
+        log.info("partitions_revoked", partitions=_names(partitions))
 
     # --- one batch ---------------------------------------------------------------------------
     def _prepare(self, messages: Sequence[Any], consumed_ms: float | None = None) -> _Batch:
@@ -283,7 +283,7 @@ class Worker:
             if error is not None:
                 if error.code() != KafkaError._PARTITION_EOF:
                     self._metrics.errors.labels(kind="kafka").inc()
-                    log.warning("consume error", error=str(error))
+                    log.warning("consume_error", error=str(error))
                 continue
             origins[index] = record_ts_ms(message)
             topic = message.topic()
@@ -349,7 +349,7 @@ class Worker:
         m.store_seconds.labels(store="redis").observe(stats.redis_s)
         m.store_seconds.labels(store="cassandra").observe(stats.cassandra_s)
         log.info(
-            "batch applied",
+            "batch_applied",
             records=len(messages),
             activities=stats.activities,
             deletes=stats.deletes,
@@ -407,7 +407,7 @@ class Worker:
                 if failures < self._settings.fanout_attempts:
                     self._back_off(attempt, exc)
                     continue
-                log.exception("batch keeps failing: applying record by record")
+                log.exception("batch_failing_applying_record_by_record")
                 return fallback()
 
     def _flush_dead_letters(self) -> None:
@@ -484,7 +484,7 @@ class Worker:
                         self._seen_down = True
                     elif self._seen_down:
                         self._seen_down = False
-                        log.info("stores reachable again: retrying now", attempt=attempt)
+                        log.info("stores_reachable_again", attempt=attempt)
                         break
                 polled = self._consumer.consume(
                     num_messages=self._settings.fanout_batch, timeout=min(0.5, remaining)
@@ -509,7 +509,7 @@ class Worker:
     def _dead_letter(self, message: Any, code: str, reason: str, field: str, attempts: int) -> None:
         self._metrics.dlq.labels(reason=code).inc()
         log.warning(
-            "record sent to the dead-letter topic",
+            "record_dead_lettered",
             code=code,
             reason=reason[:300],
             field=field,
@@ -553,7 +553,7 @@ class Worker:
         except KafkaException as exc:
             # A rebalance took the partitions: the new owner replays, which is idempotent.
             self._metrics.errors.labels(kind="commit").inc()
-            log.warning("offset commit failed", error=str(exc))
+            log.warning("offset_commit_failed", error=str(exc))
             return
         # feed.stages' `committed`: the records whose offsets this commit carried
         self._metrics.stages.observe_since("committed", origins, now_ms())
@@ -573,7 +573,7 @@ class Worker:
                 consumer=self._consumer,
             )
         except (KafkaException, KafkaUnavailable) as exc:
-            log.warning("lag measurement failed", error=str(exc))
+            log.warning("lag_measurement_failed", error=str(exc))
             return
         for row in lag.partitions:
             if row.lag is not None:

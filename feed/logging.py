@@ -65,7 +65,11 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     handler = logging.StreamHandler(sys.stderr)  # one write per record: message + newline
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.stdlib.ExtraAdder(),
+                *shared,
+            ],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
@@ -101,8 +105,8 @@ def _log_uncaught() -> None:
         thread = args.thread.name if args.thread is not None else "?"
         exc = args.exc_value if args.exc_value is not None else args.exc_type()
         log.error(
-            "uncaught_exception_in_thread %s",
-            thread,
+            "uncaught_exception_in_thread",
+            extra={"thread_name": thread},
             exc_info=(args.exc_type, exc, args.exc_traceback),
         )
 
@@ -112,7 +116,7 @@ def _log_uncaught() -> None:
         exc_info = None
         if args.exc_type is not None:
             exc_info = (args.exc_type, args.exc_value, args.exc_traceback)
-        log.error("%s%s", message, where, exc_info=exc_info)
+        log.error("unraisable_exception", extra={"detail": f"{message}{where}"}, exc_info=exc_info)
 
     sys.excepthook = excepthook
     threading.excepthook = thread_excepthook

@@ -119,7 +119,7 @@ class FeedReader:
                     token=token,
                 )
                 log.info(
-                    "timeline rebuilt from history",
+                    "timeline_rebuilt",
                     user_id=user,
                     entries=len(members),
                     complete=done,
@@ -132,7 +132,7 @@ class FeedReader:
             # The lease expires and the next read or connect rebuilds; reads stay on Cassandra.
             self._rebuild_again.pop(user, None)
             log.warning(
-                "timeline rebuild failed",
+                "timeline_rebuild_failed",
                 user_id=user,
                 error=type(exc).__name__,
                 detail=str(exc)[:200],

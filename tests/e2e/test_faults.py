@@ -606,7 +606,7 @@ def test_worker_killed_the_other_takes_over(
     stream = ActivityStream(lane, count=150, rate=30).start()
     stream.wait_sent(50, timeout=20)
     wait_for(
-        lambda: _log_events(b.log, "batch applied"), timeout=10, message="worker b applying batches"
+        lambda: _log_events(b.log, "batch_applied"), timeout=10, message="worker b applying batches"
     )
     b.kill()
     killed = time.monotonic()
@@ -646,7 +646,7 @@ def test_worker_killed_the_other_takes_over(
     # What the killed worker had applied of the activities (what the survivor took over).
     b_spans = [
         span
-        for batch in _log_events(b.log, "batch applied")
+        for batch in _log_events(b.log, "batch_applied")
         for key, span in batch["offsets"].items()
         if key.startswith(lane.settings.topic_activities)
     ]
@@ -940,7 +940,7 @@ def test_worker_killed_between_apply_and_commit_replays_without_duplicates(
     arm = tmp_path / "arm"
     crashing = lane.crashing_worker("crashing", crash_at=4, arm_file=arm)
     wait_for(
-        lambda: _log_events(crashing.log, "partitions assigned"),
+        lambda: _log_events(crashing.log, "partitions_assigned"),
         timeout=60,
         message="the crashing worker joining the group",
     )
@@ -987,7 +987,7 @@ def test_worker_killed_between_apply_and_commit_replays_without_duplicates(
 
     assert_stores(lane, sent)
     assert_http_feeds(lane, sent)
-    batches = _log_events(worker.log, "batch applied")
+    batches = _log_events(worker.log, "batch_applied")
     # The restarted worker replayed from the committed offsets, and the replayed records
     # inserted nothing twice.
     first = {key: span[0] for b in reversed(batches) for key, span in b["offsets"].items()}

@@ -42,7 +42,7 @@ def _batch_ranges(log: Path) -> list[tuple[str, int, int]]:
         if not line.startswith("{"):
             continue
         record = json.loads(line)
-        if record.get("event") == "batch applied":
+        if record.get("event") == "batch_applied":
             for key, (first, last) in record["offsets"].items():
                 ranges.append((key, first, last))
     return ranges

@@ -107,3 +107,34 @@ def test_structlog_events_and_stdlib_records_share_the_context() -> None:
     assert ours["conn_id"] == theirs["conn_id"] == "c-1"
     assert ours["token"] == "**********"
     assert theirs["logger"] == "theirs" and theirs["event"] == "theirs"
+
+
+def test_every_event_name_of_the_product_is_a_snake_case_identifier() -> None:
+    """Operators filter and alert on ``event``: it is a stable identifier, never prose (the
+    details go in fields)."""
+    import ast
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    levels = {"debug", "info", "warning", "error", "exception", "critical"}
+    found = []
+    for package in ("feed", "fanout", "gateway", "schemas"):
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if not (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in levels
+                    and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id in ("log", "logger")
+                    and node.args
+                    and isinstance(node.args[0], ast.Constant)
+                    and isinstance(node.args[0].value, str)
+                ):
+                    continue
+                event = node.args[0].value
+                if not re.fullmatch(r"[a-z][a-z0-9_]*", event):
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: {event!r}")
+            assert path.suffix == ".py"
+    assert found == [], "\n".join(found)
