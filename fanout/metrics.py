@@ -19,6 +19,17 @@ class WorkerMetrics:
         self.consumed = Counter(
             "feed_activities_consumed_total", "Records consumed, by topic", ["topic"], registry=r
         )
+        self.fanned_out = Counter(
+            "feed_activities_fanned_out_total",
+            "Activities whose fan-out (timelines, history, notifications) a batch completed",
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "feed_store_errors_total",
+            "Failed store calls of the batch loop, by store (redis, cassandra, kafka, other)",
+            ["store"],
+            registry=r,
+        )
         self.inserts = Counter(
             "feed_timeline_inserts_total", "Entries added to Redis timelines", registry=r
         )

@@ -62,7 +62,7 @@ from schemas.activity import Activity, decode_activity
 from schemas.errors import ValidationError
 from schemas.follow import FollowEvent, decode_follow_event
 
-__all__ = ["STORE_ERRORS", "Worker", "build_worker"]
+__all__ = ["ERROR_KINDS", "STORE_ERRORS", "Worker", "build_worker", "store_of"]
 
 log = get_logger("fanout")
 
@@ -83,6 +83,20 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (
 )
 _MAX_BACKOFF_S = 15.0
 _PROBE_EVERY_S = 1.0
+
+
+def store_of(exc: BaseException) -> str:
+    """Which store an error came from, by the module of its type: ``redis``, ``cassandra``,
+    ``kafka`` or ``other`` (a bounded label: ``feed_store_errors_total{store}``)."""
+    if isinstance(exc, (KafkaException, KafkaUnavailable)):  # confluent-kafka's live in cimpl
+        return "kafka"
+    module = type(exc).__module__.split(".", 1)[0]
+    return {"redis": "redis", "cassandra": "cassandra"}.get(module, "other")
+
+
+#: The ``kind`` label of ``feed_errors_total``: a bounded set. Any other failure of a batch is
+#: ``apply`` (its type is in the log line).
+ERROR_KINDS = ("kafka", "store_unavailable", "apply", "dlq_unavailable", "commit")
 _LAG_EVERY_S = 5.0
 #: How long one attempt waits for the broker to acknowledge the DLQ records.
 _DLQ_FLUSH_S = 5.0
@@ -343,6 +357,7 @@ class Worker:
         m.batch_size.observe(len(messages))
         m.batch_seconds.observe(elapsed)
         m.inserts.inc(stats.inserted)
+        m.fanned_out.inc(stats.activities)
         m.history_rows.inc(stats.history_rows)
         m.pushed.inc(stats.pushed)
         m.notified.inc(stats.notified)
@@ -399,11 +414,13 @@ class Worker:
             except STORE_ERRORS as exc:
                 attempt += 1
                 self._metrics.errors.labels(kind="store_unavailable").inc()
+                self._metrics.store_errors.labels(store=store_of(exc)).inc()
                 self._back_off(attempt, exc)
             except Exception as exc:
                 attempt += 1
                 failures += 1
-                self._metrics.errors.labels(kind=type(exc).__name__).inc()
+                self._metrics.errors.labels(kind="apply").inc()
+                self._metrics.store_errors.labels(store=store_of(exc)).inc()
                 if failures < self._settings.fanout_attempts:
                     self._back_off(attempt, exc)
                     continue
@@ -436,6 +453,7 @@ class Worker:
                 except STORE_ERRORS as exc:
                     attempt += 1
                     self._metrics.errors.labels(kind="store_unavailable").inc()
+                    self._metrics.store_errors.labels(store=store_of(exc)).inc()
                     self._back_off(attempt, exc)
                     continue
                 except Exception as exc:

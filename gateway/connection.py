@@ -31,7 +31,7 @@ from gateway.resources import Gateway
 from gateway.session import PRESENCE_PREFIX, RESET_CONTROL, Session
 from gateway.timers import timers
 from gateway.transport import StreamSocket, close_connection, reject
-from schemas.frames import frame_ts_ms
+from schemas.frames import ACTIVITY_HEAD, frame_ts_ms
 
 __all__ = ["EARLY_MAX_FRAMES", "HISTORY_PAGE", "StreamConnection", "essential_early"]
 
@@ -326,14 +326,22 @@ class StreamConnection:
         return True
 
     def _delivered(self, frames: list[bytes]) -> None:
-        """Count the delivery latency of the activity frames just written (``feed.stages``)."""
+        """Count the activity frames just written, and the delivery latency of the live ones
+        (``feed.stages``)."""
         at = now_ms()
         opened = self._opened_ms
-        latency = self._gateway.metrics.delivery_latency
+        metrics = self._gateway.metrics
+        latency = metrics.delivery_latency
+        delivered = 0
         for frame in frames:
+            if not frame.startswith(ACTIVITY_HEAD):
+                continue
+            delivered += 1
             ts = frame_ts_ms(frame)
             if ts is not None and ts >= opened:
                 latency.observe_ms("", at - ts)
+        if delivered:
+            metrics.activities_delivered.inc(delivered)
 
     def _sent(self, count: int) -> None:
         metrics = self._gateway.metrics

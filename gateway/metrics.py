@@ -103,6 +103,11 @@ class GatewayMetrics:
             values=("received",),
             registry=r,
         )
+        self.activities_delivered = Counter(
+            "feed_activities_delivered",
+            "Activity frames written to WebSocket clients (live and replayed by a resume).",
+            registry=r,
+        )
         self.slow_client_closes = Counter(
             "feed_gateway_slow_client_closes",
             "Connections closed with 4008 because their send queue exceeded its bound.",

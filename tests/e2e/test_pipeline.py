@@ -349,6 +349,7 @@ async def test_both_processes_export_their_metrics(
         assert worker_delta(name) == batches, name
     # Every follower is active: n entries in each Redis timeline and n history rows each.
     assert worker_delta("feed_timeline_inserts_total") == 2 * n
+    assert worker_delta("feed_activities_fanned_out_total") == n
     assert worker_delta("feed_history_rows_total") == 2 * n
     assert worker_delta("feed_notifications_published_total") == n  # the one online follower
     assert worker_delta("feed_dlq_total") == 0 and worker_delta("feed_errors_total") == 0
@@ -368,6 +369,7 @@ async def test_both_processes_export_their_metrics(
     received = 'feed_stage_latency_seconds_count{stage="received"}'
     assert gateway_delta(received) == n
     assert gateway_delta("feed_delivery_latency_seconds_count") == n
+    assert gateway_delta("feed_activities_delivered_total") == n
     delivered_s = gateway_delta("feed_delivery_latency_seconds_sum")
     # (a record's timestamp is in whole ms, so each latency may read up to 1 ms long)
     assert stage_sums[0] <= delivered_s <= n * (received_ms - min(produced_ms) + 1) / 1000
@@ -393,6 +395,10 @@ async def test_both_processes_export_their_metrics(
     )
     assert metric_value(replay_after, "feed_delivery_latency_seconds_count") == metric_value(
         gateway_after, "feed_delivery_latency_seconds_count"
+    )
+    replayed_delivered = metric_value(replay_after, "feed_activities_delivered_total")
+    assert replayed_delivered == metric_value(gateway_after, "feed_activities_delivered_total") + (
+        n - 1
     )
     for name in (
         'feed_dlq_total{reason="malformed_json"}',

@@ -540,3 +540,16 @@ def test_stopping_commits_what_waits() -> None:
     worker._committed_at = time.monotonic()  # so the first batch's commit waits as well
     run_until(worker, lambda: processor.applied[-1:] == ["a-0-1"])
     assert consumer.commits[-1] == {(TOPIC, 0): 2}
+
+
+def test_store_errors_are_labelled_by_a_bounded_set_of_stores() -> None:
+    import redis as redis_lib
+    from cassandra import OperationTimedOut
+    from confluent_kafka import KafkaException
+
+    from fanout.worker import store_of
+
+    assert store_of(redis_lib.exceptions.ConnectionError()) == "redis"
+    assert store_of(OperationTimedOut()) == "cassandra"
+    assert store_of(KafkaException()) == "kafka"
+    assert store_of(ValueError()) == "other"
