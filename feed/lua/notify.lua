@@ -47,6 +47,16 @@ if cmd == 'counts' then
 end
 
 local function pad(n) return string.format('%016d', n) end
+-- a < b byte by byte, as sorted sets order members (Lua's own < on strings is strcoll, which
+-- follows the locale Redis was started with)
+local function before(a, b)
+  local n = math.min(#a, #b)
+  for i = 1, n do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
 local function int(n) return string.format('%d', n) end
 local function lo(gid) return '[' .. gid .. US end
 local function hi(gid) return '(' .. gid .. ' ' end  -- ' ' is the byte after US
@@ -218,7 +228,7 @@ function U:actors(gid, after, most)
         seen[f[4]] = true
         known = known + 1
         local at = f[2] .. US .. f[3]
-        if not after or at < after then
+        if not after or before(at, after) then
           out[#out + 1] = {f[4], at}
           if #out == most then break end
         end
@@ -363,6 +373,8 @@ function U:remove(aid)
   self:emit('X', gid, aid, self:next_version())
   h.count = h.count - 1
   if h.count == 0 then
+    -- drop finds the actors' counters through the items left: this one's goes first
+    redis.call('HDEL', self.KD, 'c' .. US .. gid .. US .. actor)
     self:drop(gid)
     return gid, true
   end
@@ -433,11 +445,13 @@ if cmd == 'apply' then
           gid, was = me:remove(ARGV[o + 1])
         end
         if gid then note(gid, was) end
-      end
-      while me.created and redis.call('ZCARD', me.KG) - 1 > max_groups do
-        local gid = redis.call('ZRANGEBYSCORE', me.KG, 0, '+inf', 'LIMIT', 0, 1)[1]
-        note(gid, true)
-        me:drop(gid)
+        -- the bound holds after every operation, as in the reference (feed.notify)
+        while me.created and redis.call('ZCARD', me.KG) - 1 > max_groups do
+          local oldest = redis.call('ZRANGEBYSCORE', me.KG, 0, '+inf', 'LIMIT', 0, 1)[1]
+          note(oldest, true)
+          me:drop(oldest)
+        end
+        me.created = false
       end
       for _, gid in ipairs(order) do
         local h = me:header(gid)
@@ -462,7 +476,7 @@ local me = user(1, ARGV[4])
 if cmd == 'load' then
   -- ARGV 4 the channel, 5 n groups, then 8 per group: gid gkey type object opened open seen
   -- read, then 4 per item: gid aid actor ts (any order)
-  if redis.call('HEXISTS', me.KD, 'l') == 1 then
+  if me:open() then  -- loaded already (by a concurrent caller): only renew
     me:touch()
     return 0
   end
@@ -525,7 +539,7 @@ local function below(p, limit)
   if p ~= '' then
     local last, gid = string.sub(p, 1, 16), string.sub(p, 18)
     for _, g in ipairs(redis.call('ZREVRANGEBYSCORE', me.KG, last, last)) do
-      if g < gid and #out <= limit then out[#out + 1] = {g, tonumber(last)} end
+      if before(g, gid) and #out <= limit then out[#out + 1] = {g, tonumber(last)} end
     end
     top = '(' .. last
   end
@@ -539,7 +553,7 @@ local function at_or_above(p)
   local last, gid = string.sub(p, 1, 16), string.sub(p, 18)
   local out = {}
   for _, g in ipairs(redis.call('ZRANGEBYSCORE', me.KG, last, last)) do
-    if g >= gid then out[#out + 1] = g end
+    if not before(g, gid) then out[#out + 1] = g end
   end
   for _, g in ipairs(redis.call('ZRANGEBYSCORE', me.KG, '(' .. last, '+inf')) do
     out[#out + 1] = g

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from feed import keys
+from feed import keys, scripts
 from feed.interfaces import Mark, Notify, Unnotify
 from feed.notify import MemoryNotifications, NotifyLimits
 from feed.notify_cassandra import CassandraNotifyStore
@@ -51,6 +51,16 @@ step = st.one_of(
         st.tuples(st.booleans(), st.sampled_from(["all", "groups", "through"]), st.integers(0, 9)),
     ),
     st.tuples(st.just("evict"), st.integers(0, USERS - 1), st.just(0)),
+    # several operations in one call (a worker batch): the bound holds after each of them
+    st.tuples(
+        st.just("batch"),
+        st.just(0),
+        st.lists(
+            st.tuples(st.booleans(), st.integers(0, USERS - 1), st.integers(0, IDS - 1)),
+            min_size=2,
+            max_size=4,
+        ),
+    ),
 )
 
 
@@ -126,6 +136,18 @@ def test_redis_and_cassandra_match_the_model_after_every_step(
                     ops = [Unnotify(user, aids[arg])]
                     worker.apply(ops)
                     model.apply(ops)
+                elif kind == "batch":
+                    ops = []
+                    for add, b_user, b_arg in arg:
+                        if add:
+                            actor, ts, type_, object_ = table[b_arg]
+                            ops.append(
+                                Notify(users[b_user], aids[b_arg], actor, ts, type_, object_)
+                            )
+                        else:
+                            ops.append(Unnotify(users[b_user], aids[b_arg]))
+                    worker.apply(ops)
+                    model.apply(ops)
                 elif kind == "mark":
                     read, mode, pick = arg
                     ordered = model.book(user).ordered()
@@ -151,3 +173,87 @@ def test_redis_and_cassandra_match_the_model_after_every_step(
             await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_group_id_used_again_after_its_group_emptied_counts_every_actor(
+    stores: Any, settings: Settings
+) -> None:
+    """The emptied group's actor counters go with it (they were left behind, and a new group
+    of the same id then missed an actor)."""
+    worker, durable = stores
+    run = uuid.uuid4().hex[:8]
+    user = f"reuse-{run}"
+    t0 = 1_700_000_000 * S
+    model = MemoryNotifications(LIMITS)
+    steps: list[list[Any]] = [
+        [Notify(user, f"a1-{run}", "A", t0, "Like", "post:1")],
+        [Unnotify(user, f"a1-{run}")],
+        [Notify(user, f"a2-{run}", "B", t0, "Like", "post:1")],
+        [Notify(user, f"a3-{run}", "A", t0 + S, "Like", "post:1")],
+    ]
+    for ops in steps:
+        worker.apply(ops)
+        model.apply(ops)
+
+    async def check() -> None:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        gateway = AsyncNotifyRedis(client, lambda: durable, needs_durable=True, ttl_s=600)
+        try:
+            got = await _read_all(gateway, user)
+            assert got == await _read_all(model, user)
+            assert got["groups"][0]["actors"] == ["A", "B"]
+        finally:
+            await client.aclose()
+
+    asyncio.run(check())
+
+
+def test_two_callers_loading_one_cold_user_both_succeed(
+    stores: Any, redis_client: redis.Redis, settings: Settings
+) -> None:
+    """A load that finds the user loaded by someone else only renews the TTL (it raised)."""
+    worker, _ = stores
+    user = f"twice-{uuid.uuid4().hex[:8]}"
+    worker.apply([Notify(user, f"a-{user}", "A", 1_700_000_000 * S, "Like", "post:1")])
+    script = redis_client.register_script(scripts.source("notify"))
+    args = ["load", 86_400, 8_640, keys.channel(user), 0]
+    assert script(keys=keys.notify_keys(user), args=args) == 0  # loaded already: no error
+    _evict(redis_client, user)
+    assert script(keys=keys.notify_keys(user), args=args) == 1
+    assert script(keys=keys.notify_keys(user), args=args) == 0
+    assert redis_client.ttl(keys.notify_data(user)) > 0
+
+
+def test_the_group_bound_holds_after_each_operation_of_a_batch(
+    redis_client: redis.Redis, cassandra: Any, settings: Settings
+) -> None:
+    """A batch that opens a group and then adds to the old one: the bound applies after the
+    first operation, as in the reference (it was applied once, at the end of the call)."""
+    durable = CassandraNotifyStore(cassandra, settings.cassandra_keyspace)
+    limits = NotifyLimits(window_s=100, group_max=10, max_groups=1)
+    worker = NotifyRedis(redis_client, durable, limits=limits, ttl_s=600)
+    model = MemoryNotifications(limits)
+    run = uuid.uuid4().hex[:8]
+    user, t0 = f"bound-{run}", 1_700_000_000 * S
+    batches: list[list[Any]] = [
+        [Notify(user, f"a1-{run}", "A", t0, "Like", "p1")],
+        [
+            Notify(user, f"a2-{run}", "B", t0 + 2 * S, "Like", "p2"),
+            Notify(user, f"a3-{run}", "C", t0 + 3 * S, "Like", "p1"),
+        ],
+    ]
+    for ops in batches:
+        worker.apply(ops)
+        model.apply(ops)
+
+    async def check() -> None:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        gateway = AsyncNotifyRedis(client, lambda: durable, needs_durable=True, ttl_s=600)
+        try:
+            got = await _read_all(gateway, user)
+            assert got == await _read_all(model, user)
+            assert [(g["actors"], g["activity_count"]) for g in got["groups"]] == [(["C"], 1)]
+        finally:
+            await client.aclose()
+
+    asyncio.run(check())
