@@ -35,6 +35,7 @@ __all__ = [
     "notify_groups",
     "notify_items",
     "notify_keys",
+    "notify_pending",
     "outbox",
     "presence",
     "rate_connect_ip",
@@ -164,11 +165,22 @@ def notify_items(user: str) -> str:
     return f"ni:{{{user}}}"
 
 
+def notify_pending(user: str) -> str:
+    """List: the user's notification mutations not yet confirmed written to Cassandra."""
+    return f"np:{{{user}}}"
+
+
 @functools.lru_cache(maxsize=1 << 14)
 def notify_keys(user: str) -> tuple[str, ...]:
     """The ``KEYS`` of ``feed/lua/notify.lua`` for one user, in its order: data, groups, items,
-    presence. One slot (the user's hash tag)."""
-    return (notify_data(user), notify_groups(user), notify_items(user), presence(user))
+    pending, presence. One slot (the user's hash tag)."""
+    return (
+        notify_data(user),
+        notify_groups(user),
+        notify_items(user),
+        notify_pending(user),
+        presence(user),
+    )
 
 
 def body_pattern() -> str:

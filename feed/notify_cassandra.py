@@ -29,6 +29,7 @@ from feed.notify import NotifyRows
 __all__ = ["CassandraNotifyStore"]
 
 _CL = ConsistencyLevel.LOCAL_QUORUM
+_US = "\x1f"
 _CONCURRENCY = 32
 
 
@@ -84,56 +85,33 @@ class CassandraNotifyStore:
             statement.consistency_level = _CL
 
     def write(self, changes: Sequence[tuple[str, Sequence[str]]]) -> int:
-        """Apply ``notify.lua``'s mutations, per user (a flat list of strings each); returns the
-        statements run. Raises on the first failure (the caller retries: idempotent)."""
+        """Apply ``notify.lua``'s mutations, per user (one string each: the kind, the version,
+        the fields, joined by US); returns the statements run. Raises on the first failure (the
+        caller retries: idempotent)."""
         statements: list[tuple[object, tuple[object, ...]]] = []
-        for user, out in changes:
-            i = 0
-            while i < len(out):
-                kind = out[i]
+        for user, entries in changes:
+            for entry in entries:
+                kind, v, rest = entry.split(_US, 2)
+                version = int(v)
                 if kind == "G":
-                    gid, gkey, type_, object_, opened, open_, seen, read, v = out[i + 1 : i + 10]
-                    statements.append(
-                        (
-                            self._put_group,
-                            (
-                                user,
-                                gid,
-                                gkey,
-                                type_,
-                                object_,
-                                int(opened),
-                                open_ == "1",
-                                seen == "1",
-                                read == "1",
-                                int(v),
-                            ),
-                        )
-                    )
-                    i += 10
+                    gid, gkey, type_, opened, open_, seen, read, object_ = rest.split(_US, 7)
+                    row = (user, gid, gkey, type_, object_, int(opened), open_ == "1")
+                    statements.append((self._put_group, (*row, seen == "1", read == "1", version)))
                 elif kind == "I":
-                    gid, aid, actor, ts, v = out[i + 1 : i + 6]
-                    statements.append((self._put_item, (user, gid, aid, actor, int(ts), int(v))))
-                    i += 6
+                    gid, aid, actor, ts = rest.split(_US)
+                    statements.append((self._put_item, (user, gid, aid, actor, int(ts), version)))
                 elif kind == "X":
-                    gid, aid, v = out[i + 1 : i + 4]
-                    statements.append((self._del_item, (int(v), user, gid, aid)))
-                    i += 4
+                    gid, aid = rest.split(_US)
+                    statements.append((self._del_item, (version, user, gid, aid)))
                 elif kind == "D":
-                    gid, v = out[i + 1 : i + 3]
-                    statements.append((self._del_group, (int(v), user, gid)))
-                    statements.append((self._del_items, (int(v), user, gid)))
-                    i += 3
+                    statements.append((self._del_group, (version, user, rest)))
+                    statements.append((self._del_items, (version, user, rest)))
                 elif kind == "C":
-                    gid, v = out[i + 1 : i + 3]
-                    statements.append((self._close_group, (int(v), user, gid)))
-                    i += 3
+                    statements.append((self._close_group, (version, user, rest)))
                 elif kind == "S":
-                    gid, seen, read, v = out[i + 1 : i + 5]
-                    statements.append(
-                        (self._mark_group, (int(v), seen == "1", read == "1", user, gid))
-                    )
-                    i += 5
+                    gid, seen, read = rest.split(_US)
+                    flags = (version, seen == "1", read == "1", user, gid)
+                    statements.append((self._mark_group, flags))
                 else:
                     raise ValueError(f"unknown notification mutation {kind!r}")
         if statements:

@@ -83,7 +83,7 @@ def _head(ttl_s: int, command: str) -> list[Arg]:
 
 
 #: Most operations in one ``apply`` script call (the call runs alone in Redis: a bound on how
-#: long any other client waits) and most users (4 ``KEYS`` each).
+#: long any other client waits) and most users (5 ``KEYS`` each).
 _CALL_OPS = 2000
 _CALL_USERS = 500
 
@@ -128,7 +128,21 @@ class NotifyRedis:
             changes.append((user, [_text(v) for v in reply[1:]]))
         if self._durable is not None:
             self._durable.write(changes)
-        return sum(reply.count("G") for _, reply in changes)
+            self._confirm(changes)
+        return sum(_groups_written(entries) for _, entries in changes)
+
+    def _confirm(self, changes: Sequence[tuple[str, Sequence[str]]]) -> None:
+        """Drop the mutations just written from the users' pending lists (one round trip)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for user, entries in changes:
+            if entries:
+                self._script(
+                    keys=keys.notify_keys(user),
+                    args=[*_head(self._ttl, "confirm"), keys.channel(user), _newest(entries)],
+                    client=pipe,
+                )
+        if pipe:
+            pipe.execute()
 
     def _run(self, by_user: dict[str, list[NotifyOp]]) -> dict[str, list[Any]]:
         pipe = self._redis.pipeline(transaction=False)
@@ -141,7 +155,8 @@ class NotifyRedis:
         def call() -> None:
             head = _head(self._ttl, "apply")
             limits = self._limits
-            head += [limits.window_us, limits.group_max, limits.max_groups, len(users)]
+            keep = int(self._durable is not None)
+            head += [limits.window_us, limits.group_max, limits.max_groups, keep, len(users)]
             self._script(keys=keys_, args=head + args, client=pipe)
             calls.append(list(users))
 
@@ -170,6 +185,19 @@ class NotifyRedis:
                 client=pipe,
             )
         pipe.execute()
+
+
+def _newest(entries: Sequence[str]) -> int:
+    """The highest version among mutations (the second field of each)."""
+    return max(int(entry.split(_US, 2)[1]) for entry in entries)
+
+
+def _groups_written(entries: Sequence[str]) -> int:
+    """Group rows among mutations (``G``: created, or written again by a replay)."""
+    return sum(entry.startswith("G" + _US) for entry in entries)
+
+
+_US = "\x1f"
 
 
 def _is_cold(reply: Any) -> bool:
@@ -242,14 +270,19 @@ class AsyncNotifyRedis:
         if store is None and self._needs_durable:
             raise NotifyUnavailable("Cassandra is not connected yet")
         kind = "read" if mark.read else "seen"
+        keep = int(store is not None)
         if mark.all:
-            args: list[Arg] = [kind, "all"]
+            args: list[Arg] = [keep, kind, "all"]
         elif mark.through is not None:
-            args = [kind, "through", mark.through]
+            args = [keep, kind, "through", mark.through]
         else:
-            args = [kind, "groups", *mark.groups]
+            args = [keep, kind, "groups", *mark.groups]
         reply = await self._call(user, "mark", *args)
         mutations = [_text(v) for v in reply[3:]]
         if mutations and store is not None:
             await asyncio.to_thread(store.write, [(user, mutations)])
+            await self._script(
+                keys=keys.notify_keys(user),
+                args=[*_head(self._ttl, "confirm"), keys.channel(user), _newest(mutations)],
+            )
         return int(reply[1]), int(reply[2])

@@ -3,7 +3,8 @@
 -- The rules are those of feed.notify (the pure-Python reference, NotifyBook): keep them equal;
 -- tests/integration/feed/test_notify_redis.py checks this script against it step by step.
 --
--- KEYS, 4 per user (feed.keys.notify_keys; one user's keys share a slot):
+-- KEYS, 5 per user (feed.keys.notify_keys; one user's keys share a slot): data, groups, items,
+-- pending, presence.
 --   data     hash: 'i'US<aid> -> gid US actor US ts16 (the user's items);
 --            'g'US<gid> -> the group's header: gkey US opened US first16 US last16 US items
 --              US actors US seen(0/1) read(0/1) US type US object;
@@ -13,6 +14,7 @@
 --   groups   sorted set: gid, scored by its last activity's time (µs; exact in a double), so
 --            a new activity moves its group with one ZADD; ties ordered by gid. A group's
 --            position (cursors) is <last ts16>:<gid>
+--   pending  list: the mutations not yet confirmed written to Cassandra (see below)
 --   items    sorted set (lex): <gid> US <ts16> US <aid> US <actor>. A group's actors, newest
 --            first, are the first occurrences of each actor in its items read newest first:
 --            ordered by each actor's newest (ts, aid). No set of actors is kept: a group's
@@ -25,9 +27,15 @@
 --
 -- A user whose keys are gone (no 'l') is answered 'L' and left unchanged: the caller loads the
 -- user's rows from Cassandra ('load') and asks again. Writes answer the mutations the caller
--- writes to Cassandra, each with a version (µs from this Redis's clock, increasing per user):
---   G gid gkey type object opened open seen read v | I gid aid actor ts v | X gid aid v |
---   D gid v | C gid v (no longer its key's open group) | S gid seen read v
+-- writes to Cassandra, one string each, fields joined by US, with a version (µs from this
+-- Redis's clock, increasing per user) second:
+--   G v gid gkey type opened open seen read object | I v gid aid actor ts | X v gid aid |
+--   D v gid | C v gid (no longer its key's open group) | S v gid seen read
+-- When the caller keeps them (a durable store is configured), they also go to the user's
+-- pending list, and every write answers the whole list, not only its own: a Cassandra write
+-- that failed is made again by the next call (a retry changes nothing in Redis, but still
+-- answers what is pending). The caller drops what it wrote with 'confirm' (ARGV 5: the highest
+-- version it wrote).
 local US = '\31'
 local cmd, ttl, refresh = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 
@@ -109,10 +117,12 @@ U.__index = U
 
 local function user(base, channel)
   local me = setmetatable({}, U)
-  me.KD, me.KG, me.KI, me.KP = KEYS[base], KEYS[base + 1], KEYS[base + 2], KEYS[base + 3]
+  me.KD, me.KG, me.KI, me.KN, me.KP = KEYS[base], KEYS[base + 1], KEYS[base + 2],
+    KEYS[base + 3], KEYS[base + 4]
   me.channel = channel
   me.headers = {}
   me.out = {}
+  me.fresh = {}
   return me
 end
 
@@ -133,8 +143,21 @@ function U:next_version()
 end
 
 function U:emit(...)
+  self.out[#self.out + 1] = table.concat({...}, US)
+end
+
+-- What the caller writes to Cassandra: this call's mutations, and the ones still pending.
+function U:settle(keep)
+  if not keep then return self.out end
   local out = self.out
-  for _, v in ipairs({...}) do out[#out + 1] = v end
+  if #out == 0 then return redis.call('LRANGE', self.KN, 0, -1) end
+  local length = 0
+  for first = 1, #out, 1000 do
+    length = redis.call('RPUSH', self.KN, unpack(out, first, math.min(#out, first + 999)))
+  end
+  if ttl > 0 then redis.call('EXPIRE', self.KN, ttl) end
+  if length > #out then return redis.call('LRANGE', self.KN, 0, -1) end
+  return out
 end
 
 function U:parse(gid, raw)
@@ -258,8 +281,8 @@ function U:emit_group(gid, h)
   local open = self.open_now[h.gkey]
   if open == nil then open = redis.call('HGET', self.KD, 'o' .. US .. h.gkey) end
   open = open == gid
-  self:emit('G', gid, h.gkey, h.type, h.object, int(h.opened), open and '1' or '0',
-    h.seen and '1' or '0', h.read and '1' or '0', self:next_version())
+  self:emit('G', self:next_version(), gid, h.gkey, h.type, int(h.opened), open and '1' or '0',
+    h.seen and '1' or '0', h.read and '1' or '0', h.object)
 end
 
 -- Remove every trace of a group: its items, actors, header, open pointer, flags.
@@ -291,7 +314,7 @@ function U:drop(gid)
   if not h.read then self.unread = self.unread - 1 end
   self.counts_changed = true
   self.headers[gid] = false
-  self:emit('D', gid, self:next_version())
+  self:emit('D', self:next_version(), gid)
 end
 
 function U:move(gid, h, last)
@@ -310,7 +333,7 @@ function U:add(aid, actor, ts, gkey, type_, object, window, group_max)
     -- a replay: nothing changes; the durable copy of its group is written again
     local f = split(got[1], 3)
     self:emit_group(f[1], self:header(f[1]))
-    self:emit('I', f[1], aid, f[2], int(tonumber(f[3])), self:next_version())
+    self:emit('I', self:next_version(), f[1], aid, f[2], int(tonumber(f[3])))
     return nil
   end
   if self.headers[base] == nil then self:parse(base, got[3] or nil) end
@@ -330,7 +353,7 @@ function U:add(aid, actor, ts, gkey, type_, object, window, group_max)
   local existed = true
   local fields = {}
   if not (h and ts - h.opened < window and h.count < group_max) then
-    if gid then self:emit('C', gid, self:next_version()) end
+    if gid then self:emit('C', self:next_version(), gid) end
     gid = base
     local suffix = 1
     while self:header(gid) do
@@ -344,6 +367,7 @@ function U:add(aid, actor, ts, gkey, type_, object, window, group_max)
     fields = {'o' .. US .. gkey, gid}
     self.open_now[gkey] = gid
     self.created = true
+    self.fresh[gid] = true  -- its whole row goes to Cassandra (it may reuse a dropped id)
     existed = false
     ckey, c = 'c' .. US .. gid .. US .. actor, nil
   end
@@ -356,7 +380,7 @@ function U:add(aid, actor, ts, gkey, type_, object, window, group_max)
   if ts < h.first then h.first = ts end
   if ts > h.last then self:move(gid, h, ts) end
   self:flag(h, false, false)
-  self:emit('I', gid, aid, actor, int(ts), self:next_version())
+  self:emit('I', self:next_version(), gid, aid, actor, int(ts))
   return gid, existed
 end
 
@@ -370,7 +394,7 @@ function U:remove(aid)
   local h = self:header(gid)
   redis.call('HDEL', self.KD, 'i' .. US .. aid)
   redis.call('ZREM', self.KI, gid .. US .. pad(ts) .. US .. aid .. US .. actor)
-  self:emit('X', gid, aid, self:next_version())
+  self:emit('X', self:next_version(), gid, aid)
   h.count = h.count - 1
   if h.count == 0 then
     -- drop finds the actors' counters through the items left: this one's goes first
@@ -413,15 +437,17 @@ function U:publish(order, existed)
 end
 
 if cmd == 'apply' then
-  -- ARGV 4 window (µs), 5 most items per group, 6 most groups, 7 users, then per user: its
+  -- ARGV 4 window (µs), 5 most items per group, 6 most groups, 7 keep ('1': a durable store
+  -- takes the mutations: keep them pending until confirmed), 8 users, then per user: its
   -- channel, its count of operations, and 7 values per operation:
   -- 'a' aid actor ts gkey type object (notify) | 'd' aid '' '' '' '' '' (the activity is gone)
   -- Answers one array per user: {'L'} (not loaded: nothing changed), or {'K', mutations...}.
   local window, group_max, max_groups = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
   local replies = {}
-  local b = 8
-  for k = 1, tonumber(ARGV[7]) do
-    local me = user(4 * k - 3, ARGV[b])
+  local keep = ARGV[7] == '1'
+  local b = 9
+  for k = 1, tonumber(ARGV[8]) do
+    local me = user(5 * k - 4, ARGV[b])
     local n = tonumber(ARGV[b + 1])
     local first_op = b + 2
     b = first_op + 7 * n
@@ -455,23 +481,39 @@ if cmd == 'apply' then
       end
       for _, gid in ipairs(order) do
         local h = me:header(gid)
-        if h and not existed[gid] then
-          me:emit_group(gid, h)  -- new: the whole row
+        if h and me.fresh[gid] then
+          me:emit_group(gid, h)  -- opened in this call: the whole row
         elseif h and h.flagged then
-          me:emit('S', gid, h.seen and '1' or '0', h.read and '1' or '0', me:next_version())
+          me:emit('S', me:next_version(), gid, h.seen and '1' or '0', h.read and '1' or '0')
         end
       end
       me:flush()
       if #order > 0 and me:online() then me:publish(order, existed) end
       me:touch()
-      table.insert(me.out, 1, 'K')
-      replies[k] = me.out
+      local out = me:settle(keep)
+      table.insert(out, 1, 'K')
+      replies[k] = out
     end
   end
   return replies
 end
 
 local me = user(1, ARGV[4])
+
+if cmd == 'confirm' then
+  -- ARGV 5: every pending mutation up to this version was written to Cassandra
+  local upto = tonumber(ARGV[5])
+  local dropped = 0
+  while true do
+    local head = redis.call('LINDEX', me.KN, 0)
+    if not head then break end
+    local f = split(head, 3)
+    if tonumber(f[2]) > upto then break end
+    redis.call('LPOP', me.KN)
+    dropped = dropped + 1
+  end
+  return dropped
+end
 
 if cmd == 'load' then
   -- ARGV 4 the channel, 5 n groups, then 8 per group: gid gkey type object opened open seen
@@ -591,22 +633,22 @@ if cmd == 'actors' then
 end
 
 if cmd == 'mark' then
-  -- ARGV 5 'seen' | 'read', 6 'all' | 'groups' | 'through', then the gids, or one position:
-  -- every group at or above it (newer or equal) is marked
-  local read, mode = ARGV[5] == 'read', ARGV[6]
+  -- ARGV 5 keep (as for 'apply'), 6 'seen' | 'read', 7 'all' | 'groups' | 'through', then
+  -- the gids, or one position: every group at or above it (newer or equal) is marked
+  local keep, read, mode = ARGV[5] == '1', ARGV[6] == 'read', ARGV[7]
   local gids = {}
   if mode == 'all' then
     gids = redis.call('ZRANGEBYSCORE', me.KG, 0, '+inf')
   elseif mode == 'through' then
-    gids = at_or_above(ARGV[7])
+    gids = at_or_above(ARGV[8])
   else
-    for b = 7, #ARGV do gids[#gids + 1] = ARGV[b] end
+    for b = 8, #ARGV do gids[#gids + 1] = ARGV[b] end
   end
   for _, gid in ipairs(gids) do
     local h = me:header(gid)
     if h and (not h.seen or (read and not h.read)) then
       me:flag(h, true, read or h.read)
-      me:emit('S', gid, '1', h.read and '1' or '0', me:next_version())
+      me:emit('S', me:next_version(), gid, '1', h.read and '1' or '0')
     end
   end
   me:flush()
@@ -615,7 +657,7 @@ if cmd == 'mark' then
       .. ',"unread":' .. me.unread .. '}')
   end
   local out = {'M', me.unseen, me.unread}
-  for _, v in ipairs(me.out) do out[#out + 1] = v end
+  for _, v in ipairs(me:settle(keep)) do out[#out + 1] = v end
   return out
 end
 

@@ -20,6 +20,7 @@ import msgspec
 import pytest
 import redis
 import redis.asyncio as aioredis
+from cassandra import OperationTimedOut
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -65,7 +66,7 @@ step = st.one_of(
 
 
 def _evict(client: redis.Redis, user: str) -> None:
-    client.delete(*keys.notify_keys(user)[:3])
+    client.delete(*keys.notify_keys(user)[:4])
 
 
 async def _read_all(store: Any, user: str) -> dict[str, Any]:
@@ -168,7 +169,7 @@ def test_redis_and_cassandra_match_the_model_after_every_step(
             # and Cassandra alone holds the same: evict everyone, read again
             for user in users:
                 _evict(redis_client, user)
-                assert await _read_all(gateway, user) == await _read_all(model, user)
+                assert await _read_all(gateway, user) == await _read_all(model, user), steps
         finally:
             await client.aclose()
 
@@ -253,6 +254,101 @@ def test_the_group_bound_holds_after_each_operation_of_a_batch(
             got = await _read_all(gateway, user)
             assert got == await _read_all(model, user)
             assert [(g["actors"], g["activity_count"]) for g in got["groups"]] == [(["C"], 1)]
+        finally:
+            await client.aclose()
+
+    asyncio.run(check())
+
+
+class _FailsOnce:
+    """The durable store, with its first write failing (a Cassandra timeout)."""
+
+    def __init__(self, store: CassandraNotifyStore) -> None:
+        self.store = store
+        self.failed = False
+
+    def write(self, changes: Any) -> int:
+        if not self.failed:
+            self.failed = True
+            raise OperationTimedOut("injected: the write timed out")
+        return self.store.write(changes)
+
+    def load(self, user: str) -> Any:
+        return self.store.load(user)
+
+    def load_many(self, users: Any) -> Any:
+        return self.store.load_many(users)
+
+
+def test_a_failed_cassandra_write_is_made_again_by_the_retry(
+    stores: Any, redis_client: redis.Redis, settings: Settings
+) -> None:
+    """Redis changes first: a retry after the Cassandra write failed changes nothing there, but
+    still writes what is pending, so a delete, a closed group and a mark reach Cassandra (they
+    were lost: a reload brought the deleted notification back)."""
+    worker, durable = stores
+    run = uuid.uuid4().hex[:8]
+    user, t0 = f"retry-{run}", 1_700_000_000 * S
+    model = MemoryNotifications(LIMITS)
+    first = [
+        Notify(user, f"a1-{run}", "A", t0, "Like", "post:1"),
+        Notify(user, f"a2-{run}", "B", t0 + S, "Like", "post:1"),
+    ]
+    worker.apply(first)
+    model.apply(first)
+    flaky = NotifyRedis(redis_client, _FailsOnce(durable), limits=LIMITS, ttl_s=600)  # type: ignore[arg-type]
+    delete = [
+        Unnotify(user, f"a1-{run}"),
+        Notify(user, f"a3-{run}", "C", t0 + 9 * S, "Like", "post:1"),
+    ]
+    with pytest.raises(OperationTimedOut):
+        flaky.apply(delete)
+    flaky.apply(delete)  # the worker's retry of the batch
+    model.apply(delete)
+    assert redis_client.llen(keys.notify_pending(user)) == 0  # confirmed
+
+    async def check() -> None:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        flaky_store = _FailsOnce(durable)
+        marks = AsyncNotifyRedis(client, lambda: flaky_store, needs_durable=True, ttl_s=600)  # type: ignore[arg-type, return-value]
+        gateway = AsyncNotifyRedis(client, lambda: durable, needs_durable=True, ttl_s=600)
+        try:
+            mark = Mark(read=True, all=True)
+            with pytest.raises(OperationTimedOut):
+                await marks.mark(user, mark)
+            assert await marks.mark(user, mark) == await model.mark(user, mark)  # the retry
+            _evict(redis_client, user)  # what Cassandra alone holds
+            assert await _read_all(gateway, user) == await _read_all(model, user)
+        finally:
+            await client.aclose()
+
+    asyncio.run(check())
+
+
+def test_a_group_emptied_and_opened_again_in_one_batch_is_written_whole(
+    stores: Any, redis_client: redis.Redis, settings: Settings
+) -> None:
+    """One call empties a group and opens one with the same id: Cassandra gets the new group's
+    whole row after the drop (it got only its flags, and a reload lost the group)."""
+    worker, durable = stores
+    run = uuid.uuid4().hex[:8]
+    user, t0 = f"reopen-{run}", 1_700_000_000 * S
+    model = MemoryNotifications(LIMITS)
+    for ops in (
+        [Notify(user, f"a1-{run}", "A", t0, "Like", "post:1")],
+        [Unnotify(user, f"a1-{run}"), Notify(user, f"a2-{run}", "B", t0, "Like", "post:1")],
+    ):
+        worker.apply(ops)
+        model.apply(ops)
+    _evict(redis_client, user)
+
+    async def check() -> None:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        gateway = AsyncNotifyRedis(client, lambda: durable, needs_durable=True, ttl_s=600)
+        try:
+            got = await _read_all(gateway, user)
+            assert got == await _read_all(model, user)
+            assert [g["actors"] for g in got["groups"]] == [["B"]]
         finally:
             await client.aclose()
 

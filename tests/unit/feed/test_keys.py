@@ -186,5 +186,6 @@ def test_a_users_notification_keys_and_channel_are_in_one_cluster_slot() -> None
         keys.notify_data("u1"),
         keys.notify_groups("u1"),
         keys.notify_items("u1"),
+        keys.notify_pending("u1"),
         keys.presence("u1"),
     )
