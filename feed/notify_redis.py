@@ -1,7 +1,8 @@
 """Notification feeds in Redis: the hot copy that decides, with Cassandra as the durable copy.
 
 Every change of a user's notification feed is one call of ``feed/lua/notify.lua`` on that
-user's keys (one slot: works unchanged on a Redis Cluster). The script applies the rules of
+user's keys (one slot; a call carries many users, so a Redis Cluster needs the calls grouped by
+slot: the cluster work, not done yet). The script applies the rules of
 ``feed.notify`` atomically, publishes the ``notification`` frames to the user's channel when
 they are online, and returns the mutations that the caller then writes to Cassandra
 (``feed.notify_cassandra``), each with a version that orders it.
@@ -12,7 +13,10 @@ or lost with Redis) answers ``L``: the caller reads the user's rows from Cassand
 (``load``, which does nothing if another caller loaded first) and calls again. Nothing a worker
 wrote is lost that way: it writes Cassandra before it commits its Kafka offsets, and a batch
 that Redis lost before that is replayed (a replay of an activity the feed already has writes
-its group's rows again). Without Cassandra (``durable`` None) a user with no keys starts empty.
+its group's rows again). A Cassandra write that fails is made again by the retry: the script
+keeps every change in the user's pending list until the caller confirms it wrote it, and
+answers the whole list on every write. Without Cassandra (``durable`` None) a user with no keys
+starts empty and nothing is kept pending.
 
 Costs (one user per script call, calls pipelined): the worker sends one round trip per batch,
 then one more for the users it had to load.
