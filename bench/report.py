@@ -467,8 +467,8 @@ def _notify_section(add: Any, notify: dict[str, Any]) -> None:
         f"({timeline.get('activities_per_batch')} a batch, `RedisTimelines.insert`), and "
         f"{_num(notes.get('activities'))} activities notifying 1-3 of "
         f"{_num(notes.get('recipients'))} users ({notes.get('activities_per_batch')} a batch, "
-        "`NotifyRedis.apply`, durable None; most join an open group of a hot post, 20% open "
-        "a new one)."
+        "`NotifyRedis.apply`, a store that writes nothing; most join an open group of a hot post, "
+        "20% open a new one)."
     )
     add("")
     add("| per inserted entry | timeline | notification | notification ÷ timeline |")
