@@ -7,11 +7,12 @@ Four parts, in-process against the bench's stack except the HTTP reads:
    :meth:`feed.timelines_redis.RedisTimelines.insert` (batches of 200 activities, each fanned out
    to 10-100 active followers), and notification inserts through
    :meth:`feed.notify_redis.NotifyRedis.apply` with a store that writes nothing (batches of 500
-   activities, each notifying 1-3 users; most activities join an open group of one of their recipient's few
-   hot posts, a share opens a new group). Every feed is loaded before its phase, so neither phase
-   pays a first-touch load. Redis's own CPU comes from ``INFO cpu`` (``used_cpu_sys`` +
-   ``used_cpu_user``) before and after each phase, and the scripts' time from ``INFO
-   commandstats`` (``evalsha`` usec, which includes the commands the scripts call). Reported as
+   activities, each notifying 1-3 users; most activities join an open group of one of their
+   recipient's few hot posts, a share opens a new group). Every feed is loaded before its
+   phase, so neither phase pays a first-touch load. Redis's own CPU comes from ``INFO cpu``
+   (``used_cpu_sys`` + ``used_cpu_user``) before and after each phase, and the scripts' time
+   from ``INFO commandstats`` (``evalsha`` usec, which includes the commands the scripts call).
+   Reported as
    µs per inserted entry and the ratio notification / timeline; the issue's goal is ≤ 2.
 2. **Through the real Processor, with Cassandra** (``processor``). The same activities shape
    (Likes and Comments of posts, fanned out to 10-100 followers) through

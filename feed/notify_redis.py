@@ -136,17 +136,13 @@ class NotifyRedis:
         return sum(_groups_written(entries) for _, entries in changes)
 
     def _confirm(self, changes: Sequence[tuple[str, Sequence[str]]]) -> None:
-        """Drop the mutations just written from the users' pending lists (one round trip)."""
-        pipe = self._redis.pipeline(transaction=False)
-        for user, entries in changes:
-            if entries:
-                self._script(
-                    keys=keys.notify_keys(user),
-                    args=[*_head(self._ttl, "confirm"), keys.channel(user), _newest(entries)],
-                    client=pipe,
-                )
-        if pipe:
-            pipe.execute()
+        """Drop the mutations just written from the users' pending lists: one script call."""
+        written = [(user, _newest(entries)) for user, entries in changes if entries]
+        if written:
+            self._script(
+                keys=[keys.notify_pending(user) for user, _ in written],
+                args=[*_head(self._ttl, "confirm"), *(version for _, version in written)],
+            )
 
     def _run(self, by_user: dict[str, list[NotifyOp]]) -> dict[str, list[Any]]:
         pipe = self._redis.pipeline(transaction=False)
@@ -286,7 +282,7 @@ class AsyncNotifyRedis:
         if mutations and store is not None:
             await asyncio.to_thread(store.write, [(user, mutations)])
             await self._script(
-                keys=keys.notify_keys(user),
-                args=[*_head(self._ttl, "confirm"), keys.channel(user), _newest(mutations)],
+                keys=[keys.notify_pending(user)],
+                args=[*_head(self._ttl, "confirm"), _newest(mutations)],
             )
         return int(reply[1]), int(reply[2])

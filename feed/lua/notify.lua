@@ -34,10 +34,36 @@
 -- When the caller keeps them (a durable store is configured), they also go to the user's
 -- pending list, and every write answers the whole list, not only its own: a Cassandra write
 -- that failed is made again by the next call (a retry changes nothing in Redis, but still
--- answers what is pending). The caller drops what it wrote with 'confirm' (ARGV 5: the highest
--- version it wrote).
+-- answers what is pending). The caller drops what it wrote with 'confirm' (many users at once:
+-- below).
 local US = '\31'
 local cmd, ttl, refresh = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+
+if cmd == 'confirm' then
+  -- The callers wrote the pending mutations up to a version to Cassandra: drop them. KEYS: the
+  -- users' pending lists; ARGV 4..: a version per list. The lists are in version order (each
+  -- write appends its own, with versions above the list's). Runs before the definitions below:
+  -- one call per batch, not per user.
+  local dropped = 0
+  for k = 1, #KEYS do
+    local upto = tonumber(ARGV[3 + k])
+    local entries = redis.call('LRANGE', KEYS[k], 0, -1)
+    local n = 0
+    for _, entry in ipairs(entries) do
+      local from = string.find(entry, '\31', 1, true) + 1
+      local to = string.find(entry, '\31', from, true)
+      if tonumber(string.sub(entry, from, to and to - 1 or #entry)) > upto then break end
+      n = n + 1
+    end
+    if n == #entries then
+      redis.call('DEL', KEYS[k])
+    elseif n > 0 then
+      redis.call('LTRIM', KEYS[k], n, -1)
+    end
+    dropped = dropped + n
+  end
+  return dropped
+end
 
 if cmd == 'counts' then
   -- the badge's read, first: it needs none of the definitions below (measured: their set-up
@@ -499,21 +525,6 @@ if cmd == 'apply' then
 end
 
 local me = user(1, ARGV[4])
-
-if cmd == 'confirm' then
-  -- ARGV 5: every pending mutation up to this version was written to Cassandra
-  local upto = tonumber(ARGV[5])
-  local dropped = 0
-  while true do
-    local head = redis.call('LINDEX', me.KN, 0)
-    if not head then break end
-    local f = split(head, 3)
-    if tonumber(f[2]) > upto then break end
-    redis.call('LPOP', me.KN)
-    dropped = dropped + 1
-  end
-  return dropped
-end
 
 if cmd == 'load' then
   -- ARGV 4 the channel, 5 n groups, then 8 per group: gid gkey type object opened open seen
