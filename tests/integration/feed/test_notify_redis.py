@@ -96,6 +96,23 @@ async def _read_all(store: Any, user: str) -> dict[str, Any]:
     return {"groups": groups, "actors": actors, "counts": counts, "n": await store.counts(user)}
 
 
+def _read_both(
+    settings: Settings, durable: CassandraNotifyStore, model: MemoryNotifications, user: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The user's feed as the gateway reads it from Redis (loading from Cassandra if it must),
+    and as the model holds it."""
+
+    async def read() -> tuple[dict[str, Any], dict[str, Any]]:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        gateway = AsyncNotifyRedis(client, lambda: durable, needs_durable=True, ttl_s=600)
+        try:
+            return await _read_all(gateway, user), await _read_all(model, user)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(read())
+
+
 @pytest.fixture
 def stores(redis_client: redis.Redis, cassandra: Any, settings: Settings) -> Any:
     durable = CassandraNotifyStore(cassandra, settings.cassandra_keyspace)
@@ -195,18 +212,9 @@ def test_a_group_id_used_again_after_its_group_emptied_counts_every_actor(
     for ops in steps:
         worker.apply(ops)
         model.apply(ops)
-
-    async def check() -> None:
-        client = aioredis.Redis.from_url(settings.redis_url)
-        gateway = AsyncNotifyRedis(client, lambda: durable, needs_durable=True, ttl_s=600)
-        try:
-            got = await _read_all(gateway, user)
-            assert got == await _read_all(model, user)
-            assert got["groups"][0]["actors"] == ["A", "B"]
-        finally:
-            await client.aclose()
-
-    asyncio.run(check())
+    got, expected = _read_both(settings, durable, model, user)
+    assert got == expected
+    assert got["groups"][0]["actors"] == ["A", "B"]
 
 
 def test_two_callers_loading_one_cold_user_both_succeed(
@@ -246,18 +254,9 @@ def test_the_group_bound_holds_after_each_operation_of_a_batch(
     for ops in batches:
         worker.apply(ops)
         model.apply(ops)
-
-    async def check() -> None:
-        client = aioredis.Redis.from_url(settings.redis_url)
-        gateway = AsyncNotifyRedis(client, lambda: durable, needs_durable=True, ttl_s=600)
-        try:
-            got = await _read_all(gateway, user)
-            assert got == await _read_all(model, user)
-            assert [(g["actors"], g["activity_count"]) for g in got["groups"]] == [(["C"], 1)]
-        finally:
-            await client.aclose()
-
-    asyncio.run(check())
+    got, expected = _read_both(settings, durable, model, user)
+    assert got == expected
+    assert [(g["actors"], g["activity_count"]) for g in got["groups"]] == [(["C"], 1)]
 
 
 class _FailsOnce:
@@ -341,15 +340,6 @@ def test_a_group_emptied_and_opened_again_in_one_batch_is_written_whole(
         worker.apply(ops)
         model.apply(ops)
     _evict(redis_client, user)
-
-    async def check() -> None:
-        client = aioredis.Redis.from_url(settings.redis_url)
-        gateway = AsyncNotifyRedis(client, lambda: durable, needs_durable=True, ttl_s=600)
-        try:
-            got = await _read_all(gateway, user)
-            assert got == await _read_all(model, user)
-            assert [g["actors"] for g in got["groups"]] == [["B"]]
-        finally:
-            await client.aclose()
-
-    asyncio.run(check())
+    got, expected = _read_both(settings, durable, model, user)
+    assert got == expected
+    assert [g["actors"] for g in got["groups"]] == [["B"]]
