@@ -33,18 +33,28 @@ run_quiet() {  # run a command, show its output only when it fails
     rm -f "$out"
 }
 
+apt_updated=0
+apt_install() {  # apt_install WHAT PACKAGE...: install Debian packages (root; one apt-get update)
+    local what="$1"
+    shift
+    [ "$(id -u)" -eq 0 ] || die "need root to apt-get install $*"
+    say "apt-get install $* ($what)"
+    export DEBIAN_FRONTEND=noninteractive
+    if [ "$apt_updated" -eq 0 ]; then
+        run_quiet apt-get update -q || die "apt-get update failed"
+        apt_updated=1
+    fi
+    run_quiet apt-get install -y -q --no-install-recommends "$@" \
+        || die "apt-get install $* failed"
+}
+
 # --- 1. system packages ----------------------------------------------------------
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
 if ((${#missing[@]})); then
-    [ "$(id -u)" -eq 0 ] || die "need root to apt-get install ${missing[*]}"
-    say "apt-get install ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    run_quiet apt-get update -q || die "apt-get update failed"
     # Install both named packages (as specified); apt skips what is already there.
-    run_quiet apt-get install -y -q --no-install-recommends redis-server openjdk-17-jre-headless \
-        || die "apt-get install redis-server openjdk-17-jre-headless failed"
+    apt_install "the test servers" redis-server openjdk-17-jre-headless
     command -v redis-server >/dev/null 2>&1 || die "redis-server still missing after apt-get"
     command -v java >/dev/null 2>&1 || die "java still missing after apt-get"
 else
@@ -57,12 +67,7 @@ fi
 if [ -x /usr/bin/chromium ]; then
     say "chromium present; skipping"
 else
-    [ "$(id -u)" -eq 0 ] || die "need root to apt-get install chromium"
-    say "apt-get install chromium"
-    export DEBIAN_FRONTEND=noninteractive
-    run_quiet apt-get update -q || die "apt-get update failed"
-    run_quiet apt-get install -y -q --no-install-recommends chromium fonts-liberation \
-        || die "apt-get install chromium failed"
+    apt_install "the browser test" chromium fonts-liberation
     [ -x /usr/bin/chromium ] || die "/usr/bin/chromium still missing after apt-get"
 fi
 
@@ -73,12 +78,7 @@ fi
 if command -v promtool >/dev/null 2>&1; then
     say "promtool present; skipping"
 else
-    [ "$(id -u)" -eq 0 ] || die "need root to apt-get install prometheus"
-    say "apt-get install prometheus (for promtool)"
-    export DEBIAN_FRONTEND=noninteractive
-    run_quiet apt-get update -q || die "apt-get update failed"
-    run_quiet apt-get install -y -q --no-install-recommends prometheus \
-        || die "apt-get install prometheus failed"
+    apt_install "promtool" prometheus
     command -v promtool >/dev/null 2>&1 || die "promtool still missing after apt-get"
 fi
 

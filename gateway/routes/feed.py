@@ -19,7 +19,15 @@ from gateway.errors import GatewayError
 from gateway.resources import gateway_of
 from gateway.responses import JSONResponse
 
-__all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "feed_page", "page_limit", "position_cursor", "user"]
+__all__ = [
+    "DEFAULT_LIMIT",
+    "MAX_LIMIT",
+    "feed_page",
+    "page_limit",
+    "position_cursor",
+    "position_key",
+    "user",
+]
 
 #: ``limit`` of ``GET /v1/feed``.
 DEFAULT_LIMIT, MAX_LIMIT = 50, 200
@@ -41,15 +49,15 @@ def user(request: Request) -> UserClaims:
     )
 
 
-def page_limit(raw: str | None) -> int:
-    """``limit``: 1 to ``MAX_LIMIT`` (default ``DEFAULT_LIMIT``), or 400 naming it."""
+def page_limit(raw: str | None, default: int = DEFAULT_LIMIT, most: int = MAX_LIMIT) -> int:
+    """``limit``: 1 to ``most`` (absent: ``default``), or 400 naming it."""
     if raw is None:
-        return DEFAULT_LIMIT
-    if not _LIMIT.fullmatch(raw) or not 1 <= int(raw) <= MAX_LIMIT:
+        return default
+    if not _LIMIT.fullmatch(raw) or not 1 <= int(raw) <= most:
         raise GatewayError(
             400,
             "out_of_range",
-            f"must be a whole number from 1 to {MAX_LIMIT} in ASCII digits",
+            f"must be a whole number from 1 to {most} in ASCII digits",
             field="limit",
         )
     return int(raw)
@@ -58,6 +66,12 @@ def page_limit(raw: str | None) -> int:
 def position_cursor(raw: str | None) -> str | None:
     """A paging cursor checked at the boundary: one this API issued, or 400 naming ``cursor``
     (never an exception from deeper down for a cursor it could not have issued)."""
+    return raw if position_key(raw) is not None else None
+
+
+def position_key(raw: str | None) -> str | None:
+    """The order key inside a paging cursor (:func:`position_cursor`'s check): a timeline's, or
+    a notification group's position."""
     if not raw:
         return None
     key: str | None = None
@@ -75,7 +89,7 @@ def position_cursor(raw: str | None) -> str | None:
             f"(at most {_MAX_CURSOR_CHARS} characters)",
             field="cursor",
         )
-    return raw
+    return key
 
 
 async def feed_page(request: Request) -> Response:

@@ -17,13 +17,13 @@ import re
 from starlette.requests import Request
 from starlette.responses import Response
 
-from feed.cursor import decode_position, encode_position, split_order_key
+from feed.cursor import encode_position
 from feed.interfaces import Mark
 from feed.notify_redis import NotifyUnavailable
 from gateway.errors import GatewayError
 from gateway.resources import gateway_of
 from gateway.responses import JSONResponse, encode_json
-from gateway.routes.feed import user
+from gateway.routes.feed import page_limit, position_key, user
 from gateway.routes.ingest import read_body, require_json
 from schemas.activity import is_valid_id
 from schemas.notifications import MAX_MARK_BODY, decode_mark_request
@@ -43,22 +43,8 @@ __all__ = [
 #: ``limit`` of ``GET /v1/notifications`` and of ``.../actors``.
 DEFAULT_GROUPS, MAX_GROUPS = 20, 100
 DEFAULT_ACTORS, MAX_ACTORS = 50, 100
-_LIMIT = re.compile(r"[0-9]{1,9}")
 #: An actors cursor: ``a`` and unpadded URL-safe base64 of ``<16 digits>\x1f<actor id>``.
 _ACTORS_CURSOR = re.compile(r"a[A-Za-z0-9_-]{1,400}")
-
-
-def _limit(raw: str | None, default: int, most: int) -> int:
-    if raw is None:
-        return default
-    if not _LIMIT.fullmatch(raw) or not 1 <= int(raw) <= most:
-        raise GatewayError(
-            400,
-            "out_of_range",
-            f"must be a whole number from 1 to {most} in ASCII digits",
-            field="limit",
-        )
-    return int(raw)
 
 
 def _bad_cursor() -> GatewayError:
@@ -68,18 +54,6 @@ def _bad_cursor() -> GatewayError:
         "not a cursor of this list: use `next` of a page as it was returned",
         field="cursor",
     )
-
-
-def _position(raw: str | None) -> str | None:
-    """A group position from a page's ``next`` (or 400 naming ``cursor``)."""
-    if not raw:
-        return None
-    try:
-        position = decode_position(raw)
-        split_order_key(position)
-    except ValueError:
-        raise _bad_cursor() from None
-    return position
 
 
 def _actors_after(raw: str | None) -> str | None:
@@ -115,8 +89,8 @@ def _unavailable(exc: NotifyUnavailable) -> GatewayError:
 
 async def notification_page(request: Request) -> Response:
     claims = user(request)
-    limit = _limit(request.query_params.get("limit"), DEFAULT_GROUPS, MAX_GROUPS)
-    before = _position(request.query_params.get("cursor"))
+    limit = page_limit(request.query_params.get("limit"), DEFAULT_GROUPS, MAX_GROUPS)
+    before = position_key(request.query_params.get("cursor"))
     try:
         page = await gateway_of(request).notifications.page(claims.user, before, limit)
     except NotifyUnavailable as exc:
@@ -146,7 +120,7 @@ async def notification_counts(request: Request) -> Response:
 async def notification_actors(request: Request) -> Response:
     claims = user(request)
     gid = request.path_params["group"]
-    limit = _limit(request.query_params.get("limit"), DEFAULT_ACTORS, MAX_ACTORS)
+    limit = page_limit(request.query_params.get("limit"), DEFAULT_ACTORS, MAX_ACTORS)
     after = _actors_after(request.query_params.get("cursor"))
     if not is_valid_id(gid):
         raise GatewayError(404, "not_found", "no such notification group", field="group")
@@ -169,7 +143,7 @@ async def _mark(request: Request, *, read: bool) -> Response:
     elif wanted.groups is not None:
         mark = Mark(read=read, groups=wanted.groups)
     else:
-        mark = Mark(read=read, through=_position(wanted.cursor))
+        mark = Mark(read=read, through=position_key(wanted.cursor))
     try:
         unseen, unread = await gateway_of(request).notifications.mark(claims.user, mark)
     except NotifyUnavailable as exc:
