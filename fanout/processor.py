@@ -54,6 +54,7 @@ from feed.interfaces import (
 )
 from feed.logging import get_logger
 from feed.stages import now_ms
+from feed.tracing import Phase
 from schemas.activity import Activity, encode_activity, published_us
 from schemas.errors import FeedError
 from schemas.follow import FollowEvent
@@ -91,6 +92,9 @@ class BatchStats:
     published_ms: float | None = None
     #: Redis writes still in flight (``apply(..., defer=True)``); :meth:`Processor.complete`.
     deferred: list[_Deferred] = field(default_factory=list)
+    #: When each step ran (``feed.tracing.Phase``: name, start and end in ns since the epoch):
+    #: the worker's spans for the batch, when it traces. A few clock reads per batch.
+    phases: list[Phase] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -144,13 +148,16 @@ class Processor:
         *,
         defer: bool = False,
         origins: Sequence[int | None] = (),
+        traces: Sequence[str | None] = (),
     ) -> BatchStats:
         """Apply decoded events in order; ``int`` is the caller's index, used in ``rejected``.
 
         With ``defer``, the Redis write of the trailing run of activities may still be in flight
         when this returns: call :meth:`complete` on the result before treating it as applied.
         ``origins``: by the caller's index, when each record entered the pipeline (its Kafka
-        timestamp, in ms): the ``ts`` of the frames pushed for it.
+        timestamp, in ms): the ``ts`` of the frames pushed for it. ``traces``: by the caller's
+        index, the ``traceparent`` of the worker's span for the record (``feed.tracing``), which
+        the frames pushed for it carry.
         """
         stats = BatchStats()
         run: list[tuple[int, Activity]] = []
@@ -158,10 +165,11 @@ class Processor:
             if isinstance(event, Activity) and not event.is_delete:
                 run.append((index, event))
                 continue
-            self._apply_activities(run, stats, origins)
+            self._apply_activities(run, stats, origins, traces)
             self.complete(stats)
             self._wait_in_flight()  # earlier batches' writes too: never race a delete or follow
             run = []
+            started = time.time_ns()
             try:
                 if isinstance(event, FollowEvent):
                     self._apply_follow(event, stats)
@@ -169,7 +177,10 @@ class Processor:
                     self._apply_delete(event, stats)
             except RejectedRecord as rejected:
                 stats.rejected.append((index, rejected))
-        self._apply_activities(run, stats, origins, defer=defer)
+            finally:
+                name = "follow" if isinstance(event, FollowEvent) else "delete"
+                stats.phases.append((name, started, time.time_ns()))
+        self._apply_activities(run, stats, origins, traces, defer=defer)
         if not defer:
             self.complete(stats)
         return stats
@@ -242,11 +253,13 @@ class Processor:
             first.setdefault(activity.id, (index, activity))
             actors.setdefault(activity.id, set()).add(activity.actor)
         ids = list(first)
+        at = time.time_ns()
         claimed = self._timelines.claim([(i, first[i][1].actor) for i in ids], _CLAIM_TTL_S)
         holders = dict(zip(ids, claimed, strict=True))
-        started = time.perf_counter()
+        started, at = time.perf_counter(), _phase(stats, "redis claim", at)
         stored = self._history.stored_many(ids)  # after the claim: see the docstring
         stats.cassandra_s += time.perf_counter() - started
+        _phase(stats, "cassandra read activities", at)
         records: list[HistoryRecord] = []
         to: dict[str, list[str]] = {}
         new: list[str] = []
@@ -296,6 +309,7 @@ class Processor:
         run: list[tuple[int, Activity]],
         stats: BatchStats,
         origins: Sequence[int | None],
+        traces: Sequence[str | None] = (),
         *,
         defer: bool = False,
     ) -> None:
@@ -308,15 +322,23 @@ class Processor:
             for index, activity in run:
                 if activity.id not in origin and index < len(origins):
                     origin[activity.id] = origins[index]
+        trace: dict[str, str] = {}  # ... and their traceparent, if it was traced
+        if traces:
+            for index, activity in run:
+                parent = traces[index] if index < len(traces) else None
+                if parent is not None:
+                    trace.setdefault(activity.id, parent)
         timelines = self._timelines
         if not records:
             if release:
                 timelines.insert([], release=release)
             return
-        started = time.perf_counter()
+        started, at = time.perf_counter(), time.time_ns()
         self._history.put_activities(records, new=new)
         stats.cassandra_s += time.perf_counter() - started
+        at = _phase(stats, "cassandra write activities", at)
         followers = self._followers.get_many(list({r.actor for r in records}))
+        at = _phase(stats, "followers read", at)
         records = [
             HistoryRecord(
                 r.activity_id,
@@ -338,6 +360,7 @@ class Processor:
             started = time.perf_counter()
             stats.history_rows += history.put_deliveries(records, timelines=True)
             stats.cassandra_s += time.perf_counter() - started
+            _phase(stats, "cassandra write timelines", at)
         inserts = [
             Insert(
                 order_key(r.ts, r.activity_id),
@@ -345,6 +368,7 @@ class Processor:
                 r.body,
                 r.users,
                 origin.get(r.activity_id),
+                trace.get(r.activity_id),
             )
             for r in records
         ]
@@ -359,15 +383,21 @@ class Processor:
         notify = self._notify_ops(records)
 
         def write() -> tuple[int, int]:
+            at = time.time_ns()
             result = timelines.insert(inserts, release=release)
             deferred.done_ms = now_ms()  # published: the online followers have it
+            # the timelines, delivery streams and Pub/Sub: one script (feed/lua/fanout.lua)
+            at = _phase(stats, "redis write and publish", at)
             if big:
                 timelines.add_to_outboxes(big)
+                at = _phase(stats, "redis write outboxes", at)
             if recipients_after:
                 history.put_deliveries(records, timelines=False)
+                at = _phase(stats, "cassandra write recipients", at)
             if notify:
                 assert self._notifications is not None
                 stats.notified += self._notifications.apply(notify)
+                _phase(stats, "redis write notifications", at)
             return result
 
         deferred = _Deferred(write, None)
@@ -580,6 +610,13 @@ _READ_TIMEOUTS: tuple[type[BaseException], ...] = (ReadTimeout, OperationTimedOu
 #: How long a create's claim of a new id lives at most (it is released once the activity row is
 #: written; the TTL only ends claims of workers that died in between).
 _CLAIM_TTL_S = 600
+
+
+def _phase(stats: BatchStats, name: str, started_ns: int) -> int:
+    """Record that step ``name`` ran from ``started_ns`` until now; returns now (``time_ns``)."""
+    now = time.time_ns()
+    stats.phases.append((name, started_ns, now))
+    return now
 
 
 def _recipients(to: Sequence[str], followers: tuple[str, ...]) -> tuple[str, ...]:

@@ -48,6 +48,7 @@ from fanout.dlq import DeadLetters, DeadLetterUnavailable, dead_letter_producer_
 from fanout.followers import FollowerCache
 from fanout.metrics import WorkerMetrics
 from fanout.processor import BatchStats, Processor
+from feed import tracing
 from feed.graph_versions_redis import RedisGraphVersions
 from feed.kafka import KafkaUnavailable, consumer_config
 from feed.lag import measure_lag
@@ -118,6 +119,8 @@ class _Batch:
     origins: list[int | None]
     consumed_ms: float
     durable_ms: float
+    #: While tracing: the records' spans that are sampled (``feed.tracing``), ended with the batch.
+    spans: list[Any]
 
 
 class _Stopping(Exception):
@@ -291,6 +294,10 @@ class Worker:
         offsets: dict[tuple[str, int], int] = {}
         first: dict[tuple[str, int], int] = {}
         origins: list[int | None] = [None] * len(messages)
+        spans: list[Any] = []
+        traces: list[str | None] = []
+        if tracing.ENABLED:
+            spans, traces = _record_spans(messages, consumed_ms)
         dlq = 0
         for index, message in enumerate(messages):
             error = message.error()
@@ -320,9 +327,19 @@ class Worker:
         ):
             # Deletes and follows wait for every earlier Redis write (and its commit).
             self._finish_pending()
-        stats = self._apply(messages, events, defer=True, origins=origins)
+        stats = self._apply(messages, events, defer=True, origins=origins, traces=traces)
         return _Batch(
-            messages, events, offsets, first, stats, dlq, started, origins, consumed_ms, now_ms()
+            messages,
+            events,
+            offsets,
+            first,
+            stats,
+            dlq,
+            started,
+            origins,
+            consumed_ms,
+            now_ms(),
+            spans,
         )
 
     def _finish(self, batch: _Batch, *, retry: bool = True) -> None:
@@ -333,13 +350,12 @@ class Worker:
         ``retry=False``: one attempt at the DLQ write; :class:`DeadLetterUnavailable` if it fails
         (the batch is not committed; its DLQ records are kept and sent again)."""
         stats = batch.stats = self._complete(batch)
-        messages, offsets, first = batch.messages, batch.offsets, batch.first
+        messages, offsets = batch.messages, batch.offsets
         self._seen_down = False
         for index, rejected in stats.rejected:
             batch.dlq += 1
             self._dead_letter(messages[index], rejected.code, str(rejected), rejected.field, 1)
         stats.rejected.clear()  # sent: a second call (after a failed DLQ write) sends no copy
-        dlq = batch.dlq
         if retry:
             self._flush_dead_letters()
         else:
@@ -363,6 +379,17 @@ class Worker:
         m.notified.inc(stats.notified)
         m.store_seconds.labels(store="redis").observe(stats.redis_s)
         m.store_seconds.labels(store="cassandra").observe(stats.cassandra_s)
+        span = _batch_span(batch, stats) if batch.spans else None
+        with tracing.using(span):
+            self._log_batch(batch, stats, elapsed)
+        if span is not None:
+            span.end()
+            for record in batch.spans:
+                record.end()
+            batch.spans = []
+
+    def _log_batch(self, batch: _Batch, stats: BatchStats, elapsed: float) -> None:
+        messages, offsets, first = batch.messages, batch.offsets, batch.first
         log.info(
             "batch_applied",
             records=len(messages),
@@ -373,7 +400,7 @@ class Worker:
             pushed=stats.pushed,
             history_rows=stats.history_rows,
             notified=stats.notified,
-            dlq=dlq,
+            dlq=batch.dlq,
             ms=round(elapsed * 1000, 1),
             redis_ms=round(stats.redis_s * 1000, 1),
             cassandra_ms=round(stats.cassandra_s * 1000, 1),
@@ -387,9 +414,10 @@ class Worker:
         *,
         defer: bool = False,
         origins: Sequence[int | None] = (),
+        traces: Sequence[str | None] = (),
     ) -> BatchStats:
         return self._retrying(
-            lambda: self._processor.apply(events, defer=defer, origins=origins),
+            lambda: self._processor.apply(events, defer=defer, origins=origins, traces=traces),
             lambda: self._apply_one_by_one(messages, events),
         )
 
@@ -597,6 +625,72 @@ class Worker:
             if row.lag is not None:
                 self._metrics.lag.labels(topic=row.topic, partition=str(row.partition)).set(row.lag)
         self._metrics.lag_sum.set(lag.total)
+
+
+def _record_spans(
+    messages: Sequence[Any], consumed_ms: float
+) -> tuple[list[Any], list[str | None]]:
+    """A span per record, the child of the trace context its headers carry (a new trace if none):
+    the sampled ones, and by record index the ``traceparent`` its frames carry (None if not
+    sampled). They start when the batch was consumed and end with it (:func:`_batch_span`)."""
+    from opentelemetry.trace import SpanKind
+
+    tracer = tracing.tracer()
+    start = int(consumed_ms * 1_000_000)
+    spans: list[Any] = []
+    traces: list[str | None] = [None] * len(messages)
+    for index, message in enumerate(messages):
+        if message.error() is not None:
+            continue
+        topic = message.topic()
+        span = tracer.start_span(
+            f"{topic} process",
+            context=tracing.header_context(message.headers()),
+            kind=SpanKind.CONSUMER,
+            start_time=start,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": topic,
+                "messaging.destination.partition.id": str(message.partition()),
+                "messaging.kafka.offset": message.offset(),
+            },
+        )
+        if span.is_recording():
+            spans.append(span)
+            traces[index] = tracing.span_traceparent(span)
+    return spans, traces
+
+
+def _batch_span(batch: _Batch, stats: BatchStats) -> Any:
+    """The span of a batch with sampled records, and its steps' spans (``stats.phases``) under it.
+
+    It is the child of the first sampled record's span; a batch that carries more traces links to
+    their record spans, and each of them links back to it, so every trace leads to the batch's
+    store writes. Not ended here (the caller logs inside it first)."""
+    from opentelemetry.trace import Link, set_span_in_context
+
+    tracer = tracing.tracer()
+    first, *others = batch.spans
+    span = tracer.start_span(
+        "fanout batch",
+        context=set_span_in_context(first),
+        links=[Link(other.get_span_context()) for other in others],
+        start_time=int(batch.consumed_ms * 1_000_000),
+        attributes={
+            "feed.records": len(batch.messages),
+            "feed.activities": stats.activities,
+            "feed.inserted": stats.inserted,
+            "feed.pushed": stats.pushed,
+            "feed.dlq": batch.dlq,
+        },
+    )
+    for other in others:
+        other.add_link(span.get_span_context())
+    parent = set_span_in_context(span)
+    for name, started, ended in stats.phases:
+        tracer.start_span(name, context=parent, start_time=started).end(end_time=ended)
+    return span
 
 
 def _safe_probe(probe: Callable[[], bool]) -> bool:

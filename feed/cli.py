@@ -38,10 +38,19 @@ def _settings() -> Settings:
         raise SystemExit(2) from None
 
 
-def _logging(settings: Settings) -> None:
+def _logging(settings: Settings, service: str | None = None) -> None:
+    """Logging, then (for a long-running ``service``) tracing: both from the environment."""
     from feed.logging import configure
 
     configure(settings.log_level, settings.log_format)
+    if service is not None:
+        from feed.tracing import setup
+
+        try:
+            setup(service)
+        except SettingsError as exc:
+            print(f"feed: configuration error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 def _fail(command: str, message: str) -> int:
@@ -156,7 +165,7 @@ def cmd_fanout(_args: argparse.Namespace) -> int:
     from feed.logging import get_logger
 
     settings = _settings()
-    _logging(settings)
+    _logging(settings, "feed-fanout")
     metrics = WorkerMetrics()
     try:
         with _driver_quiet():
@@ -178,11 +187,14 @@ def cmd_fanout(_args: argparse.Namespace) -> int:
         session.cluster.shutdown()
         address = f"{settings.worker_metrics_host}:{settings.worker_metrics_port}"
         return _fail("fanout", f"cannot listen on {address}: {exc.strerror or exc}")
-    get_logger("fanout").info("worker http", port=server.server_address[1])
+    get_logger("fanout").info("worker_http_listening", port=server.server_address[1])
     install_signal_handlers(worker.stop)
     worker.run()
     server.shutdown()
     session.cluster.shutdown()
+    from feed.tracing import shutdown
+
+    shutdown()  # the last batches' spans
     return 0
 
 
@@ -195,7 +207,7 @@ def cmd_gateway(_args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"feed: configuration error: {exc}", file=sys.stderr)
         return 2
-    _logging(settings)
+    _logging(settings, "feed-gateway")
     run(settings)
     return 0
 

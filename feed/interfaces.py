@@ -89,6 +89,9 @@ class Insert:
     #: When the activity entered the pipeline (its Kafka record's timestamp), in ms since the
     #: epoch: the ``ts`` of the frames pushed for it (``schemas.frames.activity_tail``).
     ts_ms: int | None = None
+    #: The fan-out worker's span for its record, when that trace is sampled: the frames'
+    #: ``traceparent`` (``feed.tracing``).
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,9 +47,12 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         if use_json
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
+    from feed.tracing import ids_processor  # feed.tracing logs through this module
+
     numeric = logging.getLevelName(level.upper())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        ids_processor,  # trace_id, span_id inside a sampled span (a flag check when not tracing)
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _redact,

@@ -139,7 +139,10 @@ def _fanout_calls(
             bodies.append((body, insert.body))
             activity_keys += (deleted, body)
             members.append(insert.member)
-            tails.append(b"" if insert.ts_ms is None else frames.activity_tail(insert.ts_ms))
+            if insert.ts_ms is None and insert.traceparent is None:
+                tails.append(b"")
+            else:
+                tails.append(frames.activity_tail(insert.ts_ms, insert.traceparent))
             index = indexes[insert.member] = b"%d" % len(members)
         for user in insert.users:
             mine = get(user)

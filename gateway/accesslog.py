@@ -14,6 +14,7 @@ import time
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from feed import tracing
 from gateway.metrics import GatewayMetrics
 
 __all__ = ["AccessLog"]
@@ -48,6 +49,8 @@ class AccessLog:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
+            if tracing.ENABLED:
+                _name_span(scope["method"], template)
             self.metrics.http_requests.labels(template, str(status)).inc()
             emit = log.debug if template in _QUIET_ROUTES and status < 500 else log.info
             emit(
@@ -58,3 +61,14 @@ class AccessLog:
                 status=status,
                 duration_ms=round((time.perf_counter() - started) * 1000, 2),
             )
+
+
+def _name_span(method: str, template: str) -> None:
+    """Name the request's server span (OpenTelemetry's ASGI middleware, which knows only the
+    method when it starts it) after the route's template, as the semantic conventions ask."""
+    from opentelemetry.trace import get_current_span
+
+    span = get_current_span()
+    if span.is_recording():
+        span.update_name(f"{method} {template}")
+        span.set_attribute("http.route", template)

@@ -33,6 +33,7 @@ from starlette.middleware import Middleware
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from feed import tracing
 from feed.reader import FeedReader
 from feed.settings import Settings
 from gateway.accesslog import AccessLog
@@ -130,11 +131,34 @@ def create_app(
         # The product's errors (FeedError and below), Starlette's HTTPException, the store
         # outages (library types) and, as the last resort, anything else: one handler.
         exception_handlers=dict.fromkeys(HANDLED, error_response),
-        middleware=[Middleware(AccessLog, metrics=gateway.metrics)],
+        middleware=[*_tracing_middleware(), Middleware(AccessLog, metrics=gateway.metrics)],
     )
     app.state.gateway = gateway
     app.stream = stream
     return app
+
+
+#: Requests that are not traced: probes and scrapes (a root trace each, sampled like any other).
+_UNTRACED = ",".join(["/healthz$", "/readyz$", "/metrics$", "/openapi.json$"])
+
+
+def _tracing_middleware() -> list[Middleware]:
+    """OpenTelemetry's ASGI middleware, while this process traces (``feed.tracing``): a server
+    span per HTTP request, the child of the request's ``traceparent``. Its send and receive
+    spans are left out (one per body chunk); the access log names the span after the route.
+    WebSocket connects to ``/v1/stream`` do not pass through it (:class:`GatewayApp`): their
+    session spans are written in :mod:`gateway.connection`."""
+    if not tracing.ENABLED:
+        return []
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    return [
+        Middleware(
+            OpenTelemetryMiddleware,
+            excluded_urls=_UNTRACED,
+            exclude_spans=["receive", "send"],
+        )
+    ]
 
 
 class GatewayApp(Starlette):

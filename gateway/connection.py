@@ -22,6 +22,7 @@ from typing import Any
 import structlog
 from starlette.types import Message
 
+from feed import tracing
 from feed.stages import now_ms
 from gateway import closecodes
 from gateway.auth import UserClaims
@@ -31,7 +32,7 @@ from gateway.resources import Gateway
 from gateway.session import PRESENCE_PREFIX, RESET_CONTROL, Session
 from gateway.timers import timers
 from gateway.transport import StreamSocket, close_connection, reject
-from schemas.frames import ACTIVITY_HEAD, frame_ts_ms
+from schemas.frames import ACTIVITY_HEAD, frame_traceparent, frame_ts_ms
 
 __all__ = ["EARLY_MAX_FRAMES", "HISTORY_PAGE", "StreamConnection", "essential_early"]
 
@@ -76,6 +77,7 @@ class StreamConnection:
         "_pushed",
         "_reading",
         "_session",
+        "_span",
         "_ws",
     )
 
@@ -97,6 +99,7 @@ class StreamConnection:
         self._pending_since: float | None = None
         self._client_code: int | None = None
         self._pushed = 0
+        self._span: Any = None  # the session's span, while tracing (feed.tracing)
         #: Deliveries of activities that entered the pipeline before this are replays (a resume)
         #: and are left out of the delivery latency.
         self._opened_ms = now_ms()
@@ -161,6 +164,10 @@ class StreamConnection:
             return
         session: Session | None = None
         gateway.metrics.connections.inc()
+        if tracing.ENABLED:
+            self._span = tracing.tracer().start_span(
+                "ws session", attributes={"feed.user": self.user}
+            )
         try:
             try:
                 presence = await gateway.presence.attach(self.user)
@@ -180,11 +187,13 @@ class StreamConnection:
             session = self._start_session(presence.epoch, presence.seq, reset_through)
             if caught_up_seq is not None:
                 session.rebase(presence.epoch, caught_up_seq)  # frames the catch-up added
-            await self._serve(session)
+            with tracing.using(self._span):  # the connection's log lines carry its ids
+                await self._serve(session)
         finally:
             gateway.metrics.connections.dec()
             gateway.hub.unregister(self)
-            self._log_summary(session, time.monotonic() - started)
+            with tracing.using(self._span):
+                self._log_summary(session, time.monotonic() - started)
 
     def _start_session(self, epoch: str, seq: int, reset_through: int | None = None) -> Session:
         settings = self._gateway.settings
@@ -321,13 +330,16 @@ class StreamConnection:
         if written is None:
             return False
         session.frame_sent(written)
-        self._sent(len(frames))
-        self._delivered(frames)
+        self._delivered(frames, self._sent(len(frames)))
         return True
 
-    def _delivered(self, frames: list[bytes]) -> None:
+    def _delivered(self, frames: list[bytes], since: float | None = None) -> None:
         """Count the activity frames just written, and the delivery latency of the live ones
-        (``feed.stages``)."""
+        (``feed.stages``). While tracing, a live frame that carries a ``traceparent`` gets its
+        push span: from ``since`` (when the connection had frames to write, ``perf_counter``)
+        to now."""
+        if tracing.ENABLED:
+            self._trace_pushes(frames, since)
         at = now_ms()
         opened = self._opened_ms
         metrics = self._gateway.metrics
@@ -343,7 +355,32 @@ class StreamConnection:
         if delivered:
             metrics.activities_delivered.inc(delivered)
 
-    def _sent(self, count: int) -> None:
+    def _trace_pushes(self, frames: list[bytes], since: float | None) -> None:
+        from opentelemetry.trace import SpanKind
+
+        now_ns = time.time_ns()
+        start_ns = now_ns
+        if since is not None:
+            start_ns -= int((time.perf_counter() - since) * 1e9)
+        opened = self._opened_ms
+        for frame in frames:
+            parent = frame_traceparent(frame)
+            if parent is None:
+                continue
+            ts = frame_ts_ms(frame)
+            if ts is None or ts < opened:
+                continue  # a replay (resume): its trace ended long ago
+            span = tracing.tracer().start_span(
+                "push",
+                context=tracing.context_of(parent),
+                kind=SpanKind.PRODUCER,
+                start_time=start_ns,
+                attributes={"feed.user": self.user, "feed.frame_bytes": len(frame)},
+            )
+            span.end(end_time=now_ns)
+
+    def _sent(self, count: int) -> float | None:
+        """Count ``count`` frames written; returns since when they waited (``perf_counter``)."""
         metrics = self._gateway.metrics
         self._pushed += count
         metrics.messages_pushed.inc(count)
@@ -351,6 +388,7 @@ class StreamConnection:
         if since is not None:
             self._pending_since = None
             metrics.push_latency.observe(time.perf_counter() - since)
+        return since
 
     def _interrupt_reader(self) -> None:
         """Get the reader out of its wait for a client frame (the session closed)."""
@@ -391,8 +429,7 @@ class StreamConnection:
         for frame in frames:
             await websocket.send_text(frame.decode())
             session.frame_sent(len(frame))
-            self._sent(1)
-            self._delivered([frame])
+            self._delivered([frame], self._sent(1))
 
     async def _pump_loop(self, session: Session) -> None:
         presence = self._gateway.presence
@@ -438,6 +475,10 @@ class StreamConnection:
             if session.resets:
                 self._gateway.metrics.resets.inc(session.resets)
         log.info("ws_connection", **fields)
+        span, self._span = self._span, None
+        if span is not None:
+            span.set_attributes({k: v for k, v in fields.items() if v is not None})
+            span.end()
 
 
 def essential_early(frames: list[bytes]) -> list[bytes]:

@@ -49,7 +49,12 @@ class Producer(Protocol):
     """What ingest needs from a Kafka producer (``feed.kafka.AsyncProducer``)."""
 
     async def send_many(
-        self, topic: str, records: Iterable[tuple[bytes, bytes]], *, timeout: float = 30.0
+        self,
+        topic: str,
+        records: Iterable[tuple[bytes, bytes]],
+        *,
+        timeout: float = 30.0,
+        headers: list[tuple[str, bytes]] | None = None,
     ) -> int: ...
 
 

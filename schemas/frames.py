@@ -11,6 +11,7 @@ frames are decoded with :func:`decode_client_frame`.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 import msgspec
@@ -21,6 +22,7 @@ __all__ = [
     "ACTIVITY_HEAD",
     "ACTIVITY_MIDDLE",
     "ACTIVITY_TAIL",
+    "ACTIVITY_TRACEPARENT",
     "ACTIVITY_TS",
     "CURSOR_HEADS",
     "MAX_INBOUND_FRAME",
@@ -38,6 +40,7 @@ __all__ = [
     "activity_tail",
     "decode_client_frame",
     "encode_frame",
+    "frame_traceparent",
     "frame_ts_ms",
     "stream_position",
 ]
@@ -56,6 +59,11 @@ ACTIVITY_TAIL = b"}"
 #: time it accepted the request). It lets the gateway measure publish-to-socket latency without
 #: decoding the frame (:func:`frame_ts_ms`), and a client its own.
 ACTIVITY_TS = b',"ts":'
+#: Before the optional ``traceparent`` of an activity frame (W3C Trace Context, 55 characters),
+#: which comes before ``ts``: the fan-out worker's span for the record, while the worker traces and
+#: the record's trace is sampled (``feed.tracing``). The gateway's push span is its child.
+ACTIVITY_TRACEPARENT = b',"traceparent":"'
+_TRACEPARENT_LEN = 55
 #: ``removed`` frame: ``REMOVED_HEAD + <epoch>.<seq> + REMOVED_MIDDLE + <id as a JSON string> +
 #: REMOVED_TAIL`` (the order :class:`Removed` decodes; spliced by ``feed/lua/remove.lua``).
 REMOVED_HEAD = b'{"type":"removed","cursor":"'
@@ -78,6 +86,8 @@ class Welcome(msgspec.Struct, tag_field="type", tag="welcome"):
 class ActivityFrame(msgspec.Struct, tag_field="type", tag="activity", omit_defaults=True):
     cursor: str
     activity: msgspec.Raw
+    #: The worker's span for the record, when its trace is sampled (see ACTIVITY_TRACEPARENT).
+    traceparent: str | None = None
     #: Milliseconds since the epoch when the activity entered the pipeline (see ACTIVITY_TS).
     ts: int | None = None
 
@@ -169,18 +179,23 @@ def stream_position(frame: bytes) -> tuple[str, int] | None:
     return epoch.decode("ascii"), int(seq)
 
 
-def activity_tail(ts_ms: int | None) -> bytes:
-    """The bytes after the activity JSON of an activity frame: with ``ts`` when it is known (a
-    positive millisecond time), else just the closing brace."""
+def activity_tail(ts_ms: int | None, traceparent: str | None = None) -> bytes:
+    """The bytes after the activity JSON of an activity frame: ``traceparent`` when given (a
+    valid W3C one, see ``feed.tracing``), then ``ts`` when it is known (a positive millisecond
+    time), then the closing brace."""
+    trace = b""
+    if traceparent is not None and len(traceparent) == _TRACEPARENT_LEN:
+        trace = b'%s%s"' % (ACTIVITY_TRACEPARENT, traceparent.encode("ascii"))
     if ts_ms is None or ts_ms <= 0:
-        return ACTIVITY_TAIL
-    return b"%s%d%s" % (ACTIVITY_TS, ts_ms, ACTIVITY_TAIL)
+        return trace + ACTIVITY_TAIL
+    return b"%s%s%d%s" % (trace, ACTIVITY_TS, ts_ms, ACTIVITY_TAIL)
 
 
 #: A frame's ``ts`` is read only at the very end, where :func:`activity_tail` puts it: a 13-digit
 #: millisecond time (years 2001 to 2286).
 _TS_DIGITS = 13
 _TS_AT = -(len(ACTIVITY_TS) + _TS_DIGITS + len(ACTIVITY_TAIL))
+_TRACEPARENT = re.compile(rb"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 def frame_ts_ms(frame: bytes) -> int | None:
@@ -193,6 +208,20 @@ def frame_ts_ms(frame: bytes) -> int | None:
     if not digits.isdigit():
         return None
     return int(digits)
+
+
+def frame_traceparent(frame: bytes) -> str | None:
+    """The ``traceparent`` of a spliced activity frame, read from its last bytes like
+    :func:`frame_ts_ms` (no JSON decoding); None for a frame without one."""
+    end = len(frame) - 1  # the closing brace
+    if frame[_TS_AT : _TS_AT + len(ACTIVITY_TS)] == ACTIVITY_TS:
+        end = len(frame) + _TS_AT
+    start = end - 1 - _TRACEPARENT_LEN
+    head = start - len(ACTIVITY_TRACEPARENT)
+    if head < 0 or frame[end - 1 : end] != b'"' or frame[head:start] != ACTIVITY_TRACEPARENT:
+        return None
+    value = frame[start : end - 1]
+    return value.decode("ascii") if _TRACEPARENT.fullmatch(value) else None
 
 
 def encode_frame(frame: Welcome | ActivityFrame | Removed | Reset) -> bytes:

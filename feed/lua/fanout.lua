@@ -15,7 +15,7 @@
 --   8..12 the prefixes of the timeline, presence, active marker, delivery stream and channel,
 --   13..12+n the order keys (members) of activities 1..n,
 --   13+n..12+2n their frames' tails (schemas.frames.activity_tail: the tail with the activity's
---   'ts'), or '' for the plain tail of ARGV 7,
+--   'traceparent' and 'ts'), or '' for the plain tail of ARGV 7,
 --   then per user k one value: the indexes of its activities (1-based, in the order the user
 --   must receive them), separated by spaces.
 --

@@ -7,6 +7,8 @@ within ``BODY_TIMEOUT_S``), must be JSON (415 otherwise) and is decoded by :mod:
 :class:`ValidationError` becomes 400 naming the field. ``202`` means the broker has every record
 (``acks=all``); a broker that does not take them in time is 503 with ``Retry-After``. An
 ``Idempotency-Key`` makes a retried request produce nothing twice (:mod:`gateway.idempotency`).
+A ``traceparent`` (and ``tracestate``) request header reaches the records' headers: as the parent
+of the request's span while the gateway traces (``feed.tracing``), unchanged otherwise.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import structlog
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from feed import tracing
 from feed.kafka import KafkaUnavailable
 from gateway.auth import AuthError, ingest_authorized
 from gateway.errors import GatewayError, http_error
@@ -144,8 +147,13 @@ async def ingest_activities(request: Request) -> Response:
                 headers={"Idempotent-Replayed": "true"},
             )
     records = [(a.actor.encode(), encode_activity(a)) for a in activities]
+    headers = None
+    if not tracing.ENABLED:  # else the producer's instrumentation puts its span's context there
+        headers = tracing.carried_headers(
+            request.headers.get("traceparent"), request.headers.get("tracestate")
+        )
     try:
-        await _produce(gateway, gateway.settings.topic_activities, records)
+        await _produce(gateway, gateway.settings.topic_activities, records, headers)
     except GatewayError:
         if idempotency is not None:
             await idempotency.abandon()
@@ -175,9 +183,14 @@ async def follow(request: Request) -> Response:
     return JSONResponse(Accepted(accepted=1), status_code=202)
 
 
-async def _produce(gateway: Gateway, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+async def _produce(
+    gateway: Gateway,
+    topic: str,
+    records: list[tuple[bytes, bytes]],
+    headers: list[tuple[str, bytes]] | None = None,
+) -> None:
     try:
-        await gateway.producer.send_many(topic, records, timeout=15.0)
+        await gateway.producer.send_many(topic, records, timeout=15.0, headers=headers)
     except (KafkaUnavailable, TimeoutError, OSError) as exc:
         log.warning("produce_failed", topic=topic, records=len(records), error=str(exc))
         # 503 with Retry-After (gateway.errors); a GatewayError, so a caller can undo its claim.

@@ -97,11 +97,16 @@ class HookedProducer(AsyncProducer):
         self.on_send: Callable[[], None] | None = None
 
     async def send_many(
-        self, topic: str, records: Iterable[tuple[bytes, bytes]], *, timeout: float = 30.0
+        self,
+        topic: str,
+        records: Iterable[tuple[bytes, bytes]],
+        *,
+        timeout: float = 30.0,
+        headers: list[tuple[str, bytes]] | None = None,
     ) -> int:
         if self.on_send is not None:
             self.on_send()
-        return await super().send_many(topic, records, timeout=timeout)
+        return await super().send_many(topic, records, timeout=timeout, headers=headers)
 
 
 #: The broker and the topics of this module's gateways (set by the ``_broker`` fixture).

@@ -116,7 +116,12 @@ class FakeProcessor:
         self.log = log
 
     def apply(
-        self, events: list[tuple[int, Any]], *, defer: bool = False, origins: Any = ()
+        self,
+        events: list[tuple[int, Any]],
+        *,
+        defer: bool = False,
+        origins: Any = (),
+        traces: Any = (),
     ) -> BatchStats:
         self.calls += 1
         if self.errors:
@@ -295,7 +300,12 @@ class PipelinedProcessor(FakeProcessor):
         self.complete_errors = complete_errors or []
 
     def apply(
-        self, events: list[tuple[int, Any]], *, defer: bool = False, origins: Any = ()
+        self,
+        events: list[tuple[int, Any]],
+        *,
+        defer: bool = False,
+        origins: Any = (),
+        traces: Any = (),
     ) -> BatchStats:
         stats = super().apply([(i, e) for i, e in events if hasattr(e, "id")])
         self.log[-1] = "apply " + ",".join(getattr(e, "id", "follow") for _, e in events)
@@ -483,7 +493,12 @@ class RejectingProcessor(FakeProcessor):
     with an id owned by another actor."""
 
     def apply(
-        self, events: list[tuple[int, Any]], *, defer: bool = False, origins: Any = ()
+        self,
+        events: list[tuple[int, Any]],
+        *,
+        defer: bool = False,
+        origins: Any = (),
+        traces: Any = (),
     ) -> BatchStats:
         stats = super().apply(events, defer=defer)
         index = events[1][0]

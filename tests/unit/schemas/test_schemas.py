@@ -304,9 +304,46 @@ def test_a_spliced_activity_frame_with_its_ts_is_the_activity_frame_type() -> No
         1_765_000_000_123,
     )
     assert frame == frames.encode_frame(
-        frames.ActivityFrame("ab12.7", msgspec.Raw(body), 1_765_000_000_123)
+        frames.ActivityFrame("ab12.7", msgspec.Raw(body), ts=1_765_000_000_123)
     )
     assert frames.frame_ts_ms(frame) == 1_765_000_000_123
+    assert frames.frame_traceparent(frame) is None
+
+
+_TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+@pytest.mark.parametrize("ts", [1_765_000_000_123, None])
+def test_a_spliced_activity_frame_with_its_traceparent_is_the_activity_frame_type(
+    ts: int | None,
+) -> None:
+    body = b'{"id":"a-1","actor":"u1"}'
+    tail = frames.activity_tail(ts, _TRACEPARENT)
+    frame = _activity_frame("ab12.7", body)[: -len(frames.ACTIVITY_TAIL)] + tail
+    decoded = msgspec.json.decode(frame, type=frames.ActivityFrame)
+    assert (decoded.traceparent, decoded.ts) == (_TRACEPARENT, ts)
+    assert frame == frames.encode_frame(
+        frames.ActivityFrame("ab12.7", msgspec.Raw(body), traceparent=_TRACEPARENT, ts=ts)
+    )
+    # read back from the frame's last bytes, with or without the ts after it
+    assert frames.frame_traceparent(frame) == _TRACEPARENT
+    assert frames.frame_ts_ms(frame) == ts
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"id":"a-1"}',
+        # a body's own traceparent, even the last field, is never taken for the frame's
+        b'{"id":"a-1","x":{"traceparent":"' + _TRACEPARENT.encode() + b'"}}',
+        b'{"id":"a-1","traceparent":"' + _TRACEPARENT.encode() + b'"}',
+    ],
+)
+def test_a_frame_without_traceparent_has_none(body: bytes) -> None:
+    assert frames.frame_traceparent(_activity_frame("ab12.7", body)) is None
+    tail = frames.activity_tail(1_765_000_000_123)
+    assert frames.frame_traceparent(_activity_frame("ab12.7", body)[:-1] + tail) is None
+    assert frames.frame_traceparent(b"") is None
 
 
 @pytest.mark.parametrize(
