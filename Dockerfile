@@ -8,7 +8,8 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# --- builder: the locked runtime dependencies, then the wheel (without the dev/local/bench
+# --- builder: the locked runtime dependencies (with the tracing extra: OpenTelemetry, off until
+# OTEL_EXPORTER_OTLP_ENDPOINT is set), then the wheel (without the dev/local/bench
 # extras), into a venv. requirements/runtime.lock is made by `make lock` from pyproject.toml, with
 # hashes: the image gets exactly the versions the tests ran on. ---
 FROM ${PYTHON_IMAGE} AS builder

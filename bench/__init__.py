@@ -160,6 +160,9 @@ def run_bench(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             progress.update(task, description=f"stack ready in {stack.startup_seconds:.1f}s")
             progress.stop_task(task)
             env = _child_env(stack, options)
+            if options.tracing:
+                env.update(_otlp_sink(children, outdir, env, options.tracing))
+                results["meta"]["tracing"] = options.tracing
             settings = Settings.from_env(env)
             _migrate(settings)
             results["meta"]["servers"] = _server_versions(stack)
@@ -259,6 +262,27 @@ def _child_env(stack: Any, options: BenchOptions) -> dict[str, str]:
         [str(_REPO), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])]
     )
     return env
+
+
+def _otlp_sink(children: Any, outdir: Path, env: dict[str, str], share: float) -> dict[str, str]:
+    """Start the OTLP sink (:mod:`bench.otlp_sink`) and return the tracing settings of the
+    bench's processes: export there, sampling ``share`` of new traces (``FEED_BENCH_TRACING``)."""
+    from bench.processes import free_port, wait_http
+
+    port = free_port()
+    sink = children.spawn(
+        [sys.executable, "-m", "bench.otlp_sink", "--port", str(port)],
+        env=dict(env),
+        log=outdir / "otlp-sink.log",
+    )
+    if not wait_http(f"http://127.0.0.1:{port}/healthz", 30, sink):
+        raise RuntimeError("the OTLP sink did not start")
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": str(share),
+    }
 
 
 def _migrate(settings: Any) -> None:

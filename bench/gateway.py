@@ -477,6 +477,7 @@ def _step(
         str(ctx.settings.timeline_max),
         "--stream-history",
         str(ctx.settings.stream_history),
+        *(["--trace-share", str(ctx.options.tracing)] if ctx.options.tracing else []),
     ]
     waited = quiet.wait()
     sched0 = proc_sched(side.server.pid)

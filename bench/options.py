@@ -80,6 +80,11 @@ class BenchOptions:
     gateway_rates: tuple[int, ...] | None = None
     #: ``FEED_BENCH_GATEWAY_SIDES=peer``: the only sides of the gateway scenario to measure.
     gateway_sides: tuple[str, ...] | None = None
+    #: ``FEED_BENCH_TRACING=0.1``: the bench's workers and gateways trace (OpenTelemetry), sampling
+    #: this share of new traces, and export to an OTLP sink the bench runs; the gateway
+    #: scenario's publisher puts a sampled ``traceparent`` on this share of frames (as a traced
+    #: worker does). ``None``, unset: no tracing.
+    tracing: float | None = None
     #: The rest of the environment the bench was handed (read-only), the base of its children's.
     environ: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType({}), repr=False, compare=False
@@ -106,13 +111,19 @@ class BenchOptions:
             phases=get("FEED_BENCH_PHASES", _phases),
             gateway_rates=get("FEED_BENCH_GATEWAY_RATES", _rates),
             gateway_sides=get("FEED_BENCH_GATEWAY_SIDES", _sides),
+            tracing=get("FEED_BENCH_TRACING", _share),
             environ=MappingProxyType(dict(environ)),
         )
 
     def inherited(self) -> dict[str, str]:
-        """The environment without its ``FEED_*`` variables: the base of every process of the
-        bench's stack (the bench sets the ``FEED_*`` settings of its children itself)."""
-        return {k: v for k, v in self.environ.items() if not k.startswith("FEED_")}
+        """The environment without its ``FEED_*`` and ``OTEL_*`` variables: the base of every
+        process of the bench's stack (the bench sets the ``FEED_*`` settings of its children
+        itself, and their tracing from ``FEED_BENCH_TRACING`` only)."""
+        return {
+            k: v
+            for k, v in self.environ.items()
+            if not k.startswith("FEED_") and not k.startswith("OTEL_")
+        }
 
     def install_env(self) -> dict[str, str]:
         """The environment minus the project's virtualenv markers, for the peer's own venv."""
@@ -168,6 +179,19 @@ def _at_least_float(low: float) -> Callable[[str, str], float]:
         return max(low, value)
 
     return parse
+
+
+def _share(name: str, raw: str) -> float:
+    """A share: a number above 0 and at most 1."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BenchOptionsError(
+            f"{name} must be a number above 0 and at most 1, got {raw!r}"
+        ) from None
+    if not 0 < value <= 1:
+        raise BenchOptionsError(f"{name} must be a number above 0 and at most 1, got {raw!r}")
+    return value
 
 
 def _phases(name: str, raw: str) -> frozenset[str]:

@@ -511,6 +511,13 @@ def publish_ours(args: argparse.Namespace, users: list[str]) -> dict[str, Any]:
             for _ in range(due):
                 activity = payload(args.step, sent, now, published)
                 aid = activity["id"]
+                traced = {}
+                if args.trace_share > 0 and rng.random() < args.trace_share:
+                    # a sampled record's frame, as a traced worker publishes it: the gateway
+                    # writes a push span for it (FEED_BENCH_TRACING)
+                    traced["traceparent"] = (
+                        f"00-{rng.getrandbits(128):032x}-{rng.getrandbits(64) | 1:016x}-01"
+                    )
                 batch.append(
                     Insert(
                         member=order_key(published_us, aid),
@@ -519,6 +526,7 @@ def publish_ours(args: argparse.Namespace, users: list[str]) -> dict[str, Any]:
                         users=[users[rng.randrange(len(users))]],
                         # as the worker publishes them: the gateway reads it for its latency
                         **stamped(int(now * 1000)),
+                        **traced,
                     )
                 )
                 sent += 1
@@ -611,6 +619,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, required=True)
     p.add_argument("--step", type=int, required=True)
     p.add_argument("--seed", type=int, default=7)
+    # The share of frames that carry a sampled traceparent (FEED_BENCH_TRACING).
+    p.add_argument("--trace-share", type=float, default=0.0)
     p.add_argument("--timeline-max", type=int, default=800)
     p.add_argument("--stream-history", type=int, default=1000)
     return parser

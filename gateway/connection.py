@@ -115,7 +115,10 @@ class StreamConnection:
             self._deliver_early(frame)
             return
         session.receive_live(frame)
-        self._mark_pending()
+        if not frame.startswith(PRESENCE_PREFIX) and frame != RESET_CONTROL:
+            # a frame for the client: the push latency (and a push span) runs from now; the
+            # hub's own control frames are never written, so they must not start the clock
+            self._mark_pending()
         self._after_event()
 
     def _deliver_early(self, frame: bytes) -> None:
@@ -363,6 +366,7 @@ class StreamConnection:
         if since is not None:
             start_ns -= int((time.perf_counter() - since) * 1e9)
         opened = self._opened_ms
+        latency = self._gateway.metrics.delivery_latency
         for frame in frames:
             parent = frame_traceparent(frame)
             if parent is None:
@@ -378,6 +382,11 @@ class StreamConnection:
                 attributes={"feed.user": self.user, "feed.frame_bytes": len(frame)},
             )
             span.end(end_time=now_ns)
+            context = span.get_span_context()
+            # the delivery latency's exemplar: this trace (counted by _delivered)
+            latency.exemplar_ms(
+                "", now_ns / 1e6 - ts, f"{context.trace_id:032x}", f"{context.span_id:016x}"
+            )
 
     def _sent(self, count: int) -> float | None:
         """Count ``count`` frames written; returns since when they waited (``perf_counter``)."""

@@ -41,12 +41,11 @@ from prometheus_client import (
     generate_latest,
 )
 
+from feed import tracing
 from feed.metrics import process_collectors
 from feed.stages import StageHistogram
 
-__all__ = ["CONTENT_TYPE", "LOOP_LAG_INTERVAL_S", "GatewayMetrics"]
-
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+__all__ = ["LOOP_LAG_INTERVAL_S", "GatewayMetrics"]
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -204,5 +203,16 @@ class GatewayMetrics:
         if callback is not None and callback in gc.callbacks:
             gc.callbacks.remove(callback)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The registry's exposition and its content type. While the gateway traces, a scraper
+        that accepts OpenMetrics (Prometheus does) gets it, with the delivery latency's exemplars
+        (trace ids); otherwise the classic text format."""
+        if tracing.ENABLED and "application/openmetrics-text" in accept:
+            from prometheus_client.openmetrics.exposition import (
+                CONTENT_TYPE_LATEST as OPENMETRICS,
+            )
+            from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
+
+            body: bytes = openmetrics(self.registry)  # type: ignore[no-untyped-call]
+            return body, OPENMETRICS
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

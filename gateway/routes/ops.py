@@ -16,7 +16,6 @@ from starlette.responses import Response
 
 from gateway.auth import mint_token
 from gateway.errors import GatewayError
-from gateway.metrics import CONTENT_TYPE
 from gateway.openapi import openapi_document
 from gateway.resources import gateway_of
 from gateway.responses import JSONResponse, encode_json
@@ -44,7 +43,8 @@ async def readyz(request: Request) -> Response:
 async def metrics_endpoint(request: Request) -> Response:
     gateway = gateway_of(request)
     gateway.metrics.pubsub_connected.set(1 if gateway.hub.connected else 0)
-    return Response(gateway.metrics.render(), media_type=CONTENT_TYPE)
+    body, content_type = gateway.metrics.render(request.headers.get("accept", ""))
+    return Response(body, media_type=content_type)
 
 
 async def openapi_json(_request: Request) -> Response:

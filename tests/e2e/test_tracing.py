@@ -147,6 +147,7 @@ async def test_an_activity_posted_with_a_traceparent_is_one_trace_from_ingest_to
         )
 
     spans = receiver.wait_for(complete, timeout=30, message="the activity's spans")
+    print(receiver.render(trace_id))  # shown with -s, or when an assertion below fails
     mine = [s for s in spans if s.trace_id == trace_id]
     ingest = _one(mine, name="POST /v1/activities")
     assert (ingest.service, ingest.kind, ingest.parent_span_id) == (
@@ -183,6 +184,21 @@ async def test_an_activity_posted_with_a_traceparent_is_one_trace_from_ingest_to
     assert len(sessions) == 1 and sessions[0].service == "feed-gateway"
     assert sessions[0].attributes["pushed"] >= 1
     assert any(s.name == "GET /v1/feed" and s.kind == "SERVER" for s in spans)
+    # The delivery latency keeps the push as its bucket's exemplar, for a scraper that reads
+    # OpenMetrics (a dashboard's link from the latency panel to the trace).
+    scrape = urllib.request.Request(
+        f"{pipeline.gateway_url}/metrics",
+        headers={"Accept": "application/openmetrics-text; version=1.0.0; charset=utf-8"},
+    )
+    with urllib.request.urlopen(scrape, timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+        exposition = response.read().decode()
+    assert any(
+        line.startswith("feed_delivery_latency_seconds_bucket")
+        and f'trace_id="{trace_id}"' in line
+        and f'span_id="{push.span_id}"' in line
+        for line in exposition.splitlines()
+    ), "no exemplar of the trace on the delivery latency"
     # Log lines written inside a span carry its ids.
     applied = [
         e for e in log_events(pipeline.worker.log, "batch_applied") if e.get("trace_id") == trace_id

@@ -36,6 +36,7 @@ __all__ = [
     "live_gateway",
     "read_activities",
     "read_records",
+    "read_records_with_headers",
 ]
 
 #: Key prefix of the marker records :func:`read_records` produces (never returned by it).
@@ -114,6 +115,13 @@ def read_records(settings: Settings, topic: str | None = None) -> list[tuple[byt
     beginning with a fresh consumer group up to a marker produced to each partition now, in
     offset order per partition. Markers (keys starting with ``MARKER_PREFIX``, of this read or an
     earlier one) are left out."""
+    return [(key, value) for key, value, _ in read_records_with_headers(settings, topic)]
+
+
+def read_records_with_headers(
+    settings: Settings, topic: str | None = None
+) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
+    """:func:`read_records`, with each record's headers."""
     topic = topic or settings.topic_activities
     marker_actor = f"{MARKER_PREFIX}{uuid.uuid4().hex[:12]}"
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
@@ -130,7 +138,7 @@ def read_records(settings: Settings, topic: str | None = None) -> list[tuple[byt
             "auto.offset.reset": "earliest",
         }
     )
-    records: list[tuple[bytes, bytes]] = []
+    records: list[tuple[bytes, bytes, list[tuple[str, bytes]]]] = []
     pending = set(partitions)
     try:
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
@@ -145,7 +153,7 @@ def read_records(settings: Settings, topic: str | None = None) -> list[tuple[byt
                 if key == marker_actor.encode():
                     pending.discard(message.partition())
                 elif not key.startswith(MARKER_PREFIX.encode()):
-                    records.append((key, value))
+                    records.append((key, value, list(message.headers() or [])))
     finally:
         consumer.close()
     return records

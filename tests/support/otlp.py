@@ -21,7 +21,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 
 from tests.support.procs import free_port
 
-__all__ = ["OtlpReceiver", "ReceivedSpan", "otlp_receiver"]
+__all__ = ["OtlpReceiver", "ReceivedSpan", "in_memory_tracing", "otlp_receiver"]
 
 _KINDS = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
 
@@ -87,6 +87,35 @@ class OtlpReceiver:
     def spans(self) -> list[ReceivedSpan]:
         with self._lock:
             return list(self._spans)
+
+    def render(self, trace_id: str) -> str:
+        """The spans of ``trace_id`` as an indented tree, with their times from the trace's start
+        (milliseconds), services and links: a failure's message, and the sample in
+        docs/operations.md ("Tracing")."""
+        spans = [s for s in self.spans() if s.trace_id == trace_id]
+        if not spans:
+            return f"(no span of trace {trace_id})"
+        origin = min(s.start_ns for s in spans)
+        ids = {s.span_id for s in spans}
+        children: dict[str, list[ReceivedSpan]] = {}
+        for span in spans:
+            parent = span.parent_span_id if span.parent_span_id in ids else ""
+            children.setdefault(parent, []).append(span)
+        lines: list[str] = []
+
+        def walk(parent: str, depth: int) -> None:
+            for span in sorted(children.get(parent, []), key=lambda s: s.start_ns):
+                start = (span.start_ns - origin) / 1e6
+                took = (span.end_ns - span.start_ns) / 1e6
+                links = f"  links: {len(span.links)}" if span.links else ""
+                lines.append(
+                    f"{'  ' * depth}{span.name} [{span.service}, {span.kind.lower()}] "
+                    f"+{start:.1f} ms, {took:.2f} ms{links}"
+                )
+                walk(span.span_id, depth + 1)
+
+        walk("", 0)
+        return "\n".join(lines)
 
     def wait_for(
         self,
@@ -160,3 +189,25 @@ def otlp_receiver() -> Iterator[OtlpReceiver]:
         http.shutdown()
         http.server_close()
         thread.join(timeout=5)
+
+
+@contextmanager
+def in_memory_tracing(sampler: Any = None) -> Iterator[Any]:
+    """This process traces (``feed.tracing``) into an in-memory exporter, which it yields, for a
+    unit test of the spans a module writes; the global tracer provider is left alone."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from feed import tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(**({"sampler": sampler} if sampler is not None else {}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    saved = tracing.ENABLED, tracing._tracer
+    tracing.ENABLED, tracing._tracer = True, provider.get_tracer("test")
+    try:
+        yield exporter
+    finally:
+        tracing.ENABLED, tracing._tracer = saved
+        provider.shutdown()

@@ -690,9 +690,14 @@ def test_dashboard_structure() -> None:
     assert dash["uid"] and dash["title"]
     ids = [p["id"] for p in dashboard_panels()]
     assert len(ids) == len(set(ids)), "panel ids are unique"
-    uid = load_yaml(DATASOURCES)["datasources"][0]["uid"]
+    sources = load_yaml(DATASOURCES)["datasources"]
+    uids = {source["uid"] for source in sources}
     variables = {v["name"] for v in dash["templating"]["list"] if v["type"] == "datasource"}
-    allowed = {uid} | {f"${{{v}}}" for v in variables} | {f"${v}" for v in variables}
+    allowed = uids | {f"${{{v}}}" for v in variables} | {f"${v}" for v in variables}
+    # the delivery latency's exemplars link to the provisioned trace datasource
+    (prometheus,) = [source for source in sources if source["type"] == "prometheus"]
+    links = prometheus["jsonData"]["exemplarTraceIdDestinations"]
+    assert {link["datasourceUid"] for link in links} <= uids
     for panel in dashboard_panels():
         if panel["type"] == "row":
             continue

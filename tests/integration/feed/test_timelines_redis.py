@@ -167,7 +167,7 @@ def test_the_scripts_frames_are_the_schemas_frames(
     stream = [fields[b"f"] for _, fields in redis_client.xrange(keys.deliveries(online))]
     assert stream[2:] == [
         schema_frames.encode_frame(
-            schema_frames.ActivityFrame(f"{epoch}.3", msgspec.Raw(timed.body), 1_765_000_000_123)
+            schema_frames.ActivityFrame(f"{epoch}.3", msgspec.Raw(timed.body), ts=1_765_000_000_123)
         ),
         schema_frames.encode_frame(
             schema_frames.ActivityFrame(f"{epoch}.4", msgspec.Raw(_insert(7, c, [online]).body))
@@ -175,6 +175,18 @@ def test_the_scripts_frames_are_the_schemas_frames(
     ]
     assert schema_frames.frame_ts_ms(stream[2]) == 1_765_000_000_123
     assert schema_frames.frame_ts_ms(stream[3]) is None
+    # A traced record's frames carry its traceparent too (feed.tracing), read back like ts.
+    d, parent = ids("d"), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    traced = replace(_insert(8, d, [online]), ts_ms=1_765_000_000_124, traceparent=parent)
+    assert t.insert([traced]) == (1, 1)
+    stream = [fields[b"f"] for _, fields in redis_client.xrange(keys.deliveries(online))]
+    assert stream[4] == schema_frames.encode_frame(
+        schema_frames.ActivityFrame(
+            f"{epoch}.5", msgspec.Raw(traced.body), traceparent=parent, ts=1_765_000_000_124
+        )
+    )
+    assert schema_frames.frame_traceparent(stream[4]) == parent
+    assert schema_frames.frame_ts_ms(stream[4]) == 1_765_000_000_124
 
 
 def test_insert_loads_the_script_again_after_redis_lost_it(

@@ -42,7 +42,7 @@ from gateway.auth import mint_token
 from gateway.server import GatewayServer, _RedactTokens, build_server
 from gateway.timers import TICK_S
 from schemas import Activity, encode_activity, published_us
-from tests.support.live_gateway import read_records
+from tests.support.live_gateway import read_records, read_records_with_headers
 from tests.support.procs import free_port, stop_process
 
 JWT_SECRET = "gateway-test-secret-" + "k" * 40
@@ -681,6 +681,32 @@ async def test_ingest_one_activity(http: httpx.AsyncClient, gw: Running) -> None
     assert response.json() == {"accepted": 1}
     records = gw.records(gw.settings.topic_activities)
     assert (activity.actor.encode(), encode_activity(activity)) in records
+
+
+async def test_ingest_carries_a_traceparent_onto_its_records_when_not_tracing(
+    http: httpx.AsyncClient, gw: Running
+) -> None:
+    """This gateway does not trace (no OTEL endpoint): the caller's context still reaches the
+    records, for a worker that does; a malformed one is not forwarded."""
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    traced, malformed = make_activity(uid("actor")), make_activity(uid("actor"))
+    for activity, headers in (
+        (traced, {"traceparent": parent, "tracestate": "vendor=1"}),
+        (malformed, {"traceparent": "00-not-a-context", "tracestate": "vendor=1"}),
+    ):
+        response = await http.post(
+            "/v1/activities", content=body_of(activity), headers={**INGEST, **headers}
+        )
+        assert response.status_code == 202
+    found = {
+        value: headers
+        for _, value, headers in read_records_with_headers(gw.settings)
+        if value in (encode_activity(traced), encode_activity(malformed))
+    }
+    assert found == {
+        encode_activity(traced): [("traceparent", parent.encode()), ("tracestate", b"vendor=1")],
+        encode_activity(malformed): [],
+    }
 
 
 async def test_ingest_a_batch(http: httpx.AsyncClient, gw: Running) -> None:

@@ -48,6 +48,7 @@ def test_every_switch_is_parsed() -> None:
             "FEED_BENCH_PHASES": "redis_only, history",
             "FEED_BENCH_GATEWAY_RATES": "8000,10000",
             "FEED_BENCH_GATEWAY_SIDES": "peer",
+            "FEED_BENCH_TRACING": "0.1",
         }
     )
     assert options.skip_peers and options.profile and options.keep and options.e2e_history
@@ -58,6 +59,7 @@ def test_every_switch_is_parsed() -> None:
     assert options.phases == frozenset({"redis_only", "history"})
     assert options.gateway_rates == (8000, 10000)
     assert options.gateway_sides == ("peer",)
+    assert options.tracing == 0.1
 
 
 def test_false_flags_are_false() -> None:
@@ -88,6 +90,9 @@ def test_sizes_below_their_floor_are_raised_to_it() -> None:
         ("FEED_BENCH_GATEWAY_RATES", "8000,0", "must list rates > 0"),
         ("FEED_BENCH_GATEWAY_SIDES", "ours,theirs", "unknown side(s) theirs"),
         ("FEED_BENCH_GATEWAY_SIDES", ",", "must list sides"),
+        ("FEED_BENCH_TRACING", "0", "must be a number above 0 and at most 1"),
+        ("FEED_BENCH_TRACING", "1.5", "must be a number above 0 and at most 1"),
+        ("FEED_BENCH_TRACING", "some", "must be a number above 0 and at most 1"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_what_it_accepts(name: str, raw: str, says: str) -> None:
@@ -104,12 +109,14 @@ def test_the_phase_error_lists_every_known_phase() -> None:
     assert str(caught.value).endswith("known: " + ", ".join(FANOUT_PHASES))
 
 
-def test_children_inherit_the_environment_without_feed_variables() -> None:
+def test_children_inherit_the_environment_without_feed_and_otel_variables() -> None:
     environ = {
         "PATH": "/usr/bin",
         "HOME": "/home/u",
         "FEED_REDIS_URL": "redis://elsewhere:1/0",
         "FEED_BENCH_KEEP": "1",
+        # the children's tracing is FEED_BENCH_TRACING's alone
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
         "VIRTUAL_ENV": "/venv",
         "PYTHONPATH": "/src",
         "PYTHONHOME": "/py",

@@ -17,6 +17,7 @@ from fanout.metrics import WorkerMetrics
 from fanout.processor import BatchStats, RejectedRecord
 from fanout.worker import Worker
 from feed.settings import Settings
+from tests.support.otlp import in_memory_tracing
 
 TOPIC = "feed.activities"
 
@@ -568,3 +569,102 @@ def test_store_errors_are_labelled_by_a_bounded_set_of_stores() -> None:
     assert store_of(OperationTimedOut()) == "cassandra"
     assert store_of(KafkaException()) == "kafka"
     assert store_of(ValueError()) == "other"
+
+
+class TracedMessage(FakeMessage):
+    """A record whose producer put a trace context on it (``traceparent`` header)."""
+
+    def __init__(self, partition: int, offset: int, traceparent: str | None) -> None:
+        super().__init__(partition, offset)
+        self._headers = [] if traceparent is None else [("traceparent", traceparent.encode())]
+
+    def headers(self) -> list[Any]:
+        return self._headers
+
+
+class PhasedProcessor(FakeProcessor):
+    """Records the traceparents it is handed, and reports two steps per batch."""
+
+    def __init__(self, log: list[str]) -> None:
+        super().__init__([], log)
+        self.traces: list[Any] = []
+
+    def apply(
+        self,
+        events: list[tuple[int, Any]],
+        *,
+        defer: bool = False,
+        origins: Any = (),
+        traces: Any = (),
+    ) -> BatchStats:
+        stats = super().apply(events, defer=defer, origins=origins)
+        self.traces.append(list(traces))
+        now = time.time_ns()
+        stats.phases += [
+            ("followers read", now - 2000, now - 1000),
+            ("redis write", now - 900, now),
+        ]
+        return stats
+
+
+def _parent(n: int, sampled: bool = True) -> str:
+    return f"00-{n:032x}-{n:016x}-{'01' if sampled else '00'}"
+
+
+def test_each_traced_record_gets_a_span_under_its_context_and_its_frames_carry_it() -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+
+    messages = [
+        TracedMessage(0, 0, _parent(1)),
+        TracedMessage(0, 1, _parent(2, sampled=False)),  # the producer's trace is not sampled
+        TracedMessage(0, 2, None),  # no context: a new trace, which this sampler drops
+    ]
+    consumer = FakeConsumer([messages])
+    processor = PhasedProcessor(consumer.log)
+    worker, _ = make(consumer, processor)
+    with in_memory_tracing(ParentBased(ALWAYS_OFF)) as exporter:
+        run_until(worker, lambda: bool(consumer.commits))
+        spans = {s.name: s for s in exporter.get_finished_spans()}
+    record = spans[f"{TOPIC} process"]
+    assert len(exporter.get_finished_spans()) == 4  # the record, the batch and its 2 steps
+    assert (record.context.trace_id, record.parent.span_id) == (1, 1)
+    assert record.attributes["messaging.kafka.offset"] == 0
+    # what the processor put in the frames: the record span, for the sampled record only
+    assert processor.traces == [[f"00-{1:032x}-{record.context.span_id:016x}-01", None, None]]
+    batch = spans["fanout batch"]
+    assert batch.parent.span_id == record.context.span_id and not batch.links
+    assert spans["followers read"].parent.span_id == batch.context.span_id
+    assert spans["redis write"].parent.span_id == batch.context.span_id
+    assert spans["redis write"].end_time - spans["redis write"].start_time == 900
+
+
+def test_a_batch_that_carries_several_traces_links_them_and_each_links_back() -> None:
+    messages = [TracedMessage(0, n, _parent(n + 1)) for n in range(3)]
+    consumer = FakeConsumer([messages])
+    worker, _ = make(consumer, PhasedProcessor(consumer.log))
+    with in_memory_tracing() as exporter:
+        run_until(worker, lambda: bool(consumer.commits))
+        spans = exporter.get_finished_spans()
+    records = sorted(
+        (s for s in spans if s.name.endswith(" process")), key=lambda s: s.context.trace_id
+    )
+    (batch,) = [s for s in spans if s.name == "fanout batch"]
+    assert [r.context.trace_id for r in records] == [1, 2, 3]
+    assert batch.context.trace_id == 1 and batch.parent.span_id == records[0].context.span_id
+    assert [link.context.span_id for link in batch.links] == [
+        r.context.span_id for r in records[1:]
+    ]
+    for other in records[1:]:
+        assert [link.context.span_id for link in other.links] == [batch.context.span_id]
+
+
+def test_without_tracing_no_record_is_read_for_a_context() -> None:
+    class Untouchable(FakeMessage):
+        def headers(self) -> list[Any]:
+            raise AssertionError("headers read while not tracing")
+
+    consumer = FakeConsumer([[Untouchable(0, 0)]])
+    processor = PhasedProcessor(consumer.log)
+    worker, _ = make(consumer, processor)
+    run_until(worker, lambda: bool(consumer.commits))
+    assert processor.traces == [[]]
