@@ -30,6 +30,7 @@ committed: the window a crash must not turn into duplicates.
 
 from __future__ import annotations
 
+import logging
 import random
 import signal
 import threading
@@ -777,9 +778,11 @@ def build_worker(
             ttl_s=settings.notify_ttl_s,
         ),
     )
-    consumer = Consumer(consumer_config(settings))
+    # librdkafka's own lines through stdlib logging: JSON like every other line (feed.logging)
+    librdkafka = logging.getLogger("librdkafka")
+    consumer = Consumer(consumer_config(settings, logger=librdkafka))
     dead_letters = DeadLetters.from_config(
-        dead_letter_producer_config(settings), settings.topic_dlq
+        dead_letter_producer_config(settings, logger=librdkafka), settings.topic_dlq
     )
     return Worker(
         settings,

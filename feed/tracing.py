@@ -131,6 +131,9 @@ def setup(default_service: str, env: Mapping[str, str] | None = None) -> bool:
     resource = Resource.create()
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: default_service}))
+    from feed import otlp
+
+    otlp.install()  # the exporters encode with feed.otlp (measured: see there)
     provider = TracerProvider(resource=resource)  # the sampler: OTEL_TRACES_SAMPLER(_ARG)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
@@ -204,8 +207,18 @@ def header_context(headers: Sequence[tuple[str, bytes | None]] | None) -> Contex
 
 
 def context_of(traceparent: str) -> Context:
-    """The context whose parent is the span that ``traceparent`` names (a frame's)."""
-    return _extract({"traceparent": traceparent})
+    """The context whose parent is the span that ``traceparent`` names: a frame's, which
+    :func:`schemas.frames.frame_traceparent` has checked (version 00, lower-case hex). Built
+    directly, not through the propagator, whose parse measured 4 µs of the push span's cost."""
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
+
+    parent = SpanContext(
+        int(traceparent[3:35], 16),
+        int(traceparent[36:52], 16),
+        is_remote=True,
+        trace_flags=TraceFlags(int(traceparent[53:55], 16)),
+    )
+    return set_span_in_context(NonRecordingSpan(parent))
 
 
 def _extract(carrier: dict[str, str]) -> Context:

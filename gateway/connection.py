@@ -379,7 +379,7 @@ class StreamConnection:
                 context=tracing.context_of(parent),
                 kind=SpanKind.PRODUCER,
                 start_time=start_ns,
-                attributes={"feed.user": self.user, "feed.frame_bytes": len(frame)},
+                attributes={"feed.user": self.user},
             )
             span.end(end_time=now_ns)
             context = span.get_span_context()

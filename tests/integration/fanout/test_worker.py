@@ -32,7 +32,7 @@ from feed.kafka import create_topics
 from feed.settings import Settings
 from tests.conftest import wait_for
 from tests.support.pipeline import isolated_env
-from tests.support.procs import FeedProcess, http_get, metric_value
+from tests.support.procs import FeedProcess, free_port, http_get, metric_value
 
 
 class _Worker:
@@ -322,3 +322,34 @@ def test_dead_letters_are_kept_until_the_broker_has_them_and_cut_further_when_re
     assert headers["feed.truncated"] == "true" and headers["feed.original.size"] == "900000"
     assert big.startswith(dead[b"u0"].value()) and _record_size(dead[b"u0"]) <= 100_000
     assert dead[b"u1"].value() == b"{oops" and dead[b"u2"].value() == b"{oops2"
+
+
+def test_the_worker_process_writes_only_json_lines_librdkafkas_included(
+    stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    """``feed fanout`` with FEED_LOG_FORMAT=json and a broker that is not there: librdkafka
+    complains (it wrote ``%3|...|FAIL|rdkafka#consumer-1|...`` to stderr as plain text before the
+    worker gave it a logger), and every line the process wrote is one JSON object."""
+    env = isolated_env(stack_env, "jsonlog", FEED_KAFKA_BOOTSTRAP=f"127.0.0.1:{free_port()}")
+    worker = _Worker(env, tmp_path / "fanout.log")
+    worker.process.start()
+    try:
+        worker.process.wait_http(f"{worker.metrics_url}/healthz", timeout=60)
+        wait_for(
+            lambda: (
+                '"logger": "librdkafka"' in worker.log.read_text(errors="replace")
+                and worker.alive()
+            ),
+            timeout=30,
+            message="librdkafka's complaint in the log",
+        )
+    finally:
+        worker.process.stop(timeout=20)
+    lines = worker.log.read_text(errors="replace").splitlines()
+    assert lines
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            pytest.fail(f"not one JSON object: {line!r}\nlog:\n" + "\n".join(lines[:60]))
+        assert isinstance(record, dict) and "event" in record, line
