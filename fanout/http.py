@@ -9,6 +9,7 @@ stores do.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -93,7 +94,10 @@ def worker_checks(redis_url: str, kafka_bootstrap: str, session: Any) -> dict[st
         socket_connect_timeout=CHECK_TIMEOUT_S,
         retry=Retry(NoBackoff(), 0),
     )
-    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    # librdkafka's lines through stdlib logging, as JSON (feed.logging)
+    admin = AdminClient(
+        {"bootstrap.servers": kafka_bootstrap, "logger": logging.getLogger("librdkafka")}
+    )
     return {
         "redis": lambda: bool(client.ping()),
         "cassandra": lambda: (
