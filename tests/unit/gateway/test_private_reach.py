@@ -223,7 +223,5 @@ def test_the_otlp_span_exporters_encode_through_their_modules_encode_spans() -> 
     from opentelemetry.exporter.otlp.proto.http import trace_exporter as http_exporter
 
     assert "encode_spans(spans)" in inspect.getsource(http_exporter.OTLPSpanExporter.export)
-    assert "encode_spans(data)" in inspect.getsource(
-        grpc_exporter.OTLPSpanExporter._translate_data
-    )
+    assert "encode_spans(data)" in inspect.getsource(grpc_exporter.OTLPSpanExporter._translate_data)
     assert callable(http_exporter.encode_spans) and callable(grpc_exporter.encode_spans)
