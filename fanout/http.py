@@ -95,9 +95,11 @@ def worker_checks(redis_url: str, kafka_bootstrap: str, session: Any) -> dict[st
         retry=Retry(NoBackoff(), 0),
     )
     # librdkafka's lines through stdlib logging, as JSON (feed.logging)
-    admin = AdminClient(
-        {"bootstrap.servers": kafka_bootstrap, "logger": logging.getLogger("librdkafka")}
-    )
+    config: dict[str, Any] = {
+        "bootstrap.servers": kafka_bootstrap,
+        "logger": logging.getLogger("librdkafka"),
+    }
+    admin = AdminClient(config)
     return {
         "redis": lambda: bool(client.ping()),
         "cassandra": lambda: (
