@@ -359,8 +359,6 @@ class StreamConnection:
             metrics.activities_delivered.inc(delivered)
 
     def _trace_pushes(self, frames: list[bytes], since: float | None) -> None:
-        from opentelemetry.trace import SpanKind
-
         now_ns = time.time_ns()
         start_ns = now_ns
         if since is not None:
@@ -374,19 +372,9 @@ class StreamConnection:
             ts = frame_ts_ms(frame)
             if ts is None or ts < opened:
                 continue  # a replay (resume): its trace ended long ago
-            span = tracing.tracer().start_span(
-                "push",
-                context=tracing.context_of(parent),
-                kind=SpanKind.PRODUCER,
-                start_time=start_ns,
-                attributes={"feed.user": self.user},
-            )
-            span.end(end_time=now_ns)
-            context = span.get_span_context()
+            trace_id, span_id = tracing.record_push(parent, start_ns, now_ns, self.user)
             # the delivery latency's exemplar: this trace (counted by _delivered)
-            latency.exemplar_ms(
-                "", now_ns / 1e6 - ts, f"{context.trace_id:032x}", f"{context.span_id:016x}"
-            )
+            latency.exemplar_ms("", now_ns / 1e6 - ts, f"{trace_id:032x}", f"{span_id:016x}")
 
     def _sent(self, count: int) -> float | None:
         """Count ``count`` frames written; returns since when they waited (``perf_counter``)."""

@@ -133,3 +133,84 @@ def test_log_lines_inside_a_sampled_span_carry_its_ids_and_others_none(
     log.info("not_tracing")
     assert [e.get("trace_id") for e in events] == [None, f"{context.trace_id:032x}", None, None]
     assert events[1]["span_id"] == f"{context.span_id:016x}"
+
+
+@pytest.mark.parametrize(
+    ("sampler", "follows"),
+    [
+        ("parentbased_traceidratio", True),
+        ("parentbased_always_off", True),  # a sampled parent still decides
+        ("always_on", True),
+        ("traceidratio", False),
+        ("always_off", False),
+        ("remote_parent_dropped", False),
+    ],
+)
+def test_push_spans_skip_the_sdk_only_under_a_sampler_that_keeps_a_sampled_parents_child(
+    sampler: str, follows: bool
+) -> None:
+    from opentelemetry.sdk.trace import sampling
+
+    samplers = {
+        "parentbased_traceidratio": sampling.ParentBasedTraceIdRatio(0.1),
+        "parentbased_always_off": sampling.ParentBased(sampling.ALWAYS_OFF),
+        "always_on": sampling.ALWAYS_ON,
+        "traceidratio": sampling.TraceIdRatioBased(0.5),
+        "always_off": sampling.ALWAYS_OFF,
+        "remote_parent_dropped": sampling.ParentBased(
+            sampling.ALWAYS_ON, remote_parent_sampled=sampling.ALWAYS_OFF
+        ),
+    }
+    assert tracing._follows_parent(samplers[sampler]) is follows
+
+
+def _push_span_fields(span: Any) -> dict[str, Any]:
+    """What a push span says, once encoded as OTLP (ids and times aside)."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    (resource_spans,) = encode_spans([span]).resource_spans
+    (scope_spans,) = resource_spans.scope_spans
+    (encoded,) = scope_spans.spans
+    return {
+        "scope": scope_spans.scope.name,
+        "name": encoded.name,
+        "kind": encoded.kind,
+        "trace_id": encoded.trace_id.hex(),
+        "parent": encoded.parent_span_id.hex(),
+        "flags": encoded.flags,
+        "attributes": [(a.key, a.value.string_value) for a in encoded.attributes],
+        "status": encoded.status.code,
+        "window": (encoded.start_time_unix_nano, encoded.end_time_unix_nano),
+    }
+
+
+def test_a_push_span_recorded_without_the_sdk_is_the_span_the_sdk_would_make() -> None:
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from feed import otlp
+
+    with in_memory_tracing() as exporter:  # no sink: the SDK makes the push span
+        made = tracing.record_push(_PARENT, 1_000, 2_000, "u1")
+        (sdk_span,) = exporter.get_finished_spans()
+    direct_exporter = InMemorySpanExporter()
+    saved = tracing._pushes
+    tracing._pushes = tracing._PushSink(
+        SimpleSpanProcessor(direct_exporter), Resource.create({"service.name": "t"})
+    )
+    try:
+        recorded = tracing.record_push(_PARENT, 1_000, 2_000, "u1")
+    finally:
+        tracing._pushes = saved
+    (direct,) = direct_exporter.get_finished_spans()
+    assert made[0] == recorded[0] == int(_PARENT[3:35], 16)
+    assert (direct.context.trace_id, direct.context.span_id) == recorded
+    sdk_fields, direct_fields = _push_span_fields(sdk_span), _push_span_fields(direct)
+    sdk_fields["scope"] = "feed"  # in_memory_tracing's tracer is named "test"
+    assert direct_fields == sdk_fields
+    assert direct_fields["parent"] == _PARENT[36:52] and direct_fields["window"] == (1_000, 2_000)
+    # and the hand-written encoder reads it as OpenTelemetry's does
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    assert otlp.encode_spans([direct]) == encode_spans([direct])
