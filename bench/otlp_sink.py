@@ -22,6 +22,10 @@ _lock = threading.Lock()
 
 
 class _Handler(BaseHTTPRequestHandler):
+    # keeps connections open, as a collector does (HTTP/1.0 would make the exporter connect
+    # for every batch)
+    protocol_version = "HTTP/1.1"
+
     def do_GET(self) -> None:
         self._answer(200 if self.path == "/healthz" else 404)
 

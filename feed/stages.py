@@ -133,14 +133,21 @@ class StageHistogram(Collector):
                 total += elapsed
         series.sum += total
 
-    def exemplar_ms(self, value: str, elapsed_ms: float, trace_id: str, span_id: str) -> None:
+    def exemplar_ms(self, value: str, elapsed_ms: float, trace_id: int, span_id: int) -> None:
         """Keep an observation already counted by :meth:`observe_ms` as its bucket's exemplar:
-        the trace it belongs to (while tracing, ``feed.tracing``; a dashboard links to it)."""
+        the trace it belongs to (while tracing, ``feed.tracing``; a dashboard links to it). A
+        bucket's exemplar changes at most once a second (scrapes are seconds apart; the ids'
+        formatting measured 1 % of a traced gateway's CPU when done for every push)."""
         series = self._series[value]
         if series.exemplars is None:
             series.exemplars = [None] * len(series.counts)
-        series.exemplars[bisect_left(self._bounds_ms, elapsed_ms)] = Exemplar(
-            {"trace_id": trace_id, "span_id": span_id}, elapsed_ms / 1000.0, time.time()
+        bucket = bisect_left(self._bounds_ms, elapsed_ms)
+        now = time.time()
+        kept = series.exemplars[bucket]
+        if kept is not None and kept.timestamp is not None and now - float(kept.timestamp) < 1.0:
+            return
+        series.exemplars[bucket] = Exemplar(
+            {"trace_id": f"{trace_id:032x}", "span_id": f"{span_id:016x}"}, elapsed_ms / 1000.0, now
         )
 
     def count(self, value: str = "") -> int:

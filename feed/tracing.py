@@ -219,6 +219,16 @@ class _PushSink:
         self.sampled = TraceFlags(TraceFlags.SAMPLED)
 
 
+class _RemoteParent:
+    """A push span's parent, as the encoders read it: its span id, from another process."""
+
+    __slots__ = ("span_id",)
+    is_remote = True
+
+    def __init__(self, span_id: int) -> None:
+        self.span_id = span_id
+
+
 class _PushSpan:
     """A finished push span, in the shape the batch processor and ``feed.otlp`` read."""
 
@@ -280,7 +290,7 @@ def record_push(traceparent: str, start_ns: int, end_ns: int, user: str) -> tupl
         made = span.get_span_context()
         return made.trace_id, made.span_id
     span_id = random.getrandbits(64) or 1
-    parent = SpanContext(trace_id, int(traceparent[36:52], 16), True, sink.sampled)
+    parent = _RemoteParent(int(traceparent[36:52], 16))
     context = SpanContext(trace_id, span_id, False, sink.sampled)
     sink.processor.on_end(_PushSpan(sink, context, parent, start_ns, end_ns, user))
     return trace_id, span_id

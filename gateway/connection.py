@@ -32,7 +32,13 @@ from gateway.resources import Gateway
 from gateway.session import PRESENCE_PREFIX, RESET_CONTROL, Session
 from gateway.timers import timers
 from gateway.transport import StreamSocket, close_connection, reject
-from schemas.frames import ACTIVITY_HEAD, frame_traceparent, frame_ts_ms
+from schemas.frames import (
+    ACTIVITY_HEAD,
+    ACTIVITY_TRACEPARENT,
+    TRACED_TAIL,
+    frame_traceparent,
+    frame_ts_ms,
+)
 
 __all__ = ["EARLY_MAX_FRAMES", "HISTORY_PAGE", "StreamConnection", "essential_early"]
 
@@ -43,6 +49,10 @@ HISTORY_PAGE = 100
 #: Frames kept for a connection whose session has not started yet (see
 #: ``StreamConnection._deliver_early``).
 EARLY_MAX_FRAMES = 64
+#: Where a traced frame's ``traceparent`` field starts and ends, from the frame's end: the
+#: cheap test of every delivered frame while tracing (``schemas.frames.activity_tail``).
+_TRACED_AT = -TRACED_TAIL
+_TRACED_END = _TRACED_AT + len(ACTIVITY_TRACEPARENT)
 #: The client's close code when its close frame had none (RFC 6455, 7.1.5).
 _NO_STATUS = 1005
 
@@ -341,12 +351,11 @@ class StreamConnection:
         (``feed.stages``). While tracing, a live frame that carries a ``traceparent`` gets its
         push span: from ``since`` (when the connection had frames to write, ``perf_counter``)
         to now."""
-        if tracing.ENABLED:
-            self._trace_pushes(frames, since)
         at = now_ms()
         opened = self._opened_ms
         metrics = self._gateway.metrics
         latency = metrics.delivery_latency
+        traced = tracing.ENABLED
         delivered = 0
         for frame in frames:
             if not frame.startswith(ACTIVITY_HEAD):
@@ -355,26 +364,23 @@ class StreamConnection:
             ts = frame_ts_ms(frame)
             if ts is not None and ts >= opened:
                 latency.observe_ms("", at - ts)
+                if traced and frame[_TRACED_AT:_TRACED_END] == ACTIVITY_TRACEPARENT:
+                    self._trace_push(frame, since, at - ts)
         if delivered:
             metrics.activities_delivered.inc(delivered)
 
-    def _trace_pushes(self, frames: list[bytes], since: float | None) -> None:
+    def _trace_push(self, frame: bytes, since: float | None, latency_ms: float) -> None:
+        """The push span of a live frame that carries the worker's ``traceparent``, and the
+        delivery latency's exemplar (the latest traced delivery of its bucket)."""
+        parent = frame_traceparent(frame)
+        if parent is None:
+            return
         now_ns = time.time_ns()
         start_ns = now_ns
         if since is not None:
             start_ns -= int((time.perf_counter() - since) * 1e9)
-        opened = self._opened_ms
-        latency = self._gateway.metrics.delivery_latency
-        for frame in frames:
-            parent = frame_traceparent(frame)
-            if parent is None:
-                continue
-            ts = frame_ts_ms(frame)
-            if ts is None or ts < opened:
-                continue  # a replay (resume): its trace ended long ago
-            trace_id, span_id = tracing.record_push(parent, start_ns, now_ns, self.user)
-            # the delivery latency's exemplar: this trace (counted by _delivered)
-            latency.exemplar_ms("", now_ns / 1e6 - ts, f"{trace_id:032x}", f"{span_id:016x}")
+        trace_id, span_id = tracing.record_push(parent, start_ns, now_ns, self.user)
+        self._gateway.metrics.delivery_latency.exemplar_ms("", latency_ms, trace_id, span_id)
 
     def _sent(self, count: int) -> float | None:
         """Count ``count`` frames written; returns since when they waited (``perf_counter``)."""

@@ -30,6 +30,7 @@ __all__ = [
     "REMOVED_HEAD",
     "REMOVED_MIDDLE",
     "REMOVED_TAIL",
+    "TRACED_TAIL",
     "ActivityFrame",
     "ClientFrame",
     "Removed",
@@ -196,6 +197,9 @@ def activity_tail(ts_ms: int | None, traceparent: str | None = None) -> bytes:
 _TS_DIGITS = 13
 _TS_AT = -(len(ACTIVITY_TS) + _TS_DIGITS + len(ACTIVITY_TAIL))
 _TRACEPARENT = re.compile(rb"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+#: The length of the tail of a frame with both ``traceparent`` and ``ts`` (what the fan-out
+#: worker writes for a traced record): its ``traceparent`` field starts this far from the end.
+TRACED_TAIL = len(ACTIVITY_TRACEPARENT) + _TRACEPARENT_LEN + 1 + len(ACTIVITY_TS) + _TS_DIGITS + 1
 
 
 def frame_ts_ms(frame: bytes) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -86,25 +87,38 @@ def test_the_buckets_are_fine_where_the_goals_are() -> None:
     assert max(b - a for a, b in steps if b <= 0.100) <= 0.010 + 1e-9
 
 
-def test_a_traced_observation_is_its_buckets_exemplar_in_openmetrics_only() -> None:
+def test_a_traced_observation_is_its_buckets_exemplar_in_openmetrics_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
     from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 
+    import feed.stages
+
+    clock = [1_765_000_000.0]
+    monkeypatch.setattr(feed.stages.time, "time", lambda: clock[0])
     registry = CollectorRegistry()
     ours = StageHistogram("x_seconds", "x", registry=registry)
     for value in (3.0, 19.9, 20.0):
         ours.observe_ms("", value)
-    ours.exemplar_ms("", 19.9, "a" * 32, "b" * 16)
-    ours.exemplar_ms("", 19.95, "c" * 32, "d" * 16)  # the same bucket: the latest one is kept
-    exemplars = {
-        sample.labels["le"]: sample.exemplar
-        for family in parse_om(openmetrics(registry).decode())
-        for sample in family.samples
-        if sample.name == "x_seconds_bucket" and sample.exemplar is not None
-    }
-    assert list(exemplars) == ["0.02"]
-    assert exemplars["0.02"].labels == {"trace_id": "c" * 32, "span_id": "d" * 16}
-    assert exemplars["0.02"].value == pytest.approx(0.01995)
+
+    def exemplars() -> dict[str, Any]:
+        return {
+            sample.labels["le"]: sample.exemplar
+            for family in parse_om(openmetrics(registry).decode())
+            for sample in family.samples
+            if sample.name == "x_seconds_bucket" and sample.exemplar is not None
+        }
+
+    ours.exemplar_ms("", 19.9, 0xA, 0xB)
+    ours.exemplar_ms("", 19.95, 0xC, 0xD)  # the same bucket within a second: not taken
+    assert list(exemplars()) == ["0.02"]
+    assert exemplars()["0.02"].labels == {"trace_id": f"{0xA:032x}", "span_id": f"{0xB:016x}"}
+    assert exemplars()["0.02"].value == pytest.approx(0.0199)
+    clock[0] += 1.5  # a second later the latest one is kept
+    ours.exemplar_ms("", 19.95, 0xC, 0xD)
+    assert exemplars()["0.02"].labels == {"trace_id": f"{0xC:032x}", "span_id": f"{0xD:016x}"}
+    assert exemplars()["0.02"].value == pytest.approx(0.01995)
     # the counts are the observations': an exemplar adds none
     assert ours.count() == 3
     assert "trace_id" not in generate_latest(registry).decode()
