@@ -6,6 +6,7 @@ is ``kill -9``. Readiness is waited for with deadlines.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,10 +15,20 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from infra.servers import free_port
 
-__all__ = ["FeedProcess", "free_port", "http_get", "metric_value", "stop_process"]
+__all__ = [
+    "FeedProcess",
+    "free_port",
+    "http_get",
+    "json_log_records",
+    "metric_value",
+    "stop_process",
+]
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
@@ -112,3 +123,19 @@ class FeedProcess:
                 return
             time.sleep(0.1)
         raise TimeoutError(f"{url} not {status} after {timeout}s; log:\n{self.log_tail()}")
+
+
+def json_log_records(path: Path) -> list[dict[str, Any]]:
+    """Every line of a process's output file, each of which must be one JSON object with an
+    ``event`` (the contract's logs when not on a terminal); fails the test on any other line."""
+    lines = path.read_text(errors="replace").splitlines()
+    assert lines, f"{path} is empty"
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            pytest.fail(f"not one JSON object: {line!r}\nlog:\n" + "\n".join(lines[:60]))
+        assert isinstance(record, dict) and "event" in record, line
+        records.append(record)
+    return records

@@ -1273,7 +1273,7 @@ async def test_gateway_process_writes_only_json_lines_third_party_included(
     request makes uvicorn log a warning, a broker that is not there makes librdkafka complain,
     a bad frame closes a WebSocket. Every line the process wrote must be one JSON object
     (stdlib logging wrote uvicorn's warning as plain ``WARNING:uvicorn.error:...``)."""
-    from tests.support.procs import FeedProcess
+    from tests.support.procs import FeedProcess, json_log_records
 
     port = free_port()
     env = {
@@ -1308,13 +1308,5 @@ async def test_gateway_process_writes_only_json_lines_third_party_included(
         )
     finally:
         await asyncio.to_thread(proc.stop, 15)
-    lines = log_path.read_text(errors="replace").splitlines()
-    assert lines
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            pytest.fail(f"not one JSON object: {line!r}\nlog:\n" + "\n".join(lines[:60]))
-        assert isinstance(record, dict) and "event" in record, line
-    loggers = {json.loads(line).get("logger") for line in lines}
+    loggers = {record.get("logger") for record in json_log_records(log_path)}
     assert {"uvicorn.error", "librdkafka"} <= loggers, loggers
