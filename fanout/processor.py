@@ -178,8 +178,7 @@ class Processor:
             except RejectedRecord as rejected:
                 stats.rejected.append((index, rejected))
             finally:
-                name = "follow" if isinstance(event, FollowEvent) else "delete"
-                stats.phases.append((name, started, time.time_ns()))
+                _phase(stats, "follow" if isinstance(event, FollowEvent) else "delete", started)
         self._apply_activities(run, stats, origins, traces, defer=defer)
         if not defer:
             self.complete(stats)

@@ -36,13 +36,13 @@ from __future__ import annotations
 
 import os
 import random
-import re
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 from feed.logging import get_logger
 from feed.settings import SettingsError
+from schemas.frames import TRACEPARENT
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -50,17 +50,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENABLED",
-    "TRACEPARENT",
     "Phase",
     "carried_headers",
     "context_of",
-    "current_ids",
     "header_context",
     "ids_processor",
     "record_push",
     "setup",
     "shutdown",
-    "span_of",
     "span_traceparent",
     "tracer",
     "using",
@@ -77,8 +74,6 @@ _provider: Any = None
 #: batch processor, while its sampler follows a sampled parent; else None (the SDK makes them).
 _pushes: Any = None
 
-#: A W3C ``traceparent`` of version 00: version, trace id, parent span id, flags.
-TRACEPARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 _TRACESTATE_MAX = 512  # the W3C limit is 32 members; a longer header is dropped, not forwarded
 
 #: One step of a batch, as the fan-out's processor records it: (span name, start, end), times in
@@ -377,33 +372,14 @@ def using(span: Span | None) -> Any:
     return use_span(span, end_on_exit=False)
 
 
-def current_ids() -> tuple[str, str] | None:
-    """(trace id, span id) of the current span, in hex, if one is being recorded."""
-    if not ENABLED:
-        return None
-    from opentelemetry.trace import get_current_span
-
-    context = get_current_span().get_span_context()
-    if not context.is_valid or not context.trace_flags.sampled:
-        return None
-    return f"{context.trace_id:032x}", f"{context.span_id:016x}"
-
-
 def ids_processor(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
-    """structlog processor: ``trace_id`` and ``span_id`` on a line written inside a sampled span."""
+    """structlog processor: ``trace_id`` and ``span_id`` on a line written inside a sampled span
+    (while tracing; otherwise one flag check)."""
     if ENABLED:
-        ids = current_ids()
-        if ids is not None:
-            event.setdefault("trace_id", ids[0])
-            event.setdefault("span_id", ids[1])
+        from opentelemetry.trace import get_current_span
+
+        context = get_current_span().get_span_context()
+        if context.is_valid and context.trace_flags.sampled:
+            event.setdefault("trace_id", f"{context.trace_id:032x}")
+            event.setdefault("span_id", f"{context.span_id:016x}")
     return event
-
-
-@contextmanager
-def span_of(name: str, **attributes: Any) -> Iterator[Span | None]:
-    """A current span named ``name`` while tracing, else nothing (yields None)."""
-    if not ENABLED:
-        yield None
-        return
-    with tracer().start_as_current_span(name, attributes=attributes or None) as span:
-        yield span

@@ -31,6 +31,7 @@ __all__ = [
     "REMOVED_MIDDLE",
     "REMOVED_TAIL",
     "TRACED_TAIL",
+    "TRACEPARENT",
     "ActivityFrame",
     "ClientFrame",
     "Removed",
@@ -196,7 +197,9 @@ def activity_tail(ts_ms: int | None, traceparent: str | None = None) -> bytes:
 #: millisecond time (years 2001 to 2286).
 _TS_DIGITS = 13
 _TS_AT = -(len(ACTIVITY_TS) + _TS_DIGITS + len(ACTIVITY_TAIL))
-_TRACEPARENT = re.compile(rb"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+#: A W3C ``traceparent`` of version 00 (lower-case hex, trace and span ids not all zeros): the one
+#: definition, which ``feed.tracing`` uses for the headers it takes in too.
+TRACEPARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 #: The length of the tail of a frame with both ``traceparent`` and ``ts`` (what the fan-out
 #: worker writes for a traced record): its ``traceparent`` field starts this far from the end.
 TRACED_TAIL = len(ACTIVITY_TRACEPARENT) + _TRACEPARENT_LEN + 1 + len(ACTIVITY_TS) + _TS_DIGITS + 1
@@ -224,8 +227,8 @@ def frame_traceparent(frame: bytes) -> str | None:
     head = start - len(ACTIVITY_TRACEPARENT)
     if head < 0 or frame[end - 1 : end] != b'"' or frame[head:start] != ACTIVITY_TRACEPARENT:
         return None
-    value = frame[start : end - 1]
-    return value.decode("ascii") if _TRACEPARENT.fullmatch(value) else None
+    value = frame[start : end - 1].decode("ascii", "replace")
+    return value if TRACEPARENT.fullmatch(value) else None
 
 
 def encode_frame(frame: Welcome | ActivityFrame | Removed | Reset) -> bytes:

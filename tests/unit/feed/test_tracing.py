@@ -124,8 +124,7 @@ def test_log_lines_inside_a_sampled_span_carry_its_ids_and_others_none(
     log = structlog.wrap_logger(None, processors=[tracing.ids_processor, keep])
     with in_memory_tracing():
         log.info("outside")
-        with tracing.span_of("work") as span:
-            assert span is not None
+        with tracing.tracer().start_as_current_span("work") as span:
             log.info("inside")
             context = span.get_span_context()
         with tracing.using(None):
