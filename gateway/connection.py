@@ -125,9 +125,9 @@ class StreamConnection:
             self._deliver_early(frame)
             return
         session.receive_live(frame)
-        if not frame.startswith(PRESENCE_PREFIX) and frame != RESET_CONTROL:
-            # a frame for the client: the push latency (and a push span) runs from now; the
-            # hub's own control frames are never written, so they must not start the clock
+        if not frame.startswith(PRESENCE_PREFIX):
+            # the push latency (and a push span) runs from now, unless the frame is a presence
+            # notice, which is never written to the client and must not start the clock
             self._mark_pending()
         self._after_event()
 

@@ -56,3 +56,20 @@ def test_frames_before_the_session_starts_are_bounded_and_none_is_lost() -> None
     assert {"type": "reset"} in sent  # the reset request survived the flood
     seqs = [int(f["cursor"].rpartition(".")[2]) for f in sent if f["type"] == "activity"]
     assert seqs == list(range(attached + 1, 10_006))  # every frame, once, in order
+
+
+def test_the_push_latency_clock_starts_at_a_frame_for_the_client_not_at_presence() -> None:
+    """The hub's presence frames are never written to the client: before the fix one started
+    ``feed_gateway_push_latency_seconds`` (and a push span), so the next push was measured from
+    it."""
+    from gateway.auth import UserClaims
+    from gateway.connection import StreamConnection
+    from gateway.session import presence_frame
+
+    gateway = SimpleNamespace(settings=Settings(send_queue_bytes=1 << 20), hold_live_s=0.0)
+    conn = StreamConnection(None, UserClaims("u1", time.time() + 600), gateway)  # type: ignore[arg-type]
+    conn._start_session("ep1", 5)
+    conn.deliver(presence_frame("ep1", 5))
+    assert conn._pending_since is None
+    conn.deliver(_activity_frame("ep1", 6))
+    assert conn._pending_since is not None
