@@ -142,8 +142,17 @@ async def test_an_activity_posted_with_a_traceparent_is_one_trace_from_ingest_to
 
     def complete(spans: list[ReceivedSpan]) -> bool:
         names = {(s.service, s.name) for s in spans if s.trace_id == trace_id}
-        return {("feed-gateway", "push"), ("feed-fanout", "fanout batch")} <= names and any(
-            s.name == "ws session" and s.attributes.get("feed.user") == user for s in spans
+        # Every span asserted below, the read's included: each is exported when it ends, the
+        # read's and the session's after their responses, so none can be taken as already there.
+        expected = {
+            ("feed-gateway", "POST /v1/activities"),
+            ("feed-fanout", "fanout batch"),
+            ("feed-gateway", "push"),
+        }
+        return (
+            expected <= names
+            and any(s.name == "ws session" and s.attributes.get("feed.user") == user for s in spans)
+            and any(s.name == "GET /v1/feed" and s.kind == "SERVER" for s in spans)
         )
 
     spans = receiver.wait_for(complete, timeout=30, message="the activity's spans")
