@@ -111,7 +111,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from confluent_kafka import KafkaException
 
     from feed.kafka import create_topics, is_unreachable
-    from feed.stores import create_schema, open_cassandra
+    from feed.stores import create_schema, open_cassandra, replication
 
     settings = _settings()
     _logging(settings)
@@ -142,9 +142,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
     try:
         with _driver_quiet():
-            create_schema(
-                session, settings.cassandra_keyspace, settings.cassandra_replication_factor
-            )
+            create_schema(session, settings.cassandra_keyspace, replication(settings))
     except Exception as exc:
         return _fail("migrate", f"Cassandra at {cassandra} did not take the schema: {exc}")
     finally:

@@ -17,6 +17,9 @@ from typing import Any
 
 from cassandra.cluster import Session
 from cassandra.concurrent import execute_concurrent
+from cassandra.query import PreparedStatement
+
+from feed import cql
 
 __all__ = ["CassandraFollowGraph"]
 
@@ -36,7 +39,10 @@ class CassandraFollowGraph:
         self._session = session
         self._page_size = page_size
         ks = keyspace
-        prepare = session.prepare
+
+        def prepare(query: str) -> PreparedStatement:
+            return cql.prepare(session, query)
+
         self._add_follower = prepare(
             f"INSERT INTO {ks}.followers (user_id, follower) VALUES (?, ?) USING TIMESTAMP ?"
         )

@@ -29,11 +29,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 
-from cassandra import ConsistencyLevel
 from cassandra.cluster import Session
 from cassandra.concurrent import execute_concurrent
-from cassandra.query import BatchStatement, BatchType
+from cassandra.query import BatchStatement, BatchType, PreparedStatement
 
+from feed import cql
 from feed.cursor import order_key, split_order_key
 from feed.interfaces import HistoryRecord, Stored
 
@@ -48,9 +48,6 @@ BATCH_BYTES = 40 * 1024
 #: on the 2-core reference machine (Cassandra 2.1), 500 new ids in chunks of 100 run concurrently
 #: took 19-30 ms, in one query 35-100 ms.
 OWNERSHIP_CHUNK = 100
-#: Who owns an id is written and read at LOCAL_QUORUM: with a replication factor above 1 a worker
-#: then always reads the row another worker wrote (QUORUM + QUORUM overlap).
-OWNERSHIP_CL = ConsistencyLevel.LOCAL_QUORUM
 #: Most ids in one ``IN`` query for bodies.
 BODIES_CHUNK = 500
 #: Rows per page when reading recipient rows.
@@ -61,14 +58,17 @@ class CassandraHistory:
     def __init__(self, session: Session, keyspace: str) -> None:
         self._session = session
         ks = keyspace
-        prepare = session.prepare
+        self._write_level = cql.write_level(session)
+
+        def prepare(query: str) -> PreparedStatement:
+            return cql.prepare(session, query)
+
         self._put_activity = prepare(
             f"INSERT INTO {ks}.activities (id, actor, ts, body) VALUES (?, ?, ?, ?)"
         )
         self._mark_deleted = prepare(
             f"UPDATE {ks}.activities SET deleted = true, body = null WHERE id = ?"
         )
-        self._mark_deleted.consistency_level = OWNERSHIP_CL
         self._clear_recipients = prepare(
             f"UPDATE {ks}.activities SET recipients = null WHERE id = ?"
         )
@@ -88,7 +88,6 @@ class CassandraHistory:
         self._get_stored = prepare(
             f"SELECT id, actor, ts, body, deleted FROM {ks}.activities WHERE id IN ?"
         )
-        self._get_stored.consistency_level = OWNERSHIP_CL
         self._get_bodies = prepare(f"SELECT id, body, deleted FROM {ks}.activities WHERE id IN ?")
         self._get_recipients = prepare(f"SELECT recipients FROM {ks}.activities WHERE id = ?")
         self._page_first = prepare(f"SELECT ts, id FROM {ks}.timeline WHERE user_id = ? LIMIT ?")
@@ -114,14 +113,15 @@ class CassandraHistory:
         them if ``new`` is None), before followers are read (see fanout). An id's activity row
         is written once, by its first create (``fanout.processor``); replays write only the
         outbox row again (same key, same values), which a write that failed half-way may lack.
-        Written at ``LOCAL_QUORUM``, read back at ``LOCAL_QUORUM`` by :meth:`stored_many`."""
+        Written at the write level, read back at the read level by :meth:`stored_many` (with
+        the defaults, LOCAL_QUORUM both: every worker reads the row another wrote, ``feed.cql``)."""
         fresh = None if new is None else set(new)
         rows: list[tuple[object, tuple[object, ...]]] = []
         for r in records:
             if fresh is None or r.activity_id in fresh:
                 rows.append((self._put_activity, (r.activity_id, r.actor, r.ts, r.body)))
             rows.append((self._put_outbox, (r.actor, r.ts, r.activity_id)))
-        self._run(_batched(rows, OWNERSHIP_CL)[0])
+        self._run(_batched(rows, self._write_level)[0])
 
     def put_deliveries(self, records: Sequence[HistoryRecord], *, timelines: bool = True) -> int:
         """Write who each activity reached and (optionally) their timeline rows.
@@ -150,24 +150,24 @@ class CassandraHistory:
                 count += len(r.users)
             put = self._put_timeline
             rows.extend((put, row) for mine in per_user.values() for row in mine)
-        self._run(_batched(rows)[0])
+        self._run(_batched(rows, self._write_level)[0])
         return count
 
     def write_timeline_rows(self, rows: Iterable[tuple[str, int, str, str]]) -> int:
         """Write (user, ts, activity_id, actor) timeline rows in batches."""
-        statements, count = _batched((self._put_timeline, row) for row in rows)
+        statements, count = _batched(((self._put_timeline, row) for row in rows), self._write_level)
         self._run(statements)
         return count
 
     def remove_from_timelines(self, rows: Iterable[tuple[str, int, str]]) -> None:
         """Delete (user, ts, activity_id) timeline rows."""
-        statements, _ = _batched((self._del_timeline, row) for row in rows)
+        statements, _ = _batched(((self._del_timeline, row) for row in rows), self._write_level)
         self._run(statements)
 
     def add_backfilled(self, rows: Iterable[tuple[str, str]]) -> None:
         """Record (activity_id, user) pairs: the user got the activity from a follow's backfill.
         A Delete reaches them as it reaches the fan-out recipients. Idempotent."""
-        statements, _ = _batched((self._put_backfilled, row) for row in rows)
+        statements, _ = _batched(((self._put_backfilled, row) for row in rows), self._write_level)
         self._run(statements)
 
     def mark_deleted(self, activity_id: str, actor: str, ts: int) -> None:
@@ -296,12 +296,12 @@ def _encoded_size(value: object) -> int:
 
 
 def _batched(
-    rows: Iterable[tuple[object, tuple[object, ...]]],
-    consistency: int | None = None,
+    rows: Iterable[tuple[object, tuple[object, ...]]], consistency: int
 ) -> tuple[list[tuple[object, object]], int]:
     """Group (prepared statement, values) into UNLOGGED batches of at most ``BATCH_ROWS`` rows and
-    ``BATCH_BYTES`` bytes of bound values (strings counted in UTF-8 bytes, not characters); a row
-    larger than that on its own is sent alone (bound, at ``consistency`` if given)."""
+    ``BATCH_BYTES`` bytes of bound values (strings counted in UTF-8 bytes, not characters), at
+    ``consistency``; a row larger than that on its own is sent alone (bound, at
+    ``consistency``)."""
     statements: list[tuple[object, object]] = []
 
     def new_batch() -> BatchStatement:
@@ -314,8 +314,7 @@ def _batched(
         count += 1
         if row_bytes > BATCH_BYTES:
             alone = statement.bind(values)  # type: ignore[attr-defined]
-            if consistency is not None:
-                alone.consistency_level = consistency
+            alone.consistency_level = consistency
             statements.append((alone, None))
             continue
         if len(batch) and (len(batch) >= BATCH_ROWS or size + row_bytes > BATCH_BYTES):

@@ -11,7 +11,8 @@ when a user's feed is loaded into Redis (``feed/lua/notify.lua``, command ``load
   Redis's state whatever order concurrent writers' statements land in (a gateway's mark and a
   worker's new activity, or a replay's rewrite).
 * **Idempotent**: a mutation written twice is the same cell at the same timestamp.
-* Written and read at ``LOCAL_QUORUM``: a load after a write that returned sees it.
+* Written and read at the configured levels (``feed.cql``; LOCAL_QUORUM both by default): a
+  load after a write that returned sees it.
 * **Bounded reads**: a user's partition holds at most ``FEED_NOTIFY_MAX_GROUPS`` groups of at
   most ``FEED_NOTIFY_GROUP_MAX`` activities (plus rows of dropped groups' tombstones).
 """
@@ -20,15 +21,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cassandra import ConsistencyLevel
 from cassandra.cluster import Session
 from cassandra.concurrent import execute_concurrent
+from cassandra.query import PreparedStatement
 
+from feed import cql
 from feed.notify import NotifyRows
 
 __all__ = ["CassandraNotifyStore"]
 
-_CL = ConsistencyLevel.LOCAL_QUORUM
 _US = "\x1f"
 _CONCURRENCY = 32
 
@@ -37,7 +38,10 @@ class CassandraNotifyStore:
     def __init__(self, session: Session, keyspace: str) -> None:
         self.session = session
         ks = keyspace
-        prepare = session.prepare
+
+        def prepare(query: str) -> PreparedStatement:
+            return cql.prepare(session, query)
+
         self._put_group = prepare(
             f"INSERT INTO {ks}.notify_groups (user_id, gid, gkey, type, object, opened, open,"
             " seen, read) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
@@ -71,18 +75,6 @@ class CassandraNotifyStore:
         self._get_items = prepare(
             f"SELECT gid, aid, actor, ts FROM {ks}.notify_items WHERE user_id = ?"
         )
-        for statement in (
-            self._put_group,
-            self._close_group,
-            self._mark_group,
-            self._del_group,
-            self._put_item,
-            self._del_item,
-            self._del_items,
-            self._get_groups,
-            self._get_items,
-        ):
-            statement.consistency_level = _CL
 
     def write(self, changes: Sequence[tuple[str, Sequence[str]]]) -> int:
         """Apply ``notify.lua``'s mutations, per user (one string each: the kind, the version,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import ipaddress
+import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -136,6 +137,18 @@ class Settings:
     cassandra_keyspace: str = "feed"
     cassandra_protocol_version: int | None = None
     cassandra_replication_factor: int = 1
+    #: The keyspace ``feed migrate`` creates: ``SimpleStrategy`` (one data centre, for
+    #: development) or ``NetworkTopologyStrategy`` (production; the manifests set it), with
+    #: ``cassandra_datacenters`` (``name:factor`` pairs; empty = the local data centre, or
+    #: ``datacenter1``, at ``cassandra_replication_factor``).
+    cassandra_replication_strategy: str = "SimpleStrategy"
+    cassandra_datacenters: tuple[str, ...] = ()
+    #: The data centre whose nodes the driver sends requests to (empty: the contact points').
+    cassandra_local_dc: str | None = None
+    #: Consistency levels of every read and every write (``feed.cql``). LOCAL_QUORUM for both
+    #: means a read always sees every acknowledged write (docs/feeds.md, "Durability").
+    cassandra_read_consistency: str = "LOCAL_QUORUM"
+    cassandra_write_consistency: str = "LOCAL_QUORUM"
     jwt_secret: Secret | None = None
     jwt_leeway_s: int = 30
     ingest_token: Secret | None = None
@@ -199,6 +212,11 @@ class Settings:
             "cassandra_keyspace": _identifier,
             "cassandra_protocol_version": _optional(_int(1, 66)),
             "cassandra_replication_factor": _int(1, 9),
+            "cassandra_replication_strategy": _choice("SimpleStrategy", "NetworkTopologyStrategy"),
+            "cassandra_datacenters": _datacenters,
+            "cassandra_local_dc": _optional(_dc_name),
+            "cassandra_read_consistency": _choice(*_CONSISTENCY_LEVELS),
+            "cassandra_write_consistency": _choice(*_CONSISTENCY_LEVELS),
             "jwt_secret": _jwt_secret,
             "jwt_leeway_s": _int(0, 600),
             "ingest_token": _ingest_token,
@@ -366,6 +384,40 @@ def _identifier(raw: str) -> str:
     if not raw.isidentifier() or len(raw) > 48:
         raise ValueError("must be a CQL identifier (letters, digits, underscore; at most 48)")
     return raw
+
+
+#: The consistency levels a setting may name (cassandra-driver's ``ConsistencyLevel`` names that
+#: apply to both reads and writes; ANY and SERIAL do not).
+_CONSISTENCY_LEVELS = ("ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM", "LOCAL_ONE")
+
+
+_DC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _dc_name(raw: str) -> str:
+    """A data centre's name as the settings accept it (it is written into CQL: no quotes)."""
+    name = raw.strip()
+    if not _DC_NAME.fullmatch(name):
+        raise ValueError(
+            f"{name!r} is no data centre name (letters, digits, '_', '.', '-'; at most 64)"
+        )
+    return name
+
+
+def _datacenters(raw: str) -> tuple[str, ...]:
+    """``name:factor`` pairs, comma-separated, each factor 1..9, each name once."""
+    out: list[str] = []
+    for pair in _list(raw):
+        name, sep, factor = pair.partition(":")
+        if not sep or not factor.strip().isdigit():
+            raise ValueError(f"{pair!r} is not name:factor (e.g. dc1:3)")
+        if not 1 <= int(factor) <= 9:
+            raise ValueError(f"{pair!r}: the factor must be 1 to 9")
+        name = _dc_name(name)
+        if any(entry.partition(":")[0] == name for entry in out):
+            raise ValueError(f"{name!r} is named twice")
+        out.append(f"{name}:{int(factor)}")
+    return tuple(out)
 
 
 def _jwt_secret(raw: str) -> Secret:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Mapping
 from typing import Any
 
 from cassandra import InvalidRequest
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
-from cassandra.policies import ExponentialReconnectionPolicy, RoundRobinPolicy
+from cassandra.policies import (
+    DCAwareRoundRobinPolicy,
+    ExponentialReconnectionPolicy,
+    TokenAwarePolicy,
+)
 
+from feed import cql
 from feed.graph_cassandra import CassandraFollowGraph
 from feed.history_cassandra import CassandraHistory
 from feed.settings import Settings
@@ -19,19 +25,32 @@ __all__ = [
     "CassandraHistory",
     "create_schema",
     "open_cassandra",
+    "replication",
     "schema_statements",
 ]
 
 
 def open_cassandra(settings: Settings, *, keyspace: bool = True, timeout: float = 10.0) -> Session:
-    """Connect to the cluster named by the settings (blocking)."""
+    """Connect to the cluster named by the settings (blocking).
+
+    Requests go to a replica of their partition first (token-aware), in the local data centre
+    (``FEED_CASSANDRA_LOCAL_DC``, else the contact points'). The default execution profile
+    carries the read consistency level, :data:`feed.cql.WRITE_PROFILE` the write level: the
+    stores prepare their statements at those (``feed.cql``)."""
+
+    def profile(level: str) -> ExecutionProfile:
+        # One policy object per profile: the driver initialises each with the cluster's hosts.
+        policy = TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=settings.cassandra_local_dc))
+        return ExecutionProfile(
+            load_balancing_policy=policy, request_timeout=20.0, consistency_level=cql.level(level)
+        )
+
     kwargs: dict[str, Any] = {
         "contact_points": list(settings.cassandra_hosts),
         "port": settings.cassandra_port,
         "execution_profiles": {
-            EXEC_PROFILE_DEFAULT: ExecutionProfile(
-                load_balancing_policy=RoundRobinPolicy(), request_timeout=20.0
-            )
+            EXEC_PROFILE_DEFAULT: profile(settings.cassandra_read_consistency),
+            cql.WRITE_PROFILE: profile(settings.cassandra_write_consistency),
         },
         "connect_timeout": timeout,
         # The driver's default waits up to 600 s between attempts and gives up after 64: a
@@ -50,12 +69,37 @@ def open_cassandra(settings: Settings, *, keyspace: bool = True, timeout: float 
     return session
 
 
-def schema_statements(keyspace: str, replication_factor: int = 1) -> list[str]:
-    """The CQL that ``feed migrate`` runs: every statement is ``IF NOT EXISTS``."""
-    ks = keyspace
+def replication(settings: Settings) -> dict[str, str | int]:
+    """The keyspace's replication map from the settings: ``SimpleStrategy`` at
+    ``FEED_CASSANDRA_REPLICATION_FACTOR``, or ``NetworkTopologyStrategy`` with the factor of each
+    data centre of ``FEED_CASSANDRA_DATACENTERS`` (none named: the local data centre, or
+    ``datacenter1``, Cassandra's default name, at ``FEED_CASSANDRA_REPLICATION_FACTOR``)."""
+    factor = settings.cassandra_replication_factor
+    if settings.cassandra_replication_strategy == "SimpleStrategy":
+        return {"class": "SimpleStrategy", "replication_factor": factor}
+    pairs = [pair.split(":") for pair in settings.cassandra_datacenters] or [
+        [settings.cassandra_local_dc or "datacenter1", str(factor)]
+    ]
+    return {"class": "NetworkTopologyStrategy", **{dc: int(n) for dc, n in pairs}}
+
+
+def _replication_cql(spec: int | Mapping[str, str | int]) -> str:
+    if isinstance(spec, int):
+        spec = {"class": "SimpleStrategy", "replication_factor": spec}
+    # Names are quoted CQL strings (a data centre name may hold any character but a quote).
+    entries = (f"'{k}': {v!r}" if isinstance(v, int) else f"'{k}': '{v}'" for k, v in spec.items())
+    return "{" + ", ".join(entries) + "}"
+
+
+def schema_statements(
+    keyspace: str, replication_spec: int | Mapping[str, str | int] = 1
+) -> list[str]:
+    """The CQL that ``feed migrate`` runs: every statement is ``IF NOT EXISTS``.
+    ``replication_spec``: a ``SimpleStrategy`` factor, or a replication map
+    (:func:`replication`)."""
+    ks, spec = keyspace, replication_spec
     return [
-        f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = "
-        f"{{'class': 'SimpleStrategy', 'replication_factor': {replication_factor}}}",
+        f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {_replication_cql(spec)}",
         # Each activity once, owned by its first create: the canonical JSON body, and who it
         # reached by fan-out (newline-separated user ids, one cell: a Delete reaches exactly
         # those timelines). A deleted activity keeps its row (actor, ts, deleted = true) without
@@ -97,11 +141,13 @@ def schema_statements(keyspace: str, replication_factor: int = 1) -> list[str]:
 ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (("activities", "deleted", "boolean"),)
 
 
-def create_schema(session: Session, keyspace: str, replication_factor: int = 1) -> None:
+def create_schema(
+    session: Session, keyspace: str, replication_spec: int | Mapping[str, str | int] = 1
+) -> None:
     """Create the keyspace and tables if missing, and add the columns that tables created by an
     older release lack (:data:`ADDED_COLUMNS`). Safe to run any number of times, also by several
     processes at once."""
-    for statement in schema_statements(keyspace, replication_factor):
+    for statement in schema_statements(keyspace, replication_spec):
         session.execute(statement, timeout=60)
     for table, column, kind in ADDED_COLUMNS:
         if _has_column(session, keyspace, table, column):

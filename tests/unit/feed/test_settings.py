@@ -113,3 +113,43 @@ def test_a_redis_password_never_reaches_an_error_or_a_repr() -> None:
 )
 def test_redact_url(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+def test_cassandra_replication_and_consistency() -> None:
+    s = Settings.from_env({})
+    assert s.cassandra_replication_strategy == "SimpleStrategy"
+    assert (s.cassandra_read_consistency, s.cassandra_write_consistency) == (
+        "LOCAL_QUORUM",
+        "LOCAL_QUORUM",
+    )
+    s = Settings.from_env(
+        {
+            "FEED_CASSANDRA_REPLICATION_STRATEGY": "NetworkTopologyStrategy",
+            "FEED_CASSANDRA_DATACENTERS": " dc1:3 , eu-west.2:2",
+            "FEED_CASSANDRA_LOCAL_DC": "dc1",
+            "FEED_CASSANDRA_READ_CONSISTENCY": "ONE",
+            "FEED_CASSANDRA_WRITE_CONSISTENCY": "QUORUM",
+        }
+    )
+    assert s.cassandra_datacenters == ("dc1:3", "eu-west.2:2")
+    assert (s.cassandra_local_dc, s.cassandra_read_consistency) == ("dc1", "ONE")
+    assert Settings.from_env(s.env()) == s
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "says"),
+    [
+        ("FEED_CASSANDRA_REPLICATION_STRATEGY", "OldNetworkTopologyStrategy", "must be one of"),
+        ("FEED_CASSANDRA_DATACENTERS", "dc1", "not name:factor"),
+        ("FEED_CASSANDRA_DATACENTERS", "dc1:0", "1 to 9"),
+        ("FEED_CASSANDRA_DATACENTERS", "dc1:3,dc1:2", "named twice"),
+        ("FEED_CASSANDRA_DATACENTERS", "dc'1:3", "no data centre name"),
+        ("FEED_CASSANDRA_LOCAL_DC", "a b", "no data centre name"),
+        ("FEED_CASSANDRA_WRITE_CONSISTENCY", "ANY", "must be one of"),
+        ("FEED_CASSANDRA_READ_CONSISTENCY", "local_quorum", "must be one of"),
+    ],
+)
+def test_cassandra_setting_errors(var: str, value: str, says: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({var: value})
+    assert str(info.value).startswith(var + ":") and says in str(info.value)
