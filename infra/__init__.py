@@ -1,6 +1,7 @@
 """Development/test infrastructure: real servers as subprocesses, and the local stack."""
 
 from infra.servers import (
+    CassandraCluster,
     CassandraServer,
     KafkaBroker,
     RedisServer,
@@ -14,6 +15,7 @@ from infra.servers import (
 from infra.stack import LocalStack
 
 __all__ = [
+    "CassandraCluster",
     "CassandraServer",
     "KafkaBroker",
     "LocalStack",
