@@ -132,6 +132,9 @@ class Settings:
 
     kafka_bootstrap: str = "127.0.0.1:9092"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    #: ``auto`` (ask the server ``redis_url`` names), ``true`` (a Redis Cluster: the URL names
+    #: any seed node) or ``false`` (one server). ``feed.redis_connect``.
+    redis_cluster: str = "auto"
     cassandra_hosts: tuple[str, ...] = ("127.0.0.1",)
     cassandra_port: int = 9042
     cassandra_keyspace: str = "feed"
@@ -207,6 +210,7 @@ class Settings:
         parsers: dict[str, Callable[[str], Any]] = {
             "kafka_bootstrap": _nonempty,
             "redis_url": _redis_url,
+            "redis_cluster": _choice("auto", "true", "false"),
             "cassandra_hosts": lambda raw: _list(raw) or _fail("must list at least one host"),
             "cassandra_port": _int(1, 65535),
             "cassandra_keyspace": _identifier,

@@ -42,6 +42,7 @@ __all__ = [
     "CassandraCluster",
     "CassandraServer",
     "KafkaBroker",
+    "RedisCluster",
     "RedisServer",
     "ServerError",
     "ServerStartError",
@@ -121,6 +122,16 @@ def free_port(host: str = "127.0.0.1") -> int:
     """One TCP port that was free on ``host`` a moment ago: the project's one free-port helper
     (the tests, ``feed dev`` and the bench all use this or :func:`free_ports`)."""
     return free_ports(1, host)[0]
+
+
+def _bindable(host: str, port: int) -> bool:
+    """True when ``port`` on ``host`` can be bound right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _tcp_open(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -508,9 +519,24 @@ class RedisServer(_ServerProcess):
         binary: str | os.PathLike[str] | None = None,
         startup_timeout: float | None = None,
         stop_timeout: float | None = None,
+        *,
+        cluster: bool = False,
     ) -> None:
         super().__init__(workdir, port, startup_timeout, stop_timeout)
         self.binary = Path(binary) if binary else find_redis_server()
+        #: A cluster node (``--cluster-enabled``): its bus listens on port + 10000.
+        self.cluster = cluster
+
+    def _allocate_ports(self) -> None:
+        if not self.cluster:
+            super()._allocate_ports()
+            return
+        for _ in range(200):
+            (port,) = free_ports(1, self.host)
+            if port + 10000 < 65536 and _bindable(self.host, port + 10000):
+                self._port = port
+                return
+        raise ServerError("no free port P with P + 10000 free for a Redis Cluster node")
 
     @property
     def url(self) -> str:
@@ -532,6 +558,28 @@ class RedisServer(_ServerProcess):
             "no",
             "--dir",
             str(self.workdir),
+            *self._cluster_args(),
+        ]
+
+    def _cluster_args(self) -> list[str]:
+        if not self.cluster:
+            return []
+        # A restarted node keeps its identity and slots (nodes.conf in its work dir); 2 s to
+        # declare a silent master failed, so a replica takes over within a few seconds.
+        return [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            str(self.workdir / "nodes.conf"),
+            "--cluster-node-timeout",
+            "2000",
+            # A replica's first sync starts at once (the default waits 5 s for more replicas).
+            "--repl-diskless-sync-delay",
+            "0",
+            # CLUSTER SLOTS lists a replica once its replication offset moved; on an empty
+            # master the first thing that moves it is a ping to the replicas (default: 10 s).
+            "--repl-ping-replica-period",
+            "1",
         ]
 
     def _probe(self) -> bool:
@@ -546,6 +594,98 @@ class RedisServer(_ServerProcess):
             return bool(client.ping())
         finally:
             client.close()
+
+
+class RedisCluster:
+    """A real Redis Cluster: ``masters`` master nodes (at least 3) with ``replicas`` replicas
+    each, on free ports under ``workdir`` (``node<i>``), from the same ``redis-server`` binary.
+
+    :meth:`start` starts every node, joins them (``CLUSTER MEET``), gives each master an equal
+    range of the 16384 slots (``CLUSTER ADDSLOTSRANGE``), attaches the replicas (``CLUSTER
+    REPLICATE``), and returns once every node reports ``cluster_state:ok`` and knows every
+    other: what ``redis-cli --cluster create`` does, without needing ``redis-cli``.
+    :attr:`url` names the first node (any node is a seed)."""
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str],
+        masters: int = 3,
+        replicas: int = 0,
+        *,
+        startup_timeout: float = 60.0,
+    ) -> None:
+        if masters < 3:
+            raise ValueError("a Redis Cluster needs at least 3 masters")
+        self.workdir = Path(workdir).resolve()
+        self.startup_timeout = startup_timeout
+        self.replicas = replicas
+        count = masters * (1 + replicas)
+        self.nodes = [
+            RedisServer(self.workdir / f"node{i + 1}", cluster=True) for i in range(count)
+        ]
+        self.masters = self.nodes[:masters]
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:P/0`` of the first node: a seed (``FEED_REDIS_URL``)."""
+        return self.nodes[0].url
+
+    def start(self) -> Self:
+        import redis
+
+        deadline = time.monotonic() + self.startup_timeout
+        for node in self.nodes:
+            node.start()
+        clients: list[Any] = [
+            redis.Redis(host=n.host, port=n.port, socket_timeout=5) for n in self.nodes
+        ]
+        try:
+            first = self.nodes[0]
+            for client in clients[1:]:
+                client.execute_command("CLUSTER", "MEET", first.host, first.port)
+            per = 16384 // len(self.masters)
+            for i, client in enumerate(clients[: len(self.masters)]):
+                last = 16383 if i == len(self.masters) - 1 else (i + 1) * per - 1
+                client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * per, last)
+            ids = [c.execute_command("CLUSTER", "MYID").decode() for c in clients]
+            self._wait(clients, deadline, lambda c: _known_nodes(c) == len(self.nodes))
+            for j, client in enumerate(clients[len(self.masters) :]):
+                client.execute_command("CLUSTER", "REPLICATE", ids[j % len(self.masters)])
+            # Ready: every node says ok and lists each slot range with all its replicas (a
+            # replica shows in CLUSTER SLOTS once it has synced with its master).
+            self._wait(clients, deadline, lambda c: _cluster_ok(c) and _served(c) == self.replicas)
+        finally:
+            for client in clients:
+                client.close()
+        return self
+
+    def _wait(self, clients: list[Any], deadline: float, ready: Any) -> None:
+        while not all(ready(c) for c in clients):
+            if time.monotonic() >= deadline:
+                states = [c.execute_command("CLUSTER", "INFO") for c in clients]
+                raise ServerStartError(
+                    f"redis cluster not ready after {self.startup_timeout:.0f}s: {states!r}"
+                )
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def _known_nodes(client: Any) -> int:
+    return len(client.execute_command("CLUSTER", "NODES").decode().strip().splitlines())
+
+
+def _served(client: Any) -> int:
+    """The fewest replicas any slot range has in the node's ``CLUSTER SLOTS`` (-1: no slots)."""
+    ranges = client.execute_command("CLUSTER", "SLOTS")
+    return min((len(r) - 3 for r in ranges), default=-1)
+
+
+def _cluster_ok(client: Any) -> bool:
+    info = client.execute_command("CLUSTER", "INFO").decode()
+    return "cluster_state:ok" in info
 
 
 # ------------------------------------------------------------------------ Kafka

@@ -77,6 +77,19 @@ def stack_env(stack: Any) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real Redis Cluster of 3 masters (``infra.RedisCluster``), started for the first test
+    that asks; its ``url`` names a seed node."""
+    from infra import RedisCluster
+
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"), masters=3).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
 def settings(stack_env: dict[str, str]) -> Settings:
     return Settings.from_env(stack_env)
 

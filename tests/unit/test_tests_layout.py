@@ -29,6 +29,7 @@ SUFFIXES = {
     "_semantics": "a property against the reference model of tests/support/feed_model.py",
     "_ids": "the processor's ids, ownership and deletes",
     "_redis_loss": "the module once Redis lost its data",
+    "_cluster": "the module on a real Redis Cluster",
 }
 #: Test files that test no single module (path under tests/ -> why).
 NOT_ONE_MODULE = {

@@ -1,0 +1,54 @@
+"""Redis clients from the settings: one server, or a Redis Cluster (``FEED_REDIS_CLUSTER``).
+
+``auto`` (the default) asks the server that ``FEED_REDIS_URL`` names whether it runs in cluster
+mode (``INFO cluster``); ``true`` and ``false`` skip the question. On a cluster the URL names any
+seed node: redis-py's ``RedisCluster`` learns the slot map from it, follows ``MOVED``/``ASK``
+and pipelines per node.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from feed.settings import Settings, SettingsError, redact_url
+
+__all__ = ["async_client", "is_cluster", "sync_client"]
+
+
+def is_cluster(settings: Settings, *, timeout_s: float = 5.0) -> bool:
+    """Whether ``settings`` name a Redis Cluster. ``auto`` asks the server once; if it cannot be
+    asked, :class:`SettingsError` says so (set ``true`` or ``false`` to start without asking)."""
+    if settings.redis_cluster != "auto":
+        return settings.redis_cluster == "true"
+    client = redis.Redis.from_url(
+        settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+    )
+    try:
+        info = client.info("cluster")
+    except redis.exceptions.RedisError as exc:
+        raise SettingsError(
+            f"FEED_REDIS_CLUSTER: auto could not ask {redact_url(settings.redis_url)} whether it "
+            f"is a cluster ({type(exc).__name__}); set true or false"
+        ) from None
+    finally:
+        client.close()
+    return bool(info.get("cluster_enabled"))
+
+
+def sync_client(settings: Settings, *, cluster: bool | None = None, **options: Any) -> Any:
+    """A blocking client (``redis.Redis`` or ``redis.RedisCluster``) with ``options``.
+    ``cluster``: already known (skips :func:`is_cluster`)."""
+    if cluster if cluster is not None else is_cluster(settings):
+        return redis.RedisCluster.from_url(settings.redis_url, **options)
+    return redis.Redis.from_url(settings.redis_url, **options)
+
+
+def async_client(settings: Settings, *, cluster: bool | None = None, **options: Any) -> Any:
+    """An asyncio client (``redis.asyncio.Redis`` or ``redis.asyncio.RedisCluster``) with
+    ``options``; ``max_connections`` is per node on a cluster."""
+    if cluster if cluster is not None else is_cluster(settings):
+        return aioredis.RedisCluster.from_url(settings.redis_url, **options)
+    return aioredis.Redis.from_url(settings.redis_url, **options)
