@@ -50,7 +50,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
-from feed import keys, scripts, versions
+from feed import keys, scripts, timelines_cluster, versions
 from feed.cursor import split_order_key
 from feed.interfaces import Insert, Removal, TimelinePage
 from schemas import frames
@@ -150,7 +150,7 @@ def _fanout_calls(
                 per_user[user] = [index]
             else:
                 mine.append(index)
-    head = [*head, len(members), *_ACTIVITY_FRAME, *_USER_PREFIXES, *members, *tails]
+    head = [*head, len(members), *_ACTIVITY_FRAME, *_USER_PREFIXES, *members, *tails, b"k"]
     cap = _inserts_per_call(len(members))
     user_key = keys.fanout_user_key
     calls: list[_Call] = []
@@ -262,6 +262,16 @@ class RedisTimelines:
         self._outbox_add = client.register_script(scripts.source("outbox_add"))
         self._outbox_remove = client.register_script(scripts.source("outbox_remove"))
         self._claim = client.register_script(scripts.source("claim"))
+        #: On a Redis Cluster: every call in one slot (``feed.timelines_cluster``).
+        self._cluster: timelines_cluster.ClusterScripts | None = None
+        if isinstance(client, redis.RedisCluster):
+            self._cluster = timelines_cluster.ClusterScripts(
+                client,
+                [
+                    scripts.source(name)
+                    for name in ("fanout", "remove", "outbox_add", "outbox_remove", "claim")
+                ],
+            )
 
     @property
     def client(self) -> redis.Redis:
@@ -276,6 +286,8 @@ class RedisTimelines:
         the deletion of the ``release`` ids' claims (:meth:`claim`). An activity deleted
         meanwhile (:meth:`mark_deleted`) is skipped, atomically, and its body is not kept.
         """
+        if self._cluster is not None:
+            return self._insert_cluster(self._cluster, inserts, release)
         bodies, calls = _fanout_calls(inserts, [self._max, self._hist, self._only_active])
         if not calls:
             if release:
@@ -311,6 +323,60 @@ class RedisTimelines:
             raise errors[0]
         return _totals(results)
 
+    def _insert_cluster(
+        self,
+        cluster: timelines_cluster.ClusterScripts,
+        inserts: Sequence[Insert],
+        release: Sequence[str],
+    ) -> tuple[int, int]:
+        """:meth:`insert` on a Redis Cluster (``feed.timelines_cluster``): the deleted markers
+        (a deleted activity is left out, its body not kept); the bodies and the calls without
+        bodies in one pipeline; calls with someone online again with bodies; then the markers
+        again, and what was written of an activity deleted meanwhile is taken back; then the
+        claims' release."""
+        live = [i for i in inserts if i.users]
+        before = timelines_cluster.deleted_now(cluster, [i.activity_id for i in live])
+        if before:
+            live = [i for i in live if i.activity_id not in before]
+            self.delete_bodies(before)
+        calls = timelines_cluster.fanout_calls(live, [self._max, self._hist, self._only_active])
+        bodies = {keys.body(i.activity_id): i.body for i in live}
+        sha = self._fanout.sha
+        commands: list[tuple[Any, ...]] = [
+            ("SET", key, body, "EX", self._ttl) for key, body in bodies.items()
+        ]
+        commands += [("EVALSHA", sha, len(c.keys), *c.keys, *c.args) for c in calls]
+        replies = cluster.run(commands)
+        timelines_cluster.raise_first(replies)
+        results = replies[len(bodies) :]
+        online = [i for i, r in enumerate(results) if int(r[0]) < 0]
+        if online:
+            again = cluster.run(
+                [
+                    (
+                        "EVALSHA",
+                        sha,
+                        len(calls[i].keys),
+                        *calls[i].keys,
+                        *timelines_cluster.with_bodies(calls[i]),
+                    )
+                    for i in online
+                ]
+            )
+            timelines_cluster.raise_first(again)
+            for i, reply in zip(online, again, strict=True):
+                results[i] = reply
+        gone = timelines_cluster.deleted_now(cluster, [i.activity_id for i in live])
+        if gone:
+            # Deleted while this write ran: take it back (see feed.timelines_cluster).
+            self.remove(
+                [Removal(i.member, i.activity_id, i.users) for i in live if i.activity_id in gone]
+            )
+            self.delete_bodies(gone)
+        if release:
+            timelines_cluster.raise_first(cluster.run([("DEL", keys.claim(a)) for a in release]))
+        return _totals(results)
+
     def claim(self, claims: Sequence[tuple[str, str]], ttl_s: int) -> list[str]:
         """Claim each (activity id, actor) for ``ttl_s`` unless already claimed: one script
         call. Returns, per id, the actor holding the claim now (this one, or whoever claimed
@@ -320,6 +386,27 @@ class RedisTimelines:
         if not claims:
             return []
         holders = [actor for _, actor in claims]
+        if self._cluster is not None:
+            groups = timelines_cluster.claim_calls(claims)
+            sha = self._claim.sha
+            replies = self._cluster.run(
+                [
+                    (
+                        "EVALSHA",
+                        sha,
+                        len(names),
+                        *names,
+                        ttl_s,
+                        "\n".join(holders[p] for p in positions),
+                    )
+                    for positions, names in groups
+                ]
+            )
+            timelines_cluster.raise_first(replies)
+            for (positions, _), others in zip(groups, replies, strict=True):
+                for position, holder in zip(others[0::2], others[1::2], strict=True):
+                    holders[positions[int(position) - 1]] = _text(holder)
+            return holders
         others = self._claim(
             keys=[keys.claim(a) for a, _ in claims], args=[ttl_s, "\n".join(holders)]
         )
@@ -338,6 +425,17 @@ class RedisTimelines:
 
     def remove(self, removals: Sequence[Removal]) -> tuple[int, int]:
         """Remove activities from users' timelines. Returns (removed, pushed)."""
+        if self._cluster is not None:
+            sha = self._remove.sha
+            replies = self._cluster.run(
+                [
+                    ("EVALSHA", sha, len(k), *k, *a)
+                    for group in timelines_cluster.by_slot(removals)
+                    for k, a in _remove_calls(self._hist, group)
+                ]
+            )
+            timelines_cluster.raise_first(replies)
+            return _totals(replies)
         calls = _remove_calls(self._hist, ((r.member, r.activity_id, r.users) for r in removals))
         if not calls:
             return 0, 0
@@ -352,12 +450,51 @@ class RedisTimelines:
         """Large accounts' (actor, activity): capped outbox + actor-channel announcement."""
         if not items:
             return 0
+        if self._cluster is not None:
+            return self._outboxes_cluster(self._cluster, items)
         call_keys: list[str] = []
-        args: _Args = [self._max, self._ttl]
+        args: _Args = [self._max, self._ttl, "k"]
         for actor, item in items:
             call_keys += (*keys.activity_keys(item.activity_id), keys.outbox(actor))
             args += [item.member, item.body, keys.actor_channel(actor)]
         return int(self._outbox_add(keys=call_keys, args=args))
+
+    def _outboxes_cluster(
+        self, cluster: timelines_cluster.ClusterScripts, items: Sequence[tuple[str, Insert]]
+    ) -> int:
+        """:meth:`add_to_outboxes` on a Redis Cluster: the bodies, then one call per slot of
+        the outboxes (mode ``o``); then what was added of an activity deleted meanwhile is
+        taken back, as :meth:`insert` does (and a deleted one left out before)."""
+        before = timelines_cluster.deleted_now(cluster, [item.activity_id for _, item in items])
+        items = [(actor, item) for actor, item in items if item.activity_id not in before]
+        if before:
+            self.delete_bodies(before)
+        if not items:
+            return 0
+        groups: dict[int, tuple[list[str], _Args]] = {}
+        for actor, item in items:
+            outbox = keys.outbox(actor)
+            names, args = groups.setdefault(
+                timelines_cluster.slot_of(outbox), ([], [self._max, self._ttl, "o"])
+            )
+            names.append(outbox)
+            args += [item.member, item.body, keys.actor_channel(actor)]
+        bodies = {keys.body(item.activity_id): item.body for _, item in items}
+        sha = self._outbox_add.sha
+        commands: list[tuple[Any, ...]] = [
+            ("SET", key, body, "EX", self._ttl) for key, body in bodies.items()
+        ]
+        commands += [("EVALSHA", sha, len(n), *n, *a) for n, a in groups.values()]
+        replies = cluster.run(commands)
+        timelines_cluster.raise_first(replies)
+        added = sum(int(r) for r in replies[len(bodies) :])
+        gone = timelines_cluster.deleted_now(cluster, [item.activity_id for _, item in items])
+        for actor, item in items:
+            if item.activity_id in gone:
+                added -= self.remove_from_outbox(actor, item.member)
+        if gone:
+            self.delete_bodies(gone)
+        return added
 
     def remove_from_outbox(self, actor: str, member: str) -> int:
         return int(
@@ -375,7 +512,10 @@ class RedisTimelines:
                 keys.timeline(user), f"({before}" if before else "+", "-", start=0, num=limit
             )
         )
-        return TimelinePage(members, _bodies(members, self._redis.mget(_body_keys(members))))
+        names = _body_keys(members)
+        if self._cluster is not None:
+            return TimelinePage(members, _bodies(members, self._cluster.mget(names)))
+        return TimelinePage(members, _bodies(members, self._redis.mget(names)))
 
     def size(self, user: str) -> int:
         return int(self._redis.zcard(keys.timeline(user)))

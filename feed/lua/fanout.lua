@@ -1,9 +1,16 @@
 -- Fan-out: insert activities into users' timelines, trim, and deliver to the online ones.
 -- Run by feed.timelines_redis (RedisTimelines.insert, AsyncRedisTimelines.insert_for).
 --
--- KEYS (built by feed.keys; n activities, then one key per user, feed.keys.fanout_user_key):
---   KEYS[2j-1], KEYS[2j]    deleted marker and body of activity j (j = 1..n)
---   KEYS[2n+k]              user k's timeline (k = 1..)
+-- KEYS (built by feed.keys; one key per user, feed.keys.fanout_user_key), in one of three modes
+-- (ARGV 13+2n):
+--   'k' (keyed, one Redis): KEYS[2j-1], KEYS[2j] the deleted marker and body of activity j
+--       (j = 1..n), then KEYS[2n+k] user k's timeline (k = 1..). A deleted activity is skipped.
+--   'b' (bodies, Redis Cluster): KEYS[k] user k's timeline, every user in one slot; the bodies
+--       of activities 1..n follow in ARGV. The caller checks the deleted markers (before and
+--       after: feed.timelines_redis.RedisTimelines.insert).
+--   'u' (unkeyed, Redis Cluster): as 'b' without the bodies. If a user who would be delivered to
+--       is online, returns {-1, 0} before writing anything: the caller sends the call again in
+--       mode 'b'. Offline users need no body, and most calls have no one online.
 -- A user's presence, active marker, delivery stream and channel are named from the hash tag of
 -- their timeline key and the prefixes in ARGV 8..12 (feed.keys.FANOUT_USER_PREFIXES): the same
 -- tag, so the same slot as the declared key. One key per user, not four: every argument costs
@@ -16,6 +23,7 @@
 --   13..12+n the order keys (members) of activities 1..n,
 --   13+n..12+2n their frames' tails (schemas.frames.activity_tail: the tail with the activity's
 --   'traceparent' and 'ts'), or '' for the plain tail of ARGV 7,
+--   13+2n the mode ('k', 'b' or 'u'), in mode 'b' then 14+2n..13+3n the bodies,
 --   then per user k one value: the indexes of its activities (1-based, in the order the user
 --   must receive them), separated by spaces.
 --
@@ -30,26 +38,41 @@ local n = tonumber(ARGV[4])
 local head, middle, tail = ARGV[5], ARGV[6], ARGV[7]
 local tl_prefix_len = #ARGV[8]
 local on_prefix, seen_prefix, dl_prefix, channel_prefix = ARGV[9], ARGV[10], ARGV[11], ARGV[12]
+local mode = ARGV[13 + 2 * n]
 local members = {}
 local body_key = {}
 local tail_of = {}
+local bodies = {}
 for j = 1, n do
   local member = ARGV[12 + j]
-  if redis.call('EXISTS', KEYS[2 * j - 1]) == 1 then
+  if mode == 'k' and redis.call('EXISTS', KEYS[2 * j - 1]) == 1 then
     -- deleted since the caller read it: never written back (nor its body)
     redis.call('DEL', KEYS[2 * j])
     members[j] = false
   else
     members[j] = member
-    body_key[member] = KEYS[2 * j]
+    if mode == 'k' then
+      body_key[member] = KEYS[2 * j]
+    elseif mode == 'b' then
+      bodies[member] = ARGV[13 + 2 * n + j]
+    end
     local own = ARGV[12 + n + j]
     tail_of[member] = own ~= '' and own or tail
   end
 end
-local bodies = {}
+local first_user = mode == 'b' and 14 + 3 * n or 14 + 2 * n
+local k = mode == 'k' and 2 * n or 0
+if mode == 'u' then
+  -- no bodies: only if no one who would be delivered to is online (see the header)
+  local u = 0
+  for i = first_user, #ARGV do
+    u = u + 1
+    local on = on_prefix .. string.sub(KEYS[u], tl_prefix_len + 1)
+    if ARGV[i] ~= '' and redis.call('HEXISTS', on, 'e') == 1 then return {-1, 0} end
+  end
+end
 local inserted, pushed = 0, 0
-local k = 2 * n
-for i = 13 + 2 * n, #ARGV do
+for i = first_user, #ARGV do
   k = k + 1
   local tl = KEYS[k]
   local tag = string.sub(tl, tl_prefix_len + 1)
