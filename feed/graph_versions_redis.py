@@ -5,6 +5,11 @@ there). Keys: ``gv:{user}`` (the user's followers), ``fv:{user}`` (whom the user
 ``<changes>.<token>`` set by :data:`feed.versions.BUMP`; the set ``big-accounts`` with the
 sentinel :data:`BIG_SENTINEL`; the notice is ``feed.keys.CONTROL_FOLLOWING`` published on the
 follower's channel (``feed.keys.channel``).
+
+On a Redis Cluster (``feed.timelines_cluster``) the versions are read key by key in one pipeline
+(one round trip per node: ``MGET`` takes one slot's keys), the scripts run through
+:class:`feed.timelines_cluster.ClusterScripts` (loaded again after a ``NOSCRIPT``), and the notice
+is published on its own (a cluster pipeline does not carry ``PUBLISH``).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from collections.abc import Iterable, Sequence
 
 import redis
 
-from feed import keys
+from feed import keys, timelines_cluster
 from feed.interfaces import FollowerState
 from feed.versions import BUMP, current, new_token
 
@@ -29,6 +34,9 @@ class RedisGraphVersions:
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
         self._bump = client.register_script(BUMP)
+        self._cluster: timelines_cluster.ClusterScripts | None = None
+        if isinstance(client, redis.RedisCluster):
+            self._cluster = timelines_cluster.ClusterScripts(client, [BUMP])
 
     def follower_state(self, users: Sequence[str], *, big: bool) -> FollowerState:
         """One round trip (MGET, and with ``big`` SMISMEMBER and SCARD), plus one to install a
@@ -37,11 +45,17 @@ class RedisGraphVersions:
             return FollowerState([], [], False)
         names = [keys.graph_version(u) for u in users]
         pipe = self._redis.pipeline(transaction=False)
-        pipe.mget(names)
+        if self._cluster is None:
+            pipe.mget(names)
+        else:
+            for name in names:
+                pipe.get(name)
         if big:
             pipe.smismember(keys.big_accounts, list(users))
             pipe.scard(keys.big_accounts)
         results = pipe.execute()
+        if self._cluster is not None:
+            results = [results[: len(names)], *results[len(names) :]]
         versions = current(self._redis, names, results[0])
         if not big:
             return FollowerState(versions, [False] * len(users), False)
@@ -52,6 +66,17 @@ class RedisGraphVersions:
 
     def follow_changed(self, follower: str, followee: str) -> bool:
         """One pipeline (one round trip): both bumps, SISMEMBER, PUBLISH."""
+        if self._cluster is not None:
+            replies = self._cluster.run(
+                [
+                    ("EVALSHA", self._bump.sha, 1, keys.graph_version(followee), new_token()),
+                    ("EVALSHA", self._bump.sha, 1, keys.following_version(follower), new_token()),
+                    ("SISMEMBER", keys.big_accounts, followee),
+                ]
+            )
+            timelines_cluster.raise_first(replies)
+            self._redis.publish(keys.channel(follower), keys.CONTROL_FOLLOWING)
+            return bool(replies[2])
         pipe = self._redis.pipeline(transaction=False)
         # New versions (never a value seen before, even after Redis lost its data): every
         # cache of the followee's followers or of the follower's followees reloads.

@@ -58,8 +58,9 @@ def current(
         pipe = client.pipeline(transaction=False)
         for i in missing:
             pipe.set(names[i], f"0.{new_token()}", nx=True)
-        pipe.mget([names[i] for i in missing])
-        installed = pipe.execute()[-1]
+        for i in missing:  # key by key: also on a Redis Cluster (MGET takes one slot's keys)
+            pipe.get(names[i])
+        installed = pipe.execute()[len(missing) :]
         for i, value in zip(missing, installed, strict=True):
             out[i] = value
     return [v if v is not None else b"" for v in out]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 from collections.abc import Callable
 from typing import Any, cast
@@ -75,10 +76,10 @@ class PubSubLink(asyncio.Protocol):
         on_subscribe: Callable[[bytes], None],
         on_pong: Callable[[], None],
     ) -> PubSubLink:
-        """Connect to the server ``client`` uses, authenticated; raises
-        ``redis.exceptions.ConnectionError`` (or ``AuthenticationError``) if it cannot."""
-        pool = client.connection_pool
-        kwargs = dict(pool.connection_kwargs)
+        """Connect to the server ``client`` uses (on a Redis Cluster, to one of its primaries,
+        picked at random), authenticated; raises ``redis.exceptions.ConnectionError`` (or
+        ``AuthenticationError``) if it cannot."""
+        kwargs, connection_class = await _endpoint(client)
         link = cls(on_message, on_subscribe, on_pong)
         loop = link._loop
         try:
@@ -87,8 +88,8 @@ class PubSubLink(asyncio.Protocol):
                     await loop.create_unix_connection(lambda: link, kwargs["path"])
                 else:
                     ssl_context = None
-                    if issubclass(pool.connection_class, aioredis.SSLConnection):
-                        ssl_context = pool.connection_class(**kwargs).ssl_context.get()
+                    if issubclass(connection_class, aioredis.SSLConnection):
+                        ssl_context = connection_class(**kwargs).ssl_context.get()
                     await loop.create_connection(
                         lambda: link,
                         kwargs.get("host") or "localhost",
@@ -227,6 +228,20 @@ class PubSubLink(asyncio.Protocol):
     def _lost(self, why: str) -> None:
         if not self.closed.done():
             self.closed.set_result(why)  # also ends a _call() waiting for its reply
+
+
+async def _endpoint(client: Any) -> tuple[dict[str, Any], type]:
+    """The connection options and class of the server ``client`` talks to. On a Redis Cluster:
+    a primary picked at random, each time, so a reconnect after a node failed goes elsewhere.
+    Classic ``PUBLISH`` reaches every node of a cluster, so any node hears every channel."""
+    if isinstance(client, aioredis.RedisCluster):
+        await client.initialize()
+        node = random.choice(client.get_primaries())
+        return {**node.connection_kwargs, "host": node.host, "port": node.port}, (
+            node.connection_class
+        )
+    pool = client.connection_pool
+    return dict(pool.connection_kwargs), pool.connection_class
 
 
 class RedisSubscriber:

@@ -13,7 +13,10 @@ import redis.asyncio as aioredis
 
 from feed.settings import Settings
 from tests.support.backends import Backend, real_backend
+from tests.support.suites.async_timelines import AsyncTimelinesSuite
 from tests.support.suites.delivery import DeliveryStreamSuite
+from tests.support.suites.graph_versions import GraphVersionsSuite
+from tests.support.suites.subscriber import SubscriberSuite
 from tests.support.suites.timelines import TimelinesSuite
 
 
@@ -33,4 +36,16 @@ class TestTimelines(TimelinesSuite):
 
 
 class TestDeliveryStream(DeliveryStreamSuite):
+    pass
+
+
+class TestGraphVersions(GraphVersionsSuite):
+    pass
+
+
+class TestAsyncTimelines(AsyncTimelinesSuite):
+    pass
+
+
+class TestSubscriber(SubscriberSuite):
     pass
