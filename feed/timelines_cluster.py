@@ -34,6 +34,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError
 
@@ -42,6 +43,7 @@ from feed.interfaces import Insert, Removal
 from schemas import frames
 
 __all__ = [
+    "AsyncClusterScripts",
     "ClusterScripts",
     "by_slot",
     "claim_calls",
@@ -177,6 +179,46 @@ class ClusterScripts:
         for command in commands:
             pipe.execute_command(*command)
         return list(pipe.execute(raise_on_error=False))
+
+
+class AsyncClusterScripts:
+    """:class:`ClusterScripts` on an asyncio ``RedisCluster`` (the gateway's)."""
+
+    def __init__(self, client: aioredis.RedisCluster, sources: Iterable[str]) -> None:
+        self._redis = client
+        self._sources = list(sources)
+
+    async def load(self) -> None:
+        for source in self._sources:
+            await self._redis.script_load(source)
+
+    async def mget(self, names: Sequence[str]) -> list[Any]:
+        return list(await self._redis.mget_nonatomic(names))
+
+    async def run(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        replies = await self._send(commands)
+        failed = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if failed:
+            await self.load()
+            again = await self._send([commands[i] for i in failed])
+            for i, reply in zip(failed, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _send(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        if not commands:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def deleted_now(self, activity_ids: Iterable[str]) -> set[str]:
+        """:func:`deleted_now` on this client."""
+        ids = list(dict.fromkeys(activity_ids))
+        flags = await self.run([("EXISTS", keys.deleted(a)) for a in ids])
+        raise_first(flags)
+        return {a for a, flag in zip(ids, flags, strict=True) if int(flag)}
 
 
 def raise_first(replies: Iterable[Any]) -> None:

@@ -531,6 +531,12 @@ class AsyncRedisTimelines:
         self._cache_bodies = client.register_script(scripts.source("cache_bodies"))
         self._fanout = client.register_script(scripts.source("fanout"))
         self._remove = client.register_script(scripts.source("remove"))
+        #: On a Redis Cluster: every call in one slot (``feed.timelines_cluster``).
+        self._cluster: timelines_cluster.AsyncClusterScripts | None = None
+        if isinstance(client, aioredis.RedisCluster):
+            self._cluster = timelines_cluster.AsyncClusterScripts(
+                client, [scripts.source(n) for n in ("rebuild", "fanout", "remove")]
+            )
 
     async def insert_for(
         self,
@@ -545,6 +551,15 @@ class AsyncRedisTimelines:
         """The fan-out script for one activity and ``users`` (a gateway delivering a large
         account's activity to its connected followers). Idempotent: the first insert wins and
         assigns the one delivery ``seq``, however many gateways try."""
+        if self._cluster is not None:
+            return await self._insert_for_cluster(
+                self._cluster,
+                users,
+                member,
+                body,
+                [timeline_max, stream_history, "0"],
+                body_ttl_s,
+            )
         bodies, calls = _fanout_calls(
             [Insert(member, split_order_key(member)[1], body, users)],
             [timeline_max, stream_history, "0"],
@@ -553,11 +568,56 @@ class AsyncRedisTimelines:
             await self._redis.set(key, value, ex=body_ttl_s)
         return _totals([await self._fanout(keys=k, args=a) for k, a in calls])
 
+    async def _insert_for_cluster(
+        self,
+        cluster: timelines_cluster.AsyncClusterScripts,
+        users: Sequence[str],
+        member: str,
+        body: bytes,
+        head: _Args,
+        body_ttl_s: int,
+    ) -> tuple[int, int]:
+        """:meth:`insert_for` on a Redis Cluster: the followers are connected here, so every
+        call carries the body (mode ``b``); the deleted marker is read before and after, as the
+        workers do (``feed.timelines_cluster``)."""
+        activity_id = split_order_key(member)[1]
+        if await cluster.deleted_now([activity_id]):
+            return 0, 0
+        calls = timelines_cluster.fanout_calls([Insert(member, activity_id, body, users)], head)
+        sha = self._fanout.sha
+        commands: list[tuple[Any, ...]] = [("SET", keys.body(activity_id), body, "EX", body_ttl_s)]
+        commands += [
+            ("EVALSHA", sha, len(c.keys), *c.keys, *timelines_cluster.with_bodies(c)) for c in calls
+        ]
+        replies = await cluster.run(commands)
+        timelines_cluster.raise_first(replies)
+        if await cluster.deleted_now([activity_id]):
+            await self.remove_for(users, member, stream_history=int(head[1]))
+            await self._redis.delete(keys.body(activity_id))
+        return _totals(replies[1:])
+
     async def remove_for(
         self, users: Sequence[str], member: str, *, stream_history: int
     ) -> tuple[int, int]:
-        calls = _remove_calls(stream_history, [(member, split_order_key(member)[1], users)])
+        removal = (member, split_order_key(member)[1], users)
+        if self._cluster is not None:
+            sha = self._remove.sha
+            replies = await self._cluster.run(
+                [
+                    ("EVALSHA", sha, len(k), *k, *a)
+                    for group in timelines_cluster.by_slot([Removal(*removal)])
+                    for k, a in _remove_calls(stream_history, group)
+                ]
+            )
+            timelines_cluster.raise_first(replies)
+            return _totals(replies)
+        calls = _remove_calls(stream_history, [removal])
         return _totals([await self._remove(keys=k, args=a) for k, a in calls])
+
+    async def _mget(self, names: list[str]) -> list[Any]:
+        if self._cluster is not None:
+            return await self._cluster.mget(names)
+        return list(await self._redis.mget(names))
 
     async def page(self, user: str, before: str | None, limit: int) -> TimelinePage:
         members = _decode_all(
@@ -567,7 +627,7 @@ class AsyncRedisTimelines:
         )
         if not members:
             return TimelinePage([], {})
-        return TimelinePage(members, _bodies(members, await self._redis.mget(_body_keys(members))))
+        return TimelinePage(members, _bodies(members, await self._mget(_body_keys(members))))
 
     async def touch(self, user: str, active_ttl_s: int, token: str = "1") -> int:
         """Mark the user active. 0: hot (Redis is complete); 1: rebuild now — the caller holds
@@ -596,6 +656,8 @@ class AsyncRedisTimelines:
         """
         call_keys = [keys.timeline(user), keys.active(user), keys.rebuilding(user)]
         args: _Args = [token, timeline_max, body_ttl_s]
+        if self._cluster is not None:
+            return await self._rebuild_cluster(self._cluster, call_keys, args, members, bodies)
         for member in members:
             activity_id = split_order_key(member)[1]
             body = bodies.get(activity_id)
@@ -603,6 +665,40 @@ class AsyncRedisTimelines:
                 call_keys += keys.activity_keys(activity_id)
                 args += [member, body]
         return bool(await self._rebuild(keys=call_keys, args=args))
+
+    async def _rebuild_cluster(
+        self,
+        cluster: timelines_cluster.AsyncClusterScripts,
+        call_keys: list[str],
+        args: _Args,
+        members: list[str],
+        bodies: dict[str, bytes],
+    ) -> bool:
+        """:meth:`rebuild` on a Redis Cluster: the deleted markers read first (those activities
+        left out), the bodies stored, the script given the user's keys and the members only;
+        then the markers again, and an entry deleted meanwhile is taken back out."""
+        entries = {
+            member: split_order_key(member)[1]
+            for member in members
+            if split_order_key(member)[1] in bodies
+        }
+        before = await cluster.deleted_now(entries.values())
+        entries = {m: a for m, a in entries.items() if a not in before}
+        ttl = args[2]
+        sets = [
+            ("SET", keys.body(a), bodies[a], "EX", ttl) for a in dict.fromkeys(entries.values())
+        ]
+        sha = self._rebuild.sha
+        command = ("EVALSHA", sha, len(call_keys), *call_keys, *args, *entries)
+        replies = await cluster.run([*sets, command])
+        timelines_cluster.raise_first(replies)
+        gone = await cluster.deleted_now(entries.values())
+        if gone:
+            # no frame: a rebuild pushes none either
+            timeline = call_keys[0]
+            await self._redis.zrem(timeline, *[m for m, a in entries.items() if a in gone])
+            await self._redis.delete(*[keys.body(a) for a in gone])
+        return bool(replies[-1])
 
     async def big_state(self, user: str) -> tuple[bytes, int]:
         """(version of whom ``user`` follows, size of the big-accounts set): one round trip, and
@@ -646,13 +742,24 @@ class AsyncRedisTimelines:
     async def bodies(self, members: list[str]) -> dict[str, bytes]:
         if not members:
             return {}
-        return _bodies(members, await self._redis.mget(_body_keys(members)))
+        return _bodies(members, await self._mget(_body_keys(members)))
 
     async def cache_bodies(self, bodies: dict[str, bytes], ttl_s: int) -> int:
         """Cache bodies read from Cassandra, except those of activities deleted since the read
         (checked atomically). Returns how many were cached."""
         if not bodies:
             return 0
+        if self._cluster is not None:
+            # An activity's marker and body live in different slots: the markers are read
+            # before and after instead (feed.timelines_cluster).
+            before = await self._cluster.deleted_now(bodies)
+            fresh = {a: b for a, b in bodies.items() if a not in before}
+            sets = [("SET", keys.body(a), b, "EX", ttl_s) for a, b in fresh.items()]
+            timelines_cluster.raise_first(await self._cluster.run(sets))
+            gone = await self._cluster.deleted_now(fresh)
+            if gone:
+                await self._redis.delete(*[keys.body(a) for a in gone])
+            return len(fresh) - len(gone)
         call_keys: list[str] = []
         args: _Args = [ttl_s]
         for activity_id, body in bodies.items():
