@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import redis
 import redis.asyncio as aioredis
 
-from feed import keys, scripts
+from feed import keys, scripts, timelines_cluster
 from feed.interfaces import ActorPage, Mark, Notify, NotifyOp, NotifyPage
 from feed.notify import NotifyLimits, NotifyRows, group_key
 from schemas.errors import FeedError
@@ -113,6 +113,26 @@ class NotifyRedis:
         self._limits = limits
         self._ttl = ttl_s
         self._script = client.register_script(scripts.source("notify"))
+        #: On a Redis Cluster: each call holds one slot's users (``feed.timelines_cluster``).
+        self._cluster: timelines_cluster.ClusterScripts | None = None
+        if isinstance(client, redis.RedisCluster):
+            self._cluster = timelines_cluster.ClusterScripts(client, [scripts.source("notify")])
+
+    def _execute(self, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]) -> list[Any]:
+        """Run ``notify.lua`` calls (KEYS, ARGV): one pipeline, one round trip (per node)."""
+        if self._cluster is not None:
+            sha = self._script.sha
+            replies = self._cluster.run([("EVALSHA", sha, len(k), *k, *a) for k, a in calls])
+            timelines_cluster.raise_first(replies)
+            return replies
+        pipe = self._redis.pipeline(transaction=False)
+        for call_keys, args in calls:
+            self._script(keys=call_keys, args=args, client=pipe)
+        return list(pipe.execute())
+
+    def _slot(self, user: str) -> int:
+        """The user's slot on a Redis Cluster (0 on one Redis: one group)."""
+        return 0 if self._cluster is None else timelines_cluster.slot_of(keys.channel(user))
 
     def apply(self, ops: Sequence[NotifyOp]) -> int:
         if not ops:
@@ -137,16 +157,23 @@ class NotifyRedis:
 
     def _confirm(self, changes: Sequence[tuple[str, Sequence[str]]]) -> None:
         """Drop the mutations just written from the users' pending lists: one script call."""
-        written = [(user, _newest(entries)) for user, entries in changes if entries]
-        if written:
-            self._script(
-                keys=[keys.notify_pending(user) for user, _ in written],
-                args=[*_head(self._ttl, "confirm"), *(version for _, version in written)],
-            )
+        by_slot: dict[int, list[tuple[str, int]]] = {}
+        for user, entries in changes:
+            if entries:
+                by_slot.setdefault(self._slot(user), []).append((user, _newest(entries)))
+        self._execute(
+            [
+                (
+                    [keys.notify_pending(user) for user, _ in written],
+                    [*_head(self._ttl, "confirm"), *(version for _, version in written)],
+                )
+                for written in by_slot.values()
+            ]
+        )
 
     def _run(self, by_user: dict[str, list[NotifyOp]]) -> dict[str, list[Any]]:
-        pipe = self._redis.pipeline(transaction=False)
-        calls: list[list[str]] = []
+        calls: list[tuple[list[str], list[Arg]]] = []
+        users_of: list[list[str]] = []
         users: list[str] = []
         args: list[Arg] = []
         keys_: list[str] = []
@@ -157,34 +184,42 @@ class NotifyRedis:
             limits = self._limits
             keep = int(self._durable is not None)
             head += [limits.window_us, limits.group_max, limits.max_groups, keep, len(users)]
-            self._script(keys=keys_, args=head + args, client=pipe)
-            calls.append(list(users))
+            calls.append((keys_, head + args))
+            users_of.append(list(users))
 
-        for user, user_ops in by_user.items():
-            if users and (ops + len(user_ops) > _CALL_OPS or len(users) >= _CALL_USERS):
+        slot = None
+        for user in sorted(by_user, key=self._slot) if self._cluster else by_user:
+            user_ops = by_user[user]
+            full = ops + len(user_ops) > _CALL_OPS or len(users) >= _CALL_USERS
+            if users and (full or self._slot(user) != slot):
                 call()
                 users, args, keys_, ops = [], [], [], 0
+            slot = self._slot(user)
             users.append(user)
             keys_ += keys.notify_keys(user)
             args += [keys.channel(user), len(user_ops), *_op_args(user_ops)]
             ops += len(user_ops)
         call()
         replies: dict[str, list[Any]] = {}
-        for users_of_call, reply in zip(calls, pipe.execute(), strict=True):
+        for users_of_call, reply in zip(users_of, self._execute(calls), strict=True):
             replies.update(zip(users_of_call, reply, strict=True))
         return replies
 
     def _load(self, users: list[str]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
         loaded = self._durable.load_many(users) if self._durable else {}
-        for user in users:
-            rows = loaded.get(user) or NotifyRows([], [])
-            self._script(
-                keys=keys.notify_keys(user),
-                args=[*_head(self._ttl, "load"), keys.channel(user), *_load_args(rows)],
-                client=pipe,
-            )
-        pipe.execute()
+        self._execute(
+            [
+                (
+                    keys.notify_keys(user),
+                    [
+                        *_head(self._ttl, "load"),
+                        keys.channel(user),
+                        *_load_args(loaded.get(user) or NotifyRows([], [])),
+                    ],
+                )
+                for user in users
+            ]
+        )
 
 
 def _newest(entries: Sequence[str]) -> int:
