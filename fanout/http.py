@@ -80,20 +80,26 @@ def serve_worker_http(
     return server
 
 
-def worker_checks(redis_url: str, kafka_bootstrap: str, session: Any) -> dict[str, Check]:
-    """The worker's readiness checks: Redis PING, a Cassandra ``system.local`` read and a
-    Kafka metadata request, each one attempt of at most :data:`CHECK_TIMEOUT_S`."""
+def worker_checks(
+    redis_url: str, kafka_bootstrap: str, session: Any, *, redis_cluster: bool = False
+) -> dict[str, Check]:
+    """The worker's readiness checks: Redis PING (on a Redis Cluster, through the cluster
+    client: a node it knows answers), a Cassandra ``system.local`` read and a Kafka metadata
+    request, each one attempt of at most :data:`CHECK_TIMEOUT_S`."""
     import redis
     from confluent_kafka.admin import AdminClient
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    client = redis.Redis.from_url(
-        redis_url,
-        socket_timeout=CHECK_TIMEOUT_S,
-        socket_connect_timeout=CHECK_TIMEOUT_S,
-        retry=Retry(NoBackoff(), 0),
-    )
+    options: dict[str, Any] = {
+        "socket_timeout": CHECK_TIMEOUT_S,
+        "socket_connect_timeout": CHECK_TIMEOUT_S,
+    }
+    client: Any
+    if redis_cluster:
+        client = redis.RedisCluster.from_url(redis_url, **options)
+    else:
+        client = redis.Redis.from_url(redis_url, retry=Retry(NoBackoff(), 0), **options)
     # librdkafka's lines through stdlib logging, as JSON (feed.logging)
     config: dict[str, Any] = {
         "bootstrap.servers": kafka_bootstrap,

@@ -49,7 +49,7 @@ from fanout.dlq import DeadLetters, DeadLetterUnavailable, dead_letter_producer_
 from fanout.followers import FollowerCache
 from fanout.metrics import WorkerMetrics
 from fanout.processor import BatchStats, Processor
-from feed import tracing
+from feed import redis_connect, tracing
 from feed.graph_versions_redis import RedisGraphVersions
 from feed.kafka import KafkaUnavailable, consumer_config
 from feed.lag import measure_lag
@@ -150,6 +150,9 @@ class Worker:
         self._last_lag = 0.0
         self._after_apply = after_apply
         self._probe = probe
+        #: Whether the stores talk to a Redis Cluster (``feed.redis_connect``): set by
+        #: :func:`build_worker`, read by the readiness checks.
+        self.redis_cluster = False
         self._seen_down = False  # the probe saw a store down since the last early retry
         #: Records consumed while paused in a back-off (a rebalance assigned new partitions):
         #: the next batch, in order.
@@ -701,9 +704,11 @@ def _safe_probe(probe: Callable[[], bool]) -> bool:
         return False
 
 
-def _stores_probe(settings: Settings, cluster: Any) -> Callable[[], bool]:
+def _stores_probe(settings: Settings, cluster: Any, redis_cluster: bool) -> Callable[[], bool]:
     """Cheap reachability check of both stores (see the module doc: the half-open probe)."""
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
+    client = redis_connect.sync_client(
+        settings, cluster=redis_cluster, socket_timeout=1, socket_connect_timeout=1
+    )
 
     def probe() -> bool:
         try:
@@ -746,8 +751,14 @@ def build_worker(
     after_apply: Callable[[], None] | None = None,
 ) -> Worker:
     """Open the stores and the Kafka clients named by ``settings``."""
-    client = redis.Redis.from_url(
-        settings.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
+    # One Redis or a Redis Cluster (FEED_REDIS_CLUSTER): the stores cut their calls by slot.
+    cluster = redis_connect.cluster_at_start(settings)
+    client = redis_connect.sync_client(
+        settings,
+        cluster=cluster,
+        socket_timeout=10,
+        socket_connect_timeout=5,
+        health_check_interval=30,
     )
     session = open_cassandra(settings)  # reconnects every <= 5 s for as long as an outage lasts
     graph = CassandraFollowGraph(session, settings.cassandra_keyspace)
@@ -784,15 +795,17 @@ def build_worker(
     dead_letters = DeadLetters.from_config(
         dead_letter_producer_config(settings, logger=librdkafka), settings.topic_dlq
     )
-    return Worker(
+    worker = Worker(
         settings,
         consumer=consumer,
         processor=processor,
         dead_letters=dead_letters,
         metrics=metrics or WorkerMetrics(),
         after_apply=after_apply,
-        probe=_stores_probe(settings, session.cluster),
+        probe=_stores_probe(settings, session.cluster, cluster),
     )
+    worker.redis_cluster = cluster
+    return worker
 
 
 def install_signal_handlers(stop: Callable[[], None]) -> None:

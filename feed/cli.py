@@ -179,7 +179,12 @@ def cmd_fanout(_args: argparse.Namespace) -> int:
             settings.worker_metrics_host,
             settings.worker_metrics_port,
             metrics.registry,
-            worker_checks(settings.redis_url, settings.kafka_bootstrap, session),
+            worker_checks(
+                settings.redis_url,
+                settings.kafka_bootstrap,
+                session,
+                redis_cluster=worker.redis_cluster,
+            ),
         )
     except OSError as exc:
         session.cluster.shutdown()

@@ -8,14 +8,16 @@ and pipelines per node.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 
+from feed.logging import get_logger
 from feed.settings import Settings, SettingsError, redact_url
 
-__all__ = ["async_client", "is_cluster", "sync_client"]
+__all__ = ["async_client", "cluster_at_start", "is_cluster", "sync_client"]
 
 
 def is_cluster(settings: Settings, *, timeout_s: float = 5.0) -> bool:
@@ -36,6 +38,22 @@ def is_cluster(settings: Settings, *, timeout_s: float = 5.0) -> bool:
     finally:
         client.close()
     return bool(info.get("cluster_enabled"))
+
+
+def cluster_at_start(settings: Settings, *, wait_s: float = 10.0) -> bool:
+    """:func:`is_cluster` for a process starting up: ``auto`` asks for up to ``wait_s`` seconds
+    (Redis may be starting too); if Redis never answers, the process starts as for one server
+    and logs ``redis_cluster_unknown`` (a deployment on a cluster sets ``true`` and never
+    asks)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return is_cluster(settings, timeout_s=1.0)
+        except SettingsError as exc:
+            if time.monotonic() >= deadline:
+                get_logger("feed.redis").warning("redis_cluster_unknown", error=str(exc))
+                return False
+        time.sleep(0.5)  # Redis is not answering yet: ask again shortly
 
 
 def sync_client(settings: Settings, *, cluster: bool | None = None, **options: Any) -> Any:

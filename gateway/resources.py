@@ -25,6 +25,7 @@ import structlog
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.requests import HTTPConnection
 
+from feed import redis_connect
 from feed.delivery_redis import AsyncRedisPresence
 from feed.kafka import AsyncProducer, producer_config
 from feed.notify_redis import AsyncNotifyRedis
@@ -142,6 +143,20 @@ class Gateway:
 
     async def open(self) -> None:
         s = self.settings
+        # One quick question (the gateway serves /healthz and a 503 /readyz while Redis is down,
+        # so it does not wait for Redis to start; a cluster deployment sets FEED_REDIS_CLUSTER).
+        if self._redis is None and await asyncio.to_thread(
+            redis_connect.cluster_at_start, s, wait_s=0
+        ):
+            # A Redis Cluster (FEED_REDIS_CLUSTER): the stores cut their calls by slot.
+            self._redis = redis_connect.async_client(
+                s,
+                cluster=True,
+                max_connections=512,  # per node
+                socket_connect_timeout=5,
+                socket_timeout=10,
+                socket_keepalive=True,
+            )
         if self._redis is None:
             # A blocking pool: a burst of connects waits for a free connection (up to 10 s)
             # instead of failing past redis-py's default of 100 connections.

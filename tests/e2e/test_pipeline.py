@@ -26,11 +26,18 @@ from tests.support.procs import http_get, metric_value
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["one-redis", "redis-cluster"])
 def pipeline(
-    stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    stack_env: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Pipeline]:
-    env = shared_env(stack_env, "e2e")
+    """The worker and the gateway on the session's Redis, then on a Redis Cluster of 3 masters
+    (``FEED_REDIS_CLUSTER`` left at ``auto``: both processes ask)."""
+    extra = {}
+    if request.param == "redis-cluster":
+        extra["FEED_REDIS_URL"] = request.getfixturevalue("redis_cluster").url
+    env = shared_env(stack_env, "e2e", **extra)
     with Pipeline(env, tmp_path_factory.mktemp("e2e")).running() as p:
         yield p
 
