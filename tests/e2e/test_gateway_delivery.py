@@ -71,19 +71,29 @@ MAX_FRAMES = 20_000
 
 
 # --- the module's pipeline ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["one-redis", "redis-cluster"])
 def pipeline(
-    stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    stack_env: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Pipeline]:
+    """On the session's Redis, then on a Redis Cluster of 3 masters."""
+    extra = {}
+    if request.param == "redis-cluster":
+        extra["FEED_REDIS_URL"] = request.getfixturevalue("redis_cluster").url
     env = isolated_env(
-        stack_env, "gwd", FEED_SEND_QUEUE_BYTES=str(SEND_QUEUE_BYTES), FEED_DRAIN_S=str(DRAIN_S)
+        stack_env,
+        "gwd",
+        FEED_SEND_QUEUE_BYTES=str(SEND_QUEUE_BYTES),
+        FEED_DRAIN_S=str(DRAIN_S),
+        **extra,
     )
     create_topics(Settings.from_env(env))
     with Pipeline(env, tmp_path_factory.mktemp("gateway-delivery")).running() as p:
         yield p
 
 
-def follow_all(pipeline: Pipeline, redis_client: redis.Redis, pairs: list[tuple[str, str]]) -> None:
+def follow_all(pipeline: Pipeline, pairs: list[tuple[str, str]]) -> None:
     """Produce the follows and wait until the worker applied them (each sets a new
     ``gv:{followee}``, which counts the changes)."""
     for follower, followee in pairs:
@@ -91,7 +101,7 @@ def follow_all(pipeline: Pipeline, redis_client: redis.Redis, pairs: list[tuple[
     wanted = Counter(followee for _, followee in pairs)
     wait_for(
         lambda: all(
-            versions.changes(redis_client.get(keys.graph_version(actor))) >= n
+            versions.changes(pipeline.redis.get(keys.graph_version(actor))) >= n
             for actor, n in wanted.items()
         ),
         timeout=30,
@@ -425,7 +435,6 @@ class StuckClient:
 # --- 1. a stuck client ----------------------------------------------------------------------------
 async def test_stuck_client_does_not_slow_the_others(
     pipeline: Pipeline,
-    redis_client: redis.Redis,
     ids: Callable[[str], str],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -433,7 +442,7 @@ async def test_stuck_client_does_not_slow_the_others(
     actor = ids("star")
     readers_users = [ids(f"reader{n}") for n in range(5)]
     stuck_user = ids("stuck")
-    follow_all(pipeline, redis_client, [(u, actor) for u in [*readers_users, stuck_user]])
+    follow_all(pipeline, [(u, actor) for u in [*readers_users, stuck_user]])
     rate = 100.0
     pad = 250  # frames of ~500 bytes: ~400 of them overflow the stuck client's buffers + bound
 
@@ -733,7 +742,6 @@ class RollingClient:
 
 async def test_rolling_restart_of_two_gateways_loses_nothing(
     pipeline: Pipeline,
-    redis_client: redis.Redis,
     ids: Callable[[str], str],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -773,7 +781,7 @@ async def test_rolling_restart_of_two_gateways_loses_nothing(
             )
         )
         await asyncio.to_thread(
-            follow_all, pipeline, redis_client, [(u, a) for u, fa in follows.items() for a in fa]
+            follow_all, pipeline, [(u, a) for u, fa in follows.items() for a in fa]
         )
         tasks = [asyncio.create_task(c.run(), name=f"client-{c.user}") for c in clients]
 

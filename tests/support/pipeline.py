@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
+from feed import redis_connect
 from feed.settings import Settings
 from gateway.auth import mint_token
 from tests.conftest import wait_for
@@ -70,6 +71,14 @@ class Pipeline:
         self.worker = FeedProcess(["fanout"], env, logdir / "fanout.log")
         self.gateway = FeedProcess(["gateway"], env, logdir / "gateway.log")
         self.producer = Producer({"bootstrap.servers": self.settings.kafka_bootstrap})
+        self._redis: Any = None
+
+    @property
+    def redis(self) -> Any:
+        """A client of the pipeline's Redis (one server or a cluster, as the processes see it)."""
+        if self._redis is None:
+            self._redis = redis_connect.sync_client(self.settings)
+        return self._redis
 
     @contextmanager
     def running(self, *, stop_timeout: float = 20.0) -> Iterator[Pipeline]:
@@ -91,6 +100,8 @@ class Pipeline:
             self.gateway.stop(timeout=stop_timeout)
             self.worker.stop(timeout=stop_timeout)
             self.producer.flush(5)
+            if self._redis is not None:
+                self._redis.close()
 
     def produce(self, topic: str, key: str, value: bytes) -> None:
         self.producer.produce(topic, key=key.encode(), value=value)
