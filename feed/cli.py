@@ -418,6 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080, help="gateway port (0 = any free port)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--duration", type=float, default=0.0, help="stop after N seconds (0 = never)")
+    p.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="run a Redis Cluster of 3 masters instead of one Redis server",
+    )
     p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser("bench", help="benchmarks (see docs/benchmarks.md)")

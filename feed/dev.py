@@ -161,10 +161,15 @@ def run_dev(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     children: list[subprocess.Popen[bytes]] = []
-    print(f"starting Redis, Kafka-protocol broker and Cassandra in {workdir} ...", file=sys.stderr)
-    with LocalStack(workdir / "stack") as stack:
+    redis = "a Redis Cluster (3 masters)" if args.redis_cluster else "Redis"
+    print(
+        f"starting {redis}, Kafka-protocol broker and Cassandra in {workdir} ...", file=sys.stderr
+    )
+    with LocalStack(workdir / "stack", redis_cluster=args.redis_cluster) as stack:
         env = dict(os.environ)
         env.update(stack.env())
+        if args.redis_cluster:
+            env["FEED_REDIS_CLUSTER"] = "true"
         env.setdefault("FEED_JWT_SECRET", "dev-only-secret-" + "x" * 32)
         env.setdefault("FEED_INGEST_TOKEN", "dev-ingest-token-0123456789")
         env["FEED_GATEWAY_PORT"] = str(port)
@@ -193,6 +198,7 @@ def run_dev(args: argparse.Namespace) -> int:
             for name in (
                 "FEED_KAFKA_BOOTSTRAP",
                 "FEED_REDIS_URL",
+                "FEED_REDIS_CLUSTER",
                 "FEED_CASSANDRA_HOSTS",
                 "FEED_CASSANDRA_PORT",
                 "FEED_CASSANDRA_KEYSPACE",

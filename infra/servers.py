@@ -672,6 +672,10 @@ class RedisCluster:
         for node in self.nodes:
             node.stop()
 
+    def is_running(self) -> bool:
+        """True while every node's process runs."""
+        return all(node.is_running() for node in self.nodes)
+
 
 def _known_nodes(client: Any) -> int:
     return len(client.execute_command("CLUSTER", "NODES").decode().strip().splitlines())

@@ -19,6 +19,7 @@ from typing import Any, Self
 from infra.servers import (
     CassandraServer,
     KafkaBroker,
+    RedisCluster,
     RedisServer,
     ServerError,
     install_signal_cleanup,
@@ -40,6 +41,7 @@ class LocalStack:
         with_cassandra: start Cassandra too (about 2-5 s more).
         keyspace: value of ``FEED_CASSANDRA_KEYSPACE``.
         cassandra_kwargs: extra keyword arguments for :class:`CassandraServer`.
+        redis_cluster: a Redis Cluster of 3 masters instead of one Redis server.
 
     Attributes ``kafka``, ``redis`` and ``cassandra`` (None without Cassandra)
     are the server objects, so fault tests can ``kill()``/``restart()`` them.
@@ -52,12 +54,18 @@ class LocalStack:
         with_cassandra: bool = True,
         keyspace: str = "feed",
         cassandra_kwargs: dict[str, Any] | None = None,
+        redis_cluster: bool = False,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.partitions = partitions
         self.keyspace = keyspace
         self.kafka = KafkaBroker(self.workdir / "kafka")
-        self.redis = RedisServer(self.workdir / "redis")
+        #: One Redis server, or with ``redis_cluster`` a Redis Cluster of 3 masters.
+        self.redis: RedisServer | RedisCluster = (
+            RedisCluster(self.workdir / "redis", masters=3)
+            if redis_cluster
+            else RedisServer(self.workdir / "redis")
+        )
         self.cassandra: CassandraServer | None = (
             CassandraServer(self.workdir / "cassandra", **(cassandra_kwargs or {}))
             if with_cassandra
@@ -68,9 +76,12 @@ class LocalStack:
         self.startup_seconds: float | None = None
 
     @property
-    def servers(self) -> list[KafkaBroker | RedisServer | CassandraServer]:
+    def servers(self) -> list[KafkaBroker | RedisServer | RedisCluster | CassandraServer]:
         """The server objects of this stack."""
-        result: list[KafkaBroker | RedisServer | CassandraServer] = [self.kafka, self.redis]
+        result: list[KafkaBroker | RedisServer | RedisCluster | CassandraServer] = [
+            self.kafka,
+            self.redis,
+        ]
         if self.cassandra is not None:
             result.append(self.cassandra)
         return result
