@@ -16,7 +16,6 @@ import asyncio
 import uuid
 from typing import Any
 
-import msgspec
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -30,11 +29,10 @@ from feed.notify import MemoryNotifications, NotifyLimits
 from feed.notify_cassandra import CassandraNotifyStore
 from feed.notify_redis import AsyncNotifyRedis, NotifyRedis
 from feed.settings import Settings
+from tests.support.notify import LIMITS, S, read_all
 
-LIMITS = NotifyLimits(window_s=2, group_max=3, max_groups=4)
 USERS = 2
 IDS = 8
-S = 1_000_000
 
 attrs = st.tuples(
     st.sampled_from(["ann", "bob", "cy"]),  # actor
@@ -69,33 +67,6 @@ def _evict(client: redis.Redis, user: str) -> None:
     client.delete(*keys.notify_keys(user)[:4])
 
 
-async def _read_all(store: Any, user: str) -> dict[str, Any]:
-    """Every group (pages of 2), each group's actors (pages of 2), the counts."""
-    groups: list[Any] = []
-    before = None
-    counts = None
-    for _ in range(20):
-        page = await store.page(user, before, 2)
-        counts = (page.unseen, page.unread)
-        groups += [msgspec.json.decode(g) for g in page.groups]
-        before = page.next
-        if before is None:
-            break
-    actors = {}
-    for group in groups:
-        names: list[str] = []
-        after = None
-        for _ in range(20):
-            got = await store.actors(user, group["id"], after, 2)
-            assert got is not None, group["id"]
-            names += got.actors
-            after = got.next
-            if after is None:
-                break
-        actors[group["id"]] = names
-    return {"groups": groups, "actors": actors, "counts": counts, "n": await store.counts(user)}
-
-
 def _read_both(
     settings: Settings, durable: CassandraNotifyStore, model: MemoryNotifications, user: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -106,7 +77,7 @@ def _read_both(
         client = aioredis.Redis.from_url(settings.redis_url)
         gateway = AsyncNotifyRedis(client, lambda: durable, needs_durable=True, ttl_s=600)
         try:
-            return await _read_all(gateway, user), await _read_all(model, user)
+            return await read_all(gateway, user), await read_all(model, user)
         finally:
             await client.aclose()
 
@@ -180,13 +151,13 @@ def test_redis_and_cassandra_match_the_model_after_every_step(
                 else:
                     _evict(redis_client, user)
                 for other in users:
-                    real = await _read_all(gateway, other)
-                    expected = await _read_all(model, other)
+                    real = await read_all(gateway, other)
+                    expected = await read_all(model, other)
                     assert real == expected, (number, steps)
             # and Cassandra alone holds the same: evict everyone, read again
             for user in users:
                 _evict(redis_client, user)
-                assert await _read_all(gateway, user) == await _read_all(model, user), steps
+                assert await read_all(gateway, user) == await read_all(model, user), steps
         finally:
             await client.aclose()
 
@@ -317,7 +288,7 @@ def test_a_failed_cassandra_write_is_made_again_by_the_retry(
                 await marks.mark(user, mark)
             assert await marks.mark(user, mark) == await model.mark(user, mark)  # the retry
             _evict(redis_client, user)  # what Cassandra alone holds
-            assert await _read_all(gateway, user) == await _read_all(model, user)
+            assert await read_all(gateway, user) == await read_all(model, user)
         finally:
             await client.aclose()
 

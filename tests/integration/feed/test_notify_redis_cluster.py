@@ -18,7 +18,7 @@ from feed.notify_cassandra import CassandraNotifyStore
 from feed.notify_redis import AsyncNotifyRedis, NotifyRedis
 from feed.settings import Settings
 from feed.timelines_cluster import slot_of
-from tests.integration.feed.test_notify_redis import LIMITS, S, _read_all
+from tests.support.notify import LIMITS, S, read_all
 
 
 def test_a_batch_across_slots_matches_the_model(
@@ -49,10 +49,10 @@ def test_a_batch_across_slots_matches_the_model(
         gateway = AsyncNotifyRedis(aclient, lambda: durable, needs_durable=True, ttl_s=600)
         try:
             for user in users:
-                assert await _read_all(gateway, user) == await _read_all(model, user), user
+                assert await read_all(gateway, user) == await read_all(model, user), user
             for user in users[::2]:  # Redis lost them: loaded from Cassandra
                 await aclient.delete(*keys.notify_keys(user)[:4])
-                assert await _read_all(gateway, user) == await _read_all(model, user), user
+                assert await read_all(gateway, user) == await read_all(model, user), user
         finally:
             await aclient.aclose()
 
