@@ -704,7 +704,9 @@ def _safe_probe(probe: Callable[[], bool]) -> bool:
         return False
 
 
-def _stores_probe(settings: Settings, cluster: Any, redis_cluster: bool) -> Callable[[], bool]:
+def _stores_probe(
+    settings: Settings, cluster: Any, redis_cluster: bool = False
+) -> Callable[[], bool]:
     """Cheap reachability check of both stores (see the module doc: the half-open probe)."""
     client = redis_connect.sync_client(
         settings, cluster=redis_cluster, socket_timeout=1, socket_connect_timeout=1
@@ -751,6 +753,7 @@ def build_worker(
     after_apply: Callable[[], None] | None = None,
 ) -> Worker:
     """Open the stores and the Kafka clients named by ``settings``."""
+    session = open_cassandra(settings)  # reconnects every <= 5 s for as long as an outage lasts
     # One Redis or a Redis Cluster (FEED_REDIS_CLUSTER): the stores cut their calls by slot.
     cluster = redis_connect.cluster_at_start(settings)
     client = redis_connect.sync_client(
@@ -760,7 +763,6 @@ def build_worker(
         socket_connect_timeout=5,
         health_check_interval=30,
     )
-    session = open_cassandra(settings)  # reconnects every <= 5 s for as long as an outage lasts
     graph = CassandraFollowGraph(session, settings.cassandra_keyspace)
     history = CassandraHistory(session, settings.cassandra_keyspace)
     timelines = RedisTimelines(
