@@ -9,7 +9,8 @@ follower's channel (``feed.keys.channel``).
 On a Redis Cluster (``feed.timelines_cluster``) the versions are read key by key in one pipeline
 (one round trip per node: ``MGET`` takes one slot's keys), the scripts run through
 :class:`feed.timelines_cluster.ClusterScripts` (loaded again after a ``NOSCRIPT``), and the notice
-is published on its own (a cluster pipeline does not carry ``PUBLISH``).
+is published on its own, by sharded Pub/Sub (``SPUBLISH``: a cluster pipeline carries no
+Pub/Sub command).
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ class RedisGraphVersions:
                 ]
             )
             timelines_cluster.raise_first(replies)
-            self._redis.publish(keys.channel(follower), keys.CONTROL_FOLLOWING)
+            # sharded Pub/Sub: to the node that owns the follower's channel only
+            self._redis.spublish(keys.channel(follower), keys.CONTROL_FOLLOWING)
             return bool(replies[2])
         pipe = self._redis.pipeline(transaction=False)
         # New versions (never a value seen before, even after Redis lost its data): every

@@ -524,8 +524,11 @@ class SubscriberLink(Protocol):
 
     #: Done when the connection is lost; its result says why.
     closed: asyncio.Future[str]
-    #: Loop time of the last data received (the hub pings an idle connection).
-    last_seen: float
+
+    @property
+    def last_seen(self) -> float:
+        """Loop time of the last data received (the hub pings an idle connection)."""
+        ...
 
     def subscribe(self, *channels: bytes) -> None:
         """Ask for ``channels``; each confirmation arrives through ``on_subscribe``. Raises

@@ -81,9 +81,10 @@ def _load_args(rows: NotifyRows) -> list[Arg]:
     return args
 
 
-def _head(ttl_s: int, command: str) -> list[Arg]:
-    """ARGV 1-3 of every command: the command, the TTL, how often the TTL is renewed."""
-    return [command, ttl_s, min(86_400, ttl_s // 10)]
+def _head(ttl_s: int, command: str, sharded: bool = False) -> list[Arg]:
+    """ARGV 1-3 of every command: the command (``s:`` before it on a Redis Cluster: frames go
+    out by sharded Pub/Sub), the TTL, how often the TTL is renewed."""
+    return [f"s:{command}" if sharded else command, ttl_s, min(86_400, ttl_s // 10)]
 
 
 #: Most operations in one ``apply`` script call (the call runs alone in Redis: a bound on how
@@ -117,6 +118,7 @@ class NotifyRedis:
         self._cluster: timelines_cluster.ClusterScripts | None = None
         if isinstance(client, redis.RedisCluster):
             self._cluster = timelines_cluster.ClusterScripts(client, [scripts.source("notify")])
+        self._sharded = self._cluster is not None
 
     def _execute(self, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]) -> list[Any]:
         """Run ``notify.lua`` calls (KEYS, ARGV): one pipeline, one round trip (per node)."""
@@ -165,7 +167,10 @@ class NotifyRedis:
             [
                 (
                     [keys.notify_pending(user) for user, _ in written],
-                    [*_head(self._ttl, "confirm"), *(version for _, version in written)],
+                    [
+                        *_head(self._ttl, "confirm", self._sharded),
+                        *(version for _, version in written),
+                    ],
                 )
                 for written in by_slot.values()
             ]
@@ -180,7 +185,7 @@ class NotifyRedis:
         ops = 0
 
         def call() -> None:
-            head = _head(self._ttl, "apply")
+            head = _head(self._ttl, "apply", self._sharded)
             limits = self._limits
             keep = int(self._durable is not None)
             head += [limits.window_us, limits.group_max, limits.max_groups, keep, len(users)]
@@ -212,7 +217,7 @@ class NotifyRedis:
                 (
                     keys.notify_keys(user),
                     [
-                        *_head(self._ttl, "load"),
+                        *_head(self._ttl, "load", self._sharded),
                         keys.channel(user),
                         *_load_args(loaded.get(user) or NotifyRows([], [])),
                     ],
@@ -259,9 +264,11 @@ class AsyncNotifyRedis:
         self._needs_durable = needs_durable
         self._ttl = ttl_s
         self._script = client.register_script(scripts.source("notify"))
+        #: On a Redis Cluster the frames go out by sharded Pub/Sub.
+        self._sharded = isinstance(client, aioredis.RedisCluster)
 
     async def _call(self, user: str, command: str, *args: Arg) -> list[Any]:
-        head = [*_head(self._ttl, command), keys.channel(user)]
+        head = [*_head(self._ttl, command, self._sharded), keys.channel(user)]
         for _ in range(3):
             reply = await self._script(keys=keys.notify_keys(user), args=head + list(args))
             if not _is_cold(reply):
@@ -276,7 +283,7 @@ class AsyncNotifyRedis:
         rows = await asyncio.to_thread(store.load, user) if store else NotifyRows([], [])
         await self._script(
             keys=keys.notify_keys(user),
-            args=[*_head(self._ttl, "load"), keys.channel(user), *_load_args(rows)],
+            args=[*_head(self._ttl, "load", self._sharded), keys.channel(user), *_load_args(rows)],
         )
 
     async def page(self, user: str, before: str | None, limit: int) -> NotifyPage:
@@ -318,6 +325,6 @@ class AsyncNotifyRedis:
             await asyncio.to_thread(store.write, [(user, mutations)])
             await self._script(
                 keys=[keys.notify_pending(user)],
-                args=[*_head(self._ttl, "confirm"), _newest(mutations)],
+                args=[*_head(self._ttl, "confirm", self._sharded), _newest(mutations)],
             )
         return int(reply[1]), int(reply[2])

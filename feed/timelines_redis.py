@@ -100,14 +100,17 @@ def _chunks(groups: Iterable[tuple[_G, Sequence[str]]]) -> list[list[tuple[_G, S
     return calls
 
 
-def _remove_calls(hist: int, removals: Iterable[tuple[str, str, Sequence[str]]]) -> list[_Call]:
+def _remove_calls(
+    hist: int, removals: Iterable[tuple[str, str, Sequence[str]]], publish: str = "PUBLISH"
+) -> list[_Call]:
     """The ``remove.lua`` calls for (member, activity id, users) removals: per user three KEYS
-    (:func:`feed.keys.remove_user_keys`) and its channel in ARGV, ``_MAX_USERS`` users a call."""
+    (:func:`feed.keys.remove_user_keys`) and its channel in ARGV, ``_MAX_USERS`` users a call;
+    frames go out by ``publish`` (``SPUBLISH`` on a Redis Cluster)."""
     calls: list[_Call] = []
     groups = (((member, _id_json(aid)), users) for member, aid, users in removals if users)
     for chunk in _chunks(groups):
         call_keys: list[str | bytes] = []
-        args: _Args = [hist, *_REMOVED_FRAME]
+        args: _Args = [hist, *_REMOVED_FRAME, publish]
         for (member, id_json), users in chunk:
             args += [member, id_json, len(users)]
             for user in users:
@@ -431,7 +434,7 @@ class RedisTimelines:
                 [
                     ("EVALSHA", sha, len(k), *k, *a)
                     for group in timelines_cluster.by_slot(removals)
-                    for k, a in _remove_calls(self._hist, group)
+                    for k, a in _remove_calls(self._hist, group, "SPUBLISH")
                 ]
             )
             timelines_cluster.raise_first(replies)
@@ -497,9 +500,10 @@ class RedisTimelines:
         return added
 
     def remove_from_outbox(self, actor: str, member: str) -> int:
-        return int(
-            self._outbox_remove(keys=[keys.outbox(actor)], args=[member, keys.actor_channel(actor)])
-        )
+        args: _Args = [member, keys.actor_channel(actor)]
+        if self._cluster is not None:
+            args.append("SPUBLISH")  # sharded Pub/Sub: the channel is in the actor's slot
+        return int(self._outbox_remove(keys=[keys.outbox(actor)], args=args))
 
     def delete_bodies(self, activity_ids: Iterable[str]) -> None:
         names = [keys.body(a) for a in activity_ids]
@@ -606,7 +610,7 @@ class AsyncRedisTimelines:
                 [
                     ("EVALSHA", sha, len(k), *k, *a)
                     for group in timelines_cluster.by_slot([Removal(*removal)])
-                    for k, a in _remove_calls(stream_history, group)
+                    for k, a in _remove_calls(stream_history, group, "SPUBLISH")
                 ]
             )
             timelines_cluster.raise_first(replies)

@@ -19,6 +19,10 @@ What it does (and no more, since it only ever SUBSCRIBEs, UNSUBSCRIBEs and PINGs
 
 Nothing here retries: the hub reconnects and re-subscribes (``gateway.hub``).
 
+On a Redis Cluster the link is a :class:`ShardedLink`: sharded Pub/Sub (``SSUBSCRIBE``, and
+``smessage``/``ssubscribe`` replies), one :class:`PubSubLink` per primary, each channel on the
+primary that owns its slot; see there for when it ends.
+
 :class:`RedisSubscriber` opens links for the hub: it is the Redis implementation of
 ``feed.interfaces.Subscriber`` (whose guarantees it keeps: confirmed subscriptions, per-channel
 order, at-most-once).
@@ -28,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import socket
 from collections.abc import Callable
 from typing import Any, cast
@@ -37,8 +40,11 @@ import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
+from redis.crc import key_slot
 
-__all__ = ["PubSubLink", "RedisSubscriber"]
+from feed.interfaces import SubscriberLink
+
+__all__ = ["PubSubLink", "RedisSubscriber", "ShardedLink"]
 
 log = structlog.get_logger("gateway.pubsub")
 
@@ -64,6 +70,11 @@ class PubSubLink(asyncio.Protocol):
         self._gone: asyncio.Future[None] = self._loop.create_future()  # connection_lost ran
         #: Loop time of the last data received (the hub pings an idle connection).
         self.last_seen = self._loop.time()
+        #: Sharded Pub/Sub (a Redis Cluster node): SSUBSCRIBE/SUNSUBSCRIBE, ``smessage``.
+        self.sharded = False
+        #: Channels this link asked to leave and not yet heard leave (sharded only): any other
+        #: ``sunsubscribe`` is the server's (the channel's slot moved away).
+        self._leaving: dict[bytes, int] = {}
 
     # --- connecting ------------------------------------------------------------------------------
     @classmethod
@@ -76,8 +87,8 @@ class PubSubLink(asyncio.Protocol):
         on_subscribe: Callable[[bytes], None],
         on_pong: Callable[[], None],
     ) -> PubSubLink:
-        """Connect to the server ``client`` uses (on a Redis Cluster, to one of its primaries,
-        picked at random), authenticated; raises ``redis.exceptions.ConnectionError`` (or
+        """Connect to the server ``client`` uses (or the cluster node ``client`` is),
+        authenticated; raises ``redis.exceptions.ConnectionError`` (or
         ``AuthenticationError``) if it cannot."""
         kwargs, connection_class = await _endpoint(client)
         link = cls(on_message, on_subscribe, on_pong)
@@ -152,10 +163,13 @@ class PubSubLink(asyncio.Protocol):
         transport.write(hiredis.pack_command(args))
 
     def subscribe(self, *channels: bytes) -> None:
-        self.send("SUBSCRIBE", *channels)
+        self.send("SSUBSCRIBE" if self.sharded else "SUBSCRIBE", *channels)
 
     def unsubscribe(self, *channels: bytes) -> None:
-        self.send("UNSUBSCRIBE", *channels)
+        if self.sharded:
+            for channel in channels:
+                self._leaving[channel] = self._leaving.get(channel, 0) + 1
+        self.send("SUNSUBSCRIBE" if self.sharded else "UNSUBSCRIBE", *channels)
 
     def ping(self) -> None:
         self.send("PING")
@@ -212,18 +226,39 @@ class PubSubLink(asyncio.Protocol):
         if type(reply) is list and reply:
             kind = reply[0]
             try:
-                if kind == b"message":
+                if kind == b"message" or kind == b"smessage":
                     self._on_message(reply[1], reply[2])
-                elif kind == b"subscribe":
+                elif kind == b"subscribe" or kind == b"ssubscribe":
                     self._on_subscribe(reply[1])
                 elif kind == b"pong":
                     self._on_pong()
+                elif kind == b"sunsubscribe":
+                    self._left(reply[1])
             except Exception:
                 log.exception("pubsub_callback_failed", kind=kind.decode(errors="replace"))
         elif reply == b"PONG":
             self._on_pong()
         elif isinstance(reply, hiredis.ReplyError):
             log.warning("pubsub_error_reply", error=str(reply))
+            if self.sharded and str(reply).startswith(("MOVED", "ASK", "CLUSTERDOWN", "CROSSSLOT")):
+                # The channel's slot is served elsewhere now: start over on the new slot map.
+                self._drop(f"redis cluster: {reply}")
+
+    def _left(self, channel: bytes) -> None:
+        """A ``sunsubscribe`` (sharded): ours, or the server's when the slot moved away."""
+        pending = self._leaving.get(channel, 0)
+        if pending > 1:
+            self._leaving[channel] = pending - 1
+        elif pending == 1:
+            del self._leaving[channel]
+        else:
+            self._drop("redis cluster: a subscribed channel's slot moved")
+
+    def _drop(self, why: str) -> None:
+        """End the link (the hub opens a new one, subscribes again and checks for gaps)."""
+        if self._transport is not None:
+            self._transport.abort()
+        self._lost(why)
 
     def _lost(self, why: str) -> None:
         if not self.closed.done():
@@ -231,17 +266,128 @@ class PubSubLink(asyncio.Protocol):
 
 
 async def _endpoint(client: Any) -> tuple[dict[str, Any], type]:
-    """The connection options and class of the server ``client`` talks to. On a Redis Cluster:
-    a primary picked at random, each time, so a reconnect after a node failed goes elsewhere.
-    Classic ``PUBLISH`` reaches every node of a cluster, so any node hears every channel."""
-    if isinstance(client, aioredis.RedisCluster):
-        await client.initialize()
-        node = random.choice(client.get_primaries())
-        return {**node.connection_kwargs, "host": node.host, "port": node.port}, (
-            node.connection_class
+    """The connection options and class of the server ``client`` talks to (one Redis), or of
+    the cluster node ``client`` is (a ``ClusterNode``)."""
+    if isinstance(client, aioredis.RedisCluster):  # pragma: no cover - ShardedLink opens nodes
+        raise TypeError("a Redis Cluster is reached through ShardedLink")
+    if hasattr(client, "connection_kwargs"):  # a cluster node
+        return {**client.connection_kwargs, "host": client.host, "port": client.port}, (
+            client.connection_class
         )
     pool = client.connection_pool
     return dict(pool.connection_kwargs), pool.connection_class
+
+
+class ShardedLink:
+    """The gateway's Pub/Sub on a Redis Cluster: sharded Pub/Sub, one :class:`PubSubLink` per
+    primary, each channel subscribed (``SSUBSCRIBE``) on the primary that owns its slot, so a
+    frame published with ``SPUBLISH`` travels to that node only, never to every node.
+
+    It is one ``SubscriberLink`` to the hub: :attr:`closed` is done as soon as any of its
+    connections is lost, or told that a channel's slot moved (``MOVED``, a ``sunsubscribe`` the
+    gateway did not ask for: a resharding), or the slot map names a primary it has no connection
+    to (a failover). The hub then opens a new one, on the slot map as redis-py knows it then,
+    subscribes everything again, and every connection checks its delivery stream for a gap."""
+
+    def __init__(self, client: aioredis.RedisCluster, links: dict[str, PubSubLink]) -> None:
+        self._client = client
+        self._links = links
+        loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[str] = loop.create_future()
+        for link in links.values():
+            link.closed.add_done_callback(self._lost)
+
+    @classmethod
+    async def open(
+        cls,
+        client: aioredis.RedisCluster,
+        *,
+        timeout_s: float,
+        on_message: Callable[[bytes, bytes], None],
+        on_subscribe: Callable[[bytes], None],
+        on_pong: Callable[[], None],
+    ) -> ShardedLink:
+        """One connection per primary of the slot map, refreshed first (after a failover or a
+        resharding the old map is stale)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await client.initialize()
+                await client.nodes_manager.initialize()
+        except TimeoutError:
+            raise redis.exceptions.TimeoutError(
+                f"no Redis Cluster slot map within {timeout_s:g} s"
+            ) from None
+        except redis.exceptions.RedisError as exc:
+            raise redis.exceptions.ConnectionError(f"Redis Cluster unreachable: {exc}") from None
+        links: dict[str, PubSubLink] = {}
+        try:
+            for node in client.get_primaries():
+                link = await PubSubLink.open(
+                    node,  # type: ignore[arg-type]  # a ClusterNode: see _endpoint
+                    timeout_s=timeout_s,
+                    on_message=on_message,
+                    on_subscribe=on_subscribe,
+                    on_pong=on_pong,
+                )
+                link.sharded = True
+                links[node.name] = link
+        except BaseException:
+            for link in links.values():
+                link.close()
+            raise
+        return cls(client, links)
+
+    @property
+    def last_seen(self) -> float:
+        """The stalest connection's (the hub pings when any has been quiet)."""
+        return min(link.last_seen for link in self._links.values())
+
+    def _lost(self, done: asyncio.Future[str]) -> None:
+        if not self.closed.done():
+            self.closed.set_result(done.result() if not done.cancelled() else "cancelled")
+
+    def _by_slot(self, channels: tuple[bytes, ...]) -> dict[tuple[str, int], list[bytes]]:
+        """The channels by (owner, slot): one SSUBSCRIBE names one slot's channels only."""
+        out: dict[tuple[str, int], list[bytes]] = {}
+        slots = self._client.nodes_manager.slots_cache
+        for channel in channels:
+            slot = key_slot(channel)
+            owners = slots.get(slot)
+            if not owners or owners[0].name not in self._links:
+                # No connection to the owner (the slot map moved on): start over.
+                self._lost_now("redis cluster: a channel's slot has a new owner")
+                raise redis.exceptions.ConnectionError("the Pub/Sub slot map is out of date")
+            out.setdefault((owners[0].name, slot), []).append(channel)
+        return out
+
+    def _lost_now(self, why: str) -> None:
+        for link in self._links.values():
+            link._drop(why)
+        if not self.closed.done():
+            self.closed.set_result(why)
+
+    def subscribe(self, *channels: bytes) -> None:
+        if self.closed.done():
+            raise redis.exceptions.ConnectionError("the Pub/Sub connection is closed")
+        for (name, _), mine in self._by_slot(channels).items():
+            self._links[name].subscribe(*mine)
+
+    def unsubscribe(self, *channels: bytes) -> None:
+        if self.closed.done():
+            raise redis.exceptions.ConnectionError("the Pub/Sub connection is closed")
+        for (name, _), mine in self._by_slot(channels).items():
+            self._links[name].unsubscribe(*mine)
+
+    def ping(self) -> None:
+        for link in self._links.values():
+            link.ping()
+
+    def close(self) -> None:
+        for link in self._links.values():
+            link.close()
+
+    async def aclose(self, timeout_s: float = 1.0) -> None:
+        await asyncio.gather(*(link.aclose(timeout_s) for link in self._links.values()))
 
 
 class RedisSubscriber:
@@ -258,7 +404,15 @@ class RedisSubscriber:
         on_message: Callable[[bytes, bytes], None],
         on_subscribe: Callable[[bytes], None],
         on_pong: Callable[[], None],
-    ) -> PubSubLink:
+    ) -> SubscriberLink:
+        if isinstance(self._client, aioredis.RedisCluster):
+            return await ShardedLink.open(
+                self._client,
+                timeout_s=timeout_s,
+                on_message=on_message,
+                on_subscribe=on_subscribe,
+                on_pong=on_pong,
+            )
         return await PubSubLink.open(
             self._client,
             timeout_s=timeout_s,

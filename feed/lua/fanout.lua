@@ -27,6 +27,7 @@
 --   then per user k one value: the indexes of its activities (1-based, in the order the user
 --   must receive them), separated by spaces.
 --
+-- Frames are published with PUBLISH in mode 'k', with SPUBLISH (sharded Pub/Sub) on a cluster.
 -- Grouped by user: each user's new members are added with one ZADD (per 1000), trimmed once and
 -- delivered in call order (one HINCRBY for all their seqs); a member the trim removed at once is
 -- not delivered. Bodies are SET by the caller just before (same connection, so before this
@@ -39,6 +40,8 @@ local head, middle, tail = ARGV[5], ARGV[6], ARGV[7]
 local tl_prefix_len = #ARGV[8]
 local on_prefix, seen_prefix, dl_prefix, channel_prefix = ARGV[9], ARGV[10], ARGV[11], ARGV[12]
 local mode = ARGV[13 + 2 * n]
+-- one Redis: classic Pub/Sub; a cluster: sharded (the channel is in the user's slot)
+local publish = mode == 'k' and 'PUBLISH' or 'SPUBLISH'
 local members = {}
 local body_key = {}
 local tail_of = {}
@@ -139,7 +142,7 @@ for i = first_user, #ARGV do
         -- the cursor is the stream cursor <epoch>.<seq> (feed.cursor.StreamCursor)
         local frame = head .. ep .. '.' .. seq .. middle .. body .. tail_of[member]
         redis.call('XADD', dl, 'MAXLEN', '~', hist, seq .. '-0', 'f', frame)
-        redis.call('PUBLISH', channel, frame)
+        redis.call(publish, channel, frame)
         pushed = pushed + 1
       end
     end

@@ -23,7 +23,8 @@
 -- The two sorted sets hold a sentinel member '' (score -1) from the load on, so they never
 -- vanish when emptied: a user's keys live and expire together (one TTL, renewed at most once
 -- per refresh period: ARGV 2 ttl_s, 0 for none; ARGV 3 the refresh period).
--- ARGV: 1 command, 2 ttl_s, 3 refresh_s, then per command (below).
+-- ARGV: 1 command ('s:<command>' on a Redis Cluster: see below), 2 ttl_s, 3 refresh_s, then per
+-- command (below).
 --
 -- A user whose keys are gone (no 'l') is answered 'L' and left unchanged: the caller loads the
 -- user's rows from Cassandra ('load') and asks again. Writes answer the mutations the caller
@@ -38,6 +39,12 @@
 -- below).
 local US = '\31'
 local cmd, ttl, refresh = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+-- 's:<command>' on a Redis Cluster: frames go out by sharded Pub/Sub (the user's channel is in
+-- the user's slot); else by classic PUBLISH
+local publish = 'PUBLISH'
+if string.sub(cmd, 1, 2) == 's:' then
+  cmd, publish = string.sub(cmd, 3), 'SPUBLISH'
+end
 
 if cmd == 'confirm' then
   -- The callers wrote the pending mutations up to a version to Cassandra: drop them. KEYS: the
@@ -453,10 +460,10 @@ function U:publish(order, existed)
   local tail = ',"unseen":' .. self.unseen .. ',"unread":' .. self.unread .. '}'
   for _, gid in ipairs(order) do
     if self:header(gid) then
-      redis.call('PUBLISH', self.channel,
+      redis.call(publish, self.channel,
         '{"type":"notification","group":' .. self:view(gid) .. tail)
     elseif existed[gid] then
-      redis.call('PUBLISH', self.channel,
+      redis.call(publish, self.channel,
         '{"type":"notification_removed","group":' .. cjson.encode(gid) .. tail)
     end
   end
@@ -664,7 +671,7 @@ if cmd == 'mark' then
   end
   me:flush()
   if me:online() then
-    redis.call('PUBLISH', me.channel, '{"type":"notification_counts","unseen":' .. me.unseen
+    redis.call(publish, me.channel, '{"type":"notification_counts","unseen":' .. me.unseen
       .. ',"unread":' .. me.unread .. '}')
   end
   local out = {'M', me.unseen, me.unread}

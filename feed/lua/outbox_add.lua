@@ -9,7 +9,8 @@
 --       (feed.timelines_redis.RedisTimelines.add_to_outboxes).
 -- ARGV: 1 max (outbox cap), 2 body ttl (s), 3 the mode, then per item three values: member
 --   (order key), body, the actor's channel (feed.keys.actor_channel).
--- Announcements: '+' .. member .. '\n' .. body when added. Returns how many were added.
+-- Announcements (PUBLISH in mode 'k', sharded SPUBLISH in mode 'o'): '+' .. member .. '\n' ..
+-- body when added. Returns how many were added.
 local max = tonumber(ARGV[1])
 local ttl = ARGV[2]
 local keyed = ARGV[3] == 'k'
@@ -34,7 +35,7 @@ for i = 4, #ARGV, 3 do
     if redis.call('ZADD', ob, 0, member) == 1 then
       added = added + 1
       if redis.call('ZCARD', ob) > max then redis.call('ZREMRANGEBYRANK', ob, 0, -(max + 1)) end
-      redis.call('PUBLISH', channel, '+' .. member .. '\n' .. body)
+      redis.call(keyed and 'PUBLISH' or 'SPUBLISH', channel, '+' .. member .. '\n' .. body)
     end
   end
 end

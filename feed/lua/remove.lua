@@ -5,13 +5,15 @@
 --   (feed.keys.remove_user_keys): the user's timeline, presence, delivery stream.
 -- ARGV:
 --   1 hist (stream length), 2..4 the removed frame's head, middle and tail
---   (schemas.frames.REMOVED_*), then groups of:
+--   (schemas.frames.REMOVED_*), 5 'PUBLISH' (one Redis) or 'SPUBLISH' (a cluster: sharded
+--   Pub/Sub, the channel in the user's slot), then groups of:
 --   member (order key), id_json (the activity id as a JSON string), count of users c,
 --   then the c users' channels (feed.keys.channel).
 -- Returns {removed, pushed}.
 local hist = ARGV[1]
 local head, middle, tail = ARGV[2], ARGV[3], ARGV[4]
-local i = 5
+local publish = ARGV[5]
+local i = 6
 local k = 0
 local removed, pushed = 0, 0
 while i <= #ARGV do
@@ -28,7 +30,7 @@ while i <= #ARGV do
         -- the cursor is the stream cursor <epoch>.<seq> (feed.cursor.StreamCursor)
         local frame = head .. ep .. '.' .. seq .. rest
         redis.call('XADD', dl, 'MAXLEN', '~', hist, seq .. '-0', 'f', frame)
-        redis.call('PUBLISH', ARGV[c], frame)
+        redis.call(publish, ARGV[c], frame)
         pushed = pushed + 1
       end
     end

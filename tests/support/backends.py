@@ -100,7 +100,10 @@ def real_backend(
     history = CassandraHistory(session, keyspace)
 
     async def publish(channel: bytes, message: bytes) -> None:
-        await async_client.publish(channel, message)
+        if isinstance(async_client, aioredis.RedisCluster):
+            await async_client.spublish(channel, message)  # sharded, as the stores publish
+        else:
+            await async_client.publish(channel, message)
 
     def lose_presence(user: str) -> None:
         client.delete(keys.presence(user), keys.deliveries(user))
