@@ -42,6 +42,7 @@ import pytest
 import redis
 import websockets
 from confluent_kafka import Producer
+from redis.crc import key_slot
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
@@ -298,27 +299,52 @@ class Reader:
 class ChannelTap:
     """Subscribes (from a thread) to users' Pub/Sub channels, the ones the fan-out worker
     publishes their frames on, and records when each activity was seen there: the start of the
-    gateway's hop, measured on the same clock as the readers' receive times."""
+    gateway's hop, measured on the same clock as the readers' receive times. On a Redis Cluster
+    the channels are sharded: each is subscribed (SSUBSCRIBE) on the primary owning its slot."""
 
     def __init__(self, redis_url: str, users: list[str]) -> None:
-        self.client = redis.Redis.from_url(redis_url, socket_timeout=5)
-        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         self.users = {keys.channel(u).encode(): u for u in users}
         self.seen: dict[tuple[str, str], float] = {}  # (user, activity id) -> monotonic time
+        self.clients: list[redis.Redis] = []
+        self.pubsubs: list[Any] = []
+        admin = redis.Redis.from_url(redis_url, socket_timeout=5)
+        cluster = bool(admin.info("cluster").get("cluster_enabled"))
+        admin.close()
+        if cluster:
+            with redis.RedisCluster.from_url(redis_url) as rc:
+                by_node: dict[tuple[str, int], list[bytes]] = {}
+                for channel in self.users:
+                    node = rc.nodes_manager.get_node_from_slot(key_slot(channel))
+                    by_node.setdefault((node.host, node.port), []).append(channel)
+            for (host, port), channels in by_node.items():
+                self._add(redis.Redis(host=host, port=port, socket_timeout=5), channels, True)
+        else:
+            self._add(redis.Redis.from_url(redis_url, socket_timeout=5), list(self.users), False)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="channel-tap", daemon=True)
+        # one reader per connection: a message is timed the moment its connection has it
+        self._threads = [
+            threading.Thread(target=self._run, args=(p,), name="channel-tap", daemon=True)
+            for p in self.pubsubs
+        ]
+
+    def _add(self, client: redis.Redis, channels: list[bytes], sharded: bool) -> None:
+        self.clients.append(client)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        for channel in channels:  # one per call: SSUBSCRIBE names one slot's channels
+            (pubsub.ssubscribe if sharded else pubsub.subscribe)(channel)
+        self.pubsubs.append(pubsub)
 
     def start(self) -> ChannelTap:
-        self.pubsub.subscribe(*self.users)
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
-    def _run(self) -> None:
+    def _run(self, pubsub: Any) -> None:
         for _ in range(1_000_000):  # bounded: at most ~0.2 s per idle round, stopped by stop()
             if self._stop.is_set():
                 return
-            message = self.pubsub.get_message(timeout=0.2)
-            if message is None or message["type"] != "message":
+            message = pubsub.get_message(timeout=0.2)
+            if message is None or message["type"] not in ("message", "smessage"):
                 continue
             now = time.monotonic()
             frame = json.loads(message["data"])
@@ -328,9 +354,12 @@ class ChannelTap:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(5)
-        self.pubsub.close()
-        self.client.close()
+        for thread in self._threads:
+            thread.join(5)
+        for pubsub in self.pubsubs:
+            pubsub.close()
+        for client in self.clients:
+            client.close()
 
 
 class StuckClient:
