@@ -49,6 +49,7 @@ __all__ = [
     "claim_calls",
     "deleted_now",
     "fanout_calls",
+    "frame_tail",
     "raise_first",
     "slot_of",
     "with_bodies",
@@ -77,6 +78,14 @@ class FanoutCall:
         self.args = args
         #: The bodies of the call's activities, in their order: sent only in mode 'b'.
         self.bodies = bodies
+
+
+def frame_tail(insert: Insert) -> bytes:
+    """The activity frame's own tail as ``fanout.lua`` takes it: '' for the plain tail, else
+    :func:`schemas.frames.activity_tail` (with ``traceparent`` and ``ts``)."""
+    if insert.ts_ms is None and insert.traceparent is None:
+        return b""
+    return frames.activity_tail(insert.ts_ms, insert.traceparent)
 
 
 def fanout_calls(inserts: Sequence[Insert], head: Args) -> list[FanoutCall]:
@@ -114,10 +123,7 @@ def _call(
             if index is None:
                 members.append(insert.member)
                 bodies.append(insert.body)
-                if insert.ts_ms is None and insert.traceparent is None:
-                    tails.append(b"")
-                else:
-                    tails.append(frames.activity_tail(insert.ts_ms, insert.traceparent))
+                tails.append(frame_tail(insert))
                 index = local[insert.member] = b"%d" % len(members)
             mine.append(index)
         values.append(b" ".join(mine))

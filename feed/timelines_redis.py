@@ -142,10 +142,7 @@ def _fanout_calls(
             bodies.append((body, insert.body))
             activity_keys += (deleted, body)
             members.append(insert.member)
-            if insert.ts_ms is None and insert.traceparent is None:
-                tails.append(b"")
-            else:
-                tails.append(frames.activity_tail(insert.ts_ms, insert.traceparent))
+            tails.append(timelines_cluster.frame_tail(insert))
             index = indexes[insert.member] = b"%d" % len(members)
         for user in insert.users:
             mine = get(user)

@@ -138,6 +138,14 @@ class Lane:
         self.procs.append(proc)
         return proc, f"http://127.0.0.1:{port}"
 
+    def ready_worker(self, name: str = "worker") -> tuple[FeedProcess, str]:
+        """One worker holding every partition, the follows applied, no lag: ready for a fault."""
+        worker, url = self.worker(name)
+        wait_for(lambda: _assigned(url) == 8, timeout=60, message="partition assignment")
+        self.apply_follows()
+        wait_for(lambda: self.lag() == 0, timeout=20, message="no lag before the fault")
+        return worker, url
+
     def crashing_worker(self, name: str, crash_at: int, arm_file: Path) -> FeedProcess:
         proc = FeedProcess(
             [], {**self.env, "FEED_WORKER_METRICS_PORT": "0"}, self.logdir / f"{name}.log"
@@ -788,10 +796,7 @@ def test_cassandra_stopped_lag_grows_then_drains_without_dlq(
 ) -> None:
     lane = lane_factory(FEED_ACTIVE_DAYS="0")
     server = lane.stack.local.cassandra
-    worker, worker_url = lane.worker("worker")
-    wait_for(lambda: _assigned(worker_url) == 8, timeout=60, message="partition assignment")
-    lane.apply_follows()
-    wait_for(lambda: lane.lag() == 0, timeout=20, message="no lag before the outage")
+    worker, worker_url = lane.ready_worker()
 
     stream = ActivityStream(lane, count=600, rate=20, one_per_batch=True).start()
     stream.wait_sent(60, timeout=20)
@@ -1080,10 +1085,7 @@ def test_cassandra_node_killed_under_load_nothing_lost_node_catches_up(
         (ks,),
     )
     assert json.loads(replication[0].strategy_options) == {"replication_factor": "2"}
-    worker, worker_url = lane.worker("worker")
-    wait_for(lambda: _assigned(worker_url) == 8, timeout=60, message="partition assignment")
-    lane.apply_follows()
-    wait_for(lambda: lane.lag() == 0, timeout=20, message="no lag before the fault")
+    worker, worker_url = lane.ready_worker()
 
     stream = ActivityStream(lane, count=600, rate=40, one_per_batch=True).start()
     stream.wait_sent(100, timeout=20)

@@ -5,9 +5,10 @@ subscribes again on the new slot map and checks for gaps)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import pytest
 import redis
 import redis.asyncio as aioredis
 from redis.crc import key_slot
@@ -32,15 +33,24 @@ async def _open(client: aioredis.RedisCluster, rec: Recorder) -> ShardedLink:
     return link
 
 
+@pytest.fixture
+async def clients(redis_cluster: Any) -> AsyncIterator[tuple[aioredis.RedisCluster, Any]]:
+    """The gateway's asyncio cluster client, and a blocking one for checks and admin."""
+    client = aioredis.RedisCluster.from_url(redis_cluster.url)
+    admin = redis.RedisCluster.from_url(redis_cluster.url)
+    yield client, admin
+    await client.aclose()
+    admin.close()
+
+
 def _owner(admin: redis.RedisCluster, channel: bytes) -> Any:
     return admin.nodes_manager.get_node_from_slot(key_slot(channel))
 
 
 async def test_each_channel_lives_on_its_slots_node_only(
-    redis_cluster: Any, ids: Callable[[str], str]
+    clients: tuple[aioredis.RedisCluster, Any], ids: Callable[[str], str]
 ) -> None:
-    client = aioredis.RedisCluster.from_url(redis_cluster.url)
-    admin = redis.RedisCluster.from_url(redis_cluster.url)
+    client, admin = clients
     rec = Recorder()
     link = await _open(client, rec)
     try:
@@ -68,15 +78,12 @@ async def test_each_channel_lives_on_its_slots_node_only(
         assert not link.closed.done()  # our own sunsubscribe ends nothing
     finally:
         await link.aclose()
-        await client.aclose()
-        admin.close()
 
 
 async def test_a_resharded_channel_ends_the_link_and_a_new_one_follows(
-    redis_cluster: Any, ids: Callable[[str], str]
+    clients: tuple[aioredis.RedisCluster, Any], ids: Callable[[str], str]
 ) -> None:
-    client = aioredis.RedisCluster.from_url(redis_cluster.url)
-    admin = redis.RedisCluster.from_url(redis_cluster.url)
+    client, admin = clients
     rec = Recorder()
     link = await _open(client, rec)
     channel = keys.channel(ids("moved")).encode()
@@ -114,5 +121,3 @@ async def test_a_resharded_channel_ends_the_link_and_a_new_one_follows(
         ]:
             admin.execute_command("CLUSTER", "SETSLOT", slot, "NODE", source_id, target_nodes=node)
         await link.aclose()
-        await client.aclose()
-        admin.close()
