@@ -21,29 +21,7 @@ import redis.exceptions
 from feed.settings import Settings
 from gateway.pubsub import PubSubLink
 from tests.support.procs import free_port, stop_process
-
-DEADLINE_S = 10.0
-
-
-class Recorder:
-    """The link's three callbacks, recording what they were given."""
-
-    def __init__(self, fail_on: bytes | None = None) -> None:
-        self.messages: list[tuple[bytes, bytes]] = []
-        self.subscribed: list[bytes] = []
-        self.pongs = 0
-        self.fail_on = fail_on
-
-    def message(self, channel: bytes, data: bytes) -> None:
-        if data == self.fail_on:
-            raise RuntimeError("a callback that fails")
-        self.messages.append((channel, data))
-
-    def subscribe(self, channel: bytes) -> None:
-        self.subscribed.append(channel)
-
-    def pong(self) -> None:
-        self.pongs += 1
+from tests.support.pubsub import DEADLINE_S, Recorder
 
 
 async def _open(url: str, rec: Recorder, **kwargs: Any) -> PubSubLink:

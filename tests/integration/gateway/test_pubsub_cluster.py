@@ -15,7 +15,7 @@ from redis.crc import key_slot
 
 from feed import keys
 from gateway.pubsub import RedisSubscriber, ShardedLink
-from tests.integration.gateway.test_pubsub import DEADLINE_S, Recorder
+from tests.support.pubsub import DEADLINE_S, Recorder
 
 
 async def _until(condition: Callable[[], object], what: str) -> None:
