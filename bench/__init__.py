@@ -121,6 +121,7 @@ def run_bench(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             "plan": plan.as_dict(),
             "outdir": str(outdir),
             "skip_peers": options.skip_peers,
+            "redis_cluster": options.redis_cluster,
             # Other work on the machine shows up in every figure: note how busy it was.
             "load_average_start": list(os.getloadavg()),
         },
@@ -131,6 +132,7 @@ def run_bench(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         workdir / f"stack-{outdir.name}",
         partitions=4,
         with_cassandra=True,
+        redis_cluster=options.redis_cluster,
         # INFRA.md: periodic commit-log sync is ~3x faster for batches; the bench never kills it.
         cassandra_kwargs={
             "commitlog_sync": "periodic",
@@ -256,6 +258,7 @@ def _child_env(stack: Any, options: BenchOptions) -> dict[str, str]:
         FEED_JWT_SECRET=_BENCH_JWT_SECRET,
         FEED_INGEST_TOKEN=_BENCH_INGEST_TOKEN,
         FEED_GATEWAY_HOST="127.0.0.1",
+        FEED_REDIS_CLUSTER="true" if options.redis_cluster else "false",
     )
     # The children run this checkout's code whether or not the project is pip-installed.
     env["PYTHONPATH"] = os.pathsep.join(

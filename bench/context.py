@@ -177,10 +177,22 @@ class BenchContext:
     @property
     def redis(self) -> Any:
         if self._redis is None:
-            import redis
+            from feed import redis_connect
 
-            self._redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=30)
+            self._redis = redis_connect.sync_client(self.settings, socket_timeout=30)
         return self._redis
+
+    def redis_primaries(self) -> list[Any]:
+        """One plain client per Redis server that takes writes: the one server, or each primary
+        of a cluster (for per-server figures: CPU, memory). Close them after use."""
+        import redis
+
+        if not self.options.redis_cluster:
+            return [redis.Redis.from_url(self.settings.redis_url, socket_timeout=30)]
+        return [
+            redis.Redis(host=n.host, port=n.port, socket_timeout=30)
+            for n in self.redis.get_primaries()
+        ]
 
     @property
     def cassandra(self) -> Any:

@@ -222,8 +222,12 @@ def _wait_install(ctx: BenchContext, install: Future[Path] | None) -> None:
 # --- 2. ceilings ----------------------------------------------------------------------------
 def _ceilings(ctx: BenchContext) -> None:
     ceilings: dict[str, Any] = ctx.results.setdefault("ceilings", {})
+    if ctx.options.redis_cluster:
+        ceilings["redis_zadd"] = {"error": "not measured on a Redis Cluster"}
     with ctx.task("ceiling: redis-benchmark -P 64 -t zadd", None):
         try:
+            if ctx.options.redis_cluster:
+                raise CeilingError("not measured on a Redis Cluster")
             ceilings["redis_zadd"] = redis_zadd_ceiling(
                 ctx.stack.redis.port,
                 ctx.plan.redis_benchmark_requests,
@@ -315,7 +319,12 @@ def _peers(
 
 # --- 4. drains ------------------------------------------------------------------------------
 def _used_memory(ctx: BenchContext) -> int:
-    return int(ctx.redis.info("memory")["used_memory"])
+    servers = ctx.redis_primaries()
+    try:
+        return sum(int(server.info("memory")["used_memory"]) for server in servers)
+    finally:
+        for server in servers:
+            server.close()
 
 
 def _drain(
@@ -439,11 +448,21 @@ def _cpu_probe(ctx: BenchContext, workers: WorkerSet) -> dict[str, float]:
     worker_cpu = [cpu_seconds(pid) for pid in workers.pids()]
     if all(c is not None for c in worker_cpu):
         probe["worker"] = sum(c for c in worker_cpu if c is not None)
+    servers = ctx.redis_primaries()
     try:
-        info = ctx.redis.info("cpu")
-        probe["redis"] = float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        shards = []
+        for server in servers:
+            info = server.info("cpu")
+            shards.append(float(info["used_cpu_user"]) + float(info["used_cpu_sys"]))
+        probe["redis"] = sum(shards)
+        if len(shards) > 1:  # a cluster: each primary's own (the spread across shards)
+            for n, shard_cpu in enumerate(shards, 1):
+                probe[f"redis_shard{n}"] = shard_cpu
     except Exception:
         pass
+    finally:
+        for server in servers:
+            server.close()
     cassandra_pid = getattr(ctx.stack.cassandra, "pid", None)
     if cassandra_pid:
         cpu = cpu_seconds(cassandra_pid)

@@ -85,6 +85,9 @@ class BenchOptions:
     #: scenario's publisher puts a sampled ``traceparent`` on this share of frames (as a traced
     #: worker does). ``None``, unset: no tracing.
     tracing: float | None = None
+    #: ``FEED_BENCH_REDIS_CLUSTER=1``: the stack's Redis is a Redis Cluster of 3 masters (the
+    #: processes use it as a cluster; Redis CPU is read per node; no ZADD ceiling, no peers).
+    redis_cluster: bool = False
     #: The rest of the environment the bench was handed (read-only), the base of its children's.
     environ: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType({}), repr=False, compare=False
@@ -112,6 +115,7 @@ class BenchOptions:
             gateway_rates=get("FEED_BENCH_GATEWAY_RATES", _rates),
             gateway_sides=get("FEED_BENCH_GATEWAY_SIDES", _sides),
             tracing=get("FEED_BENCH_TRACING", _share),
+            redis_cluster=bool(get("FEED_BENCH_REDIS_CLUSTER", _flag)),
             environ=MappingProxyType(dict(environ)),
         )
 

@@ -49,9 +49,11 @@ def test_every_switch_is_parsed() -> None:
             "FEED_BENCH_GATEWAY_RATES": "8000,10000",
             "FEED_BENCH_GATEWAY_SIDES": "peer",
             "FEED_BENCH_TRACING": "0.1",
+            "FEED_BENCH_REDIS_CLUSTER": "1",
         }
     )
     assert options.skip_peers and options.profile and options.keep and options.e2e_history
+    assert options.redis_cluster
     assert options.workdir == Path("/tmp/bench-work")
     assert options.backlog == 20_000
     assert options.e2e_rate == 250.0
