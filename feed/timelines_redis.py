@@ -678,13 +678,9 @@ class AsyncRedisTimelines:
         """:meth:`rebuild` on a Redis Cluster: the deleted markers read first (those activities
         left out), the bodies stored, the script given the user's keys and the members only;
         then the markers again, and an entry deleted meanwhile is taken back out."""
-        entries = {
-            member: split_order_key(member)[1]
-            for member in members
-            if split_order_key(member)[1] in bodies
-        }
-        before = await cluster.deleted_now(entries.values())
-        entries = {m: a for m, a in entries.items() if a not in before}
+        ids = {member: split_order_key(member)[1] for member in members}
+        before = await cluster.deleted_now(a for a in ids.values() if a in bodies)
+        entries = {m: a for m, a in ids.items() if a in bodies and a not in before}
         ttl = args[2]
         sets = [
             ("SET", keys.body(a), bodies[a], "EX", ttl) for a in dict.fromkeys(entries.values())

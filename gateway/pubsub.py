@@ -268,8 +268,6 @@ class PubSubLink(asyncio.Protocol):
 async def _endpoint(client: Any) -> tuple[dict[str, Any], type]:
     """The connection options and class of the server ``client`` talks to (one Redis), or of
     the cluster node ``client`` is (a ``ClusterNode``)."""
-    if isinstance(client, aioredis.RedisCluster):  # pragma: no cover - ShardedLink opens nodes
-        raise TypeError("a Redis Cluster is reached through ShardedLink")
     if hasattr(client, "connection_kwargs"):  # a cluster node
         return {**client.connection_kwargs, "host": client.host, "port": client.port}, (
             client.connection_class
