@@ -74,6 +74,10 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.TimeoutError,
     redis.exceptions.BusyLoadingError,
     redis.exceptions.OutOfMemoryError,  # a full Redis is an outage, not a poison record
+    # a Redis Cluster in a failover or a resharding (CLUSTERDOWN, TRYAGAIN, a slot not covered)
+    redis.exceptions.ClusterError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.SlotNotCoveredError,
     NoHostAvailable,
     OperationTimedOut,
     WriteTimeout,
@@ -765,14 +769,20 @@ def build_worker(
     )
     graph = CassandraFollowGraph(session, settings.cassandra_keyspace)
     history = CassandraHistory(session, settings.cassandra_keyspace)
+    # On a cluster: a batch counts once a replica has its writes (FEED_REDIS_WAIT_REPLICAS)
+    wait = {
+        "wait_replicas": settings.redis_wait_replicas,
+        "wait_timeout_ms": settings.redis_wait_timeout_ms,
+    }
     timelines = RedisTimelines(
         client,
         timeline_max=settings.timeline_max,
         stream_history=settings.stream_history,
         body_ttl_s=settings.body_ttl_days * 86_400,
         only_active=settings.active_days > 0,
+        **wait,
     )
-    versions = RedisGraphVersions(client)
+    versions = RedisGraphVersions(client, **wait)
     processor = Processor(
         timelines=timelines,
         history=history,
@@ -789,6 +799,7 @@ def build_worker(
             CassandraNotifyStore(session, settings.cassandra_keyspace),
             limits=settings.notify_limits(),
             ttl_s=settings.notify_ttl_s,
+            **wait,
         ),
     )
     # librdkafka's own lines through stdlib logging: JSON like every other line (feed.logging)

@@ -17,6 +17,10 @@ Guarantees (what callers may rely on):
   empty stream) only when no presence hash exists, so a cursor of an older epoch tells the
   gateway that Redis lost the stream (restart, eviction); :meth:`AsyncRedisPresence.refresh`
   reports the users whose presence vanished.
+* **A rolled-back stream is left.** On a Redis Cluster a failover may promote a replica that
+  lacks a master's newest writes: the presence survives with a lower seq, and seqs already
+  pushed would be handed out again for other frames. :meth:`AsyncRedisPresence.renew` (the hub,
+  after it lost a primary's connection) starts a new epoch unless someone already did.
 * Presence and stream expire together ``ttl_s`` after the last attach or refresh (the resume
   window).
 """
@@ -48,6 +52,13 @@ class AsyncRedisPresence:
         attach_keys = [keys.presence(user), keys.deliveries(user)]
         epoch, seq = await self._attach(keys=attach_keys, args=[_new_epoch(), self._ttl])
         return Presence(_text(epoch), int(seq))
+
+    async def renew(self, user: str, epoch: str) -> Presence:
+        """:meth:`attach`, but if the stream is still at ``epoch``, start a new one (see
+        ``feed.interfaces.DeliveryStream.renew``)."""
+        attach_keys = [keys.presence(user), keys.deliveries(user)]
+        new, seq = await self._attach(keys=attach_keys, args=[_new_epoch(), self._ttl, epoch])
+        return Presence(_text(new), int(seq))
 
     async def refresh(self, users: Iterable[str]) -> list[str]:
         """Extend presence of locally connected users (called periodically).

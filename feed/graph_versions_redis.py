@@ -32,12 +32,16 @@ BIG_SENTINEL = ""
 class RedisGraphVersions:
     """:class:`feed.interfaces.GraphVersions` on a synchronous Redis client (the workers')."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(
+        self, client: redis.Redis, *, wait_replicas: int = 1, wait_timeout_ms: int = 1000
+    ) -> None:
         self._redis = client
         self._bump = client.register_script(BUMP)
         self._cluster: timelines_cluster.ClusterScripts | None = None
         if isinstance(client, redis.RedisCluster):
-            self._cluster = timelines_cluster.ClusterScripts(client, [BUMP])
+            self._cluster = timelines_cluster.ClusterScripts(
+                client, [BUMP], wait_replicas=wait_replicas, wait_timeout_ms=wait_timeout_ms
+            )
 
     def follower_state(self, users: Sequence[str], *, big: bool) -> FollowerState:
         """One round trip (MGET, and with ``big`` SMISMEMBER and SCARD), plus one to install a

@@ -370,6 +370,14 @@ class DeliveryStream(Protocol):
         """Mark the user online (or keep them so): the stream's epoch and last ``seq``."""
         ...
 
+    async def renew(self, user: str, epoch: str) -> Presence:
+        """:meth:`attach`, but if the stream is still at ``epoch``, start a new epoch (``seq``
+        0, empty stream) anyway: its newest seqs may have been rolled back (a Redis Cluster
+        failover promoted a replica that lacked them) and would be handed out again for other
+        frames. Compare-and-set: of several callers that saw ``epoch``, one renews it and the
+        others get the new epoch."""
+        ...
+
     async def refresh(self, users: Iterable[str]) -> list[str]:
         """Extend presence of connected users; returns those whose presence was gone."""
         ...
@@ -539,6 +547,13 @@ class SubscriberLink(Protocol):
 
     def ping(self) -> None:
         """The answer arrives through ``on_pong``."""
+        ...
+
+    def rolled_back(self, channel: bytes) -> bool:
+        """Once :attr:`closed`: True if the server behind ``channel`` may have lost writes it
+        had acknowledged (a Redis Cluster primary whose connection was lost: a failover may
+        promote a replica that lacks its newest writes). The hub then renews the user's
+        delivery stream (``DeliveryStream.renew``) instead of trusting its seqs."""
         ...
 
     async def aclose(self, timeout_s: float = 1.0) -> None: ...

@@ -17,6 +17,7 @@ import functools
 __all__ = [
     "CONTROL_FOLLOWING",
     "FANOUT_USER_PREFIXES",
+    "fanout_cluster_keys",
     "active",
     "activity_keys",
     "actor_channel",
@@ -212,6 +213,21 @@ def fanout_user_key(user: str) -> bytes:
 FANOUT_USER_PREFIXES: tuple[str, ...] = tuple(
     name("").removesuffix("{}") for name in (timeline, presence, active, deliveries, channel)
 )
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def fanout_cluster_keys(user: str) -> tuple[bytes, bytes, bytes, bytes]:
+    """The four ``KEYS`` per user of ``feed/lua/fanout.lua`` on a Redis Cluster: timeline,
+    presence, active marker, delivery stream. The script names them from the timeline's tag as on
+    one Redis, but a cluster must see every key a script touches: while a slot migrates
+    (a resharding), a key already moved must send the call to the importing node (``ASK``, or
+    ``TRYAGAIN`` while the user's keys are split), not be read as missing on the old one."""
+    return (
+        timeline(user).encode(),
+        presence(user).encode(),
+        active(user).encode(),
+        deliveries(user).encode(),
+    )
 
 
 def remove_user_keys(user: str) -> tuple[str, str, str]:

@@ -95,6 +95,7 @@ class MemoryLink:
         self.channels: set[bytes] = set()
         self.closed: asyncio.Future[str] = self._loop.create_future()
         self.last_seen = self._loop.time()
+        self._rolled_back: set[bytes] = set()
 
     def _check(self) -> None:
         if self.closed.done():
@@ -125,11 +126,16 @@ class MemoryLink:
         if not self._notifier.silent:
             self._soon(self._on_pong)
 
+    def rolled_back(self, channel: bytes) -> bool:
+        return channel in self._rolled_back
+
     def deliver(self, channel: bytes, message: bytes) -> None:
         self._soon(functools.partial(self._on_message, channel, message))
 
-    def kill(self, why: str = "connection lost") -> None:
-        """Lose the connection (what a Redis restart or a network failure does)."""
+    def kill(self, why: str = "connection lost", *, rolled_back: Iterable[bytes] = ()) -> None:
+        """Lose the connection (what a Redis restart or a network failure does); the channels
+        ``rolled_back`` as a Redis Cluster primary's death does (:meth:`rolled_back`)."""
+        self._rolled_back = set(rolled_back)
         with self._notifier.lock:
             self.channels.clear()
             if self in self._notifier.links:
@@ -509,6 +515,15 @@ class MemoryDeliveryStream:
         with r.lock:
             on = r.presence.get(user)
             if on is None:
+                r.streams.pop(user, None)
+                on = r.presence[user] = [secrets.token_hex(4), 0]
+            return Presence(str(on[0]), int(on[1]))
+
+    async def renew(self, user: str, epoch: str) -> Presence:
+        r = self.redis
+        with r.lock:
+            on = r.presence.get(user)
+            if on is None or on[0] == epoch:
                 r.streams.pop(user, None)
                 on = r.presence[user] = [secrets.token_hex(4), 0]
             return Presence(str(on[0]), int(on[1]))

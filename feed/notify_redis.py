@@ -108,6 +108,8 @@ class NotifyRedis:
         *,
         limits: NotifyLimits,
         ttl_s: int,
+        wait_replicas: int = 1,
+        wait_timeout_ms: int = 1000,
     ) -> None:
         self._redis = client
         self._durable = durable
@@ -117,7 +119,12 @@ class NotifyRedis:
         #: On a Redis Cluster: each call holds one slot's users (``feed.timelines_cluster``).
         self._cluster: timelines_cluster.ClusterScripts | None = None
         if isinstance(client, redis.RedisCluster):
-            self._cluster = timelines_cluster.ClusterScripts(client, [scripts.source("notify")])
+            self._cluster = timelines_cluster.ClusterScripts(
+                client,
+                [scripts.source("notify")],
+                wait_replicas=wait_replicas,
+                wait_timeout_ms=wait_timeout_ms,
+            )
         self._sharded = self._cluster is not None
 
     def _execute(self, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]) -> list[Any]:

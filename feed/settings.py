@@ -135,6 +135,11 @@ class Settings:
     #: ``auto`` (ask the server ``redis_url`` names), ``true`` (a Redis Cluster: the URL names
     #: any seed node) or ``false`` (one server). ``feed.redis_connect``.
     redis_cluster: str = "auto"
+    #: On a Redis Cluster, the worker's writes count only once this many replicas of the master
+    #: acknowledged them (``WAIT``; capped at the replicas the master has; 0: never wait), within
+    #: ``redis_wait_timeout_ms``, else the batch is retried (``feed.timelines_cluster``).
+    redis_wait_replicas: int = 1
+    redis_wait_timeout_ms: int = 1000
     cassandra_hosts: tuple[str, ...] = ("127.0.0.1",)
     cassandra_port: int = 9042
     cassandra_keyspace: str = "feed"
@@ -211,6 +216,8 @@ class Settings:
             "kafka_bootstrap": _nonempty,
             "redis_url": _redis_url,
             "redis_cluster": _choice("auto", "true", "false"),
+            "redis_wait_replicas": _int(0, 5),
+            "redis_wait_timeout_ms": _int(10, 60_000),
             "cassandra_hosts": lambda raw: _list(raw) or _fail("must list at least one host"),
             "cassandra_port": _int(1, 65535),
             "cassandra_keyspace": _identifier,

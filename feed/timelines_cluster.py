@@ -5,8 +5,11 @@ On one Redis, a fan-out call carries many users and the activities' deleted mark
 
 * **Calls are grouped by slot.** Every key of one user carries the user's hash tag (``{uid}``,
   ``feed.keys``), so a call holds the users whose timeline keys share a slot, with just the
-  activities those users receive. The calls go out as one pipeline, which redis-py's
-  ``ClusterPipeline`` sends as one round trip per node, not one per user or per slot.
+  activities those users receive. Each user's four keys are declared
+  (``feed.keys.fanout_cluster_keys``): a resharding moves a slot's keys one by one, and the
+  cluster routes a call by its declared keys only. The calls go out as one pipeline per node
+  (:class:`ClusterScripts`), all sent before any reply is read: one round trip per node, not one
+  per user or per slot.
 * **Bodies only where someone is online.** A call goes out first without bodies (``fanout.lua``
   mode ``u``). If one of its users is online, the script writes nothing and says so, and the call
   is sent again with the bodies of its activities (mode ``b``): an offline user's insert needs no
@@ -19,6 +22,8 @@ On one Redis, a fan-out call carries many users and the activities' deleted mark
   recipients first, then Redis), a delete that set its marker after that read reads the
   recipients after the write, so it removes the activity itself: either way no timeline keeps it.
 * **Claims** (``claim.lua``) are grouped by the slot of each claim key the same way.
+* **Acknowledged means replicated**: each node's pipeline ends with ``WAIT`` for a replica
+  (:class:`ClusterScripts`), so a failover never loses what the worker committed.
 * **Scripts** are loaded on every primary when a store opens; a ``NOSCRIPT`` (a failover to a
   replica that never had them, a restart) loads them again and reruns just the calls that did
   not run (each call runs whole or not at all, and the scripts are idempotent).
@@ -30,9 +35,11 @@ markers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, cast
 
+import hiredis
 import redis
 import redis.asyncio as aioredis
 from redis.crc import key_slot
@@ -41,10 +48,12 @@ from redis.exceptions import NoScriptError
 from feed import keys
 from feed.interfaces import Insert, Removal
 from schemas import frames
+from schemas.errors import FeedError
 
 __all__ = [
     "AsyncClusterScripts",
     "ClusterScripts",
+    "ClusterUnavailable",
     "by_slot",
     "claim_calls",
     "deleted_now",
@@ -61,6 +70,15 @@ _USER_PREFIXES = list(keys.FANOUT_USER_PREFIXES)
 MAX_USERS = 8192
 
 Args = list[str | int | bytes]
+#: Times a command is sent again after MOVED, ASK or TRYAGAIN before the batch is retried whole.
+REDIRECTS = 5
+TRYAGAIN_PAUSE_S = 0.05
+_ASKING = b"*1\r\n$6\r\nASKING\r\n"
+
+
+def _slot(command: tuple[Any, ...]) -> int:
+    """The slot of a command's first key (an ``EVALSHA``'s fourth argument, else its second)."""
+    return slot_of(command[3] if command[0] == "EVALSHA" else command[1])
 
 
 def slot_of(key: str | bytes) -> int:
@@ -128,7 +146,8 @@ def _call(
             mine.append(index)
         values.append(b" ".join(mine))
     args: Args = [*head, len(members), *_ACTIVITY_FRAME, *_USER_PREFIXES, *members, *tails, b"u"]
-    return FanoutCall([keys.fanout_user_key(u) for u in users], [*args, *values], bodies)
+    names = [name for u in users for name in keys.fanout_cluster_keys(u)]
+    return FanoutCall(names, [*args, *values], bodies)
 
 
 def with_bodies(call: FanoutCall) -> Args:
@@ -149,14 +168,50 @@ def claim_calls(claims: Sequence[tuple[str, str]]) -> list[tuple[list[int], list
     return list(by_slot.values())
 
 
-class ClusterScripts:
-    """Runs script calls (and plain commands) through one ``ClusterPipeline``: one round trip
-    per node. Loads the scripts on every primary first; on ``NOSCRIPT`` loads them again and
-    reruns the calls that did not run."""
+class ClusterUnavailable(FeedError, redis.exceptions.ConnectionError):
+    """The cluster cannot take the writes right now (a node down, a failover or a resharding in
+    progress, a replica that did not acknowledge): the caller retries the whole batch later (the
+    worker's store-outage path), which is safe because every call is idempotent."""
 
-    def __init__(self, client: redis.RedisCluster, sources: Iterable[str]) -> None:
+
+class ClusterScripts:
+    """Runs script calls (and one-key commands) on a Redis Cluster: one pipeline per primary,
+    all sent before any reply is read, so one round trip per node. Loads the scripts on every
+    primary first; on ``NOSCRIPT`` loads them again and reruns the calls that did not run.
+
+    **Acknowledged means replicated.** Redis replicates asynchronously: a master killed right
+    after a write may lose it when its replica takes over. So each node's pipeline ends with
+    ``WAIT <n> <timeout>``, where ``n`` is ``wait_replicas`` capped at the replicas the slot map
+    lists for that master (none: no ``WAIT``). A reply below ``n`` raises
+    :class:`ClusterUnavailable`: the worker does not commit the batch's offsets and runs it
+    again, on the promoted replica if there was a failover. What a master had acknowledged
+    before is on a replica, so a failover loses nothing the worker committed.
+
+    Redirections: a ``MOVED`` reply refreshes the slot map and sends the command again to the
+    new owner; an ``ASK`` reply (a slot being migrated) sends it again to the target after
+    ``ASKING``; ``TRYAGAIN`` (keys split by a migration in progress) after a short pause; each
+    at most :data:`REDIRECTS` times, then :class:`ClusterUnavailable`. A lost connection or a
+    ``CLUSTERDOWN`` refreshes the slot map at the next call and raises
+    :class:`ClusterUnavailable`.
+
+    Hand-written rather than redis-py's ``ClusterPipeline``: that pipeline has no per-node
+    ``WAIT`` (a keyless command goes to one random node), and it spent three times the client
+    CPU per insert of one server's packed pipeline (docs/benchmarks.md, "Redis Cluster"); this
+    packs with ``hiredis.pack_command`` as ``feed.timelines_redis`` does on one server."""
+
+    def __init__(
+        self,
+        client: redis.RedisCluster,
+        sources: Iterable[str],
+        *,
+        wait_replicas: int = 1,
+        wait_timeout_ms: int = 1000,
+    ) -> None:
         self._redis = client
         self._sources = list(sources)
+        self._wait_replicas = wait_replicas
+        self._wait_timeout_ms = wait_timeout_ms
+        self._stale = False
         self.load()
 
     def load(self) -> None:
@@ -167,24 +222,139 @@ class ClusterScripts:
         """GET of each name, one round trip per node (``MGET`` takes one slot's keys)."""
         return list(self._redis.mget_nonatomic(names))
 
-    def run(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-        """The replies to ``commands`` (each a command's arguments), with error replies in place
-        (``NOSCRIPT`` ones retried once after :meth:`load`)."""
-        replies = self._send(commands)
+    def run(self, commands: Sequence[tuple[Any, ...]], *, wait: bool = True) -> list[Any]:
+        """The replies to ``commands`` (each a command's arguments; the first key is the
+        command's second argument, or an ``EVALSHA``'s fourth), with error replies in place
+        (``NOSCRIPT`` ones retried once after :meth:`load`). ``wait``: acknowledged by the
+        replicas (see the class doc); reads pass False."""
+        replies = self._send(commands, wait)
         failed = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
         if failed:
             self.load()
-            for i, reply in zip(failed, self._send([commands[i] for i in failed]), strict=True):
+            again = self._send([commands[i] for i in failed], wait)
+            for i, reply in zip(failed, again, strict=True):
                 replies[i] = reply
         return replies
 
-    def _send(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    def _send(self, commands: Sequence[tuple[Any, ...]], wait: bool) -> list[Any]:
         if not commands:
             return []
-        pipe = self._redis.pipeline(transaction=False)  # type: ignore[no-untyped-call]
-        for command in commands:
-            pipe.execute_command(*command)
-        return list(pipe.execute(raise_on_error=False))
+        nodes = self._redis.nodes_manager
+        self._refresh()
+        replies: list[Any] = [None] * len(commands)
+        todo = list(range(len(commands)))
+        asking: dict[int, Any] = {}  # command index -> the node an ASK named
+        for attempt in range(REDIRECTS + 1):
+            groups: dict[str, tuple[Any, list[int], int]] = {}
+            for i in todo:
+                node, replicas = asking.get(i), 0
+                if node is None:
+                    owners = nodes.slots_cache.get(_slot(commands[i]))
+                    if not owners:
+                        self._stale = True
+                        raise ClusterUnavailable("a slot has no owner in the Redis Cluster map")
+                    node, replicas = owners[0], len(owners) - 1
+                _, mine, most = groups.setdefault(node.name, (node, [], 0))
+                mine.append(i)
+                groups[node.name] = (node, mine, max(most, replicas))
+            redirect: list[int] = []
+            pause = False
+            for i, reply in self._round(commands, groups, asking, wait):
+                replies[i] = reply
+                if isinstance(reply, redis.exceptions.AskError):  # MOVED is an AskError too
+                    redirect.append(i)
+                    if isinstance(reply, redis.exceptions.MovedError):
+                        asking.pop(i, None)
+                        self._stale = True
+                    else:
+                        target = nodes.get_node(host=reply.host, port=reply.port)
+                        if target is None:
+                            self._stale = True
+                        else:
+                            asking[i] = target
+                elif isinstance(reply, redis.exceptions.TryAgainError):
+                    redirect.append(i)
+                    pause = True
+                elif isinstance(reply, redis.exceptions.ClusterDownError):
+                    self._stale = True
+                    raise ClusterUnavailable(f"Redis Cluster down: {reply}")
+                else:
+                    asking.pop(i, None)
+            if not redirect:
+                return replies
+            if attempt == REDIRECTS:
+                break
+            self._refresh()
+            asking = {i: n for i, n in asking.items() if i in redirect}
+            if pause:
+                time.sleep(TRYAGAIN_PAUSE_S)  # keys split by a migration: it ends shortly
+            todo = redirect
+        raise ClusterUnavailable(
+            f"Redis Cluster still redirecting after {REDIRECTS} attempts: {replies[todo[0]]}"
+        )
+
+    def _refresh(self) -> None:
+        """Read the slot map again if something said it is out of date."""
+        if not self._stale:
+            return
+        try:
+            self._redis.nodes_manager.initialize()
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
+            raise ClusterUnavailable(f"Redis Cluster slot map unavailable: {exc}") from None
+        self._stale = False
+
+    def _round(
+        self,
+        commands: Sequence[tuple[Any, ...]],
+        groups: dict[str, tuple[Any, list[int], int]],
+        asking: dict[int, Any],
+        wait: bool,
+    ) -> list[tuple[int, Any]]:
+        """Each node's commands (then its ``WAIT``) as one packed pipeline, every pipeline sent
+        before the first reply is read; the replies with their command indexes."""
+        pack = cast("Callable[[tuple[Any, ...]], bytes]", hiredis.pack_command)
+        sent: list[tuple[Any, Any, list[int], int]] = []
+        out: list[tuple[int, Any]] = []
+        try:
+            for node, mine, replicas in groups.values():
+                acks = min(self._wait_replicas, replicas) if wait else 0
+                parts: list[bytes] = []
+                for i in mine:
+                    if i in asking:
+                        parts.append(_ASKING)
+                    parts.append(pack(commands[i]))
+                if acks:
+                    parts.append(pack(("WAIT", acks, self._wait_timeout_ms)))
+                connection = self._redis.get_redis_connection(node).connection_pool.get_connection()
+                sent.append((node, connection, mine, acks))
+                connection.send_packed_command([b"".join(parts)])  # type: ignore[no-untyped-call]  # redis-py
+            for node, connection, mine, acks in sent:
+                for i in mine:
+                    if i in asking:
+                        connection.read_response()  # ASKING's OK
+                    try:
+                        out.append((i, connection.read_response()))
+                    except redis.exceptions.ResponseError as error:
+                        out.append((i, error))
+                if acks:
+                    got = int(connection.read_response())
+                    if got < acks:
+                        self._stale = True  # the replica may be gone from the map
+                        raise ClusterUnavailable(
+                            f"{node.name}: {got} of {acks} replicas acknowledged the writes "
+                            f"within {self._wait_timeout_ms} ms"
+                        )
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            self._stale = True
+            for _, connection, _, _ in sent:
+                connection.disconnect()
+            if isinstance(exc, ClusterUnavailable):
+                raise
+            raise ClusterUnavailable(f"Redis Cluster node unreachable: {exc}") from exc
+        finally:
+            for node, connection, _, _ in sent:
+                self._redis.get_redis_connection(node).connection_pool.release(connection)
+        return out
 
 
 class AsyncClusterScripts:
@@ -248,6 +418,6 @@ def by_slot(removals: Iterable[Removal]) -> list[list[tuple[str, str, list[str]]
 def deleted_now(cluster: ClusterScripts, activity_ids: Iterable[str]) -> set[str]:
     """Which of the activities have their deleted marker set now (one round trip per node)."""
     ids = list(dict.fromkeys(activity_ids))
-    flags = cluster.run([("EXISTS", keys.deleted(a)) for a in ids])
+    flags = cluster.run([("EXISTS", keys.deleted(a)) for a in ids], wait=False)
     raise_first(flags)
     return {a for a, flag in zip(ids, flags, strict=True) if int(flag)}

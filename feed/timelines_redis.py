@@ -251,7 +251,11 @@ class RedisTimelines:
         stream_history: int,
         body_ttl_s: int,
         only_active: bool = False,
+        wait_replicas: int = 1,
+        wait_timeout_ms: int = 1000,
     ) -> None:
+        """``wait_replicas``/``wait_timeout_ms``: on a Redis Cluster, writes count once that many
+        replicas acknowledged them (``feed.timelines_cluster.ClusterScripts``)."""
         self._redis = client
         self._max = timeline_max
         self._hist = stream_history
@@ -271,6 +275,8 @@ class RedisTimelines:
                     scripts.source(name)
                     for name in ("fanout", "remove", "outbox_add", "outbox_remove", "claim")
                 ],
+                wait_replicas=wait_replicas,
+                wait_timeout_ms=wait_timeout_ms,
             )
 
     @property

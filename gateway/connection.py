@@ -148,6 +148,10 @@ class StreamConnection:
             self._early_gap = True
         early.append(frame)
 
+    @property
+    def epoch(self) -> str | None:
+        return None if self._session is None else self._session.epoch
+
     def check_gap(self) -> None:
         if self._session is None:
             self._early_gap = True

@@ -31,6 +31,12 @@ Guarantees (what ``gateway.connection`` and ``gateway.big_accounts`` rely on):
   ``on_following_changed``, never to a client.
 * **Presence kept alive.** Every ``refresh_interval_s`` the presence and delivery stream of every
   locally connected user get their TTL renewed (``DeliveryStream.refresh``).
+* **Rolled-back streams left.** On a Redis Cluster, when the connection to a primary is lost
+  (``SubscriberLink.rolled_back``), a failover may promote a replica without the primary's newest
+  writes: seqs already pushed could be handed out again for other frames, and the sessions would
+  drop those as repeats. So the users on that primary get their stream *renewed*
+  (``DeliveryStream.renew``: a new epoch unless someone renewed it already) instead of
+  re-attached, and their sessions send ``reset`` and follow the new epoch.
 * **Presence restored.** Redis may lose presence hashes and delivery streams (a restart empties
   it). After every Pub/Sub re-subscription, and for every user whose presence a refresh found
   gone, the hub re-attaches the user's presence (``DeliveryStream.attach``: the same epoch
@@ -97,6 +103,11 @@ class LocalConnection(Protocol):
     def check_gap(self) -> None:
         """Live frames may have been lost: compare with the delivery stream."""
 
+    @property
+    def epoch(self) -> str | None:
+        """The delivery stream epoch the session follows (None before it starts)."""
+        ...
+
     def shutdown(self) -> None:
         """The process is going away: close with 1001."""
 
@@ -127,6 +138,9 @@ class Hub:
         self._pending: dict[bytes, int] = {}  # SUBSCRIBEs sent and not yet confirmed
         self._confirmed: set[bytes] = set()
         self._resync: set[bytes] = set()  # confirm -> tell the user's connections to check gaps
+        #: Channels whose server may have rolled back acknowledged writes (a cluster failover):
+        #: their users' delivery streams are renewed, not trusted (``_reattach_once``).
+        self._renew: set[bytes] = set()
         self._waiters: dict[bytes, list[asyncio.Future[None]]] = {}
         self._pubsub: SubscriberLink | None = None
         self._ping_sent: float | None = None
@@ -334,6 +348,7 @@ class Hub:
         self._channels.pop(channel, None)
         self._confirmed.discard(channel)
         self._resync.discard(channel)
+        self._renew.discard(channel)
         for waiter in self._waiters.pop(channel, []):
             waiter.cancel()
         self._unsubscribe([channel])
@@ -389,6 +404,7 @@ class Hub:
                 raise
             except (*_REDIS_ERRORS, redis.exceptions.RedisError) as exc:
                 log.warning("pubsub_connection_lost", error=str(exc), retry_in_s=backoff)
+            self._note_rollbacks()
             self._connected.clear()
             await self._drop_pubsub()
             await asyncio.sleep(backoff)
@@ -422,6 +438,16 @@ class Hub:
         if not self._subscribe(wanted):
             raise redis.exceptions.ConnectionError("could not re-subscribe")
         log.info("pubsub_connected", channels=len(wanted))
+
+    def _note_rollbacks(self) -> None:
+        """After a lost link: the channels whose server may have rolled back (see ``_renew``)."""
+        pubsub = self._pubsub
+        if pubsub is None:
+            return
+        renew = [channel for channel in self._channels if pubsub.rolled_back(channel)]
+        if renew:
+            log.warning("pubsub_server_may_have_rolled_back", users=len(renew))
+            self._renew.update(renew)
 
     async def _drop_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
@@ -523,8 +549,15 @@ class Hub:
         for attempt in range(1, _REATTACH_ATTEMPTS + 1):
             if user not in self._conns:
                 return
+            channel = keys.channel(user).encode()
             try:
-                presence = await self._presence.attach(user)
+                epoch = self._epoch_of(user) if channel in self._renew else None
+                if epoch is None:
+                    presence = await self._presence.attach(user)
+                else:
+                    # The stream's newest seqs may be gone and handed out again: leave it.
+                    presence = await self._presence.renew(user, epoch)
+                self._renew.discard(channel)
             except (*_REDIS_ERRORS, redis.exceptions.RedisError) as exc:
                 log.warning(
                     "presence_reattach_failed", user_id=user, attempt=attempt, error=str(exc)
@@ -545,6 +578,14 @@ class Hub:
                 self.on_resubscribed(user)
             except Exception:
                 log.exception("resubscribed_callback_failed", user_id=user)
+
+    def _epoch_of(self, user: str) -> str | None:
+        """The stream epoch the user's local sessions follow (None if none has started)."""
+        for conn in self._conns.get(user, ()):
+            epoch = conn.epoch
+            if epoch is not None:
+                return epoch
+        return None
 
     def reset_users(self, users: Iterable[str]) -> None:
         """Items may have missed the delivery streams of ``users`` (a large account's push that

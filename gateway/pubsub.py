@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 from collections.abc import Callable
 from typing import Any, cast
@@ -244,6 +245,11 @@ class PubSubLink(asyncio.Protocol):
                 # The channel's slot is served elsewhere now: start over on the new slot map.
                 self._drop(f"redis cluster: {reply}")
 
+    def rolled_back(self, channel: bytes) -> bool:
+        """One Redis: a lost connection is a network fault or a restart (which empties Redis
+        and ends every presence: attach sees it), not a rollback."""
+        return False
+
     def _left(self, channel: bytes) -> None:
         """A ``sunsubscribe`` (sharded): ours, or the server's when the slot moved away."""
         pending = self._leaving.get(channel, 0)
@@ -292,8 +298,12 @@ class ShardedLink:
         self._links = links
         loop = asyncio.get_running_loop()
         self.closed: asyncio.Future[str] = loop.create_future()
-        for link in links.values():
-            link.closed.add_done_callback(self._lost)
+        #: Slots whose primary's connection was lost (not dropped by the gateway or after a
+        #: ``MOVED``): that primary may be dead, and its replica promoted without its newest
+        #: writes (Redis replicates asynchronously).
+        self._rolled_back: set[int] = set()
+        for name, link in links.items():
+            link.closed.add_done_callback(functools.partial(self._lost, name))
 
     @classmethod
     async def open(
@@ -340,9 +350,19 @@ class ShardedLink:
         """The stalest connection's (the hub pings when any has been quiet)."""
         return min(link.last_seen for link in self._links.values())
 
-    def _lost(self, done: asyncio.Future[str]) -> None:
+    def _lost(self, name: str, done: asyncio.Future[str]) -> None:
+        why = done.result() if not done.cancelled() else "cancelled"
+        if why.startswith("connection"):  # PubSubLink.connection_lost: the server went away
+            self._rolled_back.update(
+                slot
+                for slot, owners in self._client.nodes_manager.slots_cache.items()
+                if owners and owners[0].name == name
+            )
         if not self.closed.done():
-            self.closed.set_result(done.result() if not done.cancelled() else "cancelled")
+            self.closed.set_result(why)
+
+    def rolled_back(self, channel: bytes) -> bool:
+        return key_slot(channel) in self._rolled_back
 
     def _by_slot(self, channels: tuple[bytes, ...]) -> dict[tuple[str, int], list[bytes]]:
         """The channels by (owner, slot): one SSUBSCRIBE names one slot's channels only."""

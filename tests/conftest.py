@@ -90,6 +90,21 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
+def redis_cluster_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real Redis Cluster of 3 masters with one replica each, for the tests of acknowledged
+    (replicated) writes; no test kills its nodes (the fault tests start their own)."""
+    from infra import RedisCluster
+
+    cluster = RedisCluster(
+        tmp_path_factory.mktemp("redis-cluster-replicas"), masters=3, replicas=1
+    ).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
 def settings(stack_env: dict[str, str]) -> Settings:
     return Settings.from_env(stack_env)
 

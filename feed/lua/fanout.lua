@@ -5,7 +5,8 @@
 -- (ARGV 13+2n):
 --   'k' (keyed, one Redis): KEYS[2j-1], KEYS[2j] the deleted marker and body of activity j
 --       (j = 1..n), then KEYS[2n+k] user k's timeline (k = 1..). A deleted activity is skipped.
---   'b' (bodies, Redis Cluster): KEYS[k] user k's timeline, every user in one slot; the bodies
+--   'b' (bodies, Redis Cluster): KEYS[4k-3..4k] user k's timeline, presence, active marker and
+--       delivery stream (feed.keys.fanout_cluster_keys), every user in one slot; the bodies
 --       of activities 1..n follow in ARGV. The caller checks the deleted markers (before and
 --       after: feed.timelines_redis.RedisTimelines.insert).
 --   'u' (unkeyed, Redis Cluster): as 'b' without the bodies. If a user who would be delivered to
@@ -13,9 +14,11 @@
 --       mode 'b'. Offline users need no body, and most calls have no one online.
 -- A user's presence, active marker, delivery stream and channel are named from the hash tag of
 -- their timeline key and the prefixes in ARGV 8..12 (feed.keys.FANOUT_USER_PREFIXES): the same
--- tag, so the same slot as the declared key. One key per user, not four: every argument costs
--- the client and the server per user, and declaring four cost the worker a quarter of its
--- fan-out rate (docs/benchmarks.md).
+-- tag, so the same slot as the timeline. On one Redis one key per user is declared, not four:
+-- every argument costs the client and the server per user, and declaring four cost the worker a
+-- quarter of its fan-out rate (docs/benchmarks.md). On a cluster all four are declared (the
+-- same names): a resharding moves keys one by one, and only declared keys make the node send
+-- the call where the user's keys are (ASK, TRYAGAIN) instead of reading moved ones as missing.
 -- ARGV:
 --   1 max (timeline cap), 2 hist (stream length), 3 only_active ('1'/'0'), 4 n,
 --   5..7 the activity frame's head, middle and tail (schemas.frames.ACTIVITY_*),
@@ -64,20 +67,23 @@ for j = 1, n do
   end
 end
 local first_user = mode == 'b' and 14 + 3 * n or 14 + 2 * n
-local k = mode == 'k' and 2 * n or 0
+-- user k's timeline is KEYS[k * stride + base]
+local stride = mode == 'k' and 1 or 4
+local base = mode == 'k' and 2 * n or -3
 if mode == 'u' then
   -- no bodies: only if no one who would be delivered to is online (see the header)
   local u = 0
   for i = first_user, #ARGV do
     u = u + 1
-    local on = on_prefix .. string.sub(KEYS[u], tl_prefix_len + 1)
+    local on = on_prefix .. string.sub(KEYS[u * stride + base], tl_prefix_len + 1)
     if ARGV[i] ~= '' and redis.call('HEXISTS', on, 'e') == 1 then return {-1, 0} end
   end
 end
 local inserted, pushed = 0, 0
+local k = 0
 for i = first_user, #ARGV do
   k = k + 1
-  local tl = KEYS[k]
+  local tl = KEYS[k * stride + base]
   local tag = string.sub(tl, tl_prefix_len + 1)
   local on = on_prefix .. tag
   local ep = redis.call('HGET', on, 'e')

@@ -35,10 +35,11 @@ import redis
 import websockets
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from feed import versions
+from feed import keys, redis_connect, versions
 from feed.kafka import create_topics
 from feed.lag import measure_lag
 from feed.settings import Settings
+from feed.timelines_cluster import slot_of
 from gateway.auth import mint_token
 from tests.conftest import TEST_INGEST_TOKEN, TEST_JWT_SECRET, wait_for
 from tests.support.procs import FeedProcess, free_port, http_get, metric_value
@@ -119,7 +120,9 @@ class Lane:
         create_topics(self.settings)
         self.gateway_url = f"http://127.0.0.1:{self.env['FEED_GATEWAY_PORT']}"
         self.ws_url = self.gateway_url.replace("http", "ws") + "/v1/stream"
-        self.redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=5)
+        self.redis = redis_connect.sync_client(
+            self.settings, cluster=self.settings.redis_cluster == "true", socket_timeout=5
+        )
         self.procs: list[FeedProcess] = []
         self.actors = [f"act{n}-{tag}" for n in range(ACTORS)]
         self.followers = [f"fan{n}-{tag}" for n in range(FOLLOWERS)]
@@ -413,10 +416,21 @@ class ActivityStream:
 class StreamClient:
     """One user's ``/v1/stream`` client: records every frame; can reconnect and resume."""
 
-    def __init__(self, url: str, token: str, *, reconnect: bool) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        reconnect: bool,
+        refetch: Callable[[], list[str] | None] | None = None,
+    ) -> None:
         self.url = url
         self.token = token
         self.reconnect = reconnect
+        #: What a client does on ``reset``: refetch its feed over HTTP (``refetch``, retried
+        #: until it answers), recorded as (index of the reset in :attr:`frames`, the ids).
+        self.refetch = refetch
+        self.refetched: list[tuple[int, list[str]]] = []
         self.frames: list[dict[str, Any]] = []  # every frame of every connection, in order
         self.welcomes = 0
         self.cursor: str | None = None  # last stream cursor seen (what a resume sends)
@@ -448,6 +462,12 @@ class StreamClient:
                         self.frames.append(frame)
                         if frame.get("cursor"):
                             self.cursor = frame["cursor"]
+                        if frame["type"] == "reset" and self.refetch is not None:
+                            at = len(self.frames) - 1
+                            ids = await asyncio.get_running_loop().run_in_executor(
+                                None, self._refetch
+                            )
+                            self.refetched.append((at, ids))
             except (OSError, TimeoutError, websockets.exceptions.WebSocketException):
                 pass
             finally:
@@ -456,6 +476,16 @@ class StreamClient:
             if not self.reconnect:
                 return
             await asyncio.sleep(0.1)
+
+    def _refetch(self) -> list[str]:
+        assert self.refetch is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            ids = self.refetch()
+            if ids is not None:
+                return ids
+            time.sleep(0.1)  # the feed is unavailable (mid-failover): retry, bounded
+        raise AssertionError("the refetch after a reset never succeeded")
 
     async def close(self) -> None:
         self.stopped = True
@@ -1160,4 +1190,294 @@ def test_cassandra_node_killed_under_load_nothing_lost_node_catches_up(
         max_lag=max(lags),
         store_retries=len(backoffs),
         activities=len(sent),
+    )
+
+
+# --- 7. a Redis Cluster master is killed under load; its replica takes over -------------------
+@pytest.fixture(scope="module")
+def replicated_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A Redis Cluster of 3 masters with a replica each, for this module only (a test kills a
+    master). Its nodes declare a silent master failed after 2 s (``infra.RedisServer``)."""
+    from infra import RedisCluster
+
+    cluster = RedisCluster(tmp_path_factory.mktemp("failover"), masters=3, replicas=1).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _master_port(node: Any, slot: int) -> int | None:
+    """The port of the master serving ``slot``, as ``node`` sees it (None: unreachable)."""
+    try:
+        with redis.Redis(host=node.host, port=node.port, socket_timeout=2) as client:
+            for first, last, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                if first <= slot <= last:
+                    return int(master[1])
+    except redis.exceptions.RedisError:
+        return None
+    return None
+
+
+def test_redis_cluster_master_killed_replica_promoted_nothing_lost(
+    lane_factory: Callable[..., Lane],
+    replicated_cluster: Any,
+    clients: Clients,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """kill -9 of the master that serves a follower's keys, mid-stream. Redis replicates
+    asynchronously, so the promoted replica may lack the master's newest writes: the worker
+    counts a batch only once a replica acknowledged it (``WAIT``; else it runs the batch again,
+    on the new master), so every HTTP feed ends equal to the expected one. The gateway renews
+    the delivery streams of the users that master served: their clients get ``reset`` and
+    refetch over HTTP (their pushed seqs may be handed out again); the others keep a gap-free
+    stream. Either way no client misses an item without being told."""
+    lane = lane_factory(
+        FEED_REDIS_URL=replicated_cluster.url, FEED_REDIS_CLUSTER="true", FEED_ACTIVE_DAYS="0"
+    )
+    worker, _ = lane.ready_worker()
+    lane.gateway()
+    by_port = {node.port: node for node in replicated_cluster.nodes}
+    slot = slot_of(keys.timeline(lane.followers[0]))
+    victim_port = _master_port(replicated_cluster.nodes[0], slot)
+    assert victim_port is not None
+    victim = by_port[victim_port]
+    survivor = next(n for n in replicated_cluster.masters if n is not victim)
+    on_victim = {
+        fan
+        for fan in lane.followers
+        if _master_port(survivor, slot_of(keys.timeline(fan))) == victim_port
+    }
+    watchers = {
+        fan: clients.start(
+            StreamClient(
+                lane.ws_url,
+                lane.token(fan),
+                reconnect=True,
+                refetch=lambda f=fan: lane.http_feed(f),  # type: ignore[misc]
+            )
+        )
+        for fan in lane.followers
+    }
+
+    stream = ActivityStream(lane, count=240, rate=40).start()
+    stream.wait_sent(60, timeout=20)
+    wait_for(
+        lambda: all(w.activities() for w in watchers.values()), timeout=10, message="live frames"
+    )
+    victim.kill()
+    killed = time.monotonic()
+    wait_for(
+        lambda: _master_port(survivor, slot) not in (None, victim_port),
+        timeout=30,
+        interval=0.05,
+        message="the replica promoted",
+    )
+    failover_s = time.monotonic() - killed
+    sent_at_promotion = stream.sent()
+    # The worker writes again (on the new master): everything sent until the promotion is read.
+    wait_for(
+        lambda: all(
+            set(lane.expected(f, sent_at_promotion)) <= set(lane.http_feed(f) or ())
+            for f in lane.followers
+        ),
+        timeout=60,
+        interval=0.1,
+        message="every feed holds what was sent until the promotion",
+    )
+    recovery_s = time.monotonic() - killed
+    # The gateway, connected again, renewed the streams of the killed master's users.
+    wait_for(
+        lambda: all(watchers[f].index_of("reset") is not None for f in on_victim),
+        timeout=30,
+        message="a reset on every client of the killed master",
+    )
+    reset_s = time.monotonic() - killed
+
+    sent = stream.finish(timeout=60)
+    wait_http_complete(lane, sent, timeout=60)
+    assert_http_feeds(lane, sent)  # nothing lost, nothing twice, in order
+
+    # A second phase, once every client follows its (possibly new) stream: each item live, once.
+    marks = {fan: len(w.frames) for fan, w in watchers.items()}
+    second = ActivityStream(lane, count=40, rate=40, first=stream.count).start().finish(30)
+    for fan, watcher in watchers.items():
+        expected_second = lane.expected(fan, second)
+        wait_for(
+            lambda w=watcher, f=fan, e=expected_second: set(e) <= set(w.ids(marks[f])),
+            timeout=20,
+            message=f"the second phase live on {fan}'s client",
+        )
+        assert sorted(i for i in watcher.ids(marks[fan]) if i in set(expected_second)) == sorted(
+            expected_second
+        )
+    wait_http_complete(lane, sent + second, timeout=20)
+
+    for fan, watcher in watchers.items():
+        assert watcher.welcomes == 1, "the gateway kept every socket open"
+        expected = lane.expected(fan, sent + second)
+        resets = [i for i, f in enumerate(watcher.frames) if f["type"] == "reset"]
+        if fan in on_victim:
+            # Its stream may have been rolled back: renewed. What the client holds (the refetch
+            # after its last reset, then what came live) is the whole feed.
+            assert resets, f"{fan}: no reset after its master died"
+            last = resets[-1]
+            wait_for(
+                lambda w=watcher, r=last: any(at == r for at, _ in w.refetched),
+                timeout=30,
+                message="the refetch after the last reset",
+            )
+            refetched = next(ids for at, ids in watcher.refetched if at == last)
+            live = watcher.ids(last)
+            assert set(expected) == set(refetched) | set(live), fan
+            after = watcher.activities(last)
+            assert len({seq_of(f)[0] for f in after}) == 1, "one epoch after the reset"
+            seqs = [seq_of(f)[1] for f in after]
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+        else:
+            # Its master never failed: every item live, once, in stream order, no reset.
+            assert not resets, f"{fan}: reset though its master lived"
+            assert sorted(watcher.ids()) == sorted(expected)
+            assert_once_in_order(watcher.activities(), watcher.frames[0])
+    assert worker.alive()
+    assert lane.dlq_records() == 0
+    report(
+        "redis_cluster_master_killed",
+        recovery_s,
+        capsys,
+        failover_s=round(failover_s, 3),
+        reset_s=round(reset_s, 3),
+        activities=len(sent) + len(second),
+        users_on_killed_master=len(on_victim),
+    )
+
+
+# --- 8. slots holding live users move to another master under load (a resharding) -------------
+@pytest.fixture(scope="module")
+def resharded_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A Redis Cluster of 3 masters for this module only (a test moves its slots)."""
+    from infra import RedisCluster
+
+    cluster = RedisCluster(tmp_path_factory.mktemp("reshard"), masters=3).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _first_slot(node: Any) -> int:
+    """The lowest slot ``node`` (a master) serves."""
+    with redis.Redis(host=node.host, port=node.port, socket_timeout=2) as client:
+        return min(
+            int(first)
+            for first, _last, master, *_ in client.execute_command("CLUSTER", "SLOTS")
+            if int(master[1]) == node.port
+        )
+
+
+def test_redis_cluster_resharded_under_load_nothing_lost(
+    lane_factory: Callable[..., Lane],
+    resharded_cluster: Any,
+    clients: Clients,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``redis-cli --cluster reshard`` moves the slots of live users (their timelines, presence,
+    delivery streams) to another master mid-stream. The worker follows ``ASK``/``TRYAGAIN``/
+    ``MOVED``; the gateway follows its subscriptions to the new owner (the server tells it the
+    slot moved) and checks every stream for a gap. Every HTTP feed ends equal to the expected
+    one, and no client misses an item without being told (``reset`` + refetch)."""
+    lane = lane_factory(
+        FEED_REDIS_URL=resharded_cluster.url, FEED_REDIS_CLUSTER="true", FEED_ACTIVE_DAYS="0"
+    )
+    worker, _ = lane.ready_worker()
+    lane.gateway()
+    by_port = {node.port: node for node in resharded_cluster.nodes}
+    seed = resharded_cluster.nodes[0]
+    source_port = _master_port(seed, slot_of(keys.timeline(lane.followers[0])))
+    assert source_port is not None
+    source = by_port[source_port]
+    target = next(n for n in resharded_cluster.masters if n is not source)
+    moving = [
+        slot_of(keys.timeline(fan))
+        for fan in lane.followers
+        if _master_port(seed, slot_of(keys.timeline(fan))) == source_port
+    ]
+    # redis-cli takes the source's lowest slots first: enough of them to move every such user
+    count = max(moving) - _first_slot(source) + 1
+    watchers = {
+        fan: clients.start(
+            StreamClient(
+                lane.ws_url,
+                lane.token(fan),
+                reconnect=True,
+                refetch=lambda f=fan: lane.http_feed(f),  # type: ignore[misc]
+            )
+        )
+        for fan in lane.followers
+    }
+
+    stream = ActivityStream(lane, count=240, rate=40).start()
+    stream.wait_sent(60, timeout=20)
+    wait_for(
+        lambda: all(w.activities() for w in watchers.values()), timeout=10, message="live frames"
+    )
+    started = time.monotonic()
+    resharded_cluster.reshard(source, target, count)
+    reshard_s = time.monotonic() - started
+    assert all(_master_port(seed, slot) == target.port for slot in moving)
+    sent_at_end = stream.sent()
+    wait_for(
+        lambda: all(
+            set(lane.expected(f, sent_at_end)) <= set(lane.http_feed(f) or ())
+            for f in lane.followers
+        ),
+        timeout=60,
+        interval=0.1,
+        message="every feed holds what was sent until the resharding ended",
+    )
+    recovery_s = time.monotonic() - started
+
+    sent = stream.finish(timeout=60)
+    wait_http_complete(lane, sent, timeout=60)
+    assert_http_feeds(lane, sent)  # nothing lost, nothing twice, in order
+    marks = {fan: len(w.frames) for fan, w in watchers.items()}
+    second = ActivityStream(lane, count=40, rate=40, first=stream.count).start().finish(30)
+    for fan, watcher in watchers.items():
+        expected_second = lane.expected(fan, second)
+        wait_for(
+            lambda w=watcher, f=fan, e=expected_second: set(e) <= set(w.ids(marks[f])),
+            timeout=20,
+            message=f"the second phase live on {fan}'s client",
+        )
+    wait_http_complete(lane, sent + second, timeout=20)
+
+    resets = 0
+    for fan, watcher in watchers.items():
+        assert watcher.welcomes == 1, "the gateway kept every socket open"
+        expected = lane.expected(fan, sent + second)
+        at = [i for i, f in enumerate(watcher.frames) if f["type"] == "reset"]
+        resets += len(at)
+        if at:
+            wait_for(
+                lambda w=watcher, r=at[-1]: any(i == r for i, _ in w.refetched),
+                timeout=30,
+                message="the refetch after the last reset",
+            )
+            refetched = next(ids for i, ids in watcher.refetched if i == at[-1])
+            assert set(expected) == set(refetched) | set(watcher.ids(at[-1])), fan
+        else:
+            # the keys moved whole (MIGRATE): the stream went on, gap-free, every item once
+            assert sorted(watcher.ids()) == sorted(expected), fan
+            assert_once_in_order(watcher.activities(), watcher.frames[0])
+    assert worker.alive()
+    assert lane.dlq_records() == 0
+    report(
+        "redis_cluster_resharded",
+        recovery_s,
+        capsys,
+        reshard_s=round(reshard_s, 3),
+        slots_moved=count,
+        users_moved=len(moving),
+        resets=resets,
+        activities=len(sent) + len(second),
     )

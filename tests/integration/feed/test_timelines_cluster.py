@@ -1,9 +1,15 @@
 """The workers' timeline writes on a real Redis Cluster (3 masters): the same outcome as on one
-Redis, a delete that lands mid-write taken back, and a lost script cache."""
+Redis, a delete that lands mid-write taken back, a lost script cache; writes that count only once
+a replica has them (3 masters with a replica each); a stale slot map and a slot in migration
+followed (``MOVED``, ``ASK``)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -141,3 +147,112 @@ def test_a_lost_script_cache_is_loaded_again(
     claims = [(ids(f"x{n}"), "actor") for n in range(30)]
     assert t.claim(claims, 60) == ["actor"] * 30
     assert t.claim([(claims[0][0], "other")], 60) == ["actor"]
+
+
+# --- acknowledged means replicated; redirections -------------------------------------------------
+def _replica_of(cluster: Any, client: redis.RedisCluster, key: str) -> Any:
+    """The ``infra.RedisServer`` replicating the master that serves ``key``'s slot."""
+    owners = client.nodes_manager.slots_cache[timelines_cluster.slot_of(key)]
+    return next(node for node in cluster.nodes if node.port == owners[1].port)
+
+
+def test_writes_count_only_once_a_replica_has_them(
+    redis_cluster_replicas: Any, ids: Callable[[str], str]
+) -> None:
+    """A replica that does not answer (stopped: a hung process) makes the write fail instead of
+    counting: the worker retries the batch rather than commit what a failover could lose."""
+    client = redis.RedisCluster.from_url(redis_cluster_replicas.url)
+    try:
+        scripts = timelines_cluster.ClusterScripts(client, [], wait_replicas=1, wait_timeout_ms=200)
+        key = keys.body(ids("a"))
+        replica = _replica_of(redis_cluster_replicas, client, key)
+        assert scripts.run([("SET", key, b"1")]) == [b"OK"]
+        # acknowledged: the replica holds it already
+        on_replica = redis.Redis(host=replica.host, port=replica.port)
+        on_replica.execute_command("READONLY")
+        assert on_replica.get(key) == b"1"
+        pid = replica.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(timelines_cluster.ClusterUnavailable, match="0 of 1 replicas"):
+                scripts.run([("SET", key, b"2")])
+            waited = time.monotonic() - started
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert 0.2 <= waited < 1.0, waited  # the WAIT's own timeout, not a hang
+        # reads do not wait; once the replica is back, writes count again
+        assert scripts.run([("GET", key)], wait=False) == [b"2"]
+        assert scripts.run([("SET", key, b"3")]) == [b"OK"]
+        assert on_replica.get(key) == b"3"
+        on_replica.close()
+    finally:
+        client.close()
+
+
+def test_without_replicas_nothing_is_waited_for(
+    cluster_client: redis.RedisCluster, ids: Callable[[str], str]
+) -> None:
+    scripts = timelines_cluster.ClusterScripts(cluster_client, [], wait_replicas=1)
+    names = [keys.body(ids(f"k{n}")) for n in range(50)]  # every node
+    assert scripts.run([("SET", name, name) for name in names]) == [b"OK"] * 50
+    assert scripts.run([("GET", name) for name in names]) == [n.encode() for n in names]
+
+
+def test_a_stale_slot_map_is_followed(
+    cluster_client: redis.RedisCluster, ids: Callable[[str], str]
+) -> None:
+    """The map says another master serves the slot: its ``MOVED`` is followed, the map read
+    again, and the write lands where the key lives."""
+    scripts = timelines_cluster.ClusterScripts(cluster_client, [])
+    key = keys.body(ids("m"))
+    slot = timelines_cluster.slot_of(key)
+    cache = cluster_client.nodes_manager.slots_cache
+    right = cache[slot]
+    wrong = next(n for n in cluster_client.get_primaries() if n.name != right[0].name)
+    cache[slot] = [wrong]
+    assert scripts.run([("SET", key, b"v")]) == [b"OK"]
+    assert cluster_client.nodes_manager.slots_cache[slot][0].name == right[0].name
+    assert cluster_client.get(key) == b"v"
+
+
+def test_a_slot_in_migration_is_followed_with_asking(
+    cluster_client: redis.RedisCluster, ids: Callable[[str], str]
+) -> None:
+    """Mid-resharding, a key that already left (or never was on) the migrating node is answered
+    with ``ASK``: the command goes to the importing node after ``ASKING``."""
+    scripts = timelines_cluster.ClusterScripts(cluster_client, [])
+    primaries = cluster_client.get_primaries()
+    # a slot of our own, with no key in it yet, and which master serves it
+    while True:
+        key = keys.body(f"ask-{uuid.uuid4().hex[:8]}")
+        slot = timelines_cluster.slot_of(key)
+        source = cluster_client.nodes_manager.slots_cache[slot][0]
+        if cluster_client.cluster_countkeysinslot(slot) == 0:
+            break
+    target = next(n for n in primaries if n.name != source.name)
+
+    def node_id(node: Any) -> str:
+        return str(cluster_client.execute_command("CLUSTER", "MYID", target_nodes=node).decode())
+
+    source_id, target_id = node_id(source), node_id(target)
+    cluster_client.execute_command(
+        "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id, target_nodes=target
+    )
+    cluster_client.execute_command(
+        "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id, target_nodes=source
+    )
+    try:
+        assert scripts.run([("SET", key, b"asked")]) == [b"OK"]  # absent at the source: ASK
+        on_target = redis.Redis(host=target.host, port=target.port)
+        on_target.execute_command("ASKING")
+        assert on_target.get(key) == b"asked"
+        on_target.close()
+    finally:
+        for node in primaries:  # the migration ends: the target owns the slot
+            cluster_client.execute_command(
+                "CLUSTER", "SETSLOT", slot, "NODE", target_id, target_nodes=node
+            )
+    cluster_client.nodes_manager.initialize()
+    assert cluster_client.get(key) == b"asked"

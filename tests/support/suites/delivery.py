@@ -66,3 +66,23 @@ class DeliveryStreamSuite:
         assert after.epoch != before.epoch and after.seq == 0
         assert await delivery.frames_after(lost, 0, 10) == []
         assert await delivery.refresh([lost, kept]) == []
+
+    async def test_renew_starts_a_new_epoch_once_for_the_epoch_it_names(
+        self, backend: Backend, ids: Ids
+    ) -> None:
+        delivery = backend.delivery()
+        user = ids("u")
+        first = await delivery.attach(user)
+        backend.timelines(10, 10, False).insert([insert(1, ids("a"), [user])])
+        renewed = await delivery.renew(user, first.epoch)
+        assert renewed.epoch != first.epoch and renewed.seq == 0
+        assert await delivery.frames_after(user, 0, 10) == []  # the old epoch's frames are gone
+        # Compare-and-set: a caller that saw the old epoch gets the new one, unchanged.
+        assert await delivery.renew(user, first.epoch) == renewed
+        assert await delivery.attach(user) == renewed
+        backend.timelines(10, 10, False).insert([insert(2, ids("b"), [user])])
+        assert [s for s, _ in await delivery.frames_after(user, 0, 10)] == [1]
+        # Renewing a user with no presence is an attach: a new epoch.
+        other = ids("v")
+        fresh = await delivery.renew(other, "gone")
+        assert fresh.seq == 0 and await delivery.attach(other) == fresh

@@ -24,7 +24,10 @@ def _decoded(call: object) -> tuple[list[str], dict[str, list[str]]]:
     members = [str(m) for m in args[12 : 12 + n]]
     assert args[12 + 2 * n] == b"u"
     values = args[13 + 2 * n :]
-    users = [k.decode().partition("{")[2].rstrip("}") for k in call.keys]  # type: ignore[attr-defined]
+    names = call.keys  # type: ignore[attr-defined]
+    users = [k.decode().partition("{")[2].rstrip("}") for k in names[0::4]]
+    # each user's four keys, declared (a resharding routes a call by its declared keys)
+    assert names == [k for u in users for k in keys.fanout_cluster_keys(u)]
     assert len(values) == len(users)
     return members, {
         u: [members[int(i) - 1] for i in v.split()] for u, v in zip(users, values, strict=True)

@@ -29,6 +29,8 @@ class Conn:
         self.frames: list[bytes] = []
         self.gap_checks = 0
         self.shutdowns = 0
+        #: The stream epoch its session follows (the adapter's session; set by the test).
+        self.epoch: str | None = None
 
     @property
     def user(self) -> str:
@@ -221,6 +223,46 @@ async def test_a_lost_presence_is_reattached_with_a_new_epoch(
     assert conn.frames[-1] == (
         PRESENCE_PREFIX + b',"cursor":"' + f"{new.epoch}.{new.seq}".encode() + b'"}'
     )
+
+
+async def test_a_rolled_back_server_renews_the_stream_of_its_users_only(
+    hub: Hub, stores: Stores, ids: Ids
+) -> None:
+    """A Redis Cluster primary lost with its connection may come back as a replica that lacks its
+    newest writes: the stream's pushed seqs could be handed out again, so the stream is renewed
+    (a new epoch) rather than re-attached; the session resets on the presence frame."""
+    user, other = ids("u"), ids("v")
+    conn = await connect(hub, stores, user)
+    bystander = await connect(hub, stores, other)
+    stores.push(user, "pushed")
+    await eventually(lambda: conn.activity_ids() == ["pushed"], "the first frame")
+    before = await stores.delivery.attach(user)
+    conn.epoch = before.epoch  # what the sessions follow
+    bystander.epoch = (await stores.delivery.attach(other)).epoch
+    with stores.redis.lock:  # the promoted replica never got the push: seq 1 is free again
+        stores.redis.presence[user][1] = 0
+    stores.link().kill(rolled_back=[keys.channel(user).encode()])
+    await eventually(lambda: conn.gap_checks == 1, "the reattach after reconnecting", 5)
+    await eventually(lambda: bystander.gap_checks == 1, "the bystander's reattach", 5)
+    renewed = await stores.delivery.attach(user)
+    assert renewed.epoch != before.epoch and renewed.seq == 0
+    assert (await stores.delivery.attach(other)).epoch == bystander.epoch  # not on that server
+    assert conn.frames[-1] == (
+        PRESENCE_PREFIX + b',"cursor":"' + f"{renewed.epoch}.0".encode() + b'"}'
+    )
+    # a second gateway that saw the old epoch renews nothing: it gets the new one
+    again = await stores.delivery.renew(user, before.epoch)
+    assert again == renewed
+
+
+async def test_a_lost_connection_keeps_the_stream(hub: Hub, stores: Stores, ids: Ids) -> None:
+    """Without a rollback (one Redis, a network fault) the epoch is trusted: re-attached."""
+    user = ids("u")
+    conn = await connect(hub, stores, user)
+    conn.epoch = (await stores.delivery.attach(user)).epoch
+    stores.link().kill()
+    await eventually(lambda: conn.gap_checks == 1, "the reattach after reconnecting", 5)
+    assert (await stores.delivery.attach(user)).epoch == conn.epoch
 
 
 async def test_register_fails_cleanly_without_a_link(stores: Stores, ids: Ids) -> None:
