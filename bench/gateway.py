@@ -434,11 +434,19 @@ def _record_gc(side: Side, when: str) -> None:
 
 
 def _redis_cpu(ctx: BenchContext) -> float | None:
+    """CPU seconds of every Redis server that takes writes (each primary of a cluster)."""
+    clients = ctx.redis_primaries()
     try:
-        info = ctx.redis.info("cpu")
-        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        total = 0.0
+        for client in clients:
+            info = client.info("cpu")
+            total += float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        return total
     except Exception:
         return None
+    finally:
+        for client in clients:
+            client.close()
 
 
 def _step(
@@ -478,6 +486,7 @@ def _step(
         "--stream-history",
         str(ctx.settings.stream_history),
         *(["--trace-share", str(ctx.options.tracing)] if ctx.options.tracing else []),
+        *(["--redis-cluster"] if ctx.options.redis_cluster else []),
     ]
     waited = quiet.wait()
     sched0 = proc_sched(side.server.pid)
@@ -616,6 +625,8 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     peer_note = None
     if ctx.skip_peers:
         peer_note = "skipped (FEED_BENCH_SKIP_PEERS=1)"
+    elif ctx.options.redis_cluster:
+        peer_note = "skipped on a Redis Cluster (python-socketio's Redis manager is not sharded)"
     else:
         try:
             import socketio  # noqa: F401

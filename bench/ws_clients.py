@@ -483,7 +483,9 @@ def publish_ours(args: argparse.Namespace, users: list[str]) -> dict[str, Any]:
 
     from feed.timelines_redis import RedisTimelines
 
-    client = redis.Redis.from_url(args.redis_url, socket_timeout=30)
+    # the writes as the worker makes them: on a cluster, per slot (FEED_BENCH_REDIS_CLUSTER)
+    factory = redis.RedisCluster if args.redis_cluster else redis.Redis
+    client = factory.from_url(args.redis_url, socket_timeout=30)
     timelines = RedisTimelines(
         client,
         timeline_max=args.timeline_max,
@@ -614,6 +616,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("publish", help="one step of messages at a fixed offered rate")
     p.add_argument("--kind", choices=["ours", "socketio"], required=True)
     p.add_argument("--redis-url", required=True)
+    p.add_argument("--redis-cluster", action="store_true")
     p.add_argument("--users-file", type=Path, required=True)
     p.add_argument("--rate", type=float, required=True)
     p.add_argument("--seconds", type=float, required=True)

@@ -122,7 +122,7 @@ class Hub:
         subscribe_timeout_s: float = 5.0,
         idle_ping_s: float = 5.0,
         ping_timeout_s: float = 5.0,
-        reconnect_max_s: float = 5.0,
+        reconnect_max_s: float = 1.0,
         received: StageHistogram | None = None,
     ) -> None:
         self._subscriber = subscriber
