@@ -5,9 +5,9 @@ user's keys live in one slot. No other module (nor any script in ``feed/lua/``) 
 prefix: the stores build names here and hand them to the scripts through ``KEYS`` (channels
 through ``ARGV``), and ``tests/unit/feed/test_keys.py`` fails on a prefix literal elsewhere.
 The groups at the end (:func:`fanout_user_key`, ...) are the per-user or per-activity ``KEYS``
-of the multi-user scripts, in the order those scripts read them. One exception, measured: the
-fan-out declares one key per user and names the user's other keys from its hash tag
-(:data:`FANOUT_USER_PREFIXES`).
+of the multi-user scripts, in the order those scripts read them. One exception, measured: on one
+Redis the fan-out declares one key per user and names the user's other keys from its hash tag
+(:data:`FANOUT_USER_PREFIXES`); on a cluster it declares all four (:func:`fanout_cluster_keys`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import functools
 __all__ = [
     "CONTROL_FOLLOWING",
     "FANOUT_USER_PREFIXES",
-    "fanout_cluster_keys",
     "active",
     "activity_keys",
     "actor_channel",
@@ -28,6 +27,7 @@ __all__ = [
     "claim",
     "deleted",
     "deliveries",
+    "fanout_cluster_keys",
     "fanout_user_key",
     "following_version",
     "graph_version",
