@@ -549,11 +549,12 @@ class SubscriberLink(Protocol):
         """The answer arrives through ``on_pong``."""
         ...
 
-    def rolled_back(self, channel: bytes) -> bool:
-        """Once :attr:`closed`: True if the server behind ``channel`` may have lost writes it
-        had acknowledged (a Redis Cluster primary whose connection was lost: a failover may
-        promote a replica that lacks its newest writes). The hub then renews the user's
-        delivery stream (``DeliveryStream.renew``) instead of trusting its seqs."""
+    def rolled_back(self, channel: bytes, before: SubscriberLink) -> bool:
+        """Asked of a new link about the link it replaces: True if the server now behind
+        ``channel`` may lack writes that the one behind it in ``before`` acknowledged (a Redis
+        Cluster primary's connection was lost, or its replica has taken its slot over: Redis
+        replicates asynchronously). The hub then renews the user's delivery stream
+        (``DeliveryStream.renew``) instead of trusting its seqs."""
         ...
 
     async def aclose(self, timeout_s: float = 1.0) -> None: ...

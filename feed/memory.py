@@ -44,6 +44,7 @@ from feed.interfaces import (
     Presence,
     Removal,
     Stored,
+    SubscriberLink,
     TimelinePage,
 )
 from feed.versions import new_token
@@ -95,7 +96,8 @@ class MemoryLink:
         self.channels: set[bytes] = set()
         self.closed: asyncio.Future[str] = self._loop.create_future()
         self.last_seen = self._loop.time()
-        self._rolled_back: set[bytes] = set()
+        #: The channels :meth:`kill` said were rolled back (what the next link is asked about).
+        self.killed_rolled_back: set[bytes] = set()
 
     def _check(self) -> None:
         if self.closed.done():
@@ -126,16 +128,17 @@ class MemoryLink:
         if not self._notifier.silent:
             self._soon(self._on_pong)
 
-    def rolled_back(self, channel: bytes) -> bool:
-        return channel in self._rolled_back
+    def rolled_back(self, channel: bytes, before: SubscriberLink) -> bool:
+        return isinstance(before, MemoryLink) and channel in before.killed_rolled_back
 
     def deliver(self, channel: bytes, message: bytes) -> None:
         self._soon(functools.partial(self._on_message, channel, message))
 
     def kill(self, why: str = "connection lost", *, rolled_back: Iterable[bytes] = ()) -> None:
         """Lose the connection (what a Redis restart or a network failure does); the channels
-        ``rolled_back`` as a Redis Cluster primary's death does (:meth:`rolled_back`)."""
-        self._rolled_back = set(rolled_back)
+        ``rolled_back`` as a Redis Cluster primary's death does (the next link's
+        :meth:`rolled_back` says so)."""
+        self.killed_rolled_back.update(rolled_back)
         with self._notifier.lock:
             self.channels.clear()
             if self in self._notifier.links:

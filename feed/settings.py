@@ -217,7 +217,8 @@ class Settings:
             "redis_url": _redis_url,
             "redis_cluster": _choice("auto", "true", "false"),
             "redis_wait_replicas": _int(0, 5),
-            "redis_wait_timeout_ms": _int(10, 60_000),
+            # under the worker's Redis socket timeout (10 s), with room for the commands before
+            "redis_wait_timeout_ms": _int(10, 5_000),
             "cassandra_hosts": lambda raw: _list(raw) or _fail("must list at least one host"),
             "cassandra_port": _int(1, 65535),
             "cassandra_keyspace": _identifier,

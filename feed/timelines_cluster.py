@@ -212,6 +212,7 @@ class ClusterScripts:
         self._wait_replicas = wait_replicas
         self._wait_timeout_ms = wait_timeout_ms
         self._stale = False
+        self._replica_counts: dict[str, int] | None = None
         self.load()
 
     def load(self) -> None:
@@ -247,16 +248,17 @@ class ClusterScripts:
         for attempt in range(REDIRECTS + 1):
             groups: dict[str, tuple[Any, list[int], int]] = {}
             for i in todo:
-                node, replicas = asking.get(i), 0
+                node = asking.get(i)
                 if node is None:
                     owners = nodes.slots_cache.get(_slot(commands[i]))
                     if not owners:
                         self._stale = True
                         raise ClusterUnavailable("a slot has no owner in the Redis Cluster map")
-                    node, replicas = owners[0], len(owners) - 1
-                _, mine, most = groups.setdefault(node.name, (node, [], 0))
-                mine.append(i)
-                groups[node.name] = (node, mine, max(most, replicas))
+                    node = owners[0]
+                if node.name not in groups:
+                    # the replicas of the node (an ASK target's too): what its WAIT waits for
+                    groups[node.name] = (node, [], self._replicas().get(node.name, 0))
+                groups[node.name][1].append(i)
             redirect: list[int] = []
             pause = False
             for i, reply in self._round(commands, groups, asking, wait):
@@ -297,11 +299,23 @@ class ClusterScripts:
         """Read the slot map again if something said it is out of date."""
         if not self._stale:
             return
+        self._replica_counts = None
         try:
             self._redis.nodes_manager.initialize()
         except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
             raise ClusterUnavailable(f"Redis Cluster slot map unavailable: {exc}") from None
         self._stale = False
+
+    def _replicas(self) -> dict[str, int]:
+        """Each primary's replica count in the slot map (read once per map)."""
+        counts = self._replica_counts
+        if counts is None:
+            counts = {}
+            for owners in self._redis.nodes_manager.slots_cache.values():
+                if owners:
+                    counts[owners[0].name] = max(counts.get(owners[0].name, 0), len(owners) - 1)
+            self._replica_counts = counts
+        return counts
 
     def _round(
         self,
@@ -337,18 +351,26 @@ class ClusterScripts:
                     except redis.exceptions.ResponseError as error:
                         out.append((i, error))
                 if acks:
-                    got = int(connection.read_response())
+                    try:
+                        got = int(connection.read_response())
+                    except redis.exceptions.ResponseError as error:
+                        # e.g. the map named a primary that is a replica now
+                        self._stale = True
+                        raise ClusterUnavailable(f"{node.name}: WAIT failed: {error}") from None
                     if got < acks:
                         self._stale = True  # the replica may be gone from the map
                         raise ClusterUnavailable(
                             f"{node.name}: {got} of {acks} replicas acknowledged the writes "
                             f"within {self._wait_timeout_ms} ms"
                         )
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+        except BaseException as exc:
+            # Replies may be left unread on any of the connections: none goes back usable.
             self._stale = True
             for _, connection, _, _ in sent:
                 connection.disconnect()
-            if isinstance(exc, ClusterUnavailable):
+            if isinstance(exc, ClusterUnavailable) or not isinstance(
+                exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+            ):
                 raise
             raise ClusterUnavailable(f"Redis Cluster node unreachable: {exc}") from exc
         finally:

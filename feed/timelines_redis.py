@@ -424,6 +424,11 @@ class RedisTimelines:
         """Set the deleted markers: from now on the scripts never write these activities back."""
         if not activity_ids:
             return
+        if self._cluster is not None:  # acknowledged by a replica too, as every worker write
+            timelines_cluster.raise_first(
+                self._cluster.run([("SET", keys.deleted(a), 1, "EX", ttl_s) for a in activity_ids])
+            )
+            return
         pipe = self._redis.pipeline(transaction=False)
         for activity_id in activity_ids:
             pipe.set(keys.deleted(activity_id), 1, ex=ttl_s)

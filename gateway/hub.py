@@ -31,12 +31,12 @@ Guarantees (what ``gateway.connection`` and ``gateway.big_accounts`` rely on):
   ``on_following_changed``, never to a client.
 * **Presence kept alive.** Every ``refresh_interval_s`` the presence and delivery stream of every
   locally connected user get their TTL renewed (``DeliveryStream.refresh``).
-* **Rolled-back streams left.** On a Redis Cluster, when the connection to a primary is lost
-  (``SubscriberLink.rolled_back``), a failover may promote a replica without the primary's newest
-  writes: seqs already pushed could be handed out again for other frames, and the sessions would
-  drop those as repeats. So the users on that primary get their stream *renewed*
-  (``DeliveryStream.renew``: a new epoch unless someone renewed it already) instead of
-  re-attached, and their sessions send ``reset`` and follow the new epoch.
+* **Rolled-back streams left.** On a Redis Cluster, a primary whose connection was lost, or whose
+  replica has taken its slots over (``SubscriberLink.rolled_back``, asked of each new link about
+  the one it replaces), may have lost its newest writes: seqs already pushed could be handed out
+  again for other frames, and the sessions would drop those as repeats. So the users on it get
+  their stream *renewed* (``DeliveryStream.renew``: a new epoch unless someone renewed it
+  already) instead of re-attached, and their sessions send ``reset`` and follow the new epoch.
 * **Presence restored.** Redis may lose presence hashes and delivery streams (a restart empties
   it). After every Pub/Sub re-subscription, and for every user whose presence a refresh found
   gone, the hub re-attaches the user's presence (``DeliveryStream.attach``: the same epoch
@@ -141,6 +141,7 @@ class Hub:
         #: Channels whose server may have rolled back acknowledged writes (a cluster failover):
         #: their users' delivery streams are renewed, not trusted (``_reattach_once``).
         self._renew: set[bytes] = set()
+        self._before: SubscriberLink | None = None  # the last link lost, until the next opens
         self._waiters: dict[bytes, list[asyncio.Future[None]]] = {}
         self._pubsub: SubscriberLink | None = None
         self._ping_sent: float | None = None
@@ -404,7 +405,6 @@ class Hub:
                 raise
             except (*_REDIS_ERRORS, redis.exceptions.RedisError) as exc:
                 log.warning("pubsub_connection_lost", error=str(exc), retry_in_s=backoff)
-            self._note_rollbacks()
             self._connected.clear()
             await self._drop_pubsub()
             await asyncio.sleep(backoff)
@@ -423,12 +423,18 @@ class Hub:
         self._pending.clear()
         self._confirmed.clear()
         self._ping_sent = None
-        self._pubsub = await self._subscriber.open(
+        self._pubsub = link = await self._subscriber.open(
             timeout_s=self._subscribe_timeout,
             on_message=self._dispatch,
             on_subscribe=self._confirm,
             on_pong=self._pong,
         )
+        before, self._before = self._before, None
+        if before is not None:
+            renew = [channel for channel in self._channels if link.rolled_back(channel, before)]
+            if renew:
+                log.warning("pubsub_server_may_have_rolled_back", users=len(renew))
+                self._renew.update(renew)
         self._connected.set()
         wanted = list(self._channels) + list(self._actor_channels)
         # Whatever was published while we were not subscribed is only in the delivery streams.
@@ -439,20 +445,11 @@ class Hub:
             raise redis.exceptions.ConnectionError("could not re-subscribe")
         log.info("pubsub_connected", channels=len(wanted))
 
-    def _note_rollbacks(self) -> None:
-        """After a lost link: the channels whose server may have rolled back (see ``_renew``)."""
-        pubsub = self._pubsub
-        if pubsub is None:
-            return
-        renew = [channel for channel in self._channels if pubsub.rolled_back(channel)]
-        if renew:
-            log.warning("pubsub_server_may_have_rolled_back", users=len(renew))
-            self._renew.update(renew)
-
     async def _drop_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
         self._connected.clear()
         if pubsub is not None:
+            self._before = pubsub  # the next link says what may have rolled back since
             await pubsub.aclose()
 
     async def _read(self) -> None:
@@ -550,15 +547,22 @@ class Hub:
             if user not in self._conns:
                 return
             channel = keys.channel(user).encode()
+            # Taken before the await: a loss noticed meanwhile sets it again for the next run.
+            renewing = channel in self._renew
+            self._renew.discard(channel)
             try:
-                epoch = self._epoch_of(user) if channel in self._renew else None
-                if epoch is None:
-                    presence = await self._presence.attach(user)
-                else:
-                    # The stream's newest seqs may be gone and handed out again: leave it.
+                if renewing:
+                    # The stream's newest seqs may be gone and handed out again: leave it. With no
+                    # session started yet, the epoch it will start from is the current one.
+                    epoch = self._epoch_of(user)
+                    if epoch is None:
+                        epoch = (await self._presence.attach(user)).epoch
                     presence = await self._presence.renew(user, epoch)
-                self._renew.discard(channel)
+                else:
+                    presence = await self._presence.attach(user)
             except (*_REDIS_ERRORS, redis.exceptions.RedisError) as exc:
+                if renewing:
+                    self._renew.add(channel)
                 log.warning(
                     "presence_reattach_failed", user_id=user, attempt=attempt, error=str(exc)
                 )

@@ -34,7 +34,7 @@ import asyncio
 import contextlib
 import functools
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import hiredis
@@ -245,7 +245,7 @@ class PubSubLink(asyncio.Protocol):
                 # The channel's slot is served elsewhere now: start over on the new slot map.
                 self._drop(f"redis cluster: {reply}")
 
-    def rolled_back(self, channel: bytes) -> bool:
+    def rolled_back(self, channel: bytes, before: SubscriberLink) -> bool:
         """One Redis: a lost connection is a network fault or a restart (which empties Redis
         and ends every presence: attach sees it), not a rollback."""
         return False
@@ -293,15 +293,24 @@ class ShardedLink:
     to (a failover). The hub then opens a new one, on the slot map as redis-py knows it then,
     subscribes everything again, and every connection checks its delivery stream for a gap."""
 
-    def __init__(self, client: aioredis.RedisCluster, links: dict[str, PubSubLink]) -> None:
+    def __init__(
+        self, client: aioredis.RedisCluster, links: dict[str, PubSubLink], pongs: _Pongs
+    ) -> None:
         self._client = client
         self._links = links
+        self._pongs = pongs
         loop = asyncio.get_running_loop()
         self.closed: asyncio.Future[str] = loop.create_future()
         #: Slots whose primary's connection was lost (not dropped by the gateway or after a
         #: ``MOVED``): that primary may be dead, and its replica promoted without its newest
-        #: writes (Redis replicates asynchronously).
-        self._rolled_back: set[int] = set()
+        #: writes (Redis replicates asynchronously), or restarted without them.
+        self._lost_slots: set[int] = set()
+        #: Each slot's (primary, replicas) by name in the slot map this link was opened on.
+        self._owners = {
+            slot: (owners[0].name, frozenset(o.name for o in owners[1:]))
+            for slot, owners in client.nodes_manager.slots_cache.items()
+            if owners
+        }
         for name, link in links.items():
             link.closed.add_done_callback(functools.partial(self._lost, name))
 
@@ -328,6 +337,7 @@ class ShardedLink:
         except redis.exceptions.RedisError as exc:
             raise redis.exceptions.ConnectionError(f"Redis Cluster unreachable: {exc}") from None
         links: dict[str, PubSubLink] = {}
+        pongs = _Pongs(on_pong)
         try:
             for node in client.get_primaries():
                 link = await PubSubLink.open(
@@ -335,7 +345,7 @@ class ShardedLink:
                     timeout_s=timeout_s,
                     on_message=on_message,
                     on_subscribe=on_subscribe,
-                    on_pong=on_pong,
+                    on_pong=functools.partial(pongs.pong, node.name),
                 )
                 link.sharded = True
                 links[node.name] = link
@@ -343,7 +353,7 @@ class ShardedLink:
             for link in links.values():
                 link.close()
             raise
-        return cls(client, links)
+        return cls(client, links, pongs)
 
     @property
     def last_seen(self) -> float:
@@ -353,16 +363,23 @@ class ShardedLink:
     def _lost(self, name: str, done: asyncio.Future[str]) -> None:
         why = done.result() if not done.cancelled() else "cancelled"
         if why.startswith("connection"):  # PubSubLink.connection_lost: the server went away
-            self._rolled_back.update(
-                slot
-                for slot, owners in self._client.nodes_manager.slots_cache.items()
-                if owners and owners[0].name == name
-            )
+            self._lost_slots.update(slot for slot, (p, _) in self._owners.items() if p == name)
         if not self.closed.done():
             self.closed.set_result(why)
 
-    def rolled_back(self, channel: bytes) -> bool:
-        return key_slot(channel) in self._rolled_back
+    def rolled_back(self, channel: bytes, before: SubscriberLink) -> bool:
+        """The slot's primary's connection was lost in ``before``, or the primary now serving
+        it was a replica of the one ``before`` knew (a failover, however it was noticed: a
+        lost connection, a hung primary that stopped answering PINGs, a ``MOVED``, a
+        ``sunsubscribe``); not a resharding, which moves a slot to another primary with its
+        keys whole."""
+        if not isinstance(before, ShardedLink):
+            return False
+        slot = key_slot(channel)
+        if slot in before._lost_slots:
+            return True
+        old, new = before._owners.get(slot), self._owners.get(slot)
+        return old is not None and new is not None and new[0] != old[0] and new[0] in old[1]
 
     def _by_slot(self, channels: tuple[bytes, ...]) -> dict[tuple[str, int], list[bytes]]:
         """The channels by (owner, slot): one SSUBSCRIBE names one slot's channels only."""
@@ -397,6 +414,9 @@ class ShardedLink:
             self._links[name].unsubscribe(*mine)
 
     def ping(self) -> None:
+        """PING every primary; the hub hears the answer once all of them answered (a hung
+        primary is noticed: its PONG never comes)."""
+        self._pongs.expect(self._links)
         for link in self._links.values():
             link.ping()
 
@@ -406,6 +426,24 @@ class ShardedLink:
 
     async def aclose(self, timeout_s: float = 1.0) -> None:
         await asyncio.gather(*(link.aclose(timeout_s) for link in self._links.values()))
+
+
+class _Pongs:
+    """The PONGs a :class:`ShardedLink` awaits: the hub's ``on_pong`` runs once every primary
+    answered its PING."""
+
+    def __init__(self, on_pong: Callable[[], None]) -> None:
+        self._on_pong = on_pong
+        self._awaited: set[str] = set()
+
+    def expect(self, names: Iterable[str]) -> None:
+        self._awaited = set(names)
+
+    def pong(self, name: str) -> None:
+        if name in self._awaited:
+            self._awaited.discard(name)
+            if not self._awaited:
+                self._on_pong()
 
 
 class RedisSubscriber:
