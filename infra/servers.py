@@ -686,6 +686,21 @@ class RedisCluster:
         """True while every node's process runs."""
         return all(node.is_running() for node in self.nodes)
 
+    def master_port(self, slot: int, asked: RedisServer | None = None) -> int | None:
+        """The port of the master serving ``slot`` as node ``asked`` (default: the first) sees it
+        in ``CLUSTER SLOTS``; None if that node does not answer."""
+        import redis  # as in start(): the infra module imports no client library at the top
+
+        node = asked if asked is not None else self.nodes[0]
+        try:
+            with redis.Redis(host=node.host, port=node.port, socket_timeout=2) as client:
+                for first, last, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                    if first <= slot <= last:
+                        return int(master[1])
+        except redis.exceptions.RedisError:
+            return None
+        return None
+
     def reshard(
         self, source: RedisServer, target: RedisServer, slots: int, timeout: float = 120.0
     ) -> None:

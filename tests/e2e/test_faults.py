@@ -1210,18 +1210,6 @@ def replicated_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any
         cluster.stop()
 
 
-def _master_port(node: Any, slot: int) -> int | None:
-    """The port of the master serving ``slot``, as ``node`` sees it (None: unreachable)."""
-    try:
-        with redis.Redis(host=node.host, port=node.port, socket_timeout=2) as client:
-            for first, last, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
-                if first <= slot <= last:
-                    return int(master[1])
-    except redis.exceptions.RedisError:
-        return None
-    return None
-
-
 class ClusterRun:
     """A lane on a Redis Cluster, its worker and gateway, a refetching client per follower (a
     real client refetches its feed over HTTP on ``reset``), and 240 activities streaming at 40/s
@@ -1335,20 +1323,20 @@ def test_redis_cluster_master_killed_replica_promoted_nothing_lost(
     lane = run.lane
     by_port = {node.port: node for node in replicated_cluster.nodes}
     slot = slot_of(keys.timeline(lane.followers[0]))
-    victim_port = _master_port(replicated_cluster.nodes[0], slot)
+    victim_port = replicated_cluster.master_port(slot)
     assert victim_port is not None
     victim = by_port[victim_port]
     survivor = next(n for n in replicated_cluster.masters if n is not victim)
     on_victim = {
         fan
         for fan in lane.followers
-        if _master_port(survivor, slot_of(keys.timeline(fan))) == victim_port
+        if replicated_cluster.master_port(slot_of(keys.timeline(fan)), survivor) == victim_port
     }
     run.stream_until_live()
     victim.kill()
     killed = time.monotonic()
     wait_for(
-        lambda: _master_port(survivor, slot) not in (None, victim_port),
+        lambda: replicated_cluster.master_port(slot, survivor) not in (None, victim_port),
         timeout=30,
         interval=0.05,
         message="the replica promoted",
@@ -1424,15 +1412,14 @@ def test_redis_cluster_resharded_under_load_nothing_lost(
     run = ClusterRun(lane_factory, resharded_cluster, clients)
     lane = run.lane
     by_port = {node.port: node for node in resharded_cluster.nodes}
-    seed = resharded_cluster.nodes[0]
-    source_port = _master_port(seed, slot_of(keys.timeline(lane.followers[0])))
+    source_port = resharded_cluster.master_port(slot_of(keys.timeline(lane.followers[0])))
     assert source_port is not None
     source = by_port[source_port]
     target = next(n for n in resharded_cluster.masters if n is not source)
     moving = [
         slot_of(keys.timeline(fan))
         for fan in lane.followers
-        if _master_port(seed, slot_of(keys.timeline(fan))) == source_port
+        if resharded_cluster.master_port(slot_of(keys.timeline(fan))) == source_port
     ]
     # redis-cli takes the source's lowest slots first: enough of them to move every such user
     count = max(moving) - _first_slot(source) + 1
@@ -1440,7 +1427,7 @@ def test_redis_cluster_resharded_under_load_nothing_lost(
     started = time.monotonic()
     resharded_cluster.reshard(source, target, count)
     reshard_s = time.monotonic() - started
-    assert all(_master_port(seed, slot) == target.port for slot in moving)
+    assert all(resharded_cluster.master_port(slot) == target.port for slot in moving)
     run.feeds_hold(run.stream.sent(), "the resharding ended")
     recovery_s = time.monotonic() - started
     # The moved keys are served at once: the feeds hold everything 0.06-0.1 s after redis-cli

@@ -146,17 +146,6 @@ def failover_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         cluster.stop()
 
 
-def _master_port(node: Any, slot: int) -> int | None:
-    try:
-        with redis.Redis(host=node.host, port=node.port, socket_timeout=1) as admin:
-            for first, last, master, *_ in admin.execute_command("CLUSTER", "SLOTS"):
-                if first <= slot <= last:
-                    return int(master[1])
-    except redis.exceptions.RedisError:
-        return None
-    return None
-
-
 async def test_a_hung_primary_misses_its_pong_and_its_replicas_takeover_is_a_rollback(
     failover_cluster: Any, ids: Callable[[str], str]
 ) -> None:
@@ -169,14 +158,13 @@ async def test_a_hung_primary_misses_its_pong_and_its_replicas_takeover_is_a_rol
     channel = keys.channel(ids("hung")).encode()
     slot = key_slot(channel)
     by_port = {n.port: n for n in failover_cluster.nodes}
-    seed = failover_cluster.nodes[0]
-    victim_port = _master_port(seed, slot)
+    victim_port = failover_cluster.master_port(slot)
     assert victim_port is not None
     victim = by_port[victim_port]
     witness = next(n for n in failover_cluster.masters if n is not victim)
     for n in range(1000):  # a channel on another primary
         other = keys.channel(ids(f"other{n}")).encode()
-        if _master_port(seed, key_slot(other)) != victim_port:
+        if failover_cluster.master_port(key_slot(other)) != victim_port:
             break
     link.subscribe(channel, other)
     await _until(lambda: len(rec.subscribed) == 2, "subscribed")
@@ -188,7 +176,7 @@ async def test_a_hung_primary_misses_its_pong_and_its_replicas_takeover_is_a_rol
         await asyncio.sleep(1.0)  # the time a PONG takes is what is measured here
         assert rec.pongs == 0, "a PONG reached the hub though a primary did not answer"
         async with asyncio.timeout(30):
-            while _master_port(witness, slot) in (None, victim_port):
+            while failover_cluster.master_port(slot, witness) in (None, victim_port):
                 await asyncio.sleep(0.1)  # the cluster's failover: node timeout, then election
         assert not link.closed.done()  # nothing told the link: only its PING could
         await link.aclose()
