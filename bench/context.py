@@ -194,6 +194,22 @@ class BenchContext:
             for n in self.redis.get_primaries()
         ]
 
+    def redis_info(self, section: str) -> list[dict[str, Any]]:
+        """``INFO <section>`` of each Redis server that takes writes (:meth:`redis_primaries`)."""
+        servers = self.redis_primaries()
+        try:
+            return [server.info(section) for server in servers]
+        finally:
+            for server in servers:
+                server.close()
+
+    def redis_cpu(self) -> list[float]:
+        """CPU seconds so far of each Redis server that takes writes (``INFO cpu``)."""
+        return [
+            float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+            for info in self.redis_info("cpu")
+        ]
+
     @property
     def cassandra(self) -> Any:
         if self._cassandra is None:

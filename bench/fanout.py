@@ -319,12 +319,7 @@ def _peers(
 
 # --- 4. drains ------------------------------------------------------------------------------
 def _used_memory(ctx: BenchContext) -> int:
-    servers = ctx.redis_primaries()
-    try:
-        return sum(int(server.info("memory")["used_memory"]) for server in servers)
-    finally:
-        for server in servers:
-            server.close()
+    return sum(int(info["used_memory"]) for info in ctx.redis_info("memory"))
 
 
 def _drain(
@@ -448,21 +443,14 @@ def _cpu_probe(ctx: BenchContext, workers: WorkerSet) -> dict[str, float]:
     worker_cpu = [cpu_seconds(pid) for pid in workers.pids()]
     if all(c is not None for c in worker_cpu):
         probe["worker"] = sum(c for c in worker_cpu if c is not None)
-    servers = ctx.redis_primaries()
     try:
-        shards = []
-        for server in servers:
-            info = server.info("cpu")
-            shards.append(float(info["used_cpu_user"]) + float(info["used_cpu_sys"]))
+        shards = ctx.redis_cpu()
         probe["redis"] = sum(shards)
         if len(shards) > 1:  # a cluster: each primary's own (the spread across shards)
             for n, shard_cpu in enumerate(shards, 1):
                 probe[f"redis_shard{n}"] = shard_cpu
     except Exception:
         pass
-    finally:
-        for server in servers:
-            server.close()
     cassandra_pid = getattr(ctx.stack.cassandra, "pid", None)
     if cassandra_pid:
         cpu = cpu_seconds(cassandra_pid)

@@ -435,18 +435,10 @@ def _record_gc(side: Side, when: str) -> None:
 
 def _redis_cpu(ctx: BenchContext) -> float | None:
     """CPU seconds of every Redis server that takes writes (each primary of a cluster)."""
-    clients = ctx.redis_primaries()
     try:
-        total = 0.0
-        for client in clients:
-            info = client.info("cpu")
-            total += float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-        return total
+        return sum(ctx.redis_cpu())
     except Exception:
         return None
-    finally:
-        for client in clients:
-            client.close()
 
 
 def _step(

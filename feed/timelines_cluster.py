@@ -265,15 +265,16 @@ class ClusterScripts:
                 replies[i] = reply
                 if isinstance(reply, redis.exceptions.AskError):  # MOVED is an AskError too
                     redirect.append(i)
-                    if isinstance(reply, redis.exceptions.MovedError):
+                    target = (
+                        None
+                        if isinstance(reply, redis.exceptions.MovedError)
+                        else nodes.get_node(host=reply.host, port=reply.port)
+                    )
+                    if target is None:  # MOVED, or an ASK to a node the map lacks: a fresh map
                         asking.pop(i, None)
                         self._stale = True
                     else:
-                        target = nodes.get_node(host=reply.host, port=reply.port)
-                        if target is None:
-                            self._stale = True
-                        else:
-                            asking[i] = target
+                        asking[i] = target
                 elif isinstance(reply, redis.exceptions.TryAgainError):
                     redirect.append(i)
                     pause = True
@@ -286,8 +287,7 @@ class ClusterScripts:
                 return replies
             if attempt == REDIRECTS:
                 break
-            self._refresh()
-            asking = {i: n for i, n in asking.items() if i in redirect}
+            self._refresh()  # asking now holds only the commands an ASK or TRYAGAIN sends again
             if pause:
                 time.sleep(TRYAGAIN_PAUSE_S)  # keys split by a migration: it ends shortly
             todo = redirect
