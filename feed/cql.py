@@ -17,11 +17,21 @@ stops the writes, while ONE carries on and the node catches up from hints when i
 
 from __future__ import annotations
 
+import copy
+from typing import Self
+
 from cassandra import ConsistencyLevel
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Session
 from cassandra.query import PreparedStatement
 
-__all__ = ["WRITE_PROFILE", "level", "prepare", "write_level"]
+__all__ = [
+    "SCOPE_SEPARATOR",
+    "WRITE_PROFILE",
+    "TenantPartitions",
+    "level",
+    "prepare",
+    "write_level",
+]
 
 #: The execution profile whose consistency level the stores' writes use.
 WRITE_PROFILE = "feed-write"
@@ -55,3 +65,38 @@ def prepare(session: Session, query: str) -> PreparedStatement:
         session, EXEC_PROFILE_DEFAULT if reads else WRITE_PROFILE
     )
     return statement
+
+
+#: The ``default`` tenant's id (``feed.tenants.DEFAULT``).
+_DEFAULT_TENANT = "default"
+#: Between a tenant's id and a value in a partition key (never in an id: ``schemas.activity``).
+SCOPE_SEPARATOR = "\x1f"
+
+
+class TenantPartitions:
+    """A Cassandra store whose partition keys are its tenant's (``docs/tenants.md``).
+
+    The ``default`` tenant's partition keys are the ids themselves, so its rows are the rows
+    written before tenants existed; another tenant's are ``<tenant>\\x1f<id>`` in the same
+    tables (no schema per tenant, no migration). Clustering columns and cell values keep the
+    raw ids: they are reached only through a scoped partition. A store builds every partition
+    key through :meth:`_pk`, and a partition key it reads back (a table scan) through
+    :meth:`_mine`."""
+
+    #: ``""`` for the default tenant, else ``<tenant>\x1f``.
+    _scope: str = ""
+
+    def for_tenant(self, tenant: str) -> Self:
+        """The same store, for ``tenant`` (already validated: ``feed.tenants``)."""
+        view = copy.copy(self)
+        view._scope = "" if tenant == _DEFAULT_TENANT else tenant + SCOPE_SEPARATOR
+        return view
+
+    def _pk(self, value: str) -> str:
+        return self._scope + value
+
+    def _mine(self, key: str) -> str | None:
+        """The id in a partition key read back, or None if the key is another tenant's."""
+        if not self._scope:
+            return None if SCOPE_SEPARATOR in key else key
+        return key[len(self._scope) :] if key.startswith(self._scope) else None

@@ -39,7 +39,7 @@ from feed.interfaces import Presence
 __all__ = ["AsyncRedisPresence"]
 
 
-class AsyncRedisPresence:
+class AsyncRedisPresence(keys.KeyspaceView):
     """Presence and delivery stream of connected users (the gateway's side)."""
 
     def __init__(self, client: aioredis.Redis, *, ttl_s: int) -> None:
@@ -49,14 +49,14 @@ class AsyncRedisPresence:
 
     async def attach(self, user: str) -> Presence:
         """Mark the user online (or keep them so) and return the stream's epoch and last seq."""
-        attach_keys = [keys.presence(user), keys.deliveries(user)]
+        attach_keys = [self._k.presence(user), self._k.deliveries(user)]
         epoch, seq = await self._attach(keys=attach_keys, args=[_new_epoch(), self._ttl])
         return Presence(_text(epoch), int(seq))
 
     async def renew(self, user: str, epoch: str) -> Presence:
         """:meth:`attach`, but if the stream is still at ``epoch``, start a new one (see
         ``feed.interfaces.DeliveryStream.renew``)."""
-        attach_keys = [keys.presence(user), keys.deliveries(user)]
+        attach_keys = [self._k.presence(user), self._k.deliveries(user)]
         new, seq = await self._attach(keys=attach_keys, args=[_new_epoch(), self._ttl, epoch])
         return Presence(_text(new), int(seq))
 
@@ -69,8 +69,8 @@ class AsyncRedisPresence:
         pipe = self._redis.pipeline(transaction=False)
         names: list[str] = []
         for user in users:
-            pipe.expire(keys.presence(user), self._ttl)
-            pipe.expire(keys.deliveries(user), self._ttl)
+            pipe.expire(self._k.presence(user), self._ttl)
+            pipe.expire(self._k.deliveries(user), self._ttl)
             names.append(user)
         if not names:
             return []
@@ -80,7 +80,7 @@ class AsyncRedisPresence:
     async def frames_after(self, user: str, seq: int, limit: int) -> list[tuple[int, bytes]]:
         """Frames with delivery seq > ``seq``, oldest first, at most ``limit``."""
         entries = await self._redis.xrange(
-            keys.deliveries(user), min=f"({seq}-0", max="+", count=limit
+            self._k.deliveries(user), min=f"({seq}-0", max="+", count=limit
         )
         # redis-py types stream entries loosely (``bytes | str | None``); this client decodes
         # nothing, so each is an (id, {b"f": frame}) pair of bytes.
@@ -90,7 +90,7 @@ class AsyncRedisPresence:
         ]
 
     async def oldest_seq(self, user: str) -> int | None:
-        entries = await self._redis.xrange(keys.deliveries(user), count=1)
+        entries = await self._redis.xrange(self._k.deliveries(user), count=1)
         if not entries:
             return None
         return int(_text(cast("bytes", entries[0][0])).split("-", 1)[0])

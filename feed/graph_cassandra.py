@@ -34,7 +34,7 @@ def _micros(at: datetime) -> int:
     return int(at.timestamp() * 1_000_000)
 
 
-class CassandraFollowGraph:
+class CassandraFollowGraph(cql.TenantPartitions):
     def __init__(self, session: Session, keyspace: str, *, page_size: int = 5000) -> None:
         self._session = session
         self._page_size = page_size
@@ -69,8 +69,8 @@ class CassandraFollowGraph:
         execute_concurrent(
             self._session,
             [
-                (self._add_follower, (followee, follower, ts)),
-                (self._add_following, (follower, followee, ts)),
+                (self._add_follower, (self._pk(followee), follower, ts)),
+                (self._add_following, (self._pk(follower), followee, ts)),
             ],
             raise_on_first_error=True,
         )
@@ -80,14 +80,15 @@ class CassandraFollowGraph:
         execute_concurrent(
             self._session,
             [
-                (self._del_follower, (ts, followee, follower)),
-                (self._del_following, (ts, follower, followee)),
+                (self._del_follower, (ts, self._pk(followee), follower)),
+                (self._del_following, (ts, self._pk(follower), followee)),
             ],
             raise_on_first_error=True,
         )
 
     def is_following(self, follower: str, followee: str) -> bool:
-        return self._session.execute(self._is_following, (follower, followee)).one() is not None
+        row = self._session.execute(self._is_following, (self._pk(follower), followee)).one()
+        return row is not None
 
     def following_among(self, user: str, candidates: Sequence[str]) -> list[str]:
         """Which of ``candidates`` the user follows, in the graph's order (followee ascending):
@@ -99,7 +100,7 @@ class CassandraFollowGraph:
         chunks = [wanted[i : i + _AMONG_CHUNK] for i in range(0, len(wanted), _AMONG_CHUNK)]
         results = execute_concurrent(
             self._session,
-            [(self._following_among, (user, chunk)) for chunk in chunks],
+            [(self._following_among, (self._pk(user), chunk)) for chunk in chunks],
             concurrency=_READ_CONCURRENCY,
             raise_on_first_error=True,
         )
@@ -122,7 +123,7 @@ class CassandraFollowGraph:
         statement.fetch_size = self._page_size
         results = execute_concurrent(
             self._session,
-            [(statement, (user,)) for user in users],
+            [(statement, (self._pk(user),)) for user in users],
             concurrency=_READ_CONCURRENCY,
             raise_on_first_error=True,
         )
@@ -131,7 +132,7 @@ class CassandraFollowGraph:
 
     def _pages(self, statement: object, user: str) -> Iterator[list[str]]:
         statement.fetch_size = self._page_size  # type: ignore[attr-defined]
-        yield from self._result_pages(self._session.execute(statement, (user,)))
+        yield from self._result_pages(self._session.execute(statement, (self._pk(user),)))
 
     @staticmethod
     def _result_pages(result: Any) -> Iterator[list[str]]:

@@ -29,7 +29,7 @@ __all__ = ["BIG_SENTINEL", "RedisGraphVersions"]
 BIG_SENTINEL = ""
 
 
-class RedisGraphVersions:
+class RedisGraphVersions(keys.KeyspaceView):
     """:class:`feed.interfaces.GraphVersions` on a synchronous Redis client (the workers')."""
 
     def __init__(
@@ -48,7 +48,7 @@ class RedisGraphVersions:
         version where none exists (``feed.versions.current``)."""
         if not users:
             return FollowerState([], [], False)
-        names = [keys.graph_version(u) for u in users]
+        names = [self._k.graph_version(u) for u in users]
         pipe = self._redis.pipeline(transaction=False)
         if self._cluster is None:
             pipe.mget(names)
@@ -56,8 +56,8 @@ class RedisGraphVersions:
             for name in names:
                 pipe.get(name)
         if big:
-            pipe.smismember(keys.big_accounts, list(users))
-            pipe.scard(keys.big_accounts)
+            pipe.smismember(self._k.big_accounts, list(users))
+            pipe.scard(self._k.big_accounts)
         results = pipe.execute()
         if self._cluster is not None:
             results = [results[: len(names)], *results[len(names) :]]
@@ -67,28 +67,34 @@ class RedisGraphVersions:
         return FollowerState(versions, [bool(b) for b in results[1]], results[2] == 0)
 
     def add_big(self, users: Iterable[str]) -> None:
-        self._redis.sadd(keys.big_accounts, BIG_SENTINEL, *users)
+        self._redis.sadd(self._k.big_accounts, BIG_SENTINEL, *users)
 
     def follow_changed(self, follower: str, followee: str) -> bool:
         """One pipeline (one round trip): both bumps, SISMEMBER, PUBLISH."""
         if self._cluster is not None:
             replies = self._cluster.run(
                 [
-                    ("EVALSHA", self._bump.sha, 1, keys.graph_version(followee), new_token()),
-                    ("EVALSHA", self._bump.sha, 1, keys.following_version(follower), new_token()),
-                    ("SISMEMBER", keys.big_accounts, followee),
+                    ("EVALSHA", self._bump.sha, 1, self._k.graph_version(followee), new_token()),
+                    (
+                        "EVALSHA",
+                        self._bump.sha,
+                        1,
+                        self._k.following_version(follower),
+                        new_token(),
+                    ),
+                    ("SISMEMBER", self._k.big_accounts, followee),
                 ]
             )
             timelines_cluster.raise_first(replies)
             # sharded Pub/Sub: to the node that owns the follower's channel only
-            self._redis.spublish(keys.channel(follower), keys.CONTROL_FOLLOWING)
+            self._redis.spublish(self._k.channel(follower), keys.CONTROL_FOLLOWING)
             return bool(replies[2])
         pipe = self._redis.pipeline(transaction=False)
         # New versions (never a value seen before, even after Redis lost its data): every
         # cache of the followee's followers or of the follower's followees reloads.
-        self._bump(keys=[keys.graph_version(followee)], args=[new_token()], client=pipe)
-        self._bump(keys=[keys.following_version(follower)], args=[new_token()], client=pipe)
-        pipe.sismember(keys.big_accounts, followee)
+        self._bump(keys=[self._k.graph_version(followee)], args=[new_token()], client=pipe)
+        self._bump(keys=[self._k.following_version(follower)], args=[new_token()], client=pipe)
+        pipe.sismember(self._k.big_accounts, followee)
         # Gateways holding the follower re-read whose actor channels to follow (never forwarded).
-        pipe.publish(keys.channel(follower), keys.CONTROL_FOLLOWING)
+        pipe.publish(self._k.channel(follower), keys.CONTROL_FOLLOWING)
         return bool(pipe.execute()[2])

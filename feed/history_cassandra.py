@@ -54,7 +54,7 @@ BODIES_CHUNK = 500
 RECIPIENT_PAGE = 5000
 
 
-class CassandraHistory:
+class CassandraHistory(cql.TenantPartitions):
     def __init__(self, session: Session, keyspace: str) -> None:
         self._session = session
         ks = keyspace
@@ -117,10 +117,11 @@ class CassandraHistory:
         the defaults, LOCAL_QUORUM both: every worker reads the row another wrote, ``feed.cql``)."""
         fresh = None if new is None else set(new)
         rows: list[tuple[object, tuple[object, ...]]] = []
+        pk = self._pk
         for r in records:
             if fresh is None or r.activity_id in fresh:
-                rows.append((self._put_activity, (r.activity_id, r.actor, r.ts, r.body)))
-            rows.append((self._put_outbox, (r.actor, r.ts, r.activity_id)))
+                rows.append((self._put_activity, (pk(r.activity_id), r.actor, r.ts, r.body)))
+            rows.append((self._put_outbox, (pk(r.actor), r.ts, r.activity_id)))
         self._run(_batched(rows, self._write_level)[0])
 
     def put_deliveries(self, records: Sequence[HistoryRecord], *, timelines: bool = True) -> int:
@@ -128,8 +129,9 @@ class CassandraHistory:
 
         Returns the number of timeline rows written. Raises on the first failed statement.
         """
+        scope = self._scope
         rows: list[tuple[object, tuple[object, ...]]] = [
-            (self._put_recipients, ("\n".join(r.users).encode(), r.activity_id))
+            (self._put_recipients, ("\n".join(r.users).encode(), scope + r.activity_id))
             for r in records
             if r.users
         ]
@@ -141,7 +143,7 @@ class CassandraHistory:
             get = per_user.get
             for r in records:
                 for user in r.users:
-                    row = (user, r.ts, r.activity_id, r.actor)
+                    row = (scope + user, r.ts, r.activity_id, r.actor)
                     mine = get(user)
                     if mine is None:
                         per_user[user] = [row]
@@ -155,19 +157,24 @@ class CassandraHistory:
 
     def write_timeline_rows(self, rows: Iterable[tuple[str, int, str, str]]) -> int:
         """Write (user, ts, activity_id, actor) timeline rows in batches."""
-        statements, count = _batched(((self._put_timeline, row) for row in rows), self._write_level)
+        pk, put = self._pk, self._put_timeline
+        statements, count = _batched(
+            ((put, (pk(u), ts, a, actor)) for u, ts, a, actor in rows), self._write_level
+        )
         self._run(statements)
         return count
 
     def remove_from_timelines(self, rows: Iterable[tuple[str, int, str]]) -> None:
         """Delete (user, ts, activity_id) timeline rows."""
-        statements, _ = _batched(((self._del_timeline, row) for row in rows), self._write_level)
+        pk, delete = self._pk, self._del_timeline
+        statements, _ = _batched(((delete, (pk(u), ts, a)) for u, ts, a in rows), self._write_level)
         self._run(statements)
 
     def add_backfilled(self, rows: Iterable[tuple[str, str]]) -> None:
         """Record (activity_id, user) pairs: the user got the activity from a follow's backfill.
         A Delete reaches them as it reaches the fan-out recipients. Idempotent."""
-        statements, _ = _batched(((self._put_backfilled, row) for row in rows), self._write_level)
+        pk, put = self._pk, self._put_backfilled
+        statements, _ = _batched(((put, (pk(a), u)) for a, u in rows), self._write_level)
         self._run(statements)
 
     def mark_deleted(self, activity_id: str, actor: str, ts: int) -> None:
@@ -177,8 +184,8 @@ class CassandraHistory:
         applied again still reaches everyone. Idempotent."""
         self._run(
             [
-                (self._mark_deleted, (activity_id,)),
-                (self._del_outbox, (actor, ts, activity_id)),
+                (self._mark_deleted, (self._pk(activity_id),)),
+                (self._del_outbox, (self._pk(actor), ts, activity_id)),
             ]
         )
 
@@ -186,8 +193,8 @@ class CassandraHistory:
         """Last step of a delete, once every timeline is cleaned: forget the recipients."""
         self._run(
             [
-                (self._clear_recipients, (activity_id,)),
-                (self._del_backfilled, (activity_id,)),
+                (self._clear_recipients, (self._pk(activity_id),)),
+                (self._del_backfilled, (self._pk(activity_id),)),
             ]
         )
 
@@ -205,7 +212,7 @@ class CassandraHistory:
     def stored_many(self, activity_ids: Sequence[str]) -> dict[str, Stored]:
         """What each id holds; ids never created are left out. ``IN`` queries of at most
         ``OWNERSHIP_CHUNK`` ids, run concurrently (one round trip for a batch's ids)."""
-        ids = list(dict.fromkeys(activity_ids))
+        ids = list(dict.fromkeys(map(self._pk, activity_ids)))
         if not ids:
             return {}
         chunks = [ids[i : i + OWNERSHIP_CHUNK] for i in range(0, len(ids), OWNERSHIP_CHUNK)]
@@ -216,10 +223,11 @@ class CassandraHistory:
             raise_on_first_error=True,
         )
         out: dict[str, Stored] = {}
+        n = len(self._scope)
         for _ok, rows in results:
             for row in rows:
                 if row.actor is not None:
-                    out[row.id] = Stored(row.actor, row.ts, row.body, bool(row.deleted))
+                    out[row.id[n:]] = Stored(row.actor, row.ts, row.body, bool(row.deleted))
         return out
 
     def activity(self, activity_id: str) -> tuple[str, int, bytes] | None:
@@ -233,14 +241,14 @@ class CassandraHistory:
     def recipients(self, activity_id: str, page_size: int = RECIPIENT_PAGE) -> Iterator[list[str]]:
         """Users an activity reached (by fan-out, then by backfill), in pages of at most
         ``page_size``. A user may appear in both parts."""
-        row = self._session.execute(self._get_recipients, (activity_id,)).one()
+        row = self._session.execute(self._get_recipients, (self._pk(activity_id),)).one()
         if row is not None and row.recipients:
             users = row.recipients.decode().split("\n")
             for start in range(0, len(users), page_size):
                 yield users[start : start + page_size]
         statement = self._get_backfilled
         statement.fetch_size = page_size
-        result = self._session.execute(statement, (activity_id,))
+        result = self._session.execute(statement, (self._pk(activity_id),))
         while True:
             rows = result.current_rows
             if rows:
@@ -252,36 +260,41 @@ class CassandraHistory:
     def page_timeline(self, user: str, before: str | None, limit: int) -> list[str]:
         """Order keys of the user's timeline strictly older than ``before``, newest first."""
         if before is None:
-            rows = self._session.execute(self._page_first, (user, limit))
+            rows = self._session.execute(self._page_first, (self._pk(user), limit))
         else:
             ts, activity_id = split_order_key(before)
-            rows = self._session.execute(self._page_after, (user, ts, activity_id, limit))
+            rows = self._session.execute(self._page_after, (self._pk(user), ts, activity_id, limit))
         return [order_key(row.ts, row.id) for row in rows]
 
     def outbox(self, actor: str, limit: int, before: str | None = None) -> list[str]:
         """Order keys of the actor's newest activities (strictly older than ``before``)."""
         if before is None:
-            rows = self._session.execute(self._outbox_first, (actor, limit))
+            rows = self._session.execute(self._outbox_first, (self._pk(actor), limit))
         else:
             ts, activity_id = split_order_key(before)
-            rows = self._session.execute(self._outbox_after, (actor, ts, activity_id, limit))
+            rows = self._session.execute(
+                self._outbox_after, (self._pk(actor), ts, activity_id, limit)
+            )
         return [order_key(row.ts, row.id) for row in rows]
 
     def mark_big(self, user: str) -> None:
         """Record that ``user`` is fanned out at read time from now on."""
-        self._session.execute(self._put_big, (user,))
+        self._session.execute(self._put_big, (self._pk(user),))
 
     def big_accounts(self) -> set[str]:
-        return {row.user_id for row in self._session.execute(self._all_big)}
+        """This tenant's big accounts (the table holds every tenant's: a few rows each)."""
+        mine = (self._mine(row.user_id) for row in self._session.execute(self._all_big))
+        return {user for user in mine if user is not None}
 
     def bodies(self, activity_ids: Sequence[str]) -> dict[str, bytes]:
         """Bodies by activity id; ids with no stored or a deleted activity are left out. Read in
         ``IN`` queries of at most ``BODIES_CHUNK`` ids."""
         out: dict[str, bytes] = {}
-        ids = list(dict.fromkeys(activity_ids))
+        ids = list(dict.fromkeys(map(self._pk, activity_ids)))
+        n = len(self._scope)
         for start in range(0, len(ids), BODIES_CHUNK):
             rows = self._session.execute(self._get_bodies, (ids[start : start + BODIES_CHUNK],))
-            out.update((row.id, row.body) for row in rows if row.body and not row.deleted)
+            out.update((row.id[n:], row.body) for row in rows if row.body and not row.deleted)
         return out
 
 

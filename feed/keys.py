@@ -12,11 +12,18 @@ Redis the fan-out declares one key per user and names the user's other keys from
 
 from __future__ import annotations
 
+import copy
 import functools
+from collections.abc import Callable
+from typing import Self
 
 __all__ = [
     "CONTROL_FOLLOWING",
+    "DEFAULT",
+    "DEFAULT_TENANT",
     "FANOUT_USER_PREFIXES",
+    "Keyspace",
+    "KeyspaceView",
     "active",
     "activity_keys",
     "actor_channel",
@@ -234,3 +241,147 @@ def remove_user_keys(user: str) -> tuple[str, str, str]:
     """A user's (timeline, presence, delivery stream): the three ``KEYS`` per user of
     ``feed/lua/remove.lua``."""
     return timeline(user), presence(user), deliveries(user)
+
+
+class Keyspace:
+    """Every name above, for one tenant (``docs/tenants.md``): the ``default`` tenant's are the
+    names above, byte for byte (:data:`DEFAULT`); another tenant's are the same names prefixed
+    with ``t:<tenant>:`` (``t:acme:tl:{u1}``), so two tenants' user ``u1`` share nothing, and one
+    ``SCAN MATCH t:acme:*`` finds all of a tenant's keys. The hash tag stays the user's, so a
+    user's keys keep sharing a slot on a Redis Cluster. No default name starts with ``t:``.
+
+    The stores hold one and build every name through it; :meth:`for_tenant` gives each
+    tenant's (cached)."""
+
+    __slots__ = ("fanout_cluster_keys", "fanout_prefixes", "fanout_user_key", "prefix")
+
+    def __init__(self, prefix: str = "") -> None:
+        #: ``""`` for the default tenant, else ``t:<tenant>:``.
+        self.prefix = prefix
+        #: :data:`FANOUT_USER_PREFIXES` with this keyspace's prefix.
+        self.fanout_prefixes: tuple[str, ...] = tuple(prefix + p for p in FANOUT_USER_PREFIXES)
+        # The fan-out's per-user KEYS (:func:`fanout_user_key`, :func:`fanout_cluster_keys`),
+        # cached per keyspace as the module's are, and attributes rather than methods: the
+        # fan-out calls one per user (its hot path), and the default's are the module's own.
+        self.fanout_user_key: Callable[[str], bytes] = (
+            fanout_user_key if not prefix else functools.lru_cache(maxsize=1 << 14)(self._user_key)
+        )
+        self.fanout_cluster_keys: Callable[[str], tuple[bytes, bytes, bytes, bytes]] = (
+            fanout_cluster_keys
+            if not prefix
+            else functools.lru_cache(maxsize=1 << 14)(self._cluster_keys)
+        )
+
+    @staticmethod
+    @functools.lru_cache(maxsize=1024)
+    def for_tenant(tenant: str) -> Keyspace:
+        """The tenant's keyspace (``tenant`` already validated: ``feed.tenants``)."""
+        return DEFAULT if tenant == DEFAULT_TENANT else Keyspace(f"t:{tenant}:")
+
+    def __repr__(self) -> str:
+        return f"Keyspace({self.prefix!r})"
+
+    def timeline(self, user: str) -> str:
+        return self.prefix + timeline(user)
+
+    def presence(self, user: str) -> str:
+        return self.prefix + presence(user)
+
+    def deliveries(self, user: str) -> str:
+        return self.prefix + deliveries(user)
+
+    def channel(self, user: str) -> str:
+        return self.prefix + channel(user)
+
+    def body(self, activity_id: str) -> str:
+        return self.prefix + body(activity_id)
+
+    def claim(self, activity_id: str) -> str:
+        return self.prefix + claim(activity_id)
+
+    def deleted(self, activity_id: str) -> str:
+        return self.prefix + deleted(activity_id)
+
+    def graph_version(self, user: str) -> str:
+        return self.prefix + graph_version(user)
+
+    def active(self, user: str) -> str:
+        return self.prefix + active(user)
+
+    def rebuilding(self, user: str) -> str:
+        return self.prefix + rebuilding(user)
+
+    def following_version(self, user: str) -> str:
+        return self.prefix + following_version(user)
+
+    def outbox(self, user: str) -> str:
+        return self.prefix + outbox(user)
+
+    def actor_channel(self, user: str) -> str:
+        return self.prefix + actor_channel(user)
+
+    @property
+    def big_accounts(self) -> str:
+        return self.prefix + big_accounts
+
+    def idempotency(self, key_digest: str) -> str:
+        return self.prefix + idempotency(key_digest)
+
+    def rate_ingest(self, token_digest: str) -> str:
+        return self.prefix + rate_ingest(token_digest)
+
+    def rate_connect_user(self, user: str) -> str:
+        return self.prefix + rate_connect_user(user)
+
+    def notify_data(self, user: str) -> str:
+        return self.prefix + notify_data(user)
+
+    def notify_groups(self, user: str) -> str:
+        return self.prefix + notify_groups(user)
+
+    def notify_items(self, user: str) -> str:
+        return self.prefix + notify_items(user)
+
+    def notify_pending(self, user: str) -> str:
+        return self.prefix + notify_pending(user)
+
+    def notify_keys(self, user: str) -> tuple[str, ...]:
+        if not self.prefix:
+            return notify_keys(user)
+        return tuple(self.prefix + k for k in notify_keys(user))
+
+    def body_pattern(self) -> str:
+        return self.body("*")
+
+    def activity_keys(self, activity_id: str) -> tuple[str, str]:
+        return self.deleted(activity_id), self.body(activity_id)
+
+    def remove_user_keys(self, user: str) -> tuple[str, str, str]:
+        return self.timeline(user), self.presence(user), self.deliveries(user)
+
+    def _user_key(self, user: str) -> bytes:
+        return self.timeline(user).encode()
+
+    def _cluster_keys(self, user: str) -> tuple[bytes, bytes, bytes, bytes]:
+        p = self.prefix.encode()
+        return tuple(p + k for k in fanout_cluster_keys(user))  # type: ignore[return-value]
+
+
+#: The ``default`` tenant's id (``feed.tenants.DEFAULT``; spelled here too, as ``feed.tenants``
+#: builds on this module).
+DEFAULT_TENANT = "default"
+#: The ``default`` tenant's keyspace: the module's names.
+DEFAULT = Keyspace()
+
+
+class KeyspaceView:
+    """A store that names its keys through ``self._k`` (the ``default`` tenant's unless it is a
+    :meth:`for_tenant` view). A view shares everything else (client, scripts, settings)."""
+
+    _k: Keyspace = DEFAULT
+
+    def for_tenant(self, tenant: str) -> Self:
+        """The same store, for ``tenant``'s keys (``tenant`` already validated)."""
+        view = copy.copy(self)
+        view._k = Keyspace.for_tenant(tenant)
+        return view

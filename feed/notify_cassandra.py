@@ -34,7 +34,7 @@ _US = "\x1f"
 _CONCURRENCY = 32
 
 
-class CassandraNotifyStore:
+class CassandraNotifyStore(cql.TenantPartitions):
     def __init__(self, session: Session, keyspace: str) -> None:
         self.session = session
         ks = keyspace
@@ -81,7 +81,8 @@ class CassandraNotifyStore:
         the fields, joined by US); returns the statements run. Raises on the first failure (the
         caller retries: idempotent)."""
         statements: list[tuple[object, tuple[object, ...]]] = []
-        for user, entries in changes:
+        for unscoped, entries in changes:
+            user = self._pk(unscoped)
             for entry in entries:
                 kind, v, rest = entry.split(_US, 2)
                 version = int(v)
@@ -119,8 +120,8 @@ class CassandraNotifyStore:
     def load_many(self, users: Sequence[str]) -> dict[str, NotifyRows]:
         """Several users' rows, their queries run concurrently (a worker batch may find many
         cold recipients: one after the other, 500 of them took 2.4 s in ``feed bench notify``)."""
-        statements = [(self._get_groups, (u,)) for u in users]
-        statements += [(self._get_items, (u,)) for u in users]
+        statements = [(self._get_groups, (self._pk(u),)) for u in users]
+        statements += [(self._get_items, (self._pk(u),)) for u in users]
         results = execute_concurrent(
             self.session, statements, concurrency=_CONCURRENCY, raise_on_first_error=True
         )

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Self, TypeAlias
 
 import redis
 import redis.asyncio as aioredis
@@ -93,7 +93,7 @@ _CALL_OPS = 2000
 _CALL_USERS = 500
 
 
-class NotifyRedis:
+class NotifyRedis(keys.KeyspaceView):
     """The workers' side (:class:`feed.interfaces.Notifications`), synchronous.
 
     The users of a batch go in few script calls (each one holds many users, one ``KEYS`` group
@@ -127,6 +127,13 @@ class NotifyRedis:
             )
         self._sharded = self._cluster is not None
 
+    def for_tenant(self, tenant: str) -> Self:
+        """The same store for ``tenant``: its keys, and its rows in Cassandra."""
+        view = super().for_tenant(tenant)
+        if self._durable is not None:
+            view._durable = self._durable.for_tenant(tenant)
+        return view
+
     def _execute(self, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]) -> list[Any]:
         """Run ``notify.lua`` calls (KEYS, ARGV): one pipeline, one round trip (per node)."""
         if self._cluster is not None:
@@ -141,7 +148,7 @@ class NotifyRedis:
 
     def _slot(self, user: str) -> int:
         """The user's slot on a Redis Cluster (0 on one Redis: one group)."""
-        return 0 if self._cluster is None else timelines_cluster.slot_of(keys.channel(user))
+        return 0 if self._cluster is None else timelines_cluster.slot_of(self._k.channel(user))
 
     def apply(self, ops: Sequence[NotifyOp]) -> int:
         if not ops:
@@ -173,7 +180,7 @@ class NotifyRedis:
         self._execute(
             [
                 (
-                    [keys.notify_pending(user) for user, _ in written],
+                    [self._k.notify_pending(user) for user, _ in written],
                     [
                         *_head(self._ttl, "confirm", self._sharded),
                         *(version for _, version in written),
@@ -208,8 +215,8 @@ class NotifyRedis:
                 users, args, keys_, ops = [], [], [], 0
             slot = self._slot(user)
             users.append(user)
-            keys_ += keys.notify_keys(user)
-            args += [keys.channel(user), len(user_ops), *_op_args(user_ops)]
+            keys_ += self._k.notify_keys(user)
+            args += [self._k.channel(user), len(user_ops), *_op_args(user_ops)]
             ops += len(user_ops)
         call()
         replies: dict[str, list[Any]] = {}
@@ -222,10 +229,10 @@ class NotifyRedis:
         self._execute(
             [
                 (
-                    keys.notify_keys(user),
+                    self._k.notify_keys(user),
                     [
                         *_head(self._ttl, "load", self._sharded),
-                        keys.channel(user),
+                        self._k.channel(user),
                         *_load_args(loaded.get(user) or NotifyRows([], [])),
                     ],
                 )
@@ -251,7 +258,7 @@ def _is_cold(reply: Any) -> bool:
     return isinstance(reply, list) and len(reply) == 1 and _text(reply[0]) == "L"
 
 
-class AsyncNotifyRedis:
+class AsyncNotifyRedis(keys.KeyspaceView):
     """The gateway's side (:class:`feed.interfaces.AsyncNotifications`), asyncio.
 
     ``durable`` returns the Cassandra store, or None while it is not connected; ``needs_durable``
@@ -274,10 +281,22 @@ class AsyncNotifyRedis:
         #: On a Redis Cluster the frames go out by sharded Pub/Sub.
         self._sharded = isinstance(client, aioredis.RedisCluster)
 
+    def for_tenant(self, tenant: str) -> Self:
+        """The same store for ``tenant``: its keys, and its rows in Cassandra."""
+        view = super().for_tenant(tenant)
+        durable = self._durable
+
+        def tenant_durable() -> CassandraNotifyStore | None:
+            store = durable()
+            return None if store is None else store.for_tenant(tenant)
+
+        view._durable = tenant_durable
+        return view
+
     async def _call(self, user: str, command: str, *args: Arg) -> list[Any]:
-        head = [*_head(self._ttl, command, self._sharded), keys.channel(user)]
+        head = [*_head(self._ttl, command, self._sharded), self._k.channel(user)]
         for _ in range(3):
-            reply = await self._script(keys=keys.notify_keys(user), args=head + list(args))
+            reply = await self._script(keys=self._k.notify_keys(user), args=head + list(args))
             if not _is_cold(reply):
                 return list(reply)
             await self._load(user)
@@ -289,8 +308,12 @@ class AsyncNotifyRedis:
             raise NotifyUnavailable("Cassandra is not connected yet")
         rows = await asyncio.to_thread(store.load, user) if store else NotifyRows([], [])
         await self._script(
-            keys=keys.notify_keys(user),
-            args=[*_head(self._ttl, "load", self._sharded), keys.channel(user), *_load_args(rows)],
+            keys=self._k.notify_keys(user),
+            args=[
+                *_head(self._ttl, "load", self._sharded),
+                self._k.channel(user),
+                *_load_args(rows),
+            ],
         )
 
     async def page(self, user: str, before: str | None, limit: int) -> NotifyPage:
@@ -331,7 +354,7 @@ class AsyncNotifyRedis:
         if mutations and store is not None:
             await asyncio.to_thread(store.write, [(user, mutations)])
             await self._script(
-                keys=[keys.notify_pending(user)],
+                keys=[self._k.notify_pending(user)],
                 args=[*_head(self._ttl, "confirm", self._sharded), _newest(mutations)],
             )
         return int(reply[1]), int(reply[2])

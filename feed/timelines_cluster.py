@@ -65,7 +65,6 @@ __all__ = [
 ]
 
 _ACTIVITY_FRAME = [frames.ACTIVITY_HEAD, frames.ACTIVITY_MIDDLE, frames.ACTIVITY_TAIL]
-_USER_PREFIXES = list(keys.FANOUT_USER_PREFIXES)
 #: Most users one call carries (as on one Redis: each script run stays short).
 MAX_USERS = 8192
 
@@ -106,27 +105,33 @@ def frame_tail(insert: Insert) -> bytes:
     return frames.activity_tail(insert.ts_ms, insert.traceparent)
 
 
-def fanout_calls(inserts: Sequence[Insert], head: Args) -> list[FanoutCall]:
+def fanout_calls(
+    inserts: Sequence[Insert], head: Args, k: keys.Keyspace = keys.DEFAULT
+) -> list[FanoutCall]:
     """The mode-``u`` ``fanout.lua`` calls for ``inserts``: the users grouped by the slot of
     their keys, each call with only its users' activities (re-indexed from 1), every user's
-    activities in insert order."""
+    activities in insert order. ``k``: the tenant's names."""
     per_user: dict[str, list[int]] = {}
     for position, insert in enumerate(inserts):
         for user in insert.users:
             per_user.setdefault(user, []).append(position)
     by_slot: dict[int, list[str]] = {}
-    user_key = keys.fanout_user_key
+    user_key = k.fanout_user_key
     for user in per_user:
         by_slot.setdefault(slot_of(user_key(user)), []).append(user)
     calls: list[FanoutCall] = []
     for users in by_slot.values():
         for start in range(0, len(users), MAX_USERS):
-            calls.append(_call(inserts, head, users[start : start + MAX_USERS], per_user))
+            calls.append(_call(inserts, head, users[start : start + MAX_USERS], per_user, k))
     return calls
 
 
 def _call(
-    inserts: Sequence[Insert], head: Args, users: list[str], per_user: dict[str, list[int]]
+    inserts: Sequence[Insert],
+    head: Args,
+    users: list[str],
+    per_user: dict[str, list[int]],
+    k: keys.Keyspace,
 ) -> FanoutCall:
     local: dict[str, bytes] = {}  # member -> its index in this call, as the script reads it
     members: list[str] = []
@@ -145,8 +150,9 @@ def _call(
                 index = local[insert.member] = b"%d" % len(members)
             mine.append(index)
         values.append(b" ".join(mine))
-    args: Args = [*head, len(members), *_ACTIVITY_FRAME, *_USER_PREFIXES, *members, *tails, b"u"]
-    names = [name for u in users for name in keys.fanout_cluster_keys(u)]
+    args: Args = [*head, len(members), *_ACTIVITY_FRAME, *k.fanout_prefixes, *members, *tails, b"u"]
+    cluster_keys = k.fanout_cluster_keys
+    names = [name for u in users for name in cluster_keys(u)]
     return FanoutCall(names, [*args, *values], bodies)
 
 
@@ -157,11 +163,13 @@ def with_bodies(call: FanoutCall) -> Args:
     return [*call.args[:mode], b"b", *call.bodies, *call.args[mode + 1 :]]
 
 
-def claim_calls(claims: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[str]]]:
+def claim_calls(
+    claims: Sequence[tuple[str, str]], k: keys.Keyspace = keys.DEFAULT
+) -> list[tuple[list[int], list[str]]]:
     """``claim.lua`` calls, one per slot of the claim keys: (positions in ``claims``, keys)."""
     by_slot: dict[int, tuple[list[int], list[str]]] = {}
     for position, (activity_id, _) in enumerate(claims):
-        key = keys.claim(activity_id)
+        key = k.claim(activity_id)
         positions, names = by_slot.setdefault(slot_of(key), ([], []))
         positions.append(position)
         names.append(key)
@@ -411,10 +419,12 @@ class AsyncClusterScripts:
             pipe.execute_command(*command)
         return list(await pipe.execute(raise_on_error=False))
 
-    async def deleted_now(self, activity_ids: Iterable[str]) -> set[str]:
+    async def deleted_now(
+        self, activity_ids: Iterable[str], k: keys.Keyspace = keys.DEFAULT
+    ) -> set[str]:
         """:func:`deleted_now` on this client."""
         ids = list(dict.fromkeys(activity_ids))
-        flags = await self.run([("EXISTS", keys.deleted(a)) for a in ids])
+        flags = await self.run([("EXISTS", k.deleted(a)) for a in ids])
         raise_first(flags)
         return {a for a, flag in zip(ids, flags, strict=True) if int(flag)}
 
@@ -437,9 +447,11 @@ def by_slot(removals: Iterable[Removal]) -> list[list[tuple[str, str, list[str]]
     return [[(m, a, users) for (m, a), users in group.items()] for group in slots.values()]
 
 
-def deleted_now(cluster: ClusterScripts, activity_ids: Iterable[str]) -> set[str]:
+def deleted_now(
+    cluster: ClusterScripts, activity_ids: Iterable[str], k: keys.Keyspace = keys.DEFAULT
+) -> set[str]:
     """Which of the activities have their deleted marker set now (one round trip per node)."""
     ids = list(dict.fromkeys(activity_ids))
-    flags = cluster.run([("EXISTS", keys.deleted(a)) for a in ids], wait=False)
+    flags = cluster.run([("EXISTS", k.deleted(a)) for a in ids], wait=False)
     raise_first(flags)
     return {a for a, flag in zip(ids, flags, strict=True) if int(flag)}

@@ -42,7 +42,7 @@ calls grouped by slot (issue 14). Today, shard by user id on the client side to 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, Self, TypeVar, cast
 
 import hiredis
 import msgspec
@@ -71,7 +71,6 @@ _SET_ARGS = 1000
 _json = msgspec.json.Encoder()
 _ACTIVITY_FRAME = [frames.ACTIVITY_HEAD, frames.ACTIVITY_MIDDLE, frames.ACTIVITY_TAIL]
 _REMOVED_FRAME = [frames.REMOVED_HEAD, frames.REMOVED_MIDDLE, frames.REMOVED_TAIL]
-_USER_PREFIXES = list(keys.FANOUT_USER_PREFIXES)
 _G = TypeVar("_G")
 _Args = list[str | int | bytes]
 #: One script call: its KEYS and its ARGV.
@@ -101,7 +100,10 @@ def _chunks(groups: Iterable[tuple[_G, Sequence[str]]]) -> list[list[tuple[_G, S
 
 
 def _remove_calls(
-    hist: int, removals: Iterable[tuple[str, str, Sequence[str]]], publish: str = "PUBLISH"
+    k: keys.Keyspace,
+    hist: int,
+    removals: Iterable[tuple[str, str, Sequence[str]]],
+    publish: str = "PUBLISH",
 ) -> list[_Call]:
     """The ``remove.lua`` calls for (member, activity id, users) removals: per user three KEYS
     (:func:`feed.keys.remove_user_keys`) and its channel in ARGV, ``_MAX_USERS`` users a call;
@@ -114,14 +116,14 @@ def _remove_calls(
         for (member, id_json), users in chunk:
             args += [member, id_json, len(users)]
             for user in users:
-                call_keys.extend(keys.remove_user_keys(user))
-                args.append(keys.channel(user))
+                call_keys.extend(k.remove_user_keys(user))
+                args.append(k.channel(user))
         calls.append((call_keys, args))
     return calls
 
 
 def _fanout_calls(
-    inserts: Sequence[Insert], head: _Args
+    k: keys.Keyspace, inserts: Sequence[Insert], head: _Args
 ) -> tuple[list[tuple[str, bytes]], list[_Call]]:
     """The bodies to SET and the ``fanout.lua`` calls for ``inserts``: every user's inserts
     grouped into one call (in insert order), at most ``_MAX_USERS`` inserts per call. KEYS: the
@@ -138,7 +140,7 @@ def _fanout_calls(
             continue
         index = indexes.get(insert.member)
         if index is None:
-            deleted, body = keys.activity_keys(insert.activity_id)
+            deleted, body = k.activity_keys(insert.activity_id)
             bodies.append((body, insert.body))
             activity_keys += (deleted, body)
             members.append(insert.member)
@@ -150,9 +152,9 @@ def _fanout_calls(
                 per_user[user] = [index]
             else:
                 mine.append(index)
-    head = [*head, len(members), *_ACTIVITY_FRAME, *_USER_PREFIXES, *members, *tails, b"k"]
+    head = [*head, len(members), *_ACTIVITY_FRAME, *k.fanout_prefixes, *members, *tails, b"k"]
     cap = _inserts_per_call(len(members))
-    user_key = keys.fanout_user_key
+    user_key = k.fanout_user_key
     calls: list[_Call] = []
     call_keys: list[str | bytes] = list(activity_keys)
     args = list(head)
@@ -240,7 +242,7 @@ def _execute_packed(
         pool.release(connection)
 
 
-class RedisTimelines:
+class RedisTimelines(keys.KeyspaceView):
     """Synchronous writer and reader (the fan-out worker's side)."""
 
     def __init__(
@@ -279,6 +281,13 @@ class RedisTimelines:
                 wait_timeout_ms=wait_timeout_ms,
             )
 
+    def for_tenant(self, tenant: str, *, timeline_max: int | None = None) -> Self:
+        """The same store for ``tenant``'s keys (and its timeline cap)."""
+        view = super().for_tenant(tenant)
+        if timeline_max is not None:
+            view._max = timeline_max
+        return view
+
     @property
     def client(self) -> redis.Redis:
         return self._redis
@@ -294,10 +303,10 @@ class RedisTimelines:
         """
         if self._cluster is not None:
             return self._insert_cluster(self._cluster, inserts, release)
-        bodies, calls = _fanout_calls(inserts, [self._max, self._hist, self._only_active])
+        bodies, calls = _fanout_calls(self._k, inserts, [self._max, self._hist, self._only_active])
         if not calls:
             if release:
-                self._redis.delete(*[keys.claim(a) for a in release])
+                self._redis.delete(*[self._k.claim(a) for a in release])
             return 0, 0
         commands: list[tuple[str | int | bytes, ...]] = [
             ("SET", key, body, "EX", self._ttl) for key, body in bodies
@@ -305,7 +314,7 @@ class RedisTimelines:
         sha = self._fanout.sha
         commands += [("EVALSHA", sha, len(k), *k, *a) for k, a in calls]
         if release:
-            commands.append(("DEL", *[keys.claim(a) for a in release]))
+            commands.append(("DEL", *[self._k.claim(a) for a in release]))
         # One round trip per script call (the bodies go with the first, the claims' release with
         # the last): see _execute_packed.
         rounds = [len(bodies) + 1, *([1] * (len(calls) - 1))]
@@ -341,12 +350,14 @@ class RedisTimelines:
         again, and what was written of an activity deleted meanwhile is taken back; then the
         claims' release."""
         live = [i for i in inserts if i.users]
-        before = timelines_cluster.deleted_now(cluster, [i.activity_id for i in live])
+        before = timelines_cluster.deleted_now(cluster, [i.activity_id for i in live], self._k)
         if before:
             live = [i for i in live if i.activity_id not in before]
             self.delete_bodies(before)
-        calls = timelines_cluster.fanout_calls(live, [self._max, self._hist, self._only_active])
-        bodies = {keys.body(i.activity_id): i.body for i in live}
+        calls = timelines_cluster.fanout_calls(
+            live, [self._max, self._hist, self._only_active], self._k
+        )
+        bodies = {self._k.body(i.activity_id): i.body for i in live}
         sha = self._fanout.sha
         commands: list[tuple[Any, ...]] = [
             ("SET", key, body, "EX", self._ttl) for key, body in bodies.items()
@@ -372,7 +383,7 @@ class RedisTimelines:
             timelines_cluster.raise_first(again)
             for i, reply in zip(online, again, strict=True):
                 results[i] = reply
-        gone = timelines_cluster.deleted_now(cluster, [i.activity_id for i in live])
+        gone = timelines_cluster.deleted_now(cluster, [i.activity_id for i in live], self._k)
         if gone:
             # Deleted while this write ran: take it back (see feed.timelines_cluster).
             self.remove(
@@ -380,7 +391,7 @@ class RedisTimelines:
             )
             self.delete_bodies(gone)
         if release:
-            timelines_cluster.raise_first(cluster.run([("DEL", keys.claim(a)) for a in release]))
+            timelines_cluster.raise_first(cluster.run([("DEL", self._k.claim(a)) for a in release]))
         return _totals(results)
 
     def claim(self, claims: Sequence[tuple[str, str]], ttl_s: int) -> list[str]:
@@ -393,7 +404,7 @@ class RedisTimelines:
             return []
         holders = [actor for _, actor in claims]
         if self._cluster is not None:
-            groups = timelines_cluster.claim_calls(claims)
+            groups = timelines_cluster.claim_calls(claims, self._k)
             sha = self._claim.sha
             replies = self._cluster.run(
                 [
@@ -414,7 +425,7 @@ class RedisTimelines:
                     holders[positions[int(position) - 1]] = _text(holder)
             return holders
         others = self._claim(
-            keys=[keys.claim(a) for a, _ in claims], args=[ttl_s, "\n".join(holders)]
+            keys=[self._k.claim(a) for a, _ in claims], args=[ttl_s, "\n".join(holders)]
         )
         for position, holder in zip(others[0::2], others[1::2], strict=True):
             holders[int(position) - 1] = _text(holder)
@@ -426,12 +437,14 @@ class RedisTimelines:
             return
         if self._cluster is not None:  # acknowledged by a replica too, as every worker write
             timelines_cluster.raise_first(
-                self._cluster.run([("SET", keys.deleted(a), 1, "EX", ttl_s) for a in activity_ids])
+                self._cluster.run(
+                    [("SET", self._k.deleted(a), 1, "EX", ttl_s) for a in activity_ids]
+                )
             )
             return
         pipe = self._redis.pipeline(transaction=False)
         for activity_id in activity_ids:
-            pipe.set(keys.deleted(activity_id), 1, ex=ttl_s)
+            pipe.set(self._k.deleted(activity_id), 1, ex=ttl_s)
         pipe.execute()
 
     def remove(self, removals: Sequence[Removal]) -> tuple[int, int]:
@@ -442,12 +455,14 @@ class RedisTimelines:
                 [
                     ("EVALSHA", sha, len(k), *k, *a)
                     for group in timelines_cluster.by_slot(removals)
-                    for k, a in _remove_calls(self._hist, group, "SPUBLISH")
+                    for k, a in _remove_calls(self._k, self._hist, group, "SPUBLISH")
                 ]
             )
             timelines_cluster.raise_first(replies)
             return _totals(replies)
-        calls = _remove_calls(self._hist, ((r.member, r.activity_id, r.users) for r in removals))
+        calls = _remove_calls(
+            self._k, self._hist, ((r.member, r.activity_id, r.users) for r in removals)
+        )
         if not calls:
             return 0, 0
         if len(calls) == 1:
@@ -466,8 +481,8 @@ class RedisTimelines:
         call_keys: list[str] = []
         args: _Args = [self._max, self._ttl, "k"]
         for actor, item in items:
-            call_keys += (*keys.activity_keys(item.activity_id), keys.outbox(actor))
-            args += [item.member, item.body, keys.actor_channel(actor)]
+            call_keys += (*self._k.activity_keys(item.activity_id), self._k.outbox(actor))
+            args += [item.member, item.body, self._k.actor_channel(actor)]
         return int(self._outbox_add(keys=call_keys, args=args))
 
     def _outboxes_cluster(
@@ -476,7 +491,9 @@ class RedisTimelines:
         """:meth:`add_to_outboxes` on a Redis Cluster: the bodies, then one call per slot of
         the outboxes (mode ``o``); then what was added of an activity deleted meanwhile is
         taken back, as :meth:`insert` does (and a deleted one left out before)."""
-        before = timelines_cluster.deleted_now(cluster, [item.activity_id for _, item in items])
+        before = timelines_cluster.deleted_now(
+            cluster, [item.activity_id for _, item in items], self._k
+        )
         items = [(actor, item) for actor, item in items if item.activity_id not in before]
         if before:
             self.delete_bodies(before)
@@ -484,13 +501,13 @@ class RedisTimelines:
             return 0
         groups: dict[int, tuple[list[str], _Args]] = {}
         for actor, item in items:
-            outbox = keys.outbox(actor)
+            outbox = self._k.outbox(actor)
             names, args = groups.setdefault(
                 timelines_cluster.slot_of(outbox), ([], [self._max, self._ttl, "o"])
             )
             names.append(outbox)
-            args += [item.member, item.body, keys.actor_channel(actor)]
-        bodies = {keys.body(item.activity_id): item.body for _, item in items}
+            args += [item.member, item.body, self._k.actor_channel(actor)]
+        bodies = {self._k.body(item.activity_id): item.body for _, item in items}
         sha = self._outbox_add.sha
         commands: list[tuple[Any, ...]] = [
             ("SET", key, body, "EX", self._ttl) for key, body in bodies.items()
@@ -499,7 +516,9 @@ class RedisTimelines:
         replies = cluster.run(commands)
         timelines_cluster.raise_first(replies)
         added = sum(int(r) for r in replies[len(bodies) :])
-        gone = timelines_cluster.deleted_now(cluster, [item.activity_id for _, item in items])
+        gone = timelines_cluster.deleted_now(
+            cluster, [item.activity_id for _, item in items], self._k
+        )
         for actor, item in items:
             if item.activity_id in gone:
                 added -= self.remove_from_outbox(actor, item.member)
@@ -508,32 +527,32 @@ class RedisTimelines:
         return added
 
     def remove_from_outbox(self, actor: str, member: str) -> int:
-        args: _Args = [member, keys.actor_channel(actor)]
+        args: _Args = [member, self._k.actor_channel(actor)]
         if self._cluster is not None:
             args.append("SPUBLISH")  # sharded Pub/Sub: the channel is in the actor's slot
-        return int(self._outbox_remove(keys=[keys.outbox(actor)], args=args))
+        return int(self._outbox_remove(keys=[self._k.outbox(actor)], args=args))
 
     def delete_bodies(self, activity_ids: Iterable[str]) -> None:
-        names = [keys.body(a) for a in activity_ids]
+        names = [self._k.body(a) for a in activity_ids]
         if names:
             self._redis.delete(*names)
 
     def page(self, user: str, before: str | None, limit: int) -> TimelinePage:
         members = _decode_all(
             self._redis.zrevrangebylex(
-                keys.timeline(user), f"({before}" if before else "+", "-", start=0, num=limit
+                self._k.timeline(user), f"({before}" if before else "+", "-", start=0, num=limit
             )
         )
-        names = _body_keys(members)
+        names = _body_keys(self._k, members)
         if self._cluster is not None:
             return TimelinePage(members, _bodies(members, self._cluster.mget(names)))
         return TimelinePage(members, _bodies(members, self._redis.mget(names)))
 
     def size(self, user: str) -> int:
-        return int(self._redis.zcard(keys.timeline(user)))
+        return int(self._redis.zcard(self._k.timeline(user)))
 
 
-class AsyncRedisTimelines:
+class AsyncRedisTimelines(keys.KeyspaceView):
     """Asynchronous reader (the gateway's side)."""
 
     def __init__(self, client: aioredis.Redis) -> None:
@@ -573,6 +592,7 @@ class AsyncRedisTimelines:
                 body_ttl_s,
             )
         bodies, calls = _fanout_calls(
+            self._k,
             [Insert(member, split_order_key(member)[1], body, users)],
             [timeline_max, stream_history, "0"],
         )
@@ -593,19 +613,23 @@ class AsyncRedisTimelines:
         call carries the body (mode ``b``); the deleted marker is read before and after, as the
         workers do (``feed.timelines_cluster``)."""
         activity_id = split_order_key(member)[1]
-        if await cluster.deleted_now([activity_id]):
+        if await cluster.deleted_now([activity_id], self._k):
             return 0, 0
-        calls = timelines_cluster.fanout_calls([Insert(member, activity_id, body, users)], head)
+        calls = timelines_cluster.fanout_calls(
+            [Insert(member, activity_id, body, users)], head, self._k
+        )
         sha = self._fanout.sha
-        commands: list[tuple[Any, ...]] = [("SET", keys.body(activity_id), body, "EX", body_ttl_s)]
+        commands: list[tuple[Any, ...]] = [
+            ("SET", self._k.body(activity_id), body, "EX", body_ttl_s)
+        ]
         commands += [
             ("EVALSHA", sha, len(c.keys), *c.keys, *timelines_cluster.with_bodies(c)) for c in calls
         ]
         replies = await cluster.run(commands)
         timelines_cluster.raise_first(replies)
-        if await cluster.deleted_now([activity_id]):
+        if await cluster.deleted_now([activity_id], self._k):
             await self.remove_for(users, member, stream_history=int(head[1]))
-            await self._redis.delete(keys.body(activity_id))
+            await self._redis.delete(self._k.body(activity_id))
         return _totals(replies[1:])
 
     async def remove_for(
@@ -618,12 +642,12 @@ class AsyncRedisTimelines:
                 [
                     ("EVALSHA", sha, len(k), *k, *a)
                     for group in timelines_cluster.by_slot([Removal(*removal)])
-                    for k, a in _remove_calls(stream_history, group, "SPUBLISH")
+                    for k, a in _remove_calls(self._k, stream_history, group, "SPUBLISH")
                 ]
             )
             timelines_cluster.raise_first(replies)
             return _totals(replies)
-        calls = _remove_calls(stream_history, [removal])
+        calls = _remove_calls(self._k, stream_history, [removal])
         return _totals([await self._remove(keys=k, args=a) for k, a in calls])
 
     async def _mget(self, names: list[str]) -> list[Any]:
@@ -634,18 +658,20 @@ class AsyncRedisTimelines:
     async def page(self, user: str, before: str | None, limit: int) -> TimelinePage:
         members = _decode_all(
             await self._redis.zrevrangebylex(
-                keys.timeline(user), f"({before}" if before else "+", "-", start=0, num=limit
+                self._k.timeline(user), f"({before}" if before else "+", "-", start=0, num=limit
             )
         )
         if not members:
             return TimelinePage([], {})
-        return TimelinePage(members, _bodies(members, await self._mget(_body_keys(members))))
+        return TimelinePage(
+            members, _bodies(members, await self._mget(_body_keys(self._k, members)))
+        )
 
     async def touch(self, user: str, active_ttl_s: int, token: str = "1") -> int:
         """Mark the user active. 0: hot (Redis is complete); 1: rebuild now — the caller holds
         the rebuild lease ``token`` and must call :meth:`rebuild` with it; 2: being rebuilt
         (read Cassandra)."""
-        touch_keys = [keys.active(user), keys.rebuilding(user)]
+        touch_keys = [self._k.active(user), self._k.rebuilding(user)]
         return int(await self._touch(keys=touch_keys, args=[active_ttl_s, token]))
 
     async def rebuild(
@@ -666,7 +692,7 @@ class AsyncRedisTimelines:
         is marked complete only if the lease ``token`` still holds (False if not: Redis restarted
         or the lease expired meanwhile; a newer rebuild finishes the job).
         """
-        call_keys = [keys.timeline(user), keys.active(user), keys.rebuilding(user)]
+        call_keys = [self._k.timeline(user), self._k.active(user), self._k.rebuilding(user)]
         args: _Args = [token, timeline_max, body_ttl_s]
         if self._cluster is not None:
             return await self._rebuild_cluster(self._cluster, call_keys, args, members, bodies)
@@ -674,7 +700,7 @@ class AsyncRedisTimelines:
             activity_id = split_order_key(member)[1]
             body = bodies.get(activity_id)
             if body is not None:
-                call_keys += keys.activity_keys(activity_id)
+                call_keys += self._k.activity_keys(activity_id)
                 args += [member, body]
         return bool(await self._rebuild(keys=call_keys, args=args))
 
@@ -690,38 +716,40 @@ class AsyncRedisTimelines:
         left out), the bodies stored, the script given the user's keys and the members only;
         then the markers again, and an entry deleted meanwhile is taken back out."""
         ids = {member: split_order_key(member)[1] for member in members}
-        before = await cluster.deleted_now(a for a in ids.values() if a in bodies)
+        before = await cluster.deleted_now((a for a in ids.values() if a in bodies), self._k)
         entries = {m: a for m, a in ids.items() if a in bodies and a not in before}
         ttl = args[2]
         sets = [
-            ("SET", keys.body(a), bodies[a], "EX", ttl) for a in dict.fromkeys(entries.values())
+            ("SET", self._k.body(a), bodies[a], "EX", ttl) for a in dict.fromkeys(entries.values())
         ]
         sha = self._rebuild.sha
         command = ("EVALSHA", sha, len(call_keys), *call_keys, *args, *entries)
         replies = await cluster.run([*sets, command])
         timelines_cluster.raise_first(replies)
-        gone = await cluster.deleted_now(entries.values())
+        gone = await cluster.deleted_now(entries.values(), self._k)
         if gone:
             # no frame: a rebuild pushes none either
             timeline = call_keys[0]
             await self._redis.zrem(timeline, *[m for m, a in entries.items() if a in gone])
-            await self._redis.delete(*[keys.body(a) for a in gone])
+            await self._redis.delete(*[self._k.body(a) for a in gone])
         return bool(replies[-1])
 
     async def big_state(self, user: str) -> tuple[bytes, int]:
         """(version of whom ``user`` follows, size of the big-accounts set): one round trip, and
         one more to install a version if ``user`` has none (``feed.versions.current``)."""
         pipe = self._redis.pipeline(transaction=False)
-        pipe.get(keys.following_version(user))
-        pipe.scard(keys.big_accounts)
+        pipe.get(self._k.following_version(user))
+        pipe.scard(self._k.big_accounts)
         version, size = await pipe.execute()
-        version = await versions.current_async(self._redis, keys.following_version(user), version)
+        version = await versions.current_async(
+            self._redis, self._k.following_version(user), version
+        )
         return version, int(size)
 
     async def big_accounts(self) -> list[str]:
         """The members of the big-accounts set, sentinel left out (``SSCAN``: each command
         returns about ``_SET_ARGS`` members)."""
-        members = [m async for m in self._redis.sscan_iter(keys.big_accounts, count=_SET_ARGS)]
+        members = [m async for m in self._redis.sscan_iter(self._k.big_accounts, count=_SET_ARGS)]
         return [_text(m) for m in dict.fromkeys(members) if m]  # SSCAN may repeat a member
 
     async def big_among(self, users: Sequence[str]) -> list[str]:
@@ -731,7 +759,7 @@ class AsyncRedisTimelines:
             return []
         pipe = self._redis.pipeline(transaction=False)
         for start in range(0, len(users), _SET_ARGS):
-            pipe.smismember(keys.big_accounts, list(users[start : start + _SET_ARGS]))
+            pipe.smismember(self._k.big_accounts, list(users[start : start + _SET_ARGS]))
         flags = [flag for chunk in await pipe.execute() for flag in chunk]
         return [u for u, flag in zip(users, flags, strict=True) if flag]
 
@@ -742,7 +770,7 @@ class AsyncRedisTimelines:
         pipe = self._redis.pipeline(transaction=False)
         for actor in actors:
             pipe.zrevrangebylex(
-                keys.outbox(actor), f"({before}" if before else "+", "-", start=0, num=limit
+                self._k.outbox(actor), f"({before}" if before else "+", "-", start=0, num=limit
             )
         results = await pipe.execute()
         return {a: _decode_all(r) for a, r in zip(actors, results, strict=True)}
@@ -750,7 +778,7 @@ class AsyncRedisTimelines:
     async def bodies(self, members: list[str]) -> dict[str, bytes]:
         if not members:
             return {}
-        return _bodies(members, await self._mget(_body_keys(members)))
+        return _bodies(members, await self._mget(_body_keys(self._k, members)))
 
     async def cache_bodies(self, bodies: dict[str, bytes], ttl_s: int) -> int:
         """Cache bodies read from Cassandra, except those of activities deleted since the read
@@ -760,18 +788,18 @@ class AsyncRedisTimelines:
         if self._cluster is not None:
             # An activity's marker and body live in different slots: the markers are read
             # before and after instead (feed.timelines_cluster).
-            before = await self._cluster.deleted_now(bodies)
+            before = await self._cluster.deleted_now(bodies, self._k)
             fresh = {a: b for a, b in bodies.items() if a not in before}
-            sets = [("SET", keys.body(a), b, "EX", ttl_s) for a, b in fresh.items()]
+            sets = [("SET", self._k.body(a), b, "EX", ttl_s) for a, b in fresh.items()]
             timelines_cluster.raise_first(await self._cluster.run(sets))
-            gone = await self._cluster.deleted_now(fresh)
+            gone = await self._cluster.deleted_now(fresh, self._k)
             if gone:
-                await self._redis.delete(*[keys.body(a) for a in gone])
+                await self._redis.delete(*[self._k.body(a) for a in gone])
             return len(fresh) - len(gone)
         call_keys: list[str] = []
         args: _Args = [ttl_s]
         for activity_id, body in bodies.items():
-            call_keys += keys.activity_keys(activity_id)
+            call_keys += self._k.activity_keys(activity_id)
             args.append(body)
         return int(await self._cache_bodies(keys=call_keys, args=args))
 
@@ -788,8 +816,8 @@ def _decode_all(values: Sequence[bytes | str]) -> list[str]:
     return [_text(v) for v in values]
 
 
-def _body_keys(members: list[str]) -> list[str]:
-    return [keys.body(split_order_key(m)[1]) for m in members]
+def _body_keys(k: keys.Keyspace, members: list[str]) -> list[str]:
+    return [k.body(split_order_key(m)[1]) for m in members]
 
 
 def _bodies(members: list[str], raw: Sequence[bytes | str | None]) -> dict[str, bytes]:

@@ -57,6 +57,8 @@ class Backend:
     lose_key: Callable[[str], None]
     history: Callable[[], History]
     graph: Callable[[int], FollowGraph]  # (page_size): one graph per test
+    #: The tenant whose names the stores use (``feed.keys.Keyspace``).
+    keyspace: keys.Keyspace = keys.DEFAULT
 
 
 def memory_backend() -> Backend:
@@ -94,10 +96,15 @@ def memory_backend() -> Backend:
 
 
 def real_backend(
-    client: redis.Redis, async_client: aioredis.Redis, session: Session, keyspace: str
+    client: redis.Redis,
+    async_client: aioredis.Redis,
+    session: Session,
+    keyspace: str,
+    tenant: str = keys.DEFAULT_TENANT,
 ) -> Backend:
-    """The production stores on the test session's Redis and Cassandra."""
-    history = CassandraHistory(session, keyspace)
+    """The production stores on the test session's Redis and Cassandra, for ``tenant``."""
+    history = CassandraHistory(session, keyspace).for_tenant(tenant)
+    names = keys.Keyspace.for_tenant(tenant)
 
     async def publish(channel: bytes, message: bytes) -> None:
         if isinstance(async_client, aioredis.RedisCluster):
@@ -106,7 +113,7 @@ def real_backend(
             await async_client.publish(channel, message)
 
     def lose_presence(user: str) -> None:
-        client.delete(keys.presence(user), keys.deliveries(user))
+        client.delete(names.presence(user), names.deliveries(user))
 
     def lose_key(name: str) -> None:
         client.delete(name)
@@ -119,14 +126,17 @@ def real_backend(
             stream_history=hist,
             body_ttl_s=600,
             only_active=only_active,
-        ),
-        async_timelines=lambda: AsyncRedisTimelines(async_client),
-        delivery=lambda: AsyncRedisPresence(async_client, ttl_s=600),
-        versions=lambda: RedisGraphVersions(client),
+        ).for_tenant(tenant),
+        async_timelines=lambda: AsyncRedisTimelines(async_client).for_tenant(tenant),
+        delivery=lambda: AsyncRedisPresence(async_client, ttl_s=600).for_tenant(tenant),
+        versions=lambda: RedisGraphVersions(client).for_tenant(tenant),
         subscriber=lambda: RedisSubscriber(async_client),
         publish=publish,
         lose_presence=lose_presence,
         lose_key=lose_key,
         history=lambda: history,
-        graph=lambda page_size: CassandraFollowGraph(session, keyspace, page_size=page_size),
+        graph=lambda page_size: CassandraFollowGraph(
+            session, keyspace, page_size=page_size
+        ).for_tenant(tenant),
+        keyspace=names,
     )

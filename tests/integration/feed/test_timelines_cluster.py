@@ -121,10 +121,10 @@ def test_a_delete_landing_mid_write_is_taken_back(
     real = timelines_cluster.deleted_now
     looks: list[set[str]] = []
 
-    def deleted_now(cluster: Any, activity_ids: Any) -> set[str]:
+    def deleted_now(cluster: Any, activity_ids: Any, k: keys.Keyspace) -> set[str]:
         if looks:  # the second look: the delete has landed meanwhile
             t.mark_deleted([aid], 600)
-        looks.append(real(cluster, activity_ids))
+        looks.append(real(cluster, activity_ids, k))
         return looks[-1]
 
     monkeypatch.setattr(timelines_cluster, "deleted_now", deleted_now)

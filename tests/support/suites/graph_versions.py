@@ -26,7 +26,7 @@ class GraphVersionsSuite:
         assert moved[0] != first.versions[0] and moved[1] == first.versions[1]
         seen = {first.versions[0], moved[0]}
         for _ in range(3):  # the store loses the key (a restart): never an old value again
-            backend.lose_key(keys.graph_version(a))
+            backend.lose_key(backend.keyspace.graph_version(a))
             again = versions.follower_state([a], big=False).versions[0]
             assert again not in seen
             seen.add(again)
@@ -46,7 +46,7 @@ class GraphVersionsSuite:
         self, backend: Backend, ids: Ids
     ) -> None:
         fan, star = ids("fan"), ids("star")
-        channel = keys.channel(fan).encode()
+        channel = backend.keyspace.channel(fan).encode()
         got: list[bytes] = []
         confirmed: list[bytes] = []
         link = await backend.subscriber().open(

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis.crc import key_slot
 
 from feed import keys, scripts
 
@@ -189,3 +190,54 @@ def test_a_users_notification_keys_and_channel_are_in_one_cluster_slot() -> None
         keys.notify_pending("u1"),
         keys.presence("u1"),
     )
+
+
+def test_the_default_tenants_keyspace_is_the_module_names_byte_for_byte() -> None:
+    user, activity = "u1", "a1"
+    k = keys.Keyspace.for_tenant(keys.DEFAULT_TENANT)
+    assert k is keys.DEFAULT and k.prefix == ""
+    for name in (
+        "timeline",
+        "presence",
+        "deliveries",
+        "channel",
+        "graph_version",
+        "active",
+        "rebuilding",
+        "following_version",
+        "outbox",
+        "actor_channel",
+        "rate_connect_user",
+        "notify_data",
+        "notify_groups",
+        "notify_items",
+        "notify_pending",
+        "notify_keys",
+        "remove_user_keys",
+        "fanout_user_key",
+        "fanout_cluster_keys",
+    ):
+        assert getattr(k, name)(user) == getattr(keys, name)(user), name
+    for name in ("body", "claim", "deleted", "idempotency", "rate_ingest", "activity_keys"):
+        assert getattr(k, name)(activity) == getattr(keys, name)(activity), name
+    assert k.big_accounts == keys.big_accounts
+    assert k.fanout_prefixes == keys.FANOUT_USER_PREFIXES
+
+
+def test_a_tenants_names_are_prefixed_and_keep_the_users_hash_tag() -> None:
+    k = keys.Keyspace.for_tenant("acme")
+    assert k.timeline("u1") == "t:acme:" + keys.timeline("u1")
+    assert k.fanout_user_key("u1") == b"t:acme:" + keys.fanout_user_key("u1")
+    assert k.fanout_cluster_keys("u1") == tuple(
+        b"t:acme:" + name for name in keys.fanout_cluster_keys("u1")
+    )
+    assert k.notify_keys("u1") == tuple("t:acme:" + n for n in keys.notify_keys("u1"))
+    assert k.big_accounts == "t:acme:" + keys.big_accounts
+    assert all(p.startswith("t:acme:") for p in k.fanout_prefixes)
+    assert key_slot(k.timeline("u1").encode()) == key_slot(keys.timeline("u1").encode())
+    # no default name starts with the tenants' prefix: a tenant's keys are found by t:<id>:*
+    assert not any(
+        getattr(keys, n)("x").startswith("t:")
+        for n in ("timeline", "presence", "body", "claim", "deleted", "idempotency", "outbox")
+    )
+    assert keys.Keyspace.for_tenant("acme") is k
