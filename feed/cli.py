@@ -385,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", type=int, default=86_400, help="lifetime in seconds")
     p.set_defaults(func=cmd_token)
 
+    from feed.cli_tenant import add_tenant_parser  # here: it imports this module's helpers
+
+    add_tenant_parser(sub)
+
     p = sub.add_parser("lag", help="consumer lag of the fan-out group")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--watch", action="store_true", help="refresh the table")

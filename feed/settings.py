@@ -201,6 +201,21 @@ class Settings:
     #: How far ahead of this process's clock an event time (``published``, a follow's ``at``)
     #: may be; further ahead is refused (400 over HTTP, DLQ ``in_the_future`` from Kafka).
     max_clock_skew_s: float = 300.0
+    #: Tenants (``feed.tenants``, docs/tenants.md): every worker and gateway reloads the
+    #: registry this often, so a change (create, rotate, disable, quotas) reaches them within it.
+    tenant_refresh_s: float = 10.0
+    #: How long a tenant's previous ingest token and JWT secret stay valid after ``rotate``.
+    tenant_rotate_grace_s: int = 3600
+    #: Tenants with their own label on the ``feed_tenant_*`` metrics (the oldest ones; the
+    #: others share ``other``): bounds the series a deployment with many tenants exports.
+    tenant_metrics_max: int = 20
+    #: The quotas of a tenant that overrides none (``feed tenant create --max-connections``,
+    #: ``--fanout-rate``): WebSocket connections across all gateways, fan-out records per
+    #: second and their burst. 0: no limit. The other quotas default to ``ingest_rate``,
+    #: ``ingest_burst``, ``max_connections_per_user`` and ``timeline_max``.
+    tenant_max_connections: int = 0
+    tenant_fanout_rate: float = 0.0
+    tenant_fanout_burst: int = 1000
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
     drain_s: float = 10.0
@@ -268,6 +283,13 @@ class Settings:
             "connect_ip_burst": _int(1, 1_000_000),
             "max_connections_per_user": _int(1, 100_000),
             "max_clock_skew_s": _float(0, 86_400 * 365),
+            # a disable or a rotation must take effect within seconds: at most the default
+            "tenant_refresh_s": _float(0.1, 10),
+            "tenant_rotate_grace_s": _int(0, 30 * 86_400),
+            "tenant_metrics_max": _int(0, 1000),
+            "tenant_max_connections": _int(0, 10_000_000),
+            "tenant_fanout_rate": _float(0, 1_000_000),
+            "tenant_fanout_burst": _int(1, 1_000_000),
             "ping_interval_s": _float(0.5, 3600),
             "ping_timeout_s": _float(0.5, 3600),
             "drain_s": _float(0, 600),

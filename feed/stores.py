@@ -133,6 +133,15 @@ def schema_statements(
         f"CREATE TABLE IF NOT EXISTS {ks}.notify_items ("
         " user_id text, gid text, aid text, actor text, ts bigint,"
         " PRIMARY KEY ((user_id), gid, aid))",
+        # The tenant registry (feed.tenants_cassandra): one row per tenant, read whole by every
+        # process every FEED_TENANT_REFRESH_S. Only the SHA-256 of an ingest token is kept; the
+        # credentials a rotation replaced map to when they expire; a null quota keeps the setting.
+        f"CREATE TABLE IF NOT EXISTS {ks}.tenants ("
+        " id text PRIMARY KEY, state text, created timestamp, updated timestamp,"
+        " ingest_sha256 blob, jwt_secret text,"
+        " prev_ingest map<blob, timestamp>, prev_jwt map<text, timestamp>,"
+        " ingest_rate double, ingest_burst int, max_connections int,"
+        " max_connections_per_user int, timeline_max int, fanout_rate double)",
     ]
 
 

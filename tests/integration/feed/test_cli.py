@@ -131,3 +131,13 @@ def test_bad_flags_are_refused_before_anything_is_reached(args: list[str], flag:
     code, _stdout, stderr, elapsed = _run(args, env)
     assert code == 2 and elapsed < STARTUP_S, (code, elapsed, stderr)
     assert f"argument {flag}: must be" in stderr and "Traceback" not in stderr
+
+
+def test_tenant_commands_fail_within_their_timeout_naming_cassandra() -> None:
+    env, port = _closed_env()
+    code, stdout, stderr, elapsed = _run(["tenant", "list", "--timeout", "1"], env)
+    assert code == 1 and elapsed < 1 + STARTUP_S, (code, elapsed)
+    _assert_one_line(
+        stderr, f"feed tenant list: cannot reach Cassandra at 127.0.0.1:{port} within 1 s"
+    )
+    assert stdout == ""

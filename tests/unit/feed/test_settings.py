@@ -153,3 +153,22 @@ def test_cassandra_setting_errors(var: str, value: str, says: str) -> None:
     with pytest.raises(SettingsError) as info:
         Settings.from_env({var: value})
     assert str(info.value).startswith(var + ":") and says in str(info.value)
+
+
+def test_tenant_settings_defaults_and_bounds() -> None:
+    s = Settings.from_env({})
+    assert (s.tenant_refresh_s, s.tenant_rotate_grace_s, s.tenant_metrics_max) == (10, 3600, 20)
+    assert (s.tenant_max_connections, s.tenant_fanout_rate, s.tenant_fanout_burst) == (0, 0, 1000)
+    assert Settings.from_env({"FEED_TENANT_REFRESH_S": "0.5"}).tenant_refresh_s == 0.5
+    for var, value in [
+        ("FEED_TENANT_REFRESH_S", "0"),
+        ("FEED_TENANT_REFRESH_S", "11"),  # at most the default: a disable takes seconds
+        ("FEED_TENANT_ROTATE_GRACE_S", "-1"),
+        ("FEED_TENANT_ROTATE_GRACE_S", str(30 * 86_400 + 1)),
+        ("FEED_TENANT_MAX_CONNECTIONS", "-1"),
+        ("FEED_TENANT_FANOUT_RATE", "-1"),
+        ("FEED_TENANT_FANOUT_BURST", "0"),
+    ]:
+        with pytest.raises(SettingsError) as info:
+            Settings.from_env({var: value})
+        assert str(info.value).startswith(var + ":")
