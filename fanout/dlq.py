@@ -2,7 +2,9 @@
 
 Each DLQ record is the original key and value bytes, with headers: ``feed.error`` (code),
 ``feed.error.message``, ``feed.error.field``, ``feed.attempts``, ``feed.origin.topic``,
-``feed.origin.partition``, ``feed.origin.offset``, ``feed.failed.at`` (RFC 3339).
+``feed.origin.partition``, ``feed.origin.offset``, ``feed.failed.at`` (RFC 3339), and the
+original's ``feed.tenant`` if it had one (``feed dlq replay`` sends it again with the record, so
+a replayed record lands in its tenant).
 
 A record too large to copy whole (key + value + headers over what the DLQ producer may send,
 ``message.max.bytes`` of :func:`dead_letter_producer_config` less the record framing) is copied
@@ -30,6 +32,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+from feed import tenants
 from feed.kafka import KafkaUnavailable, producer_config, quiet
 from feed.settings import Settings
 from schemas.errors import FeedError
@@ -177,6 +180,9 @@ class DeadLetters:
             ("feed.origin.offset", str(message.offset()).encode()),
             ("feed.failed.at", datetime.now(UTC).isoformat().encode()),
         ]
+        tenant = tenants.header_tenant(message.headers())
+        if tenant is not None:  # kept, so a replay lands in the tenant it came from
+            headers.append((tenants.HEADER, _utf8(tenant)[:64]))
         letter = _Letter(
             key=message.key(),
             value=message.value() or b"",
@@ -377,6 +383,15 @@ class ReplayResult:
     truncated: list[DeadLetter]
 
 
+def _replay_headers(record: DeadLetter, source: str) -> list[tuple[str, str | bytes | None]]:
+    """A replayed record's headers: where it was replayed from, and its tenant, if any."""
+    headers: list[tuple[str, str | bytes | None]] = [("feed.replayed.from", source.encode())]
+    tenant = record.headers.get(tenants.HEADER)
+    if tenant is not None:
+        headers.append((tenants.HEADER, tenant.encode()))
+    return headers
+
+
 def replay_dead_letters(
     bootstrap: str,
     topic: str,
@@ -431,7 +446,7 @@ def replay_dead_letters(
                     origin,
                     key=record.key,
                     value=record.value,
-                    headers=[("feed.replayed.from", source.encode())],
+                    headers=_replay_headers(record, source),
                     on_delivery=lambda err, _msg: errors.append(str(err)) if err else None,
                 )
             except (BufferError, KafkaException) as exc:

@@ -109,6 +109,16 @@ class _Deferred:
     done_ms: float | None = None
 
 
+class _Writer:
+    """The one thread that runs the deferred Redis writes, first in first out, and the writes
+    it has not finished: shared by a worker's processors (one per tenant, :meth:`with_stores`),
+    so a delete or follow of any tenant waits for every earlier write, as with one tenant."""
+
+    def __init__(self) -> None:
+        self.executor: ThreadPoolExecutor | None = None
+        self.in_flight: list[Future[tuple[int, int]]] = []
+
+
 class Processor:
     def __init__(
         self,
@@ -132,14 +142,39 @@ class Processor:
         self._backfill = follow_backfill
         self._tombstone_ttl = tombstone_ttl_s
         self._notifications = notifications
-        self._writer: ThreadPoolExecutor | None = None
-        self._in_flight: list[Future[tuple[int, int]]] = []
+        self._w = _Writer()
+
+    def with_stores(
+        self,
+        *,
+        timelines: Timelines,
+        history: History,
+        graph: FollowGraph,
+        versions: GraphVersions,
+        followers: FollowerCache,
+        notifications: Notifications | None,
+    ) -> Processor:
+        """A processor with the same settings and writer thread on other stores: another
+        tenant's views of them (``docs/tenants.md``)."""
+        other = Processor(
+            timelines=timelines,
+            history=history,
+            graph=graph,
+            versions=versions,
+            followers=followers,
+            history_timelines=self._history_timelines,
+            follow_backfill=self._backfill,
+            tombstone_ttl_s=self._tombstone_ttl,
+            notifications=notifications,
+        )
+        other._w = self._w
+        return other
 
     def close(self) -> None:
         """Wait for the Redis writes in flight and stop the writer thread."""
-        if self._writer is not None:
-            self._writer.shutdown(wait=True)
-            self._writer = None
+        if self._w.executor is not None:
+            self._w.executor.shutdown(wait=True)
+            self._w.executor = None
 
     # --- batches -----------------------------------------------------------------------------
     def apply(
@@ -211,17 +246,18 @@ class Processor:
 
     def _wait_in_flight(self) -> None:
         """Wait until no background write runs (their owners' ``complete`` reports errors)."""
-        for future in self._in_flight:
+        for future in self._w.in_flight:
             with contextlib.suppress(Exception):
                 future.result()
-        self._in_flight = []
+        self._w.in_flight = []
 
     def _defer(self, deferred: _Deferred, stats: BatchStats) -> None:
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="redis-writer")
-        self._in_flight = [f for f in self._in_flight if not f.done()]
-        deferred.future = future = self._writer.submit(deferred.run)
-        self._in_flight.append(future)
+        w = self._w
+        if w.executor is None:
+            w.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="redis-writer")
+        w.in_flight = [f for f in w.in_flight if not f.done()]
+        deferred.future = future = w.executor.submit(deferred.run)
+        w.in_flight.append(future)
         stats.deferred.append(deferred)
 
     # --- activities --------------------------------------------------------------------------

@@ -30,6 +30,7 @@ committed: the window a crash must not turn into duplicates.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import signal
@@ -59,6 +60,8 @@ from feed.notify_redis import NotifyRedis
 from feed.settings import Settings
 from feed.stages import now_ms, record_ts_ms
 from feed.stores import CassandraFollowGraph, CassandraHistory, open_cassandra
+from feed.tenants import DEFAULT, Tenant, TenantCache, UnknownTenant, header_tenant, resolve
+from feed.tenants_cassandra import CassandraTenants
 from feed.timelines_redis import RedisTimelines
 from schemas.activity import Activity, decode_activity
 from schemas.errors import ValidationError
@@ -126,6 +129,8 @@ class _Batch:
     durable_ms: float
     #: While tracing: the records' spans that are sampled (``feed.tracing``), ended with the batch.
     spans: list[Any]
+    #: Each record's tenant, by index (empty: every record is the ``default`` tenant's).
+    tenants: list[str] = dataclasses.field(default_factory=list)
 
 
 class _Stopping(Exception):
@@ -143,10 +148,19 @@ class Worker:
         metrics: WorkerMetrics,
         after_apply: Callable[[], None] | None = None,
         probe: Callable[[], bool] | None = None,
+        tenants: TenantCache | None = None,
+        processor_for: Callable[[Tenant], Processor] | None = None,
     ) -> None:
+        """``tenants``: the registry a record's ``feed.tenant`` header is resolved in (None: only
+        the ``default`` tenant's records are applied, the others dead-lettered as
+        ``unknown_tenant``); ``processor_for``: a tenant's processor (its stores' views)."""
         self._settings = settings
         self._consumer = consumer
         self._processor = processor
+        self._tenants = tenants
+        self._processor_for = processor_for
+        #: Each tenant's processor, with the registry's ``updated`` it was built for.
+        self._processors: dict[str, tuple[object, Processor]] = {}
         self._dlq = dead_letters
         self._metrics = metrics
         self._stop = threading.Event()
@@ -307,6 +321,9 @@ class Worker:
         if tracing.ENABLED:
             spans, traces = _record_spans(messages, consumed_ms)
         dlq = 0
+        tenant_of: list[str] = []
+        if self._tenants is not None:
+            self._tenants.maybe_refresh()
         for index, message in enumerate(messages):
             error = message.error()
             if error is not None:
@@ -320,6 +337,11 @@ class Worker:
             first.setdefault((topic, message.partition()), message.offset())
             self._metrics.consumed.labels(topic=topic).inc()
             try:
+                tid = self._tenant_of(message)
+                if tid != DEFAULT and not tenant_of:
+                    tenant_of = [DEFAULT] * len(messages)
+                if tenant_of:
+                    tenant_of[index] = tid
                 if topic == s.topic_follows:
                     event: Activity | FollowEvent = decode_follow_event(
                         message.value() or b"", max_skew_s=s.max_clock_skew_s
@@ -335,7 +357,7 @@ class Worker:
         ):
             # Deletes and follows wait for every earlier Redis write (and its commit).
             self._finish_pending()
-        stats = self._apply(messages, events, defer=True, origins=origins, traces=traces)
+        stats = self._apply(messages, events, tenant_of, defer=True, origins=origins, traces=traces)
         return _Batch(
             messages,
             events,
@@ -348,7 +370,43 @@ class Worker:
             consumed_ms,
             now_ms(),
             spans,
+            tenant_of,
         )
+
+    def _tenant_of(self, message: Any) -> str:
+        """The record's tenant (``feed.tenant``; absent: ``default``). Raises
+        :class:`~feed.tenants.UnknownTenant` for a tenant the registry does not hold enabled; a
+        registry that cannot be read is an outage, waited out like a store's."""
+        tid = header_tenant(message.headers())
+        if tid is None or tid == DEFAULT:
+            return DEFAULT
+        if self._tenants is None:
+            raise UnknownTenant(f"no tenant {tid[:40]!r}: this worker has no tenant registry")
+        attempt = 0
+        while True:
+            try:
+                return resolve(self._tenants, tid)
+            except UnknownTenant:
+                raise
+            except Exception as exc:  # the registry's store: an outage
+                attempt += 1
+                self._metrics.errors.labels(kind="store_unavailable").inc()
+                self._back_off(attempt, exc, what="tenant lookup failed")
+
+    def _processor_of(self, tid: str) -> Processor:
+        """The tenant's processor (built again when its registry row changed: its quotas)."""
+        if tid == DEFAULT or self._processor_for is None or self._tenants is None:
+            return self._processor
+        tenant = self._tenants.get(tid)
+        if tenant is None:  # dropped from the registry since it was resolved: still its data
+            held = self._processors.get(tid)
+            if held is None:
+                raise UnknownTenant(f"no tenant {tid!r}")
+            return held[1]
+        held = self._processors.get(tid)
+        if held is None or held[0] != tenant.updated:
+            held = self._processors[tid] = (tenant.updated, self._processor_for(tenant))
+        return held[1]
 
     def _finish(self, batch: _Batch, *, retry: bool = True) -> None:
         """Wait for the batch's Redis write (retrying like any store call), dead-letter its
@@ -419,15 +477,39 @@ class Worker:
         self,
         messages: Sequence[Any],
         events: list[tuple[int, Activity | FollowEvent]],
+        tenant_of: Sequence[str] = (),
         *,
         defer: bool = False,
         origins: Sequence[int | None] = (),
         traces: Sequence[str | None] = (),
     ) -> BatchStats:
-        return self._retrying(
-            lambda: self._processor.apply(events, defer=defer, origins=origins, traces=traces),
-            lambda: self._apply_one_by_one(messages, events),
-        )
+        """Apply the batch's events: each tenant's with its processor, in record order within
+        a tenant (tenants share no data, so their order between them does not matter)."""
+        if not tenant_of:
+            return self._retrying(
+                lambda: self._processor.apply(events, defer=defer, origins=origins, traces=traces),
+                lambda: self._apply_one_by_one(messages, events),
+            )
+        groups: dict[str, list[tuple[int, Activity | FollowEvent]]] = {}
+        for index, event in events:
+            groups.setdefault(tenant_of[index], []).append((index, event))
+        total = BatchStats()
+        for tid, group in groups.items():
+            stats = self._retrying(
+                lambda tid=tid, group=group: self._processor_of(tid).apply(  # type: ignore[misc]
+                    group, defer=defer, origins=origins, traces=traces
+                ),
+                lambda group=group: self._apply_one_by_one(  # type: ignore[misc]
+                    messages, group, tenant_of
+                ),
+            )
+            _merge(total, stats)
+            total.deferred.extend(stats.deferred)
+            total.phases.extend(stats.phases)
+            total.redis_s += stats.redis_s
+            total.cassandra_s += stats.cassandra_s
+            total.published_ms = stats.published_ms or total.published_ms
+        return total
 
     def _complete(self, batch: _Batch) -> BatchStats:
         if not batch.stats.deferred:
@@ -435,7 +517,7 @@ class Worker:
         return self._retrying(
             lambda: self._processor.complete(batch.stats),
             lambda: _with_rejected(
-                self._apply_one_by_one(batch.messages, batch.events), batch.stats
+                self._apply_one_by_one(batch.messages, batch.events, batch.tenants), batch.stats
             ),
         )
 
@@ -477,15 +559,19 @@ class Worker:
                 self._back_off(attempt, exc, what="dead-letter write failed")
 
     def _apply_one_by_one(
-        self, messages: Sequence[Any], events: list[tuple[int, Activity | FollowEvent]]
+        self,
+        messages: Sequence[Any],
+        events: list[tuple[int, Activity | FollowEvent]],
+        tenant_of: Sequence[str] = (),
     ) -> BatchStats:
         total = BatchStats()
         for index, event in events:
             attempt = 0
             failures = 0
+            processor = self._processor_of(tenant_of[index]) if tenant_of else self._processor
             while True:
                 try:
-                    stats = self._processor.apply([(index, event)])
+                    stats = processor.apply([(index, event)])
                 except STORE_ERRORS as exc:
                     attempt += 1
                     self._metrics.errors.labels(kind="store_unavailable").inc()
@@ -783,6 +869,13 @@ def build_worker(
         **wait,
     )
     versions = RedisGraphVersions(client, **wait)
+    notifications = NotifyRedis(
+        client,
+        CassandraNotifyStore(session, settings.cassandra_keyspace),
+        limits=settings.notify_limits(),
+        ttl_s=settings.notify_ttl_s,
+        **wait,
+    )
     processor = Processor(
         timelines=timelines,
         history=history,
@@ -794,13 +887,37 @@ def build_worker(
         history_timelines=settings.fanout_history,
         follow_backfill=settings.follow_backfill,
         tombstone_ttl_s=settings.body_ttl_days * 86_400,
-        notifications=NotifyRedis(
-            client,
-            CassandraNotifyStore(session, settings.cassandra_keyspace),
-            limits=settings.notify_limits(),
-            ttl_s=settings.notify_ttl_s,
-            **wait,
+        notifications=notifications,
+    )
+
+    def processor_for(tenant: Tenant) -> Processor:
+        """A tenant's processor: its views of the same stores, its timeline cap, its own
+        follower cache (a tenth of the default's bound: most tenants are small)."""
+        tid = tenant.id
+        limits = tenant.quotas.effective(settings)
+        t_graph, t_versions = graph.for_tenant(tid), versions.for_tenant(tid)
+        t_history = history.for_tenant(tid)
+        return processor.with_stores(
+            timelines=timelines.for_tenant(tid, timeline_max=limits.timeline_max),
+            history=t_history,
+            graph=t_graph,
+            versions=t_versions,
+            followers=FollowerCache(
+                t_graph,
+                t_versions,
+                history=t_history,
+                fanout_limit=settings.fanout_limit,
+                max_entries=200_000,
+            ),
+            notifications=notifications.for_tenant(tid),
+        )
+
+    registry = TenantCache(
+        CassandraTenants(
+            session, settings.cassandra_keyspace, rotate_grace_s=settings.tenant_rotate_grace_s
         ),
+        settings.tenant_refresh_s,
+        settings=settings,
     )
     # librdkafka's own lines through stdlib logging: JSON like every other line (feed.logging)
     librdkafka = logging.getLogger("librdkafka")
@@ -816,6 +933,8 @@ def build_worker(
         metrics=metrics or WorkerMetrics(),
         after_apply=after_apply,
         probe=_stores_probe(settings, session.cluster, cluster),
+        tenants=registry,
+        processor_for=processor_for,
     )
     worker.redis_cluster = cluster
     return worker

@@ -24,8 +24,9 @@ from cassandra import ConsistencyLevel
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Session
 from cassandra.query import PreparedStatement
 
+from feed import keys
+
 __all__ = [
-    "SCOPE_SEPARATOR",
     "WRITE_PROFILE",
     "TenantPartitions",
     "level",
@@ -67,12 +68,6 @@ def prepare(session: Session, query: str) -> PreparedStatement:
     return statement
 
 
-#: The ``default`` tenant's id (``feed.tenants.DEFAULT``).
-_DEFAULT_TENANT = "default"
-#: Between a tenant's id and a value in a partition key (never in an id: ``schemas.activity``).
-SCOPE_SEPARATOR = "\x1f"
-
-
 class TenantPartitions:
     """A Cassandra store whose partition keys are its tenant's (``docs/tenants.md``).
 
@@ -89,7 +84,7 @@ class TenantPartitions:
     def for_tenant(self, tenant: str) -> Self:
         """The same store, for ``tenant`` (already validated: ``feed.tenants``)."""
         view = copy.copy(self)
-        view._scope = "" if tenant == _DEFAULT_TENANT else tenant + SCOPE_SEPARATOR
+        view._scope = "" if tenant == keys.DEFAULT_TENANT else tenant + keys.SCOPE_SEPARATOR
         return view
 
     def _pk(self, value: str) -> str:
@@ -98,5 +93,5 @@ class TenantPartitions:
     def _mine(self, key: str) -> str | None:
         """The id in a partition key read back, or None if the key is another tenant's."""
         if not self._scope:
-            return None if SCOPE_SEPARATOR in key else key
+            return None if keys.SCOPE_SEPARATOR in key else key
         return key[len(self._scope) :] if key.startswith(self._scope) else None

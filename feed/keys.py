@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT",
     "DEFAULT_TENANT",
     "FANOUT_USER_PREFIXES",
+    "SCOPE_SEPARATOR",
     "Keyspace",
     "KeyspaceView",
     "active",
@@ -44,8 +45,10 @@ __all__ = [
     "notify_items",
     "notify_keys",
     "notify_pending",
+    "of_principal",
     "outbox",
     "presence",
+    "principal_channel",
     "rate_connect_ip",
     "rate_connect_user",
     "rate_ingest",
@@ -367,11 +370,32 @@ class Keyspace:
         return tuple(p + k for k in fanout_cluster_keys(user))  # type: ignore[return-value]
 
 
-#: The ``default`` tenant's id (``feed.tenants.DEFAULT``; spelled here too, as ``feed.tenants``
-#: builds on this module).
+#: The ``default`` tenant's id (``feed.tenants.DEFAULT``: defined here, as the stores need it and
+#: ``feed.tenants`` builds on this module).
 DEFAULT_TENANT = "default"
+#: Between a tenant's id and a value in a Cassandra partition key (``feed.cql.TenantPartitions``)
+#: and in the gateway's principals. No valid id holds it (ids refuse every control character:
+#: ``schemas.activity``), so a scoped value can never be forged from an id.
+SCOPE_SEPARATOR = "\x1f"
 #: The ``default`` tenant's keyspace: the module's names.
 DEFAULT = Keyspace()
+
+
+def of_principal(principal: str) -> tuple[Keyspace, str]:
+    """A gateway principal's (keyspace, user id): a user id for the ``default`` tenant, else
+    ``<tenant>\x1f<user>`` (``gateway.tenancy``; no valid id holds the separator)."""
+    if SCOPE_SEPARATOR not in principal:
+        return DEFAULT, principal
+    tenant, _, user = principal.partition(SCOPE_SEPARATOR)
+    return Keyspace.for_tenant(tenant), user
+
+
+def principal_channel(principal: str) -> str:
+    """The Pub/Sub channel of a gateway principal (:func:`of_principal`)."""
+    if SCOPE_SEPARATOR not in principal:
+        return channel(principal)
+    k, user = of_principal(principal)
+    return k.channel(user)
 
 
 class KeyspaceView:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections import OrderedDict
+from typing import Any
 
 import msgspec
 
@@ -78,6 +79,22 @@ class FeedReader:
         self._rebuilds: dict[str, asyncio.Task[None]] = {}
         self._rebuild_again: dict[str, str] = {}  # user -> newer lease, for the task in flight
         self._big: OrderedDict[str, tuple[tuple[bytes, int], tuple[str, ...]]] = OrderedDict()
+
+    def for_tenant(self, tenant: str, timeline_max: int | None = None) -> FeedReader:
+        """A reader of ``tenant``'s feeds: its views of the same stores (``for_tenant``, which
+        the Redis and Cassandra stores have), its timeline cap, its own rebuild and cache state."""
+
+        def view(store: Any) -> Any:
+            return None if store is None else store.for_tenant(tenant)
+
+        return FeedReader(
+            view(self._timelines),
+            view(self._history),
+            body_ttl_s=self._ttl,
+            active_ttl_s=self._active_ttl,
+            timeline_max=self._max if timeline_max is None else timeline_max,
+            graph=view(self._graph),
+        )
 
     # --- activity and rebuilds ---------------------------------------------------------------
     async def touch(self, user: str) -> bool:

@@ -39,10 +39,11 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
+from feed import keys
 from feed.logging import get_logger
 from schemas.errors import FeedError, ValidationError
 
@@ -53,6 +54,7 @@ __all__ = [
     "ACTIVE",
     "DEFAULT",
     "DISABLED",
+    "HEADER",
     "MISS_INTERVAL_S",
     "MISS_MAX",
     "NO_QUOTAS",
@@ -73,12 +75,15 @@ __all__ = [
     "TenantExists",
     "TenantNotFound",
     "TenantStore",
+    "UnknownTenant",
     "belongs",
     "check_quota",
     "check_tenant_id",
     "default_row",
     "default_tenant",
+    "header_tenant",
     "ingest_sha256",
+    "resolve",
     "scoped",
     "unscoped",
     "utcnow",
@@ -87,13 +92,13 @@ __all__ = [
 log = get_logger("feed.tenants")
 
 #: The tenant everything belongs to without tenants: the settings' credentials, today's keys.
-DEFAULT = "default"
+DEFAULT = keys.DEFAULT_TENANT
 #: A tenant id, matched with ``fullmatch`` (``match`` or ``$`` would let ``"acme\n"`` through).
 TENANT_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 _TENANT_RULE = "1-32 lowercase letters, digits or '-', starting with a letter or digit"
 #: Between a tenant and a value in a scoped value. No valid id holds it (ids refuse every control
 #: character: ``schemas.activity``), so a scoped value can never be forged from an id.
-SEP = "\x1f"
+SEP = keys.SCOPE_SEPARATOR
 
 ACTIVE = "active"
 DISABLED = "disabled"
@@ -140,6 +145,44 @@ def check_tenant_id(value: object, field: str = "tenant") -> str:
 
 
 # --- scoping ---------------------------------------------------------------------------------
+#: The Kafka record header naming a record's tenant (absent: ``default``).
+HEADER = "feed.tenant"
+
+
+class UnknownTenant(ValidationError, TenantError):
+    """A record, request or token for a tenant the registry does not hold, or holds disabled:
+    dead-lettered as ``unknown_tenant`` (field :data:`HEADER` for a Kafka record)."""
+
+    def __init__(self, message: str, field: str = HEADER) -> None:
+        super().__init__(field, "unknown_tenant", message)
+
+
+def header_tenant(headers: Sequence[tuple[str, bytes | None]] | None) -> str | None:
+    """The tenant id a Kafka record's headers name (:data:`HEADER`, the first one), or None
+    without one. Not yet checked: see :func:`resolve`."""
+    if headers:
+        for name, value in headers:
+            if name == HEADER:
+                return (value or b"").decode("utf-8", errors="replace")
+    return None
+
+
+def resolve(cache: TenantCache, tid: str | None, field: str = HEADER) -> str:
+    """The tenant ``tid`` names, if the registry holds it enabled (None: ``default``). Raises
+    :class:`UnknownTenant` (naming ``field``) for an id that is not one, an unknown or a disabled
+    tenant; a store error of the lookup propagates (an outage, not an unknown tenant)."""
+    if tid is None or tid == DEFAULT:
+        return DEFAULT
+    if not TENANT_ID.fullmatch(tid):
+        raise UnknownTenant(f"{_short(tid)} is no tenant id ({_TENANT_RULE})", field)
+    tenant = cache.get(tid)
+    if tenant is None:
+        raise UnknownTenant(f"no tenant {tid!r}", field)
+    if not tenant.enabled:
+        raise UnknownTenant(f"tenant {tid!r} is disabled", field)
+    return tid
+
+
 def scoped(tenant: str, value: str) -> str:
     """``value`` as stored for ``tenant``: itself for the default tenant (today's keys and rows
     stay as they are), else ``<tenant>\\x1f<value>``."""
@@ -615,6 +658,10 @@ class TenantCache:
             del self._misses[tid]
             self._add(found)
         return found
+
+    def peek(self, tid: str) -> Tenant | None:
+        """The snapshot's tenant ``tid``, with no store lookup (an event loop's fast path)."""
+        return self._by_id.get(tid)
 
     def by_ingest_token(self, token: str) -> Tenant | None:
         """The tenant whose current or unexpired previous ingest token ``token`` is, or None.

@@ -19,8 +19,9 @@ from urllib.parse import parse_qsl
 import structlog
 from starlette.types import Receive, Scope, Send
 
+from feed.tenants import DEFAULT
 from gateway import closecodes
-from gateway.auth import AuthError, UserClaims, bearer_token, verify_user_token
+from gateway.auth import AuthError, UserClaims, bearer_token
 from gateway.connection import StreamConnection
 from gateway.errors import ConnectRejected
 from gateway.ratelimit import Limit, connect_ip_key, connect_user_key
@@ -92,14 +93,16 @@ class StreamEndpoint:
         # Attempts per IP are limited before the token is looked at (bad tokens count too).
         await _take_connect(gateway, connect_ip_key(ip), gateway.connect_ip_limit, "ip")
         try:
-            claims = verify_user_token(
-                token, settings.require_jwt(), leeway_s=settings.jwt_leeway_s
-            )
+            claims = await gateway.tenancy.authenticate(token)
         except AuthError as exc:
             log.info("ws_rejected", reason=exc.reason)
             raise
         structlog.contextvars.bind_contextvars(user_id=claims.user)
-        await _take_connect(gateway, connect_user_key(claims.user), gateway.connect_limit, "user")
+        if claims.tenant != DEFAULT:
+            structlog.contextvars.bind_contextvars(tenant=claims.tenant)
+        await _take_connect(
+            gateway, connect_user_key(claims.user, claims.tenant), gateway.connect_limit, "user"
+        )
         return claims
 
 

@@ -229,6 +229,8 @@ class BigAccounts:
         self._gateway.hub.reset_users(users)
 
     def on_following_changed(self, user: str) -> None:
+        if keys.SCOPE_SEPARATOR in user:
+            return  # another tenant's principal: their large accounts are merged at read time
         self.request_refresh(user)
 
     def request_refresh(self, user: str) -> asyncio.Task[None]:

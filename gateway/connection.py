@@ -24,6 +24,7 @@ from starlette.types import Message
 
 from feed import tracing
 from feed.stages import now_ms
+from feed.tenants import DEFAULT
 from gateway import closecodes
 from gateway.auth import UserClaims
 from gateway.errors import REDIS_ERRORS
@@ -116,7 +117,8 @@ class StreamConnection:
 
     @property
     def user(self) -> str:
-        return self._claims.user
+        """The principal (``gateway.tenancy``): what the hub and the delivery streams key."""
+        return self._claims.principal
 
     # --- hub callbacks ---------------------------------------------------------------------------
     def deliver(self, frame: bytes) -> None:
@@ -183,20 +185,25 @@ class StreamConnection:
         gateway.metrics.connections.inc()
         if tracing.ENABLED:
             self._span = tracing.tracer().start_span(
-                "ws session", attributes={"feed.user": self.user}
+                "ws session", attributes={"feed.user": self._claims.user}
             )
         try:
             try:
                 presence = await gateway.presence.attach(self.user)
                 # A connected user is active: fan-out writes their Redis timeline (and a user
                 # back from a quiet period gets it rebuilt from history, single-flight).
-                await gateway.reader.touch(self.user)
-                # Shared with a refresh in flight for this user (a follow just changed): the
-                # connection must not be cancelled out of it, nor cancel it for others.
-                await asyncio.shield(gateway.big_accounts.request_refresh(self.user))
-                reset_through, caught_up_seq = await gateway.big_accounts.catch_up(
-                    self.user, presence.epoch
-                )
+                claims = self._claims
+                await gateway.reader_for(claims.tenant).touch(claims.user)
+                reset_through = caught_up_seq = None
+                if claims.tenant == DEFAULT:
+                    # Large accounts' live pushes: the default tenant's (another tenant's are
+                    # merged into its pages at read time: docs/tenants.md).
+                    # Shared with a refresh in flight for this user (a follow just changed):
+                    # the connection must not be cancelled out of it, nor cancel it for others.
+                    await asyncio.shield(gateway.big_accounts.request_refresh(self.user))
+                    reset_through, caught_up_seq = await gateway.big_accounts.catch_up(
+                        self.user, presence.epoch
+                    )
             except REDIS_ERRORS as exc:
                 log.warning("ws_rejected", reason="redis_unavailable", error=str(exc))
                 await reject(self._ws, gateway.metrics, exc)
@@ -216,7 +223,7 @@ class StreamConnection:
         settings = self._gateway.settings
         hold = self._gateway.hold_live_s
         session = Session(
-            self.user,
+            self._claims.user,
             epoch,
             seq,
             max_queue_bytes=settings.send_queue_bytes,
@@ -383,7 +390,7 @@ class StreamConnection:
         start_ns = now_ns
         if since is not None:
             start_ns -= int((time.perf_counter() - since) * 1e9)
-        trace_id, span_id = tracing.record_push(parent, start_ns, now_ns, self.user)
+        trace_id, span_id = tracing.record_push(parent, start_ns, now_ns, self._claims.user)
         self._gateway.metrics.delivery_latency.exemplar_ms("", latency_ms, trace_id, span_id)
 
     def _sent(self, count: int) -> float | None:

@@ -310,7 +310,7 @@ class Hub:
         ``subscribe_timeout_s`` (the connection is then unregistered).
         """
         user = conn.user
-        channel = keys.channel(user).encode()
+        channel = keys.principal_channel(user).encode()
         conns = self._conns.get(user)
         if conns is None:
             conns = self._conns[user] = set()
@@ -345,7 +345,7 @@ class Hub:
         if not self._conns:
             self._empty.set()
         self._set_actors(user, set())
-        channel = keys.channel(user).encode()
+        channel = keys.principal_channel(user).encode()
         self._channels.pop(channel, None)
         self._confirmed.discard(channel)
         self._resync.discard(channel)
@@ -546,7 +546,7 @@ class Hub:
         for attempt in range(1, _REATTACH_ATTEMPTS + 1):
             if user not in self._conns:
                 return
-            channel = keys.channel(user).encode()
+            channel = keys.principal_channel(user).encode()
             # Taken before the await: a loss noticed meanwhile sets it again for the next run.
             renewing = channel in self._renew
             self._renew.discard(channel)

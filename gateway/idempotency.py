@@ -40,7 +40,9 @@ class Idempotency:
     is still producing, 409.
     """
 
-    def __init__(self, client: aioredis.Redis, key: str, body: bytes) -> None:
+    def __init__(
+        self, client: aioredis.Redis, key: str, body: bytes, tenant: str = keys.DEFAULT_TENANT
+    ) -> None:
         if not _IDEMPOTENCY_KEY.fullmatch(key):
             raise GatewayError(
                 400,
@@ -49,7 +51,10 @@ class Idempotency:
                 field="Idempotency-Key",
             )
         self._redis = client
-        self._name = keys.idempotency(hashlib.sha256(key.encode()).hexdigest())
+        # per tenant: two tenants' requests with one key are two requests
+        self._name = keys.Keyspace.for_tenant(tenant).idempotency(
+            hashlib.sha256(key.encode()).hexdigest()
+        )
         self._digest = hashlib.sha256(body).hexdigest()
 
     async def begin(self) -> tuple[int, bytes] | None:

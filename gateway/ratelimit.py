@@ -38,6 +38,7 @@ __all__ = [
     "connect_ip_key",
     "connect_user_key",
     "ingest_key",
+    "tenant_ingest_key",
 ]
 
 log = structlog.get_logger("gateway.ratelimit")
@@ -79,8 +80,13 @@ def ingest_key(token: str) -> str:
     return keys.rate_ingest(_digest(token))
 
 
-def connect_user_key(user: str) -> str:
-    return keys.rate_connect_user(user)
+def tenant_ingest_key(tenant: str) -> str:
+    """A tenant's ingest bucket: one for all its tokens (during a rotation's grace, both)."""
+    return keys.Keyspace.for_tenant(tenant).rate_ingest("tenant")
+
+
+def connect_user_key(user: str, tenant: str = keys.DEFAULT_TENANT) -> str:
+    return keys.Keyspace.for_tenant(tenant).rate_connect_user(user)
 
 
 def connect_ip_key(ip: str) -> str:

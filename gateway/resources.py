@@ -31,12 +31,14 @@ from feed.kafka import AsyncProducer, producer_config
 from feed.notify_redis import AsyncNotifyRedis
 from feed.reader import FeedReader
 from feed.settings import Settings
+from feed.tenants import DEFAULT
 from feed.timelines_redis import AsyncRedisTimelines
 from gateway.big_accounts import BigAccounts
 from gateway.hub import Hub
 from gateway.metrics import GatewayMetrics
 from gateway.pubsub import RedisSubscriber
 from gateway.ratelimit import Limit, RedisRateLimiter
+from gateway.tenancy import PrincipalPresence, Tenancy
 from schemas.errors import FeedError
 
 __all__ = ["Gateway", "NotConnectedYet", "Producer", "gateway_of", "in_daemon_thread"]
@@ -90,7 +92,12 @@ class Gateway:
             reader is None and settings.fanout_history
         )
         self._hub: Hub | None = None
-        self._presence: AsyncRedisPresence | None = None
+        self._presence: PrincipalPresence | None = None
+        #: The tenant registry's snapshot (``gateway.tenancy``): open once Cassandra is.
+        self.tenancy = Tenancy(settings)
+        #: Each tenant's reader and notifications (views of the default's), by tenant.
+        self._tenant_readers: dict[str, tuple[FeedReader, FeedReader]] = {}
+        self._tenant_notifications: dict[str, AsyncNotifyRedis] = {}
         self._timelines: AsyncRedisTimelines | None = None
         self._notifications: AsyncNotifyRedis | None = None
         #: The durable notification feeds, once Cassandra is connected.
@@ -114,7 +121,8 @@ class Gateway:
         return _opened(self._hub)
 
     @property
-    def presence(self) -> AsyncRedisPresence:
+    def presence(self) -> PrincipalPresence:
+        """The delivery streams, by principal (``gateway.tenancy``)."""
         return _opened(self._presence)
 
     @property
@@ -136,6 +144,27 @@ class Gateway:
     @property
     def notifications(self) -> AsyncNotifyRedis:
         return _opened(self._notifications)
+
+    def reader_for(self, tenant: str) -> FeedReader:
+        """The tenant's feed reader: the default one's views, with the tenant's timeline cap."""
+        reader = self.reader
+        if tenant == DEFAULT:
+            return reader
+        held = self._tenant_readers.get(tenant)
+        if held is None or held[0] is not reader:  # built again once Cassandra connected
+            known = self.tenancy.peek(tenant)
+            cap = None if known is None else known.quotas.effective(self.settings).timeline_max
+            held = self._tenant_readers[tenant] = (reader, reader.for_tenant(tenant, cap))
+        return held[1]
+
+    def notifications_for(self, tenant: str) -> AsyncNotifyRedis:
+        notifications = self.notifications
+        if tenant == DEFAULT:
+            return notifications
+        view = self._tenant_notifications.get(tenant)
+        if view is None:
+            view = self._tenant_notifications[tenant] = notifications.for_tenant(tenant)
+        return view
 
     def tracked(self) -> dict[str, int]:
         """Sizes of the large-account state (:meth:`BigAccounts.tracked`)."""
@@ -177,7 +206,7 @@ class Gateway:
             needs_durable=self.uses_cassandra,
             ttl_s=s.notify_ttl_s,
         )
-        self._presence = AsyncRedisPresence(self._redis, ttl_s=s.resume_window_s)
+        self._presence = PrincipalPresence(AsyncRedisPresence(self._redis, ttl_s=s.resume_window_s))
         self._hub = Hub(
             RedisSubscriber(self._redis),
             self._presence,
@@ -206,6 +235,8 @@ class Gateway:
             self._reader = self._make_reader(history)
             if self.uses_cassandra and self.cassandra is None:
                 self._tasks.append(asyncio.create_task(self._connect_cassandra()))
+        if self.cassandra is not None:
+            self._start_tenancy()
         self.metrics.watch_gc()
         self._tasks.append(asyncio.create_task(self.metrics.watch_loop(), name="loop-lag"))
         log.info(
@@ -222,6 +253,7 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         await self.big_accounts.stop()
+        await self.tenancy.stop()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -273,8 +305,21 @@ class Gateway:
             self._owns_cassandra = True
             self.notify_store = notify_store
             self._reader = self._make_reader(history)
+            self._start_tenancy()
             log.info("cassandra_connected")
             return
+
+    def _start_tenancy(self) -> None:
+        session, s = self.cassandra, self.settings
+
+        def open_store() -> Any:
+            from feed.tenants_cassandra import CassandraTenants  # the driver: only when needed
+
+            return CassandraTenants(
+                session, s.cassandra_keyspace, rotate_grace_s=s.tenant_rotate_grace_s
+            )
+
+        self.tenancy.start(open_store)
 
     def _open_cassandra(self) -> tuple[Any, Any, Any]:
         from feed.stores import open_cassandra  # the driver is slow to import; only when needed

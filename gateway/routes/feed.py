@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from feed.cursor import decode_position, split_order_key
-from gateway.auth import AuthError, UserClaims, bearer_token, verify_user_token
+from gateway.auth import AuthError, UserClaims, bearer_token
 from gateway.errors import GatewayError
 from gateway.resources import gateway_of
 from gateway.responses import JSONResponse
@@ -38,15 +38,13 @@ _LIMIT = re.compile(r"[0-9]{1,9}")
 _MAX_CURSOR_CHARS = 400
 
 
-def user(request: Request) -> UserClaims:
-    """The claims of the request's bearer token (AuthError: 401)."""
-    gateway = gateway_of(request)
+async def user(request: Request) -> UserClaims:
+    """The claims of the request's bearer token, of whichever tenant signed it (AuthError:
+    401; ``gateway.tenancy``)."""
     token = bearer_token(request.headers)
     if token is None:
         raise AuthError("missing", "an `Authorization: Bearer <token>` header is required")
-    return verify_user_token(
-        token, gateway.settings.require_jwt(), leeway_s=gateway.settings.jwt_leeway_s
-    )
+    return await gateway_of(request).tenancy.authenticate(token)
 
 
 def page_limit(raw: str | None, default: int = DEFAULT_LIMIT, most: int = MAX_LIMIT) -> int:
@@ -93,8 +91,8 @@ def position_key(raw: str | None) -> str | None:
 
 
 async def feed_page(request: Request) -> Response:
-    claims = user(request)
+    claims = await user(request)
     limit = page_limit(request.query_params.get("limit"))
     cursor = position_cursor(request.query_params.get("cursor"))
-    page = await gateway_of(request).reader.page(claims.user, cursor, limit)
+    page = await gateway_of(request).reader_for(claims.tenant).page(claims.user, cursor, limit)
     return JSONResponse(page)

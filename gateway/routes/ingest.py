@@ -23,10 +23,12 @@ from starlette.responses import Response
 
 from feed import tracing
 from feed.kafka import KafkaUnavailable
-from gateway.auth import AuthError, ingest_authorized
+from feed.tenants import DEFAULT
+from feed.tenants import HEADER as TENANT_HEADER
+from gateway.auth import AuthError, bearer_token, ingest_authorized
 from gateway.errors import GatewayError, http_error
 from gateway.idempotency import Idempotency
-from gateway.ratelimit import ingest_key
+from gateway.ratelimit import Limit, ingest_key, tenant_ingest_key
 from gateway.resources import Gateway, gateway_of
 from gateway.responses import JSONResponse, encode_json
 from schemas import Accepted, FollowEvent, decode_activities, decode_follow_request, encode_activity
@@ -53,22 +55,39 @@ BODY_TIMEOUT_S = 30.0
 _JSON_MEDIA = re.compile(r"^application/(?:[a-z0-9.+-]+\+)?json$")
 
 
-async def require_ingest(request: Request) -> None:
-    """The ingest token is right, and its rate limit not exceeded (429 otherwise)."""
+async def require_ingest(request: Request) -> str:
+    """The tenant whose ingest token the request carries (``FEED_INGEST_TOKEN``: ``default``,
+    compared in constant time; else a tenant's current or still valid previous token), within
+    that tenant's ingest rate (429 otherwise). 401 for no such token, 403 for a disabled
+    tenant's."""
     gateway = gateway_of(request)
     token = gateway.settings.ingest_token
-    if token is None or not ingest_authorized(request.headers, token):
-        raise AuthError("ingest", "the ingest token is missing or wrong")
-    decision = await gateway.limiter.take(ingest_key(token.reveal()), gateway.ingest_limit)
+    if token is not None and ingest_authorized(request.headers, token):
+        tenant, bucket, limit = DEFAULT, ingest_key(token.reveal()), gateway.ingest_limit
+    else:
+        raw = bearer_token(request.headers)
+        found = None if raw is None else await gateway.tenancy.by_ingest_token(raw)
+        if found is None or found.id == DEFAULT:
+            raise AuthError("ingest", "the ingest token is missing or wrong")
+        if not found.enabled:
+            raise GatewayError(403, "tenant_disabled", "the ingest token's tenant is disabled")
+        tenant = found.id
+        quotas = found.quotas.effective(gateway.settings)
+        # one bucket per tenant, whichever of its tokens (during a rotation's grace) is used
+        bucket = tenant_ingest_key(tenant)
+        limit = Limit(quotas.ingest_rate, quotas.ingest_burst)
+        structlog.contextvars.bind_contextvars(tenant=tenant)
+    decision = await gateway.limiter.take(bucket, limit)
     if not decision.allowed:
         wait = decision.retry_after
         raise GatewayError(
             429,
             "throttled",
-            f"over the ingest rate limit of {gateway.ingest_limit.rate:g} requests/s "
-            f"(burst {gateway.ingest_limit.burst}); retry in {wait} s",
+            f"over the ingest rate limit of {limit.rate:g} requests/s "
+            f"(burst {limit.burst}); retry in {wait} s",
             headers={"Retry-After": str(wait)},
         )
+    return tenant
 
 
 def require_json(request: Request) -> None:
@@ -128,7 +147,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 async def ingest_activities(request: Request) -> Response:
-    await require_ingest(request)
+    tenant = await require_ingest(request)
     require_json(request)
     gateway = gateway_of(request)
     body = await read_body(request, MAX_INGEST_BODY)
@@ -136,7 +155,7 @@ async def ingest_activities(request: Request) -> Response:
     key = request.headers.get("idempotency-key")
     idempotency = None
     if key is not None:
-        idempotency = Idempotency(gateway.redis, key, body)
+        idempotency = Idempotency(gateway.redis, key, body, tenant)
         stored = await idempotency.begin()
         if stored is not None:
             status, content = stored
@@ -153,7 +172,7 @@ async def ingest_activities(request: Request) -> Response:
             request.headers.get("traceparent"), request.headers.get("tracestate")
         )
     try:
-        await _produce(gateway, gateway.settings.topic_activities, records, headers)
+        await _produce(gateway, gateway.settings.topic_activities, records, headers, tenant)
     except GatewayError:
         if idempotency is not None:
             await idempotency.abandon()
@@ -166,7 +185,7 @@ async def ingest_activities(request: Request) -> Response:
 
 
 async def follow(request: Request) -> Response:
-    await require_ingest(request)
+    tenant = await require_ingest(request)
     require_json(request)
     gateway = gateway_of(request)
     body = await read_body(request, MAX_FOLLOW_BODY)
@@ -178,7 +197,10 @@ async def follow(request: Request) -> Response:
         at=datetime.now(UTC),
     )
     await _produce(
-        gateway, gateway.settings.topic_follows, [(wanted.follower.encode(), encode_json(event))]
+        gateway,
+        gateway.settings.topic_follows,
+        [(wanted.follower.encode(), encode_json(event))],
+        tenant=tenant,
     )
     return JSONResponse(Accepted(accepted=1), status_code=202)
 
@@ -188,7 +210,10 @@ async def _produce(
     topic: str,
     records: list[tuple[bytes, bytes]],
     headers: list[tuple[str, bytes]] | None = None,
+    tenant: str = DEFAULT,
 ) -> None:
+    if tenant != DEFAULT:  # the worker applies the records in the tenant's namespace
+        headers = [*(headers or []), (TENANT_HEADER, tenant.encode())]
     try:
         await gateway.producer.send_many(topic, records, timeout=15.0, headers=headers)
     except (KafkaUnavailable, TimeoutError, OSError) as exc:

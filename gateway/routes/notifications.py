@@ -88,11 +88,15 @@ def _unavailable(exc: NotifyUnavailable) -> GatewayError:
 
 
 async def notification_page(request: Request) -> Response:
-    claims = user(request)
+    claims = await user(request)
     limit = page_limit(request.query_params.get("limit"), DEFAULT_GROUPS, MAX_GROUPS)
     before = position_key(request.query_params.get("cursor"))
     try:
-        page = await gateway_of(request).notifications.page(claims.user, before, limit)
+        page = (
+            await gateway_of(request)
+            .notifications_for(claims.tenant)
+            .page(claims.user, before, limit)
+        )
     except NotifyUnavailable as exc:
         raise _unavailable(exc) from None
     nxt = encode_position(page.next) if page.next is not None else None
@@ -109,23 +113,29 @@ async def notification_page(request: Request) -> Response:
 
 
 async def notification_counts(request: Request) -> Response:
-    claims = user(request)
+    claims = await user(request)
     try:
-        unseen, unread = await gateway_of(request).notifications.counts(claims.user)
+        unseen, unread = (
+            await gateway_of(request).notifications_for(claims.tenant).counts(claims.user)
+        )
     except NotifyUnavailable as exc:
         raise _unavailable(exc) from None
     return JSONResponse({"unseen": unseen, "unread": unread})
 
 
 async def notification_actors(request: Request) -> Response:
-    claims = user(request)
+    claims = await user(request)
     gid = request.path_params["group"]
     limit = page_limit(request.query_params.get("limit"), DEFAULT_ACTORS, MAX_ACTORS)
     after = _actors_after(request.query_params.get("cursor"))
     if not is_valid_id(gid):
         raise GatewayError(404, "not_found", "no such notification group", field="group")
     try:
-        page = await gateway_of(request).notifications.actors(claims.user, gid, after, limit)
+        page = (
+            await gateway_of(request)
+            .notifications_for(claims.tenant)
+            .actors(claims.user, gid, after, limit)
+        )
     except NotifyUnavailable as exc:
         raise _unavailable(exc) from None
     if page is None:
@@ -135,7 +145,7 @@ async def notification_actors(request: Request) -> Response:
 
 
 async def _mark(request: Request, *, read: bool) -> Response:
-    claims = user(request)
+    claims = await user(request)
     require_json(request)
     wanted = decode_mark_request(await read_body(request, MAX_MARK_BODY))
     if wanted.all:
@@ -145,7 +155,9 @@ async def _mark(request: Request, *, read: bool) -> Response:
     else:
         mark = Mark(read=read, through=position_key(wanted.cursor))
     try:
-        unseen, unread = await gateway_of(request).notifications.mark(claims.user, mark)
+        unseen, unread = (
+            await gateway_of(request).notifications_for(claims.tenant).mark(claims.user, mark)
+        )
     except NotifyUnavailable as exc:
         raise _unavailable(exc) from None
     return JSONResponse({"unseen": unseen, "unread": unread})

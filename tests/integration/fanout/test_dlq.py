@@ -25,6 +25,8 @@ from feed.settings import Settings
 
 
 class _Origin:
+    header_list: list[tuple[str, bytes]] = []  # a record's headers
+
     def __init__(self, topic: str, offset: int, value: bytes) -> None:
         self._topic, self._offset, self._value = topic, offset, value
 
@@ -42,6 +44,9 @@ class _Origin:
 
     def value(self) -> bytes:
         return self._value
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return self.header_list
 
 
 def _feed(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -100,7 +105,9 @@ def test_list_reads_every_record_and_replay_passes_over_truncated_copies(
             _Origin(origin, offset, b"{oops%d" % offset), code="malformed_json", reason="not JSON"
         )
     letters.send(_Origin(origin, 6, b"x" * 2_000_000), code="too_large", reason="too large")
-    letters.send(_Origin(origin, 7, b'{"type":"Delete"}'), code="forbidden", reason="not yours")
+    tenants = _Origin(origin, 7, b'{"type":"Delete"}')
+    tenants.header_list = [("traceparent", b"00-x"), ("feed.tenant", b"acme")]
+    letters.send(tenants, code="forbidden", reason="not yours")
     letters.flush(10)
 
     listed = _feed(env, "list", "--json")
@@ -120,6 +127,12 @@ def test_list_reads_every_record_and_replay_passes_over_truncated_copies(
         [b"{oops%d" % n for n in range(6)] + [b'{"type":"Delete"}']
     )
     assert all(dict(m.headers())["feed.replayed.from"] for m in replayed)
+    # a tenant's record keeps its tenant through the DLQ and back (and nothing else of its own)
+    assert records[7]["headers"]["feed.tenant"] == "acme"
+    assert "traceparent" not in records[7]["headers"]
+    tenants_of = {m.value(): dict(m.headers()).get("feed.tenant") for m in replayed}
+    assert tenants_of.pop(b'{"type":"Delete"}') == b"acme"
+    assert set(tenants_of.values()) == {None}
     again = _feed(env, "replay")
     assert again.returncode == 0 and again.stdout.startswith("replayed 0 record(s)")
     table = _feed(env, "list", "--code", "too_large")

@@ -262,6 +262,8 @@ def test_a_missing_dlq_topic_pauses_the_worker_until_the_topic_exists(
 
 
 class _Origin:
+    header_list: list[tuple[str, bytes]] = []  # a record's headers
+
     """Where a dead letter came from (what the worker hands over: a consumed record)."""
 
     def __init__(self, offset: int, key: bytes, value: bytes) -> None:
@@ -281,6 +283,9 @@ class _Origin:
 
     def value(self) -> bytes:
         return self._value
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return self.header_list
 
 
 def test_dead_letters_are_kept_until_the_broker_has_them_and_cut_further_when_refused(

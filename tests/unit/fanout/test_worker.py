@@ -17,6 +17,7 @@ from fanout.metrics import WorkerMetrics
 from fanout.processor import BatchStats, RejectedRecord
 from fanout.worker import Worker
 from feed.settings import Settings
+from feed.tenants import DISABLED, Credentials, MemoryTenants, Tenant, TenantCache
 from tests.support.otlp import in_memory_tracing
 
 TOPIC = "feed.activities"
@@ -659,12 +660,84 @@ def test_a_batch_that_carries_several_traces_links_them_and_each_links_back() ->
 
 
 def test_without_tracing_no_record_is_read_for_a_context() -> None:
-    class Untouchable(FakeMessage):
-        def headers(self) -> list[Any]:
-            raise AssertionError("headers read while not tracing")
+    """The headers are read once, for the tenant only: no trace context is taken from them."""
+    reads: list[int] = []
 
-    consumer = FakeConsumer([[Untouchable(0, 0)]])
+    class Counted(TracedMessage):
+        def headers(self) -> list[Any]:
+            reads.append(self.offset())
+            return super().headers()
+
+    consumer = FakeConsumer([[Counted(0, 0, "00-" + "1" * 32 + "-" + "2" * 16 + "-01")]])
     processor = PhasedProcessor(consumer.log)
     worker, _ = make(consumer, processor)
     run_until(worker, lambda: bool(consumer.commits))
     assert processor.traces == [[]]
+    assert reads == [0]
+
+
+class TenantMessage(FakeMessage):
+    """A record naming its tenant in ``feed.tenant`` (None: no header)."""
+
+    def __init__(self, partition: int, offset: int, tenant: str | bytes | None) -> None:
+        super().__init__(partition, offset)
+        value = tenant.encode() if isinstance(tenant, str) else tenant
+        self._headers = [] if tenant is None else [("feed.tenant", value)]
+
+    def headers(self) -> list[Any]:
+        return self._headers
+
+
+def _registry(*tids: str, disabled: tuple[str, ...] = ()) -> TenantCache:
+    store = MemoryTenants()
+    for tid in (*tids, *disabled):
+        store.create(tid, Credentials.generate())
+    for tid in disabled:
+        store.set_state(tid, DISABLED)
+    return TenantCache(store, refresh_s=10)
+
+
+def test_each_tenants_records_go_to_its_processor_in_order_and_unknown_ones_to_the_dlq() -> None:
+    consumer = FakeConsumer(
+        [
+            [
+                TenantMessage(0, 0, None),
+                TenantMessage(0, 1, "acme"),
+                TenantMessage(0, 2, "default"),
+                TenantMessage(0, 3, "nobody"),
+                TenantMessage(0, 4, "acme"),
+                TenantMessage(0, 5, "off"),
+                TenantMessage(0, 6, "Not A Tenant\n"),
+                TenantMessage(0, 7, b"\xff\xfe"),
+            ]
+        ]
+    )
+    default = FakeProcessor([], consumer.log)
+    built: dict[str, FakeProcessor] = {}
+
+    def processor_for(tenant: Tenant) -> Any:
+        built[tenant.id] = FakeProcessor([], consumer.log)
+        return built[tenant.id]
+
+    worker, dlq = make(
+        consumer,
+        default,
+        tenants=_registry("acme", disabled=("off",)),
+        processor_for=processor_for,
+    )
+    run_until(worker, lambda: bool(consumer.commits))
+    assert default.applied == ["a-0-0", "a-0-2"]
+    assert list(built) == ["acme"] and built["acme"].applied == ["a-0-1", "a-0-4"]
+    assert [w["code"] for w in dlq.why] == ["unknown_tenant"] * 4
+    assert {w["field"] for w in dlq.why} == {"feed.tenant"}
+    assert [json.loads(v)["id"] for v in dlq.sent] == ["a-0-3", "a-0-5", "a-0-6", "a-0-7"]
+    assert consumer.commits == [{(TOPIC, 0): 8}]
+
+
+def test_without_a_registry_every_other_tenants_record_is_dead_lettered() -> None:
+    consumer = FakeConsumer([[TenantMessage(0, 0, "acme"), TenantMessage(0, 1, None)]])
+    processor = FakeProcessor([], consumer.log)
+    worker, dlq = make(consumer, processor)
+    run_until(worker, lambda: bool(consumer.commits))
+    assert processor.applied == ["a-0-1"]
+    assert [w["code"] for w in dlq.why] == ["unknown_tenant"]

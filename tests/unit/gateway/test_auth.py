@@ -15,6 +15,7 @@ from gateway.auth import (
     bearer_token,
     ingest_authorized,
     mint_token,
+    token_tenant,
     verify_user_token,
 )
 
@@ -257,3 +258,55 @@ def test_user_jwt_is_not_an_ingest_token() -> None:
     assert not ingest_authorized(
         {"authorization": f"Bearer {jwt_token}"}, Secret("ingest-token-0123456789")
     )
+
+
+ACME = ["a" * 40 + "-acme-current", "b" * 40 + "-acme-previous"]
+
+
+def test_a_tenants_token_verifies_with_its_own_secrets_only() -> None:
+    now = time.time()
+    token = mint_token(ACME[1], "u1", 600, now=now, tenant="acme")  # a grace-period secret
+    claims = verify_user_token(token, ACME, leeway_s=LEEWAY, tenant="acme")
+    assert (claims.user, claims.tenant) == ("u1", "acme")
+    assert claims.principal == "acme\x1fu1"
+    # the default tenant's secret, or another tenant's, never verifies it
+    with pytest.raises(AuthError) as err:
+        verify_user_token(token, SECRET, leeway_s=LEEWAY)
+    assert err.value.reason == "bad_signature"
+    with pytest.raises(AuthError) as err:
+        verify_user_token(token, ["g" * 48], leeway_s=LEEWAY, tenant="globex")
+    assert err.value.reason == "bad_signature"
+
+
+def test_a_tid_that_does_not_match_the_signing_tenant_is_refused() -> None:
+    # signed with acme's secret, claiming globex: the signature decides, not the claim
+    forged = _encode({"sub": "u1", "exp": time.time() + 60, "tid": "globex"}, key=Secret(ACME[0]))
+    with pytest.raises(AuthError) as err:
+        verify_user_token(forged, ACME, leeway_s=LEEWAY, tenant="acme")
+    assert err.value.reason == "wrong_tenant"
+    # no tid, signed with a tenant's secret: a default token, which that secret cannot sign
+    bare = _encode({"sub": "u1", "exp": time.time() + 60}, key=Secret(ACME[0]))
+    with pytest.raises(AuthError) as err:
+        verify_user_token(bare, ACME, leeway_s=LEEWAY, tenant="acme")
+    assert err.value.reason == "wrong_tenant"
+    # the default secret signing a token that names a tenant
+    claiming = _encode({"sub": "u1", "exp": time.time() + 60, "tid": "acme"})
+    with pytest.raises(AuthError) as err:
+        verify_user_token(claiming, SECRET, leeway_s=LEEWAY)
+    assert err.value.reason == "wrong_tenant"
+
+
+@pytest.mark.parametrize("tid", [7, None, ["acme"], {"t": "acme"}, True])
+def test_a_tid_that_is_not_a_string_is_refused(tid: object) -> None:
+    token = _encode({"sub": "u1", "exp": time.time() + 60, "tid": tid})
+    with pytest.raises(AuthError) as err:
+        verify_user_token(token, SECRET, leeway_s=LEEWAY)
+    assert err.value.reason == "invalid"
+    assert token_tenant(token) is None
+
+
+def test_the_unverified_tenant_is_read_from_any_jwt_and_nothing_else() -> None:
+    assert token_tenant(mint_token(ACME[0], "u1", 60, tenant="acme")) == "acme"
+    assert token_tenant(mint_token(SECRET, "u1", 60)) is None
+    for junk in ("", "x", "a.b.c", "\udcff.\udcff.\udcff", "e" * 5000):
+        assert token_tenant(junk) is None
