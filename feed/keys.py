@@ -33,6 +33,7 @@ __all__ = [
     "body_pattern",
     "channel",
     "claim",
+    "connections",
     "deleted",
     "deliveries",
     "fanout_cluster_keys",
@@ -148,6 +149,12 @@ def rate_ingest(token_digest: str) -> str:
     """Hash: the ingest token bucket of one ingest token, by a digest of the token (never the
     token)."""
     return f"rl:ingest:{token_digest}"
+
+
+def connections() -> str:
+    """Sorted set: a tenant's live WebSocket connections across gateways, by connection id,
+    scored by when each admission lapses (``feed/lua/conn_admit.lua``): its connection quota."""
+    return "conns"
 
 
 def rate_connect_user(user: str) -> str:
@@ -332,6 +339,9 @@ class Keyspace:
 
     def rate_ingest(self, token_digest: str) -> str:
         return self.prefix + rate_ingest(token_digest)
+
+    def connections(self) -> str:
+        return self.prefix + connections()
 
     def rate_connect_user(self, user: str) -> str:
         return self.prefix + rate_connect_user(user)

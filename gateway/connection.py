@@ -27,7 +27,7 @@ from feed.stages import now_ms
 from feed.tenants import DEFAULT
 from gateway import closecodes
 from gateway.auth import UserClaims
-from gateway.errors import REDIS_ERRORS
+from gateway.errors import REDIS_ERRORS, ConnectRejected
 from gateway.hub import HubUnavailable, TooManyConnections
 from gateway.resources import Gateway
 from gateway.session import PRESENCE_PREFIX, RESET_CONTROL, Session
@@ -87,6 +87,7 @@ class StreamConnection:
         "_pump_task",
         "_pushed",
         "_reading",
+        "_revoked",
         "_session",
         "_span",
         "_ws",
@@ -100,6 +101,7 @@ class StreamConnection:
         self._early: list[bytes] | None = None  # frames delivered before the session started
         self._early_gap = False
         self._going_away = False
+        self._revoked: str | None = None  # why the connection's credentials were revoked
         self._hold: asyncio.TimerHandle | None = None  # the live hold after the welcome
         self._context: contextvars.Context | None = None
         self._main: asyncio.Task[Any] | None = None  # the task running run() (the reader)
@@ -167,12 +169,40 @@ class StreamConnection:
             self._session.shutdown()
             self._after_event()
 
+    def revoke(self, reason: str) -> None:
+        """Close with 4001: the user's tenant was disabled (``gateway.tenancy``)."""
+        self._revoked = reason
+        if self._session is not None:
+            self._session.revoke(reason)
+            self._after_event()
+
     # --- lifecycle -------------------------------------------------------------------------------
     async def run(self) -> None:
         gateway = self._gateway
         started = time.monotonic()
+        claims = self._claims
+        limits = gateway.tenancy.limits(claims.tenant)
         try:
-            await gateway.hub.register(self, max_per_user=gateway.settings.max_connections_per_user)
+            admitted = await gateway.tenancy.connections.admit(
+                claims.tenant, self, limits.max_connections
+            )
+        except ConnectRejected as exc:
+            log.info("ws_rejected", reason="tenant_connections", limit=limits.max_connections)
+            await reject(self._ws, gateway.metrics, exc)
+            return
+        except REDIS_ERRORS as exc:
+            log.warning("ws_rejected", reason="redis_unavailable", error=str(exc))
+            await reject(self._ws, gateway.metrics, exc)
+            return
+        try:
+            await self._run_admitted(started, limits.max_connections_per_user)
+        finally:
+            gateway.tenancy.connections.end(claims.tenant, admitted)
+
+    async def _run_admitted(self, started: float, max_per_user: int) -> None:
+        gateway = self._gateway
+        try:
+            await gateway.hub.register(self, max_per_user=max_per_user)
         except TooManyConnections as exc:
             log.info("ws_rejected", reason="too_many_connections", limit=exc.limit)
             await reject(self._ws, gateway.metrics, exc)
@@ -239,6 +269,8 @@ class StreamConnection:
             session.check_gap()
         if self._going_away:
             session.shutdown()
+        if self._revoked is not None:
+            session.revoke(self._revoked)
         return session
 
     async def _serve(self, session: Session) -> None:

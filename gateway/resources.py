@@ -38,7 +38,7 @@ from gateway.hub import Hub
 from gateway.metrics import GatewayMetrics
 from gateway.pubsub import RedisSubscriber
 from gateway.ratelimit import Limit, RedisRateLimiter
-from gateway.tenancy import PrincipalPresence, Tenancy
+from gateway.tenancy import PrincipalPresence, Tenancy, TenantConnections
 from schemas.errors import FeedError
 
 __all__ = ["Gateway", "NotConnectedYet", "Producer", "gateway_of", "in_daemon_thread"]
@@ -198,6 +198,7 @@ class Gateway:
                 socket_keepalive=True,
             )
             self._redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
+        self.tenancy.connections = TenantConnections(self._redis)
         self._timelines = AsyncRedisTimelines(self._redis)
         self._limiter = RedisRateLimiter(self._redis)
         self._notifications = AsyncNotifyRedis(
@@ -237,6 +238,7 @@ class Gateway:
                 self._tasks.append(asyncio.create_task(self._connect_cassandra()))
         if self.cassandra is not None:
             self._start_tenancy()
+        self._tasks.append(asyncio.create_task(self.tenancy.renew_leases(), name="leases"))
         self.metrics.watch_gc()
         self._tasks.append(asyncio.create_task(self.metrics.watch_loop(), name="loop-lag"))
         log.info(

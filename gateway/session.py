@@ -423,6 +423,10 @@ class Session:
     def token_expired(self) -> None:
         self._fail(CLOSE_UNAUTHORIZED, "token expired")
 
+    def revoke(self, reason: str) -> None:
+        """The user's credentials no longer hold (their tenant was disabled): close with 4001."""
+        self._fail(CLOSE_UNAUTHORIZED, reason)
+
     def shutdown(self) -> None:
         self._fail(CLOSE_GOING_AWAY, "server shutting down")
 

@@ -20,21 +20,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from feed import keys
+import redis.asyncio as aioredis
+
+from feed import keys, scripts
 from feed.interfaces import DeliveryStream, Presence
 from feed.logging import get_logger
 from feed.settings import Settings
-from feed.tenants import DEFAULT, Tenant, TenantCache, utcnow
+from feed.tenants import DEFAULT, NO_QUOTAS, Limits, Tenant, TenantCache, utcnow
+from gateway import closecodes
 from gateway.auth import AuthError, UserClaims, token_tenant, verify_user_token
+from gateway.errors import ConnectRejected
 
 if TYPE_CHECKING:
     from feed.delivery_redis import AsyncRedisPresence
 
-__all__ = ["PrincipalPresence", "Tenancy"]
+__all__ = ["PrincipalPresence", "Revocable", "Tenancy", "TenantConnections"]
 
 log = get_logger("gateway.tenancy")
 
@@ -96,6 +101,93 @@ class PrincipalPresence:
         return await store.oldest_seq(uid)
 
 
+class Revocable(Protocol):
+    """A connection whose credentials a disabled tenant revokes (``StreamConnection``)."""
+
+    def revoke(self, reason: str) -> None: ...
+
+
+class TenantConnections:
+    """A gateway's connections that a tenant quota or a disable concerns: every connection of a
+    tenant other than ``default``, and the default's while it has a connection quota.
+
+    A tenant's connection quota holds across gateways: each admission is a lease in the
+    tenant's sorted set in Redis (``feed/lua/conn_admit.lua``), taken at connect, renewed by
+    every gateway for its own connections every :data:`RENEW_S`, ended at close; the leases of a
+    gateway that died lapse after :data:`LEASE_MS`. A tenant without a quota costs no Redis call.
+    """
+
+    #: How long an admission holds without a renewal (a dead gateway's connections: then).
+    LEASE_MS = 60_000
+    #: How often the leases are renewed.
+    RENEW_S = 20.0
+
+    def __init__(self, client: aioredis.Redis | None) -> None:
+        self._script = (
+            None if client is None else client.register_script(scripts.source("conn_admit"))
+        )
+        #: tenant -> connection id -> (connection, whether it holds a lease)
+        self._live: dict[str, dict[str, tuple[Revocable, bool]]] = {}
+        self._ending: set[asyncio.Task[Any]] = set()
+
+    async def admit(self, tenant: str, conn: Revocable, quota: int) -> str | None:
+        """Admit ``conn`` (ConnectRejected 4029 past the quota); its id for :meth:`end`, or
+        None if nothing needs tracking (the default tenant without a quota)."""
+        if tenant == DEFAULT and quota <= 0:
+            return None
+        cid = secrets.token_hex(8)
+        leased = quota > 0 and self._script is not None
+        if leased:
+            assert self._script is not None
+            name = keys.Keyspace.for_tenant(tenant).connections()
+            if not await self._script(keys=[name], args=["admit", self.LEASE_MS, quota, cid]):
+                raise ConnectRejected(
+                    closecodes.RATE_LIMITED,
+                    f"the tenant has {quota} connections, its quota; retry later",
+                )
+        self._live.setdefault(tenant, {})[cid] = (conn, leased)
+        return cid
+
+    def end(self, tenant: str, cid: str | None) -> None:
+        """The connection closed: its lease ends (in the background; it lapses anyway)."""
+        if cid is None:
+            return
+        mine = self._live.get(tenant)
+        held = None if mine is None else mine.pop(cid, None)
+        if mine is not None and not mine:
+            del self._live[tenant]
+        if held is not None and held[1] and self._script is not None:
+            name = keys.Keyspace.for_tenant(tenant).connections()
+            task = asyncio.ensure_future(self._script(keys=[name], args=["end", 0, 0, cid]))
+            self._ending.add(task)
+            task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[Any]) -> None:
+        self._ending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.info("tenant_lease_end_failed", error=type(task.exception()).__name__)
+
+    async def renew(self) -> None:
+        """Renew this gateway's leases: one call per tenant."""
+        if self._script is None:
+            return
+        for tenant, conns in list(self._live.items()):
+            ids = [cid for cid, (_, leased) in conns.items() if leased]
+            if ids:
+                name = keys.Keyspace.for_tenant(tenant).connections()
+                await self._script(keys=[name], args=["renew", self.LEASE_MS, 0, *ids])
+
+    def revoke(self, tenant: str, reason: str) -> int:
+        """Close every connection of ``tenant`` here with 4001; how many."""
+        conns = list(self._live.get(tenant, {}).values())
+        for conn, _ in conns:
+            conn.revoke(reason)
+        return len(conns)
+
+    def tenants(self) -> list[str]:
+        return list(self._live)
+
+
 class Tenancy:
     """The registry's snapshot at one gateway, and what it decides: whose a token is.
 
@@ -106,6 +198,9 @@ class Tenancy:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._cache: TenantCache | None = None
+        #: The connections a quota or a disable concerns (set by the gateway once Redis is).
+        self.connections = TenantConnections(None)
+        self._default_limits = NO_QUOTAS.effective(settings)
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._reloaded_at = float("-inf")  # the last reload a missed ingest token caused
@@ -147,6 +242,32 @@ class Tenancy:
             await asyncio.sleep(s.tenant_refresh_s / 2)
             async with self._lock:
                 await asyncio.to_thread(self._cache.maybe_refresh)
+            self._revoke_disabled()
+
+    async def renew_leases(self) -> None:
+        """Renew this gateway's connection leases every ``RENEW_S``, for as long as it runs."""
+        while True:
+            await asyncio.sleep(TenantConnections.RENEW_S)
+            try:
+                await self.connections.renew()
+            except Exception as exc:  # Redis down: the leases lapse, as a dead gateway's do
+                log.warning("tenant_lease_renew_failed", error=type(exc).__name__)
+
+    def _revoke_disabled(self) -> None:
+        """Close the connections of tenants disabled since (their connects are refused too)."""
+        for tid in self.connections.tenants():
+            tenant = self.peek(tid)
+            if tenant is not None and not tenant.enabled:
+                closed = self.connections.revoke(tid, "the tenant is disabled")
+                log.info("tenant_disabled_connections_closed", tenant=tid, connections=closed)
+
+    def limits(self, tid: str) -> Limits:
+        """The tenant's quotas: its overrides over the settings (the settings' without a
+        registry)."""
+        tenant = self.peek(tid)
+        if tenant is None:
+            return self._default_limits
+        return tenant.quotas.effective(self._settings)
 
     async def tenant(self, tid: str) -> Tenant | None:
         """The tenant ``tid`` (disabled ones too), or None if unknown (or no registry)."""

@@ -17,6 +17,7 @@ from feed import keys
 from feed.cursor import order_key
 from feed.interfaces import HistoryRecord, Insert
 from feed.settings import Settings
+from feed.timelines_redis import RedisTimelines
 from tests.support.backends import Backend, real_backend
 from tests.support.suites.async_timelines import AsyncTimelinesSuite
 from tests.support.suites.delivery import DeliveryStreamSuite
@@ -138,3 +139,22 @@ async def test_two_tenants_with_the_same_ids_share_nothing(
         acme = {k for k in found if k.startswith(keys.Keyspace.for_tenant(TENANT).prefix)}
         assert acme, name
         assert all(not k.startswith("t:") for k in found - acme), name
+
+
+def test_a_tenants_timeline_cap_is_its_own(
+    redis_client: redis.Redis, ids: Callable[[str], str]
+) -> None:
+    """``for_tenant(timeline_max=)``: the tenant's hot timelines keep its cap; the default's
+    keep the store's."""
+    store = RedisTimelines(redis_client, timeline_max=8, stream_history=10, body_ttl_s=60)
+    capped = store.for_tenant(TENANT, timeline_max=5)
+    user = ids("u")
+    for t in (store, capped):
+        t.insert(
+            [Insert(order_key(n, f"{user}-{n}"), f"{user}-{n}", b"{}", [user]) for n in range(10)]
+        )
+    assert capped.size(user) == 5
+    assert store.size(user) == 8
+    assert capped.page(user, None, 10).members == [
+        order_key(n, f"{user}-{n}") for n in range(9, 4, -1)
+    ]
