@@ -35,6 +35,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from feed import tenants
 from feed.kafka import KafkaUnavailable, producer_config, quiet
 from feed.settings import Settings
+from feed.stages import record_ts_ms
 from schemas.errors import FeedError
 
 __all__ = [
@@ -124,6 +125,8 @@ class _Letter:
     state: int = _QUEUED
     error: str = ""
     origin: str = ""
+    #: The copy's timestamp (ms; 0: when it is produced).
+    timestamp: int = 0
 
 
 class DeadLetters:
@@ -167,9 +170,14 @@ class DeadLetters:
         reason: str,
         field: str = "",
         attempts: int = 1,
+        key: bytes | None = None,
+        keep_timestamp: bool = False,
     ) -> None:
         """Copy ``message`` to the DLQ. Never raises for a Kafka reason: a record the producer
-        does not take now is kept and produced again by :meth:`flush`."""
+        does not take now is kept and produced again by :meth:`flush`. ``key``: the copy's key,
+        if not the original's (the deferral topic keys by tenant); ``keep_timestamp``: the copy
+        keeps the original's timestamp (the deferral topic: the frames' ``ts`` and the stage
+        latencies stay the record's, from when it entered the pipeline)."""
         headers = [
             ("feed.error", _utf8(code)),
             ("feed.error.message", _utf8(reason)[:1024]),
@@ -184,11 +192,12 @@ class DeadLetters:
         if tenant is not None:  # kept, so a replay lands in the tenant it came from
             headers.append((tenants.HEADER, _utf8(tenant)[:64]))
         letter = _Letter(
-            key=message.key(),
+            key=message.key() if key is None else key,
             value=message.value() or b"",
             headers=headers,
             limit=self._limit,
             origin=f"{message.topic()}/{message.partition()}/{message.offset()}",
+            timestamp=(record_ts_ms(message) or 0) if keep_timestamp else 0,
         )
         self._letters.append(letter)
         self._produce(letter)
@@ -202,6 +211,7 @@ class DeadLetters:
                 key=key,
                 value=value,
                 headers=headers,
+                timestamp=letter.timestamp,
                 on_delivery=lambda err, _msg: self._delivered(letter, err),
             )
         except BufferError:

@@ -66,6 +66,18 @@ class WorkerMetrics:
             ["reason"],
             registry=r,
         )
+        self.deferred = Counter(
+            "feed_tenant_deferred_total",
+            "Records copied to the deferral topic, over their tenant's fan-out rate",
+            ["tenant"],
+            registry=r,
+        )
+        self.deferred_applied = Counter(
+            "feed_tenant_deferred_applied_total",
+            "Records of the deferral topic applied, at their tenant's fan-out rate",
+            ["tenant"],
+            registry=r,
+        )
         self.errors = Counter(
             "feed_errors_total", "Errors while applying batches, by kind", ["kind"], registry=r
         )

@@ -30,6 +30,7 @@ committed: the window a crash must not turn into duplicates.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -50,6 +51,7 @@ from fanout.dlq import DeadLetters, DeadLetterUnavailable, dead_letter_producer_
 from fanout.followers import FollowerCache
 from fanout.metrics import WorkerMetrics
 from fanout.processor import BatchStats, Processor
+from fanout.quota import FanoutQuota, Grant
 from feed import redis_connect, tracing
 from feed.graph_versions_redis import RedisGraphVersions
 from feed.kafka import KafkaUnavailable, consumer_config
@@ -60,7 +62,17 @@ from feed.notify_redis import NotifyRedis
 from feed.settings import Settings
 from feed.stages import now_ms, record_ts_ms
 from feed.stores import CassandraFollowGraph, CassandraHistory, open_cassandra
-from feed.tenants import DEFAULT, Tenant, TenantCache, UnknownTenant, header_tenant, resolve
+from feed.tenants import (
+    DEFAULT,
+    NO_QUOTAS,
+    Limits,
+    Tenant,
+    TenantCache,
+    UnknownTenant,
+    header_tenant,
+    header_value,
+    resolve,
+)
 from feed.tenants_cassandra import CassandraTenants
 from feed.timelines_redis import RedisTimelines
 from schemas.activity import Activity, decode_activity
@@ -150,10 +162,15 @@ class Worker:
         probe: Callable[[], bool] | None = None,
         tenants: TenantCache | None = None,
         processor_for: Callable[[Tenant], Processor] | None = None,
+        quota: FanoutQuota | None = None,
+        spill: DeadLetters | None = None,
+        deferred: Consumer | None = None,
     ) -> None:
         """``tenants``: the registry a record's ``feed.tenant`` header is resolved in (None: only
         the ``default`` tenant's records are applied, the others dead-lettered as
-        ``unknown_tenant``); ``processor_for``: a tenant's processor (its stores' views)."""
+        ``unknown_tenant``); ``processor_for``: a tenant's processor (its stores' views).
+        ``quota``, ``spill``, ``deferred``: the tenants' fan-out rates (``fanout.quota``): the
+        buckets, the producer to the deferral topic, and its consumer."""
         self._settings = settings
         self._consumer = consumer
         self._processor = processor
@@ -161,6 +178,12 @@ class Worker:
         self._processor_for = processor_for
         #: Each tenant's processor, with the registry's ``updated`` it was built for.
         self._processors: dict[str, tuple[object, Processor]] = {}
+        self._quota = quota
+        self._spill = spill
+        self._deferred = deferred
+        #: Deferral partitions paused until a tenant's next token (monotonic time).
+        self._deferred_paused: dict[tuple[str, int], float] = {}
+        self._default_limits = NO_QUOTAS.effective(settings)
         self._dlq = dead_letters
         self._metrics = metrics
         self._stop = threading.Event()
@@ -201,6 +224,8 @@ class Worker:
             on_revoke=self._on_revoke,
             on_lost=self._on_revoke,
         )
+        if self._deferred is not None:
+            self._deferred.subscribe([s.topic_deferred])
         log.info(
             "worker_started", group=s.kafka_group, topics=[s.topic_activities, s.topic_follows]
         )
@@ -220,6 +245,7 @@ class Worker:
                         self._pending = batch
                     else:
                         self._finish_pending()
+                    self._drain_deferred()
                 except _Stopping:
                     # The batch being retried stays uncommitted (replayed); one still in flight
                     # is committed below if its write succeeds.
@@ -232,6 +258,8 @@ class Worker:
             log.info("worker_stopping")
             try:
                 self._consumer.close()
+                if self._deferred is not None:
+                    self._deferred.close()
             finally:
                 self._processor.close()
             log.info("worker_stopped", batches=self.batches)
@@ -352,6 +380,8 @@ class Worker:
             except ValidationError as exc:
                 dlq += 1
                 self._dead_letter(message, exc.code, exc.message, exc.field, 1)
+        if self._quota is not None and events:
+            events = self._throttle(messages, events, tenant_of)
         if self._pending is not None and not all(
             isinstance(e, Activity) and not e.is_delete for _, e in events
         ):
@@ -393,6 +423,136 @@ class Worker:
                 self._metrics.errors.labels(kind="store_unavailable").inc()
                 self._back_off(attempt, exc, what="tenant lookup failed")
 
+    def _limits(self, tid: str) -> Limits:
+        """The tenant's quotas (its registry overrides over the settings)."""
+        if self._tenants is None:
+            return self._default_limits
+        tenant = self._tenants.peek(tid)
+        return self._default_limits if tenant is None else tenant.quotas.effective(self._settings)
+
+    def _label(self, tid: str) -> str:
+        """The tenant's metric label (bounded: ``FEED_TENANT_METRICS_MAX``)."""
+        if tid == DEFAULT or self._tenants is None:
+            return tid if tid == DEFAULT else "other"
+        return self._tenants.label(tid, self._settings.tenant_metrics_max)
+
+    def _take(self, tid: str, wanted: int, limits: Limits, *, deferred: bool = False) -> Grant:
+        """The tenant's fan-out tokens (``fanout.quota``); Redis down is an outage, waited out."""
+        assert self._quota is not None
+        attempt = 0
+        while True:
+            try:
+                return self._quota.take(tid, wanted, limits, deferred=deferred)
+            except STORE_ERRORS as exc:
+                attempt += 1
+                self._metrics.errors.labels(kind="store_unavailable").inc()
+                self._back_off(attempt, exc, what="fan-out quota failed")
+
+    def _throttle(
+        self,
+        messages: Sequence[Any],
+        events: list[tuple[int, Activity | FollowEvent]],
+        tenant_of: Sequence[str],
+    ) -> list[tuple[int, Activity | FollowEvent]]:
+        """The events to apply now: each tenant with a fan-out rate gets as many as it has
+        tokens, in order; the rest are copied to the deferral topic (committed with the batch
+        once the broker has them) and applied later at the tenant's rate."""
+        groups: dict[str, list[int]] = {}
+        for position, (index, _) in enumerate(events):
+            groups.setdefault(tenant_of[index] if tenant_of else DEFAULT, []).append(position)
+        later: set[int] = set()
+        for tid, positions in groups.items():
+            limits = self._limits(tid)
+            if limits.fanout_rate <= 0:
+                continue
+            grant = self._take(tid, len(positions), limits)
+            for position in positions[grant.granted :]:
+                index = events[position][0]
+                assert self._spill is not None
+                self._spill.send(
+                    messages[index],
+                    code="deferred",
+                    reason="over the tenant's fan-out rate",
+                    attempts=0,
+                    key=tid.encode(),
+                    keep_timestamp=True,
+                )
+                later.add(position)
+            if grant.granted < len(positions):
+                self._metrics.deferred.labels(tenant=self._label(tid)).inc(
+                    len(positions) - grant.granted
+                )
+        if not later:
+            return events
+        return [event for position, event in enumerate(events) if position not in later]
+
+    def _drain_deferred(self) -> None:
+        """Apply the deferral topic's records as their tenants' tokens allow: each partition in
+        order, paused at the first record whose tenant has no token until it has one."""
+        consumer = self._deferred
+        if consumer is None:
+            return
+        now = time.monotonic()
+        for (topic, partition), until in list(self._deferred_paused.items()):
+            if now >= until:
+                del self._deferred_paused[(topic, partition)]
+                with contextlib.suppress(KafkaException):  # no longer ours (a rebalance)
+                    consumer.resume([TopicPartition(topic, partition)])
+        messages: list[Any] = consumer.consume(num_messages=self._settings.fanout_batch, timeout=0)
+        if not messages:
+            return
+        s = self._settings
+        events: list[tuple[int, Activity | FollowEvent]] = []
+        tenant_of = [DEFAULT] * len(messages)
+        stopped: set[tuple[str, int]] = set()
+        commits: dict[tuple[str, int], int] = {}
+        pending: list[tuple[int, str]] = []  # (index, tenant) of the current run
+        for index, message in enumerate(messages):
+            if message.error() is not None:
+                continue
+            where = (message.topic(), message.partition())
+            if where in stopped:
+                continue
+            try:
+                tid = self._tenant_of(message)
+                origin = header_value(message.headers(), "feed.origin.topic")
+                value = message.value() or b""
+                if origin == s.topic_follows:
+                    event: Activity | FollowEvent = decode_follow_event(
+                        value, max_skew_s=s.max_clock_skew_s
+                    )
+                else:
+                    event = decode_activity(value, max_skew_s=s.max_clock_skew_s)
+            except ValidationError as exc:
+                self._dead_letter(message, exc.code, exc.message, exc.field, 1)
+                commits[where] = message.offset() + 1
+                continue
+            grant = self._take(tid, 1, self._limits(tid), deferred=True)
+            if grant.granted < 1:
+                consumer.seek(TopicPartition(where[0], where[1], message.offset()))
+                consumer.pause([TopicPartition(where[0], where[1])])
+                self._deferred_paused[where] = now + max(grant.retry_after_s, 0.001)
+                stopped.add(where)
+                continue
+            tenant_of[index] = tid
+            events.append((index, event))
+            pending.append((index, tid))
+            commits[where] = message.offset() + 1
+        if events:
+            origins = [record_ts_ms(m) for m in messages]  # the originals' (kept by the copy)
+            stats = self._apply(messages, events, tenant_of, origins=origins)
+            stats = self._retrying(lambda: self._processor.complete(stats), lambda: stats)
+            for index, rejected in stats.rejected:
+                self._dead_letter(messages[index], rejected.code, str(rejected), rejected.field, 1)
+            for _, tid in pending:
+                self._metrics.deferred_applied.labels(tenant=self._label(tid)).inc()
+        self._flush_dead_letters()
+        if commits:
+            consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in commits.items()],
+                asynchronous=False,
+            )
+
     def _processor_of(self, tid: str) -> Processor:
         """The tenant's processor (built again when its registry row changed: its quotas)."""
         if tid == DEFAULT or self._processor_for is None or self._tenants is None:
@@ -426,6 +586,11 @@ class Worker:
             self._flush_dead_letters()
         else:
             self._dlq.flush(_DLQ_FLUSH_S)
+        if self._spill is not None:  # the records over a tenant's rate: in the broker first
+            if retry:
+                self._flush_dead_letters(self._spill)
+            else:
+                self._spill.flush(_DLQ_FLUSH_S)
         if self._after_apply is not None:
             self._after_apply()
         self._commit(offsets, batch.origins)
@@ -545,13 +710,14 @@ class Worker:
                 log.exception("batch_failing_applying_record_by_record")
                 return fallback()
 
-    def _flush_dead_letters(self) -> None:
-        """Wait until every DLQ record is in the broker: a DLQ that cannot be written is an
-        outage, waited out like a store's (consumption paused, backoff, never given up)."""
+    def _flush_dead_letters(self, letters: DeadLetters | None = None) -> None:
+        """Wait until every DLQ record (or deferred one) is in the broker: a topic that cannot
+        be written is an outage, waited out like a store's (consumption paused, backoff, never
+        given up)."""
         attempt = 0
         while True:
             try:
-                self._dlq.flush(_DLQ_FLUSH_S)
+                (letters or self._dlq).flush(_DLQ_FLUSH_S)
                 return
             except DeadLetterUnavailable as exc:
                 attempt += 1
@@ -935,6 +1101,15 @@ def build_worker(
         probe=_stores_probe(settings, session.cluster, cluster),
         tenants=registry,
         processor_for=processor_for,
+        quota=FanoutQuota(client),
+        spill=DeadLetters.from_config(
+            dead_letter_producer_config(settings, logger=librdkafka), settings.topic_deferred
+        ),
+        deferred=Consumer(
+            consumer_config(
+                settings, logger=librdkafka, **{"group.id": settings.kafka_group + ".deferred"}
+            )
+        ),
     )
     worker.redis_cluster = cluster
     return worker

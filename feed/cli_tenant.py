@@ -102,6 +102,8 @@ def add_tenant_parser(sub: Any) -> None:
             p.add_argument("name", metavar="NAME", type=_tenant_name)
         if json:
             p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+        if name == "purge":
+            p.add_argument("--yes", action="store_true", help="really delete (no undo)")
         if quotas:
             group = p.add_argument_group(
                 "quotas", f"each overrides its setting for this tenant; {CLEAR!r} clears it"
@@ -129,6 +131,7 @@ def add_tenant_parser(sub: Any) -> None:
     command("rotate", "new credentials; the old ones stay valid FEED_TENANT_ROTATE_GRACE_S")
     command("disable", "refuse a tenant's ingest, records and connections")
     command("enable", "serve a disabled tenant again")
+    command("purge", "delete a disabled tenant's data and its registry row (--yes)")
 
 
 def cmd_tenant(args: argparse.Namespace) -> int:
@@ -183,6 +186,8 @@ def _run(args: argparse.Namespace, settings: Settings, store: CassandraTenants) 
         credentials = Credentials.generate()
         rotated = store.rotate(args.name, credentials)
         _print_json(_credentials(rotated, credentials))
+    elif action == "purge":
+        return _purge(args, settings, store)
     elif action in ("disable", "enable"):
         changed = store.set_state(args.name, "active" if action == "enable" else "disabled")
         _print_json({"tenant": changed.id, "state": changed.state})
@@ -213,6 +218,38 @@ def _run(args: argparse.Namespace, settings: Settings, store: CassandraTenants) 
             for name, value in shown["quotas"].items():
                 source = "override" if name in shown["overrides"] else "setting"
                 print(f"{name}: {value:g} ({source})")
+    return 0
+
+
+def _purge(args: argparse.Namespace, settings: Settings, store: CassandraTenants) -> int:
+    """Delete a disabled tenant's Redis keys, Cassandra partitions and registry row; print
+    what went. Refused (2) without ``--yes``, for ``default`` or an enabled tenant."""
+    from feed import redis_connect
+    from feed.tenant_purge import purge_cassandra, purge_redis
+
+    command = "tenant purge"
+    if args.name == DEFAULT:
+        raise DefaultTenantError("the default tenant is never purged")
+    tenant = store.get(args.name)
+    if tenant is None:
+        raise TenantError(f"no tenant {args.name!r}")
+    if tenant.enabled:
+        print(f"feed {command}: disable {args.name!r} first (feed tenant disable)", file=sys.stderr)
+        return 2
+    if not args.yes:
+        print(
+            f"feed {command}: this deletes {args.name!r}'s data for good: add --yes",
+            file=sys.stderr,
+        )
+        return 2
+    client = redis_connect.sync_client(settings, socket_timeout=30)
+    try:
+        redis_keys = purge_redis(client, args.name)
+    finally:
+        client.close()
+    partitions = purge_cassandra(store.session, settings.cassandra_keyspace, args.name)
+    store.delete(args.name)
+    _print_json({"tenant": args.name, "redis_keys": redis_keys, "cassandra_partitions": partitions})
     return 0
 
 

@@ -112,7 +112,12 @@ def create_topics(settings: Settings, *, timeout: float = 30.0) -> list[str]:
     Each request waits at most ``timeout`` s (``KafkaException`` / ``TimeoutError`` past it)."""
     admin = AdminClient(quiet({"bootstrap.servers": settings.kafka_bootstrap}))
     existing = set(admin.list_topics(timeout=timeout).topics)
-    wanted = [settings.topic_activities, settings.topic_follows, settings.topic_dlq]
+    wanted = [
+        settings.topic_activities,
+        settings.topic_follows,
+        settings.topic_dlq,
+        settings.topic_deferred,
+    ]
     new = [
         NewTopic(
             name,

@@ -34,6 +34,7 @@ __all__ = [
     "channel",
     "claim",
     "connections",
+    "deferred_waiting",
     "deleted",
     "deliveries",
     "fanout_cluster_keys",
@@ -52,6 +53,7 @@ __all__ = [
     "principal_channel",
     "rate_connect_ip",
     "rate_connect_user",
+    "rate_fanout",
     "rate_ingest",
     "rebuilding",
     "remove_user_keys",
@@ -155,6 +157,18 @@ def connections() -> str:
     """Sorted set: a tenant's live WebSocket connections across gateways, by connection id,
     scored by when each admission lapses (``feed/lua/conn_admit.lua``): its connection quota."""
     return "conns"
+
+
+def rate_fanout() -> str:
+    """Hash: a tenant's fan-out token bucket (its activities fanned out per second). Hash tag
+    ``{q}``: one script reads it with :func:`deferred_waiting` (one slot on a Redis Cluster)."""
+    return "rl:fanout:{q}"
+
+
+def deferred_waiting() -> str:
+    """String (a count, with a TTL): a tenant's records waiting in the deferral topic, over its
+    fan-out rate (``fanout.quota``): while any wait, its new records go after them."""
+    return "defer:waiting:{q}"
 
 
 def rate_connect_user(user: str) -> str:
@@ -342,6 +356,12 @@ class Keyspace:
 
     def connections(self) -> str:
         return self.prefix + connections()
+
+    def rate_fanout(self) -> str:
+        return self.prefix + rate_fanout()
+
+    def deferred_waiting(self) -> str:
+        return self.prefix + deferred_waiting()
 
     def rate_connect_user(self, user: str) -> str:
         return self.prefix + rate_connect_user(user)

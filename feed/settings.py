@@ -170,6 +170,8 @@ class Settings:
     topic_activities: str = "feed.activities"
     topic_follows: str = "feed.follows"
     topic_dlq: str = "feed.activities.dlq"
+    #: A tenant's records over its fan-out rate wait here (``fanout.quota``; ``docs/tenants.md``).
+    topic_deferred: str = "feed.activities.deferred"
     kafka_session_timeout_ms: int = 10_000
     kafka_heartbeat_ms: int = 1_000
     fanout_batch: int = 500
@@ -257,6 +259,7 @@ class Settings:
             "topic_activities": _nonempty,
             "topic_follows": _nonempty,
             "topic_dlq": _nonempty,
+            "topic_deferred": _nonempty,
             "kafka_session_timeout_ms": _int(1_000, 600_000),
             "kafka_heartbeat_ms": _int(100, 60_000),
             "fanout_batch": _int(1, 100_000),

@@ -82,6 +82,7 @@ __all__ = [
     "default_row",
     "default_tenant",
     "header_tenant",
+    "header_value",
     "ingest_sha256",
     "resolve",
     "scoped",
@@ -160,9 +161,14 @@ class UnknownTenant(ValidationError, TenantError):
 def header_tenant(headers: Sequence[tuple[str, bytes | None]] | None) -> str | None:
     """The tenant id a Kafka record's headers name (:data:`HEADER`, the first one), or None
     without one. Not yet checked: see :func:`resolve`."""
+    return header_value(headers, HEADER)
+
+
+def header_value(headers: Sequence[tuple[str, bytes | None]] | None, name: str) -> str | None:
+    """A Kafka record header's value (the first of that name, decoded leniently), or None."""
     if headers:
-        for name, value in headers:
-            if name == HEADER:
+        for key, value in headers:
+            if key == name:
                 return (value or b"").decode("utf-8", errors="replace")
     return None
 
@@ -596,6 +602,7 @@ class TenantCache:
         self._by_hash: dict[bytes, Tenant] = {}
         self._loaded_at: float | None = None
         self._misses: OrderedDict[str, float] = OrderedDict()
+        self._labels: tuple[int, frozenset[str]] | None = None  # label(): (most, ids)
         self._index(self._by_id[DEFAULT])
 
     @property
@@ -629,6 +636,7 @@ class TenantCache:
         self._loaded_at = self._clock()
 
     def _add(self, tenant: Tenant) -> None:
+        self._labels = None
         if tenant.id == DEFAULT:
             tenant = default_tenant(self._settings, tenant)
         self._by_id[tenant.id] = tenant
@@ -673,6 +681,16 @@ class TenantCache:
         if tenant is None or digest not in tenant.ingest_hashes(self._now()):
             return None
         return tenant
+
+    def label(self, tid: str, most: int) -> str:
+        """``tid`` as a metric label: ``default`` and the ``most`` oldest tenants by their id,
+        any other ``other`` (``FEED_TENANT_METRICS_MAX``: the series stay bounded whatever the
+        number of tenants; an unknown id is never a label)."""
+        labelled = self._labels
+        if labelled is None or labelled[0] != most:
+            ids = frozenset(t.id for t in self.known()[: most + 1])
+            labelled = self._labels = (most, ids)
+        return tid if tid in labelled[1] else "other"
 
     def known(self) -> list[Tenant]:
         """Every tenant of the snapshot, ``default`` first, then oldest first."""

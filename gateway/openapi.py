@@ -353,10 +353,11 @@ def _ingest_errors(body_limit: int) -> dict[str, Any]:
     return {
         "400": _error("Invalid input: the error names the field and the limit it broke."),
         "401": _error("The ingest token is missing or wrong.", auth=True),
+        "403": _error("The ingest token's tenant is disabled (`tenant_disabled`)."),
         "408": _error("The body did not arrive in time (a slow or stalled upload)."),
         "413": _error(f"The body is larger than {body_limit} bytes."),
         "415": _error("The body is not `application/json` (UTF-8); the field is `Content-Type`."),
-        "429": _error("Over the ingest rate limit of this token.", retry_after=True),
+        "429": _error("Over the ingest rate limit of this token's tenant.", retry_after=True),
         "503": _error("Kafka did not accept the records in time; retry.", retry_after=True),
     }
 

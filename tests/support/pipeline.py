@@ -54,6 +54,7 @@ def isolated_env(stack_env: dict[str, str], prefix: str, **extra: str) -> dict[s
         "FEED_TOPIC_ACTIVITIES": f"{prefix}-act-{tag}",
         "FEED_TOPIC_FOLLOWS": f"{prefix}-fol-{tag}",
         "FEED_TOPIC_DLQ": f"{prefix}-dlq-{tag}",
+        "FEED_TOPIC_DEFERRED": f"{prefix}-deferred-{tag}",
         "FEED_KAFKA_GROUP": f"{prefix}-{tag}",
         "FEED_WORKER_METRICS_PORT": str(free_port()),
         "FEED_GATEWAY_PORT": str(free_port()),

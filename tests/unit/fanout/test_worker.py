@@ -15,9 +15,10 @@ import redis
 import fanout.worker as worker_module
 from fanout.metrics import WorkerMetrics
 from fanout.processor import BatchStats, RejectedRecord
+from fanout.quota import Grant
 from fanout.worker import Worker
 from feed.settings import Settings
-from feed.tenants import DISABLED, Credentials, MemoryTenants, Tenant, TenantCache
+from feed.tenants import DISABLED, Credentials, MemoryTenants, Quotas, Tenant, TenantCache
 from tests.support.otlp import in_memory_tracing
 
 TOPIC = "feed.activities"
@@ -741,3 +742,103 @@ def test_without_a_registry_every_other_tenants_record_is_dead_lettered() -> Non
     run_until(worker, lambda: bool(consumer.commits))
     assert processor.applied == ["a-0-1"]
     assert [w["code"] for w in dlq.why] == ["unknown_tenant"]
+
+
+class FakeQuota:
+    """Grants from a script of numbers (then everything), recording what was asked."""
+
+    def __init__(self, grants: list[int], retry_after_s: float = 0.05) -> None:
+        self.grants = grants
+        self.asked: list[tuple[str, int, bool]] = []
+        self.retry_after_s = retry_after_s
+
+    def take(self, tenant: str, wanted: int, limits: Any, *, deferred: bool = False) -> Grant:
+        self.asked.append((tenant, wanted, deferred))
+        granted = min(wanted, self.grants.pop(0)) if self.grants else wanted
+        return Grant(granted, self.retry_after_s)
+
+
+class SpillDLQ(FakeDLQ):
+    """The deferral topic's producer: keeps the copies as the deferred consumer reads them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[TenantMessage] = []
+
+    def send(self, message: Any, **kw: Any) -> None:
+        super().send(message, **kw)
+        copy = TenantMessage(0, len(self.copies), None)
+        copy._value = message.value()
+        copy._headers = [*message.headers(), ("feed.origin.topic", TOPIC.encode())]
+        self.copies.append(copy)
+
+
+class DeferredConsumer(FakeConsumer):
+    def __init__(self, batches: list[list[FakeMessage]]) -> None:
+        super().__init__(batches)
+        self.seeks: list[int] = []
+        self.paused_parts: list[int] = []
+
+    def seek(self, partition: Any) -> None:
+        self.seeks.append(partition.offset)
+        # the records from there are read again: put them back at the head of the next batch
+        pending = [m for batch in self.delivered for m in batch if m.offset() >= partition.offset]
+        self.batches.insert(0, pending)
+
+    def pause(self, partitions: Any) -> None:
+        self.paused_parts += [p.partition for p in partitions]
+
+    def resume(self, partitions: Any) -> None:
+        pass
+
+    def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
+        out = self.batches.pop(0) if self.batches else []
+        self.delivered = [out]
+        return out
+
+
+def test_a_tenant_over_its_fanout_rate_is_deferred_then_applied_at_its_rate() -> None:
+    """Records past the tenant's tokens are copied to the deferral topic keyed by the tenant
+    (committed with the batch) and applied from it as tokens come: none dropped, none twice,
+    the tenant's order kept; another tenant's records in the same batch are applied at once."""
+    batch = [TenantMessage(0, n, "flood" if n % 4 else "calm") for n in range(8)]
+    consumer = FakeConsumer([batch])
+    default = FakeProcessor([], consumer.log)
+    built: dict[str, FakeProcessor] = {}
+
+    def processor_for(tenant: Tenant) -> Any:
+        return built.setdefault(tenant.id, FakeProcessor([], consumer.log))
+
+    store = MemoryTenants()
+    store.create("flood", Credentials.generate(), Quotas(fanout_rate=1.0))
+    store.create("calm", Credentials.generate())
+    spill = SpillDLQ()
+    deferred = DeferredConsumer([])
+    quota = FakeQuota([2, 1, 0, 5])  # the batch: 2 of flood's 6; then the deferral: 1, 0, all
+    worker, dlq = make(
+        consumer,
+        default,
+        tenants=TenantCache(store, refresh_s=10),
+        processor_for=processor_for,
+        quota=quota,
+        spill=spill,
+        deferred=deferred,
+    )
+    flood_ids = [f"a-0-{n}" for n in range(8) if n % 4]
+    real_consume = deferred.consume
+
+    def consume(num_messages: int, timeout: float) -> list[FakeMessage]:
+        if not deferred.batches and spill.copies and not deferred.seeks:
+            deferred.batches.append(list(spill.copies))
+        return real_consume(num_messages, timeout)
+
+    deferred.consume = consume  # type: ignore[method-assign]
+    run_until(worker, lambda: len(built.get("flood", FakeProcessor([], [])).applied) == 6)
+    assert built["calm"].applied == ["a-0-0", "a-0-4"]  # at once, in the first batch
+    assert built["flood"].applied == flood_ids  # two at once, then the deferred four, in order
+    assert [kw["key"] for kw in spill.why] == [b"flood"] * 4
+    assert {kw["code"] for kw in spill.why} == {"deferred"}
+    assert consumer.commits == [{(TOPIC, 0): 8}]  # the source batch, once its copies were in
+    assert deferred.seeks == [1] and deferred.paused_parts == [0]  # no token: wait, then go on
+    assert ("flood", 6, False) in quota.asked
+    assert not dlq.sent and default.applied == []
