@@ -178,19 +178,36 @@ class DeadLetters:
         if not the original's (the deferral topic keys by tenant); ``keep_timestamp``: the copy
         keeps the original's timestamp (the deferral topic: the frames' ``ts`` and the stage
         latencies stay the record's, from when it entered the pipeline)."""
+        carried = message.headers() or []
+        # A record read back from the deferral topic (a copy itself) keeps its original's
+        # origin and key: a replay goes where the original came from, keyed as it was.
+        origin = {n: v for n, v in carried if n.startswith("feed.origin.") and v is not None}
+        if "feed.origin.topic" not in origin:
+            origin = {
+                "feed.origin.topic": _utf8(message.topic()),
+                "feed.origin.partition": str(message.partition()).encode(),
+                "feed.origin.offset": str(message.offset()).encode(),
+            }
+            if key is not None:  # a copy keyed otherwise (by tenant): the key it had
+                origin[ORIGIN_KEY] = message.key() or b""
+        original_key = origin.pop(ORIGIN_KEY, None)
         headers = [
             ("feed.error", _utf8(code)),
             ("feed.error.message", _utf8(reason)[:1024]),
             ("feed.error.field", _utf8(field)[:1024]),
             ("feed.attempts", str(attempts).encode()),
-            ("feed.origin.topic", _utf8(message.topic())),
-            ("feed.origin.partition", str(message.partition()).encode()),
-            ("feed.origin.offset", str(message.offset()).encode()),
+            ("feed.origin.topic", origin["feed.origin.topic"]),
+            ("feed.origin.partition", origin["feed.origin.partition"]),
+            ("feed.origin.offset", origin["feed.origin.offset"]),
             ("feed.failed.at", datetime.now(UTC).isoformat().encode()),
         ]
-        tenant = tenants.header_tenant(message.headers())
+        if key is not None and original_key is not None:
+            headers.append((ORIGIN_KEY, original_key))
+        tenant = tenants.header_tenant(carried)
         if tenant is not None:  # kept, so a replay lands in the tenant it came from
             headers.append((tenants.HEADER, _utf8(tenant)[:64]))
+        if key is None and original_key is not None:
+            key = original_key
         letter = _Letter(
             key=message.key() if key is None else key,
             value=message.value() or b"",
@@ -391,6 +408,10 @@ class ReplayResult:
     #: Truncated copies (``feed.truncated``): only their first bytes are left, so they are
     #: passed over for good rather than replayed as garbage.
     truncated: list[DeadLetter]
+
+
+#: The header of a copy keyed otherwise (the deferral topic's, by tenant): its original key.
+ORIGIN_KEY = "feed.origin.key"
 
 
 def _replay_headers(record: DeadLetter, source: str) -> list[tuple[str, str | bytes | None]]:

@@ -47,14 +47,17 @@ class FanoutQuota:
         """Take up to ``wanted`` tokens for new records (none while records of the tenant wait;
         those not granted are counted as waiting: the caller copies them to the deferral topic),
         or for ``deferred`` records read back from it (taken off the waiting count)."""
+        return self._call(tenant, wanted, limits, "deferred" if deferred else "batch")
+
+    def release(self, tenant: str, count: int, limits: Limits) -> None:
+        """Take ``count`` records read back from the deferral topic off the waiting count
+        without applying them (dead-lettered, or the tenant's rate was lifted)."""
+        self._call(tenant, count, limits, "release")
+
+    def _call(self, tenant: str, wanted: int, limits: Limits, mode: str) -> Grant:
         k = keys.Keyspace.for_tenant(tenant)
         taken, wait_us = self._script(
             keys=[k.rate_fanout(), k.deferred_waiting()],
-            args=[
-                limits.fanout_rate,
-                limits.fanout_burst,
-                wanted,
-                "deferred" if deferred else "batch",
-            ],
+            args=[limits.fanout_rate, limits.fanout_burst, wanted, mode],
         )
         return Grant(int(taken), int(wait_us) / 1e6)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -131,7 +131,7 @@ def add_tenant_parser(sub: Any) -> None:
     command("rotate", "new credentials; the old ones stay valid FEED_TENANT_ROTATE_GRACE_S")
     command("disable", "refuse a tenant's ingest, records and connections")
     command("enable", "serve a disabled tenant again")
-    command("purge", "delete a disabled tenant's data and its registry row (--yes)")
+    command("purge", "delete a disabled tenant's data (--yes); its name stays taken")
 
 
 def cmd_tenant(args: argparse.Namespace) -> int:
@@ -222,8 +222,9 @@ def _run(args: argparse.Namespace, settings: Settings, store: CassandraTenants) 
 
 
 def _purge(args: argparse.Namespace, settings: Settings, store: CassandraTenants) -> int:
-    """Delete a disabled tenant's Redis keys, Cassandra partitions and registry row; print
-    what went. Refused (2) without ``--yes``, for ``default`` or an enabled tenant."""
+    """Delete a disabled tenant's Redis keys and Cassandra partitions; print what went. Refused
+    (2) without ``--yes``, for ``default`` or an enabled tenant; (1) until every process has
+    seen the disable (twice ``FEED_TENANT_REFRESH_S`` after it)."""
     from feed import redis_connect
     from feed.tenant_purge import purge_cassandra, purge_redis
 
@@ -236,6 +237,12 @@ def _purge(args: argparse.Namespace, settings: Settings, store: CassandraTenants
     if tenant.enabled:
         print(f"feed {command}: disable {args.name!r} first (feed tenant disable)", file=sys.stderr)
         return 2
+    settled = tenant.updated + timedelta(seconds=2 * settings.tenant_refresh_s)
+    if utcnow() < settled:
+        # every worker and gateway must know it is disabled first, or one could write its data
+        # again behind the purge (a record in flight, a live socket)
+        wait = (settled - utcnow()).total_seconds()
+        return _fail(command, f"{args.name!r} was disabled a moment ago: retry in {wait:.0f} s")
     if not args.yes:
         print(
             f"feed {command}: this deletes {args.name!r}'s data for good: add --yes",
@@ -248,7 +255,8 @@ def _purge(args: argparse.Namespace, settings: Settings, store: CassandraTenants
     finally:
         client.close()
     partitions = purge_cassandra(store.session, settings.cassandra_keyspace, args.name)
-    store.delete(args.name)
+    # The row stays, disabled: the name is never served again with another's leftovers (a
+    # record of the old tenant still in a topic, a socket of a process that missed the change).
     _print_json({"tenant": args.name, "redis_keys": redis_keys, "cassandra_partitions": partitions})
     return 0
 

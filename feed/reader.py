@@ -80,6 +80,10 @@ class FeedReader:
         self._rebuild_again: dict[str, str] = {}  # user -> newer lease, for the task in flight
         self._big: OrderedDict[str, tuple[tuple[bytes, int], tuple[str, ...]]] = OrderedDict()
 
+    @property
+    def timeline_max(self) -> int:
+        return self._max
+
     def for_tenant(self, tenant: str, timeline_max: int | None = None) -> FeedReader:
         """A reader of ``tenant``'s feeds: its views of the same stores (``for_tenant``, which
         the Redis and Cassandra stores have), its timeline cap, its own rebuild and cache state."""

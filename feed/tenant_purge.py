@@ -59,11 +59,20 @@ def purge_redis(client: redis.Redis, tenant: str) -> int:
         for key in node.scan_iter(match=prefix + "*", count=1000):
             batch.append(key)
             if len(batch) >= _BATCH:
-                deleted += int(node.unlink(*batch))
+                deleted += _unlink(node, batch)
                 batch = []
         if batch:
-            deleted += int(node.unlink(*batch))
+            deleted += _unlink(node, batch)
     return deleted
+
+
+def _unlink(node: redis.Redis, names: list[bytes]) -> int:
+    """One ``UNLINK`` per key, pipelined: a cluster node refuses one naming keys of several
+    slots (``CROSSSLOT``), even slots it owns."""
+    pipe = node.pipeline(transaction=False)
+    for name in names:
+        pipe.unlink(name)
+    return sum(int(n) for n in pipe.execute())
 
 
 def purge_cassandra(session: Any, keyspace: str, tenant: str) -> dict[str, int]:

@@ -601,6 +601,8 @@ class TenantCache:
         self._by_id: dict[str, Tenant] = {DEFAULT: default_tenant(settings)}
         self._by_hash: dict[bytes, Tenant] = {}
         self._loaded_at: float | None = None
+        self._tried_at: float | None = None  # the last reload attempted by maybe_refresh
+        self._snapshot: tuple[Tenant, ...] = tuple(self._by_id.values())
         self._misses: OrderedDict[str, float] = OrderedDict()
         self._labels: tuple[int, frozenset[str]] | None = None  # label(): (most, ids)
         self._index(self._by_id[DEFAULT])
@@ -612,11 +614,14 @@ class TenantCache:
 
     def maybe_refresh(self) -> bool:
         """Reload the snapshot if ``refresh_s`` passed since the last successful reload (or none
-        succeeded yet). True if it reloaded; False if not due, or if the reload failed (logged;
-        the previous snapshot stays)."""
+        succeeded yet), and no attempt failed within the last second. True if it reloaded;
+        False if not due, or if the reload failed (logged; the previous snapshot stays)."""
         at = self._clock()
         if self._loaded_at is not None and at - self._loaded_at < self._refresh_s:
             return False
+        if self._tried_at is not None and at - self._tried_at < min(self._refresh_s, 1.0):
+            return False  # a failed reload is tried again a second later, not on every call
+        self._tried_at = at
         try:
             self.refresh()
         except Exception as exc:  # any store error: keep serving the previous snapshot
@@ -627,24 +632,38 @@ class TenantCache:
     def refresh(self) -> None:
         """Reload the snapshot now (a store error propagates; the previous snapshot stays)."""
         rows = self._store.load_all()
-        self._by_id = {}
-        self._by_hash = {}
+        # Built aside and swapped in whole: a reader on another thread (the gateway reloads in
+        # one) sees the old snapshot or the new one, never a half-filled one.
+        by_id: dict[str, Tenant] = {}
+        by_hash: dict[bytes, Tenant] = {}
         for tenant in rows:
-            self._add(tenant)
-        if DEFAULT not in self._by_id:
-            self._add(default_tenant(self._settings))
+            self._add(tenant, by_id, by_hash)
+        if DEFAULT not in by_id:
+            self._add(default_tenant(self._settings), by_id, by_hash)
+        self._by_id, self._by_hash, self._labels = by_id, by_hash, None
+        self._snapshot = tuple(by_id.values())
         self._loaded_at = self._clock()
 
-    def _add(self, tenant: Tenant) -> None:
+    def _add(
+        self,
+        tenant: Tenant,
+        by_id: dict[str, Tenant] | None = None,
+        by_hash: dict[bytes, Tenant] | None = None,
+    ) -> None:
+        by_id = self._by_id if by_id is None else by_id
+        by_hash = self._by_hash if by_hash is None else by_hash
         self._labels = None
         if tenant.id == DEFAULT:
             tenant = default_tenant(self._settings, tenant)
-        self._by_id[tenant.id] = tenant
-        self._index(tenant)
+        by_id[tenant.id] = tenant
+        self._index(tenant, by_hash)
+        if by_id is self._by_id:  # added to the live snapshot (a lookup): a new version of it
+            self._snapshot = tuple(by_id.values())
 
-    def _index(self, tenant: Tenant) -> None:
-        self._by_hash.update(dict.fromkeys([tenant.ingest_sha256, *tenant.prev_ingest], tenant))
-        self._by_hash.pop(b"", None)
+    def _index(self, tenant: Tenant, by_hash: dict[bytes, Tenant] | None = None) -> None:
+        by_hash = self._by_hash if by_hash is None else by_hash
+        by_hash.update(dict.fromkeys([tenant.ingest_sha256, *tenant.prev_ingest], tenant))
+        by_hash.pop(b"", None)
 
     def get(self, tid: str) -> Tenant | None:
         """The tenant ``tid`` (disabled ones too: check :attr:`Tenant.enabled`), or None if the
@@ -691,6 +710,11 @@ class TenantCache:
             ids = frozenset(t.id for t in self.known()[: most + 1])
             labelled = self._labels = (most, ids)
         return tid if tid in labelled[1] else "other"
+
+    def known_version(self) -> Sequence[Tenant]:
+        """Every tenant of the snapshot, as one object that changes with each reload (compare
+        with ``is`` to know whether anything derived from it must be computed again)."""
+        return self._snapshot
 
     def known(self) -> list[Tenant]:
         """Every tenant of the snapshot, ``default`` first, then oldest first."""

@@ -88,16 +88,10 @@ class CassandraTenants:
         self._get_serial = prepare(f"SELECT {_COLUMNS} FROM {ks}.tenants WHERE id = ?")
         self._get_serial.consistency_level = ConsistencyLevel.SERIAL
         self._all = prepare(f"SELECT {_COLUMNS} FROM {ks}.tenants")
-        self._delete = prepare(f"DELETE FROM {ks}.tenants WHERE id = ?")
 
     @property
     def session(self) -> Session:
         return self._session
-
-    def delete(self, tid: str) -> None:
-        """Forget a tenant (``feed tenant purge``, once its data is gone): its name may be
-        created again."""
-        self._session.execute(self._delete, (tid,))
 
     # --- reads -------------------------------------------------------------------------------
     def get(self, tid: str) -> Tenant | None:

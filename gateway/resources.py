@@ -103,7 +103,6 @@ class Gateway:
         #: The durable notification feeds, once Cassandra is connected.
         self.notify_store: Any = None
         self._limiter: RedisRateLimiter | None = None
-        self.ingest_limit = Limit(settings.ingest_rate, settings.ingest_burst)
         self.connect_limit = Limit(settings.connect_rate, settings.connect_burst)
         self.connect_ip_limit = Limit(settings.connect_ip_rate, settings.connect_ip_burst)
         self._tasks: list[asyncio.Task[None]] = []
@@ -148,12 +147,15 @@ class Gateway:
     def reader_for(self, tenant: str) -> FeedReader:
         """The tenant's feed reader: the default one's views, with the tenant's timeline cap."""
         reader = self.reader
-        if tenant == DEFAULT:
-            return reader
+        known = self.tenancy.peek(tenant)
+        if tenant == DEFAULT and (known is None or known.quotas.timeline_max is None):
+            return reader  # the default tenant's own cap: the setting
+        cap = reader.timeline_max
+        if known is not None:
+            cap = known.quotas.effective(self.settings).timeline_max
         held = self._tenant_readers.get(tenant)
-        if held is None or held[0] is not reader:  # built again once Cassandra connected
-            known = self.tenancy.peek(tenant)
-            cap = None if known is None else known.quotas.effective(self.settings).timeline_max
+        if held is None or held[0] is not reader or held[1].timeline_max != cap:
+            # built again once Cassandra connected, or when the tenant's cap changed
             held = self._tenant_readers[tenant] = (reader, reader.for_tenant(tenant, cap))
         return held[1]
 

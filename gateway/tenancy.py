@@ -203,7 +203,7 @@ class Tenancy:
         self._default_limits = NO_QUOTAS.effective(settings)
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
-        self._reloaded_at = float("-inf")  # the last reload a missed ingest token caused
+        self._reloaded_at = float("-inf")  # the last reload a missed credential caused
 
     @property
     def enabled(self) -> bool:
@@ -239,9 +239,13 @@ class Tenancy:
                 delay = min(delay * 2, 30.0)
         log.info("tenant_registry_loaded", tenants=len(self._cache.known()))
         while True:
+            # a reload every half refresh period: a change is here within it, whenever it came
             await asyncio.sleep(s.tenant_refresh_s / 2)
             async with self._lock:
-                await asyncio.to_thread(self._cache.maybe_refresh)
+                try:
+                    await asyncio.to_thread(self._cache.refresh)
+                except Exception as exc:  # the store is down: the snapshot stays
+                    log.warning("tenant_refresh_failed", error=type(exc).__name__)
             self._revoke_disabled()
 
     async def renew_leases(self) -> None:
@@ -257,7 +261,7 @@ class Tenancy:
         """Close the connections of tenants disabled since (their connects are refused too)."""
         for tid in self.connections.tenants():
             tenant = self.peek(tid)
-            if tenant is not None and not tenant.enabled:
+            if tid != DEFAULT and (tenant is None or not tenant.enabled):  # disabled, or gone
                 closed = self.connections.revoke(tid, "the tenant is disabled")
                 log.info("tenant_disabled_connections_closed", tenant=tid, connections=closed)
 
@@ -270,15 +274,13 @@ class Tenancy:
         return tenant.quotas.effective(self._settings)
 
     async def tenant(self, tid: str) -> Tenant | None:
-        """The tenant ``tid`` (disabled ones too), or None if unknown (or no registry)."""
-        cache = self._cache
-        if cache is None:
-            return None
-        found = cache.peek(tid)
-        if found is not None:
-            return found
-        async with self._lock:
-            return await asyncio.to_thread(cache.get, tid)
+        """The tenant ``tid`` (disabled ones too), or None if unknown (or no registry). An id
+        the snapshot lacks reloads it (:meth:`_reload_on_miss`: once a second at most, whatever
+        the ids): ids named by unverified tokens never cost a lookup each."""
+        found = self.peek(tid)
+        if found is None and await self._reload_on_miss():
+            found = self.peek(tid)
+        return found
 
     def peek(self, tid: str) -> Tenant | None:
         """The snapshot's tenant ``tid``, without a lookup (None: unknown or no registry)."""
@@ -301,33 +303,59 @@ class Tenancy:
                 raise
         tenant = await self.tenant(tid)
         if tenant is None or not tenant.enabled:
-            raise AuthError("unknown_tenant", "the token's tenant is unknown or disabled")
+            # the same answer as a wrong secret: tenant ids are not told to who has no token
+            raise AuthError("bad_signature", "the token signature does not verify")
+        try:
+            return verify_user_token(
+                token, tenant.jwt_secrets(utcnow()), leeway_s=s.jwt_leeway_s, tenant=tid
+            )
+        except AuthError as exc:
+            # signed with a secret this snapshot does not have yet (a rotation a moment ago)?
+            if exc.reason != "bad_signature" or not await self._reload_on_miss():
+                raise
+        tenant = self.peek(tid)
+        if tenant is None or not tenant.enabled:
+            raise AuthError("bad_signature", "the token signature does not verify")
         return verify_user_token(
             token, tenant.jwt_secrets(utcnow()), leeway_s=s.jwt_leeway_s, tenant=tid
         )
+
+    async def _reload_on_miss(self) -> bool:
+        """Reload the snapshot for a credential it does not know (a tenant created or rotated a
+        moment ago). Single-flight and at most once per :data:`RELOAD_ON_MISS_S`: a caller
+        waits for the next reload (up to that long) or shares one that began after it asked,
+        so a flood of unknown credentials costs one reload a second. True once reloaded."""
+        cache = self._cache
+        if cache is None:
+            return False
+        asked = time.monotonic()
+        async with self._lock:
+            if self._reloaded_at >= asked:
+                return True  # a reload that started after this call asked: it is fresh enough
+            wait = self._reloaded_at + RELOAD_ON_MISS_S - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)  # the rate limit itself, bounded by RELOAD_ON_MISS_S
+            self._reloaded_at = time.monotonic()
+            try:
+                await asyncio.to_thread(cache.refresh)
+            except Exception as exc:  # the registry's store is down: the snapshot stays
+                log.warning("tenant_refresh_failed", error=type(exc).__name__)
+                return False
+        return True
 
     async def by_ingest_token(self, token: str) -> Tenant | None:
         """The tenant whose current (or still valid previous) ingest token ``token`` is.
 
         A token the snapshot does not know reloads it first (the registry is keyed by tenant,
-        not by token), at most once per :data:`RELOAD_ON_MISS_S` whatever the requests: a
-        tenant created a moment ago can ingest at once, and a flood of wrong tokens costs one
-        reload a second."""
+        not by token; :meth:`_reload_on_miss`): a tenant created or rotated a moment ago can
+        ingest at once."""
         cache = self._cache
         if cache is None:
             return None
         found = cache.by_ingest_token(token)
-        if found is not None:
-            return found
-        async with self._lock:
-            now = time.monotonic()
-            if now - self._reloaded_at >= RELOAD_ON_MISS_S:
-                self._reloaded_at = now
-                try:
-                    await asyncio.to_thread(cache.refresh)
-                except Exception as exc:  # the registry's store is down: the snapshot stays
-                    log.warning("tenant_refresh_failed", error=type(exc).__name__)
-        return cache.by_ingest_token(token)
+        if found is None and await self._reload_on_miss():
+            found = cache.by_ingest_token(token)
+        return found
 
     def known(self) -> list[Tenant]:
         return [] if self._cache is None else self._cache.known()

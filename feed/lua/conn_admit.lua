@@ -6,8 +6,9 @@
 -- ARGV: 1 the command: 'admit', 'renew' or 'end'; 2 the lease (ms); 3 the quota (connections);
 --   4.. connection ids ('admit': one).
 -- Lapsed admissions (a gateway that died holding them) are dropped first. 'admit' adds the id if
--- fewer than the quota are live and returns 1, else 0; 'renew' extends the ids' leases (those
--- still there) and returns how many; 'end' removes the ids. The key lives as long as a lease.
+-- fewer than the quota are live and returns 1, else 0; 'renew' extends the ids' leases (adding
+-- back those that lapsed) and returns how many; 'end' removes the ids. The key lives as
+-- long as the newest lease.
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local lease = tonumber(ARGV[2])
@@ -20,15 +21,17 @@ if cmd == 'admit' then
     done = 1
   end
 elseif cmd == 'renew' then
+  -- the gateway holds these connections: added back if their leases lapsed (Redis restarted,
+  -- renewals failed for a while), so they count again
   for i = 4, #ARGV do
-    done = done + redis.call('ZADD', KEYS[1], 'XX', 'CH', now + lease, ARGV[i])
+    redis.call('ZADD', KEYS[1], now + lease, ARGV[i])
+    done = done + 1
   end
 else
   for i = 4, #ARGV do
     done = done + redis.call('ZREM', KEYS[1], ARGV[i])
   end
+  return done  -- the other leases keep the key's own expiry
 end
-if redis.call('ZCARD', KEYS[1]) > 0 then
-  redis.call('PEXPIRE', KEYS[1], lease)
-end
+redis.call('PEXPIRE', KEYS[1], lease)
 return done

@@ -9,13 +9,27 @@
 --     after them, in order), and the records not granted are added to the waiting count (the
 --     caller copies them to the deferral topic);
 --   'deferred' (records read back from the deferral topic): taken whatever waits, and the
---     records granted are taken off the waiting count.
+--     records granted are taken off the waiting count;
+--   'release' (records read back that will not be applied: dead-lettered, or the tenant has no
+--     rate any more): only taken off the waiting count, all "granted".
+-- A rate of 0 (no limit) grants everything and waits for nothing.
 -- Returns {tokens taken (0..wanted), µs until one more is available}.
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local wanted = tonumber(ARGV[3])
-local deferred = ARGV[4] == 'deferred'
+local mode = ARGV[4]
+local deferred = mode == 'deferred'
 local waiting = tonumber(redis.call('GET', KEYS[2]) or '0')
+if mode == 'release' or rate <= 0 then
+  if mode ~= 'batch' and waiting > 0 then
+    if waiting > wanted then
+      redis.call('DECRBY', KEYS[2], wanted)
+    else
+      redis.call('DEL', KEYS[2])
+    end
+  end
+  return {wanted, 0}
+end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local state = redis.call('HMGET', KEYS[1], 't', 'ts')
@@ -42,9 +56,13 @@ else
   waiting = waiting + wanted - taken
 end
 if waiting > 0 then
-  -- a count left too high (records lost between the count and the deferral topic: a crash) only
-  -- sends the tenant's records through the deferral topic for as long as it lives
-  redis.call('SET', KEYS[2], waiting, 'EX', 3600)
+  -- The expiry is set once, when records start waiting: a count left too high (copies lost
+  -- between the count and the topic: a crash) sends the tenant's records through the deferral
+  -- topic for an hour at most, never for good.
+  redis.call('SET', KEYS[2], waiting, 'KEEPTTL')
+  if redis.call('TTL', KEYS[2]) < 0 then
+    redis.call('EXPIRE', KEYS[2], 3600)
+  end
 else
   redis.call('DEL', KEYS[2])
 end

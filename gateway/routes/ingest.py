@@ -63,7 +63,9 @@ async def require_ingest(request: Request) -> str:
     gateway = gateway_of(request)
     token = gateway.settings.ingest_token
     if token is not None and ingest_authorized(request.headers, token):
-        tenant, bucket, limit = DEFAULT, ingest_key(token.reveal()), gateway.ingest_limit
+        tenant, bucket = DEFAULT, ingest_key(token.reveal())
+        quotas = gateway.tenancy.limits(DEFAULT)  # the settings', or the registry's overrides
+        limit = Limit(quotas.ingest_rate, quotas.ingest_burst)
     else:
         raw = bearer_token(request.headers)
         found = None if raw is None else await gateway.tenancy.by_ingest_token(raw)

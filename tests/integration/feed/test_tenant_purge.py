@@ -1,7 +1,7 @@
 """``feed tenant purge`` as an operator runs it (a subprocess), on the session's Redis and
-Cassandra: a disabled tenant's keys, partitions and registry row go; the default tenant's data of
-the same ids stays whole; an enabled tenant, ``default``, or a purge without ``--yes`` is
-refused and changes nothing."""
+Cassandra: a disabled tenant's keys and partitions go, its row stays (disabled); the default
+tenant's data of the same ids stays whole; an enabled tenant, one disabled a moment ago,
+``default``, or a purge without ``--yes`` is refused and changes nothing."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -60,16 +61,21 @@ def test_a_disabled_tenants_data_goes_and_the_default_tenants_stays(
         history.for_tenant(tenant).mark_big(u2)
         graph.for_tenant(tenant).follow(u1, u2, datetime.now(UTC))
 
-    # refused: still enabled; then disabled but without --yes; and the default tenant, ever
-    assert _purge(stack_env, tid, "--yes").returncode == 2
+    # refused: still enabled; then disabled a moment ago (not every process knows yet); then
+    # without --yes; and the default tenant, ever
+    env = {**stack_env, "FEED_TENANT_REFRESH_S": "0.5"}
+    assert _purge(env, tid, "--yes").returncode == 2
     registry.set_state(tid, DISABLED)
-    assert _purge(stack_env, tid).returncode == 2
-    assert _purge(stack_env, "default", "--yes").returncode == 2
+    early = _purge(env, tid, "--yes")
+    assert early.returncode == 1 and "a moment ago" in early.stderr
+    time.sleep(1.0)  # the settle time the command asks for (twice the refresh period)
+    assert _purge(env, tid).returncode == 2
+    assert _purge(env, "default", "--yes").returncode == 2
     prefix = Keyspace.for_tenant(tid).prefix
     before = len(list(redis_client.scan_iter(match=prefix + "*", count=1000)))
     assert before
 
-    done = _purge(stack_env, tid, "--yes")
+    done = _purge(env, tid, "--yes")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["tenant"] == tid and report["redis_keys"] == before
@@ -81,7 +87,8 @@ def test_a_disabled_tenants_data_goes_and_the_default_tenants_stays(
     assert mine.stored(a) is None and mine.page_timeline(u1, None, 10) == []
     assert u2 not in mine.big_accounts()
     assert not graph.for_tenant(tid).is_following(u1, u2)
-    assert registry.get(tid) is None  # the name may be created again
+    kept = registry.get(tid)  # the name stays taken, disabled: never served with leftovers
+    assert kept is not None and not kept.enabled
 
     # the default tenant's data of the same ids is whole
     assert timelines.size(u1) == 1

@@ -159,3 +159,42 @@ async def test_a_disable_closes_live_sockets_and_refuses_connects_and_ingest(
             headers={"Authorization": f"Bearer {creds.ingest_token}"},
         )
     assert refused.status_code == 403, refused.text
+
+
+async def test_a_rotation_serves_new_credentials_at_once_and_old_ones_for_the_grace(
+    gw: LiveGateway, cassandra: Any, settings: Settings
+) -> None:
+    grace_s = 2.0
+    registry = CassandraTenants(cassandra, settings.cassandra_keyspace, rotate_grace_s=grace_s)
+    tid, old = _tenant(registry)
+    old_jwt = mint_token(old.jwt_secret, "u", 600, tenant=tid)
+    await (await _welcomed(gw, old_jwt)).close()  # known to the gateway before the rotation
+    new = Credentials.generate()
+    registry.rotate(tid, new)
+    rotated_at = time.monotonic()
+    new_jwt = mint_token(new.jwt_secret, "u", 600, tenant=tid)
+    async with httpx.AsyncClient(base_url=gw.base, timeout=TIMEOUT) as http:
+
+        async def status(token: str, path: str = "/v1/feed") -> int:
+            headers = {"Authorization": f"Bearer {token}"}
+            if path == "/v1/feed":
+                return (await http.get(path, headers=headers)).status_code
+            body = activity(f"rot-{uuid.uuid4().hex[:8]}", "a")
+            return (await http.post(path, json=body, headers=headers)).status_code
+
+        # the new credentials at once (the gateway reloads for a credential it does not know)
+        assert await status(new_jwt) == 200
+        assert await status(new.ingest_token, "/v1/activities") == 202
+        # the old ones through the grace period
+        assert await status(old_jwt) == 200
+        assert await status(old.ingest_token, "/v1/activities") == 202
+        assert time.monotonic() - rotated_at < grace_s  # still within it: the checks count
+
+        async def old_refused() -> bool:
+            return await status(old_jwt) == 401 and (
+                await status(old.ingest_token, "/v1/activities") == 401
+            )
+
+        await _until(old_refused, "the old credentials refused after the grace")
+        assert time.monotonic() - rotated_at >= grace_s
+        assert await status(new_jwt) == 200

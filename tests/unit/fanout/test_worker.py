@@ -750,12 +750,16 @@ class FakeQuota:
     def __init__(self, grants: list[int], retry_after_s: float = 0.05) -> None:
         self.grants = grants
         self.asked: list[tuple[str, int, bool]] = []
+        self.released: list[tuple[str, int]] = []
         self.retry_after_s = retry_after_s
 
     def take(self, tenant: str, wanted: int, limits: Any, *, deferred: bool = False) -> Grant:
         self.asked.append((tenant, wanted, deferred))
         granted = min(wanted, self.grants.pop(0)) if self.grants else wanted
         return Grant(granted, self.retry_after_s)
+
+    def release(self, tenant: str, count: int, limits: Any) -> None:
+        self.released.append((tenant, count))
 
 
 class SpillDLQ(FakeDLQ):
@@ -773,34 +777,11 @@ class SpillDLQ(FakeDLQ):
         self.copies.append(copy)
 
 
-class DeferredConsumer(FakeConsumer):
-    def __init__(self, batches: list[list[FakeMessage]]) -> None:
-        super().__init__(batches)
-        self.seeks: list[int] = []
-        self.paused_parts: list[int] = []
-
-    def seek(self, partition: Any) -> None:
-        self.seeks.append(partition.offset)
-        # the records from there are read again: put them back at the head of the next batch
-        pending = [m for batch in self.delivered for m in batch if m.offset() >= partition.offset]
-        self.batches.insert(0, pending)
-
-    def pause(self, partitions: Any) -> None:
-        self.paused_parts += [p.partition for p in partitions]
-
-    def resume(self, partitions: Any) -> None:
-        pass
-
-    def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
-        out = self.batches.pop(0) if self.batches else []
-        self.delivered = [out]
-        return out
-
-
 def test_a_tenant_over_its_fanout_rate_is_deferred_then_applied_at_its_rate() -> None:
     """Records past the tenant's tokens are copied to the deferral topic keyed by the tenant
     (committed with the batch) and applied from it as tokens come: none dropped, none twice,
-    the tenant's order kept; another tenant's records in the same batch are applied at once."""
+    the tenant's order kept, the deferral committed only past what was applied; another
+    tenant's records in the same batch are applied at once."""
     batch = [TenantMessage(0, n, "flood" if n % 4 else "calm") for n in range(8)]
     consumer = FakeConsumer([batch])
     default = FakeProcessor([], consumer.log)
@@ -813,8 +794,8 @@ def test_a_tenant_over_its_fanout_rate_is_deferred_then_applied_at_its_rate() ->
     store.create("flood", Credentials.generate(), Quotas(fanout_rate=1.0))
     store.create("calm", Credentials.generate())
     spill = SpillDLQ()
-    deferred = DeferredConsumer([])
-    quota = FakeQuota([2, 1, 0, 5])  # the batch: 2 of flood's 6; then the deferral: 1, 0, all
+    deferred = FakeConsumer([])
+    quota = FakeQuota([2, 1, 0, 0])  # the batch: 2 of flood's 6; the deferral: 1, none, none, all
     worker, dlq = make(
         consumer,
         default,
@@ -824,21 +805,24 @@ def test_a_tenant_over_its_fanout_rate_is_deferred_then_applied_at_its_rate() ->
         spill=spill,
         deferred=deferred,
     )
-    flood_ids = [f"a-0-{n}" for n in range(8) if n % 4]
     real_consume = deferred.consume
 
     def consume(num_messages: int, timeout: float) -> list[FakeMessage]:
-        if not deferred.batches and spill.copies and not deferred.seeks:
+        if spill.copies:
             deferred.batches.append(list(spill.copies))
+            spill.copies = []
         return real_consume(num_messages, timeout)
 
     deferred.consume = consume  # type: ignore[method-assign]
     run_until(worker, lambda: len(built.get("flood", FakeProcessor([], [])).applied) == 6)
     assert built["calm"].applied == ["a-0-0", "a-0-4"]  # at once, in the first batch
+    flood_ids = [f"a-0-{n}" for n in range(8) if n % 4]
     assert built["flood"].applied == flood_ids  # two at once, then the deferred four, in order
     assert [kw["key"] for kw in spill.why] == [b"flood"] * 4
     assert {kw["code"] for kw in spill.why} == {"deferred"}
+    assert all(kw["keep_timestamp"] for kw in spill.why)
     assert consumer.commits == [{(TOPIC, 0): 8}]  # the source batch, once its copies were in
-    assert deferred.seeks == [1] and deferred.paused_parts == [0]  # no token: wait, then go on
-    assert ("flood", 6, False) in quota.asked
+    # the deferral: committed past the first applied record, then past all of them
+    assert deferred.commits == [{(TOPIC, 0): 1}, {(TOPIC, 0): 4}]
+    assert quota.asked[:3] == [("flood", 6, False), ("flood", 4, True), ("flood", 3, True)]
     assert not dlq.sent and default.applied == []

@@ -281,7 +281,7 @@ def test_refresh_is_bounded_by_refresh_s() -> None:
     assert tenant is not None and tenant.quotas.ingest_rate == 2
 
 
-def test_a_failed_refresh_keeps_the_snapshot_and_retries_on_the_next_call() -> None:
+def test_a_failed_refresh_keeps_the_snapshot_and_retries_a_second_later() -> None:
     clocks = Clocks()
     store = MemoryTenants(now=clocks.wall)
     store.create("acme", Credentials.generate())
@@ -295,10 +295,14 @@ def test_a_failed_refresh_keeps_the_snapshot_and_retries_on_the_next_call() -> N
     assert logs[0]["error"] == "ConnectionError" and logs[0]["log_level"] == "warning"
     assert cache.get("acme") is not None  # the previous snapshot
     calls = store.calls
+    assert not cache.maybe_refresh()  # not on every call (a worker calls it every batch) ...
+    assert store.calls == calls
+    clocks.advance(1)
     with capture_logs():
-        assert not cache.maybe_refresh()  # tried again at once, not after another refresh_s
+        assert not cache.maybe_refresh()  # ... but a second later, not after another refresh_s
     assert store.calls == calls + 1
     store.fail = None
+    clocks.advance(1)
     assert cache.maybe_refresh()
 
 
