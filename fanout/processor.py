@@ -29,6 +29,7 @@ tests the in-memory ones of ``feed.memory``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -156,18 +157,10 @@ class Processor:
     ) -> Processor:
         """A processor with the same settings and writer thread on other stores: another
         tenant's views of them (``docs/tenants.md``)."""
-        other = Processor(
-            timelines=timelines,
-            history=history,
-            graph=graph,
-            versions=versions,
-            followers=followers,
-            history_timelines=self._history_timelines,
-            follow_backfill=self._backfill,
-            tombstone_ttl_s=self._tombstone_ttl,
-            notifications=notifications,
-        )
-        other._w = self._w
+        other = copy.copy(self)  # the settings, and the one writer (shared, not copied)
+        other._timelines, other._history, other._graph = timelines, history, graph
+        other._versions, other._followers = versions, followers
+        other._notifications = notifications
         return other
 
     def close(self) -> None:

@@ -40,7 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from cassandra import OperationTimedOut, ReadTimeout, Unavailable, WriteTimeout
@@ -122,6 +122,7 @@ def store_of(exc: BaseException) -> str:
 #: ``apply`` (its type is in the log line).
 ERROR_KINDS = ("kafka", "store_unavailable", "apply", "dlq_unavailable", "commit")
 _LAG_EVERY_S = 5.0
+_T = TypeVar("_T")
 #: Most records read back from the deferral topic held in memory for their tenants' tokens.
 _HOLD_MAX = 10_000
 #: How long one attempt waits for the broker to acknowledge the DLQ records.
@@ -427,19 +428,20 @@ class Worker:
             return DEFAULT
         if self._tenants is None:
             raise UnknownTenant(f"no tenant {tid[:40]!r}: this worker has no tenant registry")
-        attempt = 0
-        while True:
+        registry = self._tenants
+
+        def lookup() -> str:
+            assert registry is not None
             try:
-                return resolve(self._tenants, tid)
-            except UnknownTenant:
-                raise
-            except (TenantError, ValueError) as exc:  # a row that does not load: never a tenant
+                return resolve(registry, tid)
+            except (TenantError, ValueError) as exc:  # a row that does not load: no tenant
+                if isinstance(exc, UnknownTenant):
+                    raise
                 log.error("tenant_row_invalid", tenant=tid[:40], error=str(exc)[:300])
                 raise UnknownTenant(f"tenant {tid[:40]!r} cannot be loaded") from None
-            except Exception as exc:  # the registry's store: an outage
-                attempt += 1
-                self._metrics.errors.labels(kind="store_unavailable").inc()
-                self._back_off(attempt, exc, what="tenant lookup failed")
+
+        # any other error is the registry's store: an outage
+        return self._waiting_out(lookup, Exception, "store_unavailable", "tenant lookup failed")
 
     def _limits(self, tid: str) -> Limits:
         """The tenant's quotas (its registry overrides over the settings)."""
@@ -467,15 +469,35 @@ class Worker:
 
     def _take(self, tid: str, wanted: int, limits: Limits, *, deferred: bool = False) -> Grant:
         """The tenant's fan-out tokens (``fanout.quota``); Redis down is an outage, waited out."""
-        assert self._quota is not None
+        quota = self._quota
+        assert quota is not None
+        return self._waiting_out(
+            lambda: quota.take(tid, wanted, limits, deferred=deferred),
+            STORE_ERRORS,
+            "store_unavailable",
+            "fan-out quota failed",
+        )
+
+    def _waiting_out(
+        self,
+        call: Callable[[], _T],
+        outage: type[BaseException] | tuple[type[BaseException], ...],
+        kind: str,
+        what: str,
+    ) -> _T:
+        """``call()``, retried for as long as it fails with ``outage`` (consumption paused,
+        backoff, never given up: ``_back_off``); counted in ``feed_errors_total{kind}``. Any
+        other error propagates."""
         attempt = 0
         while True:
             try:
-                return self._quota.take(tid, wanted, limits, deferred=deferred)
-            except STORE_ERRORS as exc:
+                return call()
+            except UnknownTenant:
+                raise
+            except outage as exc:
                 attempt += 1
-                self._metrics.errors.labels(kind="store_unavailable").inc()
-                self._back_off(attempt, exc, what="fan-out quota failed")
+                self._metrics.errors.labels(kind=kind).inc()
+                self._back_off(attempt, exc, what=what)
 
     def _throttle(
         self,
@@ -808,15 +830,13 @@ class Worker:
         """Wait until every DLQ record (or deferred one) is in the broker: a topic that cannot
         be written is an outage, waited out like a store's (consumption paused, backoff, never
         given up)."""
-        attempt = 0
-        while True:
-            try:
-                (letters or self._dlq).flush(_DLQ_FLUSH_S)
-                return
-            except DeadLetterUnavailable as exc:
-                attempt += 1
-                self._metrics.errors.labels(kind="dlq_unavailable").inc()
-                self._back_off(attempt, exc, what="dead-letter write failed")
+        target = letters or self._dlq
+        self._waiting_out(
+            lambda: target.flush(_DLQ_FLUSH_S),
+            DeadLetterUnavailable,
+            "dlq_unavailable",
+            "dead-letter write failed",
+        )
 
     def _apply_one_by_one(
         self,

@@ -70,6 +70,7 @@ __all__ = [
     "Quotas",
     "Tenant",
     "TenantCache",
+    "TenantChanges",
     "TenantConflict",
     "TenantError",
     "TenantExists",
@@ -504,7 +505,28 @@ class TenantStore(Protocol):
         ...
 
 
-class MemoryTenants:
+class TenantChanges:
+    """The registry changes every :class:`TenantStore` makes the same way: each a ``_change``
+    (the store's compare-and-set) of the tenant's row."""
+
+    _grace_s: float
+    _now: Callable[[], datetime]
+
+    def _change(self, tid: str, change: Callable[[Tenant], Tenant]) -> Tenant:
+        raise NotImplementedError
+
+    def update_quotas(self, tid: str, changes: Mapping[str, float | int | None]) -> Tenant:
+        check_tenant_id(tid)
+        return self._change(tid, lambda t: t.with_quotas(changes, self._now()))
+
+    def set_state(self, tid: str, state: str) -> Tenant:
+        return self._change(tid, lambda t: t.with_state(state, self._now()))
+
+    def rotate(self, tid: str, credentials: Credentials) -> Tenant:
+        return self._change(tid, lambda t: t.rotated(credentials, self._now(), self._grace_s))
+
+
+class MemoryTenants(TenantChanges):
     """:class:`TenantStore` in a dict, for unit tests; same guarantees, no durability."""
 
     def __init__(
@@ -551,16 +573,6 @@ class MemoryTenants:
                 current = default_row(self._now())
             self._rows[tid] = changed = change(current)
         return changed
-
-    def update_quotas(self, tid: str, changes: Mapping[str, float | int | None]) -> Tenant:
-        check_tenant_id(tid)
-        return self._change(tid, lambda t: t.with_quotas(changes, self._now()))
-
-    def set_state(self, tid: str, state: str) -> Tenant:
-        return self._change(tid, lambda t: t.with_state(state, self._now()))
-
-    def rotate(self, tid: str, credentials: Credentials) -> Tenant:
-        return self._change(tid, lambda t: t.rotated(credentials, self._now(), self._grace_s))
 
 
 # --- the cache every process resolves tenants from -------------------------------------------

@@ -20,7 +20,7 @@ states, this way:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,10 +36,10 @@ from feed.tenants import (
     Credentials,
     Quotas,
     Tenant,
+    TenantChanges,
     TenantConflict,
     TenantExists,
     TenantNotFound,
-    check_tenant_id,
     default_row,
     utcnow,
 )
@@ -56,7 +56,7 @@ _COLUMNS = (
 )
 
 
-class CassandraTenants:
+class CassandraTenants(TenantChanges):
     def __init__(
         self,
         session: Session,
@@ -107,16 +107,6 @@ class CassandraTenants:
         if not self._session.execute(self._insert, _row(tenant)).was_applied:
             raise TenantExists(f"tenant {tid!r} exists (feed tenant rotate makes new credentials)")
         return tenant
-
-    def update_quotas(self, tid: str, changes: Mapping[str, float | int | None]) -> Tenant:
-        check_tenant_id(tid)
-        return self._change(tid, lambda t: t.with_quotas(changes, self._now()))
-
-    def set_state(self, tid: str, state: str) -> Tenant:
-        return self._change(tid, lambda t: t.with_state(state, self._now()))
-
-    def rotate(self, tid: str, credentials: Credentials) -> Tenant:
-        return self._change(tid, lambda t: t.rotated(credentials, self._now(), self._grace_s))
 
     def _change(self, tid: str, change: Callable[[Tenant], Tenant]) -> Tenant:
         for attempt in range(ATTEMPTS):

@@ -53,17 +53,6 @@ def pipeline(
         yield p
 
 
-def _activity(aid: str, actor: str) -> bytes:
-    body = {
-        "id": aid,
-        "type": "Create",
-        "actor": actor,
-        "object": f"post:{aid}",
-        "published": datetime.now(UTC).isoformat(),
-    }
-    return json.dumps(body).encode()
-
-
 def _p99(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
@@ -88,7 +77,7 @@ async def _pace(p: Pipeline, tenant: str, actor: str, tag: str) -> None:
         p.producer.produce(
             topic,
             key=actor.encode(),
-            value=_activity(f"{tag}-{n}", actor),
+            value=p.activity(f"{tag}-{n}", actor),
             headers=[("feed.tenant", tenant.encode())],
         )
         p.producer.poll(0)
@@ -133,7 +122,7 @@ async def test_a_flooding_tenant_is_delayed_and_another_is_not(
             p.producer.produce(
                 s.topic_activities,
                 key=author.encode(),
-                value=_activity(f"warm-{tag}-{n}", author),
+                value=p.activity(f"warm-{tag}-{n}", author),
                 headers=[("feed.tenant", calm.encode())],
             )
         assert p.producer.flush(10) == 0
@@ -149,7 +138,7 @@ async def test_a_flooding_tenant_is_delayed_and_another_is_not(
                 p.producer.produce(
                     s.topic_activities,
                     key=author.encode(),
-                    value=_activity(f"flood-{tag}-{n}", author),
+                    value=p.activity(f"flood-{tag}-{n}", author),
                     headers=[("feed.tenant", flood.encode())],
                 )
                 if n % 500 == 0:

@@ -9,9 +9,6 @@ within the refresh bound."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -28,6 +25,7 @@ from gateway import closecodes
 from gateway.auth import mint_token
 from tests.conftest import wait_for
 from tests.support.pipeline import Pipeline, frames_until, isolated_env, next_frame
+from tests.support.procs import feed_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -46,13 +44,7 @@ def pipeline(
 
 
 def _tenant_cli(env: dict[str, str], *args: str) -> dict[str, Any]:
-    result = subprocess.run(
-        [sys.executable, "-m", "feed.cli", "tenant", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = feed_cli(env, "tenant", *args)
     assert result.returncode == 0, result.stderr[-2000:]
     out: dict[str, Any] = json.loads(result.stdout)
     return out
@@ -91,21 +83,7 @@ def _produce(p: Pipeline, side: Side, topic: str, key: str, value: dict[str, Any
 
 
 def _http(p: Pipeline, token: str, path: str, body: Any = None, **headers: str) -> tuple[int, Any]:
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(
-        p.gateway_url + path,
-        data=None if body is None else json.dumps(body).encode(),
-        method="GET" if body is None else "POST",
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json", **headers},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, json.loads(exc.read() or b"null")
+    return p.call("", path, body, token=token, headers=headers)
 
 
 def _feed(p: Pipeline, side: Side, user: str, query: str = "limit=50") -> dict[str, Any]:

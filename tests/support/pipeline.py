@@ -141,10 +141,16 @@ class Pipeline:
         return [item["activity"] for item in json.loads(body)["items"]]
 
     def call(
-        self, user: str, path: str, body: Any = None, *, token: str | None = None
+        self,
+        user: str,
+        path: str,
+        body: Any = None,
+        *,
+        token: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, Any]:
-        """An HTTP call to the gateway as ``user`` (a POST of ``body`` as JSON, if given):
-        (status, decoded JSON body)."""
+        """An HTTP call to the gateway as ``user`` (or with ``token``; a POST of ``body`` as
+        JSON, if given; ``headers`` added): (status, decoded JSON body)."""
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(
             self.gateway_url + path,
@@ -153,6 +159,7 @@ class Pipeline:
             headers={
                 "Authorization": f"Bearer {token or self.token(user)}",
                 "Content-Type": "application/json",
+                **(headers or {}),
             },
         )
         try:

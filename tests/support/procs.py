@@ -23,6 +23,7 @@ from infra.servers import free_port
 
 __all__ = [
     "FeedProcess",
+    "feed_cli",
     "free_port",
     "http_get",
     "json_log_records",
@@ -139,3 +140,17 @@ def json_log_records(path: Path) -> list[dict[str, Any]]:
         assert isinstance(record, dict) and "event" in record, line
         records.append(record)
     return records
+
+
+def feed_cli(
+    env: dict[str, str], *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``python -m feed.cli <args>`` as an operator runs it, with ``env`` over this process's:
+    its exit code, stdout and stderr (text)."""
+    return subprocess.run(
+        [sys.executable, "-m", "feed.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -30,7 +30,6 @@ SUFFIXES = {
     "_ids": "the processor's ids, ownership and deletes",
     "_redis_loss": "the module once Redis lost its data",
     "_cluster": "the module on a real Redis Cluster",
-    "_tenant": "the module for a tenant other than default, beside the default tenant's data",
 }
 #: Test files that test no single module (path under tests/ -> why).
 NOT_ONE_MODULE = {

@@ -5,9 +5,6 @@ and the exit codes of refused input."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -15,18 +12,13 @@ import pytest
 
 from feed.tenants import QUOTA_NAMES, ingest_sha256
 from tests.conftest import TEST_INGEST_TOKEN, TEST_JWT_SECRET
+from tests.support.procs import feed_cli
 
 SHOW_KEYS = {"tenant", "state", "created", "updated", "quotas", "overrides", "grace_until"}
 
 
 def _feed(env: dict[str, str], *args: str) -> tuple[int, str, str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "feed.cli", "tenant", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = feed_cli(env, "tenant", *args)
     return result.returncode, result.stdout, result.stderr
 
 

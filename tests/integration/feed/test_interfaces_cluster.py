@@ -20,12 +20,15 @@ from tests.support.suites.subscriber import SubscriberSuite
 from tests.support.suites.timelines import TimelinesSuite
 
 
-@pytest.fixture
-async def backend(redis_cluster: Any, cassandra: Any, settings: Settings) -> AsyncIterator[Backend]:
+@pytest.fixture(params=["default", "acme"])  # the default tenant, and another (for_tenant)
+async def backend(
+    request: pytest.FixtureRequest, redis_cluster: Any, cassandra: Any, settings: Settings
+) -> AsyncIterator[Backend]:
     client = redis.RedisCluster.from_url(redis_cluster.url)
     async_client = aioredis.RedisCluster.from_url(redis_cluster.url)
+    keyspace = settings.cassandra_keyspace
     try:
-        yield real_backend(client, async_client, cassandra, settings.cassandra_keyspace)
+        yield real_backend(client, async_client, cassandra, keyspace, request.param)
     finally:
         await async_client.aclose()
         client.close()
@@ -48,37 +51,4 @@ class TestAsyncTimelines(AsyncTimelinesSuite):
 
 
 class TestSubscriber(SubscriberSuite):
-    pass
-
-
-class _Tenant:
-    """The same suites for a tenant other than ``default`` (``for_tenant``): its keys are
-    prefixed, and each call must still stay in one slot."""
-
-    @pytest.fixture
-    async def backend(
-        self, redis_cluster: Any, cassandra: Any, settings: Settings
-    ) -> AsyncIterator[Backend]:
-        client = redis.RedisCluster.from_url(redis_cluster.url)
-        async_client = aioredis.RedisCluster.from_url(redis_cluster.url)
-        try:
-            yield real_backend(client, async_client, cassandra, settings.cassandra_keyspace, "acme")
-        finally:
-            await async_client.aclose()
-            client.close()
-
-
-class TestTenantTimelines(_Tenant, TimelinesSuite):
-    pass
-
-
-class TestTenantDeliveryStream(_Tenant, DeliveryStreamSuite):
-    pass
-
-
-class TestTenantGraphVersions(_Tenant, GraphVersionsSuite):
-    pass
-
-
-class TestTenantAsyncTimelines(_Tenant, AsyncTimelinesSuite):
     pass

@@ -6,9 +6,7 @@ tenant's data of the same ids stays whole; an enabled tenant, one disabled a mom
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -27,16 +25,11 @@ from feed.tenant_purge import PARTITIONS
 from feed.tenants import DISABLED, Credentials
 from feed.tenants_cassandra import CassandraTenants
 from feed.timelines_redis import RedisTimelines
+from tests.support.procs import feed_cli
 
 
 def _purge(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "feed.cli", "tenant", "purge", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return feed_cli(env, "tenant", "purge", *args)
 
 
 def test_a_disabled_tenants_data_goes_and_the_default_tenants_stays(
