@@ -236,6 +236,11 @@ class Worker:
             on_revoke=self._on_revoke,
             on_lost=self._on_revoke,
         )
+        if self._tenants is not None:
+            self._tenants.maybe_refresh()  # the first load, before any record
+            threading.Thread(
+                target=self._refresh_registry, name="tenant-registry", daemon=True
+            ).start()
         if self._deferred is not None:
             self._deferred.subscribe(
                 [s.topic_deferred],
@@ -279,6 +284,15 @@ class Worker:
             finally:
                 self._processor.close()
             log.info("worker_stopped", batches=self.batches)
+
+    def _refresh_registry(self) -> None:
+        """Reload the tenant registry every ``FEED_TENANT_REFRESH_S``, off the consume loop: a
+        read that waits on a dead Cassandra node (until the driver's timeout) never stalls the
+        batches; they read the snapshot, swapped in whole (``TenantCache.refresh``)."""
+        registry = self._tenants
+        assert registry is not None
+        while not self._stop.wait(min(1.0, self._settings.tenant_refresh_s)):
+            registry.maybe_refresh()  # due every refresh_s; a failure is retried a second later
 
     def _next_batch(self, size: int) -> list[Any]:
         """Up to ``size`` records, without waiting for a full batch: what the client has already
@@ -366,8 +380,6 @@ class Worker:
             spans, traces = _record_spans(messages, consumed_ms)
         dlq = 0
         tenant_of: list[str] = []
-        if self._tenants is not None:
-            self._tenants.maybe_refresh()
         for index, message in enumerate(messages):
             error = message.error()
             if error is not None:
@@ -548,8 +560,6 @@ class Worker:
         consumer = self._deferred
         if consumer is None:
             return
-        if self._tenants is not None:
-            self._tenants.maybe_refresh()
         held = self._held_deferred
         if sum(len(q) for q in held.values()) < _HOLD_MAX:
             try:

@@ -50,7 +50,10 @@ __all__ = [
     "of_principal",
     "outbox",
     "presence",
+    "principal_actor_channel",
     "principal_channel",
+    "principal_of",
+    "principal_parts",
     "rate_connect_ip",
     "rate_connect_user",
     "rate_fanout",
@@ -418,6 +421,28 @@ def of_principal(principal: str) -> tuple[Keyspace, str]:
         return DEFAULT, principal
     tenant, _, user = principal.partition(SCOPE_SEPARATOR)
     return Keyspace.for_tenant(tenant), user
+
+
+def principal_parts(principal: str) -> tuple[str, str]:
+    """A gateway principal's (tenant, id): ``("default", principal)`` without a separator."""
+    if SCOPE_SEPARATOR not in principal:
+        return DEFAULT_TENANT, principal
+    tenant, _, value = principal.partition(SCOPE_SEPARATOR)
+    return tenant, value
+
+
+def principal_of(tenant: str, value: str) -> str:
+    """The principal of ``value`` (a user or actor id) in ``tenant``: :func:`principal_parts`
+    undone."""
+    return value if tenant == DEFAULT_TENANT else tenant + SCOPE_SEPARATOR + value
+
+
+def principal_actor_channel(principal: str) -> str:
+    """The actor channel of a large account's principal (:func:`of_principal`)."""
+    if SCOPE_SEPARATOR not in principal:
+        return actor_channel(principal)
+    k, actor = of_principal(principal)
+    return k.actor_channel(actor)
 
 
 def principal_channel(principal: str) -> str:

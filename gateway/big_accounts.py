@@ -190,7 +190,12 @@ class BigAccounts:
         reach their delivery stream, so no resume could bring it, and the client refetches over
         HTTP, where the account's outbox is merged in. Never a silent loss."""
         s = self._gateway.settings
-        timelines = self._gateway.timelines
+        # Principals (gateway.tenancy): the account's tenant is its followers' (its channel is
+        # in its tenant's keyspace), and its stores take the ids.
+        tenant, _ = keys.principal_parts(actor)
+        timelines = self._gateway.timelines_for(tenant)
+        ids = [keys.principal_parts(user)[1] for user in users]
+        timeline_max = self._gateway.tenancy.limits(tenant).timeline_max
         attempts = _ACTOR_ATTEMPTS if retry else 1
         pause = self.actor_retry_pause_s
         for attempt in range(1, attempts + 1):
@@ -198,16 +203,16 @@ class BigAccounts:
                 if message.startswith(b"+"):
                     member, _, body = message[1:].partition(b"\n")
                     await timelines.insert_for(
-                        users,
+                        ids,
                         member.decode(),
                         body,
-                        timeline_max=s.timeline_max,
+                        timeline_max=timeline_max,
                         stream_history=s.stream_history,
                         body_ttl_s=s.body_ttl_days * 86_400,
                     )
                 elif message.startswith(b"-"):
                     await timelines.remove_for(
-                        users, message[1:].decode(), stream_history=s.stream_history
+                        ids, message[1:].decode(), stream_history=s.stream_history
                     )
                 return
             except UnicodeDecodeError:
@@ -229,8 +234,6 @@ class BigAccounts:
         self._gateway.hub.reset_users(users)
 
     def on_following_changed(self, user: str) -> None:
-        if keys.SCOPE_SEPARATOR in user:
-            return  # another tenant's principal: their large accounts are merged at read time
         self.request_refresh(user)
 
     def request_refresh(self, user: str) -> asyncio.Task[None]:
@@ -282,8 +285,10 @@ class BigAccounts:
         """The large accounts ``user`` follows, or None if that cannot be known now."""
         if self._gateway.uses_cassandra and self._gateway.cassandra is None:
             return None  # the follow graph is in Cassandra, which is still being connected
+        tenant, uid = keys.principal_parts(user)
         try:
-            return await self._gateway.reader.big_followees(user)
+            followees = await self._gateway.reader_for(tenant).big_followees(uid)
+            return [keys.principal_of(tenant, actor) for actor in followees]
         except Exception as exc:
             log.warning(
                 "actor_channels_failed",
@@ -352,17 +357,19 @@ class BigAccounts:
         seen as new (the outbox is ordered by ``published``); the HTTP feed has them.
         """
         redis_client = self._gateway.redis
-        presence_key = keys.presence(user)
+        k, _ = keys.of_principal(user)  # the user's tenant's names; ids, not principals
+        presence_key = k.presence(keys.principal_parts(user)[1])
         actors = sorted(self._gateway.hub.actors_of(user))
         subscribed = not actors or await self._gateway.hub.actors_subscribed(
             actors, _CATCH_UP_SUBSCRIBE_S
         )
+        ids = {actor: keys.principal_parts(actor)[1] for actor in actors}
         pipe = redis_client.pipeline(transaction=False)
         fields = ["e", "s", _CAUGHT_UP_FLAG, _RESET_THROUGH]
-        fields += [_CAUGHT_UP_PREFIX + actor for actor in actors]
+        fields += [_CAUGHT_UP_PREFIX + ids[actor] for actor in actors]
         pipe.hmget(presence_key, fields)
         for actor in actors:
-            pipe.zrevrangebylex(keys.outbox(actor), "+", "-", start=0, num=1)
+            pipe.zrevrangebylex(k.outbox(ids[actor]), "+", "-", start=0, num=1)
         results = await pipe.execute()
         state = [_text(value) for value in results[0]]
         heads = {
@@ -388,7 +395,7 @@ class BigAccounts:
         if subscribed:
             for actor in actors:
                 if marks[actor] != heads[actor]:
-                    updates += [_CAUGHT_UP_PREFIX + actor, heads[actor]]
+                    updates += [_CAUGHT_UP_PREFIX + ids[actor], heads[actor]]
         written = 0
         if updates or new_reset is not None:
             written = await self._caught_up_script(
@@ -429,7 +436,8 @@ class BigAccounts:
             while not self.closing and self._gateway.hub.connections_of(user):
                 self._catch_up_again.discard(user)
                 try:
-                    epoch = _text(await self._gateway.redis.hget(keys.presence(user), "e"))
+                    k, uid = keys.of_principal(user)
+                    epoch = _text(await self._gateway.redis.hget(k.presence(uid), "e"))
                     if epoch is not None:
                         await self.catch_up(user, epoch)
                 except REDIS_ERRORS as exc:
@@ -451,32 +459,36 @@ class BigAccounts:
             return 0
         redis_client = self._gateway.redis
         s = self._gateway.settings
+        tenant, uid = keys.principal_parts(user)
+        k = keys.Keyspace.for_tenant(tenant)
+        timeline_max = self._gateway.tenancy.limits(tenant).timeline_max
         pipe = redis_client.pipeline(transaction=False)
         for actor, mark in marks.items():
-            pipe.zrangebylex(keys.outbox(actor), f"({mark}" if mark else "-", "+")
-        pipe.zcard(keys.timeline(user))
-        pipe.zrange(keys.timeline(user), 0, 0)
+            outbox = k.outbox(keys.principal_parts(actor)[1])
+            pipe.zrangebylex(outbox, f"({mark}" if mark else "-", "+")
+        pipe.zcard(k.timeline(uid))
+        pipe.zrange(k.timeline(uid), 0, 0)
         *ranges, size, oldest = await pipe.execute()
         members = sorted({_text(m) for found in ranges for m in found})
-        if size >= s.timeline_max and oldest:
+        if size >= timeline_max and oldest:
             floor = _text(oldest[0])
             members = [m for m in members if m > floor]
         if not members:
             return 0
         pipe = redis_client.pipeline(transaction=False)
-        pipe.zmscore(keys.timeline(user), members)
-        pipe.mget([keys.body(split_order_key(m)[1]) for m in members])
+        pipe.zmscore(k.timeline(uid), members)
+        pipe.mget([k.body(split_order_key(m)[1]) for m in members])
         scores, bodies = await pipe.execute()
-        timelines = self._gateway.timelines
+        timelines = self._gateway.timelines_for(tenant)
         offered = 0
         for member, score, body in zip(members, scores, bodies, strict=True):
             if score is not None or body is None:
                 continue
             await timelines.insert_for(
-                [user],
+                [uid],
                 member,
                 body,
-                timeline_max=s.timeline_max,
+                timeline_max=timeline_max,
                 stream_history=s.stream_history,
                 body_ttl_s=s.body_ttl_days * 86_400,
             )

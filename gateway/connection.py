@@ -24,7 +24,6 @@ from starlette.types import Message
 
 from feed import tracing
 from feed.stages import now_ms
-from feed.tenants import DEFAULT
 from gateway import closecodes
 from gateway.auth import UserClaims
 from gateway.errors import REDIS_ERRORS, ConnectRejected
@@ -224,16 +223,12 @@ class StreamConnection:
                 # back from a quiet period gets it rebuilt from history, single-flight).
                 claims = self._claims
                 await gateway.reader_for(claims.tenant).touch(claims.user)
-                reset_through = caught_up_seq = None
-                if claims.tenant == DEFAULT:
-                    # Large accounts' live pushes: the default tenant's (another tenant's are
-                    # merged into its pages at read time: docs/tenants.md).
-                    # Shared with a refresh in flight for this user (a follow just changed):
-                    # the connection must not be cancelled out of it, nor cancel it for others.
-                    await asyncio.shield(gateway.big_accounts.request_refresh(self.user))
-                    reset_through, caught_up_seq = await gateway.big_accounts.catch_up(
-                        self.user, presence.epoch
-                    )
+                # Shared with a refresh in flight for this user (a follow just changed): the
+                # connection must not be cancelled out of it, nor cancel it for others.
+                await asyncio.shield(gateway.big_accounts.request_refresh(self.user))
+                reset_through, caught_up_seq = await gateway.big_accounts.catch_up(
+                    self.user, presence.epoch
+                )
             except REDIS_ERRORS as exc:
                 log.warning("ws_rejected", reason="redis_unavailable", error=str(exc))
                 await reject(self._ws, gateway.metrics, exc)

@@ -246,7 +246,7 @@ class Hub:
         waiters: list[asyncio.Future[None]] = []
         loop = asyncio.get_running_loop()
         for actor in actors:
-            channel = keys.actor_channel(actor).encode()
+            channel = keys.principal_actor_channel(actor).encode()
             if channel not in self._actor_channels:
                 return False
             if channel in self._confirmed:
@@ -281,7 +281,7 @@ class Hub:
         for actor in wanted - current:
             followers = self._actor_users.setdefault(actor, set())
             if not followers:
-                channel = keys.actor_channel(actor).encode()
+                channel = keys.principal_actor_channel(actor).encode()
                 self._actor_channels[channel] = actor
                 subscribe.append(channel)
             followers.add(user)
@@ -290,7 +290,7 @@ class Hub:
             followers.discard(user)
             if not followers:
                 self._actor_users.pop(actor, None)
-                channel = keys.actor_channel(actor).encode()
+                channel = keys.principal_actor_channel(actor).encode()
                 self._actor_channels.pop(channel, None)
                 self._confirmed.discard(channel)
                 for waiter in self._waiters.pop(channel, []):

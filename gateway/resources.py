@@ -98,6 +98,7 @@ class Gateway:
         #: Each tenant's reader and notifications (views of the default's), by tenant.
         self._tenant_readers: dict[str, tuple[FeedReader, FeedReader]] = {}
         self._tenant_notifications: dict[str, AsyncNotifyRedis] = {}
+        self._tenant_timelines: dict[str, AsyncRedisTimelines] = {}
         self._timelines: AsyncRedisTimelines | None = None
         self._notifications: AsyncNotifyRedis | None = None
         #: The durable notification feeds, once Cassandra is connected.
@@ -158,6 +159,16 @@ class Gateway:
             # built again once Cassandra connected, or when the tenant's cap changed
             held = self._tenant_readers[tenant] = (reader, reader.for_tenant(tenant, cap))
         return held[1]
+
+    def timelines_for(self, tenant: str) -> AsyncRedisTimelines:
+        """The tenant's view of the gateway's timelines (large accounts' pushes)."""
+        timelines = self.timelines
+        if tenant == DEFAULT:
+            return timelines
+        view = self._tenant_timelines.get(tenant)
+        if view is None:
+            view = self._tenant_timelines[tenant] = timelines.for_tenant(tenant)
+        return view
 
     def notifications_for(self, tenant: str) -> AsyncNotifyRedis:
         notifications = self.notifications

@@ -5,6 +5,7 @@ gateway subscribes only while such a follower is connected to it."""
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -14,6 +15,10 @@ import websockets
 
 from feed import versions
 from feed.kafka import create_topics
+from feed.keys import Keyspace
+from feed.tenants import Credentials
+from feed.tenants_cassandra import CassandraTenants
+from gateway.auth import mint_token
 from tests.conftest import wait_for
 from tests.support.pipeline import Pipeline, frames_until, isolated_env, next_frame
 from tests.support.procs import FeedProcess, free_port
@@ -157,3 +162,63 @@ async def test_big_account_is_merged_at_read_time_and_pushed_live_once(
         timeout=10,
         message="actor channel unsubscribed",
     )
+
+
+async def test_a_tenants_big_account_is_pushed_live_on_its_own_channel(
+    hybrid: tuple[Pipeline, str], redis_client: Any, cassandra: Any, ids: Callable[[str], str]
+) -> None:
+    """The same for a tenant other than ``default``: its large account's channel is in its
+    keyspace, and its connected followers get its activities live, once; a default-tenant user
+    of the same id follows nothing."""
+    pipeline, second_ws = hybrid
+    s = pipeline.settings
+    tid = f"big-{uuid.uuid4().hex[:8]}"
+    creds = Credentials.generate()
+    CassandraTenants(cassandra, s.cassandra_keyspace).create(tid, creds)
+    header = [("feed.tenant", tid.encode())]
+    star, online = ids("star"), ids("online")
+    for fan in (online, ids("f2"), ids("f3")):
+        event = {"type": "follow", "follower": fan, "followee": star}
+        pipeline.producer.produce(
+            s.topic_follows,
+            key=fan.encode(),
+            value=json.dumps({**event, "at": datetime.now(UTC).isoformat()}).encode(),
+            headers=header,
+        )
+    pipeline.producer.flush(10)
+    k = Keyspace.for_tenant(tid)
+    wait_for(
+        lambda: versions.changes(redis_client.get(k.graph_version(star))) == 3,
+        timeout=30,
+        message="follows applied",
+    )
+
+    def post(aid: str) -> None:
+        value = pipeline.activity(aid, star)
+        pipeline.producer.produce(
+            s.topic_activities, key=star.encode(), value=value, headers=header
+        )
+        assert pipeline.producer.flush(10) == 0
+
+    post(ids("first"))
+    wait_for(lambda: redis_client.sismember(k.big_accounts, star), timeout=30, message="star big")
+    assert not redis_client.sismember("big-accounts", star)  # not the default tenant's
+    token = mint_token(creds.jwt_secret, online, 600, tenant=tid)
+    headers = {"Authorization": f"Bearer {token}"}
+    async with (
+        websockets.connect(pipeline.ws_url, additional_headers=headers) as ws1,
+        websockets.connect(second_ws, additional_headers=headers) as ws2,
+    ):
+        assert (await next_frame(ws1, 5))["type"] == (await next_frame(ws2, 5))["type"]
+        wait_for(
+            lambda: k.actor_channel(star) in _channels(redis_client),
+            timeout=10,
+            message="the tenant's actor channel subscribed",
+        )
+        assert f"ac:{{{star}}}" not in _channels(redis_client)
+        live = ids("live")
+        post(live)
+        f1 = await frames_until(ws1, lambda f: f.get("type") == "activity", timeout=10)
+        f2 = await frames_until(ws2, lambda f: f.get("type") == "activity", timeout=10)
+        assert f1[-1]["activity"]["id"] == f2[-1]["activity"]["id"] == live
+        assert f1[-1]["cursor"] == f2[-1]["cursor"]  # one delivery, both sockets
