@@ -3,8 +3,8 @@
 A tenant's data is wherever its names put it (``feed.keys.Keyspace``, ``feed.cql``): its Redis
 keys all start with ``t:<tenant>:``, and its Cassandra rows are the partitions whose key starts
 with ``<tenant>\\x1f`` in the tables below. So a purge is a ``SCAN`` of each Redis primary for
-the prefix, and a scan of each table's partition keys (``SELECT DISTINCT``, paged: a full
-token-range read, as long as the table is large) keeping the tenant's. Both delete in bounded
+the prefix, and a scan of each table's partition keys (every row's, paged: a full read of
+the table, as long as the table is large) keeping the tenant's. Both delete in bounded
 batches and may be run again: a purge interrupted half-way is finished by the next one.
 
 Only a disabled tenant is purged (its records and requests are refused by then: nothing writes
@@ -86,15 +86,21 @@ def purge_cassandra(session: Any, keyspace: str, tenant: str) -> dict[str, int]:
     scope = tenant + keys.SCOPE_SEPARATOR
     counts: dict[str, int] = {}
     for table, column in PARTITIONS:
-        scan = SimpleStatement(
-            f"SELECT DISTINCT {column} FROM {keyspace}.{table}", fetch_size=_BATCH
-        )
+        # Every row's partition key, not SELECT DISTINCT: Cassandra 2.1.0 pages DISTINCT
+        # queries wrongly over deleted partitions (CASSANDRA-8490), skipping some: seen here,
+        # a purge that left a partition behind. A partition's rows come together: one each.
+        scan = SimpleStatement(f"SELECT {column} FROM {keyspace}.{table}", fetch_size=5000)
         delete = session.prepare(f"DELETE FROM {keyspace}.{table} WHERE {column} = ?")
         counts[table] = 0
         batch: list[tuple[str]] = []
+        last = None
         for row in session.execute(scan):  # page by page: memory stays bounded
-            if row[0].startswith(scope):
-                batch.append((row[0],))
+            key = row[0]
+            if key == last:
+                continue
+            last = key
+            if key.startswith(scope):
+                batch.append((key,))
             if len(batch) >= _BATCH:
                 execute_concurrent_with_args(session, delete, batch, concurrency=32)
                 counts[table] += len(batch)

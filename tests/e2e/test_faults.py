@@ -1155,19 +1155,20 @@ def test_cassandra_node_killed_under_load_nothing_lost_node_catches_up(
     deadline = time.monotonic() + 15.0
     while _node_rows(first, hints, ()) and time.monotonic() < deadline:
         time.sleep(0.2)  # polling the survivor's hints table, bounded by the deadline
-    if _node_rows(first, hints, ()):
-        # Cassandra 2.1 replays hints when gossip sees the node come back; a replay that did
-        # not start then waits for its 10-minute timer (seen once in ten runs here, before its
-        # log was on: the log now says why). The node going down and up again starts one, as an
-        # operator's restart would; the report counts the attempts.
-        attempts = 2
+    # Cassandra 2.1 replays hints when gossip sees the node come back; a replay that did not
+    # start, or that gave up ("Timed out replaying hints ...; aborting": the returned node, still
+    # starting on a loaded machine, answered its writes too slowly; seen in CI), waits for its
+    # 10-minute timer. The node going down and up again starts one, as an operator's restart
+    # would: up to 4 attempts of 30 s, the report counts them.
+    while _node_rows(first, hints, ()) and attempts < 4:
+        attempts += 1
         second.restart()
-        wait_for(
-            lambda: not _node_rows(first, hints, ()),
-            timeout=60,
-            interval=0.2,
-            message=f"the survivor's hints replayed to the returned node (log: {first.log_path})",
-        )
+        deadline = time.monotonic() + 30.0
+        while _node_rows(first, hints, ()) and time.monotonic() < deadline:
+            time.sleep(0.2)  # polling the survivor's hints table, bounded by the deadline
+    assert not _node_rows(first, hints, ()), (
+        f"the survivor's hints not replayed after {attempts} attempts (log: {first.log_path})"
+    )
     caught_up = time.monotonic()
     if attempts == 1:
         assert caught_up - restarted < 15.0, caught_up - restarted

@@ -75,6 +75,7 @@ def test_a_disabled_tenants_data_goes_and_the_default_tenants_stays(
     assert set(report["cassandra_partitions"]) == {table for table, _ in PARTITIONS}
     assert report["cassandra_partitions"]["activities"] == 1
     assert report["cassandra_partitions"]["followers"] == 1
+    assert report["cassandra_partitions"]["following"] == 1
     assert not list(redis_client.scan_iter(match=prefix + "*", count=1000))
     mine = history.for_tenant(tid)
     assert mine.stored(a) is None and mine.page_timeline(u1, None, 10) == []
