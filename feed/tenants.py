@@ -193,7 +193,7 @@ def resolve(cache: TenantCache, tid: str | None, field: str = HEADER) -> str:
 def scoped(tenant: str, value: str) -> str:
     """``value`` as stored for ``tenant``: itself for the default tenant (today's keys and rows
     stay as they are), else ``<tenant>\\x1f<value>``."""
-    return value if tenant == DEFAULT else f"{tenant}{SEP}{value}"
+    return keys.principal_of(tenant, value)
 
 
 def belongs(tenant: str, value: str) -> bool:

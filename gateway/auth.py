@@ -70,7 +70,7 @@ class UserClaims:
     def principal(self) -> str:
         """The user across tenants: the user id for ``default``, else ``<tenant>\x1f<user>``
         (``gateway.tenancy``): what the hub and the delivery streams are keyed by."""
-        return self.user if self.tenant == DEFAULT else scoped(self.tenant, self.user)
+        return scoped(self.tenant, self.user)
 
 
 def _key(secret: Secret | str) -> str:

@@ -25,7 +25,7 @@ import structlog
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.requests import HTTPConnection
 
-from feed import redis_connect
+from feed import keys, redis_connect
 from feed.delivery_redis import AsyncRedisPresence
 from feed.kafka import AsyncProducer, producer_config
 from feed.notify_redis import AsyncNotifyRedis
@@ -162,22 +162,10 @@ class Gateway:
 
     def timelines_for(self, tenant: str) -> AsyncRedisTimelines:
         """The tenant's view of the gateway's timelines (large accounts' pushes)."""
-        timelines = self.timelines
-        if tenant == DEFAULT:
-            return timelines
-        view = self._tenant_timelines.get(tenant)
-        if view is None:
-            view = self._tenant_timelines[tenant] = timelines.for_tenant(tenant)
-        return view
+        return _tenant_view(self._tenant_timelines, self.timelines, tenant)
 
     def notifications_for(self, tenant: str) -> AsyncNotifyRedis:
-        notifications = self.notifications
-        if tenant == DEFAULT:
-            return notifications
-        view = self._tenant_notifications.get(tenant)
-        if view is None:
-            view = self._tenant_notifications[tenant] = notifications.for_tenant(tenant)
-        return view
+        return _tenant_view(self._tenant_notifications, self.notifications, tenant)
 
     def tracked(self) -> dict[str, int]:
         """Sizes of the large-account state (:meth:`BigAccounts.tracked`)."""
@@ -371,6 +359,19 @@ class Gateway:
         if session is None:
             raise NotConnectedYet("not connected yet")
         await asyncio.to_thread(session.execute, "SELECT now() FROM system.local", timeout=2.0)
+
+
+_View = TypeVar("_View", bound=keys.KeyspaceView)
+
+
+def _tenant_view(views: dict[str, _View], store: _View, tenant: str) -> _View:
+    """``store`` for ``tenant``: itself for the default tenant, else its view, built once."""
+    if tenant == DEFAULT:
+        return store
+    view = views.get(tenant)
+    if view is None:
+        view = views[tenant] = store.for_tenant(tenant)
+    return view
 
 
 def _opened(value: T | None) -> T:
