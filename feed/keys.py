@@ -252,7 +252,8 @@ FANOUT_USER_PREFIXES: tuple[str, ...] = tuple(
 @functools.lru_cache(maxsize=1 << 16)
 def fanout_cluster_keys(user: str) -> tuple[bytes, bytes, bytes, bytes]:
     """The four ``KEYS`` per user of ``feed/lua/fanout.lua`` on a Redis Cluster: timeline,
-    presence, active marker, delivery stream. The script names them from the timeline's tag as on
+    presence, active marker, delivery stream (its offline-only mode ``u`` declares the first
+    three: it never writes the stream). The script names them from the timeline's tag as on
     one Redis, but a cluster must see every key a script touches: while a slot migrates
     (a resharding), a key already moved must send the call to the importing node (``ASK``, or
     ``TRYAGAIN`` while the user's keys are split), not be read as missing on the old one."""

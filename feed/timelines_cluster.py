@@ -21,7 +21,10 @@ On one Redis, a fan-out call carries many users and the activities' deleted mark
   (``remove.lua``, which also tells online users). With the processor's order (Cassandra rows and
   recipients first, then Redis), a delete that set its marker after that read reads the
   recipients after the write, so it removes the activity itself: either way no timeline keeps it.
-* **Claims** (``claim.lua``) are grouped by the slot of each claim key the same way.
+* **Claims** are one ``SET <claim> <actor> NX GET EX <ttl>`` per id (the claim keys of a
+  batch's ids lie in as many slots as there are ids): the reply is the holder, or nothing when
+  this call took it, as ``claim.lua`` answers on one Redis, at the cost of a plain command
+  instead of a script call per id.
 * **Acknowledged means replicated**: each node's pipeline ends with ``WAIT`` for a replica
   (:class:`ClusterScripts`), so a failover never loses what the worker committed.
 * **Scripts** are loaded on every primary when a store opens; a ``NOSCRIPT`` (a failover to a
@@ -55,7 +58,6 @@ __all__ = [
     "ClusterScripts",
     "ClusterUnavailable",
     "by_slot",
-    "claim_calls",
     "deleted_now",
     "fanout_calls",
     "frame_tail",
@@ -86,15 +88,27 @@ def slot_of(key: str | bytes) -> int:
 
 
 class FanoutCall:
-    """One ``fanout.lua`` call: one slot's users and the activities they receive."""
+    """One ``fanout.lua`` call: one slot's users and the activities they receive. ``keys`` and
+    ``args`` are mode ``u``'s (offline users only: three keys per user, no frame parts nor
+    bodies); :func:`with_bodies` gives mode ``b``'s, for when a user is online."""
 
-    __slots__ = ("args", "bodies", "keys")
+    __slots__ = ("activities", "args", "head", "keys", "users")
 
-    def __init__(self, call_keys: list[bytes], args: Args, bodies: list[bytes]) -> None:
+    def __init__(
+        self,
+        users: list[str],
+        call_keys: list[bytes],
+        args: Args,
+        activities: list[Insert],
+        head: Args,
+    ) -> None:
+        self.users = users
         self.keys = call_keys
         self.args = args
-        #: The bodies of the call's activities, in their order: sent only in mode 'b'.
-        self.bodies = bodies
+        #: The call's activities, in their order (index 1 first).
+        self.activities = activities
+        #: ``fanout.lua``'s head: max, stream length, only_active.
+        self.head = head
 
 
 def frame_tail(insert: Insert) -> bytes:
@@ -135,8 +149,7 @@ def _call(
 ) -> FanoutCall:
     local: dict[str, bytes] = {}  # member -> its index in this call, as the script reads it
     members: list[str] = []
-    tails: list[bytes] = []
-    bodies: list[bytes] = []
+    activities: list[Insert] = []
     values: list[bytes] = []
     for user in users:
         mine: list[bytes] = []
@@ -145,35 +158,36 @@ def _call(
             index = local.get(insert.member)
             if index is None:
                 members.append(insert.member)
-                bodies.append(insert.body)
-                tails.append(frame_tail(insert))
+                activities.append(insert)
                 index = local[insert.member] = b"%d" % len(members)
             mine.append(index)
         values.append(b" ".join(mine))
-    args: Args = [*head, len(members), *_ACTIVITY_FRAME, *k.fanout_prefixes, *members, *tails, b"u"]
     cluster_keys = k.fanout_cluster_keys
-    names = [name for u in users for name in cluster_keys(u)]
-    return FanoutCall(names, [*args, *values], bodies)
+    names = [name for u in users for name in cluster_keys(u)[:3]]
+    # mode u: max and only_active of the head (no frame, so no stream length)
+    args: Args = [b"u", head[0], head[2], len(members), *members, *values]
+    return FanoutCall(users, names, args, activities, head)
 
 
-def with_bodies(call: FanoutCall) -> Args:
-    """The call's ARGV in mode ``b``: the bodies after the mode."""
-    n = len(call.bodies)
-    mode = 12 + 2 * n  # 0-based position of the mode in ARGV
-    return [*call.args[:mode], b"b", *call.bodies, *call.args[mode + 1 :]]
-
-
-def claim_calls(
-    claims: Sequence[tuple[str, str]], k: keys.Keyspace = keys.DEFAULT
-) -> list[tuple[list[int], list[str]]]:
-    """``claim.lua`` calls, one per slot of the claim keys: (positions in ``claims``, keys)."""
-    by_slot: dict[int, tuple[list[int], list[str]]] = {}
-    for position, (activity_id, _) in enumerate(claims):
-        key = k.claim(activity_id)
-        positions, names = by_slot.setdefault(slot_of(key), ([], []))
-        positions.append(position)
-        names.append(key)
-    return list(by_slot.values())
+def with_bodies(call: FanoutCall, k: keys.Keyspace = keys.DEFAULT) -> tuple[list[bytes], Args]:
+    """The call's (KEYS, ARGV) in mode ``b``: each user's four keys; the head, the frame's
+    parts, the prefixes, the members, their frames' tails, the mode and the bodies, then the
+    users' indexes as in mode ``u``. ``k``: the tenant's names, as the call's."""
+    acts = call.activities
+    n = len(acts)
+    cluster_keys = k.fanout_cluster_keys
+    names = [name for u in call.users for name in cluster_keys(u)]
+    return names, [
+        *call.head,
+        n,
+        *_ACTIVITY_FRAME,
+        *k.fanout_prefixes,
+        *call.args[4 : 4 + n],
+        *[frame_tail(i) for i in acts],
+        b"b",
+        *[i.body for i in acts],
+        *call.args[4 + n :],
+    ]
 
 
 class ClusterUnavailable(FeedError, redis.exceptions.ConnectionError):

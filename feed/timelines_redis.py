@@ -242,6 +242,10 @@ def _execute_packed(
         pool.release(connection)
 
 
+#: Weight of one batch in :attr:`RedisTimelines._online_share` (a batch's calls vote as one).
+_ONLINE_SHARE_WEIGHT = 0.2
+
+
 class RedisTimelines(keys.KeyspaceView):
     """Synchronous writer and reader (the fan-out worker's side)."""
 
@@ -270,6 +274,10 @@ class RedisTimelines(keys.KeyspaceView):
         self._claim = client.register_script(scripts.source("claim"))
         #: On a Redis Cluster: every call in one slot (``feed.timelines_cluster``).
         self._cluster: timelines_cluster.ClusterScripts | None = None
+        #: On a cluster, the share of recent fan-out calls that found a user online (a moving
+        #: average over batches; one list, shared by the tenant views): from one half up, the
+        #: calls go out with their bodies at once (mode ``b``) instead of offline-first.
+        self._online_share = [0.0]
         if isinstance(client, redis.RedisCluster):
             self._cluster = timelines_cluster.ClusterScripts(
                 client,
@@ -346,7 +354,8 @@ class RedisTimelines(keys.KeyspaceView):
     ) -> tuple[int, int]:
         """:meth:`insert` on a Redis Cluster (``feed.timelines_cluster``): the deleted markers
         (a deleted activity is left out, its body not kept); the bodies and the calls without
-        bodies in one pipeline; calls with someone online again with bodies; then the markers
+        bodies in one pipeline; calls with someone online again with bodies (or, while most
+        calls find someone online, every call with its bodies at once); then the markers
         again, and what was written of an activity deleted meanwhile is taken back; then the
         claims' release."""
         live = [i for i in inserts if i.users]
@@ -362,27 +371,30 @@ class RedisTimelines(keys.KeyspaceView):
         commands: list[tuple[Any, ...]] = [
             ("SET", key, body, "EX", self._ttl) for key, body in bodies.items()
         ]
-        commands += [("EVALSHA", sha, len(c.keys), *c.keys, *c.args) for c in calls]
+        # Offline-first, unless most recent calls found someone online: such a call would run
+        # twice (mode u finds the user, mode b writes), with a round trip more.
+        online_first = self._online_share[0] >= 0.5
+        if online_first:
+            full = [timelines_cluster.with_bodies(c, self._k) for c in calls]
+            commands += [("EVALSHA", sha, len(k), *k, *a) for k, a in full]
+        else:
+            commands += [("EVALSHA", sha, len(c.keys), *c.keys, *c.args) for c in calls]
         replies = cluster.run(commands)
         timelines_cluster.raise_first(replies)
         results = replies[len(bodies) :]
-        online = [i for i, r in enumerate(results) if int(r[0]) < 0]
-        if online:
-            again = cluster.run(
-                [
-                    (
-                        "EVALSHA",
-                        sha,
-                        len(calls[i].keys),
-                        *calls[i].keys,
-                        *timelines_cluster.with_bodies(calls[i]),
-                    )
-                    for i in online
-                ]
-            )
-            timelines_cluster.raise_first(again)
-            for i, reply in zip(online, again, strict=True):
-                results[i] = reply
+        if online_first:
+            online = [i for i, r in enumerate(results) if int(r[1]) > 0]
+        else:
+            online = [i for i, r in enumerate(results) if int(r[0]) < 0]
+            if online:
+                full = [timelines_cluster.with_bodies(calls[i], self._k) for i in online]
+                again = cluster.run([("EVALSHA", sha, len(k), *k, *a) for k, a in full])
+                timelines_cluster.raise_first(again)
+                for i, reply in zip(online, again, strict=True):
+                    results[i] = reply
+        if calls:
+            share = len(online) / len(calls)
+            self._online_share[0] += (share - self._online_share[0]) * _ONLINE_SHARE_WEIGHT
         gone = timelines_cluster.deleted_now(cluster, [i.activity_id for i in live], self._k)
         if gone:
             # Deleted while this write ran: take it back (see feed.timelines_cluster).
@@ -396,34 +408,23 @@ class RedisTimelines(keys.KeyspaceView):
 
     def claim(self, claims: Sequence[tuple[str, str]], ttl_s: int) -> list[str]:
         """Claim each (activity id, actor) for ``ttl_s`` unless already claimed: one script
-        call. Returns, per id, the actor holding the claim now (this one, or whoever claimed
-        first). The script runs alone, so of concurrent claims of one id exactly one gets it.
+        call (on a Redis Cluster, one ``SET NX GET`` per id). Returns, per id, the actor
+        holding the claim now (this one, or whoever claimed first). The script (or command)
+        runs alone, so of concurrent claims of one id exactly one gets it.
         Actors travel newline-joined and only the ids held by someone else come back
         (measured with 500 ids: a tenth of the client time of a SET NX + GET pipeline)."""
         if not claims:
             return []
         holders = [actor for _, actor in claims]
-        if self._cluster is not None:
-            groups = timelines_cluster.claim_calls(claims, self._k)
-            sha = self._claim.sha
+        if self._cluster is not None:  # one SET NX GET per id (feed.timelines_cluster)
             replies = self._cluster.run(
-                [
-                    (
-                        "EVALSHA",
-                        sha,
-                        len(names),
-                        *names,
-                        ttl_s,
-                        "\n".join(holders[p] for p in positions),
-                    )
-                    for positions, names in groups
-                ]
+                [("SET", self._k.claim(a), actor, "NX", "GET", "EX", ttl_s) for a, actor in claims]
             )
             timelines_cluster.raise_first(replies)
-            for (positions, _), others in zip(groups, replies, strict=True):
-                for position, holder in zip(others[0::2], others[1::2], strict=True):
-                    holders[positions[int(position) - 1]] = _text(holder)
-            return holders
+            return [
+                actor if held is None else _text(held)
+                for actor, held in zip(holders, replies, strict=True)
+            ]
         others = self._claim(
             keys=[self._k.claim(a) for a, _ in claims], args=[ttl_s, "\n".join(holders)]
         )
@@ -622,9 +623,8 @@ class AsyncRedisTimelines(keys.KeyspaceView):
         commands: list[tuple[Any, ...]] = [
             ("SET", self._k.body(activity_id), body, "EX", body_ttl_s)
         ]
-        commands += [
-            ("EVALSHA", sha, len(c.keys), *c.keys, *timelines_cluster.with_bodies(c)) for c in calls
-        ]
+        full = [timelines_cluster.with_bodies(c, self._k) for c in calls]
+        commands += [("EVALSHA", sha, len(k), *k, *a) for k, a in full]
         replies = await cluster.run(commands)
         timelines_cluster.raise_first(replies)
         if await cluster.deleted_now([activity_id], self._k):

@@ -2,16 +2,22 @@
 -- Run by feed.timelines_redis (RedisTimelines.insert, AsyncRedisTimelines.insert_for).
 --
 -- KEYS (built by feed.keys; one key per user, feed.keys.fanout_user_key), in one of three modes
--- (ARGV 13+2n):
+-- (ARGV 13+2n, or ARGV 1 for 'u'):
 --   'k' (keyed, one Redis): KEYS[2j-1], KEYS[2j] the deleted marker and body of activity j
 --       (j = 1..n), then KEYS[2n+k] user k's timeline (k = 1..). A deleted activity is skipped.
 --   'b' (bodies, Redis Cluster): KEYS[4k-3..4k] user k's timeline, presence, active marker and
 --       delivery stream (feed.keys.fanout_cluster_keys), every user in one slot; the bodies
 --       of activities 1..n follow in ARGV. The caller checks the deleted markers (before and
 --       after: feed.timelines_redis.RedisTimelines.insert).
---   'u' (unkeyed, Redis Cluster): as 'b' without the bodies. If a user who would be delivered to
---       is online, returns {-1, 0} before writing anything: the caller sends the call again in
---       mode 'b'. Offline users need no body, and most calls have no one online.
+--   'u' (offline, Redis Cluster): inserts only, for users none of whom is online; its own short
+--       layout (below). If a user is online, returns {-1, 0} before writing anything: the caller
+--       sends the call again in mode 'b'. Offline users need no body nor frame, and most calls
+--       have no one online. Every argument costs Redis per call (parsed, then copied into Lua),
+--       and a cluster sends each activity once per slot of its users, not once per batch: this
+--       layout, without the frame's parts, prefixes, tails and delivery stream, cut Redis CPU per
+--       insert on a cluster by a fifth (docs/benchmarks.md, "Redis Cluster").
+--       KEYS[3k-2..3k] user k's timeline, presence and active marker; ARGV 1 'u', 2 max,
+--       3 only_active, 4 n, 5..4+n the members, then per user k the indexes of its activities.
 -- A user's presence, active marker, delivery stream and channel are named from the hash tag of
 -- their timeline key and the prefixes in ARGV 8..12 (feed.keys.FANOUT_USER_PREFIXES): the same
 -- tag, so the same slot as the timeline. On one Redis one key per user is declared, not four:
@@ -35,6 +41,74 @@
 -- delivered in call order (one HINCRBY for all their seqs); a member the trim removed at once is
 -- not delivered. Bodies are SET by the caller just before (same connection, so before this
 -- script runs) and read back only for online users' frames. Returns {inserted, pushed}.
+
+-- Adds `mine` (order keys) to timeline `tl`, at most 1000 per command (Lua's unpack limit),
+-- then trims it to `max`. With `online`, returns the members that were not in the timeline before
+-- and are still there after the trim, once each: the new items to deliver. A member the cap
+-- trimmed straight away (older than the newest `max`) is not a new item of the hot timeline: not
+-- pushed, so a replay of it cannot be pushed again.
+local function insert(tl, mine, max, online)
+  local added = 0
+  local fresh = {}
+  local taken = {}
+  for first = 1, #mine, 1000 do
+    local last = math.min(#mine, first + 999)
+    if online then
+      local scores = redis.call('ZMSCORE', tl, unpack(mine, first, last))
+      for m = first, last do
+        if not scores[m - first + 1] and not taken[mine[m]] then
+          taken[mine[m]] = true
+          fresh[#fresh + 1] = mine[m]
+        end
+      end
+    end
+    local args = {}
+    for m = first, last do
+      args[#args + 1] = 0
+      args[#args + 1] = mine[m]
+    end
+    added = added + redis.call('ZADD', tl, unpack(args))
+  end
+  if added > 0 then
+    local trimmed = redis.call('ZREMRANGEBYRANK', tl, 0, -(max + 1))
+    if trimmed > 0 and #fresh > 0 then
+      local kept = {}
+      for first = 1, #fresh, 1000 do
+        local last = math.min(#fresh, first + 999)
+        local scores = redis.call('ZMSCORE', tl, unpack(fresh, first, last))
+        for m = first, last do
+          if scores[m - first + 1] then kept[#kept + 1] = fresh[m] end
+        end
+      end
+      fresh = kept
+    end
+  end
+  return added, fresh
+end
+
+if ARGV[1] == 'u' then
+  local max = tonumber(ARGV[2])
+  local only_active = ARGV[3] == '1'
+  local first_user = 5 + tonumber(ARGV[4])
+  local u = 0
+  for i = first_user, #ARGV do
+    u = u + 1
+    if ARGV[i] ~= '' and redis.call('HEXISTS', KEYS[3 * u - 1], 'e') == 1 then return {-1, 0} end
+  end
+  local inserted = 0
+  u = 0
+  for i = first_user, #ARGV do
+    u = u + 1
+    -- inactive (and offline): Cassandra only, as below
+    if not only_active or redis.call('EXISTS', KEYS[3 * u]) == 1 then
+      local mine = {}
+      for j in string.gmatch(ARGV[i], '%d+') do mine[#mine + 1] = ARGV[4 + tonumber(j)] end
+      inserted = inserted + insert(KEYS[3 * u - 2], mine, max, false)
+    end
+  end
+  return {inserted, 0}
+end
+
 local max = tonumber(ARGV[1])
 local hist = ARGV[2]
 local only_active = ARGV[3] == '1'
@@ -70,15 +144,6 @@ local first_user = mode == 'b' and 14 + 3 * n or 14 + 2 * n
 -- user k's timeline is KEYS[k * stride + base]
 local stride = mode == 'k' and 1 or 4
 local base = mode == 'k' and 2 * n or -3
-if mode == 'u' then
-  -- no bodies: only if no one who would be delivered to is online (see the header)
-  local u = 0
-  for i = first_user, #ARGV do
-    u = u + 1
-    local on = on_prefix .. string.sub(KEYS[u * stride + base], tl_prefix_len + 1)
-    if ARGV[i] ~= '' and redis.call('HEXISTS', on, 'e') == 1 then return {-1, 0} end
-  end
-end
 local inserted, pushed = 0, 0
 local k = 0
 for i = first_user, #ARGV do
@@ -95,45 +160,8 @@ for i = first_user, #ARGV do
       local member = members[tonumber(j)]
       if member then mine[#mine + 1] = member end
     end
-    local added = 0
-    local fresh = {}  -- online only: members not in the timeline before this call, once each
-    local taken = {}
-    -- at most 1000 members per command (Lua's unpack limit)
-    for first = 1, #mine, 1000 do
-      local last = math.min(#mine, first + 999)
-      if ep then
-        local scores = redis.call('ZMSCORE', tl, unpack(mine, first, last))
-        for m = first, last do
-          if not scores[m - first + 1] and not taken[mine[m]] then
-            taken[mine[m]] = true
-            fresh[#fresh + 1] = mine[m]
-          end
-        end
-      end
-      local args = {}
-      for m = first, last do
-        args[#args + 1] = 0
-        args[#args + 1] = mine[m]
-      end
-      added = added + redis.call('ZADD', tl, unpack(args))
-    end
-    if added > 0 then
-      inserted = inserted + added
-      local trimmed = redis.call('ZREMRANGEBYRANK', tl, 0, -(max + 1))
-      if trimmed > 0 and #fresh > 0 then
-        -- A member the cap trimmed straight away (older than the newest 'max') is not a new
-        -- item of the hot timeline: not pushed, so a replay of it cannot be pushed again.
-        local kept = {}
-        for first = 1, #fresh, 1000 do
-          local last = math.min(#fresh, first + 999)
-          local scores = redis.call('ZMSCORE', tl, unpack(fresh, first, last))
-          for m = first, last do
-            if scores[m - first + 1] then kept[#kept + 1] = fresh[m] end
-          end
-        end
-        fresh = kept
-      end
-    end
+    local added, fresh = insert(tl, mine, max, ep)
+    inserted = inserted + added
     if #fresh > 0 then
       local seq = redis.call('HINCRBY', on, 's', #fresh) - #fresh
       local dl = dl_prefix .. tag

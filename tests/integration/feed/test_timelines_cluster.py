@@ -107,6 +107,58 @@ def test_fanout_across_slots_is_what_one_redis_does(
     assert all(len(f) >= 1 for f in frames.values())
 
 
+def _evalsha_calls(client: redis.RedisCluster) -> int:
+    """Script calls run so far, over every primary (``INFO commandstats``)."""
+    return sum(
+        int(node.redis_connection.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+        for node in client.get_primaries()
+    )
+
+
+def test_while_most_calls_find_someone_online_they_carry_their_bodies_at_once(
+    cluster_client: redis.RedisCluster, redis_cluster: Any, ids: Callable[[str], str]
+) -> None:
+    """A call that finds a user online runs twice (offline-first, then with the bodies): while
+    most calls do, each goes with its bodies at once, and once most do not, offline-first again.
+    Either way every user, online or not, gets the same writes."""
+    t = _timelines(cluster_client)
+    online = [ids(f"on{n}") for n in range(5)]
+    slot = timelines_cluster.slot_of(keys.timeline(online[0]))
+    # offline, in an online user's call (its slot)
+    mate = next(
+        u
+        for u in (f"{online[0]}-{n}" for n in range(1 << 20))
+        if timelines_cluster.slot_of(keys.timeline(u)) == slot
+    )
+    _attach(redis_cluster.url, True, online)
+    users = [*online, mate]
+    calls = len({timelines_cluster.slot_of(keys.timeline(u)) for u in users})
+    sent: list[str] = []
+
+    def batch(to: list[str]) -> int:
+        """Script calls one batch to ``to`` made."""
+        before = _evalsha_calls(cluster_client)
+        aid = ids("a")
+        sent.append(aid)
+        t.insert([_insert(len(sent), aid, to)])
+        return _evalsha_calls(cluster_client) - before
+
+    assert batch(users) == 2 * calls  # offline-first: each call found someone, and ran again
+    runs = [batch(users) for _ in range(5)]
+    assert runs[-1] == calls, runs  # with the bodies at once
+    members = [order_key(n, a) for n, a in enumerate(sent, 1)][::-1]
+    for user in users:
+        assert t.page(user, None, 10).members == members
+    frames = asyncio.run(_read_frames(redis_cluster.url, True, online))
+    assert all([f["activity"]["id"] for f in frames[u]] == sent for u in online)
+    # most calls find no one: offline-first again (a call now runs once only if no one is on)
+    offline = [ids(f"off{n}") for n in range(20)]
+    for _ in range(5):
+        batch(offline)
+    assert batch(users) == 2 * calls
+    assert all(t.page(u, None, 1).members == [order_key(len(sent), sent[-1])] for u in users)
+
+
 def test_a_delete_landing_mid_write_is_taken_back(
     cluster_client: redis.RedisCluster,
     redis_cluster: Any,

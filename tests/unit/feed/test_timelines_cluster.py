@@ -7,7 +7,8 @@ import msgspec
 from feed import keys
 from feed.cursor import order_key
 from feed.interfaces import Insert, Removal
-from feed.timelines_cluster import by_slot, claim_calls, fanout_calls, slot_of, with_bodies
+from feed.timelines_cluster import by_slot, fanout_calls, slot_of, with_bodies
+from schemas import frames
 
 HEAD: list[str | int | bytes] = [100, 50, "0"]
 
@@ -18,16 +19,19 @@ def _insert(ts: int, aid: str, users: list[str], ts_ms: int | None = None) -> In
 
 
 def _decoded(call: object) -> tuple[list[str], dict[str, list[str]]]:
-    """(the call's members, each user's members in delivery order), read as fanout.lua does."""
+    """(the call's members, each user's members in delivery order), read as fanout.lua does in
+    mode ``u``: 'u', max, only_active, n, the members, then each user's indexes."""
     args = call.args  # type: ignore[attr-defined]
+    assert args[:3] == [b"u", HEAD[0], HEAD[2]]
     n = int(args[3])
-    members = [str(m) for m in args[12 : 12 + n]]
-    assert args[12 + 2 * n] == b"u"
-    values = args[13 + 2 * n :]
+    members = [str(m) for m in args[4 : 4 + n]]
+    values = args[4 + n :]
     names = call.keys  # type: ignore[attr-defined]
-    users = [k.decode().partition("{")[2].rstrip("}") for k in names[0::4]]
-    # each user's four keys, declared (a resharding routes a call by its declared keys)
-    assert names == [k for u in users for k in keys.fanout_cluster_keys(u)]
+    users = [k.decode().partition("{")[2].rstrip("}") for k in names[0::3]]
+    assert users == call.users  # type: ignore[attr-defined]
+    # each user's timeline, presence and active marker, declared (a resharding routes a call by
+    # its declared keys); mode u never touches the delivery stream
+    assert names == [k for u in users for k in keys.fanout_cluster_keys(u)[:3]]
     assert len(values) == len(users)
     return members, {
         u: [members[int(i) - 1] for i in v.split()] for u, v in zip(users, values, strict=True)
@@ -48,7 +52,7 @@ def test_each_call_holds_one_slot_and_only_its_users_activities() -> None:
         members, per_user = _decoded(call)
         # only the activities some user of the call receives, each once
         assert sorted(members) == sorted({m for ms in per_user.values() for m in ms})
-        assert len(call.bodies) == len(members)
+        assert [i.member for i in call.activities] == members
         for user, mine in per_user.items():
             assert user not in received
             received[user] = mine
@@ -60,18 +64,28 @@ def test_each_call_holds_one_slot_and_only_its_users_activities() -> None:
     assert len(calls) == len({slot_of(keys.fanout_user_key(u)) for u in users})
 
 
-def test_with_bodies_puts_each_body_after_the_mode() -> None:
-    inserts = [_insert(1, "x", ["u"]), _insert(2, "y", ["u"], ts_ms=7)]
-    (call,) = fanout_calls(inserts, HEAD)
-    args = with_bodies(call)
+def test_with_bodies_gives_mode_b_with_four_keys_the_frame_and_each_body_after_the_mode() -> None:
+    k = keys.Keyspace.for_tenant("acme")
+    slot = slot_of(k.fanout_user_key("u"))
+    v = next(f"v{i}" for i in range(1 << 20) if slot_of(k.fanout_user_key(f"v{i}")) == slot)
+    inserts = [_insert(1, "x", ["u", v]), _insert(2, "y", ["u"], ts_ms=7)]
+    (call,) = fanout_calls(inserts, HEAD, k)
+    names, args = with_bodies(call, k)
+    assert names == [name for u in call.users for name in k.fanout_cluster_keys(u)]
     n = 2
+    # fanout.lua's mode-b layout: head, n, the frame's parts, the prefixes, members, tails
+    assert args[:4] == [*HEAD, n]
+    assert args[4:7] == [frames.ACTIVITY_HEAD, frames.ACTIVITY_MIDDLE, frames.ACTIVITY_TAIL]
+    assert args[7:12] == list(k.fanout_prefixes)
+    assert args[12 : 12 + n] == [i.member for i in inserts]
+    assert args[12 + n : 12 + 2 * n] == [b"", frames.activity_tail(7, None)]
     assert args[12 + 2 * n] == b"b"
     assert args[13 + 2 * n : 13 + 3 * n] == [i.body for i in inserts]
-    assert args[13 + 3 * n :] == call.args[13 + 2 * n :]
-    assert args[: 12 + 2 * n] == call.args[: 12 + 2 * n]
+    # the users' indexes, as in mode u
+    assert args[13 + 3 * n :] == call.args[4 + n :]
 
 
-def test_removals_and_claims_are_grouped_by_slot() -> None:
+def test_removals_are_grouped_by_slot() -> None:
     users = [f"r-{n}" for n in range(200)]
     groups = by_slot([Removal("1:a", "a", users[:150]), Removal("2:b", "b", users[50:])])
     seen: set[tuple[str, str]] = set()
@@ -80,10 +94,3 @@ def test_removals_and_claims_are_grouped_by_slot() -> None:
         assert len(slots) == 1
         seen |= {(m, u) for m, _, us in group for u in us}
     assert seen == {("1:a", u) for u in users[:150]} | {("2:b", u) for u in users[50:]}
-
-    claims = [(f"id-{n}", f"actor-{n % 3}") for n in range(100)]
-    calls = claim_calls(claims)
-    assert sorted(p for positions, _ in calls for p in positions) == list(range(100))
-    for positions, names in calls:
-        assert len({slot_of(n) for n in names}) == 1
-        assert names == [keys.claim(claims[p][0]) for p in positions]
