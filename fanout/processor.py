@@ -269,7 +269,8 @@ class Processor:
         completed by its replay).
 
         Concurrent creates of one new id (two actors' records on different partitions, or two
-        workers after a rebalance) are serialised by a Redis claim (``c:<id>``, one script) taken
+        workers after a rebalance) are serialised by a Redis claim (``c:<id>``, one script; on a
+        Redis Cluster one ``SET NX GET`` per id) taken
         *before* Cassandra is read and released only after the activity row is written: of two
         racing creates, one holds the claim and the other either sees it or reads the row.
         Cassandra stays the authority: a claim only decides between creates of an id that has

@@ -5,16 +5,18 @@ On one Redis, a fan-out call carries many users and the activities' deleted mark
 
 * **Calls are grouped by slot.** Every key of one user carries the user's hash tag (``{uid}``,
   ``feed.keys``), so a call holds the users whose timeline keys share a slot, with just the
-  activities those users receive. Each user's four keys are declared
-  (``feed.keys.fanout_cluster_keys``): a resharding moves a slot's keys one by one, and the
-  cluster routes a call by its declared keys only. The calls go out as one pipeline per node
-  (:class:`ClusterScripts`), all sent before any reply is read: one round trip per node, not one
-  per user or per slot.
+  activities those users receive. Each user's keys that the call touches are declared
+  (``feed.keys.fanout_cluster_keys``: four, or three in mode ``u``): a resharding moves a
+  slot's keys one by one, and the cluster routes a call by its declared keys only. The calls go
+  out as one pipeline per node (:class:`ClusterScripts`), all sent before any reply is read: one
+  round trip per node, not one per user or per slot.
 * **Bodies only where someone is online.** A call goes out first without bodies (``fanout.lua``
-  mode ``u``). If one of its users is online, the script writes nothing and says so, and the call
-  is sent again with the bodies of its activities (mode ``b``): an offline user's insert needs no
-  body, and the bodies are stored once per activity (``SET a:<id>``) for the readers as on one
-  Redis.
+  mode ``u``: the members and three keys per user, no frame). If one of its users is online, the
+  script writes nothing and says so, and the call is sent again with the bodies of its
+  activities (mode ``b``): an offline user's insert needs no body, and the bodies are stored once
+  per activity (``SET a:<id>``) for the readers as on one Redis. While most calls find someone
+  online (a moving average over batches: ``RedisTimelines``), every call goes in mode ``b`` at
+  once instead of running twice.
 * **Deleted stays deleted, without the marker in the call's slot.** The deleted marker of an
   activity (``d:<id>``) lives in the activity's slot, not the users'. So the writer reads the
   markers *after* its writes and takes back what it wrote of an activity deleted meanwhile

@@ -276,14 +276,17 @@ class RedisTimelines(keys.KeyspaceView):
         self._cluster: timelines_cluster.ClusterScripts | None = None
         #: On a cluster, the share of recent fan-out calls that found a user online (a moving
         #: average over batches; one list, shared by the tenant views): from one half up, the
-        #: calls go out with their bodies at once (mode ``b``) instead of offline-first.
+        #: calls go out with their bodies at once (mode ``b``) instead of offline-first. In mode
+        #: ``b`` a call counts as online if it pushed a frame: one that found its users online
+        #: but pushed nothing new (a replayed batch) counts as offline, and at worst the next
+        #: calls go offline-first again (each then runs twice if someone is online).
         self._online_share = [0.0]
         if isinstance(client, redis.RedisCluster):
             self._cluster = timelines_cluster.ClusterScripts(
                 client,
                 [
-                    scripts.source(name)
-                    for name in ("fanout", "remove", "outbox_add", "outbox_remove", "claim")
+                    scripts.source(name)  # claims are plain commands on a cluster
+                    for name in ("fanout", "remove", "outbox_add", "outbox_remove")
                 ],
                 wait_replicas=wait_replicas,
                 wait_timeout_ms=wait_timeout_ms,

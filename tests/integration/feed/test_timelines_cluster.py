@@ -195,6 +195,14 @@ def test_a_lost_script_cache_is_loaded_again(
     users = [ids(f"u{n}") for n in range(40)]
     _flush_scripts(cluster_client)
     assert t.insert([_insert(3, ids("a"), users)]) == (40, 0)
+    # the same with the calls online-first (mode b at once), for offline users
+    t._online_share[0] = 1.0
+    _flush_scripts(cluster_client)
+    assert t.insert([_insert(4, ids("b"), users)]) == (40, 0)
+    assert t.page(users[0], None, 10).members == [
+        order_key(4, ids("b")),
+        order_key(3, ids("a")),
+    ]
     _flush_scripts(cluster_client)
     claims = [(ids(f"x{n}"), "actor") for n in range(30)]
     assert t.claim(claims, 60) == ["actor"] * 30
