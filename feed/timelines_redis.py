@@ -377,21 +377,21 @@ class RedisTimelines(keys.KeyspaceView):
         # Offline-first, unless most recent calls found someone online: such a call would run
         # twice (mode u finds the user, mode b writes), with a round trip more.
         online_first = self._online_share[0] >= 0.5
-        if online_first:
-            full = [timelines_cluster.with_bodies(c, self._k) for c in calls]
-            commands += [("EVALSHA", sha, len(k), *k, *a) for k, a in full]
-        else:
-            commands += [("EVALSHA", sha, len(c.keys), *c.keys, *c.args) for c in calls]
+
+        def evalsha(keys_args: tuple[list[bytes], timelines_cluster.Args]) -> tuple[Any, ...]:
+            return ("EVALSHA", sha, len(keys_args[0]), *keys_args[0], *keys_args[1])
+
+        full = timelines_cluster.with_bodies
+        commands += [evalsha(full(c, self._k) if online_first else (c.keys, c.args)) for c in calls]
         replies = cluster.run(commands)
         timelines_cluster.raise_first(replies)
         results = replies[len(bodies) :]
-        if online_first:
+        if online_first:  # a call with someone online pushed a frame
             online = [i for i, r in enumerate(results) if int(r[1]) > 0]
-        else:
+        else:  # a call that found someone online wrote nothing: again, with the bodies
             online = [i for i, r in enumerate(results) if int(r[0]) < 0]
             if online:
-                full = [timelines_cluster.with_bodies(calls[i], self._k) for i in online]
-                again = cluster.run([("EVALSHA", sha, len(k), *k, *a) for k, a in full])
+                again = cluster.run([evalsha(full(calls[i], self._k)) for i in online])
                 timelines_cluster.raise_first(again)
                 for i, reply in zip(online, again, strict=True):
                     results[i] = reply
