@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench import redis_work
 from bench.ceilings import CeilingError, cassandra_batch_ceiling, redis_zadd_ceiling
 from bench.context import BenchContext, Plan
 from bench.graphs import FollowGraph, load_followers, skewed_graph, uniform_graph
@@ -60,10 +61,17 @@ from bench.peers import PeerError, ensure_stream_framework_venv, run_stream_fram
 from bench.processes import cpu_seconds, metric_sum, rss_bytes
 from feed import keys
 
-__all__ = ["PHASES", "build_graphs", "ensure_graph_loaded", "run"]
+__all__ = ["PHASES", "build_graphs", "default_phases", "ensure_graph_loaded", "run"]
 
 #: The scenario's phases, in order; ``FEED_BENCH_PHASES=redis_only,history`` runs a subset.
 PHASES = FANOUT_PHASES
+
+
+def default_phases(quick: bool) -> tuple[str, ...]:
+    """The phases run when ``FEED_BENCH_PHASES`` names none: all, but ``redis_work`` (Redis
+    under callgrind, a minute or more) only in a full run."""
+    return tuple(p for p in PHASES if not (quick and p == "redis_work"))
+
 
 #: Targets from the issue (checked and shown in the report; never enforced by the harness).
 TARGET_ZADD_RATIO = 0.4
@@ -72,6 +80,8 @@ TARGET_SOAK_GROWTH = 0.10
 TARGET_PEER_RATIO = 10.0
 TARGET_HISTORY_ROWS = 40_000.0
 TARGET_CASSANDRA_RATIO = 0.6
+#: Issue 14: a Redis Cluster adds at most 15% Redis work per insert over one server.
+TARGET_CLUSTER_WORK = 1.15
 
 
 def build_graphs(plan: Plan) -> dict[str, FollowGraph]:
@@ -116,9 +126,9 @@ def run(ctx: BenchContext) -> dict[str, Any]:
             timeout=plan.peer_install_timeout_s,
             env=ctx.options.install_env(),
         )
-    wanted = set(ctx.options.phases or PHASES)
+    wanted = set(ctx.options.phases or default_phases(plan.quick))
     try:
-        if wanted != set(PHASES):
+        if ctx.options.phases and wanted != set(PHASES):
             ctx.log(f"FEED_BENCH_PHASES: only {', '.join(sorted(wanted))}")
             graphs = {
                 name: g
@@ -164,6 +174,9 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         # 6. memory soak at half the drain rate
         if "soak" in wanted:
             out["soak"] = _soak(ctx, uniform, capacity)
+        # 7. Redis instructions per insert, one Redis against a cluster (its own servers)
+        if "redis_work" in wanted:
+            out["redis_work"] = redis_work.run(ctx, uniform)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     _figures(ctx, out)
@@ -831,6 +844,17 @@ def _figures(ctx: BenchContext, out: dict[str, Any]) -> None:
         ),
     }
     targets = ctx.results.setdefault("targets", [])
+    work = out.get("redis_work", {})
+    if "cluster_over_one" in work:
+        targets.append(
+            _target(
+                "Redis instructions per insert, 3-master cluster ÷ one Redis (callgrind)",
+                work["cluster_over_one"],
+                TARGET_CLUSTER_WORK,
+                "ratio",
+                at_most=True,
+            )
+        )
     soak = out.get("soak", {})
     growth = soak.get("rss_growth")
     targets.extend(

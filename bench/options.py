@@ -35,7 +35,16 @@ __all__ = [
 T = TypeVar("T")
 
 #: The fan-out scenario's phases, in order; ``FEED_BENCH_PHASES=redis_only,history`` runs a subset.
-FANOUT_PHASES = ("redis_only", "drain_2_workers", "skewed", "history", "sweep", "soak")
+#: ``redis_work`` (Redis under callgrind: :mod:`bench.redis_work`) runs unasked only in a full run.
+FANOUT_PHASES = (
+    "redis_only",
+    "drain_2_workers",
+    "skewed",
+    "history",
+    "sweep",
+    "soak",
+    "redis_work",
+)
 #: The sides of the gateway scenario; ``FEED_BENCH_GATEWAY_SIDES=peer`` measures only that one.
 GATEWAY_SIDES = ("ours", "peer")
 #: Variables the processes of the peer's own virtualenv must not inherit from the project's.

@@ -393,6 +393,7 @@ def _fanout_section(add: Any, fanout: dict[str, Any], results: dict[str, Any]) -
             + (f"; error: {soak['error']}" if soak.get("error") else "")
             + "."
         )
+    _redis_work_lines(add, fanout.get("redis_work"))
     profile = _get(ro, "profile")
     if isinstance(profile, dict) and profile.get("self"):
         add("")
@@ -406,6 +407,36 @@ def _fanout_section(add: Any, fanout: dict[str, Any], results: dict[str, Any]) -
         for row in profile["self"][:12]:
             add(f"| {row['share'] * 100:.1f}% | `{row['frame']}` |")
     add("")
+
+
+def _redis_work_lines(add: Any, work: dict[str, Any] | None) -> None:
+    """The ``redis_work`` phase: Redis instructions per insert (callgrind), one Redis against
+    a 3-master cluster."""
+    if not work:
+        return
+    add("")
+    if work.get("status") != "ok":
+        add(f"- Redis work per insert (callgrind): {work.get('status')}.")
+        return
+    one, cluster = work.get("one") or {}, work.get("cluster") or {}
+    shards = ", ".join(_num(v) for v in cluster.get("shard_instructions_per_insert") or [])
+    add(
+        "Redis work per insert (`redis_work`: the worker's timeline writes, Redis under "
+        "callgrind, which counts instructions: the same count for the same work however busy "
+        "the machine is):"
+    )
+    add("")
+    add("| | one Redis | 3-master cluster | cluster ÷ one |")
+    add("|---|---:|---:|---:|")
+    add(
+        f"| instructions per insert | {_num(one.get('instructions_per_insert'))} "
+        f"| {_num(cluster.get('instructions_per_insert'))} (shards: {shards}) "
+        f"| {_ratio(work.get('cluster_over_one'))} |"
+    )
+    add(
+        f"| load across shards, max ÷ mean | — | {_num(cluster.get('spread_max_over_mean'), 3)} | |"
+    )
+    add(f"| inserts counted | {_num(one.get('inserts'))} | {_num(cluster.get('inserts'))} | |")
 
 
 def _reads_section(add: Any, reads: dict[str, Any]) -> None:

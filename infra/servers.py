@@ -33,7 +33,7 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, ClassVar, Self
@@ -516,7 +516,10 @@ class RedisServer(_ServerProcess):
     """A Redis (or Valkey) server without persistence.
 
     Args: ``workdir``; ``port`` (default: a free one); ``binary`` (default:
-    :func:`find_redis_server`); ``startup_timeout``/``stop_timeout`` seconds.
+    :func:`find_redis_server`); ``startup_timeout``/``stop_timeout`` seconds; ``wrapper``: a
+    command the server runs under (the bench's ``valgrind --tool=callgrind``, say: the process
+    is still the server's, with its pid); ``args``: more ``redis-server`` options, after the
+    defaults (so they override them).
     """
 
     name = "redis"
@@ -531,11 +534,15 @@ class RedisServer(_ServerProcess):
         stop_timeout: float | None = None,
         *,
         cluster: bool = False,
+        wrapper: Sequence[str] = (),
+        args: Sequence[str] = (),
     ) -> None:
         super().__init__(workdir, port, startup_timeout, stop_timeout)
         self.binary = Path(binary) if binary else find_redis_server()
         #: A cluster node (``--cluster-enabled``): its bus listens on port + 10000.
         self.cluster = cluster
+        self.wrapper = list(wrapper)
+        self.args = list(args)
 
     def _allocate_ports(self) -> None:
         if not self.cluster:
@@ -555,6 +562,7 @@ class RedisServer(_ServerProcess):
 
     def _command(self) -> list[str]:
         return [
+            *self.wrapper,
             str(self.binary),
             "--port",
             str(self.port),
@@ -569,6 +577,7 @@ class RedisServer(_ServerProcess):
             "--dir",
             str(self.workdir),
             *self._cluster_args(),
+            *self.args,
         ]
 
     def _cluster_args(self) -> list[str]:
@@ -614,7 +623,8 @@ class RedisCluster:
     range of the 16384 slots (``CLUSTER ADDSLOTSRANGE``), attaches the replicas (``CLUSTER
     REPLICATE``), and returns once every node reports ``cluster_state:ok`` and knows every
     other: what ``redis-cli --cluster create`` does, without needing ``redis-cli``.
-    :attr:`url` names the first node (any node is a seed)."""
+    :attr:`url` names the first node (any node is a seed). ``wrapper`` and ``args``: each
+    node's, as :class:`RedisServer` takes them."""
 
     def __init__(
         self,
@@ -623,6 +633,8 @@ class RedisCluster:
         replicas: int = 0,
         *,
         startup_timeout: float = 60.0,
+        wrapper: Sequence[str] = (),
+        args: Sequence[str] = (),
     ) -> None:
         if masters < 3:
             raise ValueError("a Redis Cluster needs at least 3 masters")
@@ -631,7 +643,8 @@ class RedisCluster:
         self.replicas = replicas
         count = masters * (1 + replicas)
         self.nodes = [
-            RedisServer(self.workdir / f"node{i + 1}", cluster=True) for i in range(count)
+            RedisServer(self.workdir / f"node{i + 1}", cluster=True, wrapper=wrapper, args=args)
+            for i in range(count)
         ]
         self.masters = self.nodes[:masters]
 

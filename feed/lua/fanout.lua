@@ -12,12 +12,15 @@
 --   'u' (offline, Redis Cluster): inserts only, for users none of whom is online; its own short
 --       layout (below). If a user is online, returns {-1, 0} before writing anything: the caller
 --       sends the call again in mode 'b'. Offline users need no body nor frame, and most calls
---       have no one online. Every argument costs Redis per call (parsed, then copied into Lua),
---       and a cluster sends each activity once per slot of its users, not once per batch: this
---       layout, without the frame's parts, prefixes, tails and delivery stream, is what cut most
---       of the cluster's extra Redis CPU per insert (docs/benchmarks.md, "Redis Cluster").
+--       have no one online. Every argument costs Redis per call (parsed, then copied into Lua:
+--       about 1,300 instructions each, counted with callgrind), and a cluster sends each
+--       activity once per slot of its users, not once per batch. So this layout has no frame
+--       parts, prefixes, tails nor delivery stream, and its members travel in one MessagePack
+--       argument that Redis's bundled cmsgpack decodes in C: one argument per member cost the
+--       cluster a fifth more Redis instructions per insert than this (docs/benchmarks.md, "Redis
+--       Cluster").
 --       KEYS[3k-2..3k] user k's timeline, presence and active marker; ARGV 1 'u', 2 max,
---       3 only_active, 4 n, 5..4+n the members, then per user k the indexes of its activities.
+--       3 only_active, 4 MessagePack: per user k, the list of its members in delivery order.
 -- A user's presence, active marker, delivery stream and channel are named from the hash tag of
 -- their timeline key and the prefixes in ARGV 8..12 (feed.keys.FANOUT_USER_PREFIXES): the same
 -- tag, so the same slot as the timeline. On one Redis one key per user is declared, not four:
@@ -89,21 +92,15 @@ end
 if ARGV[1] == 'u' then
   local max = tonumber(ARGV[2])
   local only_active = ARGV[3] == '1'
-  local first_user = 5 + tonumber(ARGV[4])
-  local u = 0
-  for i = first_user, #ARGV do
-    u = u + 1
-    if ARGV[i] ~= '' and redis.call('HEXISTS', KEYS[3 * u - 1], 'e') == 1 then return {-1, 0} end
+  local lists = cmsgpack.unpack(ARGV[4])
+  for u = 1, #lists do
+    if redis.call('HEXISTS', KEYS[3 * u - 1], 'e') == 1 then return {-1, 0} end
   end
   local inserted = 0
-  u = 0
-  for i = first_user, #ARGV do
-    u = u + 1
+  for u = 1, #lists do
     -- inactive (and offline): Cassandra only, as below
     if not only_active or redis.call('EXISTS', KEYS[3 * u]) == 1 then
-      local mine = {}
-      for j in string.gmatch(ARGV[i], '%d+') do mine[#mine + 1] = ARGV[4 + tonumber(j)] end
-      inserted = inserted + insert(KEYS[3 * u - 2], mine, max, false)
+      inserted = inserted + insert(KEYS[3 * u - 2], lists[u], max, false)
     end
   end
   return {inserted, 0}

@@ -1,4 +1,5 @@
-"""bench.report: the e2e section shows the sweep, where the time goes and who used the CPU."""
+"""bench.report: the e2e section shows the sweep, where the time goes and who used the CPU; the
+fan-out section shows the Redis work per insert of both topologies."""
 
 from __future__ import annotations
 
@@ -47,3 +48,20 @@ def test_the_e2e_section_has_the_sweep_the_stages_and_the_cores() -> None:
     assert "| published | worker | 3.0 / 6.0 | 9.0 / 18.0 | 6.0 / 12.0 |" in text
     assert "| read | client | 6.0 / 12.0 | 18.0 / 36.0 | 12.0 / 24.0 |" in text
     assert "| broker | 0.50 | 1.50 | 1.00 |" in text
+
+
+def test_the_fanout_section_has_the_redis_work_of_both_topologies() -> None:
+    one = {"inserts": 20_000, "instructions_per_insert": 16_000.0}
+    cluster = {
+        "inserts": 20_000,
+        "instructions_per_insert": 16_800.0,
+        "shard_instructions_per_insert": [5_500.0, 5_600.0, 5_700.0],
+        "spread_max_over_mean": 1.0179,
+    }
+    work = {"status": "ok", "one": one, "cluster": cluster, "cluster_over_one": 1.05}
+    text = render_markdown({"fanout": {"status": "ok", "phases": {}, "redis_work": work}})
+    assert "| instructions per insert | 16,000 | 16,800 (shards: 5,500, 5,600, 5,700) |" in text
+    assert "| load across shards, max ÷ mean | — | 1.018 | |" in text
+    skipped = {"status": "skipped: valgrind not found (Debian package valgrind)"}
+    text = render_markdown({"fanout": {"status": "ok", "phases": {}, "redis_work": skipped}})
+    assert "- Redis work per insert (callgrind): skipped: valgrind not found" in text

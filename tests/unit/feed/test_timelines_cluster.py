@@ -20,22 +20,21 @@ def _insert(ts: int, aid: str, users: list[str], ts_ms: int | None = None) -> In
 
 def _decoded(call: object) -> tuple[list[str], dict[str, list[str]]]:
     """(the call's members, each user's members in delivery order), read as fanout.lua does in
-    mode ``u``: 'u', max, only_active, n, the members, then each user's indexes."""
+    mode ``u``: 'u', max, only_active, then one MessagePack argument: each user's members."""
     args = call.args  # type: ignore[attr-defined]
     assert args[:3] == [b"u", HEAD[0], HEAD[2]]
-    n = int(args[3])
-    members = [str(m) for m in args[4 : 4 + n]]
-    values = args[4 + n :]
+    assert len(args) == 4
+    lists = msgspec.msgpack.decode(args[3], type=list[list[str]])
     names = call.keys  # type: ignore[attr-defined]
     users = [k.decode().partition("{")[2].rstrip("}") for k in names[0::3]]
     assert users == call.users  # type: ignore[attr-defined]
     # each user's timeline, presence and active marker, declared (a resharding routes a call by
     # its declared keys); mode u never touches the delivery stream
     assert names == [k for u in users for k in keys.fanout_cluster_keys(u)[:3]]
-    assert len(values) == len(users)
-    return members, {
-        u: [members[int(i) - 1] for i in v.split()] for u, v in zip(users, values, strict=True)
-    }
+    assert len(lists) == len(users)
+    # the call's activities: each member any of its users receives, once, in first-seen order
+    members = list(dict.fromkeys(m for mine in lists for m in mine))
+    return members, dict(zip(users, lists, strict=True))
 
 
 def test_each_call_holds_one_slot_and_only_its_users_activities() -> None:
@@ -81,8 +80,8 @@ def test_with_bodies_gives_mode_b_with_four_keys_the_frame_and_each_body_after_t
     assert args[12 + n : 12 + 2 * n] == [b"", frames.activity_tail(7, None)]
     assert args[12 + 2 * n] == b"b"
     assert args[13 + 2 * n : 13 + 3 * n] == [i.body for i in inserts]
-    # the users' indexes, as in mode u
-    assert args[13 + 3 * n :] == call.args[4 + n :]
+    # then each user's indexes into the members: u gets x and y, v gets x
+    assert args[13 + 3 * n :] == [b"1 2", b"1"]
 
 
 def test_removals_are_grouped_by_slot() -> None:
