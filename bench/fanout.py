@@ -135,10 +135,11 @@ def run(ctx: BenchContext) -> dict[str, Any]:
                 for name, g in graphs.items()
                 if name == "uniform" or (name == "skewed" and "skewed" in wanted)
             }
-        _load_graphs(ctx, graphs, actors, out)
-        _wait_install(ctx, install)
-        # 3. the peer
-        _peers(ctx, graphs, actors, install)
+        if wanted - {"redis_work"}:  # redis_work alone needs no graph in Cassandra nor peer
+            _load_graphs(ctx, graphs, actors, out)
+            _wait_install(ctx, install)
+            # 3. the peer
+            _peers(ctx, graphs, actors, install)
         # 4. drains
         phases: dict[str, Any] = {}
         out["phases"] = phases
