@@ -118,6 +118,7 @@ def measure(
     per_batch = batch * max(1, round(sum(graph.counts) / graph.users))
     warm_batches, counted_batches = math.ceil(warmup / per_batch), math.ceil(counted / per_batch)
     actors = graph.actors((warm_batches + counted_batches) * batch, seed=seed)
+    workdir = workdir.resolve()  # callgrind's output path must not depend on a server's cwd
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     with _servers(workdir, topology) as (client, pids):
