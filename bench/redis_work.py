@@ -36,6 +36,7 @@ from typing import Any
 
 import redis
 
+from bench.context import BenchContext
 from bench.graphs import FollowGraph
 from bench.load import activity_bytes
 from feed.cursor import order_key
@@ -79,7 +80,7 @@ class Work:
         }
 
 
-def run(ctx: Any, graph: FollowGraph) -> dict[str, Any]:
+def run(ctx: BenchContext, graph: FollowGraph) -> dict[str, Any]:
     """The phase in the bench: both topologies, and the ratio (``status`` says if skipped)."""
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         return {"status": "skipped: valgrind not found (Debian package valgrind)"}
