@@ -97,7 +97,7 @@ class FanoutCall:
     ``args`` are mode ``u``'s (offline users only: three keys per user, no frame parts nor
     bodies); :func:`with_bodies` gives mode ``b``'s, for when a user is online."""
 
-    __slots__ = ("activities", "args", "head", "indexes", "keys", "users")
+    __slots__ = ("activities", "args", "head", "keys", "lists", "users")
 
     def __init__(
         self,
@@ -105,16 +105,16 @@ class FanoutCall:
         call_keys: list[bytes],
         args: Args,
         activities: list[Insert],
-        indexes: list[bytes],
+        lists: list[list[str]],
         head: Args,
     ) -> None:
         self.users = users
         self.keys = call_keys
         self.args = args
-        #: The call's activities, in their order (index 1 first).
+        #: The call's activities, each once, in the order its users first receive them.
         self.activities = activities
-        #: Per user, the indexes of its activities (``b"1 3"``): mode ``b``'s last arguments.
-        self.indexes = indexes
+        #: Per user, the members of its activities in delivery order (mode ``u``'s payload).
+        self.lists = lists
         #: ``fanout.lua``'s head: max, stream length, only_active.
         self.head = head
 
@@ -155,22 +155,14 @@ def _call(
     per_user: dict[str, list[int]],
     k: keys.Keyspace,
 ) -> FanoutCall:
-    local: dict[str, bytes] = {}  # member -> its index in this call, as mode b reads it
-    activities: list[Insert] = []
-    indexes: list[bytes] = []
+    activities: dict[str, Insert] = {}  # member -> its activity, each once
     lists: list[list[str]] = []  # each user's members, as mode u reads them
     for user in users:
-        mine: list[bytes] = []
         members: list[str] = []
         for position in per_user[user]:
             insert = inserts[position]
-            index = local.get(insert.member)
-            if index is None:
-                activities.append(insert)
-                index = local[insert.member] = b"%d" % len(activities)
-            mine.append(index)
+            activities.setdefault(insert.member, insert)
             members.append(insert.member)
-        indexes.append(b" ".join(mine))
         lists.append(members)
     cluster_keys = k.fanout_cluster_keys
     names = [name for u in users for name in cluster_keys(u)[:3]]
@@ -178,14 +170,16 @@ def _call(
     # user's members in one MessagePack argument (see fanout.lua: one argument per member cost
     # Redis a fifth more per insert)
     args: Args = [b"u", head[0], head[2], _msgpack.encode(lists)]
-    return FanoutCall(users, names, args, activities, indexes, head)
+    return FanoutCall(users, names, args, list(activities.values()), lists, head)
 
 
 def with_bodies(call: FanoutCall, k: keys.Keyspace = keys.DEFAULT) -> tuple[list[bytes], Args]:
     """The call's (KEYS, ARGV) in mode ``b``: each user's four keys; the head, the frame's
     parts, the prefixes, the members, their frames' tails, the mode and the bodies, then the
-    users' indexes as in mode ``u``. ``k``: the tenant's names, as the call's."""
+    users' indexes into the members (the same order as mode ``u``'s lists: built here, as
+    most calls never need them). ``k``: the tenant's names, as the call's."""
     acts = call.activities
+    index = {a.member: b"%d" % n for n, a in enumerate(acts, 1)}
     cluster_keys = k.fanout_cluster_keys
     names = [name for u in call.users for name in cluster_keys(u)]
     return names, [
@@ -197,7 +191,7 @@ def with_bodies(call: FanoutCall, k: keys.Keyspace = keys.DEFAULT) -> tuple[list
         *[frame_tail(i) for i in acts],
         b"b",
         *[i.body for i in acts],
-        *call.indexes,
+        *[b" ".join([index[m] for m in mine]) for mine in call.lists],
     ]
 
 

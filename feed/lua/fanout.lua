@@ -21,21 +21,23 @@
 --       Cluster").
 --       KEYS[3k-2..3k] user k's timeline, presence and active marker; ARGV 1 'u', 2 max,
 --       3 only_active, 4 MessagePack: per user k, the list of its members in delivery order.
--- A user's presence, active marker, delivery stream and channel are named from the hash tag of
--- their timeline key and the prefixes in ARGV 8..12 (feed.keys.FANOUT_USER_PREFIXES): the same
--- tag, so the same slot as the timeline. On one Redis one key per user is declared, not four:
--- every argument costs the client and the server per user, and declaring four cost the worker a
--- quarter of its fan-out rate (docs/benchmarks.md). On a cluster every key a call touches is
--- declared (mode 'b' all four; mode 'u' three, read from KEYS): a resharding moves keys one by
--- one, and only declared keys make the node send the call where the user's keys are (ASK, TRYAGAIN) instead of reading moved ones as missing.
--- ARGV:
+-- In modes 'k' and 'b', a user's presence, active marker, delivery stream and channel are named
+-- from the hash tag of their timeline key and the prefixes in ARGV 8..12
+-- (feed.keys.FANOUT_USER_PREFIXES): the same tag, so the same slot as the timeline. On one Redis
+-- one key per user is declared, not four: every argument costs the client and the server per
+-- user, and declaring four cost the worker a quarter of its fan-out rate (docs/benchmarks.md).
+-- On a cluster every key a call touches is declared (mode 'b' all four; mode 'u' three, read
+-- from KEYS): a resharding moves keys one by one, and only declared keys make the node send the
+-- call where the user's keys are (ASK, TRYAGAIN) instead of reading moved ones as missing.
+-- ARGV of modes 'k' and 'b':
 --   1 max (timeline cap), 2 hist (stream length), 3 only_active ('1'/'0'), 4 n,
 --   5..7 the activity frame's head, middle and tail (schemas.frames.ACTIVITY_*),
 --   8..12 the prefixes of the timeline, presence, active marker, delivery stream and channel,
 --   13..12+n the order keys (members) of activities 1..n,
 --   13+n..12+2n their frames' tails (schemas.frames.activity_tail: the tail with the activity's
 --   'traceparent' and 'ts'), or '' for the plain tail of ARGV 7,
---   13+2n the mode ('k' or 'b'; 'u' has its own layout, above), in mode 'b' then 14+2n..13+3n the bodies,
+--   13+2n the mode ('k' or 'b'; 'u' has its own layout, above), in mode 'b' then
+--   14+2n..13+3n the bodies,
 --   then per user k one value: the indexes of its activities (1-based, in the order the user
 --   must receive them), separated by spaces.
 --
