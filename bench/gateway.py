@@ -441,6 +441,13 @@ def _redis_cpu(ctx: BenchContext) -> float | None:
         return None
 
 
+def redis_pids(redis: Any) -> list[int]:
+    """The pids of the stack's Redis servers: one Redis's, or every node's of a cluster
+    (``infra.RedisCluster.nodes``). Their CPU is the bench's own work, not other work."""
+    servers = getattr(redis, "nodes", None) or ([redis] if redis is not None else [])
+    return [pid for pid in (getattr(s, "pid", None) for s in servers) if isinstance(pid, int)]
+
+
 def _step(
     ctx: BenchContext,
     side: Side,
@@ -480,6 +487,7 @@ def _step(
         *(["--trace-share", str(ctx.options.tracing)] if ctx.options.tracing else []),
         *(["--redis-cluster"] if ctx.options.redis_cluster else []),
     ]
+    burn_cores = rate * ctx.options.gateway_burn_us / 1e6 if ctx.options.gateway_burn_us else 0.0
     waited = quiet.wait()
     sched0 = proc_sched(side.server.pid)
     server_cpu0 = proc_cpu(side.server.pid)
@@ -487,14 +495,29 @@ def _step(
     redis_cpu0 = _redis_cpu(ctx)
     machine0, own0 = machine_busy_s(), quiet.own_cpu()
     wall0 = time.time()
-    with out_file.open("wb") as stdout:
+    burn_file = out_file.with_suffix(".burn.json")
+    with out_file.open("wb") as stdout, burn_file.open("wb") as burn_out:
+        burner = None
+        if burn_cores > 0:
+            burn_argv = [sys.executable, "-m", "bench.ws_clients", "burn"]
+            burn_argv += ["--cores", f"{burn_cores:.4f}", "--seconds", str(seconds)]
+            burner = ctx.children.spawn(
+                burn_argv, env=dict(ctx.env), log=log, stdout=burn_out.fileno()
+            )
         publisher = ctx.children.spawn(argv, env=dict(ctx.env), log=log, stdout=stdout.fileno())
         try:
             publisher.wait(timeout=seconds + 60)
+            if burner is not None:
+                burner.wait(timeout=seconds + 60)
         except Exception:
-            ctx.children.stop(publisher, timeout=5)
+            for child in (publisher, burner):
+                if child is not None:
+                    ctx.children.stop(child, timeout=5)
             raise RuntimeError(f"the publisher did not finish within {seconds + 60:.0f}s") from None
-        ctx.children.stop(publisher, timeout=5)
+        for child in (publisher, burner):
+            if child is not None:
+                ctx.children.stop(child, timeout=5)
+    burned = _burned(burn_file) if burner is not None else None
     lines = [line for line in out_file.read_text().splitlines() if line.strip()]
     if publisher.returncode != 0 or not lines:
         raise RuntimeError(f"the publisher failed ({publisher.returncode}): {_tail(log)}")
@@ -524,6 +547,7 @@ def _step(
     others = None
     if machine0 is not None and machine1 is not None:
         own = (own1 - own0) + float(published.get("cpu_s") or 0.0)
+        own += float((burned or {}).get("cpu_s") or 0.0)
         others = max(0.0, (machine1 - machine0) - own) / elapsed if elapsed > 0 else None
     window = float(published["seconds"]) + drain_seconds
     unique = int(summary.get("unique", 0))
@@ -551,6 +575,13 @@ def _step(
         "publish_rate": published.get("achieved_rate"),
         "publish_seconds": published.get("seconds"),
         "publisher_cpu_s": published.get("cpu_s"),
+        # FEED_BENCH_GATEWAY_BURN_US: the cores the burner was asked for, and those it used
+        "burn_cores_asked": burn_cores or None,
+        "burn_cores": (
+            float(burned["cpu_s"]) / float(burned["seconds"])
+            if burned and burned.get("seconds")
+            else None
+        ),
         "sent": sent,
         "pushed_by_redis": published.get("pushed"),
         "received": summary.get("received", 0),
@@ -587,6 +618,12 @@ def _step(
     }
 
 
+def _burned(path: Path) -> dict[str, Any] | None:
+    """The burner's report (``ws_clients burn``), or None if it wrote none."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1]) if lines else None
+
+
 def _delta(a: float | None, b: float | None) -> float | None:
     return (b - a) if a is not None and b is not None else None
 
@@ -613,6 +650,8 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         "bound": f"p99 < {P99_BOUND_MS:g} ms and >= {MIN_DELIVERED:.0%} delivered",
         "nofile_limit": nofile,
     }
+    if ctx.options.gateway_burn_us:
+        result["burn_us_per_msg"] = ctx.options.gateway_burn_us
     sides = [Side("ours", "feed gateway", "ours")]
     peer_note = None
     if ctx.skip_peers:
@@ -679,9 +718,7 @@ def _sweep(ctx: BenchContext, side: Side, gp: GatewayPlan) -> Quiet:
     """Offer ``side`` each rate in turn (repeating disturbed or failed runs, see the module doc)
     until it fails two rates in a row or the rates run out."""
     pids = [p.pid for p in (side.server, side.clients) if p is not None]
-    redis_pid = getattr(getattr(ctx.stack, "redis", None), "pid", None)
-    if isinstance(redis_pid, int):
-        pids.append(redis_pid)
+    pids += redis_pids(getattr(ctx.stack, "redis", None))
     quiet = Quiet(gp, pids)
     # Warm-up (not reported): the first messages through a server pay for lazy set-up.
     number = 1
@@ -762,7 +799,9 @@ def _log_step(ctx: BenchContext, side: Side, s: dict[str, Any]) -> None:
         f"{_fmt(s.get('delivered_per_s'))}/s, p50 {_fmt(lat.get('p50'), 1)} p99 "
         f"{_fmt(lat.get('p99'), 1)} p99.9 {_fmt(lat.get('p999'), 1)} max {_fmt(lat.get('max'), 1)}"
         f" ms, lost {s['lost']}, server {_fmt(s.get('server_cores'), 2)} cores, clients "
-        f"{_fmt(s.get('clients_cores'), 2)}, redis {_fmt(s.get('redis_cores'), 2)}, other work "
+        f"{_fmt(s.get('clients_cores'), 2)}, redis {_fmt(s.get('redis_cores'), 2)}, publisher "
+        f"{_fmt((s.get('publisher_cpu_s') or 0) / (s.get('publish_seconds') or 1), 2)}, burner "
+        f"{_fmt(s.get('burn_cores'), 2)}, other work "
         f"{_fmt(s.get('others_cores'), 2)}, server waited for a CPU "
         f"{_fmt((s.get('server_runqueue_wait_share') or 0) * 100)} % of the step"
     )

@@ -89,6 +89,11 @@ class BenchOptions:
     gateway_rates: tuple[int, ...] | None = None
     #: ``FEED_BENCH_GATEWAY_SIDES=peer``: the only sides of the gateway scenario to measure.
     gateway_sides: tuple[str, ...] | None = None
+    #: ``FEED_BENCH_GATEWAY_BURN_US=36``: during each gateway step, a process of the bench
+    #: burns this many µs of CPU per offered message (at most one core): a control that puts a
+    #: known load on the cores the gateway shares (e.g. a cluster's extra Redis and publisher
+    #: work, on one Redis).
+    gateway_burn_us: float | None = None
     #: ``FEED_BENCH_TRACING=0.1``: the bench's workers and gateways trace (OpenTelemetry), sampling
     #: this share of new traces, and export to an OTLP sink the bench runs; the gateway
     #: scenario's publisher puts a sampled ``traceparent`` on this share of frames (as a traced
@@ -123,6 +128,7 @@ class BenchOptions:
             phases=get("FEED_BENCH_PHASES", _phases),
             gateway_rates=get("FEED_BENCH_GATEWAY_RATES", _rates),
             gateway_sides=get("FEED_BENCH_GATEWAY_SIDES", _sides),
+            gateway_burn_us=get("FEED_BENCH_GATEWAY_BURN_US", _at_least_float(0.0)),
             tracing=get("FEED_BENCH_TRACING", _share),
             redis_cluster=bool(get("FEED_BENCH_REDIS_CLUSTER", _flag)),
             environ=MappingProxyType(dict(environ)),

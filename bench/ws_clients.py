@@ -601,6 +601,25 @@ async def publish_socketio(args: argparse.Namespace, users: list[str]) -> dict[s
     }
 
 
+def burn(cores: float, seconds: float) -> dict[str, Any]:
+    """Busy-loop ``cores`` of one core (at most 1) for ``seconds``, in 10 ms periods: a known
+    load on the cores the measured server shares (``FEED_BENCH_GATEWAY_BURN_US``). Spins by the
+    clock, so a burner the scheduler holds back burns less, as any other process would."""
+    period = 0.01
+    busy = min(1.0, max(0.0, cores)) * period
+    cpu0 = _cpu_self()
+    t0 = time.monotonic()
+    periods = max(0, int(seconds / period))
+    for n in range(periods):  # bounded: seconds / 10 ms periods
+        start = t0 + n * period
+        while time.monotonic() < start + busy:
+            pass
+        pause = start + period - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+    return {"cores": cores, "seconds": time.monotonic() - t0, "cpu_s": _cpu_self() - cpu0}
+
+
 # --- entry point ------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.ws_clients")
@@ -626,6 +645,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--trace-share", type=float, default=0.0)
     p.add_argument("--timeline-max", type=int, default=800)
     p.add_argument("--stream-history", type=int, default=1000)
+    b = sub.add_parser("burn", help="busy-loop a share of one core for a while")
+    b.add_argument("--cores", type=float, required=True)
+    b.add_argument("--seconds", type=float, required=True)
     return parser
 
 
@@ -655,6 +677,10 @@ def main(argv: list[str] | None, environ: Mapping[str, str]) -> int:
             return 2
         raise_nofile()
         _run(Clients(args, secret).run())
+        return 0
+    if args.command == "burn":
+        sys.stdout.write(json.dumps(burn(args.cores, args.seconds)) + "\n")
+        sys.stdout.flush()
         return 0
     raise_nofile()
     users = [u for u in json.loads(args.users_file.read_text()) if u]

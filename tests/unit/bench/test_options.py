@@ -48,6 +48,7 @@ def test_every_switch_is_parsed() -> None:
             "FEED_BENCH_PHASES": "redis_only, history",
             "FEED_BENCH_GATEWAY_RATES": "8000,10000",
             "FEED_BENCH_GATEWAY_SIDES": "peer",
+            "FEED_BENCH_GATEWAY_BURN_US": "36.5",
             "FEED_BENCH_TRACING": "0.1",
             "FEED_BENCH_REDIS_CLUSTER": "1",
         }
@@ -61,6 +62,7 @@ def test_every_switch_is_parsed() -> None:
     assert options.phases == frozenset({"redis_only", "history"})
     assert options.gateway_rates == (8000, 10000)
     assert options.gateway_sides == ("peer",)
+    assert options.gateway_burn_us == 36.5
     assert options.tracing == 0.1
 
 
@@ -92,6 +94,7 @@ def test_sizes_below_their_floor_are_raised_to_it() -> None:
         ("FEED_BENCH_GATEWAY_RATES", "8000,0", "must list rates > 0"),
         ("FEED_BENCH_GATEWAY_SIDES", "ours,theirs", "unknown side(s) theirs"),
         ("FEED_BENCH_GATEWAY_SIDES", ",", "must list sides"),
+        ("FEED_BENCH_GATEWAY_BURN_US", "lots", "must be a number"),
         ("FEED_BENCH_TRACING", "0", "must be a number above 0 and at most 1"),
         ("FEED_BENCH_TRACING", "1.5", "must be a number above 0 and at most 1"),
         ("FEED_BENCH_TRACING", "some", "must be a number above 0 and at most 1"),
