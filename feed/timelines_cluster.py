@@ -95,28 +95,43 @@ def slot_of(key: str | bytes) -> int:
 class FanoutCall:
     """One ``fanout.lua`` call: one slot's users and the activities they receive. ``keys`` and
     ``args`` are mode ``u``'s (offline users only: three keys per user, no frame parts nor
-    bodies); :func:`with_bodies` gives mode ``b``'s, for when a user is online."""
+    bodies); :func:`with_bodies` gives mode ``b``'s, for when a user is online. Each is built
+    when asked for: a writer that goes online-first never needs mode ``u``'s."""
 
-    __slots__ = ("activities", "args", "head", "keys", "lists", "users")
+    __slots__ = ("_k", "activities", "head", "lists", "slot", "users")
 
     def __init__(
         self,
         users: list[str],
-        call_keys: list[bytes],
-        args: Args,
+        slot: int,
         activities: list[Insert],
         lists: list[list[str]],
         head: Args,
+        k: keys.Keyspace,
     ) -> None:
         self.users = users
-        self.keys = call_keys
-        self.args = args
+        #: The hash slot of every key of the call (its users share it).
+        self.slot = slot
         #: The call's activities, each once, in the order its users first receive them.
         self.activities = activities
         #: Per user, the members of its activities in delivery order (mode ``u``'s payload).
         self.lists = lists
         #: ``fanout.lua``'s head: max, stream length, only_active.
         self.head = head
+        self._k = k
+
+    @property
+    def keys(self) -> list[bytes]:
+        """Mode ``u``'s ``KEYS``: each user's timeline, presence and active marker."""
+        cluster_keys = self._k.fanout_cluster_keys
+        return [name for u in self.users for name in cluster_keys(u)[:3]]
+
+    @property
+    def args(self) -> Args:
+        """Mode ``u``'s ``ARGV``: max and only_active of the head (no frame, so no stream
+        length), then every user's members in one MessagePack argument (see fanout.lua: one
+        argument per member cost Redis a fifth more per insert)."""
+        return [b"u", self.head[0], self.head[2], _msgpack.encode(self.lists)]
 
 
 def frame_tail(insert: Insert) -> bytes:
@@ -142,9 +157,9 @@ def fanout_calls(
     for user in per_user:
         by_slot.setdefault(slot_of(user_key(user)), []).append(user)
     calls: list[FanoutCall] = []
-    for users in by_slot.values():
+    for slot, users in by_slot.items():
         for start in range(0, len(users), MAX_USERS):
-            calls.append(_call(inserts, head, users[start : start + MAX_USERS], per_user, k))
+            calls.append(_call(inserts, head, users[start : start + MAX_USERS], slot, per_user, k))
     return calls
 
 
@@ -152,6 +167,7 @@ def _call(
     inserts: Sequence[Insert],
     head: Args,
     users: list[str],
+    slot: int,
     per_user: dict[str, list[int]],
     k: keys.Keyspace,
 ) -> FanoutCall:
@@ -164,13 +180,7 @@ def _call(
             activities.setdefault(insert.member, insert)
             members.append(insert.member)
         lists.append(members)
-    cluster_keys = k.fanout_cluster_keys
-    names = [name for u in users for name in cluster_keys(u)[:3]]
-    # mode u: max and only_active of the head (no frame, so no stream length), then every
-    # user's members in one MessagePack argument (see fanout.lua: one argument per member cost
-    # Redis a fifth more per insert)
-    args: Args = [b"u", head[0], head[2], _msgpack.encode(lists)]
-    return FanoutCall(users, names, args, list(activities.values()), lists, head)
+    return FanoutCall(users, slot, list(activities.values()), lists, head, k)
 
 
 def with_bodies(call: FanoutCall, k: keys.Keyspace = keys.DEFAULT) -> tuple[list[bytes], Args]:
@@ -250,21 +260,35 @@ class ClusterScripts:
         """GET of each name, one round trip per node (``MGET`` takes one slot's keys)."""
         return list(self._redis.mget_nonatomic(names))
 
-    def run(self, commands: Sequence[tuple[Any, ...]], *, wait: bool = True) -> list[Any]:
+    def run(
+        self,
+        commands: Sequence[tuple[Any, ...]],
+        *,
+        wait: bool = True,
+        slots: Sequence[int | None] | None = None,
+    ) -> list[Any]:
         """The replies to ``commands`` (each a command's arguments; the first key is the
         command's second argument, or an ``EVALSHA``'s fourth), with error replies in place
         (``NOSCRIPT`` ones retried once after :meth:`load`). ``wait``: acknowledged by the
-        replicas (see the class doc); reads pass False."""
-        replies = self._send(commands, wait)
+        replicas (see the class doc); reads pass False. ``slots``: per command, its slot if the
+        caller knows it already (:attr:`FanoutCall.slot`), else None."""
+        replies = self._send(commands, wait, slots)
         failed = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
         if failed:
             self.load()
-            again = self._send([commands[i] for i in failed], wait)
+            again = self._send(
+                [commands[i] for i in failed], wait, slots and [slots[i] for i in failed]
+            )
             for i, reply in zip(failed, again, strict=True):
                 replies[i] = reply
         return replies
 
-    def _send(self, commands: Sequence[tuple[Any, ...]], wait: bool) -> list[Any]:
+    def _send(
+        self,
+        commands: Sequence[tuple[Any, ...]],
+        wait: bool,
+        slots: Sequence[int | None] | None = None,
+    ) -> list[Any]:
         if not commands:
             return []
         nodes = self._redis.nodes_manager
@@ -277,7 +301,8 @@ class ClusterScripts:
             for i in todo:
                 node = asking.get(i)
                 if node is None:
-                    owners = nodes.slots_cache.get(_slot(commands[i]))
+                    slot = slots[i] if slots is not None else None
+                    owners = nodes.slots_cache.get(_slot(commands[i]) if slot is None else slot)
                     if not owners:
                         self._stale = True
                         raise ClusterUnavailable("a slot has no owner in the Redis Cluster map")

@@ -383,7 +383,9 @@ class RedisTimelines(keys.KeyspaceView):
 
         full = timelines_cluster.with_bodies
         commands += [evalsha(full(c, self._k) if online_first else (c.keys, c.args)) for c in calls]
-        replies = cluster.run(commands)
+        slots: list[int | None] = [None] * len(bodies)
+        slots += [c.slot for c in calls]
+        replies = cluster.run(commands, slots=slots)
         timelines_cluster.raise_first(replies)
         results = replies[len(bodies) :]
         if online_first:  # a call with someone online pushed a frame
@@ -391,7 +393,10 @@ class RedisTimelines(keys.KeyspaceView):
         else:  # a call that found someone online wrote nothing: again, with the bodies
             online = [i for i, r in enumerate(results) if int(r[0]) < 0]
             if online:
-                again = cluster.run([evalsha(full(calls[i], self._k)) for i in online])
+                again = cluster.run(
+                    [evalsha(full(calls[i], self._k)) for i in online],
+                    slots=[calls[i].slot for i in online],
+                )
                 timelines_cluster.raise_first(again)
                 for i, reply in zip(online, again, strict=True):
                     results[i] = reply

@@ -47,7 +47,9 @@ def test_each_call_holds_one_slot_and_only_its_users_activities() -> None:
     calls = fanout_calls(inserts, HEAD)
     received: dict[str, list[str]] = {}
     for call in calls:
-        assert len({slot_of(k) for k in call.keys}) == 1
+        # every key of the call is in the slot the call names (the slot it is sent by)
+        assert {slot_of(k) for k in call.keys} == {call.slot}
+        assert {slot_of(k) for k in with_bodies(call)[0]} == {call.slot}
         members, per_user = _decoded(call)
         # only the activities some user of the call receives, each once
         assert sorted(members) == sorted({m for ms in per_user.values() for m in ms})
