@@ -1095,11 +1095,23 @@ def _stores_probe(
     def probe() -> bool:
         try:
             client.ping()
-        except redis.exceptions.RedisError:
+            # On a cluster a PING reaches one node, which answers while another master is down:
+            # the cluster's own state says whether every slot is served (it is "fail" from the
+            # node timeout until a replica is promoted), so the retry comes within a probe of
+            # the promotion instead of a whole back-off later.
+            if redis_cluster and _cluster_state(client.cluster_info()) != "ok":
+                return False
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException):
             return False
         return any(host.is_up for host in cluster.metadata.all_hosts())
 
     return probe
+
+
+def _cluster_state(info: Any) -> str:
+    """``cluster_state`` of a ``CLUSTER INFO`` reply (a mapping, of str or bytes)."""
+    state = info.get("cluster_state", info.get(b"cluster_state", "")) if info else ""
+    return state.decode() if isinstance(state, bytes) else str(state)
 
 
 def _with_rejected(total: BatchStats, prepared: BatchStats) -> BatchStats:
