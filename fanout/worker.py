@@ -17,10 +17,11 @@ Failure handling:
   keeps reporting its lag; records that a rebalance hands it meanwhile are held, in order, and
   applied after the batch in hand (never dropped). SIGTERM ends the wait at once and leaves the
   batch uncommitted (it is replayed). A circuit breaker's half-open probe shortens the wait: at
-  most once a second a cheap ``probe`` (Redis PING with a 1 s timeout, the Cassandra driver's own
-  view of its hosts — no query) is asked; once it has seen the stores down and then up again, the
-  batch is retried at once instead of at the end of a long back-off. A store that stays up but
-  keeps failing (overloaded) gets no early retry;
+  most once a second a cheap ``probe`` (Redis PING with a 1 s timeout, and on a Redis Cluster its
+  ``cluster_state``, which is ``fail`` while a master is down until a replica takes over; the
+  Cassandra driver's own view of its hosts — no query) is asked; once it has seen the stores
+  down and then up again, the batch is retried at once instead of at the end of a long back-off.
+  A store that stays up but keeps failing (overloaded) gets no early retry;
 * any other error is retried ``fanout_attempts`` times; then the batch is applied record by record
   and the records that still fail go to the DLQ with their attempt count.
 
