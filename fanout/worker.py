@@ -17,10 +17,11 @@ Failure handling:
   keeps reporting its lag; records that a rebalance hands it meanwhile are held, in order, and
   applied after the batch in hand (never dropped). SIGTERM ends the wait at once and leaves the
   batch uncommitted (it is replayed). A circuit breaker's half-open probe shortens the wait: at
-  most once a second a cheap ``probe`` (Redis PING with a 1 s timeout, and on a Redis Cluster its
-  ``cluster_state``, which is ``fail`` while a master is down until a replica takes over; the
-  Cassandra driver's own view of its hosts — no query) is asked; once it has seen the stores
-  down and then up again, the batch is retried at once instead of at the end of a long back-off.
+  most once a second a cheap ``probe`` (Redis PING with a 1 s timeout, on a Redis Cluster to
+  every primary of a freshly read slot map, so a killed master is down until its replica takes
+  over; the Cassandra driver's own view of its hosts — no query) is asked; once it has seen the
+  stores down and then up again, the batch is retried at once instead of at the end of a long
+  back-off.
   A store that stays up but keeps failing (overloaded) gets no early retry;
 * any other error is retried ``fanout_attempts`` times; then the batch is applied record by record
   and the records that still fail go to the DLQ with their attempt count.
@@ -1095,24 +1096,21 @@ def _stores_probe(
 
     def probe() -> bool:
         try:
-            client.ping()
-            # On a cluster a PING reaches one node, which answers while another master is down:
-            # the cluster's own state says whether every slot is served (it is "fail" from the
-            # node timeout until a replica is promoted), so the retry comes within a probe of
-            # the promotion instead of a whole back-off later.
-            if redis_cluster and _cluster_state(client.cluster_info()) != "ok":
-                return False
+            if redis_cluster:
+                # A PING reaches one node, which answers while another master is down. So: the
+                # slot map read again (a promoted replica replaces its master there), then every
+                # primary in it. Down from the kill of a master until its replica is promoted, so
+                # the retry comes within a probe of the promotion, not a whole back-off later.
+                client.nodes_manager.initialize()
+                for node in client.get_primaries():
+                    client.get_redis_connection(node).ping()
+            else:
+                client.ping()
         except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException):
             return False
         return any(host.is_up for host in cluster.metadata.all_hosts())
 
     return probe
-
-
-def _cluster_state(info: Any) -> str:
-    """``cluster_state`` of a ``CLUSTER INFO`` reply (a mapping, of str or bytes)."""
-    state = info.get("cluster_state", info.get(b"cluster_state", "")) if info else ""
-    return state.decode() if isinstance(state, bytes) else str(state)
 
 
 def _with_rejected(total: BatchStats, prepared: BatchStats) -> BatchStats:

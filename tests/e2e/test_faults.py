@@ -1355,8 +1355,8 @@ def test_redis_cluster_master_killed_replica_promoted_nothing_lost(
     reset_s = max(run.watchers[f].received_at[run.resets(f)[0]] for f in on_victim) - killed
     # Recovery bounds. The promotion is Redis's (cluster-node-timeout 2 s, then the election:
     # 3.3-4.5 s measured). After it, the worker's next attempt comes within a probe of it (its
-    # half-open probe reads the cluster's state once a second; a back-off alone could wait up
-    # to 6.4 s by then: 5.15 s was seen in CI), bound 5 s; the
+    # half-open probe pings every primary of a fresh slot map once a second; a back-off alone
+    # could wait up to 6.4 s by then: 5.15 s was seen in CI), bound 5 s; the
     # gateway's Pub/Sub reconnect within 1 s (0.05 s doubling, capped at 1 s; 0.6-2.3 s
     # measured with the renew and the reset), bound 3 s.
     assert recovery_s - failover_s < 5.0, (failover_s, recovery_s)

@@ -352,3 +352,44 @@ def test_the_worker_process_writes_only_json_lines_librdkafkas_included(
         worker.process.stop(timeout=20)
     records = json_log_records(worker.log)
     assert any(record.get("logger") == "librdkafka" for record in records)
+
+
+def test_the_cluster_probe_sees_a_killed_master_until_its_replica_takes_over(
+    tmp_path: Path, settings: Settings, cassandra: Any
+) -> None:
+    # The worker's half-open probe (fanout.worker._stores_probe) on a Redis Cluster: a PING to
+    # the seed node alone answered while another master was dead, so the worker waited out its
+    # whole back-off after the promotion (CI saw 5.15 s). It must say "down" from the kill until
+    # the replica takes over, then "up".
+    import dataclasses
+
+    from fanout.worker import _stores_probe
+    from feed.keys import timeline
+    from feed.timelines_cluster import slot_of
+    from infra import RedisCluster
+
+    cluster = RedisCluster(tmp_path / "cluster", masters=3, replicas=1).start()
+    try:
+        probe = _stores_probe(
+            dataclasses.replace(settings, redis_url=cluster.url), cassandra.cluster, True
+        )
+        assert probe()
+        seed = cluster.masters[0]  # cluster.url names it: the node a lone PING would reach
+        victim = cluster.masters[1]
+        victim_port = victim.port
+        slot = next(
+            s
+            for s in (slot_of(timeline(f"u{n}")) for n in range(100_000))
+            if cluster.master_port(s, seed) == victim_port
+        )
+        victim.kill()
+        assert not probe()
+        wait_for(
+            lambda: cluster.master_port(slot, seed) not in (None, victim_port),
+            timeout=30,
+            interval=0.05,
+            message="the replica promoted",
+        )
+        wait_for(probe, timeout=10, interval=0.2, message="the probe sees the cluster whole")
+    finally:
+        cluster.stop()

@@ -826,14 +826,3 @@ def test_a_tenant_over_its_fanout_rate_is_deferred_then_applied_at_its_rate() ->
     assert deferred.commits == [{(TOPIC, 0): 1}, {(TOPIC, 0): 4}]
     assert quota.asked[:3] == [("flood", 6, False), ("flood", 4, True), ("flood", 3, True)]
     assert not dlq.sent and default.applied == []
-
-
-def test_the_cluster_probe_reads_the_clusters_state_whatever_the_reply_type() -> None:
-    # the worker's half-open probe on a cluster: "fail" while a master is down, until a replica
-    # is promoted (a PING to a surviving node would say nothing of it)
-    from fanout.worker import _cluster_state
-
-    assert _cluster_state({"cluster_state": "ok", "cluster_slots_ok": "16384"}) == "ok"
-    assert _cluster_state({b"cluster_state": b"fail"}) == "fail"
-    assert _cluster_state({}) == ""
-    assert _cluster_state(None) == ""
