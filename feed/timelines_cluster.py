@@ -183,11 +183,12 @@ def _call(
     return FanoutCall(users, slot, list(activities.values()), lists, head, k)
 
 
-def with_bodies(call: FanoutCall, k: keys.Keyspace = keys.DEFAULT) -> tuple[list[bytes], Args]:
+def with_bodies(call: FanoutCall) -> tuple[list[bytes], Args]:
     """The call's (KEYS, ARGV) in mode ``b``: each user's four keys; the head, the frame's
     parts, the prefixes, the members, their frames' tails, the mode and the bodies, then the
     users' indexes into the members (the same order as mode ``u``'s lists: built here, as
-    most calls never need them). ``k``: the tenant's names, as the call's."""
+    most calls never need them), with the names of the call's tenant."""
+    k = call._k
     acts = call.activities
     index = {a.member: b"%d" % n for n, a in enumerate(acts, 1)}
     cluster_keys = k.fanout_cluster_keys

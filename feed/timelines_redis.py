@@ -382,7 +382,7 @@ class RedisTimelines(keys.KeyspaceView):
             return ("EVALSHA", sha, len(keys_args[0]), *keys_args[0], *keys_args[1])
 
         full = timelines_cluster.with_bodies
-        commands += [evalsha(full(c, self._k) if online_first else (c.keys, c.args)) for c in calls]
+        commands += [evalsha(full(c) if online_first else (c.keys, c.args)) for c in calls]
         slots: list[int | None] = [None] * len(bodies)
         slots += [c.slot for c in calls]
         replies = cluster.run(commands, slots=slots)
@@ -394,7 +394,7 @@ class RedisTimelines(keys.KeyspaceView):
             online = [i for i, r in enumerate(results) if int(r[0]) < 0]
             if online:
                 again = cluster.run(
-                    [evalsha(full(calls[i], self._k)) for i in online],
+                    [evalsha(full(calls[i])) for i in online],
                     slots=[calls[i].slot for i in online],
                 )
                 timelines_cluster.raise_first(again)
@@ -631,7 +631,7 @@ class AsyncRedisTimelines(keys.KeyspaceView):
         commands: list[tuple[Any, ...]] = [
             ("SET", self._k.body(activity_id), body, "EX", body_ttl_s)
         ]
-        full = [timelines_cluster.with_bodies(c, self._k) for c in calls]
+        full = [timelines_cluster.with_bodies(c) for c in calls]
         commands += [("EVALSHA", sha, len(k), *k, *a) for k, a in full]
         replies = await cluster.run(commands)
         timelines_cluster.raise_first(replies)

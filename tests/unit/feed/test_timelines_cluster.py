@@ -71,7 +71,7 @@ def test_with_bodies_gives_mode_b_with_four_keys_the_frame_and_each_body_after_t
     v = next(f"v{i}" for i in range(1 << 20) if slot_of(k.fanout_user_key(f"v{i}")) == slot)
     inserts = [_insert(1, "x", ["u", v]), _insert(2, "y", ["u"], ts_ms=7)]
     (call,) = fanout_calls(inserts, HEAD, k)
-    names, args = with_bodies(call, k)
+    names, args = with_bodies(call)
     assert names == [name for u in call.users for name in k.fanout_cluster_keys(u)]
     n = 2
     # fanout.lua's mode-b layout: head, n, the frame's parts, the prefixes, members, tails
