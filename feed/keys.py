@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import copy
 import functools
+import zlib
 from collections.abc import Callable
 from typing import Self
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 __all__ = [
     "CONTROL_FOLLOWING",
     "DEFAULT",
     "DEFAULT_TENANT",
+    "DELETED_BUCKETS",
     "FANOUT_USER_PREFIXES",
     "SCOPE_SEPARATOR",
     "Keyspace",
@@ -36,6 +40,8 @@ __all__ = [
     "connections",
     "deferred_waiting",
     "deleted",
+    "deleted_bucket",
+    "deleted_on_cluster",
     "deliveries",
     "fanout_cluster_keys",
     "fanout_user_key",
@@ -101,6 +107,41 @@ def deleted(activity_id: str) -> str:
     ``deleted`` flag in Cassandra that the Redis scripts check atomically, so a fan-out, rebuild
     or body re-cache that read the activity before the delete never writes it back."""
     return f"d:{activity_id}"
+
+
+#: Buckets of the deleted markers on a Redis Cluster (:func:`deleted_on_cluster`). A multiple
+#: of 3, 4, 6, 8 and 12: each bucket's tag lies in its own 24th of the slots, so masters that
+#: split the slots evenly hold as many buckets each.
+DELETED_BUCKETS = 24
+
+
+def _bucket_tags(buckets: int) -> tuple[str, ...]:
+    """Per bucket, the first tag ``d<n>`` whose slot lies in the bucket's share of the slots."""
+    found: dict[int, str] = {}
+    n = 0
+    while len(found) < buckets:
+        bucket = key_slot(f"d{n}".encode()) * buckets // REDIS_CLUSTER_HASH_SLOTS
+        found.setdefault(bucket, f"d{n}")
+        n += 1
+    return tuple(found[b] for b in range(buckets))
+
+
+_BUCKET_TAGS = _bucket_tags(DELETED_BUCKETS)
+
+
+def deleted_bucket(activity_id: str) -> int:
+    """The bucket of an activity's deleted marker on a Redis Cluster (CRC-32 of its id)."""
+    return zlib.crc32(activity_id.encode()) % DELETED_BUCKETS
+
+
+def deleted_on_cluster(activity_id: str) -> str:
+    """:func:`deleted` on a Redis Cluster: ``d:{<bucket tag>}<id>``. The marker cannot share its
+    readers' slot (they are many users), so the writers read it apart from their scripts
+    (``feed.timelines_cluster``); hash-tagged into :data:`DELETED_BUCKETS` buckets, a batch's
+    markers are one ``MGET`` per bucket, not one command per activity (docs/benchmarks.md).
+    One Redis keeps :func:`deleted`: its scripts read the marker atomically, and a rename would
+    hide the markers a rolling upgrade finds from the new workers."""
+    return f"d:{{{_BUCKET_TAGS[deleted_bucket(activity_id)]}}}{activity_id}"
 
 
 def graph_version(user: str) -> str:
@@ -329,6 +370,9 @@ class Keyspace:
 
     def deleted(self, activity_id: str) -> str:
         return self.prefix + deleted(activity_id)
+
+    def deleted_on_cluster(self, activity_id: str) -> str:
+        return self.prefix + deleted_on_cluster(activity_id)
 
     def graph_version(self, user: str) -> str:
         return self.prefix + graph_version(user)

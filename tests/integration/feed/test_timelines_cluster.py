@@ -19,7 +19,7 @@ import redis
 import redis.asyncio as aioredis
 
 from feed import keys, timelines_cluster
-from feed.cursor import order_key
+from feed.cursor import order_key, split_order_key
 from feed.delivery_redis import AsyncRedisPresence
 from feed.interfaces import Insert
 from feed.timelines_redis import RedisTimelines
@@ -107,12 +107,31 @@ def test_fanout_across_slots_is_what_one_redis_does(
     assert all(len(f) >= 1 for f in frames.values())
 
 
-def _evalsha_calls(client: redis.RedisCluster) -> int:
-    """Script calls run so far, over every primary (``INFO commandstats``)."""
+def _calls(client: redis.RedisCluster, command: str) -> int:
+    """Calls of ``command`` run so far, over every primary (``INFO commandstats``)."""
     return sum(
-        int(node.redis_connection.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+        int(
+            node.redis_connection.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
+        )
         for node in client.get_primaries()
     )
+
+
+def test_a_batchs_deleted_markers_are_read_per_bucket_not_per_activity(
+    cluster_client: redis.RedisCluster, ids: Callable[[str], str]
+) -> None:
+    t = _timelines(cluster_client)
+    activities = [ids(f"m{n}") for n in range(300)]
+    gone = activities[::37]
+    t.mark_deleted(gone, 600)
+    reader = ids("reader")
+    exists, mget = _calls(cluster_client, "exists"), _calls(cluster_client, "mget")
+    t.insert([_insert(n, a, [reader]) for n, a in enumerate(activities)])
+    # one read before the writes and one after, each one MGET per bucket of markers
+    assert _calls(cluster_client, "exists") == exists
+    assert 0 < _calls(cluster_client, "mget") - mget <= 2 * keys.DELETED_BUCKETS
+    written = {split_order_key(m)[1] for m in t.page(reader, None, 50).members}
+    assert len(written) == 50 and not written & set(gone)
 
 
 def test_while_most_calls_find_someone_online_they_carry_their_bodies_at_once(
@@ -137,11 +156,11 @@ def test_while_most_calls_find_someone_online_they_carry_their_bodies_at_once(
 
     def batch(to: list[str]) -> int:
         """Script calls one batch to ``to`` made."""
-        before = _evalsha_calls(cluster_client)
+        before = _calls(cluster_client, "evalsha")
         aid = ids("a")
         sent.append(aid)
         t.insert([_insert(len(sent), aid, to)])
-        return _evalsha_calls(cluster_client) - before
+        return _calls(cluster_client, "evalsha") - before
 
     assert batch(users) == 2 * calls  # offline-first: each call found someone, and ran again
     runs = [batch(users) for _ in range(5)]

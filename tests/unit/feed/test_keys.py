@@ -218,7 +218,15 @@ def test_the_default_tenants_keyspace_is_the_module_names_byte_for_byte() -> Non
         "fanout_cluster_keys",
     ):
         assert getattr(k, name)(user) == getattr(keys, name)(user), name
-    for name in ("body", "claim", "deleted", "idempotency", "rate_ingest", "activity_keys"):
+    for name in (
+        "body",
+        "claim",
+        "deleted",
+        "deleted_on_cluster",
+        "idempotency",
+        "rate_ingest",
+        "activity_keys",
+    ):
         assert getattr(k, name)(activity) == getattr(keys, name)(activity), name
     assert k.big_accounts == keys.big_accounts
     assert k.fanout_prefixes == keys.FANOUT_USER_PREFIXES
@@ -241,3 +249,36 @@ def test_a_tenants_names_are_prefixed_and_keep_the_users_hash_tag() -> None:
         for n in ("timeline", "presence", "body", "claim", "deleted", "idempotency", "outbox")
     )
     assert keys.Keyspace.for_tenant("acme") is k
+
+
+def test_a_clusters_deleted_markers_lie_in_few_buckets_spread_over_the_slots() -> None:
+    ids = [f"act-{n}" for n in range(24_000)]
+    slots = [key_slot(keys.deleted_on_cluster(a).encode()) for a in ids]
+    buckets = keys.DELETED_BUCKETS
+    assert len(set(slots)) == buckets
+    # all the markers of one bucket share its slot (one MGET reads them)
+    by_bucket: dict[int, set[int]] = {}
+    for a, s in zip(ids, slots, strict=True):
+        by_bucket.setdefault(keys.deleted_bucket(a), set()).add(s)
+    assert sorted(by_bucket) == list(range(buckets))
+    assert all(len(group) == 1 for group in by_bucket.values())
+    # each bucket's slot lies in its own share of the slot space: 3, 4, 6 or 8 masters that
+    # split the slots evenly hold as many buckets each
+    shares = sorted({s * buckets // 16384 for s in slots})
+    assert shares == list(range(buckets))
+    for masters in (3, 4, 6, 8):
+        per_master = [0] * masters
+        for s in set(slots):
+            per_master[s * masters // 16384] += 1
+        assert per_master == [buckets // masters] * masters, masters
+    # and the ids spread evenly over the buckets
+    counts = [0] * buckets
+    for a in ids:
+        counts[keys.deleted_bucket(a)] += 1
+    assert max(counts) / (len(ids) / buckets) < 1.1
+    # a tenant's markers: prefixed, in the same buckets (the tag is the bucket's)
+    tenant = keys.Keyspace.for_tenant("acme").deleted_on_cluster("a1")
+    assert tenant == "t:acme:" + keys.deleted_on_cluster("a1")
+    assert key_slot(tenant.encode()) == key_slot(keys.deleted_on_cluster("a1").encode())
+    # never the one-Redis name: its scripts read that one atomically
+    assert keys.deleted_on_cluster("a1") != keys.deleted("a1")

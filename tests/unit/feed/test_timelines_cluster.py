@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import msgspec
+import pytest
 
 from feed import keys
 from feed.cursor import order_key
 from feed.interfaces import Insert, Removal
-from feed.timelines_cluster import by_slot, fanout_calls, slot_of, with_bodies
+from feed.timelines_cluster import (
+    MARKERS_PER_READ,
+    by_slot,
+    fanout_calls,
+    marker_reads,
+    markers_set,
+    slot_of,
+    with_bodies,
+)
 from schemas import frames
 
 HEAD: list[str | int | bytes] = [100, 50, "0"]
@@ -95,3 +104,30 @@ def test_removals_are_grouped_by_slot() -> None:
         assert len(slots) == 1
         seen |= {(m, u) for m, _, us in group for u in us}
     assert seen == {("1:a", u) for u in users[:150]} | {("2:b", u) for u in users[50:]}
+
+
+def test_a_batchs_deleted_markers_are_read_with_one_mget_per_bucket() -> None:
+    ids = [f"m-{n}" for n in range(2_000)]
+    k = keys.Keyspace.for_tenant("acme")
+    groups, reads = marker_reads([*ids, *ids[:10]], k)  # an id twice is read once
+    assert len(reads) <= keys.DELETED_BUCKETS
+    assert sorted(a for group in groups for a in group) == sorted(ids)
+    for group, read in zip(groups, reads, strict=True):
+        assert read == ("MGET", *[k.deleted_on_cluster(a) for a in group])
+        assert len({slot_of(name) for name in read[1:]}) == 1
+    # what the replies found, by position
+    replies = [[b"1" if a in {"m-7", "m-1999"} else None for a in group] for group in groups]
+    assert markers_set(groups, replies) == {"m-7", "m-1999"}
+
+
+def test_a_huge_batchs_marker_reads_stay_short_commands() -> None:
+    ids = [f"h-{n}" for n in range(keys.DELETED_BUCKETS * MARKERS_PER_READ * 2)]
+    groups, reads = marker_reads(ids, keys.DEFAULT)
+    assert max(len(read) - 1 for read in reads) == MARKERS_PER_READ
+    assert sum(len(group) for group in groups) == len(ids)
+
+
+def test_an_error_reply_of_a_marker_read_is_raised() -> None:
+    groups, _ = marker_reads(["x"], keys.DEFAULT)
+    with pytest.raises(RuntimeError, match="CLUSTERDOWN"):
+        markers_set(groups, [RuntimeError("CLUSTERDOWN")])
