@@ -134,14 +134,16 @@ def deleted_bucket(activity_id: str) -> int:
     return zlib.crc32(activity_id.encode()) % DELETED_BUCKETS
 
 
-def deleted_on_cluster(activity_id: str) -> str:
+def deleted_on_cluster(activity_id: str, bucket: int | None = None) -> str:
     """:func:`deleted` on a Redis Cluster: ``d:{<bucket tag>}<id>``. The marker cannot share its
     readers' slot (they are many users), so the writers read it apart from their scripts
     (``feed.timelines_cluster``); hash-tagged into :data:`DELETED_BUCKETS` buckets, a batch's
     markers are one ``MGET`` per bucket, not one command per activity (docs/benchmarks.md).
     One Redis keeps :func:`deleted`: its scripts read the marker atomically, and a rename would
-    hide the markers a rolling upgrade finds from the new workers."""
-    return f"d:{{{_BUCKET_TAGS[deleted_bucket(activity_id)]}}}{activity_id}"
+    hide the markers a rolling upgrade finds from the new workers. ``bucket``: the id's
+    :func:`deleted_bucket`, if the caller has it already."""
+    tag = _BUCKET_TAGS[deleted_bucket(activity_id) if bucket is None else bucket]
+    return f"d:{{{tag}}}{activity_id}"
 
 
 def graph_version(user: str) -> str:
@@ -371,8 +373,8 @@ class Keyspace:
     def deleted(self, activity_id: str) -> str:
         return self.prefix + deleted(activity_id)
 
-    def deleted_on_cluster(self, activity_id: str) -> str:
-        return self.prefix + deleted_on_cluster(activity_id)
+    def deleted_on_cluster(self, activity_id: str, bucket: int | None = None) -> str:
+        return self.prefix + deleted_on_cluster(activity_id, bucket)
 
     def graph_version(self, user: str) -> str:
         return self.prefix + graph_version(user)

@@ -513,15 +513,22 @@ def marker_reads(
     """The activities (each once) grouped by the bucket of their deleted marker
     (:func:`feed.keys.deleted_on_cluster`), and one ``MGET`` per group: a bucket's markers
     share a slot. Measured against one ``EXISTS`` per activity: docs/benchmarks.md."""
-    buckets: dict[int, list[str]] = {}
+    buckets: dict[int, tuple[list[str], list[str]]] = {}
+    bucket_of, name = keys.deleted_bucket, k.deleted_on_cluster
     for activity_id in dict.fromkeys(activity_ids):
-        buckets.setdefault(keys.deleted_bucket(activity_id), []).append(activity_id)
-    groups = [
-        ids[start : start + MARKERS_PER_READ]
-        for ids in buckets.values()
-        for start in range(0, len(ids), MARKERS_PER_READ)
-    ]
-    return groups, [("MGET", *[k.deleted_on_cluster(a) for a in ids]) for ids in groups]
+        bucket = bucket_of(activity_id)
+        group = buckets.get(bucket)
+        if group is None:
+            buckets[bucket] = group = ([], [])
+        group[0].append(activity_id)
+        group[1].append(name(activity_id, bucket))
+    groups: list[list[str]] = []
+    reads: list[tuple[str, ...]] = []
+    for ids, names in buckets.values():
+        for start in range(0, len(ids), MARKERS_PER_READ):
+            groups.append(ids[start : start + MARKERS_PER_READ])
+            reads.append(("MGET", *names[start : start + MARKERS_PER_READ]))
+    return groups, reads
 
 
 def markers_set(groups: list[list[str]], replies: list[Any]) -> set[str]:

@@ -28,8 +28,10 @@ from gateway.auth import mint_token
 from tests.conftest import TEST_INGEST_TOKEN, TEST_JWT_SECRET
 from tests.support.procs import FeedProcess, free_port, http_get, metric_value
 
-#: Examples per operation and generation mode (positive, negative): 13 operations.
-MAX_EXAMPLES = 100
+#: Examples per operation and generation mode (positive, negative): 13 operations. 100 took
+#: 98 s of the suite's 15 minutes (2026-12-07), most of it generating and validating the
+#: ingest and follow bodies, not the gateway serving them.
+MAX_EXAMPLES = 60
 SENT: dict[str, int] = {"requests": 0}
 
 
