@@ -21,8 +21,7 @@ Failure handling:
   every primary of a freshly read slot map, so a killed master is down until its replica takes
   over; the Cassandra driver's own view of its hosts — no query) is asked; once it has seen the
   stores down and then up again, the batch is retried at once instead of at the end of a long
-  back-off.
-  A store that stays up but keeps failing (overloaded) gets no early retry;
+  back-off. A store that stays up but keeps failing (overloaded) gets no early retry;
 * any other error is retried ``fanout_attempts`` times; then the batch is applied record by record
   and the records that still fail go to the DLQ with their attempt count.
 

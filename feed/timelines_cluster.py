@@ -102,7 +102,7 @@ class FanoutCall:
     bodies); :func:`with_bodies` gives mode ``b``'s, for when a user is online. Each is built
     when asked for: a writer that goes online-first never needs mode ``u``'s."""
 
-    __slots__ = ("_k", "activities", "head", "lists", "slot", "users")
+    __slots__ = ("activities", "head", "keyspace", "lists", "slot", "users")
 
     def __init__(
         self,
@@ -122,12 +122,13 @@ class FanoutCall:
         self.lists = lists
         #: ``fanout.lua``'s head: max, stream length, only_active.
         self.head = head
-        self._k = k
+        #: The names of the call's tenant.
+        self.keyspace = k
 
     @property
     def keys(self) -> list[bytes]:
         """Mode ``u``'s ``KEYS``: each user's timeline, presence and active marker."""
-        cluster_keys = self._k.fanout_cluster_keys
+        cluster_keys = self.keyspace.fanout_cluster_keys
         return [name for u in self.users for name in cluster_keys(u)[:3]]
 
     @property
@@ -192,7 +193,7 @@ def with_bodies(call: FanoutCall) -> tuple[list[bytes], Args]:
     parts, the prefixes, the members, their frames' tails, the mode and the bodies, then the
     users' indexes into the members (the same order as mode ``u``'s lists: built here, as
     most calls never need them), with the names of the call's tenant."""
-    k = call._k
+    k = call.keyspace
     acts = call.activities
     index = {a.member: b"%d" % n for n, a in enumerate(acts, 1)}
     cluster_keys = k.fanout_cluster_keys
@@ -513,21 +514,16 @@ def marker_reads(
     """The activities (each once) grouped by the bucket of their deleted marker
     (:func:`feed.keys.deleted_on_cluster`), and one ``MGET`` per group: a bucket's markers
     share a slot. Measured against one ``EXISTS`` per activity: docs/benchmarks.md."""
-    buckets: dict[int, tuple[list[str], list[str]]] = {}
-    bucket_of, name = keys.deleted_bucket, k.deleted_on_cluster
+    buckets: dict[int, list[str]] = {}
     for activity_id in dict.fromkeys(activity_ids):
-        bucket = bucket_of(activity_id)
-        group = buckets.get(bucket)
-        if group is None:
-            buckets[bucket] = group = ([], [])
-        group[0].append(activity_id)
-        group[1].append(name(activity_id, bucket))
+        buckets.setdefault(keys.deleted_bucket(activity_id), []).append(activity_id)
     groups: list[list[str]] = []
     reads: list[tuple[str, ...]] = []
-    for ids, names in buckets.values():
+    for bucket, ids in buckets.items():
         for start in range(0, len(ids), MARKERS_PER_READ):
-            groups.append(ids[start : start + MARKERS_PER_READ])
-            reads.append(("MGET", *names[start : start + MARKERS_PER_READ]))
+            chunk = ids[start : start + MARKERS_PER_READ]
+            groups.append(chunk)
+            reads.append(("MGET", *[k.deleted_on_cluster(a, bucket) for a in chunk]))
     return groups, reads
 
 
