@@ -36,6 +36,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
+from bench.notify import cpu_seconds
 from feed.cursor import order_key
 from feed.delivery_redis import AsyncRedisPresence
 from feed.interfaces import Insert
@@ -117,8 +118,7 @@ def _redis_totals(client: Any, cluster: bool) -> tuple[float, int]:
     """(CPU seconds, commands run) so far, summed over the primaries."""
     cpu, commands = 0.0, 0
     for connection in _connections(client, cluster):
-        info = connection.info("cpu")
-        cpu += float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+        cpu += cpu_seconds(connection.info("cpu"))
         stats = connection.info("commandstats")
         commands += sum(int(s["calls"]) for s in stats.values())
     return cpu, commands
