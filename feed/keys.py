@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import zlib
 from collections.abc import Callable
 from typing import Self
 
@@ -40,7 +39,7 @@ __all__ = [
     "connections",
     "deferred_waiting",
     "deleted",
-    "deleted_bucket",
+    "deleted_copies",
     "deleted_on_cluster",
     "deliveries",
     "fanout_cluster_keys",
@@ -109,9 +108,9 @@ def deleted(activity_id: str) -> str:
     return f"d:{activity_id}"
 
 
-#: Buckets of the deleted markers on a Redis Cluster (:func:`deleted_on_cluster`). A multiple
-#: of 3, 4, 6, 8 and 12: each bucket's tag lies in its own 24th of the slots, so masters that
-#: split the slots evenly hold as many buckets each.
+#: Copies of each deleted marker on a Redis Cluster (:func:`deleted_on_cluster`), one per
+#: bucket. A multiple of 3, 4, 6, 8 and 12: each bucket's tag lies in its own 24th of the
+#: slots, so masters that split the slots evenly hold as many buckets each.
 DELETED_BUCKETS = 24
 
 
@@ -129,21 +128,21 @@ def _bucket_tags(buckets: int) -> tuple[str, ...]:
 _BUCKET_TAGS = _bucket_tags(DELETED_BUCKETS)
 
 
-def deleted_bucket(activity_id: str) -> int:
-    """The bucket of an activity's deleted marker on a Redis Cluster (CRC-32 of its id)."""
-    return zlib.crc32(activity_id.encode()) % DELETED_BUCKETS
+def deleted_on_cluster(activity_id: str, bucket: int) -> str:
+    """:func:`deleted` on a Redis Cluster, its copy in ``bucket``: ``d:{<bucket tag>}<id>``.
+    The marker cannot share its readers' slot (they are many users), so the writers read it
+    apart from their scripts (``feed.timelines_cluster``). A delete sets the copy in every one
+    of the :data:`DELETED_BUCKETS` buckets, and a reader reads one bucket: a batch's markers are
+    one ``MGET`` on one node, whatever the batch, and the readers take the buckets in turn, so
+    the nodes share the reads (docs/benchmarks.md). One Redis keeps :func:`deleted`: its
+    scripts read the marker atomically, and a rename would hide the markers a rolling upgrade
+    finds from the new workers."""
+    return f"d:{{{_BUCKET_TAGS[bucket]}}}{activity_id}"
 
 
-def deleted_on_cluster(activity_id: str, bucket: int | None = None) -> str:
-    """:func:`deleted` on a Redis Cluster: ``d:{<bucket tag>}<id>``. The marker cannot share its
-    readers' slot (they are many users), so the writers read it apart from their scripts
-    (``feed.timelines_cluster``); hash-tagged into :data:`DELETED_BUCKETS` buckets, a batch's
-    markers are one ``MGET`` per bucket, not one command per activity (docs/benchmarks.md).
-    One Redis keeps :func:`deleted`: its scripts read the marker atomically, and a rename would
-    hide the markers a rolling upgrade finds from the new workers. ``bucket``: the id's
-    :func:`deleted_bucket`, if the caller has it already."""
-    tag = _BUCKET_TAGS[deleted_bucket(activity_id) if bucket is None else bucket]
-    return f"d:{{{tag}}}{activity_id}"
+def deleted_copies(activity_id: str) -> list[str]:
+    """Every copy of :func:`deleted_on_cluster`: what a delete sets on a Redis Cluster."""
+    return [deleted_on_cluster(activity_id, bucket) for bucket in range(DELETED_BUCKETS)]
 
 
 def graph_version(user: str) -> str:
@@ -373,8 +372,11 @@ class Keyspace:
     def deleted(self, activity_id: str) -> str:
         return self.prefix + deleted(activity_id)
 
-    def deleted_on_cluster(self, activity_id: str, bucket: int | None = None) -> str:
+    def deleted_on_cluster(self, activity_id: str, bucket: int) -> str:
         return self.prefix + deleted_on_cluster(activity_id, bucket)
+
+    def deleted_copies(self, activity_id: str) -> list[str]:
+        return [self.prefix + name for name in deleted_copies(activity_id)]
 
     def graph_version(self, user: str) -> str:
         return self.prefix + graph_version(user)

@@ -19,13 +19,15 @@ On one Redis, a fan-out call carries many users and the activities' deleted mark
   online (a moving average over batches: ``RedisTimelines``), every call goes in mode ``b`` at
   once instead of running twice.
 * **Deleted stays deleted, without the marker in the call's slot.** The deleted marker of an
-  activity (``d:{<bucket>}<id>``, ``feed.keys.deleted_on_cluster``) lives in one of a few
-  buckets' slots, not the users'. So the writer reads the markers (one ``MGET`` per bucket)
-  before its writes, leaving a deleted activity out, and again *after* its writes, and takes
-  back what it wrote of an activity deleted meanwhile (``remove.lua``, which also tells online
-  users). With the processor's order (Cassandra rows and
-  recipients first, then Redis), a delete that set its marker after that read reads the
-  recipients after the write, so it removes the activity itself: either way no timeline keeps it.
+  activity (``d:{<bucket>}<id>``, ``feed.keys.deleted_on_cluster``) cannot live in its
+  readers' slot: a delete sets a copy in each of 24 buckets' slots, spread over the slot
+  space, and a reader reads one bucket (the next in turn), so a batch's markers are one
+  ``MGET`` on one node. The writer reads them before its writes, leaving a deleted activity
+  out, and again *after* its writes, and takes back what it wrote of an activity deleted
+  meanwhile (``remove.lua``, which also tells online users). A delete sets every copy before it
+  reads the recipients; with the processor's order (Cassandra rows and recipients first, then
+  Redis), a delete whose copy that second read missed reads the recipients after the write, so
+  it removes the activity itself: either way no timeline keeps it.
 * **Claims** are one ``SET <claim> <actor> NX GET EX <ttl>`` per id (the claim keys of a
   batch's ids lie in as many slots as there are ids): the reply is the holder, or nothing when
   this call took it, as ``claim.lua`` answers on one Redis, at the cost of a plain command
@@ -37,12 +39,14 @@ On one Redis, a fan-out call carries many users and the activities' deleted mark
   not run (each call runs whole or not at all, and the scripts are idempotent).
 
 The cost, stated in docs/operations.md ("Redis Cluster"): one round trip per node per batch for
-the bodies and calls, one more for calls whose users are online, and one for the deleted
-markers.
+the bodies and calls, one more for calls whose users are online, and two to one node for the
+deleted markers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
@@ -51,6 +55,7 @@ import hiredis
 import msgspec
 import redis
 import redis.asyncio as aioredis
+from redis._parsers import BaseParser
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError
 
@@ -240,7 +245,8 @@ class ClusterScripts:
     Hand-written rather than redis-py's ``ClusterPipeline``: that pipeline has no per-node
     ``WAIT`` (a keyless command goes to one random node), and it spent three times the client
     CPU per insert of one server's packed pipeline (docs/benchmarks.md, "Redis Cluster"); this
-    packs with ``hiredis.pack_command`` as ``feed.timelines_redis`` does on one server."""
+    packs with ``hiredis.pack_command`` as ``feed.timelines_redis`` does on one server, and
+    keeps a connection per primary read with its own hiredis reader (:class:`_Link`)."""
 
     def __init__(
         self,
@@ -256,6 +262,8 @@ class ClusterScripts:
         self._wait_timeout_ms = wait_timeout_ms
         self._stale = False
         self._replica_counts: dict[str, int] | None = None
+        #: Per primary (by name), the links no round uses now.
+        self._idle: dict[str, list[_Link]] = {}
         self.load()
 
     def load(self) -> None:
@@ -358,6 +366,7 @@ class ClusterScripts:
         if not self._stale:
             return
         self._replica_counts = None
+        self.close()  # links to nodes that may be gone or replicas now
         try:
             self._redis.nodes_manager.initialize()
         except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
@@ -385,7 +394,7 @@ class ClusterScripts:
         """Each node's commands (then its ``WAIT``) as one packed pipeline, every pipeline sent
         before the first reply is read; the replies with their command indexes."""
         pack = cast("Callable[[tuple[Any, ...]], bytes]", hiredis.pack_command)
-        sent: list[tuple[Any, Any, list[int], int]] = []
+        sent: list[tuple[Any, _Link, list[int], int]] = []
         out: list[tuple[int, Any]] = []
         try:
             for node, mine, replicas in groups.values():
@@ -397,44 +406,116 @@ class ClusterScripts:
                     parts.append(pack(commands[i]))
                 if acks:
                     parts.append(pack(("WAIT", acks, self._wait_timeout_ms)))
-                connection = self._redis.get_redis_connection(node).connection_pool.get_connection()
-                sent.append((node, connection, mine, acks))
-                connection.send_packed_command([b"".join(parts)])  # type: ignore[no-untyped-call]  # redis-py
-            for node, connection, mine, acks in sent:
+                link = self._take(node)
+                sent.append((node, link, mine, acks))
+                link.sock.sendall(b"".join(parts))
+            for node, link, mine, acks in sent:
+                asked = sum(1 for i in mine if i in asking)
+                replies = iter(link.read(asked + len(mine) + (1 if acks else 0)))
                 for i in mine:
                     if i in asking:
-                        connection.read_response()  # ASKING's OK
-                    try:
-                        out.append((i, connection.read_response()))
-                    except redis.exceptions.ResponseError as error:
-                        out.append((i, error))
+                        next(replies)  # ASKING's OK
+                    out.append((i, next(replies)))
                 if acks:
-                    try:
-                        got = int(connection.read_response())
-                    except redis.exceptions.ResponseError as error:
-                        # e.g. the map named a primary that is a replica now
-                        self._stale = True
-                        raise ClusterUnavailable(f"{node.name}: WAIT failed: {error}") from None
-                    if got < acks:
-                        self._stale = True  # the replica may be gone from the map
-                        raise ClusterUnavailable(
-                            f"{node.name}: {got} of {acks} replicas acknowledged the writes "
-                            f"within {self._wait_timeout_ms} ms"
-                        )
+                    self._acknowledged(node, next(replies), acks)
         except BaseException as exc:
-            # Replies may be left unread on any of the connections: none goes back usable.
+            # Replies may be left unread on any of the links: none is used again.
             self._stale = True
-            for _, connection, _, _ in sent:
-                connection.disconnect()
+            for _, link, _, _ in sent:
+                link.close()
+            sent = []
             if isinstance(exc, ClusterUnavailable) or not isinstance(
                 exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
             ):
                 raise
             raise ClusterUnavailable(f"Redis Cluster node unreachable: {exc}") from exc
         finally:
-            for node, connection, _, _ in sent:
-                self._redis.get_redis_connection(node).connection_pool.release(connection)
+            for node, link, _, _ in sent:
+                self._idle.setdefault(node.name, []).append(link)
         return out
+
+    def _acknowledged(self, node: Any, reply: Any, acks: int) -> None:
+        """Raise :class:`ClusterUnavailable` unless ``WAIT``'s reply counts ``acks`` replicas."""
+        if isinstance(reply, redis.exceptions.ResponseError):
+            # e.g. the map named a primary that is a replica now
+            self._stale = True
+            raise ClusterUnavailable(f"{node.name}: WAIT failed: {reply}")
+        if int(reply) < acks:
+            self._stale = True  # the replica may be gone from the map
+            raise ClusterUnavailable(
+                f"{node.name}: {reply} of {acks} replicas acknowledged the writes "
+                f"within {self._wait_timeout_ms} ms"
+            )
+
+    def _take(self, node: Any) -> _Link:
+        """An idle link to ``node``, or a new one."""
+        idle = self._idle.get(node.name)
+        if idle:
+            with contextlib.suppress(IndexError):  # another thread took the last one
+                return idle.pop()
+        pool = self._redis.get_redis_connection(node).connection_pool
+        return _Link(pool)
+
+    def close(self) -> None:
+        """Close the idle links (a link in use is closed by its round)."""
+        idle, self._idle = self._idle, {}
+        for links in idle.values():
+            for link in links:
+                link.close()
+
+
+#: hiredis's reply while the bytes read so far hold no whole reply.
+_MORE = object()
+
+
+class _Link:
+    """A connection to one primary that :class:`ClusterScripts` keeps checked out of the node's
+    pool (so the client's ``close`` closes it too) and reads with its own hiredis reader: every
+    reply of a round from one buffer.
+
+    Hand-written, for a measurement: at the gateway benchmark's batches of 30 activities,
+    redis-py's pool checkout and its ``read_response`` per reply cost the writer on a cluster
+    more than its own work (docs/benchmarks.md, "Redis Cluster"). The connection is redis-py's,
+    from the node's pool, so TLS, AUTH and timeouts are the client's."""
+
+    __slots__ = ("buffer", "connection", "pool", "reader", "sock")
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.connection = connection = pool.get_connection()
+        #: redis-py keeps no public handle on it.
+        self.sock = connection._sock
+        encoder = connection.encoder
+        options = {"encoding": encoder.encoding} if encoder.decode_responses else {}
+        self.reader = hiredis.Reader(
+            notEnoughData=_MORE,
+            replyError=BaseParser.parse_error,  # MOVED, ASK, NOSCRIPT... as redis-py raises them
+            protocolError=redis.exceptions.InvalidResponse,
+            errors=encoder.encoding_errors,
+            **options,
+        )
+        self.buffer = bytearray(65536)
+
+    def read(self, count: int) -> list[Any]:
+        """The next ``count`` replies, an error reply as its exception, in place."""
+        replies: list[Any] = []
+        reader, sock, buffer = self.reader, self.sock, self.buffer
+        while len(replies) < count:
+            reply = reader.gets()
+            if reply is _MORE:
+                got = sock.recv_into(buffer)
+                if not got:
+                    raise redis.exceptions.ConnectionError("Redis closed the connection")
+                reader.feed(buffer, 0, got)  # type: ignore[arg-type]  # any buffer, as redis-py feeds it
+            else:
+                replies.append(reply)
+        return replies
+
+    def close(self) -> None:
+        """Disconnect, and give the connection back to its pool (which connects it again when
+        it next lends it)."""
+        self.connection.disconnect()
+        self.pool.release(self.connection)
 
 
 class AsyncClusterScripts:
@@ -498,32 +579,33 @@ def by_slot(removals: Iterable[Removal]) -> list[list[tuple[str, str, list[str]]
 def deleted_now(
     cluster: ClusterScripts, activity_ids: Iterable[str], k: keys.Keyspace = keys.DEFAULT
 ) -> set[str]:
-    """Which of the activities have their deleted marker set now: one ``MGET`` per bucket of
-    markers (:func:`marker_reads`), one round trip per node."""
+    """Which of the activities have their deleted marker set now: one bucket's copies of the
+    markers (:func:`marker_reads`), one round trip to one node."""
     groups, reads = marker_reads(activity_ids, k)
     return markers_set(groups, cluster.run(reads, wait=False))
 
 
 #: Most markers one ``MGET`` reads (a read of a huge batch stays many short commands).
 MARKERS_PER_READ = 512
+#: The reads of this process so far: each reads the next bucket in turn.
+_reads = itertools.count()
 
 
 def marker_reads(
-    activity_ids: Iterable[str], k: keys.Keyspace
+    activity_ids: Iterable[str], k: keys.Keyspace, bucket: int | None = None
 ) -> tuple[list[list[str]], list[tuple[str, ...]]]:
-    """The activities (each once) grouped by the bucket of their deleted marker
-    (:func:`feed.keys.deleted_on_cluster`), and one ``MGET`` per group: a bucket's markers
-    share a slot. Measured against one ``EXISTS`` per activity: docs/benchmarks.md."""
-    buckets: dict[int, list[str]] = {}
-    for activity_id in dict.fromkeys(activity_ids):
-        buckets.setdefault(keys.deleted_bucket(activity_id), []).append(activity_id)
-    groups: list[list[str]] = []
-    reads: list[tuple[str, ...]] = []
-    for bucket, ids in buckets.items():
-        for start in range(0, len(ids), MARKERS_PER_READ):
-            chunk = ids[start : start + MARKERS_PER_READ]
-            groups.append(chunk)
-            reads.append(("MGET", *[k.deleted_on_cluster(a, bucket) for a in chunk]))
+    """The activities (each once) in chunks of at most :data:`MARKERS_PER_READ`, and per chunk
+    one ``MGET`` of the markers' copies in one bucket (:func:`feed.keys.deleted_on_cluster`;
+    a delete sets every copy): ``bucket``, else the next in turn, so the nodes share the reads.
+    Measured against one ``EXISTS`` per activity and one ``MGET`` per bucket:
+    docs/benchmarks.md."""
+    if bucket is None:
+        bucket = next(_reads) % keys.DELETED_BUCKETS
+    ids = list(dict.fromkeys(activity_ids))
+    groups = [
+        ids[start : start + MARKERS_PER_READ] for start in range(0, len(ids), MARKERS_PER_READ)
+    ]
+    reads = [("MGET", *[k.deleted_on_cluster(a, bucket) for a in group]) for group in groups]
     return groups, reads
 
 

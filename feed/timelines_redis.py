@@ -447,7 +447,11 @@ class RedisTimelines(keys.KeyspaceView):
         if self._cluster is not None:  # acknowledged by a replica too, as every worker write
             timelines_cluster.raise_first(
                 self._cluster.run(
-                    [("SET", self._k.deleted_on_cluster(a), 1, "EX", ttl_s) for a in activity_ids]
+                    [
+                        ("SET", name, 1, "EX", ttl_s)
+                        for a in activity_ids
+                        for name in self._k.deleted_copies(a)  # a reader reads any one
+                    ]
                 )
             )
             return

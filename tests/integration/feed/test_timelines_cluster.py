@@ -109,15 +109,19 @@ def test_fanout_across_slots_is_what_one_redis_does(
 
 def _calls(client: redis.RedisCluster, command: str) -> int:
     """Calls of ``command`` run so far, over every primary (``INFO commandstats``)."""
-    return sum(
+    return sum(_calls_per_primary(client, command))
+
+
+def _calls_per_primary(client: redis.RedisCluster, command: str) -> list[int]:
+    return [
         int(
             node.redis_connection.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
         )
         for node in client.get_primaries()
-    )
+    ]
 
 
-def test_a_batchs_deleted_markers_are_read_per_bucket_not_per_activity(
+def test_a_batchs_deleted_markers_are_read_with_one_mget_on_one_node(
     cluster_client: redis.RedisCluster, ids: Callable[[str], str]
 ) -> None:
     t = _timelines(cluster_client)
@@ -125,13 +129,31 @@ def test_a_batchs_deleted_markers_are_read_per_bucket_not_per_activity(
     gone = activities[::37]
     t.mark_deleted(gone, 600)
     reader = ids("reader")
-    exists, mget = _calls(cluster_client, "exists"), _calls(cluster_client, "mget")
+    exists, mget = _calls(cluster_client, "exists"), _calls_per_primary(cluster_client, "mget")
     t.insert([_insert(n, a, [reader]) for n, a in enumerate(activities)])
-    # one read before the writes and one after, each one MGET per bucket of markers
+    # one read before the writes and one after, each one MGET to one node
     assert _calls(cluster_client, "exists") == exists
-    assert 0 < _calls(cluster_client, "mget") - mget <= 2 * keys.DELETED_BUCKETS
+    after = _calls_per_primary(cluster_client, "mget")
+    assert sum(after) - sum(mget) == 2
     written = {split_order_key(m)[1] for m in t.page(reader, None, 50).members}
     assert len(written) == 50 and not written & set(gone)
+
+
+def test_a_deleted_marker_is_found_in_whichever_bucket_is_read_and_the_reads_go_round_the_nodes(
+    cluster_client: redis.RedisCluster, ids: Callable[[str], str]
+) -> None:
+    t = _timelines(cluster_client)
+    gone, kept = ids("gone"), ids("kept")
+    t.mark_deleted([gone], 600)
+    cluster = timelines_cluster.ClusterScripts(cluster_client, [])
+    before = _calls_per_primary(cluster_client, "mget")
+    found = [
+        timelines_cluster.deleted_now(cluster, [gone, kept]) for _ in range(keys.DELETED_BUCKETS)
+    ]
+    assert found == [{gone}] * keys.DELETED_BUCKETS
+    # one read per node for each of its buckets: 3 masters hold 8 buckets each
+    reads = [b - a for a, b in zip(before, _calls_per_primary(cluster_client, "mget"), strict=True)]
+    assert reads == [keys.DELETED_BUCKETS // len(reads)] * len(reads)
 
 
 def test_while_most_calls_find_someone_online_they_carry_their_bodies_at_once(

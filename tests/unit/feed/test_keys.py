@@ -222,12 +222,13 @@ def test_the_default_tenants_keyspace_is_the_module_names_byte_for_byte() -> Non
         "body",
         "claim",
         "deleted",
-        "deleted_on_cluster",
+        "deleted_copies",
         "idempotency",
         "rate_ingest",
         "activity_keys",
     ):
         assert getattr(k, name)(activity) == getattr(keys, name)(activity), name
+    assert k.deleted_on_cluster(activity, 3) == keys.deleted_on_cluster(activity, 3)
     assert k.big_accounts == keys.big_accounts
     assert k.fanout_prefixes == keys.FANOUT_USER_PREFIXES
 
@@ -251,34 +252,32 @@ def test_a_tenants_names_are_prefixed_and_keep_the_users_hash_tag() -> None:
     assert keys.Keyspace.for_tenant("acme") is k
 
 
-def test_a_clusters_deleted_markers_lie_in_few_buckets_spread_over_the_slots() -> None:
-    ids = [f"act-{n}" for n in range(24_000)]
-    slots = [key_slot(keys.deleted_on_cluster(a).encode()) for a in ids]
+def test_a_clusters_deleted_marker_has_a_copy_in_each_bucket_spread_over_the_slots() -> None:
     buckets = keys.DELETED_BUCKETS
-    assert len(set(slots)) == buckets
-    # all the markers of one bucket share its slot (one MGET reads them)
-    by_bucket: dict[int, set[int]] = {}
-    for a, s in zip(ids, slots, strict=True):
-        by_bucket.setdefault(keys.deleted_bucket(a), set()).add(s)
-    assert sorted(by_bucket) == list(range(buckets))
-    assert all(len(group) == 1 for group in by_bucket.values())
-    # each bucket's slot lies in its own share of the slot space: 3, 4, 6 or 8 masters that
-    # split the slots evenly hold as many buckets each
-    shares = sorted({s * buckets // 16384 for s in slots})
-    assert shares == list(range(buckets))
-    for masters in (3, 4, 6, 8):
+    ids = [f"act-{n}" for n in range(100)]
+    # each bucket's copies share one slot (one MGET reads a batch's markers in a bucket)
+    slots = [
+        {key_slot(keys.deleted_on_cluster(a, b).encode()) for a in ids} for b in range(buckets)
+    ]
+    assert all(len(s) == 1 for s in slots)
+    bucket_slots = [s.pop() for s in slots]
+    assert len(set(bucket_slots)) == buckets
+    # each bucket's slot lies in its own share of the slot space: 3, 4, 6, 8 or 12 masters
+    # that split the slots evenly hold as many buckets each (so the reads, which take the
+    # buckets in turn, spread evenly)
+    assert [s * buckets // 16384 for s in bucket_slots] == list(range(buckets))
+    for masters in (3, 4, 6, 8, 12):
         per_master = [0] * masters
-        for s in set(slots):
+        for s in bucket_slots:
             per_master[s * masters // 16384] += 1
         assert per_master == [buckets // masters] * masters, masters
-    # and the ids spread evenly over the buckets
-    counts = [0] * buckets
-    for a in ids:
-        counts[keys.deleted_bucket(a)] += 1
-    assert max(counts) / (len(ids) / buckets) < 1.1
+    # a delete sets every copy
+    assert keys.deleted_copies("a1") == [keys.deleted_on_cluster("a1", b) for b in range(buckets)]
+    assert len(set(keys.deleted_copies("a1"))) == buckets
     # a tenant's markers: prefixed, in the same buckets (the tag is the bucket's)
-    tenant = keys.Keyspace.for_tenant("acme").deleted_on_cluster("a1")
-    assert tenant == "t:acme:" + keys.deleted_on_cluster("a1")
-    assert key_slot(tenant.encode()) == key_slot(keys.deleted_on_cluster("a1").encode())
+    acme = keys.Keyspace.for_tenant("acme")
+    assert acme.deleted_copies("a1") == ["t:acme:" + n for n in keys.deleted_copies("a1")]
+    tenant = acme.deleted_on_cluster("a1", 5)
+    assert key_slot(tenant.encode()) == key_slot(keys.deleted_on_cluster("a1", 5).encode())
     # never the one-Redis name: its scripts read that one atomically
-    assert keys.deleted_on_cluster("a1") != keys.deleted("a1")
+    assert keys.deleted("a1") not in keys.deleted_copies("a1")

@@ -106,25 +106,31 @@ def test_removals_are_grouped_by_slot() -> None:
     assert seen == {("1:a", u) for u in users[:150]} | {("2:b", u) for u in users[50:]}
 
 
-def test_a_batchs_deleted_markers_are_read_with_one_mget_per_bucket() -> None:
-    ids = [f"m-{n}" for n in range(2_000)]
+def test_a_batchs_deleted_markers_are_read_with_one_mget_in_one_bucket() -> None:
+    ids = [f"m-{n}" for n in range(500)]
     k = keys.Keyspace.for_tenant("acme")
-    groups, reads = marker_reads([*ids, *ids[:10]], k)  # an id twice is read once
-    assert len(reads) <= keys.DELETED_BUCKETS
-    assert sorted(a for group in groups for a in group) == sorted(ids)
-    for group, read in zip(groups, reads, strict=True):
-        assert read == ("MGET", *[k.deleted_on_cluster(a) for a in group])
-        assert len({slot_of(name) for name in read[1:]}) == 1
+    groups, reads = marker_reads([*ids, *ids[:10]], k, bucket=7)  # an id twice is read once
+    assert groups == [ids]
+    assert reads == [("MGET", *[k.deleted_on_cluster(a, 7) for a in ids])]
+    assert len({slot_of(name) for name in reads[0][1:]}) == 1
     # what the replies found, by position
-    replies = [[b"1" if a in {"m-7", "m-1999"} else None for a in group] for group in groups]
-    assert markers_set(groups, replies) == {"m-7", "m-1999"}
+    replies = [[b"1" if a in {"m-7", "m-499"} else None for a in group] for group in groups]
+    assert markers_set(groups, replies) == {"m-7", "m-499"}
+
+
+def test_the_marker_reads_take_the_buckets_in_turn() -> None:
+    buckets = keys.DELETED_BUCKETS
+    seen = [marker_reads(["x"], keys.DEFAULT)[1][0][1] for _ in range(2 * buckets)]
+    first = keys.deleted_copies("x").index(seen[0])
+    assert seen == [keys.deleted_copies("x")[(first + n) % buckets] for n in range(2 * buckets)]
 
 
 def test_a_huge_batchs_marker_reads_stay_short_commands() -> None:
-    ids = [f"h-{n}" for n in range(keys.DELETED_BUCKETS * MARKERS_PER_READ * 2)]
+    ids = [f"h-{n}" for n in range(MARKERS_PER_READ * 5 // 2)]
     groups, reads = marker_reads(ids, keys.DEFAULT)
-    assert max(len(read) - 1 for read in reads) == MARKERS_PER_READ
-    assert sum(len(group) for group in groups) == len(ids)
+    assert [len(read) - 1 for read in reads] == [MARKERS_PER_READ] * 2 + [MARKERS_PER_READ // 2]
+    assert [a for group in groups for a in group] == ids
+    assert len({slot_of(name) for read in reads for name in read[1:]}) == 1
 
 
 def test_an_error_reply_of_a_marker_read_is_raised() -> None:
