@@ -394,12 +394,12 @@ class ClusterScripts:
         """Each node's commands (then its ``WAIT``) as one packed pipeline, every pipeline sent
         before the first reply is read; the replies with their command indexes."""
         pack = cast("Callable[[tuple[Any, ...]], bytes]", hiredis.pack_command)
-        sent: list[tuple[Any, _Link, list[int], int]] = []
+        sent: list[tuple[Any, _Link, list[int], int, int]] = []
         out: list[tuple[int, Any]] = []
         try:
             for node, mine, replicas in groups.values():
                 acks = min(self._wait_replicas, replicas) if wait else 0
-                parts: list[bytes] = []
+                parts: list[bytes] = []  # one command each, so one reply each
                 for i in mine:
                     if i in asking:
                         parts.append(_ASKING)
@@ -407,11 +407,10 @@ class ClusterScripts:
                 if acks:
                     parts.append(pack(("WAIT", acks, self._wait_timeout_ms)))
                 link = self._take(node)
-                sent.append((node, link, mine, acks))
+                sent.append((node, link, mine, acks, len(parts)))
                 link.sock.sendall(b"".join(parts))
-            for node, link, mine, acks in sent:
-                asked = sum(1 for i in mine if i in asking)
-                replies = iter(link.read(asked + len(mine) + (1 if acks else 0)))
+            for node, link, mine, acks, due in sent:
+                replies = iter(link.read(due))
                 for i in mine:
                     if i in asking:
                         next(replies)  # ASKING's OK
@@ -421,16 +420,15 @@ class ClusterScripts:
         except BaseException as exc:
             # Replies may be left unread on any of the links: none is used again.
             self._stale = True
-            for _, link, _, _ in sent:
+            for _, link, *_ in sent:
                 link.close()
-            sent = []
             if isinstance(exc, ClusterUnavailable) or not isinstance(
                 exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
             ):
                 raise
             raise ClusterUnavailable(f"Redis Cluster node unreachable: {exc}") from exc
-        finally:
-            for node, link, _, _ in sent:
+        else:
+            for node, link, *_ in sent:
                 self._idle.setdefault(node.name, []).append(link)
         return out
 
